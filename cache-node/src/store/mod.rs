@@ -1,0 +1,442 @@
+//! The in-memory store: items with TTL, tags and LRU eviction under an item cap
+//! and a byte cap. Plain synchronous Rust with no I/O, so it is tested and
+//! benchmarked on its own and knows nothing of HTTP or the cluster.
+//!
+//! Concurrency: the key space is split over a power-of-two number of shards,
+//! each behind its own mutex (a read updates LRU order and access metadata, so
+//! even reads write; a reader-writer lock would buy nothing). Operations on
+//! different shards never wait for each other.
+//!
+//! Capacity is store-wide, not per shard, so `maxSize` means what it says
+//! whatever the key distribution: the totals are shared atomics, and a write
+//! that pushes them over a cap evicts the least recently used items of its own
+//! shard first (no second lock needed), then, if its shard has nothing else to
+//! give, of the others in turn. LRU order is therefore exact within a shard and
+//! approximate across shards, like Redis's sampled LRU; with one shard it is
+//! exact.
+
+mod clock;
+mod shard;
+mod tags;
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+
+pub use clock::{Clock, ManualClock, SystemClock, UnixNanos};
+pub use shard::{ITEM_OVERHEAD, ShardCounters, TAG_OVERHEAD, item_cost};
+
+use shard::{NewItem, Shard, Slot};
+use tags::TagIndex;
+
+/// Index of an entry in a shard's slab.
+pub type SlotId = u32;
+
+type Hasher = foldhash::fast::RandomState;
+
+/// How many expired items the sweeper removes per lock acquisition, so that a
+/// large backlog never holds a shard's lock for long.
+const SWEEP_BATCH: usize = 512;
+
+/// Sizing and defaults of a [`Store`].
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Most items held at once (the seed's `MaxSize`). At least 1.
+    pub max_items: usize,
+    /// Most bytes held at once, counting keys, values, tags and bookkeeping
+    /// (see [`item_cost`]). 0 means no byte cap.
+    pub max_bytes: u64,
+    /// TTL of items written without one.
+    pub default_ttl: Duration,
+    /// Number of shards; rounded up to a power of two. 0 picks a default from
+    /// the core count.
+    pub shards: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_items: 10_000,
+            max_bytes: 0,
+            default_ttl: Duration::from_secs(300),
+            shards: 0,
+        }
+    }
+}
+
+/// Why a write was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("item needs {cost} bytes, more than the cache's whole memory budget of {max_bytes} bytes")]
+    TooLarge { cost: u64, max_bytes: u64 },
+    #[error("ttl is too large")]
+    TtlTooLarge,
+}
+
+/// A live item, borrowed from its shard while the shard's lock is held.
+#[derive(Clone, Copy)]
+pub struct ItemRef<'a> {
+    slot: &'a Slot,
+    tags: &'a TagIndex,
+}
+
+impl<'a> ItemRef<'a> {
+    pub fn key(&self) -> &'a str {
+        std::str::from_utf8(self.slot.key()).expect("keys are only ever stored from &str")
+    }
+
+    /// The value exactly as it was written (the store treats it as opaque bytes).
+    pub fn value(&self) -> &'a [u8] {
+        self.slot.value()
+    }
+
+    pub fn created_at(&self) -> UnixNanos {
+        self.slot.created_at
+    }
+
+    pub fn accessed_at(&self) -> UnixNanos {
+        self.slot.accessed_at
+    }
+
+    pub fn expires_at(&self) -> UnixNanos {
+        self.slot.expires_at
+    }
+
+    /// The item's time to live in nanoseconds, as written.
+    pub fn ttl_nanos(&self) -> u64 {
+        self.slot.expires_at - self.slot.created_at
+    }
+
+    pub fn access_count(&self) -> u64 {
+        u64::from(self.slot.access_count)
+    }
+
+    pub fn tags(&self) -> impl Iterator<Item = &'a str> + 'a {
+        let index = self.tags;
+        self.slot.tags.iter().map(move |&t| index.name(t))
+    }
+}
+
+/// Counters and sizes summed over every shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub counters: ShardCounters,
+    pub items: usize,
+    pub bytes: u64,
+    pub max_items: usize,
+    pub max_bytes: u64,
+}
+
+pub struct Store {
+    shards: Box<[CachePadded<Mutex<Shard<Hasher>>>]>,
+    shard_mask: usize,
+    hasher: Hasher,
+    clock: Arc<dyn Clock>,
+    max_items: usize,
+    max_bytes: u64,
+    default_ttl: Duration,
+    /// Store-wide totals, kept equal to the sums over the shards. Updated under
+    /// the shard lock that caused the change; read without a lock to decide
+    /// whether to evict.
+    items: AtomicUsize,
+    bytes: AtomicU64,
+    /// Where cross-shard eviction starts next, so no shard is always the victim.
+    evict_cursor: AtomicUsize,
+}
+
+impl Store {
+    pub fn new(config: StoreConfig, clock: Arc<dyn Clock>) -> Self {
+        let shards = match config.shards {
+            0 => default_shard_count(),
+            n => n.next_power_of_two(),
+        };
+        let hasher = Hasher::default();
+        Self {
+            shards: (0..shards)
+                .map(|_| CachePadded::new(Mutex::new(Shard::new(hasher.clone()))))
+                .collect(),
+            shard_mask: shards - 1,
+            hasher,
+            clock,
+            max_items: config.max_items.max(1),
+            max_bytes: config.max_bytes,
+            default_ttl: config.default_ttl,
+            items: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            evict_cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// A store on the system clock.
+    pub fn with_config(config: StoreConfig) -> Self {
+        Self::new(config, Arc::new(SystemClock))
+    }
+
+    pub fn now(&self) -> UnixNanos {
+        self.clock.now()
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn default_ttl(&self) -> Duration {
+        self.default_ttl
+    }
+
+    /// Items currently held (expired ones not yet swept included).
+    pub fn len(&self) -> usize {
+        self.items.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes currently charged against `max_bytes`.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Reads an item as a client would: counts a hit or miss, updates its access
+    /// metadata and LRU position, and hands it to `f` while it is locked.
+    pub fn get<R>(&self, key: &str, f: impl FnOnce(ItemRef<'_>) -> R) -> Option<R> {
+        let now = self.clock.now();
+        let (idx, hash) = self.locate(key);
+        let mut shard = self.shards[idx].lock();
+        let before = (shard.len(), shard.bytes());
+        let found = shard.get(hash, key.as_bytes(), now);
+        self.account(before, (shard.len(), shard.bytes()));
+        found.map(|slot| f(shard.item(slot)))
+    }
+
+    /// Reads an item without counting it or touching its metadata.
+    pub fn peek<R>(&self, key: &str, f: impl FnOnce(ItemRef<'_>) -> R) -> Option<R> {
+        let now = self.clock.now();
+        let (idx, hash) = self.locate(key);
+        let shard = self.shards[idx].lock();
+        shard.peek(hash, key.as_bytes(), now).map(|slot| f(shard.item(slot)))
+    }
+
+    /// Writes an item (`ttl` `None` or zero means the default TTL), evicts
+    /// least recently used items as needed to stay within capacity, and hands
+    /// the stored item to `f`. Returns whether the key was created (as opposed
+    /// to replaced) with `f`'s result.
+    pub fn set<R>(
+        &self,
+        key: &str,
+        value: &[u8],
+        tags: &[String],
+        ttl: Option<Duration>,
+        f: impl FnOnce(ItemRef<'_>) -> R,
+    ) -> Result<(bool, R), StoreError> {
+        let cost = item_cost(key.len(), value.len(), tags.iter().map(String::as_str));
+        if self.max_bytes > 0 && cost > self.max_bytes {
+            return Err(StoreError::TooLarge {
+                cost,
+                max_bytes: self.max_bytes,
+            });
+        }
+        let ttl = ttl.filter(|t| !t.is_zero()).unwrap_or(self.default_ttl);
+        let now = self.clock.now();
+        let expires_at = u64::try_from(ttl.as_nanos())
+            .ok()
+            .and_then(|t| now.checked_add(t))
+            .ok_or(StoreError::TtlTooLarge)?;
+        let item = NewItem {
+            key: key.as_bytes(),
+            value,
+            tags,
+            created_at: now,
+            accessed_at: now,
+            expires_at,
+            access_count: 0,
+        };
+
+        let (idx, hash) = self.locate(key);
+        let (created, result) = {
+            let mut shard = self.shards[idx].lock();
+            let before = (shard.len(), shard.bytes());
+            let stored = shard.set(hash, item, now);
+            self.account(before, (shard.len(), shard.bytes()));
+            while self.over_capacity() {
+                let before = (shard.len(), shard.bytes());
+                if !shard.evict_lru(Some(stored.slot)) {
+                    break;
+                }
+                self.account(before, (shard.len(), shard.bytes()));
+            }
+            (stored.created, f(shard.item(stored.slot)))
+        };
+        if self.over_capacity() {
+            self.evict_from_other_shards(idx);
+        }
+        Ok((created, result))
+    }
+
+    /// Deletes a key; false when it was absent or expired.
+    pub fn delete(&self, key: &str) -> bool {
+        let now = self.clock.now();
+        let (idx, hash) = self.locate(key);
+        let mut shard = self.shards[idx].lock();
+        let before = (shard.len(), shard.bytes());
+        let deleted = shard.remove(hash, key.as_bytes(), now);
+        self.account(before, (shard.len(), shard.bytes()));
+        deleted
+    }
+
+    /// Removes every item carrying `tag`; returns how many live items went.
+    /// Costs O(shards + items carrying the tag).
+    pub fn invalidate_tag(&self, tag: &str) -> usize {
+        let now = self.clock.now();
+        self.shards
+            .iter()
+            .map(|shard| {
+                let mut shard = shard.lock();
+                let before = (shard.len(), shard.bytes());
+                let removed = shard.invalidate_tag(tag, now);
+                self.account(before, (shard.len(), shard.bytes()));
+                removed
+            })
+            .sum()
+    }
+
+    /// Removes every item whose time has passed; returns how many. The cost
+    /// grows with the number of expired items, not with the number of items.
+    pub fn sweep_expired(&self) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            loop {
+                let now = self.clock.now();
+                let mut shard = shard.lock();
+                let before = (shard.len(), shard.bytes());
+                let examined = shard.sweep_expired(now, SWEEP_BATCH);
+                removed += before.0 - shard.len();
+                self.account(before, (shard.len(), shard.bytes()));
+                if examined < SWEEP_BATCH {
+                    break;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Counters and sizes summed over every shard.
+    pub fn stats(&self) -> StoreStats {
+        let mut stats = StoreStats {
+            max_items: self.max_items,
+            max_bytes: self.max_bytes,
+            ..StoreStats::default()
+        };
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            let c = &shard.counters;
+            let total = &mut stats.counters;
+            total.hits += c.hits;
+            total.misses += c.misses;
+            total.sets += c.sets;
+            total.deletes += c.deletes;
+            total.evictions += c.evictions;
+            total.expirations += c.expirations;
+            total.tag_invalidations += c.tag_invalidations;
+            stats.items += shard.len();
+            stats.bytes += shard.bytes();
+        }
+        stats
+    }
+
+    /// Number of items carrying `tag` (expired ones not yet swept included).
+    pub fn tag_count(&self, tag: &str) -> usize {
+        self.shards.iter().map(|s| s.lock().tag_count(tag)).sum()
+    }
+
+    /// Keys of each shard from most to least recently used (diagnostics and
+    /// tests; O(n)).
+    pub fn keys_by_recency(&self) -> Vec<Vec<String>> {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .keys_mru()
+                    .into_iter()
+                    .map(|k| String::from_utf8(k).expect("keys are UTF-8"))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Checks every internal invariant of every shard and the store-wide
+    /// totals; panics on the first violation. O(n): for tests.
+    pub fn assert_consistent(&self) {
+        let (mut items, mut bytes) = (0, 0);
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            shard.assert_consistent();
+            items += shard.len();
+            bytes += shard.bytes();
+        }
+        assert_eq!(items, self.len(), "store item total drifted");
+        assert_eq!(bytes, self.bytes(), "store byte total drifted");
+    }
+
+    fn locate(&self, key: &str) -> (usize, u64) {
+        let hash = self.hasher.hash_one(key.as_bytes());
+        // Shard by bits 32.. of the hash: hashbrown uses the low bits for the
+        // bucket and the top 7 for its tags, so these leave both well spread.
+        ((hash >> 32) as usize & self.shard_mask, hash)
+    }
+
+    fn over_capacity(&self) -> bool {
+        self.items.load(Ordering::Relaxed) > self.max_items
+            || (self.max_bytes > 0 && self.bytes.load(Ordering::Relaxed) > self.max_bytes)
+    }
+
+    /// Applies a shard's change in size to the store-wide totals.
+    fn account(&self, before: (usize, u64), after: (usize, u64)) {
+        if after.0 >= before.0 {
+            self.items.fetch_add(after.0 - before.0, Ordering::Relaxed);
+        } else {
+            self.items.fetch_sub(before.0 - after.0, Ordering::Relaxed);
+        }
+        if after.1 >= before.1 {
+            self.bytes.fetch_add(after.1 - before.1, Ordering::Relaxed);
+        } else {
+            self.bytes.fetch_sub(before.1 - after.1, Ordering::Relaxed);
+        }
+    }
+
+    /// Evicts from shards other than `skip` (whose only item is the one just
+    /// written) until within capacity. Bounded: two passes over the shards.
+    fn evict_from_other_shards(&self, skip: usize) {
+        let n = self.shards.len();
+        for _ in 0..2 * n {
+            if !self.over_capacity() {
+                return;
+            }
+            let idx = self.evict_cursor.fetch_add(1, Ordering::Relaxed) & self.shard_mask;
+            if idx == skip {
+                continue;
+            }
+            let mut shard = self.shards[idx].lock();
+            let before = (shard.len(), shard.bytes());
+            if shard.evict_lru(None) {
+                self.account(before, (shard.len(), shard.bytes()));
+            }
+        }
+    }
+}
+
+/// A power of two a few times the core count, and at least 64: more shards
+/// mean fewer lock collisions and smaller tables to grow under a lock, and an
+/// idle shard costs a few hundred bytes.
+fn default_shard_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores * 4).next_power_of_two().max(64)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,499 @@
+//! One shard of the store: a slab of entries threaded on an intrusive LRU list,
+//! a hash index into the slab, an expiry heap and a tag index.
+//!
+//! This is written by hand rather than taken from an LRU crate because it is the
+//! heart of the product and the per-item overhead matters: the index holds a
+//! 4-byte slot id instead of a second copy of the key, the key and value share
+//! one allocation, the LRU links are 4-byte slab indices instead of pointers,
+//! and nothing is allocated per operation beyond the item's own bytes.
+//! Every operation is O(1) except expiry sweeping (O(log n) per expired item)
+//! and tag invalidation (O(items carrying the tag)).
+//!
+//! A shard knows nothing of locking, HTTP or the cluster; [`super::Store`] wraps
+//! each shard in its own mutex and keeps the store-wide capacity.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+
+use super::clock::UnixNanos;
+use super::tags::{TagId, TagIndex};
+use super::{ItemRef, SlotId};
+
+/// The "no slot" link value.
+const NIL: SlotId = SlotId::MAX;
+/// `key_len` of a slot that is on the free list.
+const FREE: u32 = u32::MAX;
+
+/// Bookkeeping bytes charged to every item on top of its key, value and tags:
+/// the slab entry, its expiry-heap entry and its hash-index bucket. Charging
+/// them makes `maxMemory` bound the memory really used, not just the payload.
+pub const ITEM_OVERHEAD: u64 =
+    (size_of::<Slot>() + size_of::<Reverse<(UnixNanos, SlotId)>>() + 2 * size_of::<SlotId>()) as u64;
+/// Bookkeeping bytes per tag an item carries: its id in the item and its entry in
+/// the tag's member set.
+pub const TAG_OVERHEAD: u64 = (size_of::<TagId>() + 2 * size_of::<SlotId>()) as u64;
+
+/// The bytes an item is charged for against `maxMemory`.
+pub fn item_cost<'a>(key_len: usize, value_len: usize, tags: impl IntoIterator<Item = &'a str>) -> u64 {
+    let tags: u64 = tags.into_iter().map(|t| t.len() as u64 + TAG_OVERHEAD).sum();
+    key_len as u64 + value_len as u64 + tags + ITEM_OVERHEAD
+}
+
+#[derive(Debug)]
+pub(super) struct Slot {
+    /// The key's bytes followed by the value's bytes: one allocation per item.
+    pub(super) data: Box<[u8]>,
+    pub(super) tags: Box<[TagId]>,
+    pub(super) created_at: UnixNanos,
+    pub(super) accessed_at: UnixNanos,
+    pub(super) expires_at: UnixNanos,
+    pub(super) key_len: u32,
+    /// Towards the most recently used end; on the free list, unused.
+    prev: SlotId,
+    /// Towards the least recently used end; on the free list, the next free slot.
+    next: SlotId,
+    /// Saturates at `u32::MAX` rather than spending 4 more bytes on every item.
+    pub(super) access_count: u32,
+}
+
+impl Slot {
+    pub(super) fn key(&self) -> &[u8] {
+        &self.data[..self.key_len as usize]
+    }
+
+    pub(super) fn value(&self) -> &[u8] {
+        &self.data[self.key_len as usize..]
+    }
+
+    fn is_live(&self) -> bool {
+        self.key_len != FREE
+    }
+}
+
+/// Operation counters of one shard, summed by the store for stats and metrics.
+/// Kept per shard, under the shard's lock, so a hit costs no shared atomic.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShardCounters {
+    pub hits: u64,
+    pub misses: u64,
+    pub sets: u64,
+    pub deletes: u64,
+    pub evictions: u64,
+    pub expirations: u64,
+    pub tag_invalidations: u64,
+}
+
+/// What [`Shard::set`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub slot: SlotId,
+    /// True when the key was absent (or expired) before this write.
+    pub created: bool,
+}
+
+/// The item to write, already validated by the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct NewItem<'a> {
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+    pub tags: &'a [String],
+    pub created_at: UnixNanos,
+    pub accessed_at: UnixNanos,
+    pub expires_at: UnixNanos,
+    pub access_count: u32,
+}
+
+#[derive(Debug)]
+pub struct Shard<S> {
+    hasher: S,
+    index: HashTable<SlotId>,
+    slots: Vec<Slot>,
+    free_head: SlotId,
+    /// Most recently used.
+    lru_head: SlotId,
+    /// Least recently used: the next to be evicted.
+    lru_tail: SlotId,
+    len: usize,
+    bytes: u64,
+    /// Min-heap of (expiry time, slot). Entries are not removed when an item is
+    /// deleted or rewritten; a popped entry only expires the slot's current item
+    /// if that item really is past its time, so stale entries are harmless. The
+    /// heap is rebuilt when stale entries outnumber live items.
+    expiry: BinaryHeap<Reverse<(UnixNanos, SlotId)>>,
+    tags: TagIndex,
+    pub counters: ShardCounters,
+}
+
+impl<S: BuildHasher> Shard<S> {
+    pub fn new(hasher: S) -> Self {
+        Self {
+            hasher,
+            index: HashTable::new(),
+            slots: Vec::new(),
+            free_head: NIL,
+            lru_head: NIL,
+            lru_tail: NIL,
+            len: 0,
+            bytes: 0,
+            expiry: BinaryHeap::new(),
+            tags: TagIndex::default(),
+            counters: ShardCounters::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn item(&self, slot: SlotId) -> ItemRef<'_> {
+        ItemRef {
+            slot: &self.slots[slot as usize],
+            tags: &self.tags,
+        }
+    }
+
+    /// Looks a key up without touching its LRU position or metadata. An expired
+    /// item is reported absent but left for [`Self::get`] or the sweeper.
+    pub fn peek(&self, hash: u64, key: &[u8], now: UnixNanos) -> Option<SlotId> {
+        let slot = self.find(hash, key)?;
+        (self.slots[slot as usize].expires_at > now).then_some(slot)
+    }
+
+    /// Looks a key up as a client read: counts a hit or a miss, expires the item
+    /// if its time has passed, and otherwise marks it most recently used.
+    pub fn get(&mut self, hash: u64, key: &[u8], now: UnixNanos) -> Option<SlotId> {
+        let Some(slot) = self.find(hash, key) else {
+            self.counters.misses += 1;
+            return None;
+        };
+        if self.slots[slot as usize].expires_at <= now {
+            self.remove_slot(slot);
+            self.counters.expirations += 1;
+            self.counters.misses += 1;
+            return None;
+        }
+        self.counters.hits += 1;
+        let s = &mut self.slots[slot as usize];
+        s.accessed_at = now;
+        s.access_count = s.access_count.saturating_add(1);
+        self.move_to_front(slot);
+        Some(slot)
+    }
+
+    /// Inserts or replaces an item and makes it most recently used. Capacity is
+    /// the caller's concern (see [`Self::evict_lru`]).
+    pub fn set(&mut self, hash: u64, item: NewItem<'_>, now: UnixNanos) -> Stored {
+        self.counters.sets += 1;
+        let existing = self.find(hash, item.key);
+        let created = match existing {
+            Some(slot) => self.slots[slot as usize].expires_at <= now,
+            None => true,
+        };
+        let slot = match existing {
+            Some(slot) => {
+                // Rewrite in place: the slot keeps its index entry and its id.
+                self.bytes -= self.cost_of(slot);
+                self.detach_tags(slot);
+                self.move_to_front(slot);
+                slot
+            }
+            None => {
+                let slot = self.alloc_slot();
+                let hasher = &self.hasher;
+                let slots = &self.slots;
+                self.index.insert_unique(hash, slot, |&s| hasher.hash_one(slots[s as usize].key()));
+                self.push_front(slot);
+                self.len += 1;
+                slot
+            }
+        };
+
+        let mut tag_ids: Vec<TagId> = item.tags.iter().map(|t| self.tags.attach(t, slot)).collect();
+        tag_ids.sort_unstable();
+        tag_ids.dedup();
+
+        let mut data = Vec::with_capacity(item.key.len() + item.value.len());
+        data.extend_from_slice(item.key);
+        data.extend_from_slice(item.value);
+        let s = &mut self.slots[slot as usize];
+        s.data = data.into_boxed_slice();
+        s.key_len = item.key.len() as u32;
+        s.tags = tag_ids.into_boxed_slice();
+        s.created_at = item.created_at;
+        s.accessed_at = item.accessed_at;
+        s.access_count = item.access_count;
+        let expiry_changed = existing.is_none() || s.expires_at != item.expires_at;
+        s.expires_at = item.expires_at;
+        if expiry_changed {
+            self.expiry.push(Reverse((item.expires_at, slot)));
+            self.compact_expiry_if_stale();
+        }
+        self.bytes += self.cost_of(slot);
+        Stored { slot, created }
+    }
+
+    /// Deletes a key. Returns false when it was absent or already expired.
+    pub fn remove(&mut self, hash: u64, key: &[u8], now: UnixNanos) -> bool {
+        let Some(slot) = self.find(hash, key) else {
+            return false;
+        };
+        let live = self.slots[slot as usize].expires_at > now;
+        self.remove_slot(slot);
+        if live {
+            self.counters.deletes += 1;
+        } else {
+            self.counters.expirations += 1;
+        }
+        live
+    }
+
+    /// Evicts the least recently used item unless it is `keep` (the item just
+    /// written, which must survive its own insertion). Returns whether one went.
+    pub fn evict_lru(&mut self, keep: Option<SlotId>) -> bool {
+        let tail = self.lru_tail;
+        if tail == NIL || Some(tail) == keep {
+            return false;
+        }
+        self.remove_slot(tail);
+        self.counters.evictions += 1;
+        true
+    }
+
+    /// Removes up to `budget` items whose time has passed, cheapest first.
+    /// Returns how many heap entries it looked at, so the caller can tell
+    /// whether the shard has more work left (`== budget`).
+    pub fn sweep_expired(&mut self, now: UnixNanos, budget: usize) -> usize {
+        let mut examined = 0;
+        while examined < budget {
+            match self.expiry.peek() {
+                Some(Reverse((at, _))) if *at <= now => {}
+                _ => break,
+            }
+            let Some(Reverse((_, slot))) = self.expiry.pop() else { break };
+            examined += 1;
+            let s = &self.slots[slot as usize];
+            if s.is_live() && s.expires_at <= now {
+                self.remove_slot(slot);
+                self.counters.expirations += 1;
+            }
+        }
+        examined
+    }
+
+    /// Removes every live item carrying `tag`; returns how many.
+    pub fn invalidate_tag(&mut self, tag: &str, now: UnixNanos) -> usize {
+        let Some((id, members)) = self.tags.take_members(tag) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for slot in members {
+            // The tag's member set is already empty; drop the id from the item so
+            // `remove_slot` does not detach it a second time.
+            let s = &mut self.slots[slot as usize];
+            let mut tags = std::mem::take(&mut s.tags).into_vec();
+            tags.retain(|&t| t != id);
+            s.tags = tags.into_boxed_slice();
+            // The cost was charged with this tag; account for it before removal.
+            self.bytes -= self.tags_cost_of_name(tag);
+            if self.slots[slot as usize].expires_at > now {
+                removed += 1;
+            } else {
+                self.counters.expirations += 1;
+            }
+            self.remove_slot(slot);
+        }
+        self.tags.forget(id);
+        self.counters.tag_invalidations += removed as u64;
+        removed as usize
+    }
+
+    /// Number of items that carry `tag`, expired or not.
+    pub fn tag_count(&self, tag: &str) -> usize {
+        self.tags.count(tag)
+    }
+
+    /// Keys from most to least recently used, for tests and diagnostics.
+    pub fn keys_mru(&self) -> Vec<Vec<u8>> {
+        let mut keys = Vec::with_capacity(self.len);
+        let mut at = self.lru_head;
+        while at != NIL {
+            keys.push(self.slots[at as usize].key().to_vec());
+            at = self.slots[at as usize].next;
+        }
+        keys
+    }
+
+    /// Checks every internal invariant; panics with a description on the first
+    /// violation. Used by the tests after each operation.
+    pub fn assert_consistent(&self) {
+        let mut seen = 0;
+        let mut bytes = 0;
+        let mut at = self.lru_head;
+        let mut prev = NIL;
+        while at != NIL {
+            let s = &self.slots[at as usize];
+            assert!(s.is_live(), "free slot {at} on the LRU list");
+            assert_eq!(s.prev, prev, "broken back link at slot {at}");
+            let hash = self.hasher.hash_one(s.key());
+            assert_eq!(self.find(hash, s.key()), Some(at), "slot {at} missing from the index");
+            for &t in s.tags.iter() {
+                assert!(
+                    self.tags.contains(t, at),
+                    "slot {at} carries tag {t} but is not in its member set"
+                );
+            }
+            bytes += self.cost_of(at);
+            seen += 1;
+            prev = at;
+            at = s.next;
+        }
+        assert_eq!(self.lru_tail, prev, "tail is not the last list element");
+        assert_eq!(seen, self.len, "list length differs from len");
+        assert_eq!(self.index.len(), self.len, "index size differs from len");
+        assert_eq!(bytes, self.bytes, "byte accounting drifted");
+        for (tag, slot) in self.tags.memberships() {
+            let s = &self.slots[slot as usize];
+            assert!(s.is_live(), "tag {tag} lists free slot {slot}");
+            assert!(
+                s.tags.iter().any(|&t| self.tags.name(t) == tag),
+                "tag {tag} lists slot {slot} which does not carry it"
+            );
+        }
+        let live_in_heap = self
+            .expiry
+            .iter()
+            .filter(|Reverse((at, s))| {
+                let slot = &self.slots[*s as usize];
+                slot.is_live() && slot.expires_at == *at
+            })
+            .map(|Reverse((_, s))| *s)
+            .collect::<hashbrown::HashSet<_>>();
+        assert_eq!(live_in_heap.len(), self.len, "an item has no expiry entry");
+    }
+
+    fn find(&self, hash: u64, key: &[u8]) -> Option<SlotId> {
+        self.index
+            .find(hash, |&s| self.slots[s as usize].key() == key)
+            .copied()
+    }
+
+    fn cost_of(&self, slot: SlotId) -> u64 {
+        let s = &self.slots[slot as usize];
+        let tags = s.tags.iter().map(|&t| self.tags.name(t));
+        item_cost(s.key_len as usize, s.data.len() - s.key_len as usize, tags)
+    }
+
+    fn tags_cost_of_name(&self, tag: &str) -> u64 {
+        tag.len() as u64 + TAG_OVERHEAD
+    }
+
+    /// Unlinks a live slot from the index, the LRU list and its tags, frees its
+    /// memory and puts it on the free list.
+    fn remove_slot(&mut self, slot: SlotId) {
+        self.bytes -= self.cost_of(slot);
+        self.detach_tags(slot);
+        let hash = self.hasher.hash_one(self.slots[slot as usize].key());
+        if let Ok(entry) = self.index.find_entry(hash, |&s| s == slot) {
+            entry.remove();
+        }
+        self.unlink(slot);
+        let s = &mut self.slots[slot as usize];
+        s.data = Box::default();
+        s.key_len = FREE;
+        s.next = self.free_head;
+        s.prev = NIL;
+        self.free_head = slot;
+        self.len -= 1;
+    }
+
+    fn detach_tags(&mut self, slot: SlotId) {
+        let tags = std::mem::take(&mut self.slots[slot as usize].tags);
+        for &t in tags.iter() {
+            self.tags.detach(t, slot);
+        }
+    }
+
+    fn alloc_slot(&mut self) -> SlotId {
+        if self.free_head != NIL {
+            let slot = self.free_head;
+            self.free_head = self.slots[slot as usize].next;
+            return slot;
+        }
+        let slot = self.slots.len() as SlotId;
+        assert!(slot != NIL, "shard slab is full");
+        self.slots.push(Slot {
+            data: Box::default(),
+            tags: Box::default(),
+            created_at: 0,
+            accessed_at: 0,
+            expires_at: 0,
+            key_len: FREE,
+            prev: NIL,
+            next: NIL,
+            access_count: 0,
+        });
+        slot
+    }
+
+    fn push_front(&mut self, slot: SlotId) {
+        let old_head = self.lru_head;
+        {
+            let s = &mut self.slots[slot as usize];
+            s.prev = NIL;
+            s.next = old_head;
+        }
+        if old_head != NIL {
+            self.slots[old_head as usize].prev = slot;
+        } else {
+            self.lru_tail = slot;
+        }
+        self.lru_head = slot;
+    }
+
+    fn unlink(&mut self, slot: SlotId) {
+        let (prev, next) = {
+            let s = &self.slots[slot as usize];
+            (s.prev, s.next)
+        };
+        if prev != NIL {
+            self.slots[prev as usize].next = next;
+        } else {
+            self.lru_head = next;
+        }
+        if next != NIL {
+            self.slots[next as usize].prev = prev;
+        } else {
+            self.lru_tail = prev;
+        }
+    }
+
+    fn move_to_front(&mut self, slot: SlotId) {
+        if self.lru_head != slot {
+            self.unlink(slot);
+            self.push_front(slot);
+        }
+    }
+
+    /// Rebuilds the expiry heap from the live items once stale entries (from
+    /// rewrites and deletes) outnumber them. Amortised O(1) per write.
+    fn compact_expiry_if_stale(&mut self) {
+        if self.expiry.len() <= 2 * self.len + 1024 {
+            return;
+        }
+        let mut live = Vec::with_capacity(self.len);
+        let mut at = self.lru_head;
+        while at != NIL {
+            let s = &self.slots[at as usize];
+            live.push(Reverse((s.expires_at, at)));
+            at = s.next;
+        }
+        self.expiry = BinaryHeap::from(live);
+    }
+}

@@ -1,0 +1,289 @@
+//! Unit tests of the store: LRU order, both capacity caps, TTL on a manual
+//! clock, the tag index and byte accounting. Every test ends by checking the
+//! store's internal invariants.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+
+const T0: UnixNanos = 1_700_000_000_000_000_000;
+
+fn store(max_items: usize, max_bytes: u64, shards: usize) -> (Store, ManualClock) {
+    let clock = ManualClock::new(T0);
+    let config = StoreConfig {
+        max_items,
+        max_bytes,
+        default_ttl: Duration::from_secs(300),
+        shards,
+    };
+    (Store::new(config, Arc::new(clock.clone())), clock)
+}
+
+fn set(store: &Store, key: &str, value: &str, tags: &[&str], ttl_secs: u64) -> bool {
+    let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
+    store
+        .set(key, value.as_bytes(), &tags, Some(Duration::from_secs(ttl_secs)), |_| ())
+        .expect("set succeeds")
+        .0
+}
+
+fn get(store: &Store, key: &str) -> Option<String> {
+    store.get(key, |item| String::from_utf8(item.value().to_vec()).unwrap())
+}
+
+#[test]
+fn set_get_delete_round_trip_with_metadata() {
+    let (store, clock) = store(10, 0, 1);
+    assert!(set(&store, "user:1", r#"{"name":"ann"}"#, &["user", "session"], 60));
+    clock.advance(Duration::from_secs(5));
+    let (value, tags, ttl, created, accessed, count) = store
+        .get("user:1", |i| {
+            (
+                i.value().to_vec(),
+                i.tags().map(str::to_owned).collect::<Vec<_>>(),
+                i.ttl_nanos(),
+                i.created_at(),
+                i.accessed_at(),
+                i.access_count(),
+            )
+        })
+        .unwrap();
+    assert_eq!(value, br#"{"name":"ann"}"#);
+    let mut tags = tags;
+    tags.sort();
+    assert_eq!(tags, ["session", "user"]);
+    assert_eq!(ttl, 60_000_000_000);
+    assert_eq!(created, T0);
+    assert_eq!(accessed, T0 + 5_000_000_000);
+    assert_eq!(count, 1);
+    assert_eq!(store.peek("user:1", |i| i.access_count()), Some(1), "peek does not count");
+
+    assert!(!set(&store, "user:1", "2", &[], 60), "second write replaces");
+    assert_eq!(store.get("user:1", |i| i.access_count()), Some(1), "replace resets metadata");
+    assert!(store.delete("user:1"));
+    assert!(!store.delete("user:1"));
+    assert_eq!(get(&store, "user:1"), None);
+
+    let c = store.stats().counters;
+    assert_eq!((c.sets, c.hits, c.misses, c.deletes), (2, 2, 1, 1));
+    store.assert_consistent();
+}
+
+#[test]
+fn lru_order_and_eviction_count_by_item_cap() {
+    let (store, _clock) = store(3, 0, 1);
+    for k in ["a", "b", "c"] {
+        set(&store, k, "1", &[], 60);
+    }
+    assert_eq!(store.keys_by_recency()[0], ["c", "b", "a"]);
+    // Reading "a" makes it most recent, so "b" is now the eviction victim.
+    assert!(get(&store, "a").is_some());
+    assert_eq!(store.keys_by_recency()[0], ["a", "c", "b"]);
+    set(&store, "d", "1", &[], 60);
+    assert_eq!(store.keys_by_recency()[0], ["d", "a", "c"]);
+    set(&store, "e", "1", &[], 60);
+    assert_eq!(store.keys_by_recency()[0], ["e", "d", "a"]);
+    assert_eq!(store.len(), 3);
+    assert_eq!(store.stats().counters.evictions, 2);
+    // Overwriting a present key evicts nothing and refreshes its position.
+    set(&store, "a", "2", &[], 60);
+    assert_eq!(store.keys_by_recency()[0], ["a", "e", "d"]);
+    assert_eq!(store.stats().counters.evictions, 2);
+    store.assert_consistent();
+}
+
+#[test]
+fn item_cap_is_store_wide_across_shards() {
+    let (store, _clock) = store(100, 0, 16);
+    for i in 0..1000 {
+        set(&store, &format!("key-{i}"), "v", &[], 60);
+        assert!(store.len() <= 100);
+    }
+    assert_eq!(store.len(), 100);
+    assert_eq!(store.stats().counters.evictions, 900);
+    // The most recent write always survives its own insertion.
+    assert!(get(&store, "key-999").is_some());
+    store.assert_consistent();
+}
+
+#[test]
+fn byte_cap_evicts_least_recent_until_it_fits() {
+    let per_item = item_cost(2, 100, []);
+    let (store, _clock) = store(1000, 3 * per_item, 1);
+    let value = "x".repeat(100);
+    for k in ["k1", "k2", "k3"] {
+        set(&store, k, &value, &[], 60);
+    }
+    assert_eq!(store.bytes(), 3 * per_item);
+    set(&store, "k4", &value, &[], 60);
+    assert_eq!(store.len(), 3);
+    assert_eq!(get(&store, "k1"), None, "the least recent went");
+    // A bigger item pushes out as many as it needs.
+    let big = "y".repeat(250);
+    set(&store, "k5", &big, &[], 60);
+    assert!(store.bytes() <= 3 * per_item);
+    assert!(get(&store, "k5").is_some());
+    store.assert_consistent();
+}
+
+#[test]
+fn item_larger_than_the_whole_budget_is_refused_without_evicting() {
+    let (store, _clock) = store(1000, 500, 1);
+    set(&store, "small", "1", &[], 60);
+    let err = store
+        .set("huge", &[b'x'; 1000], &[], None, |_| ())
+        .unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge { .. }));
+    assert!(get(&store, "small").is_some());
+    store.assert_consistent();
+}
+
+#[test]
+fn ttl_expires_lazily_on_read() {
+    let (store, clock) = store(10, 0, 1);
+    set(&store, "short", "1", &["t"], 10);
+    set(&store, "long", "1", &["t"], 100);
+    clock.advance(Duration::from_secs(9));
+    assert!(get(&store, "short").is_some());
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(get(&store, "short"), None, "expired exactly at its ttl");
+    assert!(get(&store, "long").is_some());
+    assert_eq!(store.len(), 1, "the expired item was removed on access");
+    assert_eq!(store.tag_count("t"), 1);
+    assert_eq!(store.stats().counters.expirations, 1);
+    store.assert_consistent();
+}
+
+#[test]
+fn default_ttl_applies_when_ttl_is_absent_or_zero() {
+    let (store, clock) = store(10, 0, 1);
+    store.set("a", b"1", &[], None, |_| ()).unwrap();
+    store.set("b", b"1", &[], Some(Duration::ZERO), |_| ()).unwrap();
+    assert_eq!(store.peek("a", |i| i.ttl_nanos()), Some(300_000_000_000));
+    clock.advance(Duration::from_secs(299));
+    assert!(get(&store, "a").is_some() && get(&store, "b").is_some());
+    clock.advance(Duration::from_secs(1));
+    assert!(get(&store, "a").is_none() && get(&store, "b").is_none());
+}
+
+#[test]
+fn sweeper_removes_only_expired_items() {
+    let (store, clock) = store(10_000, 0, 8);
+    for i in 0..1000 {
+        let ttl = if i % 10 == 0 { 5 } else { 500 };
+        set(&store, &format!("k{i}"), "v", &["all"], ttl);
+    }
+    // Rewrites leave stale heap entries behind; they must not expire the new item.
+    for i in (0..1000).step_by(10) {
+        set(&store, &format!("k{i}"), "v", &["all"], if i % 20 == 0 { 5 } else { 500 });
+    }
+    clock.advance(Duration::from_secs(6));
+    assert_eq!(store.sweep_expired(), 50);
+    assert_eq!(store.len(), 950);
+    assert_eq!(store.tag_count("all"), 950);
+    assert_eq!(store.sweep_expired(), 0, "a second sweep finds nothing");
+    assert!(get(&store, "k10").is_some(), "rewritten with a long ttl");
+    assert!(get(&store, "k20").is_none(), "rewritten with a short ttl");
+    store.assert_consistent();
+}
+
+#[test]
+fn tag_index_stays_exact_through_overwrite_delete_evict_and_expire() {
+    let (store, clock) = store(3, 0, 1);
+    set(&store, "a", "1", &["red", "blue"], 60);
+    set(&store, "b", "1", &["red"], 10);
+    set(&store, "c", "1", &["blue"], 60);
+    assert_eq!((store.tag_count("red"), store.tag_count("blue")), (2, 2));
+
+    set(&store, "a", "1", &["green"], 60); // overwrite drops old tags
+    assert_eq!((store.tag_count("red"), store.tag_count("blue")), (1, 1));
+    assert_eq!(store.tag_count("green"), 1);
+    store.assert_consistent();
+
+    assert!(store.delete("c")); // delete
+    assert_eq!(store.tag_count("blue"), 0);
+
+    clock.advance(Duration::from_secs(11)); // expire "b"
+    assert_eq!(store.sweep_expired(), 1);
+    assert_eq!(store.tag_count("red"), 0);
+
+    set(&store, "d", "1", &["green"], 60);
+    set(&store, "e", "1", &["green"], 60);
+    set(&store, "f", "1", &[], 60); // evicts "a"
+    assert_eq!(get(&store, "a"), None);
+    assert_eq!(store.tag_count("green"), 2);
+    store.assert_consistent();
+
+    assert_eq!(store.invalidate_tag("green"), 2);
+    assert_eq!(store.invalidate_tag("green"), 0);
+    assert_eq!(store.len(), 1);
+    assert!(get(&store, "f").is_some());
+    store.assert_consistent();
+}
+
+#[test]
+fn invalidation_counts_only_live_items_and_keeps_other_tags_exact() {
+    let (store, clock) = store(100, 0, 4);
+    set(&store, "x", "1", &["a", "b"], 5);
+    set(&store, "y", "1", &["a", "b"], 60);
+    set(&store, "z", "1", &["b"], 60);
+    clock.advance(Duration::from_secs(6));
+    assert_eq!(store.invalidate_tag("a"), 1, "the expired item is not reported");
+    assert_eq!(store.tag_count("b"), 1);
+    assert_eq!(store.len(), 1);
+    store.assert_consistent();
+}
+
+#[test]
+fn duplicate_tags_are_stored_once() {
+    let (store, _clock) = store(10, 0, 1);
+    set(&store, "k", "1", &["t", "t", "u"], 60);
+    assert_eq!(store.peek("k", |i| i.tags().count()), Some(2));
+    assert!(store.delete("k"));
+    store.assert_consistent();
+}
+
+#[test]
+fn byte_accounting_returns_to_zero_when_emptied() {
+    let (store, clock) = store(50, 0, 4);
+    for i in 0..200 {
+        let tags = if i % 2 == 0 { vec!["even", "all"] } else { vec!["all"] };
+        set(&store, &format!("k{i}"), &"v".repeat(i), &tags, 1 + (i as u64 % 3));
+    }
+    assert!(store.bytes() > 0);
+    store.invalidate_tag("even");
+    for i in (1..200).step_by(4) {
+        store.delete(&format!("k{i}"));
+    }
+    clock.advance(Duration::from_secs(10));
+    store.sweep_expired();
+    assert_eq!(store.len(), 0);
+    assert_eq!(store.bytes(), 0);
+    assert_eq!(store.stats().bytes, 0);
+    store.assert_consistent();
+}
+
+#[test]
+fn expired_key_rewritten_counts_as_created() {
+    let (store, clock) = store(10, 0, 1);
+    assert!(set(&store, "k", "1", &[], 1));
+    clock.advance(Duration::from_secs(2));
+    assert!(set(&store, "k", "2", &[], 1), "an expired key is absent to clients");
+    store.assert_consistent();
+}
+
+#[test]
+fn huge_ttl_is_refused_not_overflowed() {
+    let (store, _clock) = store(10, 0, 1);
+    let err = store
+        .set("k", b"1", &[], Some(Duration::from_secs(u64::MAX / 2)), |_| ())
+        .unwrap_err();
+    assert_eq!(err, StoreError::TtlTooLarge);
+}
+
+#[test]
+fn shard_count_rounds_up_to_a_power_of_two() {
+    assert_eq!(store(10, 0, 3).0.shard_count(), 4);
+    assert!(store(10, 0, 0).0.shard_count().is_power_of_two());
+}
