@@ -1,0 +1,146 @@
+//! Serialises a stored item to the seed's JSON shape, straight from the store's
+//! borrowed entry into one buffer.
+//!
+//! Written by hand because it is the GET hot path: the value is already JSON
+//! text (validated when written) and is copied in verbatim rather than parsed
+//! and re-encoded, and timestamps are formatted without allocating. The shape
+//! is the seed's: `ttl` in nanoseconds (Go's `time.Duration`), times in RFC 3339
+//! UTC formatted as Go's `time.RFC3339Nano` does (trailing zeros of the
+//! fraction dropped), plus `expires_at`.
+
+use crate::store::{ItemRef, UnixNanos};
+
+/// The item as JSON bytes.
+pub fn item_to_vec(item: ItemRef<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(192 + item.key().len() + item.value().len());
+    write_item(&mut out, item);
+    out
+}
+
+pub fn write_item(out: &mut Vec<u8>, item: ItemRef<'_>) {
+    let mut int = itoa::Buffer::new();
+    out.extend_from_slice(b"{\"key\":");
+    write_json_string(out, item.key());
+    out.extend_from_slice(b",\"value\":");
+    out.extend_from_slice(item.value());
+    out.extend_from_slice(b",\"ttl\":");
+    out.extend_from_slice(int.format(item.ttl_nanos()).as_bytes());
+    out.extend_from_slice(b",\"created_at\":\"");
+    write_rfc3339(out, item.created_at());
+    out.extend_from_slice(b"\",\"accessed_at\":\"");
+    write_rfc3339(out, item.accessed_at());
+    out.extend_from_slice(b"\",\"expires_at\":\"");
+    write_rfc3339(out, item.expires_at());
+    out.extend_from_slice(b"\",\"access_count\":");
+    out.extend_from_slice(int.format(item.access_count()).as_bytes());
+    out.extend_from_slice(b",\"tags\":[");
+    for (i, tag) in item.tags().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_string(out, tag);
+    }
+    out.extend_from_slice(b"]}");
+}
+
+/// A JSON string literal, escaped by serde_json.
+pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, as Go's `time.RFC3339Nano` prints UTC.
+pub fn write_rfc3339(out: &mut Vec<u8>, at: UnixNanos) {
+    let secs = at / 1_000_000_000;
+    let nanos = (at % 1_000_000_000) as u32;
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let sod = secs % 86_400;
+    push_digits(out, year as u64, 4);
+    out.push(b'-');
+    push_digits(out, u64::from(month), 2);
+    out.push(b'-');
+    push_digits(out, u64::from(day), 2);
+    out.push(b'T');
+    push_digits(out, sod / 3600, 2);
+    out.push(b':');
+    push_digits(out, sod / 60 % 60, 2);
+    out.push(b':');
+    push_digits(out, sod % 60, 2);
+    if nanos != 0 {
+        out.push(b'.');
+        let mut digits = 9;
+        let mut frac = nanos;
+        while frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        push_digits(out, u64::from(frac), digits);
+    }
+    out.push(b'Z');
+}
+
+/// Zero-padded decimal of exactly `width` digits (`n` must fit).
+fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let start = out.len();
+    out.resize(start + width, b'0');
+    for i in (start..start + width).rev() {
+        out[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard
+/// Hinnant's `civil_from_days`.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{DateTime, SecondsFormat};
+
+    fn format(at: UnixNanos) -> String {
+        let mut out = Vec::new();
+        write_rfc3339(&mut out, at);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn matches_chrono_across_three_centuries() {
+        // A deterministic spread of instants, including leap days and zero fractions.
+        let mut at: u64 = 0;
+        for i in 0..200_000u64 {
+            at = at.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407 + i)
+                % 9_000_000_000_000_000_000; // chrono takes i64 nanoseconds: up to 2262
+            let at = if i % 3 == 0 { at - at % 1_000_000_000 } else { at };
+            let expected = DateTime::from_timestamp_nanos(at as i64)
+                .to_rfc3339_opts(SecondsFormat::AutoSi, true);
+            // chrono pads the fraction to 3, 6 or 9 digits; Go trims every trailing zero.
+            let expected = match expected.split_once('.') {
+                Some((head, frac)) => {
+                    let frac = frac.trim_end_matches('Z').trim_end_matches('0');
+                    if frac.is_empty() { format!("{head}Z") } else { format!("{head}.{frac}Z") }
+                }
+                None => expected,
+            };
+            assert_eq!(format(at), expected, "at {at}");
+        }
+    }
+
+    #[test]
+    fn go_style_fractions() {
+        assert_eq!(format(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format(1_500_000_000), "1970-01-01T00:00:01.5Z");
+        assert_eq!(format(951_782_400_000_000_123), "2000-02-29T00:00:00.000000123Z");
+    }
+}

@@ -1,0 +1,301 @@
+//! Turning untrusted requests into validated inputs: the key from the path,
+//! the write body, and the size limits that bound both.
+//!
+//! Every limit is configuration (see `config.rs`) and every violation is an
+//! [`ApiError`] with the status that names it: 414 for a key too long, 413 for
+//! a body or value too large, 415 for a body that says it is not JSON, 400 for
+//! anything malformed.
+
+use std::time::Duration;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRef, FromRequestParts, Path};
+use axum::http::{HeaderMap, StatusCode, header, request::Parts};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::ApiError;
+
+/// Bounds on what a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_tags: usize,
+    pub max_tag_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: 512,
+            max_value_bytes: 1024 * 1024,
+            max_body_bytes: 2 * 1024 * 1024,
+            max_tags: 32,
+            max_tag_bytes: 128,
+        }
+    }
+}
+
+/// A percent-decoded cache key from the last path segment, within limits.
+#[derive(Debug, Clone)]
+pub struct CacheKey(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for CacheKey
+where
+    Limits: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let key = path_segment(parts, state, "key").await?;
+        let limit = Limits::from_ref(state).max_key_bytes;
+        if key.len() > limit {
+            return Err(ApiError::new(
+                StatusCode::URI_TOO_LONG,
+                format!("key is {} bytes; the limit is {limit}", key.len()),
+            ));
+        }
+        Ok(Self(key))
+    }
+}
+
+/// A percent-decoded tag from the last path segment, within limits.
+#[derive(Debug, Clone)]
+pub struct TagName(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for TagName
+where
+    Limits: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let tag = path_segment(parts, state, "tag").await?;
+        check_tag(&tag, &Limits::from_ref(state))?;
+        Ok(Self(tag))
+    }
+}
+
+async fn path_segment<S: Send + Sync>(parts: &mut Parts, state: &S, what: &str) -> Result<String, ApiError> {
+    let Path(value) = Path::<String>::from_request_parts(parts, state)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("invalid {what} in path: {}", e.body_text())))?;
+    if value.is_empty() {
+        return Err(ApiError::bad_request(format!("{what} must not be empty")));
+    }
+    Ok(value)
+}
+
+fn check_tag(tag: &str, limits: &Limits) -> Result<(), ApiError> {
+    if tag.is_empty() {
+        return Err(ApiError::bad_request("tags must not be empty strings"));
+    }
+    if tag.len() > limits.max_tag_bytes {
+        return Err(ApiError::bad_request(format!(
+            "tag is {} bytes; the limit is {}",
+            tag.len(),
+            limits.max_tag_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// A validated write: `{"value": <any JSON>, "ttl": <seconds>, "tags": [...]}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetRequest {
+    /// The value's JSON text, exactly as sent.
+    pub value: Bytes,
+    /// `None` means the default TTL (the seed treats 0 the same way).
+    pub ttl: Option<Duration>,
+    /// Distinct tags in the order first given.
+    pub tags: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct SetBody<'a> {
+    #[serde(borrow)]
+    value: Option<&'a RawValue>,
+    ttl: Option<i64>,
+    tags: Option<Vec<String>>,
+}
+
+impl SetRequest {
+    /// Validates the content type and parses and bounds the body.
+    pub fn parse(
+        headers: &HeaderMap,
+        body: Result<Bytes, BytesRejection>,
+        limits: &Limits,
+    ) -> Result<Self, ApiError> {
+        check_json_content_type(headers)?;
+        let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+        let parsed: SetBody<'_> = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+
+        let value = parsed
+            .value
+            .ok_or_else(|| ApiError::bad_request("`value` is required and must not be null"))?;
+        let value_text = value.get().as_bytes();
+        if value_text.len() > limits.max_value_bytes {
+            return Err(ApiError::too_large(format!(
+                "value is {} bytes; the limit is {}",
+                value_text.len(),
+                limits.max_value_bytes
+            )));
+        }
+
+        let ttl = match parsed.ttl {
+            None | Some(0) => None,
+            Some(s) if s < 0 => {
+                return Err(ApiError::bad_request("`ttl` must be a whole number of seconds >= 0"));
+            }
+            // The item reports its ttl in nanoseconds as Go's int64 Duration.
+            Some(s) if s > i64::MAX / 1_000_000_000 => {
+                return Err(ApiError::bad_request(format!(
+                    "`ttl` must be at most {} seconds",
+                    i64::MAX / 1_000_000_000
+                )));
+            }
+            Some(s) => Some(Duration::from_secs(s as u64)),
+        };
+
+        let mut tags: Vec<String> = Vec::new();
+        for tag in parsed.tags.unwrap_or_default() {
+            check_tag(&tag, limits)?;
+            if !tags.contains(&tag) {
+                tags.push(tag);
+            }
+        }
+        if tags.len() > limits.max_tags {
+            return Err(ApiError::bad_request(format!(
+                "{} tags given; the limit is {}",
+                tags.len(),
+                limits.max_tags
+            )));
+        }
+
+        Ok(Self {
+            value: body.slice_ref(value_text),
+            ttl,
+            tags,
+        })
+    }
+}
+
+/// A body with no content type is taken as JSON (the seed never checked);
+/// one that names another type is refused with 415.
+fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content type must be application/json, not {essence:?}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<SetRequest, ApiError> {
+        parse_with(body, &Limits::default())
+    }
+
+    fn parse_with(body: &str, limits: &Limits) -> Result<SetRequest, ApiError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        SetRequest::parse(&headers, Ok(Bytes::copy_from_slice(body.as_bytes())), limits)
+    }
+
+    #[test]
+    fn accepts_any_json_value_and_keeps_its_text() {
+        let r = parse(r#"{"value": {"a": [1, 2]}, "ttl": 30, "tags": ["x", "y", "x"]}"#).unwrap();
+        assert_eq!(&r.value[..], br#"{"a": [1, 2]}"#);
+        assert_eq!(r.ttl, Some(Duration::from_secs(30)));
+        assert_eq!(r.tags, ["x", "y"]);
+        for v in ["1", "\"s\"", "true", "[]", "1.5e3"] {
+            assert_eq!(&parse(&format!(r#"{{"value": {v}}}"#)).unwrap().value[..], v.as_bytes());
+        }
+    }
+
+    #[test]
+    fn zero_or_absent_ttl_means_default() {
+        assert_eq!(parse(r#"{"value": 1, "ttl": 0}"#).unwrap().ttl, None);
+        assert_eq!(parse(r#"{"value": 1}"#).unwrap().ttl, None);
+    }
+
+    #[test]
+    fn rejects_bad_bodies_with_400() {
+        for body in [
+            "",
+            "{",
+            "[]",
+            r#"{"ttl": 5}"#,
+            r#"{"value": null}"#,
+            r#"{"value": 1, "ttl": -1}"#,
+            r#"{"value": 1, "ttl": "5"}"#,
+            r#"{"value": 1, "ttl": 1.5}"#,
+            r#"{"value": 1, "tags": "x"}"#,
+            r#"{"value": 1, "tags": [1]}"#,
+            r#"{"value": 1, "tags": [""]}"#,
+            r#"{"value": 1, "value": 2}"#,
+        ] {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "body {body:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn enforces_value_and_tag_limits() {
+        let limits = Limits {
+            max_value_bytes: 10,
+            max_tags: 2,
+            max_tag_bytes: 3,
+            ..Limits::default()
+        };
+        let err = parse_with(r#"{"value": "0123456789"}"#, &limits).unwrap_err();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let err = parse_with(r#"{"value": 1, "tags": ["a", "b", "c"]}"#, &limits).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        let err = parse_with(r#"{"value": 1, "tags": ["abcd"]}"#, &limits).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(parse_with(r#"{"value": 1, "tags": ["a", "a", "b"]}"#, &limits).is_ok());
+    }
+
+    #[test]
+    fn content_type_must_be_json_when_given() {
+        let body = || Ok(Bytes::from_static(br#"{"value": 1}"#));
+        let limits = Limits::default();
+        assert!(SetRequest::parse(&HeaderMap::new(), body(), &limits).is_ok());
+        for (ct, ok) in [
+            ("application/json; charset=utf-8", true),
+            ("Application/JSON", true),
+            ("application/merge-patch+json", true),
+            ("text/plain", false),
+            ("application/x-www-form-urlencoded", false),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, ct.parse().unwrap());
+            let result = SetRequest::parse(&headers, body(), &limits);
+            assert_eq!(result.is_ok(), ok, "{ct}");
+            if let Err(e) = result {
+                assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+            }
+        }
+    }
+}

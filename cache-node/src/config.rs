@@ -1,0 +1,183 @@
+//! Node configuration: every setting is a command-line flag and a
+//! `DISTROCACHE_*` environment variable, with the seed's defaults.
+//!
+//! Durations read as `30s`, `5m`, `1h30m`; byte sizes as `1048576`, `512MiB`,
+//! `1GB`. `cache-node --help` describes each setting.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::api::Limits;
+use crate::store::StoreConfig;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "cache-node", version, about = "DistroCache node: an in-memory cache served over REST/JSON")]
+pub struct Config {
+    /// TCP port of the REST API, health endpoints and /metrics.
+    #[arg(long, env = "DISTROCACHE_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, env = "DISTROCACHE_BIND_ADDRESS", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub bind_address: IpAddr,
+
+    /// This node's stable identity (the pod name in Kubernetes).
+    #[arg(long, env = "DISTROCACHE_NODE_ID", default_value = "node-1")]
+    pub node_id: String,
+
+    /// Most items held at once; the least recently used go first.
+    #[arg(long, env = "DISTROCACHE_MAX_SIZE", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_size: u64,
+
+    /// Most memory held at once, counting keys, values, tags and per-item
+    /// bookkeeping (e.g. 512MiB). 0 means no byte cap.
+    #[arg(long, env = "DISTROCACHE_MAX_MEMORY", default_value = "0", value_parser = parse_bytes)]
+    pub max_memory: u64,
+
+    /// TTL of items written without one (or with ttl 0).
+    #[arg(long, env = "DISTROCACHE_DEFAULT_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub default_ttl: Duration,
+
+    /// How often expired items are swept in the background (they are also
+    /// removed lazily when read).
+    #[arg(long, env = "DISTROCACHE_CLEANUP_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub cleanup_interval: Duration,
+
+    /// How many nodes hold each key in a cluster (primary plus replicas).
+    #[arg(long, env = "DISTROCACHE_REPLICATION_FACTOR", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub replication_factor: u32,
+
+    /// Number of store shards (rounded up to a power of two); 0 picks one from
+    /// the core count.
+    #[arg(long, env = "DISTROCACHE_SHARDS", default_value_t = 0)]
+    pub shards: usize,
+
+    /// Longest key accepted, in bytes after percent-decoding (longer: 414).
+    #[arg(long, env = "DISTROCACHE_MAX_KEY_BYTES", default_value = "512", value_parser = parse_bytes)]
+    pub max_key_bytes: u64,
+
+    /// Largest value accepted, as JSON text (larger: 413).
+    #[arg(long, env = "DISTROCACHE_MAX_VALUE_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
+    pub max_value_bytes: u64,
+
+    /// Largest request body accepted (larger: 413).
+    #[arg(long, env = "DISTROCACHE_MAX_BODY_BYTES", default_value = "2MiB", value_parser = parse_bytes)]
+    pub max_body_bytes: u64,
+
+    /// Most tags on one item (more: 400).
+    #[arg(long, env = "DISTROCACHE_MAX_TAGS", default_value_t = 32)]
+    pub max_tags: usize,
+
+    /// Longest tag, in bytes (longer: 400).
+    #[arg(long, env = "DISTROCACHE_MAX_TAG_BYTES", default_value = "128", value_parser = parse_bytes)]
+    pub max_tag_bytes: u64,
+
+    /// Log format.
+    #[arg(long, env = "DISTROCACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `cache_node=debug`).
+    #[arg(long, env = "DISTROCACHE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// How long shutdown waits for in-flight requests before giving up.
+    #[arg(long, env = "DISTROCACHE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl Config {
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind_address, self.port)
+    }
+
+    pub fn store(&self) -> StoreConfig {
+        StoreConfig {
+            max_items: usize::try_from(self.max_size).unwrap_or(usize::MAX),
+            max_bytes: self.max_memory,
+            default_ttl: self.default_ttl,
+            shards: self.shards,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Limits {
+            max_key_bytes: size(self.max_key_bytes),
+            max_value_bytes: size(self.max_value_bytes),
+            max_body_bytes: size(self.max_body_bytes),
+            max_tags: self.max_tags,
+            max_tag_bytes: size(self.max_tag_bytes),
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 30s, 5m, 1h30m)"))
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(n);
+    }
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{e} (use e.g. 1048576, 512MiB, 1GB)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let c = Config::try_parse_from(["cache-node"]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.node_id, "node-1");
+        assert_eq!(c.max_size, 10_000);
+        assert_eq!(c.default_ttl, Duration::from_secs(300));
+        assert_eq!(c.cleanup_interval, Duration::from_secs(60));
+        assert_eq!(c.replication_factor, 2);
+        assert_eq!(c.limits(), Limits::default());
+    }
+
+    #[test]
+    fn sizes_and_durations_parse_in_human_units() {
+        let c = Config::try_parse_from([
+            "cache-node",
+            "--max-memory",
+            "512MiB",
+            "--default-ttl",
+            "1h30m",
+            "--max-value-bytes",
+            "4096",
+        ])
+        .unwrap();
+        assert_eq!(c.max_memory, 512 * 1024 * 1024);
+        assert_eq!(c.default_ttl, Duration::from_secs(5400));
+        assert_eq!(c.max_value_bytes, 4096);
+    }
+
+    #[test]
+    fn nonsense_is_refused() {
+        for args in [
+            &["cache-node", "--max-size", "0"][..],
+            &["cache-node", "--default-ttl", "soon"],
+            &["cache-node", "--max-memory", "lots"],
+            &["cache-node", "--port", "70000"],
+            &["cache-node", "--replication-factor", "0"],
+        ] {
+            assert!(Config::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Wiring a node together: the store, the API state, the background expiry
+//! sweeper and the HTTP listener, with graceful shutdown.
+//!
+//! `main.rs` runs one [`Node`] until a signal; the integration tests run many
+//! in one process, each on an ephemeral loopback port.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// A bound, not yet serving, node.
+pub struct Node {
+    state: Arc<AppState>,
+    listener: TcpListener,
+    cleanup_interval: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl Node {
+    /// Builds the store and binds the listener (port 0 picks a free one).
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(config.listen_addr()).await?;
+        let state = Arc::new(AppState {
+            store: Store::with_config(config.store()),
+            limits: config.limits(),
+            metrics: Metrics::new(),
+            node_id: config.node_id.clone(),
+            started: Instant::now(),
+            ready: AtomicBool::new(false),
+        });
+        Ok(Self {
+            state,
+            listener,
+            cleanup_interval: config.cleanup_interval,
+            shutdown_timeout: config.shutdown_timeout,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight
+    /// requests finish (up to the shutdown timeout) and stops the sweeper.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let sweeper = tokio::spawn(sweep_expired(self.state.clone(), self.cleanup_interval, stop_rx));
+
+        // A single node holds everything it owns from the start.
+        self.state.ready.store(true, Ordering::Release);
+        let app = api::router(self.state.clone());
+        let listener = self.listener.tap_io(|tcp| {
+            // Responses are small and written whole; don't let Nagle delay them.
+            let _ = tcp.set_nodelay(true);
+        });
+
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let timeout = self.shutdown_timeout;
+        let signalled = async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = drain_tx.send(());
+        };
+        let server = axum::serve(listener, app).with_graceful_shutdown(signalled);
+        let result = tokio::select! {
+            result = server => result,
+            _ = async {
+                let _ = drain_rx.await;
+                tokio::time::sleep(timeout).await;
+            } => {
+                tracing::warn!(?timeout, "in-flight requests did not finish in time");
+                Ok(())
+            }
+        };
+        let _ = stop_tx.send(true);
+        let _ = sweeper.await;
+        result
+    }
+}
+
+/// Removes expired items every `interval` until told to stop. The sweep runs
+/// on the blocking pool: its cost grows with the number of expired items, and
+/// a large backlog must not stall request handling on a runtime worker.
+async fn sweep_expired(state: Arc<AppState>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let state = state.clone();
+        let started = Instant::now();
+        match tokio::task::spawn_blocking(move || state.store.sweep_expired()).await {
+            Ok(removed) if removed > 0 => {
+                tracing::debug!(removed, took = ?started.elapsed(), "swept expired items");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+        }
+    }
+}
+
+/// Completes on SIGTERM (Kubernetes' stop signal) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,96 @@
+//! Test support: a real cache node on an ephemeral loopback port, in-process,
+//! and a client for it. The node stops when the handle is dropped.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use cache_node::config::Config;
+use cache_node::server::Node;
+use clap::Parser;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl TestNode {
+    /// Starts a node with the given extra flags on 127.0.0.1 and a free port.
+    pub async fn start(flags: &[&str]) -> Self {
+        let mut args = vec!["cache-node", "--bind-address", "127.0.0.1", "--port", "0"];
+        args.extend_from_slice(flags);
+        let config = Config::try_parse_from(args).expect("valid test flags");
+        let node = Node::bind(&config).await.expect("bind a loopback port");
+        let addr = node.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(node.serve(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn set(&self, key: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(self.url(&format!("/api/v1/cache/{key}")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        read(resp).await
+    }
+
+    pub async fn get(&self, key: &str) -> (u16, Value) {
+        read(self.client.get(self.url(&format!("/api/v1/cache/{key}"))).send().await.unwrap()).await
+    }
+
+    pub async fn delete(&self, key: &str) -> (u16, Value) {
+        read(self.client.delete(self.url(&format!("/api/v1/cache/{key}"))).send().await.unwrap()).await
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        read(self.client.get(self.url(path)).send().await.unwrap()).await
+    }
+
+    pub async fn post_empty(&self, path: &str) -> (u16, Value) {
+        read(self.client.post(self.url(path)).send().await.unwrap()).await
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Status and JSON body; panics if the body is not JSON, since every answer
+/// of the API (errors included) must be.
+pub async fn read(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let text = resp.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
+    assert!(
+        content_type.starts_with("application/json"),
+        "status {status}: content type {content_type:?} for {text}"
+    );
+    (status, body)
+}
