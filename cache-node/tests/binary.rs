@@ -1,0 +1,146 @@
+//! The real `cache-node` binary as a process: configuration from flags and
+//! environment, `--help`, and graceful shutdown on SIGTERM that finishes a
+//! request already in flight.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cache-node");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills the child if the test fails before it exits by itself.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "node did not start listening on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn http(port: u16, request: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn help_describes_every_setting_and_its_environment_variable() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for env in [
+        "DISTROCACHE_PORT",
+        "DISTROCACHE_NODE_ID",
+        "DISTROCACHE_MAX_SIZE",
+        "DISTROCACHE_MAX_MEMORY",
+        "DISTROCACHE_DEFAULT_TTL",
+        "DISTROCACHE_CLEANUP_INTERVAL",
+        "DISTROCACHE_REPLICATION_FACTOR",
+        "DISTROCACHE_MAX_KEY_BYTES",
+        "DISTROCACHE_MAX_VALUE_BYTES",
+        "DISTROCACHE_MAX_BODY_BYTES",
+        "DISTROCACHE_MAX_TAGS",
+        "DISTROCACHE_MAX_TAG_BYTES",
+        "DISTROCACHE_LOG_FORMAT",
+    ] {
+        assert!(help.contains(env), "--help does not mention {env}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_configuration_fails_fast_with_a_message() {
+    let out = Command::new(BIN).args(["--default-ttl", "forever"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--default-ttl"));
+}
+
+#[test]
+fn sigterm_finishes_the_in_flight_request_then_exits_cleanly() {
+    let port = free_port();
+    let child = Command::new(BIN)
+        .env("DISTROCACHE_PORT", port.to_string())
+        .env("DISTROCACHE_BIND_ADDRESS", "127.0.0.1")
+        .env("DISTROCACHE_NODE_ID", "from-env")
+        .env("DISTROCACHE_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut node = Proc(child);
+    wait_until_listening(port);
+
+    let stats = http(
+        port,
+        "GET /api/v1/stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!(stats.contains("\"node_id\":\"from-env\""), "{stats}");
+
+    // Start a write and send only half its body.
+    let body = r#"{"value": "written during shutdown", "ttl": 60}"#;
+    let (head, tail) = body.split_at(body.len() / 2);
+    let mut in_flight = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    in_flight.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        in_flight,
+        "POST /api/v1/cache/late HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{head}",
+        body.len()
+    )
+    .unwrap();
+    in_flight.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let pid = node.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // Wait until the node logged that it is shutting down, then finish the body.
+    let stderr = node.0.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no shutdown log line");
+        match lines.next() {
+            Some(Ok(line)) if line.contains("shutting down") => {
+                assert!(line.starts_with('{'), "JSON log format: {line}");
+                break;
+            }
+            Some(_) => {}
+            None => panic!("node exited before logging shutdown"),
+        }
+    }
+    // New connections are refused once shutdown began.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "still accepting");
+
+    in_flight.write_all(tail.as_bytes()).unwrap();
+    let mut response = String::new();
+    in_flight.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+    assert!(response.contains("written during shutdown"));
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = node.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+    // Drain the rest of the log so the pipe never blocks the child.
+    for _ in lines {}
+}
