@@ -17,6 +17,7 @@ use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
+use thin_vec::ThinVec;
 
 use super::clock::UnixNanos;
 use super::tags::{TagId, TagIndex};
@@ -46,7 +47,9 @@ pub fn item_cost<'a>(key_len: usize, value_len: usize, tags: impl IntoIterator<I
 pub(super) struct Slot {
     /// The key's bytes followed by the value's bytes: one allocation per item.
     pub(super) data: Box<[u8]>,
-    pub(super) tags: Box<[TagId]>,
+    /// A thin (one-word) vector: most items carry no tags, and an empty one
+    /// allocates nothing.
+    pub(super) tags: ThinVec<TagId>,
     pub(super) created_at: UnixNanos,
     pub(super) accessed_at: UnixNanos,
     pub(super) expires_at: UnixNanos,
@@ -215,7 +218,7 @@ impl<S: BuildHasher> Shard<S> {
             }
         };
 
-        let mut tag_ids: Vec<TagId> = item.tags.iter().map(|t| self.tags.attach(t, slot)).collect();
+        let mut tag_ids: ThinVec<TagId> = item.tags.iter().map(|t| self.tags.attach(t, slot)).collect();
         tag_ids.sort_unstable();
         tag_ids.dedup();
 
@@ -225,7 +228,7 @@ impl<S: BuildHasher> Shard<S> {
         let s = &mut self.slots[slot as usize];
         s.data = data.into_boxed_slice();
         s.key_len = item.key.len() as u32;
-        s.tags = tag_ids.into_boxed_slice();
+        s.tags = tag_ids;
         s.created_at = item.created_at;
         s.accessed_at = item.accessed_at;
         s.access_count = item.access_count;
@@ -296,10 +299,7 @@ impl<S: BuildHasher> Shard<S> {
         for slot in members {
             // The tag's member set is already empty; drop the id from the item so
             // `remove_slot` does not detach it a second time.
-            let s = &mut self.slots[slot as usize];
-            let mut tags = std::mem::take(&mut s.tags).into_vec();
-            tags.retain(|&t| t != id);
-            s.tags = tags.into_boxed_slice();
+            self.slots[slot as usize].tags.retain(|&t| t != id);
             // The cost was charged with this tag; account for it before removal.
             self.bytes -= self.tags_cost_of_name(tag);
             if self.slots[slot as usize].expires_at > now {
@@ -430,7 +430,7 @@ impl<S: BuildHasher> Shard<S> {
         assert!(slot != NIL, "shard slab is full");
         self.slots.push(Slot {
             data: Box::default(),
-            tags: Box::default(),
+            tags: ThinVec::new(),
             created_at: 0,
             accessed_at: 0,
             expires_at: 0,
