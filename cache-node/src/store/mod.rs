@@ -11,9 +11,11 @@
 //! whatever the key distribution: the totals are shared atomics, and a write
 //! that pushes them over a cap evicts the least recently used items of its own
 //! shard first (no second lock needed), then, if its shard has nothing else to
-//! give, of the others in turn. LRU order is therefore exact within a shard and
-//! approximate across shards, like Redis's sampled LRU; with one shard it is
-//! exact.
+//! give, the oldest of the other shards' least recently used items. LRU order
+//! is therefore exact within a shard and approximate across shards, like
+//! Redis's sampled LRU. The shard count is chosen so each shard holds at least
+//! ~128 items at capacity, which keeps that approximation close; a cache small
+//! enough for one shard has exact LRU.
 
 mod clock;
 mod shard;
@@ -144,14 +146,12 @@ pub struct Store {
     /// whether to evict.
     items: AtomicUsize,
     bytes: AtomicU64,
-    /// Where cross-shard eviction starts next, so no shard is always the victim.
-    evict_cursor: AtomicUsize,
 }
 
 impl Store {
     pub fn new(config: StoreConfig, clock: Arc<dyn Clock>) -> Self {
         let shards = match config.shards {
-            0 => default_shard_count(),
+            0 => default_shard_count(config.max_items),
             n => n.next_power_of_two(),
         };
         let hasher = Hasher::default();
@@ -167,7 +167,6 @@ impl Store {
             default_ttl: config.default_ttl,
             items: AtomicUsize::new(0),
             bytes: AtomicU64::new(0),
-            evict_cursor: AtomicUsize::new(0),
         }
     }
 
@@ -383,6 +382,11 @@ impl Store {
         assert_eq!(bytes, self.bytes(), "store byte total drifted");
     }
 
+    /// The shard a key lives in (diagnostics and tests).
+    pub fn shard_of(&self, key: &str) -> usize {
+        self.locate(key).0
+    }
+
     fn locate(&self, key: &str) -> (usize, u64) {
         let hash = self.hasher.hash_one(key.as_bytes());
         // Shard by bits 32.. of the hash: hashbrown uses the low bits for the
@@ -410,17 +414,20 @@ impl Store {
     }
 
     /// Evicts from shards other than `skip` (whose only item is the one just
-    /// written) until within capacity. Bounded: two passes over the shards.
+    /// written) until within capacity, each time the least recently used of
+    /// the other shards' LRU tails. Rare (the writer's own shard usually has
+    /// something to give) and O(shards); shard locks are taken one at a time,
+    /// never nested. Bounded: one eviction per shard at most.
     fn evict_from_other_shards(&self, skip: usize) {
-        let n = self.shards.len();
-        for _ in 0..2 * n {
+        for _ in 0..self.shards.len() {
             if !self.over_capacity() {
                 return;
             }
-            let idx = self.evict_cursor.fetch_add(1, Ordering::Relaxed) & self.shard_mask;
-            if idx == skip {
-                continue;
-            }
+            let oldest = (0..self.shards.len())
+                .filter(|&i| i != skip)
+                .filter_map(|i| Some((self.shards[i].lock().lru_tail_accessed_at()?, i)))
+                .min();
+            let Some((_, idx)) = oldest else { return };
             let mut shard = self.shards[idx].lock();
             let before = (shard.len(), shard.bytes());
             if shard.evict_lru(None) {
@@ -430,12 +437,15 @@ impl Store {
     }
 }
 
-/// A power of two a few times the core count, and at least 64: more shards
-/// mean fewer lock collisions and smaller tables to grow under a lock, and an
-/// idle shard costs a few hundred bytes.
-fn default_shard_count() -> usize {
+/// A power of two a few times the core count and at least 64 (more shards
+/// mean fewer lock collisions and smaller tables to grow under a lock), but no
+/// more than leaves ~128 items per shard at capacity, so that evicting from the
+/// writer's shard stays close to global LRU order.
+fn default_shard_count(max_items: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores * 4).next_power_of_two().max(64)
+    let for_cores = (cores * 4).next_power_of_two().max(64);
+    let for_capacity = (max_items / 128).max(1).next_power_of_two();
+    for_cores.min(for_capacity)
 }
 
 #[cfg(test)]

@@ -269,6 +269,11 @@ impl<S: BuildHasher> Shard<S> {
         true
     }
 
+    /// When the least recently used item was last read or written.
+    pub fn lru_tail_accessed_at(&self) -> Option<UnixNanos> {
+        (self.lru_tail != NIL).then(|| self.slots[self.lru_tail as usize].accessed_at)
+    }
+
     /// Removes up to `budget` items whose time has passed, cheapest first.
     /// Returns how many heap entries it looked at, so the caller can tell
     /// whether the shard has more work left (`== budget`).

@@ -108,6 +108,36 @@ fn item_cap_is_store_wide_across_shards() {
 }
 
 #[test]
+fn eviction_across_shards_takes_the_oldest_tail() {
+    // Many shards and few items: the writer's shard is usually empty, so the
+    // victim comes from another shard, and must be the least recent overall.
+    let (store, clock) = store(4, 0, 64);
+    // Five keys in five different shards (the hash seed is random per store).
+    let mut keys: Vec<String> = Vec::new();
+    for candidate in (0..).map(|i| format!("k{i}")) {
+        if keys.iter().all(|k| store.shard_of(k) != store.shard_of(&candidate)) {
+            keys.push(candidate);
+        }
+        if keys.len() == 5 {
+            break;
+        }
+    }
+    for k in &keys[..4] {
+        set(&store, k, "1", &[], 60);
+        clock.advance(Duration::from_millis(1));
+    }
+    assert!(get(&store, &keys[0]).is_some()); // keys[1] is now the least recent
+    clock.advance(Duration::from_millis(1));
+    set(&store, &keys[4], "1", &[], 60);
+    assert_eq!(store.len(), 4);
+    assert_eq!(get(&store, &keys[1]), None, "the least recently used item went");
+    for k in [&keys[0], &keys[2], &keys[3], &keys[4]] {
+        assert!(get(&store, k).is_some(), "{k} survived");
+    }
+    store.assert_consistent();
+}
+
+#[test]
 fn byte_cap_evicts_least_recent_until_it_fits() {
     let per_item = item_cost(2, 100, []);
     let (store, _clock) = store(1000, 3 * per_item, 1);
@@ -285,5 +315,8 @@ fn huge_ttl_is_refused_not_overflowed() {
 #[test]
 fn shard_count_rounds_up_to_a_power_of_two() {
     assert_eq!(store(10, 0, 3).0.shard_count(), 4);
-    assert!(store(10, 0, 0).0.shard_count().is_power_of_two());
+    assert!(store(1_000_000, 0, 0).0.shard_count().is_power_of_two());
+    assert!(store(1_000_000, 0, 0).0.shard_count() >= 64);
+    assert_eq!(store(3, 0, 0).0.shard_count(), 1, "a tiny cache gets exact LRU");
+    assert_eq!(store(1000, 0, 0).0.shard_count(), 8, "~128 items per shard");
 }
