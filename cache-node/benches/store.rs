@@ -157,7 +157,9 @@ fn sweep(c: &mut Criterion) {
                 let mut took = Duration::ZERO;
                 for _ in 0..iters {
                     for k in &short {
-                        store.set(k, &VALUE, &[], Some(Duration::from_secs(1)), |_| ()).unwrap();
+                        store
+                            .set(k, &VALUE, &[], Some(Duration::from_secs(1)), |_| ())
+                            .unwrap();
                     }
                     clock.advance(Duration::from_secs(2));
                     let started = Instant::now();

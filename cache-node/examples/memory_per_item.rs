@@ -16,7 +16,9 @@ fn rss_bytes() -> u64 {
 }
 
 fn main() {
-    let n: u64 = std::env::args().nth(1).map_or(1_000_000, |s| s.parse().expect("item count"));
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map_or(1_000_000, |s| s.parse().expect("item count"));
     let value = [b'v'; 100];
     let keys: Vec<String> = (0..n).map(|i| format!("key:{i:012}")).collect();
     let key_bytes: u64 = keys.iter().map(|k| k.len() as u64).sum();
@@ -38,5 +40,8 @@ fn main() {
     println!("rss_bytes_per_item={per_item:.1}");
     println!("payload_bytes_per_item={payload:.1}");
     println!("overhead_bytes_per_item={:.1}", per_item - payload);
-    println!("charged_bytes_per_item={:.1}", store.bytes() as f64 / n as f64);
+    println!(
+        "charged_bytes_per_item={:.1}",
+        store.bytes() as f64 / n as f64
+    );
 }

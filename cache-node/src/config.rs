@@ -13,7 +13,11 @@ use crate::api::Limits;
 use crate::store::StoreConfig;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "cache-node", version, about = "DistroCache node: an in-memory cache served over REST/JSON")]
+#[command(
+    name = "cache-node",
+    version,
+    about = "DistroCache node: an in-memory cache served over REST/JSON"
+)]
 pub struct Config {
     /// TCP port of the REST API, health endpoints and /metrics.
     #[arg(long, env = "DISTROCACHE_PORT", default_value_t = 8080)]
@@ -83,6 +87,17 @@ pub struct Config {
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `cache_node=debug`).
     #[arg(long, env = "DISTROCACHE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Most client connections served at once; further ones wait in the
+    /// kernel's accept backlog until a slot frees.
+    #[arg(long, env = "DISTROCACHE_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// A client must send a request's headers within this long, or the
+    /// connection is closed (slow clients cannot hold connections forever).
+    #[arg(long, env = "DISTROCACHE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
 
     /// How long shutdown waits for in-flight requests before giving up.
     #[arg(long, env = "DISTROCACHE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod store;

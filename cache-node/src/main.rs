@@ -7,6 +7,13 @@ use tracing_subscriber::EnvFilter;
 use cache_node::config::{Config, LogFormat};
 use cache_node::server::{Node, shutdown_signal};
 
+/// mimalloc instead of the system allocator: a request allocates and frees a
+/// few small buffers, and under load glibc's malloc spent ~10% of the CPU
+/// (chunk unlinking and consolidation) where mimalloc's thread-local free
+/// lists spend a fraction of that.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();
@@ -37,10 +44,15 @@ async fn run(config: Config) -> std::io::Result<()> {
 
 fn init_logging(config: &Config) {
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
-        eprintln!("invalid --log-level {:?} ({e}); using info", config.log_level);
+        eprintln!(
+            "invalid --log-level {:?} ({e}); using info",
+            config.log_level
+        );
         EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntGauge, Opts, Registry, TextEncoder,
+};
 
 use crate::store::StoreStats;
 
@@ -57,7 +59,8 @@ impl Metrics {
                 "Time spent in the store per cache operation",
             )
             .buckets(vec![
-                1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2, 0.1, 1.0,
+                1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2, 0.1,
+                1.0,
             ]),
             &["operation"],
         )
@@ -67,7 +70,9 @@ impl Metrics {
             .expect("registered once");
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("registered once");
         Self {
             registry,
@@ -90,13 +95,21 @@ impl Metrics {
                 counter("distrocache_sets_total", "Set operations", c.sets),
                 counter("distrocache_deletes_total", "Delete operations", c.deletes),
                 counter("distrocache_evictions_total", "LRU evictions", c.evictions),
-                counter("distrocache_expirations_total", "Items removed because their TTL passed", c.expirations),
+                counter(
+                    "distrocache_expirations_total",
+                    "Items removed because their TTL passed",
+                    c.expirations,
+                ),
                 counter(
                     "distrocache_tag_invalidations_total",
                     "Items removed by tag invalidation",
                     c.tag_invalidations,
                 ),
-                gauge("distrocache_items", "Current item count", stats.items as u64),
+                gauge(
+                    "distrocache_items",
+                    "Current item count",
+                    stats.items as u64,
+                ),
                 gauge(
                     "distrocache_memory_used_bytes",
                     "Bytes charged against the memory budget (keys, values, tags, bookkeeping)",
@@ -107,8 +120,16 @@ impl Metrics {
                     "The memory budget in bytes (0: no byte cap)",
                     stats.max_bytes,
                 ),
-                gauge("distrocache_max_items", "The item cap (maxSize)", stats.max_items as u64),
-                gauge("distrocache_uptime_seconds", "Seconds since the node started", uptime.as_secs()),
+                gauge(
+                    "distrocache_max_items",
+                    "The item cap (maxSize)",
+                    stats.max_items as u64,
+                ),
+                gauge(
+                    "distrocache_uptime_seconds",
+                    "Seconds since the node started",
+                    uptime.as_secs(),
+                ),
             ]
             .into_iter()
             .flatten(),

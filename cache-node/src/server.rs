@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::http::{self, HttpSettings};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -24,7 +24,7 @@ pub struct Node {
     state: Arc<AppState>,
     listener: TcpListener,
     cleanup_interval: Duration,
-    shutdown_timeout: Duration,
+    http: HttpSettings,
 }
 
 impl Node {
@@ -43,7 +43,11 @@ impl Node {
             state,
             listener,
             cleanup_interval: config.cleanup_interval,
-            shutdown_timeout: config.shutdown_timeout,
+            http: HttpSettings {
+                max_connections: usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+                header_read_timeout: config.header_read_timeout,
+                drain_timeout: config.shutdown_timeout,
+            },
         })
     }
 
@@ -57,39 +61,24 @@ impl Node {
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight
     /// requests finish (up to the shutdown timeout) and stops the sweeper.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let sweeper = tokio::spawn(sweep_expired(self.state.clone(), self.cleanup_interval, stop_rx));
+        let sweeper = tokio::spawn(sweep_expired(
+            self.state.clone(),
+            self.cleanup_interval,
+            stop_rx,
+        ));
 
         // A single node holds everything it owns from the start.
         self.state.ready.store(true, Ordering::Release);
         let app = api::router(self.state.clone());
-        let listener = self.listener.tap_io(|tcp| {
-            // Responses are small and written whole; don't let Nagle delay them.
-            let _ = tcp.set_nodelay(true);
-        });
-
-        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-        let timeout = self.shutdown_timeout;
-        let signalled = async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
-            let _ = drain_tx.send(());
-        };
-        let server = axum::serve(listener, app).with_graceful_shutdown(signalled);
-        let result = tokio::select! {
-            result = server => result,
-            _ = async {
-                let _ = drain_rx.await;
-                tokio::time::sleep(timeout).await;
-            } => {
-                tracing::warn!(?timeout, "in-flight requests did not finish in time");
-                Ok(())
-            }
-        };
+        http::serve(self.listener, app, self.http, shutdown).await;
         let _ = stop_tx.send(true);
         let _ = sweeper.await;
-        result
+        Ok(())
     }
 }
 

@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_cache-node");
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Kills the child if the test fails before it exits by itself.
@@ -26,14 +30,19 @@ impl Drop for Proc {
 fn wait_until_listening(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "node did not start listening on {port}");
+        assert!(
+            Instant::now() < deadline,
+            "node did not start listening on {port}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn http(port: u16, request: &str) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
@@ -66,7 +75,10 @@ fn help_describes_every_setting_and_its_environment_variable() {
 
 #[test]
 fn bad_configuration_fails_fast_with_a_message() {
-    let out = Command::new(BIN).args(["--default-ttl", "forever"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["--default-ttl", "forever"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--default-ttl"));
 }
@@ -95,7 +107,9 @@ fn sigterm_finishes_the_in_flight_request_then_exits_cleanly() {
     let body = r#"{"value": "written during shutdown", "ttl": 60}"#;
     let (head, tail) = body.split_at(body.len() / 2);
     let mut in_flight = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    in_flight.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    in_flight
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     write!(
         in_flight,
         "POST /api/v1/cache/late HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{head}",
@@ -106,7 +120,13 @@ fn sigterm_finishes_the_in_flight_request_then_exits_cleanly() {
     std::thread::sleep(Duration::from_millis(200));
 
     let pid = node.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     // Wait until the node logged that it is shutting down, then finish the body.
     let stderr = node.0.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
@@ -124,7 +144,10 @@ fn sigterm_finishes_the_in_flight_request_then_exits_cleanly() {
     }
     // New connections are refused once shutdown began.
     std::thread::sleep(Duration::from_millis(100));
-    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "still accepting");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still accepting"
+    );
 
     in_flight.write_all(tail.as_bytes()).unwrap();
     let mut response = String::new();

@@ -25,8 +25,14 @@ async fn crud_round_trip_keeps_the_seed_shape() {
         .await;
     assert_eq!(status, 201);
     assert_eq!(item["key"], "user:123");
-    assert_eq!(item["value"], json!({"name": "John", "email": "john@example.com"}));
-    assert_eq!(item["ttl"], 300_000_000_000u64, "ttl is in nanoseconds, as Go's time.Duration");
+    assert_eq!(
+        item["value"],
+        json!({"name": "John", "email": "john@example.com"})
+    );
+    assert_eq!(
+        item["ttl"], 300_000_000_000u64,
+        "ttl is in nanoseconds, as Go's time.Duration"
+    );
     assert_eq!(item["access_count"], 0);
     assert_eq!(item["tags"], json!(["user", "session"]));
     for field in ["created_at", "accessed_at", "expires_at"] {
@@ -106,8 +112,13 @@ async fn escaped_keys_are_percent_decoded() {
 async fn tag_invalidation_removes_exactly_the_tagged_items() {
     let node = TestNode::start(&[]).await;
     for i in 0..5 {
-        let tags = if i < 3 { json!(["user", "all"]) } else { json!(["all"]) };
-        node.set(&format!("k{i}"), json!({"value": i, "tags": tags})).await;
+        let tags = if i < 3 {
+            json!(["user", "all"])
+        } else {
+            json!(["all"])
+        };
+        node.set(&format!("k{i}"), json!({"value": i, "tags": tags}))
+            .await;
     }
     let (status, body) = node.post_empty("/api/v1/invalidate/tag/user").await;
     assert_eq!(status, 200);
@@ -162,7 +173,12 @@ async fn metrics_use_the_seed_names() {
     node.get("missing").await;
     let resp = node.client.get(node.url("/metrics")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let text = resp.text().await.unwrap();
     let sample = |name: &str| -> f64 {
         text.lines()
@@ -210,7 +226,12 @@ async fn metrics_pass_promtool() {
         .spawn()
         .expect("promtool is installed (Debian package prometheus; scripts/test.sh installs it)");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -271,20 +292,33 @@ async fn limits_answer_413_414_and_400() {
     .await;
     let (status, body) = node.set("k", json!({"value": "x".repeat(200)})).await;
     assert_error(status, &body, 413);
-    let (status, body) = node.set("k", json!({"value": 1, "pad": "x".repeat(2000)})).await;
+    let (status, body) = node
+        .set("k", json!({"value": 1, "pad": "x".repeat(2000)}))
+        .await;
     assert_error(status, &body, 413);
     let (status, body) = node.set(&"k".repeat(17), json!({"value": 1})).await;
     assert_error(status, &body, 414);
     let (status, body) = node.get(&"k".repeat(17)).await;
     assert_error(status, &body, 414);
-    let (status, body) = node.set("k", json!({"value": 1, "tags": ["a", "b", "c"]})).await;
+    let (status, body) = node
+        .set("k", json!({"value": 1, "tags": ["a", "b", "c"]}))
+        .await;
     assert_error(status, &body, 400);
-    let (status, body) = node.set("k", json!({"value": 1, "tags": ["waytoolongtag"]})).await;
+    let (status, body) = node
+        .set("k", json!({"value": 1, "tags": ["waytoolongtag"]}))
+        .await;
     assert_error(status, &body, 400);
-    let (status, body) = node.post_empty("/api/v1/invalidate/tag/waytoolongtag").await;
+    let (status, body) = node
+        .post_empty("/api/v1/invalidate/tag/waytoolongtag")
+        .await;
     assert_error(status, &body, 400);
     // Within every limit it works.
-    let (status, _) = node.set(&"k".repeat(16), json!({"value": "x".repeat(50), "tags": ["a", "b"]})).await;
+    let (status, _) = node
+        .set(
+            &"k".repeat(16),
+            json!({"value": "x".repeat(50), "tags": ["a", "b"]}),
+        )
+        .await;
     assert_eq!(status, 201);
 }
 
@@ -311,17 +345,38 @@ async fn wrong_content_type_method_route_and_encoding() {
     let (status, body) = read(resp).await;
     assert_error(status, &body, 415);
 
-    let resp = node.client.patch(node.url("/api/v1/cache/k")).send().await.unwrap();
+    let resp = node
+        .client
+        .patch(node.url("/api/v1/cache/k"))
+        .send()
+        .await
+        .unwrap();
     let (status, body) = read(resp).await;
     assert_error(status, &body, 405);
-    let resp = node.client.get(node.url("/api/v1/invalidate/tag/t")).send().await.unwrap();
+    let resp = node
+        .client
+        .get(node.url("/api/v1/invalidate/tag/t"))
+        .send()
+        .await
+        .unwrap();
     let (status, body) = read(resp).await;
     assert_error(status, &body, 405);
-    let resp = node.client.delete(node.url("/api/v1/stats")).send().await.unwrap();
+    let resp = node
+        .client
+        .delete(node.url("/api/v1/stats"))
+        .send()
+        .await
+        .unwrap();
     let (status, body) = read(resp).await;
     assert_error(status, &body, 405);
 
-    for path in ["/", "/api/v1/cache", "/api/v1/cache/", "/api/v1/cache/a/b", "/api/v2/stats"] {
+    for path in [
+        "/",
+        "/api/v1/cache",
+        "/api/v1/cache/",
+        "/api/v1/cache/a/b",
+        "/api/v2/stats",
+    ] {
         let (status, body) = node.get_json(path).await;
         assert_error(status, &body, 404);
     }
@@ -352,7 +407,12 @@ async fn concurrent_clients_see_consistent_results() {
         tasks.push(tokio::spawn(async move {
             for i in 0..per_client {
                 // Each client owns some keys and shares "shared-{i}" with the others.
-                let (status, _) = node.set(&format!("c{c}-k{i}"), json!({"value": [c, i], "tags": ["load"]})).await;
+                let (status, _) = node
+                    .set(
+                        &format!("c{c}-k{i}"),
+                        json!({"value": [c, i], "tags": ["load"]}),
+                    )
+                    .await;
                 assert_eq!(status, 201);
                 let (status, item) = node.get(&format!("c{c}-k{i}")).await;
                 assert_eq!(status, 200);

@@ -16,7 +16,12 @@ const CAP: usize = 5;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Set { key: usize, value: u8, ttl: u64, tags: Vec<usize> },
+    Set {
+        key: usize,
+        value: u8,
+        ttl: u64,
+        tags: Vec<usize>,
+    },
     Get(usize),
     Delete(usize),
     Invalidate(usize),
@@ -59,7 +64,8 @@ impl Model {
     }
 
     fn live(&self, key: &str) -> Option<usize> {
-        self.position(key).filter(|&p| self.items[p].expires_at > self.now)
+        self.position(key)
+            .filter(|&p| self.items[p].expires_at > self.now)
     }
 }
 

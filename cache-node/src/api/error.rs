@@ -42,7 +42,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&serde_json::json!({ "error": self.message }))
             .unwrap_or_else(|_| br#"{"error":"internal error"}"#.to_vec());
-        (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
     }
 }
 

@@ -120,16 +120,26 @@ mod tests {
         // A deterministic spread of instants, including leap days and zero fractions.
         let mut at: u64 = 0;
         for i in 0..200_000u64 {
-            at = at.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407 + i)
+            at = at
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407 + i)
                 % 9_000_000_000_000_000_000; // chrono takes i64 nanoseconds: up to 2262
-            let at = if i % 3 == 0 { at - at % 1_000_000_000 } else { at };
+            let at = if i % 3 == 0 {
+                at - at % 1_000_000_000
+            } else {
+                at
+            };
             let expected = DateTime::from_timestamp_nanos(at as i64)
                 .to_rfc3339_opts(SecondsFormat::AutoSi, true);
             // chrono pads the fraction to 3, 6 or 9 digits; Go trims every trailing zero.
             let expected = match expected.split_once('.') {
                 Some((head, frac)) => {
                     let frac = frac.trim_end_matches('Z').trim_end_matches('0');
-                    if frac.is_empty() { format!("{head}Z") } else { format!("{head}.{frac}Z") }
+                    if frac.is_empty() {
+                        format!("{head}Z")
+                    } else {
+                        format!("{head}.{frac}Z")
+                    }
                 }
                 None => expected,
             };
@@ -141,6 +151,9 @@ mod tests {
     fn go_style_fractions() {
         assert_eq!(format(0), "1970-01-01T00:00:00Z");
         assert_eq!(format(1_500_000_000), "1970-01-01T00:00:01.5Z");
-        assert_eq!(format(951_782_400_000_000_123), "2000-02-29T00:00:00.000000123Z");
+        assert_eq!(
+            format(951_782_400_000_000_123),
+            "2000-02-29T00:00:00.000000123Z"
+        );
     }
 }

@@ -54,7 +54,10 @@ pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route(
             "/api/v1/cache/{key}",
-            get(get_item).post(set_item).put(set_item).delete(delete_item),
+            get(get_item)
+                .post(set_item)
+                .put(set_item)
+                .delete(delete_item),
         )
         .route("/api/v1/invalidate/tag/{tag}", post(invalidate_tag))
         .route("/api/v1/stats", get(ops::stats))
@@ -97,11 +100,18 @@ async fn set_item(
         StoreError::TooLarge { .. } => ApiError::too_large(e.to_string()),
         StoreError::TtlTooLarge => ApiError::bad_request(e.to_string()),
     })?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok(json(status, body))
 }
 
-async fn delete_item(State(app): State<Arc<AppState>>, CacheKey(key): CacheKey) -> Result<Response, ApiError> {
+async fn delete_item(
+    State(app): State<Arc<AppState>>,
+    CacheKey(key): CacheKey,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let deleted = app.store.delete(&key);
     app.metrics.observe(Op::Delete, started.elapsed());

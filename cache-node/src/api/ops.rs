@@ -48,11 +48,16 @@ pub async fn stats(State(app): State<Arc<AppState>>) -> Response {
         tag_invalidations: c.tag_invalidations,
         items: s.items,
         bytes: s.bytes,
-        hit_ratio: if lookups == 0 { 0.0 } else { c.hits as f64 / lookups as f64 },
+        hit_ratio: if lookups == 0 {
+            0.0
+        } else {
+            c.hits as f64 / lookups as f64
+        },
         capacity: s.max_items,
         max_memory: s.max_bytes,
         uptime_seconds: uptime.as_secs_f64(),
-        uptime: humantime::format_duration(std::time::Duration::from_secs(uptime.as_secs())).to_string(),
+        uptime: humantime::format_duration(std::time::Duration::from_secs(uptime.as_secs()))
+            .to_string(),
     })
     .into_response()
 }
@@ -89,6 +94,15 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    let body = app.metrics.render(&app.store.stats(), app.started.elapsed());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    let body = app
+        .metrics
+        .render(&app.store.stats(), app.started.elapsed());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }

@@ -79,7 +79,11 @@ where
     }
 }
 
-async fn path_segment<S: Send + Sync>(parts: &mut Parts, state: &S, what: &str) -> Result<String, ApiError> {
+async fn path_segment<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+    what: &str,
+) -> Result<String, ApiError> {
     let Path(value) = Path::<String>::from_request_parts(parts, state)
         .await
         .map_err(|e| ApiError::bad_request(format!("invalid {what} in path: {}", e.body_text())))?;
@@ -149,7 +153,9 @@ impl SetRequest {
         let ttl = match parsed.ttl {
             None | Some(0) => None,
             Some(s) if s < 0 => {
-                return Err(ApiError::bad_request("`ttl` must be a whole number of seconds >= 0"));
+                return Err(ApiError::bad_request(
+                    "`ttl` must be a whole number of seconds >= 0",
+                ));
             }
             // The item reports its ttl in nanoseconds as Go's int64 Duration.
             Some(s) if s > i64::MAX / 1_000_000_000 => {
@@ -198,7 +204,9 @@ fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -219,7 +227,11 @@ mod tests {
     fn parse_with(body: &str, limits: &Limits) -> Result<SetRequest, ApiError> {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
-        SetRequest::parse(&headers, Ok(Bytes::copy_from_slice(body.as_bytes())), limits)
+        SetRequest::parse(
+            &headers,
+            Ok(Bytes::copy_from_slice(body.as_bytes())),
+            limits,
+        )
     }
 
     #[test]
@@ -229,7 +241,10 @@ mod tests {
         assert_eq!(r.ttl, Some(Duration::from_secs(30)));
         assert_eq!(r.tags, ["x", "y"]);
         for v in ["1", "\"s\"", "true", "[]", "1.5e3"] {
-            assert_eq!(&parse(&format!(r#"{{"value": {v}}}"#)).unwrap().value[..], v.as_bytes());
+            assert_eq!(
+                &parse(&format!(r#"{{"value": {v}}}"#)).unwrap().value[..],
+                v.as_bytes()
+            );
         }
     }
 

@@ -73,7 +73,9 @@ impl Default for StoreConfig {
 /// Why a write was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    #[error("item needs {cost} bytes, more than the cache's whole memory budget of {max_bytes} bytes")]
+    #[error(
+        "item needs {cost} bytes, more than the cache's whole memory budget of {max_bytes} bytes"
+    )]
     TooLarge { cost: u64, max_bytes: u64 },
     #[error("ttl is too large")]
     TtlTooLarge,
@@ -218,7 +220,9 @@ impl Store {
         let now = self.clock.now();
         let (idx, hash) = self.locate(key);
         let shard = self.shards[idx].lock();
-        shard.peek(hash, key.as_bytes(), now).map(|slot| f(shard.item(slot)))
+        shard
+            .peek(hash, key.as_bytes(), now)
+            .map(|slot| f(shard.item(slot)))
     }
 
     /// Writes an item (`ttl` `None` or zero means the default TTL), evicts

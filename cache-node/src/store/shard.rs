@@ -31,15 +31,23 @@ const FREE: u32 = u32::MAX;
 /// Bookkeeping bytes charged to every item on top of its key, value and tags:
 /// the slab entry, its expiry-heap entry and its hash-index bucket. Charging
 /// them makes `maxMemory` bound the memory really used, not just the payload.
-pub const ITEM_OVERHEAD: u64 =
-    (size_of::<Slot>() + size_of::<Reverse<(UnixNanos, SlotId)>>() + 2 * size_of::<SlotId>()) as u64;
+pub const ITEM_OVERHEAD: u64 = (size_of::<Slot>()
+    + size_of::<Reverse<(UnixNanos, SlotId)>>()
+    + 2 * size_of::<SlotId>()) as u64;
 /// Bookkeeping bytes per tag an item carries: its id in the item and its entry in
 /// the tag's member set.
 pub const TAG_OVERHEAD: u64 = (size_of::<TagId>() + 2 * size_of::<SlotId>()) as u64;
 
 /// The bytes an item is charged for against `maxMemory`.
-pub fn item_cost<'a>(key_len: usize, value_len: usize, tags: impl IntoIterator<Item = &'a str>) -> u64 {
-    let tags: u64 = tags.into_iter().map(|t| t.len() as u64 + TAG_OVERHEAD).sum();
+pub fn item_cost<'a>(
+    key_len: usize,
+    value_len: usize,
+    tags: impl IntoIterator<Item = &'a str>,
+) -> u64 {
+    let tags: u64 = tags
+        .into_iter()
+        .map(|t| t.len() as u64 + TAG_OVERHEAD)
+        .sum();
     key_len as u64 + value_len as u64 + tags + ITEM_OVERHEAD
 }
 
@@ -211,14 +219,19 @@ impl<S: BuildHasher> Shard<S> {
                 let slot = self.alloc_slot();
                 let hasher = &self.hasher;
                 let slots = &self.slots;
-                self.index.insert_unique(hash, slot, |&s| hasher.hash_one(slots[s as usize].key()));
+                self.index
+                    .insert_unique(hash, slot, |&s| hasher.hash_one(slots[s as usize].key()));
                 self.push_front(slot);
                 self.len += 1;
                 slot
             }
         };
 
-        let mut tag_ids: ThinVec<TagId> = item.tags.iter().map(|t| self.tags.attach(t, slot)).collect();
+        let mut tag_ids: ThinVec<TagId> = item
+            .tags
+            .iter()
+            .map(|t| self.tags.attach(t, slot))
+            .collect();
         tag_ids.sort_unstable();
         tag_ids.dedup();
 
@@ -284,7 +297,9 @@ impl<S: BuildHasher> Shard<S> {
                 Some(Reverse((at, _))) if *at <= now => {}
                 _ => break,
             }
-            let Some(Reverse((_, slot))) = self.expiry.pop() else { break };
+            let Some(Reverse((_, slot))) = self.expiry.pop() else {
+                break;
+            };
             examined += 1;
             let s = &self.slots[slot as usize];
             if s.is_live() && s.expires_at <= now {
@@ -347,7 +362,11 @@ impl<S: BuildHasher> Shard<S> {
             assert!(s.is_live(), "free slot {at} on the LRU list");
             assert_eq!(s.prev, prev, "broken back link at slot {at}");
             let hash = self.hasher.hash_one(s.key());
-            assert_eq!(self.find(hash, s.key()), Some(at), "slot {at} missing from the index");
+            assert_eq!(
+                self.find(hash, s.key()),
+                Some(at),
+                "slot {at} missing from the index"
+            );
             for &t in s.tags.iter() {
                 assert!(
                     self.tags.contains(t, at),

@@ -71,9 +71,11 @@ impl TagIndex {
 
     /// Number of live items carrying `name` (0 for an unknown tag).
     pub fn count(&self, name: &str) -> usize {
-        self.ids
-            .get(name)
-            .map_or(0, |&id| self.entries[id as usize].as_ref().map_or(0, |e| e.members.len()))
+        self.ids.get(name).map_or(0, |&id| {
+            self.entries[id as usize]
+                .as_ref()
+                .map_or(0, |e| e.members.len())
+        })
     }
 
     /// Whether `slot` is in the member set of tag `id`.

@@ -23,19 +23,33 @@ fn store(max_items: usize, max_bytes: u64, shards: usize) -> (Store, ManualClock
 fn set(store: &Store, key: &str, value: &str, tags: &[&str], ttl_secs: u64) -> bool {
     let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
     store
-        .set(key, value.as_bytes(), &tags, Some(Duration::from_secs(ttl_secs)), |_| ())
+        .set(
+            key,
+            value.as_bytes(),
+            &tags,
+            Some(Duration::from_secs(ttl_secs)),
+            |_| (),
+        )
         .expect("set succeeds")
         .0
 }
 
 fn get(store: &Store, key: &str) -> Option<String> {
-    store.get(key, |item| String::from_utf8(item.value().to_vec()).unwrap())
+    store.get(key, |item| {
+        String::from_utf8(item.value().to_vec()).unwrap()
+    })
 }
 
 #[test]
 fn set_get_delete_round_trip_with_metadata() {
     let (store, clock) = store(10, 0, 1);
-    assert!(set(&store, "user:1", r#"{"name":"ann"}"#, &["user", "session"], 60));
+    assert!(set(
+        &store,
+        "user:1",
+        r#"{"name":"ann"}"#,
+        &["user", "session"],
+        60
+    ));
     clock.advance(Duration::from_secs(5));
     let (value, tags, ttl, created, accessed, count) = store
         .get("user:1", |i| {
@@ -57,10 +71,21 @@ fn set_get_delete_round_trip_with_metadata() {
     assert_eq!(created, T0);
     assert_eq!(accessed, T0 + 5_000_000_000);
     assert_eq!(count, 1);
-    assert_eq!(store.peek("user:1", |i| i.access_count()), Some(1), "peek does not count");
+    assert_eq!(
+        store.peek("user:1", |i| i.access_count()),
+        Some(1),
+        "peek does not count"
+    );
 
-    assert!(!set(&store, "user:1", "2", &[], 60), "second write replaces");
-    assert_eq!(store.get("user:1", |i| i.access_count()), Some(1), "replace resets metadata");
+    assert!(
+        !set(&store, "user:1", "2", &[], 60),
+        "second write replaces"
+    );
+    assert_eq!(
+        store.get("user:1", |i| i.access_count()),
+        Some(1),
+        "replace resets metadata"
+    );
     assert!(store.delete("user:1"));
     assert!(!store.delete("user:1"));
     assert_eq!(get(&store, "user:1"), None);
@@ -115,7 +140,10 @@ fn eviction_across_shards_takes_the_oldest_tail() {
     // Five keys in five different shards (the hash seed is random per store).
     let mut keys: Vec<String> = Vec::new();
     for candidate in (0..).map(|i| format!("k{i}")) {
-        if keys.iter().all(|k| store.shard_of(k) != store.shard_of(&candidate)) {
+        if keys
+            .iter()
+            .all(|k| store.shard_of(k) != store.shard_of(&candidate))
+        {
             keys.push(candidate);
         }
         if keys.len() == 5 {
@@ -130,7 +158,11 @@ fn eviction_across_shards_takes_the_oldest_tail() {
     clock.advance(Duration::from_millis(1));
     set(&store, &keys[4], "1", &[], 60);
     assert_eq!(store.len(), 4);
-    assert_eq!(get(&store, &keys[1]), None, "the least recently used item went");
+    assert_eq!(
+        get(&store, &keys[1]),
+        None,
+        "the least recently used item went"
+    );
     for k in [&keys[0], &keys[2], &keys[3], &keys[4]] {
         assert!(get(&store, k).is_some(), "{k} survived");
     }
@@ -189,7 +221,9 @@ fn ttl_expires_lazily_on_read() {
 fn default_ttl_applies_when_ttl_is_absent_or_zero() {
     let (store, clock) = store(10, 0, 1);
     store.set("a", b"1", &[], None, |_| ()).unwrap();
-    store.set("b", b"1", &[], Some(Duration::ZERO), |_| ()).unwrap();
+    store
+        .set("b", b"1", &[], Some(Duration::ZERO), |_| ())
+        .unwrap();
     assert_eq!(store.peek("a", |i| i.ttl_nanos()), Some(300_000_000_000));
     clock.advance(Duration::from_secs(299));
     assert!(get(&store, "a").is_some() && get(&store, "b").is_some());
@@ -206,7 +240,13 @@ fn sweeper_removes_only_expired_items() {
     }
     // Rewrites leave stale heap entries behind; they must not expire the new item.
     for i in (0..1000).step_by(10) {
-        set(&store, &format!("k{i}"), "v", &["all"], if i % 20 == 0 { 5 } else { 500 });
+        set(
+            &store,
+            &format!("k{i}"),
+            "v",
+            &["all"],
+            if i % 20 == 0 { 5 } else { 500 },
+        );
     }
     clock.advance(Duration::from_secs(6));
     assert_eq!(store.sweep_expired(), 50);
@@ -259,7 +299,11 @@ fn invalidation_counts_only_live_items_and_keeps_other_tags_exact() {
     set(&store, "y", "1", &["a", "b"], 60);
     set(&store, "z", "1", &["b"], 60);
     clock.advance(Duration::from_secs(6));
-    assert_eq!(store.invalidate_tag("a"), 1, "the expired item is not reported");
+    assert_eq!(
+        store.invalidate_tag("a"),
+        1,
+        "the expired item is not reported"
+    );
     assert_eq!(store.tag_count("b"), 1);
     assert_eq!(store.len(), 1);
     store.assert_consistent();
@@ -278,8 +322,18 @@ fn duplicate_tags_are_stored_once() {
 fn byte_accounting_returns_to_zero_when_emptied() {
     let (store, clock) = store(50, 0, 4);
     for i in 0..200 {
-        let tags = if i % 2 == 0 { vec!["even", "all"] } else { vec!["all"] };
-        set(&store, &format!("k{i}"), &"v".repeat(i), &tags, 1 + (i as u64 % 3));
+        let tags = if i % 2 == 0 {
+            vec!["even", "all"]
+        } else {
+            vec!["all"]
+        };
+        set(
+            &store,
+            &format!("k{i}"),
+            &"v".repeat(i),
+            &tags,
+            1 + (i as u64 % 3),
+        );
     }
     assert!(store.bytes() > 0);
     store.invalidate_tag("even");
@@ -299,7 +353,10 @@ fn expired_key_rewritten_counts_as_created() {
     let (store, clock) = store(10, 0, 1);
     assert!(set(&store, "k", "1", &[], 1));
     clock.advance(Duration::from_secs(2));
-    assert!(set(&store, "k", "2", &[], 1), "an expired key is absent to clients");
+    assert!(
+        set(&store, "k", "2", &[], 1),
+        "an expired key is absent to clients"
+    );
     store.assert_consistent();
 }
 
@@ -307,7 +364,13 @@ fn expired_key_rewritten_counts_as_created() {
 fn huge_ttl_is_refused_not_overflowed() {
     let (store, _clock) = store(10, 0, 1);
     let err = store
-        .set("k", b"1", &[], Some(Duration::from_secs(u64::MAX / 2)), |_| ())
+        .set(
+            "k",
+            b"1",
+            &[],
+            Some(Duration::from_secs(u64::MAX / 2)),
+            |_| (),
+        )
         .unwrap_err();
     assert_eq!(err, StoreError::TtlTooLarge);
 }
@@ -317,6 +380,10 @@ fn shard_count_rounds_up_to_a_power_of_two() {
     assert_eq!(store(10, 0, 3).0.shard_count(), 4);
     assert!(store(1_000_000, 0, 0).0.shard_count().is_power_of_two());
     assert!(store(1_000_000, 0, 0).0.shard_count() >= 64);
-    assert_eq!(store(3, 0, 0).0.shard_count(), 1, "a tiny cache gets exact LRU");
+    assert_eq!(
+        store(3, 0, 0).0.shard_count(),
+        1,
+        "a tiny cache gets exact LRU"
+    );
     assert_eq!(store(1000, 0, 0).0.shard_count(), 8, "~128 items per shard");
 }

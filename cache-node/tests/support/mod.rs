@@ -52,11 +52,25 @@ impl TestNode {
     }
 
     pub async fn get(&self, key: &str) -> (u16, Value) {
-        read(self.client.get(self.url(&format!("/api/v1/cache/{key}"))).send().await.unwrap()).await
+        read(
+            self.client
+                .get(self.url(&format!("/api/v1/cache/{key}")))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn delete(&self, key: &str) -> (u16, Value) {
-        read(self.client.delete(self.url(&format!("/api/v1/cache/{key}"))).send().await.unwrap()).await
+        read(
+            self.client
+                .delete(self.url(&format!("/api/v1/cache/{key}")))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
