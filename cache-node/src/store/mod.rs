@@ -44,6 +44,43 @@ type Hasher = foldhash::fast::RandomState;
 /// large backlog never holds a shard's lock for long.
 const SWEEP_BATCH: usize = 512;
 
+/// How many slots [`Store::retain`] looks at per lock acquisition.
+const RETAIN_BATCH: usize = 4096;
+
+/// Where a [`Store::scan`] continues: the shard in the high 32 bits, the slot
+/// in the low 32.
+pub type ScanCursor = u64;
+
+/// An item's metadata, as it travels between nodes with the item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ItemMeta {
+    pub created_at: UnixNanos,
+    pub accessed_at: UnixNanos,
+    pub expires_at: UnixNanos,
+    pub access_count: u64,
+}
+
+/// What [`Store::put_replica`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    Replaced,
+    /// The store holds a newer version, or the item had already expired.
+    Stale,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteKind {
+    /// A client's write: counted in `sets`, always applied.
+    Client,
+    /// Another node's write: applied only if not older than what is held.
+    Replica,
+}
+
+fn key_str(key: &[u8]) -> &str {
+    std::str::from_utf8(key).expect("keys are only ever stored from &str")
+}
+
 /// Sizing and defaults of a [`Store`].
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -90,7 +127,16 @@ pub struct ItemRef<'a> {
 
 impl<'a> ItemRef<'a> {
     pub fn key(&self) -> &'a str {
-        std::str::from_utf8(self.slot.key()).expect("keys are only ever stored from &str")
+        key_str(self.slot.key())
+    }
+
+    pub fn meta(&self) -> ItemMeta {
+        ItemMeta {
+            created_at: self.slot.created_at,
+            accessed_at: self.slot.accessed_at,
+            expires_at: self.slot.expires_at,
+            access_count: self.access_count(),
+        }
     }
 
     /// The value exactly as it was written (the store treats it as opaque bytes).
@@ -237,6 +283,53 @@ impl Store {
         ttl: Option<Duration>,
         f: impl FnOnce(ItemRef<'_>) -> R,
     ) -> Result<(bool, R), StoreError> {
+        let ttl = ttl.filter(|t| !t.is_zero()).unwrap_or(self.default_ttl);
+        let now = self.clock.now();
+        let expires_at = u64::try_from(ttl.as_nanos())
+            .ok()
+            .and_then(|t| now.checked_add(t))
+            .ok_or(StoreError::TtlTooLarge)?;
+        let meta = ItemMeta {
+            created_at: now,
+            accessed_at: now,
+            expires_at,
+            access_count: 0,
+        };
+        let written = self.write(key, value, tags, meta, WriteKind::Client, f)?;
+        Ok(written.expect("client writes are never stale"))
+    }
+
+    /// Writes an item that another node wrote first (replication, rebalancing,
+    /// repair), keeping its metadata. Last writer wins by creation time: an
+    /// item older than the one held, or already expired, is not applied.
+    pub fn put_replica(
+        &self,
+        key: &str,
+        value: &[u8],
+        tags: &[String],
+        meta: ItemMeta,
+    ) -> Result<Applied, StoreError> {
+        if meta.expires_at <= self.clock.now() {
+            return Ok(Applied::Stale);
+        }
+        Ok(
+            match self.write(key, value, tags, meta, WriteKind::Replica, |_| ())? {
+                Some((true, ())) => Applied::Created,
+                Some((false, ())) => Applied::Replaced,
+                None => Applied::Stale,
+            },
+        )
+    }
+
+    fn write<R>(
+        &self,
+        key: &str,
+        value: &[u8],
+        tags: &[String],
+        meta: ItemMeta,
+        kind: WriteKind,
+        f: impl FnOnce(ItemRef<'_>) -> R,
+    ) -> Result<Option<(bool, R)>, StoreError> {
         let cost = item_cost(key.len(), value.len(), tags.iter().map(String::as_str));
         if self.max_bytes > 0 && cost > self.max_bytes {
             return Err(StoreError::TooLarge {
@@ -244,25 +337,32 @@ impl Store {
                 max_bytes: self.max_bytes,
             });
         }
-        let ttl = ttl.filter(|t| !t.is_zero()).unwrap_or(self.default_ttl);
         let now = self.clock.now();
-        let expires_at = u64::try_from(ttl.as_nanos())
-            .ok()
-            .and_then(|t| now.checked_add(t))
-            .ok_or(StoreError::TtlTooLarge)?;
         let item = NewItem {
             key: key.as_bytes(),
             value,
             tags,
-            created_at: now,
-            accessed_at: now,
-            expires_at,
-            access_count: 0,
+            created_at: meta.created_at,
+            accessed_at: meta.accessed_at,
+            expires_at: meta.expires_at,
+            access_count: u32::try_from(meta.access_count).unwrap_or(u32::MAX),
         };
 
         let (idx, hash) = self.locate(key);
         let (created, result) = {
             let mut shard = self.shards[idx].lock();
+            match kind {
+                WriteKind::Client => shard.counters.sets += 1,
+                WriteKind::Replica => {
+                    if shard
+                        .created_at_of(hash, key.as_bytes(), now)
+                        .is_some_and(|held| held >= meta.created_at)
+                    {
+                        return Ok(None);
+                    }
+                    shard.counters.replica_writes += 1;
+                }
+            }
             let before = (shard.len(), shard.bytes());
             let stored = shard.set(hash, item, now);
             self.account(before, (shard.len(), shard.bytes()));
@@ -278,7 +378,7 @@ impl Store {
         if self.over_capacity() {
             self.evict_from_other_shards(idx);
         }
-        Ok((created, result))
+        Ok(Some((created, result)))
     }
 
     /// Deletes a key; false when it was absent or expired.
@@ -292,20 +392,96 @@ impl Store {
         deleted
     }
 
+    /// Deletes a key on another node's word (replication, repair) unless the
+    /// item held was written after `at`, the time of the original delete.
+    pub fn delete_replica(&self, key: &str, at: UnixNanos) -> bool {
+        let now = self.clock.now();
+        let (idx, hash) = self.locate(key);
+        let mut shard = self.shards[idx].lock();
+        if shard
+            .created_at_of(hash, key.as_bytes(), now)
+            .is_none_or(|held| held > at)
+        {
+            return false;
+        }
+        let before = (shard.len(), shard.bytes());
+        let deleted = shard.remove(hash, key.as_bytes(), now);
+        // Counted by the node that took the client's delete, not by replicas.
+        shard.counters.deletes -= u64::from(deleted);
+        self.account(before, (shard.len(), shard.bytes()));
+        deleted
+    }
+
     /// Removes every item carrying `tag`; returns how many live items went.
     /// Costs O(shards + items carrying the tag).
     pub fn invalidate_tag(&self, tag: &str) -> usize {
+        self.invalidate_tag_counting(tag, |_| true).0
+    }
+
+    /// Like [`Self::invalidate_tag`], also returning how many of the removed
+    /// keys `counts` accepts.
+    pub fn invalidate_tag_counting(
+        &self,
+        tag: &str,
+        mut counts: impl FnMut(&str) -> bool,
+    ) -> (usize, usize) {
         let now = self.clock.now();
-        self.shards
-            .iter()
-            .map(|shard| {
+        let mut total = (0, 0);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let before = (shard.len(), shard.bytes());
+            let (removed, counted) = shard.invalidate_tag(tag, now, |key| counts(key_str(key)));
+            self.account(before, (shard.len(), shard.bytes()));
+            total.0 += removed;
+            total.1 += counted;
+        }
+        total
+    }
+
+    /// Hands live items to `f`, starting at `cursor` (0 for the beginning) and
+    /// looking at about `budget` slots, one shard lock at a time. Returns the
+    /// cursor to continue from, or `None` when the whole store has been seen.
+    /// For data movement: items written during a scan may or may not be seen.
+    pub fn scan(
+        &self,
+        cursor: ScanCursor,
+        budget: usize,
+        mut f: impl FnMut(ItemRef<'_>),
+    ) -> Option<ScanCursor> {
+        let now = self.clock.now();
+        let (mut shard_idx, mut slot) = ((cursor >> 32) as usize, cursor as SlotId);
+        let mut left = budget.max(1);
+        while shard_idx < self.shards.len() {
+            let (looked, next) = self.shards[shard_idx].lock().scan(slot, left, now, &mut f);
+            match next {
+                Some(next) => slot = next,
+                None => (shard_idx, slot) = (shard_idx + 1, 0),
+            }
+            // An empty shard costs a lock too; count it as one slot.
+            left = left.saturating_sub(looked.max(1));
+            if left == 0 {
+                break;
+            }
+        }
+        (shard_idx < self.shards.len()).then(|| ((shard_idx as u64) << 32) | u64::from(slot))
+    }
+
+    /// Removes every item whose key `keep` rejects; returns how many. O(n),
+    /// in batches so no shard lock is held for long.
+    pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut from = Some(0);
+            while let Some(at) = from {
                 let mut shard = shard.lock();
                 let before = (shard.len(), shard.bytes());
-                let removed = shard.invalidate_tag(tag, now);
+                let (went, next) = shard.retain(at, RETAIN_BATCH, |key| keep(key_str(key)));
                 self.account(before, (shard.len(), shard.bytes()));
-                removed
-            })
-            .sum()
+                removed += went;
+                from = next;
+            }
+        }
+        removed
     }
 
     /// Removes every item whose time has passed; returns how many. The cost
@@ -346,6 +522,7 @@ impl Store {
             total.evictions += c.evictions;
             total.expirations += c.expirations;
             total.tag_invalidations += c.tag_invalidations;
+            total.replica_writes += c.replica_writes;
             stats.items += shard.len();
             stats.bytes += shard.bytes();
         }

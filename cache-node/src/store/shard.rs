@@ -95,6 +95,8 @@ pub struct ShardCounters {
     pub evictions: u64,
     pub expirations: u64,
     pub tag_invalidations: u64,
+    /// Writes applied on another node's word (replication, rebalancing).
+    pub replica_writes: u64,
 }
 
 /// What [`Shard::set`] did.
@@ -201,7 +203,6 @@ impl<S: BuildHasher> Shard<S> {
     /// Inserts or replaces an item and makes it most recently used. Capacity is
     /// the caller's concern (see [`Self::evict_lru`]).
     pub fn set(&mut self, hash: u64, item: NewItem<'_>, now: UnixNanos) -> Stored {
-        self.counters.sets += 1;
         let existing = self.find(hash, item.key);
         let created = match existing {
             Some(slot) => self.slots[slot as usize].expires_at <= now,
@@ -310,12 +311,20 @@ impl<S: BuildHasher> Shard<S> {
         examined
     }
 
-    /// Removes every live item carrying `tag`; returns how many.
-    pub fn invalidate_tag(&mut self, tag: &str, now: UnixNanos) -> usize {
+    /// Removes every live item carrying `tag`; returns how many, and how many
+    /// of those `counts` says to count (the cluster counts the keys it is the
+    /// primary of, so a fan-out over replicas sums to the distinct items).
+    pub fn invalidate_tag(
+        &mut self,
+        tag: &str,
+        now: UnixNanos,
+        mut counts: impl FnMut(&[u8]) -> bool,
+    ) -> (usize, usize) {
         let Some((id, members)) = self.tags.take_members(tag) else {
-            return 0;
+            return (0, 0);
         };
         let mut removed = 0;
+        let mut counted = 0;
         for slot in members {
             // The tag's member set is already empty; drop the id from the item so
             // `remove_slot` does not detach it a second time.
@@ -324,6 +333,7 @@ impl<S: BuildHasher> Shard<S> {
             self.bytes -= self.tags_cost_of_name(tag);
             if self.slots[slot as usize].expires_at > now {
                 removed += 1;
+                counted += usize::from(counts(self.slots[slot as usize].key()));
             } else {
                 self.counters.expirations += 1;
             }
@@ -331,7 +341,61 @@ impl<S: BuildHasher> Shard<S> {
         }
         self.tags.forget(id);
         self.counters.tag_invalidations += removed as u64;
-        removed as usize
+        (removed, counted)
+    }
+
+    /// The creation time of the live item under `key`: the version a
+    /// replicated write is compared against.
+    pub fn created_at_of(&self, hash: u64, key: &[u8], now: UnixNanos) -> Option<UnixNanos> {
+        self.peek(hash, key, now)
+            .map(|slot| self.slots[slot as usize].created_at)
+    }
+
+    /// Hands the live items of slots `from..` to `f`, looking at no more than
+    /// `budget` slots. Returns how many slots it looked at and where to
+    /// continue, or `None` at the end. Slots
+    /// are visited in slab order, so a scan interleaved with writes may miss
+    /// items written meanwhile or see a reused slot twice; its callers (data
+    /// movement) are idempotent and see later writes through replication.
+    pub fn scan(
+        &self,
+        from: SlotId,
+        budget: usize,
+        now: UnixNanos,
+        mut f: impl FnMut(ItemRef<'_>),
+    ) -> (usize, Option<SlotId>) {
+        let from = (from as usize).min(self.slots.len());
+        let end = self.slots.len().min(from + budget.max(1));
+        for slot in from..end {
+            let s = &self.slots[slot];
+            if s.is_live() && s.expires_at > now {
+                f(self.item(slot as SlotId));
+            }
+        }
+        (
+            end - from,
+            (end < self.slots.len()).then_some(end as SlotId),
+        )
+    }
+
+    /// Removes the items of slots `from..` (at most `budget` slots looked at)
+    /// whose key `keep` rejects. Returns how many went and where to continue.
+    pub fn retain(
+        &mut self,
+        from: SlotId,
+        budget: usize,
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> (usize, Option<SlotId>) {
+        let end = self.slots.len().min(from as usize + budget.max(1));
+        let mut removed = 0;
+        for slot in from as usize..end {
+            let s = &self.slots[slot];
+            if s.is_live() && !keep(s.key()) {
+                self.remove_slot(slot as SlotId);
+                removed += 1;
+            }
+        }
+        (removed, (end < self.slots.len()).then_some(end as SlotId))
     }
 
     /// Number of items that carry `tag`, expired or not.

@@ -387,3 +387,138 @@ fn shard_count_rounds_up_to_a_power_of_two() {
     );
     assert_eq!(store(1000, 0, 0).0.shard_count(), 8, "~128 items per shard");
 }
+
+fn meta(created_secs: u64, ttl_secs: u64, access_count: u64) -> ItemMeta {
+    let created_at = T0 + created_secs * 1_000_000_000;
+    ItemMeta {
+        created_at,
+        accessed_at: created_at,
+        expires_at: created_at + ttl_secs * 1_000_000_000,
+        access_count,
+    }
+}
+
+#[test]
+fn replicated_writes_keep_metadata_and_the_newest_version_wins() {
+    let (store, clock) = store(10, 0, 4);
+    let tags = vec!["t".to_string()];
+    assert_eq!(
+        store
+            .put_replica("k", b"\"v2\"", &tags, meta(2, 60, 7))
+            .unwrap(),
+        Applied::Created
+    );
+    // An older version arriving late (a slow replication or a rebalance
+    // batch read before the write) does not overwrite the newer one.
+    assert_eq!(
+        store
+            .put_replica("k", b"\"v1\"", &[], meta(1, 60, 0))
+            .unwrap(),
+        Applied::Stale
+    );
+    assert_eq!(
+        store.peek("k", |i| (i.value().to_vec(), i.meta(), i.tags().count())),
+        Some((b"\"v2\"".to_vec(), meta(2, 60, 7), 1))
+    );
+    assert_eq!(
+        store
+            .put_replica("k", b"\"v3\"", &[], meta(3, 60, 0))
+            .unwrap(),
+        Applied::Replaced
+    );
+    assert_eq!(store.tag_count("t"), 0);
+    // An item whose time has passed is not applied at all.
+    clock.advance(Duration::from_secs(100));
+    assert_eq!(
+        store.put_replica("old", b"1", &[], meta(1, 60, 0)).unwrap(),
+        Applied::Stale
+    );
+    assert!(store.peek("old", |_| ()).is_none());
+    let stats = store.stats();
+    assert_eq!((stats.counters.sets, stats.counters.replica_writes), (0, 2));
+    store.assert_consistent();
+}
+
+#[test]
+fn replicated_deletes_spare_newer_writes() {
+    let (store, _clock) = store(10, 0, 1);
+    store.put_replica("k", b"1", &[], meta(5, 60, 0)).unwrap();
+    assert!(
+        !store.delete_replica("k", T0 + 4_000_000_000),
+        "delete older than the write"
+    );
+    assert!(store.peek("k", |_| ()).is_some());
+    assert!(store.delete_replica("k", T0 + 5_000_000_000));
+    assert!(
+        !store.delete_replica("k", T0 + 6_000_000_000),
+        "already gone"
+    );
+    assert_eq!(
+        store.stats().counters.deletes,
+        0,
+        "replica deletes are not client deletes"
+    );
+    store.assert_consistent();
+}
+
+#[test]
+fn scan_visits_every_live_item_once_in_batches() {
+    for budget in [1, 7, 100, 10_000] {
+        let (store, clock) = store(1000, 0, 8);
+        for i in 0..300 {
+            set(
+                &store,
+                &format!("k{i}"),
+                "1",
+                &[],
+                if i % 10 == 0 { 1 } else { 60 },
+            );
+        }
+        for i in 0..300 {
+            if i % 7 == 0 {
+                store.delete(&format!("k{i}"));
+            }
+        }
+        clock.advance(Duration::from_secs(2));
+        let mut seen = Vec::new();
+        let mut cursor = Some(0);
+        let mut calls = 0;
+        while let Some(at) = cursor {
+            cursor = store.scan(at, budget, |item| seen.push(item.key().to_string()));
+            calls += 1;
+            assert!(calls < 10_000, "scan makes progress");
+        }
+        seen.sort();
+        let mut expected: Vec<String> = (0..300)
+            .filter(|i| i % 7 != 0 && i % 10 != 0)
+            .map(|i| format!("k{i}"))
+            .collect();
+        expected.sort();
+        assert_eq!(seen, expected, "budget {budget}");
+    }
+}
+
+#[test]
+fn retain_drops_exactly_the_rejected_keys() {
+    let (store, _clock) = store(10_000, 0, 4);
+    for i in 0..5000 {
+        set(&store, &format!("k{i}"), "12345", &["all"], 60);
+    }
+    let removed = store.retain(|key| key[1..].parse::<u32>().unwrap() % 3 == 0);
+    assert_eq!(removed, 5000 - 1667);
+    assert_eq!(store.len(), 1667);
+    assert_eq!(store.tag_count("all"), 1667);
+    assert!(get(&store, "k3").is_some() && get(&store, "k4").is_none());
+    store.assert_consistent();
+}
+
+#[test]
+fn tag_invalidation_can_count_a_subset() {
+    let (store, _clock) = store(100, 0, 4);
+    for i in 0..10 {
+        set(&store, &format!("k{i}"), "1", &["t"], 60);
+    }
+    let (removed, counted) = store.invalidate_tag_counting("t", |k| k.ends_with(['1', '2', '3']));
+    assert_eq!((removed, counted), (10, 3));
+    store.assert_consistent();
+}

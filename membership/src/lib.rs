@@ -1,0 +1,337 @@
+//! The contract between the operator and the cache nodes, as plain types.
+//!
+//! * [`MembershipDoc`]: the ring membership the operator writes to the
+//!   ConfigMap `<name>-ring` under the key [`CONFIGMAP_KEY`] and every node
+//!   watches (DESIGN 3.2). Nodes also exchange it among themselves when one
+//!   holds an older epoch than a peer.
+//! * [`NodeProgress`]: what a node reports about its data movement on
+//!   `GET /api/v1/cluster/rebalance`; the operator reads it to decide when a
+//!   joining member holds its data and when a leaving one has handed off.
+//!
+//! One crate defines both so the two sides cannot drift: the operator and
+//! `cache-node` both depend on it, and the round-trip tests below pin the JSON.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The ConfigMap key holding the JSON document.
+pub const CONFIGMAP_KEY: &str = "ring.json";
+
+/// Largest membership document a node accepts, in bytes. A ring of 1,000
+/// members is ~100 KB; anything far beyond that is a mistake or an attack.
+pub const MAX_DOC_BYTES: usize = 1024 * 1024;
+
+/// Most members in one ring.
+pub const MAX_MEMBERS: usize = 1024;
+
+/// Longest member id (a pod name is at most 253 bytes).
+pub const MAX_ID_BYTES: usize = 253;
+
+/// Highest replication factor accepted.
+pub const MAX_REPLICATION_FACTOR: u32 = 16;
+
+/// The ring membership at one epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MembershipDoc {
+    /// Increases on every change; a node ignores a document whose epoch is
+    /// not newer than the one it holds.
+    pub epoch: u64,
+    /// How many distinct members hold each key (primary plus replicas).
+    pub replication_factor: u32,
+    /// How keys map to members.
+    #[serde(default)]
+    pub hashing: Hashing,
+    /// The members, in any order (ownership never depends on it).
+    pub members: Vec<Member>,
+}
+
+/// The placement algorithm and its parameters. Every node must use the same
+/// one, which is why it travels in the document rather than in node flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "algorithm", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Hashing {
+    /// Highest random weight: a key's owners are the members with the highest
+    /// hash of (key, member id). No parameters; balance and movement are as
+    /// good as the hash.
+    #[default]
+    Rendezvous,
+    /// A ring of `virtualNodes` points per member; a key's owners are the
+    /// members of the next distinct points clockwise from the key's hash.
+    #[serde(rename_all = "camelCase")]
+    Consistent { virtual_nodes: u32 },
+}
+
+/// Most virtual nodes per member accepted for [`Hashing::Consistent`].
+pub const MAX_VIRTUAL_NODES: u32 = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Member {
+    /// Stable identity: the pod name. Placement hashes this, never the
+    /// address, so a pod that restarts with a new IP keeps its keys.
+    pub id: String,
+    /// Where peers reach the member's API, `ip:port`.
+    pub address: String,
+    pub state: MemberState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Owns keys and receives them (writes and rebalancing), but does not
+    /// serve reads until it holds its data and the operator marks it active.
+    Joining,
+    /// Owns keys and serves them.
+    Active,
+    /// Owns nothing any more: hands its data to the remaining owners, then
+    /// reports completion so the operator can remove it.
+    Leaving,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Joining => "joining",
+            MemberState::Active => "active",
+            MemberState::Leaving => "leaving",
+        }
+    }
+}
+
+impl std::fmt::Display for MemberState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a membership document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    #[error("membership document is {0} bytes; the limit is {MAX_DOC_BYTES}")]
+    TooLarge(usize),
+    #[error("membership document is not valid JSON of the expected shape: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("invalid membership document: {0}")]
+    Invalid(String),
+}
+
+impl MembershipDoc {
+    /// Parses and validates a document (see [`Self::validate`]).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, DocError> {
+        if bytes.len() > MAX_DOC_BYTES {
+            return Err(DocError::TooLarge(bytes.len()));
+        }
+        let doc: MembershipDoc = serde_json::from_slice(bytes)?;
+        doc.validate()?;
+        Ok(doc)
+    }
+
+    /// The document as pretty JSON (what the operator writes to the ConfigMap).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the document always serialises")
+    }
+
+    /// Checks what serde cannot: bounds, unique ids, parseable addresses.
+    pub fn validate(&self) -> Result<(), DocError> {
+        let invalid = |m: String| Err(DocError::Invalid(m));
+        if self.replication_factor == 0 || self.replication_factor > MAX_REPLICATION_FACTOR {
+            return invalid(format!(
+                "replicationFactor must be between 1 and {MAX_REPLICATION_FACTOR}, not {}",
+                self.replication_factor
+            ));
+        }
+        if let Hashing::Consistent { virtual_nodes } = self.hashing
+            && (virtual_nodes == 0 || virtual_nodes > MAX_VIRTUAL_NODES)
+        {
+            return invalid(format!(
+                "virtualNodes must be between 1 and {MAX_VIRTUAL_NODES}, not {virtual_nodes}"
+            ));
+        }
+        if self.members.len() > MAX_MEMBERS {
+            return invalid(format!(
+                "{} members; the limit is {MAX_MEMBERS}",
+                self.members.len()
+            ));
+        }
+        let mut ids = HashSet::new();
+        for m in &self.members {
+            if m.id.is_empty() || m.id.len() > MAX_ID_BYTES {
+                return invalid(format!(
+                    "member id must be 1 to {MAX_ID_BYTES} bytes, not {:?}",
+                    m.id
+                ));
+            }
+            if !ids.insert(m.id.as_str()) {
+                return invalid(format!("member id {:?} appears twice", m.id));
+            }
+            if m.address.parse::<SocketAddr>().is_err() {
+                return invalid(format!(
+                    "member {:?} has address {:?}, which is not ip:port",
+                    m.id, m.address
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn member(&self, id: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.id == id)
+    }
+}
+
+/// A node's report on its data movement (`GET /api/v1/cluster/rebalance`).
+///
+/// A node *syncs* an epoch by moving what that epoch asks of it: a joining
+/// or freshly started node pulls the keys it owns from the other members; an
+/// active or leaving node pushes the keys that gained an owner to that owner.
+/// An epoch is settled once every member reports `syncedEpoch >= epoch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeProgress {
+    pub node_id: String,
+    /// The ring epoch the node holds (0: no ring yet).
+    pub epoch: u64,
+    /// The latest epoch whose data movement this node has finished.
+    pub synced_epoch: u64,
+    /// The node's own state in its ring, if it is a member.
+    pub member_state: Option<MemberState>,
+    pub phase: SyncPhase,
+    /// A leaving member has pushed everything it holds to the new owners.
+    pub handoff_complete: bool,
+    /// The node may receive client traffic (its readiness probe).
+    pub ready: bool,
+    /// Items held right now.
+    pub items: u64,
+    /// Keys sent to and received from peers by rebalancing, since start.
+    pub keys_sent: u64,
+    pub keys_received: u64,
+    /// How long the last completed sync took.
+    pub last_sync_seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPhase {
+    /// Nothing to move for the epoch it holds.
+    Idle,
+    /// Pulling the keys it owns from the other members.
+    Pulling,
+    /// Pushing keys to members that gained them.
+    Pushing,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> MembershipDoc {
+        MembershipDoc {
+            epoch: 7,
+            replication_factor: 2,
+            hashing: Hashing::Consistent { virtual_nodes: 160 },
+            members: vec![
+                Member {
+                    id: "cache-0".into(),
+                    address: "10.0.0.5:8080".into(),
+                    state: MemberState::Active,
+                },
+                Member {
+                    id: "cache-1".into(),
+                    address: "[fd00::1]:8080".into(),
+                    state: MemberState::Joining,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trips_through_the_configmap_json() {
+        let d = doc();
+        let json = d.to_json();
+        assert_eq!(MembershipDoc::from_json(json.as_bytes()).unwrap(), d);
+        let rendezvous = MembershipDoc {
+            hashing: Hashing::Rendezvous,
+            ..doc()
+        };
+        let json = rendezvous.to_json();
+        assert_eq!(
+            MembershipDoc::from_json(json.as_bytes()).unwrap(),
+            rendezvous
+        );
+    }
+
+    #[test]
+    fn the_json_shape_is_pinned() {
+        let v: serde_json::Value = serde_json::from_str(&doc().to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "epoch": 7,
+                "replicationFactor": 2,
+                "hashing": {"algorithm": "consistent", "virtualNodes": 160},
+                "members": [
+                    {"id": "cache-0", "address": "10.0.0.5:8080", "state": "active"},
+                    {"id": "cache-1", "address": "[fd00::1]:8080", "state": "joining"}
+                ]
+            })
+        );
+        let minimal = r#"{"epoch": 1, "replicationFactor": 1, "members": []}"#;
+        let d = MembershipDoc::from_json(minimal.as_bytes()).unwrap();
+        assert_eq!(d.hashing, Hashing::Rendezvous);
+    }
+
+    #[test]
+    fn refuses_invalid_documents() {
+        let bad = |f: &dyn Fn(&mut MembershipDoc)| {
+            let mut d = doc();
+            f(&mut d);
+            MembershipDoc::from_json(d.to_json().as_bytes()).unwrap_err()
+        };
+        bad(&|d| d.replication_factor = 0);
+        bad(&|d| d.replication_factor = MAX_REPLICATION_FACTOR + 1);
+        bad(&|d| d.hashing = Hashing::Consistent { virtual_nodes: 0 });
+        bad(&|d| d.members[1].id = "cache-0".into());
+        bad(&|d| d.members[0].id = String::new());
+        bad(&|d| d.members[0].address = "cache-0:8080".into());
+        bad(&|d| d.members[0].address = "10.0.0.5".into());
+        for text in [
+            "",
+            "{}",
+            r#"{"epoch": -1, "replicationFactor": 1, "members": []}"#,
+            r#"{"epoch": 1, "replicationFactor": 1, "members": [], "extra": 1}"#,
+            r#"{"epoch": 1, "replicationFactor": 1, "members": [{"id": "a", "address": "1.2.3.4:1", "state": "gone"}]}"#,
+            r#"{"epoch": 1, "replicationFactor": 1, "hashing": {"algorithm": "modulo"}, "members": []}"#,
+        ] {
+            assert!(MembershipDoc::from_json(text.as_bytes()).is_err(), "{text}");
+        }
+        let huge = vec![b' '; MAX_DOC_BYTES + 1];
+        assert!(matches!(
+            MembershipDoc::from_json(&huge),
+            Err(DocError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn progress_round_trips() {
+        let p = NodeProgress {
+            node_id: "cache-2".into(),
+            epoch: 9,
+            synced_epoch: 8,
+            member_state: Some(MemberState::Leaving),
+            phase: SyncPhase::Pushing,
+            handoff_complete: false,
+            ready: true,
+            items: 10,
+            keys_sent: 5,
+            keys_received: 0,
+            last_sync_seconds: 0.25,
+        };
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(json.contains(r#""syncedEpoch":8"#), "{json}");
+        assert!(json.contains(r#""memberState":"leaving""#), "{json}");
+        assert_eq!(serde_json::from_str::<NodeProgress>(&json).unwrap(), p);
+    }
+}
