@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of the repository: formatting, lints, unit, property,
-# HTTP and process tests. Installs what the tests need on a fresh machine
-# (Debian packages), so nothing has to be set up by hand first.
+# Runs every test of the repository: formatting, lints, unit, property, HTTP,
+# multi-node and control-plane tests. Installs and builds what the tests need
+# on a fresh machine (Debian packages, the Kubernetes control plane from Go
+# modules), so nothing has to be set up by hand first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,10 @@ apt_install() {
 
 # promtool (package prometheus) lints the /metrics output in the HTTP tests.
 apt_install prometheus
+
+step "building the test control plane (cached after the first run)"
+DISTROCACHE_K8S_BIN=$(bash scripts/build-control-plane.sh | tail -n 1)
+export DISTROCACHE_K8S_BIN
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

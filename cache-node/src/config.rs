@@ -5,11 +5,15 @@
 //! `1GB`. `cache-node --help` describes each setting.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
 use crate::api::Limits;
+use crate::cluster::ClusterSettings;
+use crate::cluster::membership::Source;
+use crate::cluster::peer::PeerSettings;
 use crate::store::StoreConfig;
 
 #[derive(Debug, Clone, Parser)]
@@ -102,6 +106,50 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests before giving up.
     #[arg(long, env = "DISTROCACHE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Cluster mode, membership from a file: a JSON ring document (see the
+    /// README), re-read when it changes. Without this or
+    /// --membership-configmap the node runs alone.
+    #[arg(
+        long,
+        env = "DISTROCACHE_MEMBERSHIP_FILE",
+        conflicts_with = "membership_configmap"
+    )]
+    pub membership_file: Option<PathBuf>,
+
+    /// Cluster mode, membership from a Kubernetes ConfigMap of this name
+    /// (key `ring.json`), watched through the API with the pod's service
+    /// account, in the namespace given by --namespace.
+    #[arg(long, env = "DISTROCACHE_MEMBERSHIP_CONFIGMAP")]
+    pub membership_configmap: Option<String>,
+
+    /// Kubernetes namespace of the membership ConfigMap (the pod's own,
+    /// usually passed in from the downward API).
+    #[arg(long, env = "DISTROCACHE_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// How often the membership file is checked for changes.
+    #[arg(long, env = "DISTROCACHE_MEMBERSHIP_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    pub membership_poll_interval: Duration,
+
+    /// Connect timeout for requests to other nodes; an owner that does not
+    /// accept within it is treated as down and the next owner is tried.
+    #[arg(long, env = "DISTROCACHE_PEER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub peer_connect_timeout: Duration,
+
+    /// Overall timeout of one request to another node.
+    #[arg(long, env = "DISTROCACHE_PEER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
+
+    /// Most items per batch when moving data between nodes.
+    #[arg(long, env = "DISTROCACHE_REBALANCE_BATCH_ITEMS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub rebalance_batch_items: u64,
+
+    /// Most bytes per batch when moving data between nodes (a batch closes
+    /// at whichever limit it reaches first).
+    #[arg(long, env = "DISTROCACHE_REBALANCE_BATCH_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
+    pub rebalance_batch_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -121,6 +169,35 @@ impl Config {
             max_bytes: self.max_memory,
             default_ttl: self.default_ttl,
             shards: self.shards,
+        }
+    }
+
+    /// The membership source, if the node runs in a cluster.
+    pub fn membership(&self) -> Option<Source> {
+        if let Some(path) = &self.membership_file {
+            return Some(Source::File(path.clone()));
+        }
+        self.membership_configmap
+            .as_ref()
+            .map(|name| Source::ConfigMap {
+                namespace: self.namespace.clone(),
+                name: name.clone(),
+            })
+    }
+
+    pub fn cluster(&self) -> ClusterSettings {
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let batch_bytes = size(self.rebalance_batch_bytes).max(64 * 1024);
+        ClusterSettings {
+            peer: PeerSettings {
+                connect_timeout: self.peer_connect_timeout,
+                request_timeout: self.peer_timeout,
+                // A batch may overshoot its byte limit by one item.
+                max_answer_bytes: batch_bytes + size(self.max_body_bytes) + 64 * 1024,
+            },
+            batch_items: size(self.rebalance_batch_items),
+            batch_bytes,
+            file_poll_interval: self.membership_poll_interval,
         }
     }
 

@@ -3,6 +3,7 @@
 //! integration tests and benchmarks drive exactly what the binary runs.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod metrics;

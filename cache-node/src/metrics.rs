@@ -80,6 +80,11 @@ impl Metrics {
         }
     }
 
+    /// The registry, for other parts of the node (cluster mode) to add theirs.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn observe(&self, op: Op, took: Duration) {
         self.access[op as usize].observe(took.as_secs_f64());
     }

@@ -1,5 +1,7 @@
-//! Wiring a node together: the store, the API state, the background expiry
-//! sweeper and the HTTP listener, with graceful shutdown.
+//! Wiring a node together: the store, the API state, the cluster (when a
+//! membership source is configured), the background tasks (expiry sweeper;
+//! in a cluster also the membership watcher, the rebalancer and replica
+//! repair) and the HTTP listener, with graceful shutdown.
 //!
 //! `main.rs` runs one [`Node`] until a signal; the integration tests run many
 //! in one process, each on an ephemeral loopback port.
@@ -10,10 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use axum::http::HeaderValue;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
+use crate::cluster::membership::{self, Source};
+use crate::cluster::metrics::ClusterMetrics;
+use crate::cluster::{Cluster, rebalance, repair};
 use crate::config::Config;
 use crate::http::{self, HttpSettings};
 use crate::metrics::Metrics;
@@ -25,19 +31,41 @@ pub struct Node {
     listener: TcpListener,
     cleanup_interval: Duration,
     http: HttpSettings,
+    membership: Option<Source>,
 }
 
 impl Node {
-    /// Builds the store and binds the listener (port 0 picks a free one).
+    /// Builds the store (and the cluster, if a membership source is
+    /// configured) and binds the listener (port 0 picks a free one).
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
         let listener = TcpListener::bind(config.listen_addr()).await?;
+        let store = Arc::new(Store::with_config(config.store()));
+        let metrics = Metrics::new();
+        let ready = Arc::new(AtomicBool::new(false));
+        let membership = config.membership();
+        let cluster = membership.as_ref().map(|_| {
+            Cluster::new(
+                config.node_id.clone(),
+                store.clone(),
+                config.cluster(),
+                ClusterMetrics::new(metrics.registry()),
+                ready.clone(),
+            )
+        });
         let state = Arc::new(AppState {
-            store: Store::with_config(config.store()),
+            store,
             limits: config.limits(),
-            metrics: Metrics::new(),
+            metrics,
+            served_by: HeaderValue::from_str(&config.node_id).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "node id must be printable ASCII",
+                )
+            })?,
             node_id: config.node_id.clone(),
             started: Instant::now(),
-            ready: AtomicBool::new(false),
+            ready,
+            cluster,
         });
         Ok(Self {
             state,
@@ -48,6 +76,7 @@ impl Node {
                 header_read_timeout: config.header_read_timeout,
                 drain_timeout: config.shutdown_timeout,
             },
+            membership,
         })
     }
 
@@ -60,24 +89,41 @@ impl Node {
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight
-    /// requests finish (up to the shutdown timeout) and stops the sweeper.
+    /// requests finish (up to the shutdown timeout) and stops the background
+    /// tasks.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let sweeper = tokio::spawn(sweep_expired(
+        let mut tasks = vec![tokio::spawn(sweep_expired(
             self.state.clone(),
             self.cleanup_interval,
-            stop_rx,
-        ));
-
-        // A single node holds everything it owns from the start.
-        self.state.ready.store(true, Ordering::Release);
+            stop_rx.clone(),
+        ))];
+        match (&self.state.cluster, self.membership) {
+            (Some(cluster), Some(source)) => {
+                tracing::info!(%source, "cluster mode: waiting for the ring");
+                tasks.push(tokio::spawn(membership::run(
+                    cluster.clone(),
+                    source,
+                    stop_rx.clone(),
+                )));
+                tasks.push(tokio::spawn(rebalance::run(
+                    cluster.clone(),
+                    stop_rx.clone(),
+                )));
+                tasks.push(tokio::spawn(repair::run(cluster.clone(), stop_rx.clone())));
+            }
+            // A single node holds everything it owns from the start.
+            _ => self.state.ready.store(true, Ordering::Release),
+        }
         let app = api::router(self.state.clone());
         http::serve(self.listener, app, self.http, shutdown).await;
         let _ = stop_tx.send(true);
-        let _ = sweeper.await;
+        for task in tasks {
+            let _ = task.await;
+        }
         Ok(())
     }
 }

@@ -33,11 +33,16 @@ struct Stats<'a> {
 }
 
 pub async fn stats(State(app): State<Arc<AppState>>) -> Response {
+    axum::Json(stats_json(&app)).into_response()
+}
+
+/// This node's counters as the JSON `/api/v1/stats` answers.
+pub fn stats_json(app: &AppState) -> serde_json::Value {
     let s = app.store.stats();
     let c = s.counters;
     let lookups = c.hits + c.misses;
     let uptime = app.started.elapsed();
-    axum::Json(Stats {
+    serde_json::to_value(Stats {
         node_id: &app.node_id,
         hits: c.hits,
         misses: c.misses,
@@ -59,7 +64,7 @@ pub async fn stats(State(app): State<Arc<AppState>>) -> Response {
         uptime: humantime::format_duration(std::time::Duration::from_secs(uptime.as_secs()))
             .to_string(),
     })
-    .into_response()
+    .expect("stats always serialise")
 }
 
 /// Liveness: the process is up and serving HTTP.

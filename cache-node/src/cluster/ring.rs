@@ -187,7 +187,10 @@ impl Ring {
             if best.len() == want && best.last().is_some_and(|&(s, _)| s >= score) {
                 continue;
             }
-            let at = best.iter().position(|&(s, _)| s < score).unwrap_or(best.len());
+            let at = best
+                .iter()
+                .position(|&(s, _)| s < score)
+                .unwrap_or(best.len());
             best.insert(at, (score, idx));
             best.truncate(want);
         }
@@ -218,7 +221,12 @@ mod tests {
     use super::*;
     use distrocache_membership::Member;
 
-    pub fn doc(epoch: u64, rf: u32, hashing: Hashing, members: &[(&str, MemberState)]) -> MembershipDoc {
+    pub fn doc(
+        epoch: u64,
+        rf: u32,
+        hashing: Hashing,
+        members: &[(&str, MemberState)],
+    ) -> MembershipDoc {
         MembershipDoc {
             epoch,
             replication_factor: rf,
@@ -248,8 +256,18 @@ mod tests {
     fn owners_are_distinct_primary_first_and_order_independent() {
         use MemberState::Active;
         for hashing in ALGORITHMS {
-            let a = ring(doc(1, 2, hashing, &[("n0", Active), ("n1", Active), ("n2", Active)]));
-            let b = ring(doc(1, 2, hashing, &[("n2", Active), ("n0", Active), ("n1", Active)]));
+            let a = ring(doc(
+                1,
+                2,
+                hashing,
+                &[("n0", Active), ("n1", Active), ("n2", Active)],
+            ));
+            let b = ring(doc(
+                1,
+                2,
+                hashing,
+                &[("n2", Active), ("n0", Active), ("n1", Active)],
+            ));
             for i in 0..2000 {
                 let key = format!("key:{i}");
                 let oa = a.owners(key.as_bytes());
@@ -268,7 +286,12 @@ mod tests {
     fn leaving_members_own_nothing_and_joining_ones_own_their_share() {
         use MemberState::*;
         for hashing in ALGORITHMS {
-            let r = ring(doc(1, 2, hashing, &[("n0", Active), ("n1", Joining), ("n2", Leaving)]));
+            let r = ring(doc(
+                1,
+                2,
+                hashing,
+                &[("n0", Active), ("n1", Joining), ("n2", Leaving)],
+            ));
             let mut n1 = 0;
             for i in 0..1000 {
                 let o = r.owners(format!("k{i}").as_bytes());
@@ -294,12 +317,22 @@ mod tests {
     fn adding_a_member_only_moves_keys_to_it() {
         use MemberState::Active;
         for hashing in ALGORITHMS {
-            let three = ring(doc(1, 1, hashing, &[("n0", Active), ("n1", Active), ("n2", Active)]));
+            let three = ring(doc(
+                1,
+                1,
+                hashing,
+                &[("n0", Active), ("n1", Active), ("n2", Active)],
+            ));
             let four = ring(doc(
                 2,
                 1,
                 hashing,
-                &[("n0", Active), ("n1", Active), ("n2", Active), ("n3", Active)],
+                &[
+                    ("n0", Active),
+                    ("n1", Active),
+                    ("n2", Active),
+                    ("n3", Active),
+                ],
             ));
             let mut moved = 0;
             for i in 0..20_000 {
@@ -312,7 +345,10 @@ mod tests {
                 }
             }
             let fraction = moved as f64 / 20_000.0;
-            assert!((0.15..0.35).contains(&fraction), "{hashing:?}: moved {fraction}");
+            assert!(
+                (0.15..0.35).contains(&fraction),
+                "{hashing:?}: moved {fraction}"
+            );
         }
     }
 

@@ -1,0 +1,146 @@
+//! Prometheus metrics of cluster mode: the ring, peer traffic, replication
+//! repairs and data movement. Registered in the node's registry next to the
+//! store's metrics, so one scrape of `/metrics` shows both.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use super::ring::Ring;
+
+/// Peer operations, the `operation` label of the peer counters.
+#[derive(Debug, Clone, Copy)]
+pub enum PeerOp {
+    Forward,
+    Replicate,
+    Push,
+    Pull,
+    FanOut,
+    Repair,
+    Fetch,
+}
+
+impl PeerOp {
+    pub fn label(self) -> &'static str {
+        match self {
+            PeerOp::Forward => "forward",
+            PeerOp::Replicate => "replicate",
+            PeerOp::Push => "push",
+            PeerOp::Pull => "pull",
+            PeerOp::FanOut => "fan_out",
+            PeerOp::Repair => "repair",
+            PeerOp::Fetch => "fetch",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    pub ring_epoch: IntGauge,
+    pub ring_members: IntGaugeVec,
+    pub peer_requests: IntCounterVec,
+    pub peer_errors: IntCounterVec,
+    pub keys_sent: IntCounter,
+    pub keys_received: IntCounter,
+    pub rebalance_seconds: prometheus::Gauge,
+    pub rebalancing: IntGauge,
+    pub synced_epoch: IntGauge,
+    pub pending_repairs: IntGauge,
+}
+
+impl ClusterMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let m = Self {
+            ring_epoch: IntGauge::new(
+                "distrocache_ring_epoch",
+                "Epoch of the ring this node holds",
+            )
+            .expect("valid metric"),
+            ring_members: IntGaugeVec::new(
+                Opts::new("distrocache_ring_members", "Members of the ring by state"),
+                &["state"],
+            )
+            .expect("valid metric"),
+            peer_requests: IntCounterVec::new(
+                Opts::new(
+                    "distrocache_peer_requests_total",
+                    "Requests this node sent to other nodes",
+                ),
+                &["operation"],
+            )
+            .expect("valid metric"),
+            peer_errors: IntCounterVec::new(
+                Opts::new(
+                    "distrocache_peer_errors_total",
+                    "Requests to other nodes that failed (unreachable, timeout or error answer)",
+                ),
+                &["operation"],
+            )
+            .expect("valid metric"),
+            keys_sent: IntCounter::new(
+                "distrocache_rebalance_keys_sent_total",
+                "Keys sent to other nodes by rebalancing",
+            )
+            .expect("valid metric"),
+            keys_received: IntCounter::new(
+                "distrocache_rebalance_keys_received_total",
+                "Keys received from other nodes by rebalancing",
+            )
+            .expect("valid metric"),
+            rebalance_seconds: prometheus::Gauge::new(
+                "distrocache_rebalance_last_duration_seconds",
+                "Duration of the last completed data movement",
+            )
+            .expect("valid metric"),
+            rebalancing: IntGauge::new(
+                "distrocache_rebalance_in_progress",
+                "1 while this node is moving data for a ring change",
+            )
+            .expect("valid metric"),
+            synced_epoch: IntGauge::new(
+                "distrocache_rebalance_synced_epoch",
+                "The latest ring epoch whose data movement this node finished",
+            )
+            .expect("valid metric"),
+            pending_repairs: IntGauge::new(
+                "distrocache_replication_pending_repairs",
+                "Writes waiting to be repaired on a replica that could not be reached",
+            )
+            .expect("valid metric"),
+        };
+        for c in [
+            Box::new(m.ring_epoch.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.ring_members.clone()),
+            Box::new(m.peer_requests.clone()),
+            Box::new(m.peer_errors.clone()),
+            Box::new(m.keys_sent.clone()),
+            Box::new(m.keys_received.clone()),
+            Box::new(m.rebalance_seconds.clone()),
+            Box::new(m.rebalancing.clone()),
+            Box::new(m.synced_epoch.clone()),
+            Box::new(m.pending_repairs.clone()),
+        ] {
+            registry
+                .register(c)
+                .expect("cluster metrics are registered once");
+        }
+        m
+    }
+
+    pub fn observe_ring(&self, ring: &Ring) {
+        self.ring_epoch.set(ring.epoch() as i64);
+        for state in ["joining", "active", "leaving"] {
+            let n = ring
+                .members
+                .iter()
+                .filter(|m| m.state.as_str() == state)
+                .count();
+            self.ring_members.with_label_values(&[state]).set(n as i64);
+        }
+    }
+
+    pub fn peer_call(&self, op: PeerOp, ok: bool) {
+        self.peer_requests.with_label_values(&[op.label()]).inc();
+        if !ok {
+            self.peer_errors.with_label_values(&[op.label()]).inc();
+        }
+    }
+}

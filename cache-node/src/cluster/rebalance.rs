@@ -1,0 +1,514 @@
+//! Moving data when the ring changes, so that a ring change loses nothing
+//! (DESIGN 3.4).
+//!
+//! On every new epoch the node *syncs* it:
+//! * a node that has not yet pulled as a member (it just started, empty, or
+//!   was just added) **pulls**: it asks every other member for the items it
+//!   owns under the new ring, batch by batch, and only then reports ready;
+//! * any other member **pushes**: it scans its items and sends each one to
+//!   the owners that gained it since the ring it last synced (a leaving
+//!   member sends everything it holds to the key's new owners). New members
+//!   are skipped, since they pull.
+//!
+//! Batches are sent one at a time per node and each waits for the receiver's
+//! answer, which is the backpressure: a slow receiver slows the sender's scan.
+//! Once every member reports it has synced the epoch, the cluster has
+//! *settled*: the node forgets the previous ring (which kept reads and writes
+//! going to old owners too) and drops the keys it no longer owns.
+//!
+//! The node's [`Progress`] is served on `/api/v1/cluster/rebalance` for the
+//! operator, which waits on it before marking joining members active and
+//! before removing leaving ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::http::Method;
+use bytes::Bytes;
+use distrocache_membership::{MemberState, NodeProgress, SyncPhase};
+use futures_util::future::join_all;
+use tokio::sync::watch;
+
+use super::Cluster;
+use super::metrics::PeerOp;
+use super::peer::PeerError;
+use super::ring::{MemberIdx, Ring, RingMember};
+use super::wire::{self, PullAnswer, PullRequest, RecordBatch};
+
+/// Slots a pull answer may look at per request, as a multiple of its item
+/// limit: bounds the time one pull request holds the answering node's CPU
+/// when the requester owns few of its keys.
+const PULL_SCAN_FACTOR: usize = 16;
+/// How long a push or pull keeps retrying an unreachable member before the
+/// sync is abandoned (push) or the member skipped (pull).
+const PEER_RETRY_DEADLINE: Duration = Duration::from_secs(15);
+/// How often settling asks the members how far they got.
+const SETTLE_POLL: Duration = Duration::from_millis(250);
+/// Slots looked at per store scan step while pushing.
+const PUSH_SCAN_STEP: usize = 4096;
+
+/// This node's data-movement state, read by the progress endpoint.
+#[derive(Debug, Default)]
+pub struct Progress {
+    synced_epoch: AtomicU64,
+    settled_epoch: AtomicU64,
+    phase: AtomicU8,
+    /// Has pulled its keys as a member since it started.
+    pulled: AtomicBool,
+    /// Pushed everything it held at its synced epoch while leaving.
+    handed_off: AtomicBool,
+    keys_sent: AtomicU64,
+    keys_received: AtomicU64,
+    last_sync_micros: AtomicU64,
+}
+
+impl Progress {
+    pub fn synced_epoch(&self) -> u64 {
+        self.synced_epoch.load(Ordering::Acquire)
+    }
+
+    pub fn settled_epoch(&self) -> u64 {
+        self.settled_epoch.load(Ordering::Acquire)
+    }
+
+    pub fn pulled(&self) -> bool {
+        self.pulled.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_settled(&self, epoch: u64) {
+        self.settled_epoch.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    fn set_phase(&self, phase: SyncPhase) {
+        let n = match phase {
+            SyncPhase::Idle => 0,
+            SyncPhase::Pulling => 1,
+            SyncPhase::Pushing => 2,
+        };
+        self.phase.store(n, Ordering::Release);
+    }
+
+    pub fn phase(&self) -> SyncPhase {
+        match self.phase.load(Ordering::Acquire) {
+            1 => SyncPhase::Pulling,
+            2 => SyncPhase::Pushing,
+            _ => SyncPhase::Idle,
+        }
+    }
+}
+
+impl Cluster {
+    /// The progress report (`/api/v1/cluster/rebalance`).
+    pub fn report(&self) -> NodeProgress {
+        let rings = self.rings();
+        let epoch = rings.as_ref().map_or(0, |r| r.current.epoch());
+        let member_state = rings.as_ref().and_then(|r| r.current.my_state());
+        let p = &self.progress;
+        let synced_epoch = p.synced_epoch();
+        NodeProgress {
+            node_id: self.node_id.clone(),
+            epoch,
+            synced_epoch,
+            member_state,
+            phase: p.phase(),
+            handoff_complete: member_state == Some(MemberState::Leaving)
+                && synced_epoch >= epoch
+                && p.handed_off.load(Ordering::Acquire),
+            ready: self.is_ready(),
+            items: self.store.len() as u64,
+            keys_sent: p.keys_sent.load(Ordering::Relaxed),
+            keys_received: p.keys_received.load(Ordering::Relaxed),
+            last_sync_seconds: p.last_sync_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+
+    /// Answers a pull: the items `req.node` owns under the current ring, from
+    /// `req.cursor` on. The peer API has already checked that both sides hold
+    /// the same epoch.
+    pub fn serve_pull(&self, req: &PullRequest) -> Result<Vec<u8>, String> {
+        let rings = self.rings().ok_or("no ring held")?;
+        let ring = &rings.current;
+        let Some(requester) = ring.index_of(&req.node) else {
+            return Err(format!(
+                "{:?} is not a member of ring {}",
+                req.node,
+                ring.epoch()
+            ));
+        };
+        let limit = req.limit.clamp(1, self.settings.batch_items);
+        let max_bytes = self.settings.batch_bytes;
+        let mut batch = RecordBatch::default();
+        let mut cursor = Some(req.cursor);
+        let mut budget = limit * PULL_SCAN_FACTOR;
+        while let Some(at) = cursor {
+            if batch.len() >= limit || batch.bytes() >= max_bytes || budget == 0 {
+                break;
+            }
+            let step = budget.min(PUSH_SCAN_STEP);
+            cursor = self.store.scan(at, step, |item| {
+                if ring.is_owner(item.key().as_bytes(), requester) {
+                    batch.push(item);
+                }
+            });
+            budget -= step;
+        }
+        Ok(wire::pull_answer(&batch, cursor))
+    }
+}
+
+/// Why a sync stopped before finishing.
+#[derive(Debug)]
+enum Abort {
+    /// A newer ring arrived: sync that one instead.
+    RingChanged,
+    /// A member could not be reached in time: retry the same epoch later.
+    Failed(String),
+}
+
+/// Syncs every epoch the node adopts, then waits for the cluster to settle,
+/// until `stop` fires.
+pub async fn run(cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
+    let mut epochs = cluster.subscribe();
+    // The ring whose data this node holds: the one it last finished syncing.
+    let mut synced: Option<Arc<Ring>> = None;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let ring = cluster.rings().map(|r| r.current.clone());
+        let pending = match &ring {
+            Some(ring) => synced.as_ref().is_none_or(|s| s.epoch() != ring.epoch()),
+            None => false,
+        };
+        if !pending {
+            tokio::select! {
+                changed = epochs.changed() => if changed.is_err() { return },
+                _ = stop.changed() => return,
+            }
+            continue;
+        }
+        let ring = ring.expect("pending implies a ring");
+        let started = Instant::now();
+        cluster.metrics.rebalancing.set(1);
+        let outcome = tokio::select! {
+            outcome = sync(&cluster, synced.as_deref(), &ring) => outcome,
+            _ = stop.changed() => return,
+        };
+        cluster.metrics.rebalancing.set(0);
+        cluster.progress.set_phase(SyncPhase::Idle);
+        match outcome {
+            Ok(()) => {
+                let took = started.elapsed();
+                let p = &cluster.progress;
+                p.last_sync_micros
+                    .store(took.as_micros() as u64, Ordering::Relaxed);
+                p.synced_epoch.fetch_max(ring.epoch(), Ordering::AcqRel);
+                cluster.metrics.rebalance_seconds.set(took.as_secs_f64());
+                cluster.metrics.synced_epoch.set(ring.epoch() as i64);
+                cluster.set_ready(true);
+                tracing::info!(epoch = ring.epoch(), took = ?took, "synced ring");
+                synced = Some(ring.clone());
+                backoff = Duration::from_millis(500);
+                tokio::select! {
+                    _ = settle(&cluster, &ring) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+            Err(Abort::RingChanged) => {}
+            Err(Abort::Failed(reason)) => {
+                tracing::warn!(epoch = ring.epoch(), %reason, retry_in = ?backoff, "data movement failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = epochs.changed() => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Moves what `ring` asks of this node, given that it holds the data of
+/// `synced` (`None`: it holds nothing yet).
+async fn sync(cluster: &Cluster, synced: Option<&Ring>, ring: &Ring) -> Result<(), Abort> {
+    let Some(me) = ring.me else {
+        // Not a member: nothing is owned here, so nothing to move. The node
+        // forwards every request.
+        return Ok(());
+    };
+    if !cluster.progress.pulled() {
+        cluster.progress.set_phase(SyncPhase::Pulling);
+        pull_all(cluster, ring, me).await?;
+        cluster.progress.pulled.store(true, Ordering::Release);
+        return Ok(());
+    }
+    cluster.progress.set_phase(SyncPhase::Pushing);
+    let leaving = ring.member(me).state == MemberState::Leaving;
+    cluster.progress.handed_off.store(false, Ordering::Release);
+    push(cluster, synced, ring, me, leaving).await?;
+    if leaving {
+        cluster.progress.handed_off.store(true, Ordering::Release);
+    }
+    Ok(())
+}
+
+/// Pulls, from every other member at once, the items this node owns.
+async fn pull_all(cluster: &Cluster, ring: &Ring, me: MemberIdx) -> Result<(), Abort> {
+    let others: Vec<&RingMember> = ring
+        .members
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != me)
+        .map(|(_, m)| m)
+        .collect();
+    let results = join_all(others.iter().map(|m| pull_from(cluster, ring, me, m))).await;
+    for (member, result) in others.iter().zip(results) {
+        match result {
+            Ok(n) => tracing::info!(peer = %member.id, items = n, "pulled owned keys"),
+            Err(Abort::RingChanged) => return Err(Abort::RingChanged),
+            // A member that stays unreachable is down: its keys have other
+            // replicas, which the other pulls reach.
+            Err(Abort::Failed(reason)) => {
+                tracing::warn!(peer = %member.id, %reason, "skipping an unreachable member while pulling")
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn pull_from(
+    cluster: &Cluster,
+    ring: &Ring,
+    me: MemberIdx,
+    member: &RingMember,
+) -> Result<u64, Abort> {
+    let mut request = PullRequest {
+        node: ring.member(me).id.clone(),
+        cursor: 0,
+        limit: cluster.settings.batch_items,
+    };
+    let mut received = 0;
+    loop {
+        let body = Bytes::from(serde_json::to_vec(&request).expect("serialisable"));
+        let answer = call_with_retry(
+            cluster,
+            ring,
+            member,
+            PeerOp::Pull,
+            "/internal/v1/pull",
+            body,
+        )
+        .await?;
+        let page: PullAnswer<'_> = serde_json::from_slice(&answer).map_err(|e| {
+            Abort::Failed(format!("unreadable pull answer from {}: {e}", member.id))
+        })?;
+        let outcome = cluster.apply_records(&page.items);
+        received += outcome.applied;
+        cluster
+            .progress
+            .keys_received
+            .fetch_add(outcome.applied, Ordering::Relaxed);
+        cluster.metrics.keys_received.inc_by(outcome.applied);
+        match page.next {
+            Some(next) => request.cursor = next,
+            None => return Ok(received),
+        }
+    }
+}
+
+/// Pushes every held item to the owners that gained it (all of its new
+/// owners when this member is leaving), batched per receiver.
+async fn push(
+    cluster: &Cluster,
+    synced: Option<&Ring>,
+    ring: &Ring,
+    me: MemberIdx,
+    leaving: bool,
+) -> Result<(), Abort> {
+    let my_id = &ring.member(me).id;
+    // Receivers that pull for themselves: members new since the synced ring.
+    let is_new =
+        |idx: MemberIdx| synced.is_some_and(|s| s.index_of(&ring.member(idx).id).is_none());
+    let mut batches: HashMap<MemberIdx, RecordBatch> = HashMap::new();
+    let mut cursor = Some(0);
+    let mut sent = 0u64;
+    while let Some(at) = cursor {
+        if cluster.epoch() != ring.epoch() {
+            return Err(Abort::RingChanged);
+        }
+        cursor = cluster.store.scan(at, PUSH_SCAN_STEP, |item| {
+            let key = item.key().as_bytes();
+            let owners = ring.owners(key);
+            let before = synced.map(|s| s.owners(key));
+            for &target in &owners {
+                let id = &ring.member(target).id;
+                if id == my_id || is_new(target) {
+                    continue;
+                }
+                let gained = match &before {
+                    Some(before) => !before
+                        .iter()
+                        .any(|&b| synced.expect("before implies synced").member(b).id == *id),
+                    None => true,
+                };
+                if gained || leaving {
+                    batches.entry(target).or_default().push(item);
+                }
+            }
+        });
+        let full: Vec<MemberIdx> = batches
+            .iter()
+            .filter(|(_, b)| {
+                b.len() >= cluster.settings.batch_items || b.bytes() >= cluster.settings.batch_bytes
+            })
+            .map(|(&i, _)| i)
+            .collect();
+        for target in full {
+            let batch = batches.remove(&target).expect("listed");
+            sent += send_batch(cluster, ring, target, batch).await?;
+        }
+    }
+    for (target, batch) in batches {
+        sent += send_batch(cluster, ring, target, batch).await?;
+    }
+    if sent > 0 {
+        tracing::info!(
+            epoch = ring.epoch(),
+            keys = sent,
+            "pushed keys to their new owners"
+        );
+    }
+    Ok(())
+}
+
+async fn send_batch(
+    cluster: &Cluster,
+    ring: &Ring,
+    target: MemberIdx,
+    batch: RecordBatch,
+) -> Result<u64, Abort> {
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let count = batch.len() as u64;
+    let body = Bytes::from(wire::replicate_body(&batch, &[]));
+    call_with_retry(
+        cluster,
+        ring,
+        ring.member(target),
+        PeerOp::Push,
+        "/internal/v1/replicate",
+        body,
+    )
+    .await?;
+    cluster
+        .progress
+        .keys_sent
+        .fetch_add(count, Ordering::Relaxed);
+    cluster.metrics.keys_sent.inc_by(count);
+    Ok(count)
+}
+
+/// POSTs `body` to `member`, retrying with backoff while it is unreachable
+/// (up to [`PEER_RETRY_DEADLINE`]); gives up at once if the ring changes.
+async fn call_with_retry(
+    cluster: &Cluster,
+    ring: &Ring,
+    member: &RingMember,
+    op: PeerOp,
+    path: &str,
+    body: Bytes,
+) -> Result<Bytes, Abort> {
+    let deadline = Instant::now() + PEER_RETRY_DEADLINE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if cluster.epoch() != ring.epoch() {
+            return Err(Abort::RingChanged);
+        }
+        let result = cluster
+            .call(member, Method::POST, path, body.clone(), None)
+            .await;
+        let failure = match result {
+            Ok(answer) if answer.status.is_success() => {
+                cluster.metrics.peer_call(op, true);
+                return Ok(answer.body);
+            }
+            Err(PeerError::RingChanged { .. }) => return Err(Abort::RingChanged),
+            Ok(answer) => format!(
+                "{} answered {}: {}",
+                member.id,
+                answer.status,
+                super::peer::error_message(&answer.body)
+            ),
+            Err(e) => e.to_string(),
+        };
+        cluster.metrics.peer_call(op, false);
+        if Instant::now() + pause > deadline {
+            return Err(Abort::Failed(failure));
+        }
+        tracing::debug!(peer = %member.id, %failure, "retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Waits until every member reports it has synced `ring`'s epoch, then
+/// forgets the previous ring and drops the keys this node no longer owns.
+/// Returns early (without settling) when the epoch changes.
+async fn settle(cluster: &Cluster, ring: &Arc<Ring>) {
+    let mut epochs = cluster.subscribe();
+    loop {
+        if cluster.epoch() != ring.epoch() {
+            return;
+        }
+        if all_synced(cluster, ring).await {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(SETTLE_POLL) => {}
+            _ = epochs.changed() => {}
+        }
+    }
+    if cluster.settle(ring.epoch()).is_none() {
+        return;
+    }
+    let me = ring.me;
+    if me.is_some_and(|me| ring.member(me).state == MemberState::Leaving) {
+        // A leaving member keeps its copy until it is removed: reads that
+        // race the ring change may still find it here.
+        return;
+    }
+    let dropped = cluster
+        .store
+        .retain(|key| me.is_some_and(|me| ring.is_owner(key.as_bytes(), me)));
+    tracing::info!(
+        epoch = ring.epoch(),
+        dropped,
+        "cluster settled; dropped keys no longer owned"
+    );
+}
+
+async fn all_synced(cluster: &Cluster, ring: &Ring) -> bool {
+    let others: Vec<&RingMember> = ring
+        .members
+        .iter()
+        .filter(|m| m.id != cluster.node_id)
+        .collect();
+    let calls = others.iter().map(|m| {
+        cluster.peers.send(
+            m.address,
+            Method::GET,
+            "/internal/v1/progress",
+            ring.epoch(),
+            Bytes::new(),
+            Some(Duration::from_secs(2)),
+        )
+    });
+    join_all(calls).await.into_iter().all(|answer| {
+        answer
+            .ok()
+            .filter(|a| a.status.is_success())
+            .and_then(|a| serde_json::from_slice::<NodeProgress>(&a.body).ok())
+            .is_some_and(|p| p.synced_epoch >= ring.epoch())
+    })
+}

@@ -1,0 +1,455 @@
+//! Cluster mode with real processes: `cache-node` nodes on their own
+//! loopback addresses, a membership file the test rewrites to change the
+//! ring, and clients talking REST to random nodes. Every scenario counts the
+//! keys it cannot read back; the bar is zero.
+
+mod cluster_support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cluster_support::ProcCluster;
+use distrocache_membership::MemberState::{Active, Joining, Leaving};
+use futures_util::StreamExt;
+use rand::Rng;
+use serde_json::{Value, json};
+
+const KEYS: usize = 10_000;
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn key(i: usize) -> String {
+    // Characters that need escaping in a path, to keep that honest too.
+    format!("user:{i}/profile")
+}
+
+fn encoded(key: &str) -> String {
+    key.replace('/', "%2F")
+}
+
+fn tag(i: usize) -> &'static str {
+    if i % 2 == 0 { "even" } else { "odd" }
+}
+
+/// Writes keys `range` through random running nodes, 64 at a time; returns
+/// the value written for each.
+async fn write_keys(
+    c: &ProcCluster,
+    range: std::ops::Range<usize>,
+    round: u32,
+) -> HashMap<String, Value> {
+    let running = c.running();
+    let writes = futures_util::stream::iter(range.map(|i| {
+        let node = running[rand::rng().random_range(0..running.len())];
+        let value = json!({"i": i, "round": round, "pad": "x".repeat(64)});
+        let url = c.url(node, &format!("/api/v1/cache/{}", encoded(&key(i))));
+        let body = json!({"value": value, "ttl": 3600, "tags": [tag(i), "all"]});
+        let request = c.client.post(url).json(&body).send();
+        async move {
+            let resp = request.await.expect("write request");
+            let status = resp.status().as_u16();
+            assert!(
+                status == 201 || status == 200,
+                "write of {i} via node {node}: {status} {}",
+                resp.text().await.unwrap_or_default()
+            );
+            (key(i), value)
+        }
+    }))
+    .buffer_unordered(64)
+    .collect::<Vec<_>>()
+    .await;
+    writes.into_iter().collect()
+}
+
+/// Reads every key through node `via`; returns the keys missing or wrong.
+async fn missing_through(
+    c: &ProcCluster,
+    via: usize,
+    expected: &HashMap<String, Value>,
+) -> Vec<String> {
+    futures_util::stream::iter(expected.iter().map(|(k, v)| {
+        let url = c.url(via, &format!("/api/v1/cache/{}", encoded(k)));
+        let request = c.client.get(url).send();
+        async move {
+            let resp = request.await.expect("read request");
+            let ok = resp.status().as_u16() == 200
+                && resp
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|item| item["value"] == *v && item["key"] == **k);
+            (!ok).then(|| k.clone())
+        }
+    }))
+    .buffer_unordered(64)
+    .filter_map(|missing| async move { missing })
+    .collect::<Vec<_>>()
+    .await
+}
+
+async fn assert_all_readable(c: &ProcCluster, expected: &HashMap<String, Value>, what: &str) {
+    for via in c.running() {
+        let missing = missing_through(c, via, expected).await;
+        assert!(
+            missing.is_empty(),
+            "{what}: {} of {} keys missing or wrong through node {via}, e.g. {:?}",
+            missing.len(),
+            expected.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+    eprintln!(
+        "{what}: all {} keys readable through each of {} nodes; 0 lost",
+        expected.len(),
+        c.running().len()
+    );
+}
+
+async fn cluster_items(c: &ProcCluster, via: usize) -> u64 {
+    let (status, stats) = c.get_json(via, "/api/v1/cluster/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["unreachable"], json!([]), "{stats}");
+    stats["totals"]["items"].as_u64().expect("items")
+}
+
+/// Starts nodes 0..n as one active ring and waits for it to settle.
+async fn started(n: usize, rf: u32) -> ProcCluster {
+    let mut c = ProcCluster::new(n, rf);
+    let members: Vec<_> = (0..n).map(|i| (i, Active)).collect();
+    let epoch = c.set_ring(&members);
+    for i in 0..n {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere() {
+    let c = started(3, 2).await;
+    let written = write_keys(&c, 0..KEYS, 1).await;
+    assert_all_readable(&c, &written, "3 nodes, rf 2").await;
+    assert_eq!(
+        cluster_items(&c, 0).await,
+        2 * KEYS as u64,
+        "each key is held by exactly 2 nodes"
+    );
+
+    // The answer names the node that served it, and that node owns the key.
+    let k = key(42);
+    let resp = c
+        .client
+        .get(c.url(0, &format!("/api/v1/cache/{}", encoded(&k))))
+        .send()
+        .await
+        .unwrap();
+    let served_by = resp.headers()["x-distrocache-served-by"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (_, view) = c
+        .get_json(1, &format!("/api/v1/cluster?key={}", encoded(&k)))
+        .await;
+    let owners: Vec<&str> = view["owners"]["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap())
+        .collect();
+    assert_eq!(owners.len(), 2);
+    assert_eq!(
+        served_by, view["owners"]["primary"],
+        "reads are served by the primary"
+    );
+
+    // Tag invalidation through one node reaches every node.
+    let resp = c
+        .client
+        .post(c.url(1, "/api/v1/invalidate/tag/even"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["tag"], "even");
+    assert_eq!(
+        body["invalidated"],
+        KEYS / 2,
+        "distinct items, not copies: {body}"
+    );
+    assert_eq!(body["removed_copies"], KEYS, "{body}");
+    assert_eq!(body["unreachable"], json!([]));
+    for via in 0..3 {
+        for i in (0..KEYS).step_by(7) {
+            let resp = c
+                .client
+                .get(c.url(via, &format!("/api/v1/cache/{}", encoded(&key(i)))))
+                .send()
+                .await
+                .unwrap();
+            let expected = if tag(i) == "even" { 404 } else { 200 };
+            assert_eq!(
+                resp.status().as_u16(),
+                expected,
+                "key {i} through node {via}"
+            );
+        }
+    }
+    let odd: HashMap<String, Value> = written
+        .into_iter()
+        .filter(|(k, _)| {
+            k.trim_start_matches("user:")
+                .trim_end_matches("/profile")
+                .parse::<usize>()
+                .unwrap()
+                % 2
+                == 1
+        })
+        .collect();
+    assert_all_readable(&c, &odd, "after invalidating \"even\"").await;
+    assert_eq!(cluster_items(&c, 2).await, KEYS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_node_moves_its_share_and_loses_nothing() {
+    let mut c = started(3, 2).await;
+    let written = write_keys(&c, 0..KEYS, 1).await;
+
+    let new = c.add_slot();
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active), (new, Joining)]);
+    c.start(new);
+    c.wait_settled(epoch, SETTLE).await;
+    // Readable while the new member is still joining, too.
+    assert_all_readable(&c, &written, "4th node joining").await;
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active), (new, Active)]);
+    c.wait_settled(epoch, SETTLE).await;
+    assert_all_readable(&c, &written, "4th node active").await;
+
+    let progress = c.progress(new).await.expect("progress");
+    let moved = progress.keys_received as f64 / KEYS as f64;
+    eprintln!(
+        "adding a 4th node (rf 2): {} of {KEYS} keys gained an owner ({:.1}%; ideal rf/N = 50%), \
+         i.e. {:.1}% of the {} stored copies moved (ideal 1/N = 25%); pull took {:.3}s",
+        progress.keys_received,
+        moved * 100.0,
+        moved * 50.0,
+        2 * KEYS,
+        progress.last_sync_seconds,
+    );
+    assert!((0.45..0.55).contains(&moved), "moved fraction {moved}");
+    assert_eq!(
+        cluster_items(&c, 0).await,
+        2 * KEYS as u64,
+        "old owners dropped what they gave away"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_hands_off_before_it_is_removed() {
+    let mut c = started(4, 2).await;
+    let written = write_keys(&c, 0..KEYS, 1).await;
+    let before = c.progress(1).await.unwrap().items;
+
+    let epoch = c.set_ring(&[(0, Active), (1, Leaving), (2, Active), (3, Active)]);
+    let handoff = c.wait_handoff(1, SETTLE).await;
+    assert!(handoff.synced_epoch >= epoch);
+    eprintln!(
+        "leaving node-1 held {before} items and sent {} keys to their new owners",
+        handoff.keys_sent
+    );
+    // Still a member while leaving: writes reach the new owners.
+    let more = write_keys(&c, KEYS..KEYS + 500, 2).await;
+
+    let epoch = c.set_ring(&[(0, Active), (2, Active), (3, Active)]);
+    c.wait_settled(epoch, SETTLE).await;
+    c.kill(1);
+    let mut all = written;
+    all.extend(more);
+    assert_all_readable(&c, &all, "after node-1 left").await;
+    assert_eq!(cluster_items(&c, 0).await, 2 * all.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back() {
+    let mut c = started(3, 2).await;
+    let mut written = write_keys(&c, 0..KEYS, 1).await;
+
+    c.kill(0);
+    assert_all_readable(&c, &written, "node-0 killed").await;
+    // Writes while a replica is down are answered; node-0 gets them later.
+    written.extend(write_keys(&c, KEYS..KEYS + 300, 2).await);
+
+    c.start(0);
+    c.wait_ready(0, SETTLE).await;
+    let pulled = c.progress(0).await.unwrap();
+    eprintln!(
+        "node-0 restarted empty and pulled {} keys in {:.3}s ({:.0} keys/s)",
+        pulled.keys_received,
+        pulled.last_sync_seconds,
+        pulled.keys_received as f64 / pulled.last_sync_seconds.max(1e-6)
+    );
+    assert!(pulled.items > 0);
+
+    c.kill(1);
+    assert_all_readable(&c, &written, "node-0 back, node-1 killed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
+    let mut c = ProcCluster::new(2, 2).with_flags(&[
+        "--peer-timeout",
+        "1s",
+        "--peer-connect-timeout",
+        "500ms",
+    ]);
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start(1);
+    c.wait_settled(epoch, SETTLE).await;
+
+    // SIGSTOP: the replica accepts connections (the kernel does) but never answers.
+    let pid = c.pid(1);
+    signal(pid, libc::SIGSTOP);
+    let resp = c
+        .client
+        .put(c.url(0, "/api/v1/cache/stalled"))
+        .json(&json!({"value": "written while node-1 stalled"}))
+        .send()
+        .await
+        .unwrap();
+    signal(pid, libc::SIGCONT);
+    assert!(
+        resp.status().is_success(),
+        "the write is answered with a replica down"
+    );
+
+    // Without any restart, the repair queue brings node-1 up to date.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = c
+            .client
+            .get(c.url(1, "/internal/v1/items/stalled"))
+            .header("x-distrocache-epoch", epoch)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            let item: Value = resp.json().await.unwrap();
+            assert_eq!(item["value"], "written while node-1 stalled");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-1 was never repaired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: sending a signal to a child process we own.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_never_acts_on_a_stale_ring() {
+    // rf 1 makes ownership sharp: exactly one node may serve each key.
+    // Nodes 0-2 are members; node-3 is a gateway (not a member) that only
+    // forwards, with a membership file of its own that will go stale.
+    let mut c = ProcCluster::new(5, 1);
+    let old = c.doc(1, &[(0, Active), (1, Active), (2, Active)]);
+    cluster_support::write_atomically(&c.membership_file(), &old.to_json());
+    cluster_support::write_atomically(&c.private_membership_file(3), &old.to_json());
+    for i in 0..3 {
+        c.start(i);
+    }
+    let gateway_file = c.private_membership_file(3);
+    c.start_with_file(3, &gateway_file);
+    for i in 0..4 {
+        c.wait_ready(i, SETTLE).await;
+    }
+    c.epoch = 1;
+    let written = write_keys(&c, 0..2000, 1).await;
+
+    // Epoch 2 adds node-4. The members learn it; the gateway does not.
+    let new = c.doc(2, &[(0, Active), (1, Active), (2, Active), (4, Active)]);
+    cluster_support::write_atomically(&c.membership_file(), &new.to_json());
+    c.start(4);
+    c.wait_ready(4, SETTLE).await;
+    for i in [0, 1, 2, 4] {
+        let deadline = std::time::Instant::now() + SETTLE;
+        while c.get_json(i, "/api/v1/cluster").await.1["settled"] != true
+            || c.get_json(i, "/api/v1/cluster").await.1["epoch"] != 2
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {i} did not settle"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // A peer request made with an older ring is refused, naming the newer
+    // epoch, and changes nothing.
+    let resp = c
+        .client
+        .post(c.url(0, "/internal/v1/replicate"))
+        .header("x-distrocache-epoch", 1)
+        .json(&json!({"items": [{"key": "stale-write", "value": 1, "createdAt": 1, "accessedAt": 1, "expiresAt": u64::MAX}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 421);
+    assert_eq!(resp.headers()["x-distrocache-epoch"], "2");
+    let resp = c
+        .client
+        .get(c.url(0, "/internal/v1/items/stale-write"))
+        .header("x-distrocache-epoch", 2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404, "the stale request was not applied");
+    // An older ring offered by a peer is not adopted.
+    let resp = c
+        .client
+        .put(c.url(0, "/internal/v1/ring"))
+        .body(old.to_json())
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (body["epoch"].as_u64(), body["adopted"].as_bool()),
+        (Some(2), Some(false))
+    );
+
+    // A key that moved to node-4, asked of the gateway, which still holds
+    // epoch 1 and so sends it to the old owner: that owner refuses the stale
+    // request, the gateway catches up, and node-4 answers.
+    let owner = |doc: &distrocache_membership::MembershipDoc, k: &str| {
+        let ring = cache_node::cluster::ring::Ring::new(std::sync::Arc::new(doc.clone()), "client");
+        ring.member(ring.owners(k.as_bytes())[0]).id.clone()
+    };
+    let (moved, value) = written
+        .iter()
+        .find(|(k, _)| owner(&new, k) == "node-4")
+        .expect("some key moved to node-4");
+    let (_, before) = c.get_json(3, "/api/v1/cluster").await;
+    assert_eq!(before["epoch"], 1, "the gateway still holds the old ring");
+    let resp = c
+        .client
+        .get(c.url(3, &format!("/api/v1/cache/{}", encoded(moved))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-distrocache-served-by"], "node-4");
+    let item: Value = resp.json().await.unwrap();
+    assert_eq!(item["value"], *value);
+    let (_, after) = c.get_json(3, "/api/v1/cluster").await;
+    assert_eq!(
+        after["epoch"], 2,
+        "the gateway caught up instead of acting on epoch 1"
+    );
+    c.epoch = 2;
+}

@@ -1,0 +1,300 @@
+//! Test support for multi-node tests: real `cache-node` processes, each on
+//! its own loopback address (127.1.B.x, a block B per test so tests can run
+//! in parallel), sharing a membership file the test rewrites to change the
+//! ring. Every process is killed when the cluster is dropped; if the test is
+//! failing, the tail of each node's log is printed first.
+
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc, NodeProgress};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cache-node");
+const PORT: u16 = 18_400;
+
+static NEXT_BLOCK: AtomicU8 = AtomicU8::new(1);
+
+pub struct ProcNode {
+    pub id: String,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ProcNode {
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct ProcCluster {
+    dir: tempfile::TempDir,
+    block: u8,
+    pub nodes: Vec<ProcNode>,
+    pub epoch: u64,
+    pub replication_factor: u32,
+    pub client: reqwest::Client,
+    /// Extra flags for every node.
+    flags: Vec<String>,
+}
+
+impl ProcCluster {
+    /// A cluster of `n` node slots (not started), ids `node-0..`.
+    pub fn new(n: usize, replication_factor: u32) -> Self {
+        let block = NEXT_BLOCK.fetch_add(1, Ordering::SeqCst);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nodes = (0..n)
+            .map(|i| ProcNode {
+                id: format!("node-{i}"),
+                addr: SocketAddr::from((Ipv4Addr::new(127, 1, block, 10 + i as u8), PORT)),
+                child: None,
+                log: dir.path().join(format!("node-{i}.log")),
+            })
+            .collect();
+        Self {
+            dir,
+            block,
+            nodes,
+            epoch: 0,
+            replication_factor,
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            flags: Vec::new(),
+        }
+    }
+
+    pub fn with_flags(mut self, flags: &[&str]) -> Self {
+        self.flags = flags.iter().map(|f| f.to_string()).collect();
+        self
+    }
+
+    /// Adds one more node slot; returns its index.
+    pub fn add_slot(&mut self) -> usize {
+        let i = self.nodes.len();
+        self.nodes.push(ProcNode {
+            id: format!("node-{i}"),
+            addr: SocketAddr::from((Ipv4Addr::new(127, 1, self.block, 10 + i as u8), PORT)),
+            child: None,
+            log: self.dir.path().join(format!("node-{i}.log")),
+        });
+        i
+    }
+
+    pub fn membership_file(&self) -> PathBuf {
+        self.dir.path().join("ring.json")
+    }
+
+    /// A private membership file for node `i` (to give it a ring of its own).
+    pub fn private_membership_file(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("ring-{i}.json"))
+    }
+
+    /// The ring document for the given members and states, at `epoch`.
+    pub fn doc(&self, epoch: u64, members: &[(usize, MemberState)]) -> MembershipDoc {
+        MembershipDoc {
+            epoch,
+            replication_factor: self.replication_factor,
+            hashing: Hashing::Rendezvous,
+            members: members
+                .iter()
+                .map(|&(i, state)| Member {
+                    id: self.nodes[i].id.clone(),
+                    address: self.nodes[i].addr.to_string(),
+                    state,
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes a new ring (the next epoch) to the shared membership file.
+    pub fn set_ring(&mut self, members: &[(usize, MemberState)]) -> u64 {
+        self.epoch += 1;
+        let doc = self.doc(self.epoch, members);
+        write_atomically(&self.membership_file(), &doc.to_json());
+        self.epoch
+    }
+
+    /// Starts node `i` reading the shared membership file.
+    pub fn start(&mut self, i: usize) {
+        let file = self.membership_file();
+        self.start_with_file(i, &file);
+    }
+
+    pub fn start_with_file(&mut self, i: usize, membership_file: &Path) {
+        assert!(self.nodes[i].child.is_none(), "node {i} already running");
+        let node = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("log file");
+        let child = Command::new(BIN)
+            .args(["--bind-address", &node.addr.ip().to_string()])
+            .args(["--port", &node.addr.port().to_string()])
+            .args(["--node-id", &node.id])
+            .arg("--membership-file")
+            .arg(membership_file)
+            .args(["--membership-poll-interval", "100ms"])
+            .args(["--log-level", "info"])
+            .args(&self.flags)
+            .stdout(Stdio::from(log.try_clone().expect("log file")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start cache-node");
+        self.nodes[i].child = Some(child);
+    }
+
+    /// `kill -9`: the process dies at once, its memory with it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pid(&self, i: usize) -> u32 {
+        self.nodes[i].child.as_ref().expect("node is running").id()
+    }
+
+    pub fn url(&self, i: usize, path: &str) -> String {
+        format!("http://{}{}", self.nodes[i].addr, path)
+    }
+
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_running())
+            .collect()
+    }
+
+    pub async fn get_json(&self, i: usize, path: &str) -> (u16, Value) {
+        let resp = self
+            .client
+            .get(self.url(i, path))
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn progress(&self, i: usize) -> Option<NodeProgress> {
+        let resp = self
+            .client
+            .get(self.url(i, "/api/v1/cluster/rebalance"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        resp.json().await.ok()
+    }
+
+    /// Waits until every running node holds `epoch`, has synced it, is ready
+    /// and sees the cluster settled (data moved, old copies dropped).
+    pub async fn wait_settled(&self, epoch: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut all = true;
+            for i in self.running() {
+                let view = self
+                    .client
+                    .get(self.url(i, "/api/v1/cluster"))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await;
+                let ok = match view {
+                    Ok(resp) => {
+                        let v: Value = resp.json().await.unwrap_or(Value::Null);
+                        v["epoch"] == epoch && v["settled"] == true && v["ready"] == true
+                    }
+                    Err(_) => false,
+                };
+                all &= ok;
+            }
+            if all {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster did not settle at epoch {epoch} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until node `i` answers its readiness probe.
+    pub async fn wait_ready(&self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self
+                .client
+                .get(self.url(i, "/api/v1/ready"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} not ready within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until a leaving node reports its handoff complete.
+    pub async fn wait_handoff(&self, i: usize, within: Duration) -> NodeProgress {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(p) = self.progress(i).await
+                && p.handoff_complete
+            {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} did not hand off within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn dump_logs(&self) {
+        for node in &self.nodes {
+            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("---- {} ({}) last log lines ----", node.id, node.addr);
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write ring");
+    std::fs::rename(&tmp, path).expect("rename ring");
+}
