@@ -1,0 +1,340 @@
+//! What a container's process is started with: the executable from the image
+//! table, the arguments, and the environment, resolved the way a kubelet
+//! resolves them.
+//!
+//! - Executable: the image table's binary. `command[0]`, if set, names a
+//!   file inside the image, which does not exist here, so it is ignored; the
+//!   rest of `command`, then `args`, are the arguments.
+//! - Environment, in this order (later wins): `PATH`, `HOME` (the pod's
+//!   directory), `HOSTNAME`, `KUBECONFIG` (the pod's service-account
+//!   kubeconfig, standing in for the token a real kubelet mounts), `envFrom`,
+//!   `env` (literal values with `$(VAR)` expansion, `fieldRef`,
+//!   `secretKeyRef`, `configMapKeyRef`), then the image table's variables with
+//!   their placeholders replaced.
+//! - `$(VAR)` in `command` and `args` expands against that environment.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVarSource, Pod, Secret};
+use kube::{Api, Client};
+
+use super::images::Program;
+
+/// Everything needed to start the process.
+#[derive(Debug, Clone)]
+pub(crate) struct Launch {
+    pub binary: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// Facts about the pod that placeholders and field references read.
+pub(crate) struct PodFacts<'a> {
+    pub pod: &'a Pod,
+    pub ip: Ipv4Addr,
+    pub host_ip: Ipv4Addr,
+    pub node_name: &'a str,
+    pub dir: &'a Path,
+    pub kubeconfig: Option<&'a Path>,
+}
+
+impl PodFacts<'_> {
+    fn name(&self) -> &str {
+        self.pod.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    fn namespace(&self) -> &str {
+        self.pod.metadata.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+/// Resolves the launch of `container`. Errors are messages for the
+/// container's `CreateContainerConfigError` status.
+pub(crate) async fn resolve(
+    client: &Client,
+    facts: &PodFacts<'_>,
+    container: &Container,
+    program: &Program,
+) -> Result<Launch, String> {
+    let mut env = Env::default();
+    env.set(
+        "PATH",
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+    );
+    env.set("HOME", facts.dir.display().to_string());
+    let hostname = facts
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .unwrap_or_else(|| facts.name().to_string());
+    env.set("HOSTNAME", hostname);
+    if let Some(kubeconfig) = facts.kubeconfig {
+        env.set("KUBECONFIG", kubeconfig.display().to_string());
+    }
+
+    let namespace = facts.namespace();
+    for source in container.env_from.iter().flatten() {
+        let prefix = source.prefix.as_deref().unwrap_or_default();
+        if let Some(r) = &source.config_map_ref {
+            let optional = r.optional.unwrap_or(false);
+            if let Some(data) = config_map_data(client, namespace, &r.name, optional).await? {
+                for (k, v) in data {
+                    env.set(format!("{prefix}{k}"), v);
+                }
+            }
+        }
+        if let Some(r) = &source.secret_ref {
+            let optional = r.optional.unwrap_or(false);
+            if let Some(data) = secret_data(client, namespace, &r.name, optional).await? {
+                for (k, v) in data {
+                    env.set(format!("{prefix}{k}"), v);
+                }
+            }
+        }
+    }
+
+    for var in container.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (_, Some(from)) => match value_from(client, facts, from).await? {
+                Some(value) => value,
+                None => continue, // an optional reference that is absent
+            },
+            (Some(value), None) => expand(value, |name| env.get(name)),
+            (None, None) => String::new(),
+        };
+        env.set(var.name.clone(), value);
+    }
+
+    for (name, value) in &program.env {
+        env.set(name.clone(), placeholders(value, facts));
+    }
+
+    let args = container
+        .command
+        .iter()
+        .flatten()
+        .skip(1)
+        .chain(container.args.iter().flatten())
+        .map(|arg| expand(arg, |name| env.get(name)))
+        .collect();
+    Ok(Launch {
+        binary: program.binary.clone(),
+        args,
+        env: env.vars,
+    })
+}
+
+/// An ordered environment where setting a name again replaces its value.
+#[derive(Default)]
+struct Env {
+    vars: Vec<(String, String)>,
+}
+
+impl Env {
+    fn set(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let (name, value) = (name.into(), value.into());
+        match self.vars.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.vars.push((name, value)),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.vars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+async fn value_from(
+    client: &Client,
+    facts: &PodFacts<'_>,
+    from: &EnvVarSource,
+) -> Result<Option<String>, String> {
+    let namespace = facts.namespace();
+    if let Some(field) = &from.field_ref {
+        return field_value(facts, &field.field_path).map(Some);
+    }
+    if let Some(r) = &from.secret_key_ref {
+        let optional = r.optional.unwrap_or(false);
+        let data = secret_data(client, namespace, &r.name, optional).await?;
+        return match data.and_then(|mut data| data.remove(&r.key)) {
+            Some(value) => Ok(Some(value)),
+            None if optional => Ok(None),
+            None => Err(format!("secret {:?} has no key {:?}", r.name, r.key)),
+        };
+    }
+    if let Some(r) = &from.config_map_key_ref {
+        let optional = r.optional.unwrap_or(false);
+        let data = config_map_data(client, namespace, &r.name, optional).await?;
+        return match data.and_then(|mut data| data.remove(&r.key)) {
+            Some(value) => Ok(Some(value)),
+            None if optional => Ok(None),
+            None => Err(format!("configmap {:?} has no key {:?}", r.name, r.key)),
+        };
+    }
+    Err("only fieldRef, secretKeyRef and configMapKeyRef are supported by the test kubelet".into())
+}
+
+/// The downward API's `fieldRef` paths.
+fn field_value(facts: &PodFacts<'_>, path: &str) -> Result<String, String> {
+    let meta = &facts.pod.metadata;
+    let spec = facts.pod.spec.as_ref();
+    let map_entry = |map: &Option<BTreeMap<String, String>>, prefix: &str| {
+        let key = path
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix("['"))
+            .and_then(|rest| rest.strip_suffix("']"))?;
+        Some(
+            map.as_ref()
+                .and_then(|m| m.get(key).cloned())
+                .unwrap_or_default(),
+        )
+    };
+    Ok(match path {
+        "metadata.name" => facts.name().to_string(),
+        "metadata.namespace" => facts.namespace().to_string(),
+        "metadata.uid" => meta.uid.clone().unwrap_or_default(),
+        "spec.nodeName" => facts.node_name.to_string(),
+        "spec.serviceAccountName" => spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        "status.podIP" | "status.podIPs" => facts.ip.to_string(),
+        "status.hostIP" | "status.hostIPs" => facts.host_ip.to_string(),
+        _ => map_entry(&meta.labels, "metadata.labels")
+            .or_else(|| map_entry(&meta.annotations, "metadata.annotations"))
+            .ok_or_else(|| format!("fieldRef {path:?} is not supported by the test kubelet"))?,
+    })
+}
+
+async fn secret_data(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    optional: bool,
+) -> Result<Option<BTreeMap<String, String>>, String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match secrets.get_opt(name).await {
+        Ok(Some(secret)) => Ok(Some(
+            secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                .collect(),
+        )),
+        Ok(None) if optional => Ok(None),
+        Ok(None) => Err(format!("secret {name:?} not found")),
+        Err(e) => Err(format!("get secret {name:?}: {e}")),
+    }
+}
+
+async fn config_map_data(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    optional: bool,
+) -> Result<Option<BTreeMap<String, String>>, String> {
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    match maps.get_opt(name).await {
+        Ok(Some(map)) => Ok(Some(map.data.unwrap_or_default())),
+        Ok(None) if optional => Ok(None),
+        Ok(None) => Err(format!("configmap {name:?} not found")),
+        Err(e) => Err(format!("get configmap {name:?}: {e}")),
+    }
+}
+
+/// Replaces the image table's placeholders.
+fn placeholders(value: &str, facts: &PodFacts<'_>) -> String {
+    value
+        .replace("{podIP}", &facts.ip.to_string())
+        .replace("{podName}", facts.name())
+        .replace("{namespace}", facts.namespace())
+        .replace("{podDir}", &facts.dir.display().to_string())
+        .replace(
+            "{kubeconfig}",
+            &facts
+                .kubeconfig
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        )
+}
+
+/// Kubernetes' `$(VAR)` expansion: a defined variable is replaced, an
+/// undefined reference is kept as written, and `$$` is a literal `$`.
+pub(crate) fn expand(input: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(dollar) = rest.find('$') {
+        out.push_str(&rest[..dollar]);
+        let after = &rest[dollar + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(') {
+            match inner.find(')') {
+                Some(close) => {
+                    let name = &inner[..close];
+                    match lookup(name) {
+                        Some(value) => out.push_str(&value),
+                        None => out.push_str(&rest[dollar..dollar + 2 + close + 1]),
+                    }
+                    rest = &inner[close + 1..];
+                }
+                None => {
+                    out.push_str(&rest[dollar..]);
+                    rest = "";
+                }
+            }
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(name: &str) -> Option<String> {
+        match name {
+            "POD_IP" => Some("127.0.0.10".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn expand_follows_kubernetes_rules() {
+        assert_eq!(
+            expand("--addr=$(POD_IP):80", lookup),
+            "--addr=127.0.0.10:80"
+        );
+        assert_eq!(expand("$(MISSING)", lookup), "$(MISSING)");
+        assert_eq!(expand("$$(POD_IP)", lookup), "$(POD_IP)");
+        assert_eq!(expand("a$b", lookup), "a$b");
+        assert_eq!(expand("end$", lookup), "end$");
+        assert_eq!(expand("$(POD_IP", lookup), "$(POD_IP");
+        assert_eq!(expand("x$(EMPTY)y", lookup), "xy");
+        assert_eq!(expand("é$(POD_IP)é", lookup), "é127.0.0.10é");
+    }
+
+    #[test]
+    fn later_settings_replace_earlier_ones_in_place() {
+        let mut env = Env::default();
+        env.set("A", "1");
+        env.set("B", "2");
+        env.set("A", "3");
+        assert_eq!(
+            env.vars,
+            vec![("A".into(), "3".into()), ("B".into(), "2".into())]
+        );
+    }
+}
