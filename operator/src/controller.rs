@@ -1,0 +1,520 @@
+//! The controller: watches DistroCaches, their children and their pods, and
+//! reconciles each cache towards its spec (DESIGN 4).
+//!
+//! A reconcile is level-triggered and idempotent: it applies every child
+//! with server-side apply (one field manager), observes the ring, the
+//! StatefulSet, the pods and the nodes' progress, lets [`scaling::plan`]
+//! decide the next step, writes the ring before the StatefulSet, and
+//! reports the status. It keeps no state between runs that matters (the
+//! ring lives in its ConfigMap, mirrored in the status), so the operator
+//! can be killed at any point and carry on where it was.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use distrocache_membership::{CONFIGMAP_KEY, Member, MemberState, MembershipDoc};
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use std::sync::Mutex;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::crd::{DistroCache, DistroCacheStatus};
+use crate::metrics::Metrics;
+use crate::node_client::NodeClient;
+use crate::resources::{self, FIELD_MANAGER};
+use crate::scaling::{self, Observed, PodView, Step};
+use crate::status::{self, Facts};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the ring ConfigMap holds an invalid document: {0}")]
+    BadRing(String),
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub nodes: NodeClient,
+    /// Requeue interval while nothing is changing.
+    pub resync: Duration,
+    /// Consecutive failures per cache, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<DistroCache>, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Metrics, nodes: NodeClient, resync: Duration) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: "distrocache-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Arc::new(Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            nodes,
+            resync,
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// Runs the controller over `namespace` (every namespace if `None`) until
+/// SIGTERM/SIGINT.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
+    let api = |c: &Client| -> Api<DistroCache> {
+        match &namespace {
+            Some(ns) => Api::namespaced(c.clone(), ns),
+            None => Api::all(c.clone()),
+        }
+    };
+    fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let managed =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=distrocache-operator");
+    let pods = watcher::Config::default().labels("app.kubernetes.io/name=distrocache");
+    Controller::new(api(&client), watcher::Config::default())
+        .owns(scoped::<StatefulSet>(&client, &namespace), managed.clone())
+        .owns(scoped::<Service>(&client, &namespace), managed.clone())
+        .owns(scoped::<ConfigMap>(&client, &namespace), managed.clone())
+        .owns(scoped::<PodDisruptionBudget>(&client, &namespace), managed)
+        // Pods are owned by the StatefulSet, not the cache: map them back by
+        // label so a pod's new IP or readiness reaches the ring quickly.
+        .watches(scoped::<Pod>(&client, &namespace), pods, |pod| {
+            let instance = pod.labels().get("app.kubernetes.io/instance")?.clone();
+            Some(ObjectRef::new(&instance).within(&pod.namespace()?))
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile stream");
+            }
+        })
+        .await;
+}
+
+pub async fn reconcile(dc: Arc<DistroCache>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_inner(&dc, &ctx).await;
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .expect("never poisoned")
+            .remove(&ObjectRef::from_obj(dc.as_ref()));
+    }
+    result
+}
+
+/// Retries with exponential backoff per cache (1 s doubling to 5 min), and
+/// reports the error as an Event.
+pub fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failures.inc();
+    let failures = {
+        let mut map = ctx.failures.lock().expect("never poisoned");
+        let n = map.entry(ObjectRef::from_obj(dc.as_ref())).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let delay = Duration::from_secs(1u64 << failures.min(9)).min(Duration::from_secs(300));
+    tracing::warn!(cache = %dc.name_any(), error = %error, retry_in = ?delay, "reconcile failed");
+    let message = error.to_string();
+    tokio::spawn(async move {
+        publish(
+            &ctx,
+            &dc,
+            EventType::Warning,
+            "ReconcileFailed",
+            "Reconcile",
+            message,
+        )
+        .await;
+    });
+    Action::requeue(delay)
+}
+
+async fn publish(
+    ctx: &Context,
+    dc: &DistroCache,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &dc.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish an event");
+    }
+}
+
+/// Server-side apply of one child under the operator's field manager.
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = object
+        .meta()
+        .name
+        .clone()
+        .expect("builders always name their objects");
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Ok(api.patch(&name, &params, &Patch::Apply(object)).await?)
+}
+
+async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Error> {
+    let ns = dc.namespace().expect("DistroCache is namespaced");
+    let name = dc.name_any();
+    let client = &ctx.client;
+    let previous = dc.status.clone();
+
+    if let Err(why) = dc.spec.validate() {
+        let (no_pods, no_progress) = (BTreeMap::new(), BTreeMap::new());
+        let facts = Facts {
+            generation: dc.meta().generation,
+            desired_replicas: dc.spec.replicas,
+            selector: resources::selector_string(dc),
+            ring: None,
+            pods: &no_pods,
+            progress: &no_progress,
+            step: &Step::Waiting(why.clone()),
+            invalid_spec: Some(&why),
+            service_monitor: None,
+        };
+        let status = status::build(&facts, previous.as_ref());
+        if previous
+            .as_ref()
+            .is_none_or(|p| p.conditions != status.conditions)
+        {
+            publish(
+                ctx,
+                dc,
+                EventType::Warning,
+                "InvalidSpec",
+                "Validate",
+                why.clone(),
+            )
+            .await;
+        }
+        patch_status(ctx, dc, &status).await?;
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
+
+    // The children that do not depend on the ring.
+    apply(
+        &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        &resources::node_service_account(dc),
+    )
+    .await?;
+    apply(
+        &Api::<Role>::namespaced(client.clone(), &ns),
+        &resources::node_role(dc),
+    )
+    .await?;
+    apply(
+        &Api::<RoleBinding>::namespaced(client.clone(), &ns),
+        &resources::node_role_binding(dc),
+    )
+    .await?;
+    let services = Api::<Service>::namespaced(client.clone(), &ns);
+    apply(&services, &resources::peer_service(dc)).await?;
+    apply(&services, &resources::client_service(dc)).await?;
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
+    match resources::pod_disruption_budget(dc) {
+        Some(pdb) => {
+            apply(&pdbs, &pdb).await?;
+        }
+        None => delete_if_owned(&pdbs, &name, dc).await?,
+    }
+    let service_monitor = reconcile_service_monitor(dc, ctx, &ns).await?;
+
+    // Observe.
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let (mut ring, mut ring_recovered) = match configmaps
+        .get_opt(&resources::ring_configmap_name(dc))
+        .await?
+    {
+        Some(cm) => {
+            let json = cm.data.as_ref().and_then(|d| d.get(CONFIGMAP_KEY));
+            match json {
+                Some(json) => (
+                    Some(
+                        MembershipDoc::from_json(json.as_bytes())
+                            .map_err(|e| Error::BadRing(e.to_string()))?,
+                    ),
+                    false,
+                ),
+                None => (None, false),
+            }
+        }
+        None => (None, false),
+    };
+    let last_epoch = previous.as_ref().map_or(0, |s| s.ring_epoch.max(0) as u64);
+    if ring.is_none()
+        && let Some(recovered) = previous
+            .as_ref()
+            .and_then(|s| ring_from_status(s, dc.spec.replication_factor as u32))
+    {
+        // The ConfigMap was deleted under a running cache: rebuild the ring
+        // from the status rather than start over, which would strand data.
+        ring = Some(recovered);
+        ring_recovered = true;
+    }
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
+    let sts = statefulsets.get_opt(&name).await?;
+    let pods = observe_pods(dc, ctx, &ns).await?;
+    let members: Vec<(String, String)> = ring
+        .iter()
+        .flat_map(|doc| doc.members.iter())
+        .filter_map(|m| {
+            let pod = pods.get(&m.id)?;
+            Some((m.id.clone(), pod.address.clone()?))
+        })
+        .collect();
+    let progress = ctx.nodes.progress(&members).await;
+    let observed = Observed {
+        name: name.clone(),
+        desired_replicas: dc.spec.replicas,
+        replication_factor: dc.spec.replication_factor as u32,
+        ring,
+        ring_recovered,
+        last_epoch,
+        statefulset_replicas: sts.as_ref().and_then(|s| s.spec.as_ref()?.replicas),
+        pods,
+        progress,
+    };
+
+    // Decide, then write the ring before the StatefulSet: a scale-down drops
+    // members from the ring before their pods go.
+    let plan = scaling::plan(&observed);
+    if let Some(doc) = &plan.ring
+        && (plan.step.changes_ring() || observed.ring.is_none())
+    {
+        apply(&configmaps, &resources::ring_configmap(dc, doc)).await?;
+        ctx.metrics
+            .ring_epoch
+            .with_label_values(&[&ns, &name])
+            .set(doc.epoch as i64);
+    }
+    apply(
+        &statefulsets,
+        &resources::statefulset(dc, plan.statefulset_replicas),
+    )
+    .await?;
+    if plan.step.changes_ring() {
+        tracing::info!(cache = %name, namespace = %ns, epoch = plan.ring.as_ref().map(|d| d.epoch), step = ?plan.step, "ring changed");
+        publish(
+            ctx,
+            dc,
+            EventType::Normal,
+            status::step_reason(&plan.step),
+            "Scale",
+            format!(
+                "{} (ring epoch {})",
+                status::step_message(&plan.step),
+                plan.ring.as_ref().map_or(0, |d| d.epoch)
+            ),
+        )
+        .await;
+    }
+
+    let facts = Facts {
+        generation: dc.meta().generation,
+        desired_replicas: dc.spec.replicas,
+        selector: resources::selector_string(dc),
+        ring: plan.ring.as_ref(),
+        pods: &observed.pods,
+        progress: &observed.progress,
+        step: &plan.step,
+        invalid_spec: None,
+        service_monitor,
+    };
+    let status = status::build(&facts, previous.as_ref());
+    patch_status(ctx, dc, &status).await?;
+
+    // While anything moves, look again soon: node progress is polled, not
+    // watched.
+    Ok(match plan.step {
+        Step::Steady if status.ready_replicas == dc.spec.replicas => Action::requeue(ctx.resync),
+        _ => Action::requeue(Duration::from_secs(1)),
+    })
+}
+
+/// The pods of this cache, keyed by name.
+async fn observe_pods(
+    dc: &DistroCache,
+    ctx: &Context,
+    ns: &str,
+) -> Result<BTreeMap<String, PodView>, Error> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default().labels(&resources::selector_string(dc)))
+        .await?;
+    let port = dc.spec.port;
+    Ok(pods
+        .into_iter()
+        .filter_map(|pod| {
+            let name = pod.name_any();
+            let ordinal = resources::ordinal(dc, &name)?;
+            let status = pod.status.as_ref();
+            let ip = status
+                .and_then(|s| s.pod_ip.clone())
+                .filter(|ip| !ip.is_empty());
+            let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+            let ready = running
+                && status
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let address = ip.filter(|_| running).map(|ip| {
+                if ip.contains(':') {
+                    format!("[{ip}]:{port}")
+                } else {
+                    format!("{ip}:{port}")
+                }
+            });
+            Some((
+                name,
+                PodView {
+                    ordinal,
+                    address,
+                    ready,
+                },
+            ))
+        })
+        .collect())
+}
+
+/// The ring as the status last recorded it (members and states). The status
+/// does not record the replication factor; the spec's is the one last
+/// applied, since a change of it is a ring change of its own.
+fn ring_from_status(status: &DistroCacheStatus, replication_factor: u32) -> Option<MembershipDoc> {
+    if status.ring_epoch <= 0 || status.members.is_empty() {
+        return None;
+    }
+    let members = status
+        .members
+        .iter()
+        .map(|m| Member {
+            id: m.pod.clone(),
+            address: m.address.clone(),
+            state: match m.state.as_str() {
+                "joining" => MemberState::Joining,
+                "leaving" => MemberState::Leaving,
+                _ => MemberState::Active,
+            },
+        })
+        .collect();
+    Some(MembershipDoc {
+        epoch: status.ring_epoch as u64,
+        replication_factor,
+        hashing: Default::default(),
+        members,
+    })
+}
+
+/// Applies (or removes) the ServiceMonitor. `None` when not asked for;
+/// `Some(Err(why))` when asked for but its API is not served.
+async fn reconcile_service_monitor(
+    dc: &DistroCache,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Option<Result<(), String>>, Error> {
+    let resource = resources::service_monitor_resource();
+    let served = kube::discovery::pinned_kind(
+        &ctx.client,
+        &kube::api::GroupVersionKind::gvk(resources::SERVICE_MONITOR_GROUP, "v1", "ServiceMonitor"),
+    )
+    .await
+    .is_ok();
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &resource);
+    match resources::service_monitor(dc) {
+        Some(sm) if served => {
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            api.patch(&dc.name_any(), &params, &Patch::Apply(&sm))
+                .await?;
+            Ok(Some(Ok(())))
+        }
+        Some(_) => Ok(Some(Err(
+            "monitoring.serviceMonitor.enabled is set, but the ServiceMonitor CRD \
+             (monitoring.coreos.com/v1) is not installed in this cluster"
+                .into(),
+        ))),
+        None => {
+            if served {
+                delete_if_owned(&api, &dc.name_any(), dc).await?;
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Deletes a child the spec no longer asks for, if this cache owns it.
+async fn delete_if_owned<K>(api: &Api<K>, name: &str, dc: &DistroCache) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let Some(object) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let ours = object
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| Some(&o.uid) == dc.meta().uid.as_ref());
+    if ours {
+        api.delete(name, &Default::default()).await?;
+    }
+    Ok(())
+}
+
+async fn patch_status(
+    ctx: &Context,
+    dc: &DistroCache,
+    status: &DistroCacheStatus,
+) -> Result<(), Error> {
+    if dc.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let api =
+        Api::<DistroCache>::namespaced(ctx.client.clone(), &dc.namespace().expect("namespaced"));
+    api.patch_status(
+        &dc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}

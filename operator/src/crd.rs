@@ -1,0 +1,380 @@
+//! The `DistroCache` custom resource (group `distrocache.io`, version
+//! `v1alpha1`): what a user asks for (spec) and what the operator reports
+//! (status). `crdgen` turns these types into the CRD YAML shipped in
+//! `manifests/` and the Helm chart, so the schema the API server enforces is
+//! exactly what this file says.
+//!
+//! Validation lives in the schema where the API server can enforce it
+//! (minimums, maximums, patterns, defaults); what a schema cannot express
+//! (e.g. a PDB that would allow every replica of a key to be down at once) is
+//! checked by [`DistroCacheSpec::validate`] and reported as a condition.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Durations as the node reads them: `30s`, `5m`, `1h30m`, `500ms`.
+const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h|d))+$";
+/// Byte sizes as the node reads them: `1048576`, `512MiB`, `1GB`.
+const BYTES_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?$";
+
+/// A DistroCache: a cluster of cache nodes sharing a consistent-hash ring.
+// Clippy reads the repeated `type_ = "integer"` of two printer columns as a
+// duplicated attribute; they are arguments of different columns.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "distrocache.io",
+    version = "v1alpha1",
+    kind = "DistroCache",
+    plural = "distrocaches",
+    shortname = "dc",
+    namespaced,
+    status = "DistroCacheStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.ringEpoch"),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    doc = "A DistroCache: a ring of cache nodes that any client can read and write through any node"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DistroCacheSpec {
+    /// Number of cache nodes. Scaling moves data before any pod is removed.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// The cache-node container image.
+    #[serde(default = "default_image")]
+    #[schemars(length(min = 1))]
+    pub image: String,
+
+    /// Image pull policy of the cache-node container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(Always|IfNotPresent|Never)$"))]
+    pub image_pull_policy: Option<String>,
+
+    /// Most items each node holds; the least recently used go first.
+    #[serde(default = "default_max_size")]
+    #[schemars(range(min = 1))]
+    pub max_size: i64,
+
+    /// Most memory each node's items may take, e.g. `512MiB` (keys, values,
+    /// tags and per-item bookkeeping). Unset: no byte cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = BYTES_PATTERN))]
+    pub max_memory: Option<String>,
+
+    /// TTL of items written without one, e.g. `5m`.
+    #[serde(default = "default_ttl", rename = "defaultTTL")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub default_ttl: String,
+
+    /// How often expired items are swept in the background, e.g. `1m`.
+    #[serde(default = "default_cleanup_interval")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub cleanup_interval: String,
+
+    /// How many nodes hold each key. Changing it moves data like a scale.
+    #[serde(default = "default_replication_factor")]
+    #[schemars(range(min = 1, max = 16))]
+    pub replication_factor: i32,
+
+    /// Port of the nodes' REST API, health endpoints and /metrics.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// CPU and memory for each node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Node log filter (tracing EnvFilter syntax), e.g. `info`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+
+    /// Seconds a node gets to finish after it is told to stop; a leaving node
+    /// has already handed its data off, so this only drains requests.
+    #[serde(default = "default_grace")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub termination_grace_period_seconds: i64,
+
+    /// Pod placement: node selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Pod placement: tolerations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Pod placement: affinity and anti-affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Pod placement: topology spread constraints. Their label selectors
+    /// should match the pods' `app.kubernetes.io/instance` label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+
+    /// Pod placement: priority class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+
+    /// Extra annotations on every node pod. Changing them restarts the pods
+    /// one at a time (a rolling restart that moves no data for good).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+
+    /// Extra labels on every node pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_labels: Option<BTreeMap<String, String>>,
+
+    /// The PodDisruptionBudget that keeps voluntary evictions from taking
+    /// every copy of a key at once.
+    #[serde(default)]
+    pub pod_disruption_budget: PodDisruptionBudgetSpec,
+
+    /// Prometheus integration.
+    #[serde(default)]
+    pub monitoring: MonitoringSpec,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDisruptionBudgetSpec {
+    /// Create the PodDisruptionBudget.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Most node pods voluntarily unavailable at once. Must stay below the
+    /// replication factor, or an eviction could take every copy of a key.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub max_unavailable: i32,
+}
+
+impl Default for PodDisruptionBudgetSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_unavailable: 1,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    #[serde(default)]
+    pub service_monitor: ServiceMonitorSpec,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceMonitorSpec {
+    /// Create a prometheus-operator ServiceMonitor for the nodes (needs its
+    /// CRD in the cluster; without it a condition says why it was skipped).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Scrape interval, e.g. `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub interval: Option<String>,
+    /// Labels for the ServiceMonitor, so a Prometheus' serviceMonitorSelector
+    /// picks it up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// What the operator observed, as of `observedGeneration`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DistroCacheStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Node pods that exist.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Node pods that are ready (hold their data and serve).
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Epoch of the ring the nodes were last given.
+    #[serde(default)]
+    pub ring_epoch: i64,
+    /// The ring's members.
+    #[serde(default)]
+    pub members: Vec<MemberStatus>,
+    /// `Ready`, `Progressing`, `Degraded` and `Rebalancing`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Label selector of the node pods (for the scale subresource and HPA).
+    #[serde(default)]
+    pub selector: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// The pod, which is the member's id.
+    pub pod: String,
+    /// Where peers reach it.
+    pub address: String,
+    /// joining, active or leaving.
+    pub state: String,
+    /// Items it holds, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<i64>,
+    /// Its pod is ready.
+    #[serde(default)]
+    pub ready: bool,
+}
+
+fn default_replicas() -> i32 {
+    3
+}
+fn default_image() -> String {
+    format!(
+        "ghcr.io/distrocache/cache-node:{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+fn default_max_size() -> i64 {
+    10_000
+}
+fn default_ttl() -> String {
+    "5m".into()
+}
+fn default_cleanup_interval() -> String {
+    "1m".into()
+}
+fn default_replication_factor() -> i32 {
+    2
+}
+fn default_port() -> i32 {
+    8080
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_grace() -> i64 {
+    60
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> i32 {
+    1
+}
+
+impl DistroCacheSpec {
+    /// What the schema cannot check. Returns a message for the `Degraded`
+    /// condition when the spec cannot be acted on.
+    pub fn validate(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("defaultTTL", &self.default_ttl),
+            ("cleanupInterval", &self.cleanup_interval),
+        ] {
+            let d = humantime::parse_duration(value)
+                .map_err(|e| format!("spec.{field} {value:?} is not a duration: {e}"))?;
+            if d.is_zero() {
+                return Err(format!("spec.{field} must be longer than zero"));
+            }
+        }
+        if self.pod_disruption_budget.enabled
+            && self.replicas > 1
+            && self.pod_disruption_budget.max_unavailable >= self.replication_factor
+        {
+            return Err(format!(
+                "spec.podDisruptionBudget.maxUnavailable ({}) must be below spec.replicationFactor ({}), \
+                 or a voluntary disruption could remove every copy of a key",
+                self.pod_disruption_budget.max_unavailable, self.replication_factor
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    fn spec(yaml: &str) -> DistroCacheSpec {
+        serde_yaml::from_str(yaml).expect("valid spec")
+    }
+
+    #[test]
+    fn an_empty_spec_gets_the_seed_defaults() {
+        let s = spec("{}");
+        assert_eq!(s.replicas, 3);
+        assert_eq!(s.max_size, 10_000);
+        assert_eq!(s.default_ttl, "5m");
+        assert_eq!(s.cleanup_interval, "1m");
+        assert_eq!(s.replication_factor, 2);
+        assert_eq!(s.port, 8080);
+        assert!(s.pod_disruption_budget.enabled);
+        assert!(!s.monitoring.service_monitor.enabled);
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn semantic_validation_catches_what_the_schema_cannot() {
+        let mut s = spec("{defaultTTL: 0s}");
+        assert!(s.validate().unwrap_err().contains("defaultTTL"));
+        s = spec("{replicationFactor: 2, podDisruptionBudget: {maxUnavailable: 2}}");
+        assert!(s.validate().unwrap_err().contains("maxUnavailable"));
+        s = spec("{replicas: 1, replicationFactor: 1}");
+        assert!(
+            s.validate().is_ok(),
+            "a single replica needs no PDB headroom"
+        );
+    }
+
+    #[test]
+    fn the_crd_has_status_scale_printer_columns_and_validation() {
+        let crd = serde_json::to_value(DistroCache::crd()).unwrap();
+        assert_eq!(crd["spec"]["group"], "distrocache.io");
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["name"], "v1alpha1");
+        assert!(version["subresources"]["status"].is_object());
+        assert_eq!(
+            version["subresources"]["scale"]["labelSelectorPath"],
+            ".status.selector"
+        );
+        let columns: Vec<&str> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["Replicas", "Ready", "Epoch", "Status", "Age"]);
+        let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        assert_eq!(spec["replicas"]["minimum"].as_f64(), Some(0.0));
+        assert_eq!(spec["replicationFactor"]["minimum"].as_f64(), Some(1.0));
+        assert_eq!(spec["replicationFactor"]["maximum"].as_f64(), Some(16.0));
+        assert_eq!(spec["defaultTTL"]["pattern"], DURATION_PATTERN);
+        assert_eq!(spec["maxMemory"]["pattern"], BYTES_PATTERN);
+        assert_eq!(spec["replicas"]["default"], 3);
+    }
+}

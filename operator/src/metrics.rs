@@ -1,0 +1,70 @@
+//! The operator's own Prometheus metrics: reconciles, failures and how long
+//! a reconcile takes, served on `/metrics` with the process metrics.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: IntCounter,
+    pub failures: IntCounter,
+    pub duration: Histogram,
+    pub ring_epoch: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let reconciles = IntCounter::new(
+            "distrocache_operator_reconciles_total",
+            "Reconciles of DistroCache resources",
+        )
+        .expect("valid metric");
+        let failures = IntCounter::new(
+            "distrocache_operator_reconcile_errors_total",
+            "Reconciles that failed and will be retried",
+        )
+        .expect("valid metric");
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "distrocache_operator_reconcile_duration_seconds",
+                "Time one reconcile took",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )
+        .expect("valid metric");
+        let ring_epoch = IntGaugeVec::new(
+            Opts::new(
+                "distrocache_operator_ring_epoch",
+                "Ring epoch last written for each DistroCache",
+            ),
+            &["namespace", "name"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(failures.clone()),
+            Box::new(duration.clone()),
+            Box::new(ring_epoch.clone()),
+        ] {
+            registry.register(c).expect("registered once");
+        }
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            ring_epoch,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding gathered families cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}

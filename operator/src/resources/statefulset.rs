@@ -1,0 +1,352 @@
+//! The StatefulSet of cache nodes. Pod names (`<name>-<ordinal>`) are the
+//! nodes' stable ring ids; the node learns its id, namespace and ring
+//! ConfigMap through its environment.
+//!
+//! Choices worth knowing:
+//! * `podManagementPolicy: Parallel`: new pods of a scale-up start together.
+//!   Ordering is not what keeps data safe here; the operator's two-phase
+//!   ring changes are, and it only shrinks the StatefulSet after the leaving
+//!   members have handed their data off.
+//! * Rolling updates go one pod at a time, and a pod is Ready only once it
+//!   has pulled its keys back from the other replicas, so a restart with
+//!   replication factor 2 loses nothing.
+//! * The preStop hook waits for a leaving member's handoff (bounded by the
+//!   grace period); for any other pod it returns at once.
+
+use k8s_openapi::api::apps::v1::{
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle,
+    LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+
+use super::rbac::node_service_account_name;
+use super::{child_meta, labels, peer_service_name, ring_configmap_name, selector_labels};
+use crate::crd::DistroCache;
+
+pub const CONTAINER_NAME: &str = "cache-node";
+/// The non-root user the node runs as (the distroless "nonroot" user).
+const NODE_UID: i64 = 65532;
+
+pub fn statefulset(dc: &DistroCache, replicas: i32) -> StatefulSet {
+    let mut pod_labels = labels(dc, "cache-node");
+    if let Some(extra) = &dc.spec.pod_labels {
+        for (k, v) in extra {
+            pod_labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    StatefulSet {
+        metadata: child_meta(dc, dc.name_any(), "cache-node"),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(peer_service_name(dc)),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(dc)),
+                ..LabelSelector::default()
+            },
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                    max_unavailable: Some(IntOrString::Int(1)),
+                    partition: Some(0),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: dc.spec.pod_annotations.clone(),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec(dc)),
+            },
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+fn pod_spec(dc: &DistroCache) -> PodSpec {
+    let spec = &dc.spec;
+    PodSpec {
+        service_account_name: Some(node_service_account_name(dc)),
+        termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
+        node_selector: spec.node_selector.clone(),
+        tolerations: spec.tolerations.clone(),
+        affinity: spec.affinity.clone(),
+        topology_spread_constraints: spec.topology_spread_constraints.clone(),
+        priority_class_name: spec.priority_class_name.clone(),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(NODE_UID),
+            run_as_group: Some(NODE_UID),
+            fs_group: Some(NODE_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        containers: vec![container(dc)],
+        ..PodSpec::default()
+    }
+}
+
+fn container(dc: &DistroCache) -> Container {
+    let spec = &dc.spec;
+    let http_get = |path: &str| HTTPGetAction {
+        path: Some(path.into()),
+        port: IntOrString::String("http".into()),
+        ..HTTPGetAction::default()
+    };
+    // The hook must return before the kubelet's grace period ends.
+    let handoff_timeout = (spec.termination_grace_period_seconds - 5).max(1);
+    Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.clone(),
+        env: Some(env(dc)),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: spec.port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(Probe {
+            http_get: Some(http_get("/api/v1/ready")),
+            period_seconds: Some(2),
+            timeout_seconds: Some(2),
+            failure_threshold: Some(3),
+            ..Probe::default()
+        }),
+        liveness_probe: Some(Probe {
+            http_get: Some(http_get("/api/v1/health")),
+            initial_delay_seconds: Some(5),
+            period_seconds: Some(10),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(6),
+            ..Probe::default()
+        }),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                http_get: Some(http_get(&format!(
+                    "/api/v1/cluster/handoff?timeout={handoff_timeout}s"
+                ))),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        resources: spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+fn env(dc: &DistroCache) -> Vec<EnvVar> {
+    let spec = &dc.spec;
+    let literal = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..EnvVar::default()
+    };
+    let field = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let mut env = vec![
+        field("DISTROCACHE_NODE_ID", "metadata.name"),
+        field("DISTROCACHE_NAMESPACE", "metadata.namespace"),
+        literal("DISTROCACHE_MEMBERSHIP_CONFIGMAP", ring_configmap_name(dc)),
+        literal("DISTROCACHE_PORT", spec.port.to_string()),
+        literal("DISTROCACHE_MAX_SIZE", spec.max_size.to_string()),
+        literal("DISTROCACHE_DEFAULT_TTL", spec.default_ttl.clone()),
+        literal(
+            "DISTROCACHE_CLEANUP_INTERVAL",
+            spec.cleanup_interval.clone(),
+        ),
+        literal(
+            "DISTROCACHE_REPLICATION_FACTOR",
+            spec.replication_factor.to_string(),
+        ),
+        literal("DISTROCACHE_LOG_LEVEL", spec.log_level.clone()),
+        literal("DISTROCACHE_LOG_FORMAT", "json".into()),
+        // In-flight requests get most of the grace period to finish.
+        literal(
+            "DISTROCACHE_SHUTDOWN_TIMEOUT",
+            format!("{}s", (spec.termination_grace_period_seconds - 2).max(1)),
+        ),
+    ];
+    if let Some(max_memory) = &spec.max_memory {
+        env.push(literal("DISTROCACHE_MAX_MEMORY", max_memory.clone()));
+    }
+    env
+}
+
+/// The environment as a map, for tests.
+#[cfg(test)]
+fn env_map(sts: &StatefulSet) -> std::collections::BTreeMap<String, EnvVar> {
+    let pod = sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    pod.containers[0]
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.clone(), e.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::test_support::{assert_owned, cache};
+
+    #[test]
+    fn pods_are_ring_members_configured_from_the_spec() {
+        let dc = cache(
+            "{maxSize: 500, maxMemory: 64MiB, defaultTTL: 90s, cleanupInterval: 10s, port: 9000, \
+              replicationFactor: 3, image: example/cache:1, terminationGracePeriodSeconds: 40}",
+        );
+        let sts = statefulset(&dc, 4);
+        assert_owned(&sts.metadata, "orders");
+        let spec = sts.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(4));
+        assert_eq!(spec.service_name.as_deref(), Some("orders-peers"));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(
+            spec.selector.match_labels.as_ref().unwrap(),
+            &selector_labels(&dc)
+        );
+        let env = env_map(&sts);
+        let field = |n: &str| {
+            env[n]
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path
+                .clone()
+        };
+        assert_eq!(field("DISTROCACHE_NODE_ID"), "metadata.name");
+        assert_eq!(field("DISTROCACHE_NAMESPACE"), "metadata.namespace");
+        let value = |n: &str| env[n].value.clone().unwrap();
+        assert_eq!(value("DISTROCACHE_MEMBERSHIP_CONFIGMAP"), "orders-ring");
+        assert_eq!(value("DISTROCACHE_MAX_SIZE"), "500");
+        assert_eq!(value("DISTROCACHE_MAX_MEMORY"), "64MiB");
+        assert_eq!(value("DISTROCACHE_DEFAULT_TTL"), "90s");
+        assert_eq!(value("DISTROCACHE_CLEANUP_INTERVAL"), "10s");
+        assert_eq!(value("DISTROCACHE_PORT"), "9000");
+
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some("orders-node"));
+        assert_eq!(pod.termination_grace_period_seconds, Some(40));
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("example/cache:1"));
+        assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 9000);
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/api/v1/ready"));
+        let live = c
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(live.path.as_deref(), Some("/api/v1/health"));
+        let hook = c
+            .lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            hook.path.as_deref(),
+            Some("/api/v1/cluster/handoff?timeout=35s")
+        );
+    }
+
+    #[test]
+    fn pods_pass_the_restricted_pod_security_standard() {
+        let sts = statefulset(&cache("{}"), 3);
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let sc = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+    }
+
+    #[test]
+    fn placement_knobs_pass_through() {
+        let dc = cache(
+            "{nodeSelector: {disk: ssd}, tolerations: [{key: dedicated, operator: Exists}], \
+              priorityClassName: high, podAnnotations: {restartedAt: '1'}, podLabels: {team: a}, \
+              topologySpreadConstraints: [{maxSkew: 1, topologyKey: zone, whenUnsatisfiable: DoNotSchedule}], \
+              affinity: {podAntiAffinity: {preferredDuringSchedulingIgnoredDuringExecution: []}}, \
+              resources: {limits: {memory: 1Gi}}}",
+        );
+        let sts = statefulset(&dc, 3);
+        let template = sts.spec.unwrap().template;
+        let meta = template.metadata.unwrap();
+        assert_eq!(meta.annotations.unwrap()["restartedAt"], "1");
+        assert_eq!(meta.labels.unwrap()["team"], "a");
+        let pod = template.spec.unwrap();
+        assert_eq!(pod.node_selector.unwrap()["disk"], "ssd");
+        assert_eq!(
+            pod.tolerations.unwrap()[0].key.as_deref(),
+            Some("dedicated")
+        );
+        assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(
+            pod.topology_spread_constraints.unwrap()[0].topology_key,
+            "zone"
+        );
+        assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+        assert!(
+            pod.containers[0]
+                .resources
+                .as_ref()
+                .unwrap()
+                .limits
+                .is_some()
+        );
+    }
+}
