@@ -5,6 +5,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod crdgen;
 pub mod metrics;
 pub mod node_client;
 pub mod resources;

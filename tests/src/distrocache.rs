@@ -1,0 +1,291 @@
+//! DistroCache itself on the test control plane: where the workspace's
+//! binaries are, the images the test kubelet maps to them, installing the
+//! CRD and operator from `manifests/`, waiting for a cache to be Ready, and
+//! a small REST client for talking to the cache nodes on their pod IPs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use distrocache_operator::crd::DistroCache;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+use serde_json::Value;
+
+use crate::control_plane::ControlPlane;
+use crate::kubelet::{Kubelet, Program};
+use crate::wait;
+
+/// The images the manifests and the operator use (any tag).
+pub const NODE_IMAGE: &str = "ghcr.io/distrocache/cache-node";
+pub const OPERATOR_IMAGE: &str = "ghcr.io/distrocache/operator";
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// A binary of this workspace (`cache-node`, `distrocache-operator`), built
+/// by `cargo build --workspace --bins` (the README's test command does that
+/// before the tests). `DISTROCACHE_BIN_DIR` overrides the directory.
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let dir = match std::env::var_os("DISTROCACHE_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"))
+            .join("debug"),
+    };
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing; build it first with `cargo build --workspace --bins` \
+             (bash scripts/test.sh does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Maps the node and operator images to the workspace's binaries, each
+/// listening on its pod IP.
+pub fn register_images(kubelet: &Kubelet) -> Result<()> {
+    kubelet.add_image(
+        NODE_IMAGE,
+        Program::new(workspace_bin("cache-node")?).env("DISTROCACHE_BIND_ADDRESS", "{podIP}"),
+    );
+    kubelet.add_image(
+        OPERATOR_IMAGE,
+        Program::new(workspace_bin("distrocache-operator")?)
+            .env("DISTROCACHE_OPERATOR_BIND_ADDRESS", "{podIP}"),
+    );
+    Ok(())
+}
+
+/// `kubectl apply -f <path>`, failing with kubectl's output.
+pub fn kubectl_apply(cp: &ControlPlane, path: &Path) -> Result<String> {
+    kubectl_ok(cp, &["apply", "-f", &path.display().to_string()])
+}
+
+/// Runs kubectl and returns its stdout, or fails with its stderr.
+pub fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> Result<String> {
+    let out = cp.kubectl(args)?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `kubectl apply -f manifests/`, then waits for the CRD to be established
+/// and the operator's pod to be ready.
+pub async fn install(cp: &ControlPlane) -> Result<()> {
+    kubectl_apply(cp, &workspace_root().join("manifests"))?;
+    kubectl_ok(
+        cp,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/distrocaches.distrocache.io",
+        ],
+    )?;
+    let client = cp.client().await?;
+    wait_pods_ready(
+        &client,
+        "distrocache-system",
+        "app.kubernetes.io/name=distrocache-operator",
+        1,
+        Duration::from_secs(90),
+    )
+    .await
+    .context("the operator's pod did not become ready")?;
+    Ok(())
+}
+
+/// Waits until `n` pods matching `selector` in `ns` are ready.
+pub async fn wait_pods_ready(
+    client: &Client,
+    ns: &str,
+    selector: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    wait::until(
+        &format!("{n} ready pods {selector} in {ns}"),
+        timeout,
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods.list(&ListParams::default().labels(selector)).await?;
+                let ready: Vec<Pod> = list.items.into_iter().filter(is_ready).collect();
+                Ok((ready.len() == n).then_some(ready))
+            }
+        },
+    )
+    .await
+}
+
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The status condition `type_` of a cache, if set.
+pub fn condition(dc: &DistroCache, type_: &str) -> Option<(String, String, String)> {
+    dc.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Waits until the cache reports Ready with `replicas` active members.
+pub async fn wait_ready(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    replicas: usize,
+    timeout: Duration,
+) -> Result<DistroCache> {
+    let caches: Api<DistroCache> = Api::namespaced(client.clone(), ns);
+    wait::until(
+        &format!("DistroCache {ns}/{name} Ready with {replicas} active members"),
+        timeout,
+        || {
+            let caches = caches.clone();
+            async move {
+                let dc = caches.get(name).await?;
+                let ready = condition(&dc, "Ready").is_some_and(|(s, _, _)| s == "True");
+                let status = dc.status.clone().unwrap_or_default();
+                let active = status
+                    .members
+                    .iter()
+                    .filter(|m| m.state == "active")
+                    .count();
+                if ready && active == replicas && status.members.len() == replicas {
+                    Ok(Some(dc))
+                } else {
+                    bail!(
+                        "ready={ready} members={:?} conditions={:?}",
+                        status
+                            .members
+                            .iter()
+                            .map(|m| format!("{}:{}", m.pod, m.state))
+                            .collect::<Vec<_>>(),
+                        status
+                            .conditions
+                            .iter()
+                            .map(|c| format!(
+                                "{}={} {}: {}",
+                                c.type_, c.status, c.reason, c.message
+                            ))
+                            .collect::<Vec<_>>()
+                    )
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// The REST addresses of a cache's node pods that have an IP, by pod name.
+pub async fn node_addresses(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    port: u16,
+) -> Result<Vec<(String, SocketAddr)>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let list = pods
+        .list(&ListParams::default().labels(&format!(
+            "app.kubernetes.io/instance={name},app.kubernetes.io/name=distrocache"
+        )))
+        .await?;
+    let mut out: Vec<(String, SocketAddr)> = list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let ip = p.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
+            Some((p.name_any(), SocketAddr::new(ip, port)))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// A REST client for cache nodes (loopback pod IPs only).
+#[derive(Clone)]
+pub struct CacheClient {
+    http: reqwest::Client,
+}
+
+impl Default for CacheClient {
+    fn default() -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .pool_max_idle_per_host(64)
+                .no_proxy()
+                .build()
+                .expect("a plain HTTP client always builds"),
+        }
+    }
+}
+
+impl CacheClient {
+    fn url(addr: SocketAddr, path: &str) -> Result<String> {
+        if !addr.ip().is_loopback() {
+            bail!("refusing to send traffic outside 127.0.0.0/8: {addr}");
+        }
+        Ok(format!("http://{addr}{path}"))
+    }
+
+    pub async fn get_json(&self, addr: SocketAddr, path: &str) -> Result<(u16, Value)> {
+        let resp = self.http.get(Self::url(addr, path)?).send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn post_json(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        body: &Value,
+    ) -> Result<(u16, Value)> {
+        let resp = self
+            .http
+            .post(Self::url(addr, path)?)
+            .json(body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn text(&self, addr: SocketAddr, path: &str) -> Result<String> {
+        Ok(self
+            .http
+            .get(Self::url(addr, path)?)
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+}

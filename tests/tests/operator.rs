@@ -1,0 +1,455 @@
+//! The operator against the real control plane (issue: operator). The CRD,
+//! RBAC and operator are installed with `kubectl apply -f manifests/`; the
+//! operator runs as the Deployment's pod (the test kubelet runs the
+//! workspace's binary with the operator ServiceAccount's token, so its RBAC
+//! is the manifests'), and the cache nodes are real `cache-node` processes.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use distrocache_operator::crd::DistroCache;
+use distrocache_tests::distrocache::{self, condition, kubectl_ok, wait_ready};
+use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, wait};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::OnceCell;
+
+const READY: Duration = Duration::from_secs(120);
+
+/// The shared control plane with DistroCache installed once per test binary.
+async fn installed() -> Result<(&'static ControlPlane, &'static Kubelet)> {
+    static INSTALLED: OnceCell<()> = OnceCell::const_new();
+    let cp = ControlPlane::shared().await?;
+    let kubelet = Kubelet::shared().await?;
+    INSTALLED
+        .get_or_try_init(|| async {
+            distrocache::register_images(kubelet)?;
+            let started = Instant::now();
+            distrocache::install(cp).await?;
+            eprintln!(
+                "kubectl apply -f manifests/ to a ready operator: {:.1?}",
+                started.elapsed()
+            );
+            anyhow::Ok(())
+        })
+        .await?;
+    Ok((cp, kubelet))
+}
+
+fn cache_yaml(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}"
+    )
+}
+
+fn apply_yaml(cp: &ControlPlane, yaml: &str) -> Result<std::process::Output> {
+    cp.kubectl_with_stdin(["apply", "-f", "-"], yaml)
+}
+
+fn assert_owned_by(meta: &kube::core::ObjectMeta, dc: &DistroCache) {
+    let owner = meta
+        .owner_references
+        .as_ref()
+        .and_then(|o| o.first())
+        .unwrap_or_else(|| panic!("{:?} has no owner reference", meta.name));
+    assert_eq!(owner.uid, dc.uid().unwrap(), "{:?}", meta.name);
+    assert_eq!(owner.kind, "DistroCache");
+    assert_eq!(owner.controller, Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_gets_every_child_follows_spec_edits_scales_and_is_collected() -> Result<()> {
+    let (cp, kubelet) = installed().await?;
+    let ns = TestNamespace::create(cp, "op-children")
+        .await?
+        .with_kubelet(kubelet);
+    let client = ns.client().await?;
+    let n = ns.name();
+
+    let started = Instant::now();
+    let out = apply_yaml(
+        cp,
+        &cache_yaml(
+            n,
+            "shop",
+            "  replicas: 3\n  maxSize: 5000\n  replicationFactor: 2\n",
+        ),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let caches: Api<DistroCache> = Api::namespaced(client.clone(), n);
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), n);
+    let services: Api<Service> = Api::namespaced(client.clone(), n);
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), n);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), n);
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), n);
+    let roles: Api<Role> = Api::namespaced(client.clone(), n);
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), n);
+
+    // Every child, with an owner reference.
+    wait::until("every child of the cache", READY, || {
+        let (sts_api, services, configmaps, pdbs, accounts, roles, bindings) = (
+            sts_api.clone(),
+            services.clone(),
+            configmaps.clone(),
+            pdbs.clone(),
+            accounts.clone(),
+            roles.clone(),
+            bindings.clone(),
+        );
+        async move {
+            let all = sts_api.get_opt("shop").await?.is_some()
+                && services.get_opt("shop").await?.is_some()
+                && services.get_opt("shop-peers").await?.is_some()
+                && configmaps.get_opt("shop-ring").await?.is_some()
+                && pdbs.get_opt("shop").await?.is_some()
+                && accounts.get_opt("shop-node").await?.is_some()
+                && roles.get_opt("shop-node").await?.is_some()
+                && bindings.get_opt("shop-node").await?.is_some();
+            Ok(all.then_some(()))
+        }
+    })
+    .await?;
+    eprintln!(
+        "DistroCache applied -> every child exists: {:.1?}",
+        started.elapsed()
+    );
+    let dc = wait_ready(&client, n, "shop", 3, READY).await?;
+    eprintln!(
+        "DistroCache applied -> Ready with 3 active members: {:.1?}",
+        started.elapsed()
+    );
+
+    let sts = sts_api.get("shop").await?;
+    assert_owned_by(&sts.metadata, &dc);
+    let spec = sts.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.service_name.as_deref(), Some("shop-peers"));
+    let env = |sts: &StatefulSet| -> BTreeMap<String, String> {
+        sts.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    };
+    assert_eq!(env(&sts)["DISTROCACHE_MAX_SIZE"], "5000");
+    assert_eq!(env(&sts)["DISTROCACHE_MEMBERSHIP_CONFIGMAP"], "shop-ring");
+    for meta in [
+        services.get("shop").await?.metadata,
+        services.get("shop-peers").await?.metadata,
+        configmaps.get("shop-ring").await?.metadata,
+        pdbs.get("shop").await?.metadata,
+        accounts.get("shop-node").await?.metadata,
+        roles.get("shop-node").await?.metadata,
+        bindings.get("shop-node").await?.metadata,
+    ] {
+        assert_owned_by(&meta, &dc);
+    }
+    let status = dc.status.clone().unwrap();
+    assert_eq!((status.replicas, status.ready_replicas), (3, 3));
+    assert!(status.selector.contains("app.kubernetes.io/instance=shop"));
+    assert_eq!(status.observed_generation, dc.metadata.generation);
+    // The ring in the ConfigMap is the one in the status, with pod IPs.
+    let ring = configmaps.get("shop-ring").await?.data.unwrap()["ring.json"].clone();
+    let doc = distrocache_membership::MembershipDoc::from_json(ring.as_bytes())?;
+    assert_eq!(doc.epoch as i64, status.ring_epoch);
+    assert!(doc.members.iter().all(|m| m.address.starts_with("127.")));
+
+    // Editing the spec updates the children.
+    caches
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"maxSize": 7000, "podDisruptionBudget": {"enabled": false}}}),
+            ),
+        )
+        .await?;
+    wait::until(
+        "the StatefulSet follows the new maxSize and the PDB goes",
+        READY,
+        || {
+            let (sts_api, pdbs) = (sts_api.clone(), pdbs.clone());
+            async move {
+                let sts = sts_api.get("shop").await?;
+                let ok = env(&sts)["DISTROCACHE_MAX_SIZE"] == "7000"
+                    && pdbs.get_opt("shop").await?.is_none();
+                Ok(ok.then_some(()))
+            }
+        },
+    )
+    .await?;
+
+    // Scaling through the scale subresource.
+    kubectl_ok(cp, &["scale", "-n", n, "distrocache/shop", "--replicas=4"])?;
+    assert_eq!(caches.get("shop").await?.spec.replicas, 4);
+    wait_ready(&client, n, "shop", 4, READY).await?;
+    let scale = kubectl_ok(
+        cp,
+        &[
+            "get",
+            "-n",
+            n,
+            "distrocache/shop",
+            "-o",
+            "jsonpath={.status.replicas} {.status.selector}",
+        ],
+    )?;
+    assert!(scale.starts_with("4 "), "{scale}");
+
+    // Deleting the cache garbage-collects every child.
+    caches.delete("shop", &Default::default()).await?;
+    wait::until("garbage collection of every child", READY, || {
+        let (sts_api, services, configmaps, accounts, roles, bindings) = (
+            sts_api.clone(),
+            services.clone(),
+            configmaps.clone(),
+            accounts.clone(),
+            roles.clone(),
+            bindings.clone(),
+        );
+        async move {
+            let none = sts_api.get_opt("shop").await?.is_none()
+                && services.get_opt("shop").await?.is_none()
+                && services.get_opt("shop-peers").await?.is_none()
+                && configmaps.get_opt("shop-ring").await?.is_none()
+                && accounts.get_opt("shop-node").await?.is_none()
+                && roles.get_opt("shop-node").await?.is_none()
+                && bindings.get_opt("shop-node").await?.is_none();
+            Ok(none.then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_rejected_or_reported() -> Result<()> {
+    let (cp, kubelet) = installed().await?;
+    let ns = TestNamespace::create(cp, "op-invalid")
+        .await?
+        .with_kubelet(kubelet);
+    let n = ns.name();
+    // The schema refuses what it can express.
+    for (spec, field) in [
+        ("  replicationFactor: 0\n", "replicationFactor"),
+        ("  replicas: -1\n", "replicas"),
+        ("  defaultTTL: soon\n", "defaultTTL"),
+        ("  port: 70000\n", "port"),
+        ("  maxMemory: lots\n", "maxMemory"),
+    ] {
+        let out = apply_yaml(cp, &cache_yaml(n, "bad", spec))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spec} was accepted");
+        assert!(stderr.contains(field), "{spec}: {stderr}");
+    }
+    // What it cannot is reported in a condition, and nothing is created.
+    let out = apply_yaml(
+        cp,
+        &cache_yaml(
+            n,
+            "unsafe",
+            "  replicas: 3\n  replicationFactor: 1\n  podDisruptionBudget:\n    maxUnavailable: 1\n",
+        ),
+    )?;
+    assert!(out.status.success());
+    let client = ns.client().await?;
+    let caches: Api<DistroCache> = Api::namespaced(client.clone(), n);
+    wait::until("an InvalidSpec condition", READY, || {
+        let caches = caches.clone();
+        async move {
+            let dc = caches.get("unsafe").await?;
+            Ok(condition(&dc, "Degraded").filter(|(s, r, m)| {
+                s == "True" && r == "InvalidSpec" && m.contains("maxUnavailable")
+            }))
+        }
+    })
+    .await?;
+    let sts: Api<StatefulSet> = Api::namespaced(client, n);
+    assert!(sts.get_opt("unsafe").await?.is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_monitor_appears_once_its_crd_exists() -> Result<()> {
+    let (cp, kubelet) = installed().await?;
+    let ns = TestNamespace::create(cp, "op-monitor")
+        .await?
+        .with_kubelet(kubelet);
+    let n = ns.name();
+    let client = ns.client().await?;
+    let out = apply_yaml(
+        cp,
+        &cache_yaml(
+            n,
+            "watched",
+            "  replicas: 1\n  replicationFactor: 1\n  monitoring:\n    serviceMonitor:\n      enabled: true\n",
+        ),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let caches: Api<DistroCache> = Api::namespaced(client.clone(), n);
+    wait::until(
+        "a condition explaining the skipped ServiceMonitor",
+        READY,
+        || {
+            let caches = caches.clone();
+            async move {
+                let dc = caches.get("watched").await?;
+                Ok(condition(&dc, "ServiceMonitor")
+                    .filter(|(s, r, m)| s == "False" && r == "Skipped" && m.contains("CRD")))
+            }
+        },
+    )
+    .await?;
+
+    distrocache::kubectl_apply(
+        cp,
+        &distrocache::workspace_root().join("tests/fixtures/servicemonitor-crd.yaml"),
+    )?;
+    kubectl_ok(
+        cp,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/servicemonitors.monitoring.coreos.com",
+        ],
+    )?;
+    let resource = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+        "servicemonitors",
+    );
+    let monitors: Api<DynamicObject> = Api::namespaced_with(client.clone(), n, &resource);
+    let sm = wait::until("the ServiceMonitor", READY, || {
+        let monitors = monitors.clone();
+        async move { Ok(monitors.get_opt("watched").await?) }
+    })
+    .await?;
+    let dc = caches.get("watched").await?;
+    assert_owned_by(&sm.metadata, &dc);
+    assert_eq!(sm.data["spec"]["endpoints"][0]["port"], "http");
+    assert_eq!(sm.data["spec"]["endpoints"][0]["path"], "/metrics");
+    // It selects the client Service, which exposes that port.
+    let svc: Service = Api::namespaced(client.clone(), n).get("watched").await?;
+    let labels = svc.labels();
+    for (k, v) in sm.data["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(labels.get(k).map(String::as_str), v.as_str(), "{k}");
+    }
+    assert_eq!(
+        svc.spec.unwrap().ports.unwrap()[0].name.as_deref(),
+        Some("http")
+    );
+    wait::until("the ServiceMonitor condition to turn True", READY, || {
+        let caches = caches.clone();
+        async move {
+            let dc = caches.get("watched").await?;
+            Ok(condition(&dc, "ServiceMonitor").filter(|(s, _, _)| s == "True"))
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+/// Restarting the operator changes nothing that should not change: no new
+/// ring epoch, no new StatefulSet generation, no pod restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_operator_changes_nothing() -> Result<()> {
+    let (cp, kubelet) = installed().await?;
+    let ns = TestNamespace::create(cp, "op-restart")
+        .await?
+        .with_kubelet(kubelet);
+    let n = ns.name();
+    let client = ns.client().await?;
+    let out = apply_yaml(
+        cp,
+        &cache_yaml(
+            n,
+            "calm",
+            "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
+        ),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = wait_ready(&client, n, "calm", 2, READY).await?;
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), n);
+    let sts_before = sts_api.get("calm").await?;
+    let pods_before = distrocache::node_addresses(&client, n, "calm", 8080).await?;
+
+    restart_operator(cp, kubelet).await?;
+    // Give the new operator time to reconcile a few times.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = wait_ready(&client, n, "calm", 2, READY).await?;
+    let sts_after = sts_api.get("calm").await?;
+    assert_eq!(
+        after.status.as_ref().unwrap().ring_epoch,
+        before.status.as_ref().unwrap().ring_epoch
+    );
+    assert_eq!(
+        sts_after.metadata.generation,
+        sts_before.metadata.generation
+    );
+    assert_eq!(
+        distrocache::node_addresses(&client, n, "calm", 8080).await?,
+        pods_before
+    );
+    Ok(())
+}
+
+/// Kills the operator's process and waits for the kubelet to restart it.
+async fn restart_operator(cp: &ControlPlane, kubelet: &Kubelet) -> Result<()> {
+    let client: Client = cp.client().await?;
+    let pods = distrocache::wait_pods_ready(
+        &client,
+        "distrocache-system",
+        "app.kubernetes.io/name=distrocache-operator",
+        1,
+        READY,
+    )
+    .await?;
+    let pod = pods[0].name_any();
+    let restarts = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .map_or(0, |c| c[0].restart_count)
+    };
+    let before = restarts(&pods[0]);
+    kubelet.crash("distrocache-system", &pod).await?;
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, "distrocache-system");
+    wait::until("the operator back after a crash", READY, || {
+        let api = api.clone();
+        let pod = pod.clone();
+        async move {
+            let p = api.get(&pod).await?;
+            Ok((restarts(&p) > before && distrocache::is_ready(&p)).then_some(()))
+        }
+    })
+    .await
+}
