@@ -289,3 +289,82 @@ impl CacheClient {
             .await?)
     }
 }
+
+/// What a test wrote: key -> the value it expects to read back.
+pub type Written = std::collections::BTreeMap<String, Value>;
+
+/// Writes `keys` through nodes picked round-robin, 32 at a time, each with
+/// a TTL of 30 to 90 minutes and the tags `tag_of(i)`; every write must be
+/// answered 200 or 201.
+pub async fn write_items(
+    client: &CacheClient,
+    nodes: &[SocketAddr],
+    keys: std::ops::Range<usize>,
+    tag_of: impl Fn(usize) -> Vec<String>,
+) -> Result<Written> {
+    use futures::StreamExt;
+    if nodes.is_empty() {
+        bail!("no node to write through");
+    }
+    let writes = futures::stream::iter(keys.map(|i| {
+        let node = nodes[i % nodes.len()];
+        let key = format!("item:{i}");
+        let value = serde_json::json!({"n": i, "body": format!("value-{i}-{}", "x".repeat(40))});
+        let body = serde_json::json!({"value": value, "ttl": 1800 + (i % 3600), "tags": tag_of(i)});
+        let client = client.clone();
+        async move {
+            let (status, answer) = client
+                .post_json(node, &format!("/api/v1/cache/{key}"), &body)
+                .await?;
+            if status != 200 && status != 201 {
+                bail!("write of {key} through {node}: {status} {answer}");
+            }
+            anyhow::Ok((key, value))
+        }
+    }))
+    .buffer_unordered(32)
+    .collect::<Vec<_>>()
+    .await;
+    writes.into_iter().collect()
+}
+
+/// Reads every key through `node`; returns the keys missing or wrong.
+pub async fn missing_through(
+    client: &CacheClient,
+    node: SocketAddr,
+    expected: &Written,
+) -> Vec<String> {
+    use futures::StreamExt;
+    futures::stream::iter(expected.iter().map(|(key, value)| {
+        let client = client.clone();
+        async move {
+            let ok = matches!(
+                client.get_json(node, &format!("/api/v1/cache/{key}")).await,
+                Ok((200, item)) if item["value"] == *value
+            );
+            (!ok).then(|| key.clone())
+        }
+    }))
+    .buffer_unordered(32)
+    .filter_map(|missing| async move { missing })
+    .collect()
+    .await
+}
+
+/// Reads every key through every node; returns how many reads failed.
+pub async fn lost_keys(client: &CacheClient, nodes: &[SocketAddr], expected: &Written) -> usize {
+    let mut lost = 0;
+    for &node in nodes {
+        let missing = missing_through(client, node, expected).await;
+        if !missing.is_empty() {
+            eprintln!(
+                "{} of {} keys missing through {node}, e.g. {:?}",
+                missing.len(),
+                expected.len(),
+                &missing[..missing.len().min(5)]
+            );
+        }
+        lost += missing.len();
+    }
+    lost
+}
