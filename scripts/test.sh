@@ -32,5 +32,8 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo build (the binaries the end-to-end tests run as pods)"
+cargo build --workspace --bins --locked
+
 step "cargo test"
 cargo test --workspace --locked
