@@ -84,6 +84,26 @@ pub struct Config {
     #[arg(long, env = "DISTROCACHE_MAX_TAG_BYTES", default_value = "128", value_parser = parse_bytes)]
     pub max_tag_bytes: u64,
 
+    /// Deepest nesting of JSON objects and arrays in a write body, the body's
+    /// own object counting as level 1 (deeper: 400). Measured before parsing;
+    /// at most 128, the JSON parser's own limit.
+    #[arg(long, env = "DISTROCACHE_MAX_JSON_DEPTH", default_value_t = 32,
+          value_parser = clap::value_parser!(u16).range(2..=128))]
+    pub max_json_depth: u16,
+
+    /// Largest request head (request line plus headers), in bytes (larger:
+    /// 431 with an empty body, then the connection is closed; the node never
+    /// buffers more than this of a head). Between 1KiB and 256KiB.
+    #[arg(long, env = "DISTROCACHE_MAX_HEADER_BYTES", default_value = "16KiB",
+          value_parser = parse_header_bytes)]
+    pub max_header_bytes: u64,
+
+    /// Most header fields in one request (more: 431, then the connection is
+    /// closed).
+    #[arg(long, env = "DISTROCACHE_MAX_HEADERS", default_value_t = 100,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_headers: u16,
+
     /// Log format.
     #[arg(long, env = "DISTROCACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -98,14 +118,56 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 
-    /// A client must send a request's headers within this long, or the
-    /// connection is closed (slow clients cannot hold connections forever).
-    #[arg(long, env = "DISTROCACHE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    /// A client must send a request's head (request line and headers) within
+    /// this long, or the connection is closed without an answer. The clock
+    /// starts when the connection is accepted (first request) or at the first
+    /// byte of the request (later requests on a keep-alive connection); time
+    /// spent idle between requests is --idle-timeout's, not this.
+    #[arg(long, env = "DISTROCACHE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
     pub header_read_timeout: Duration,
+
+    /// A request must be answered within this long of its head arriving:
+    /// reading its body (a client dripping it slowly) and handling it (in a
+    /// cluster, forwarding included). Past it the node answers 408 and closes
+    /// the connection.
+    #[arg(long, env = "DISTROCACHE_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub request_timeout: Duration,
+
+    /// A keep-alive connection with no request in progress and no bytes
+    /// moving for this long is closed. Separate from --header-read-timeout,
+    /// which bounds a request whose head has started to arrive.
+    #[arg(long, env = "DISTROCACHE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub idle_timeout: Duration,
 
     /// How long shutdown waits for in-flight requests before giving up.
     #[arg(long, env = "DISTROCACHE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// On SIGTERM, keep serving this long with the readiness probe failing
+    /// before closing the listener, so load balancers and peers stop sending
+    /// requests first (Kubernetes removes a pod's endpoints only after its
+    /// probe fails). 0 stops accepting at once.
+    #[arg(long, env = "DISTROCACHE_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// TCP port of the peer API (`/internal/v1/`), which only other nodes
+    /// use. 0 serves it on --port with the client API; a port of its own lets
+    /// a NetworkPolicy admit only the cache's own pods to it.
+    #[arg(long, env = "DISTROCACHE_PEER_PORT", default_value_t = 0)]
+    pub peer_port: u16,
+
+    /// A file holding the bearer token clients must send
+    /// (`Authorization: Bearer <token>`) on the client API. Unset: no
+    /// authentication. /api/v1/health, /api/v1/ready, /metrics and
+    /// /api/v1/cluster/{rebalance,handoff} stay open for probes, Prometheus
+    /// and the operator.
+    #[arg(long, env = "DISTROCACHE_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// A file holding the bearer token of the peer API; nodes send it to each
+    /// other. Unset: no authentication between nodes.
+    #[arg(long, env = "DISTROCACHE_PEER_TOKEN_FILE")]
+    pub peer_token_file: Option<PathBuf>,
 
     /// Cluster mode, membership from a file: a JSON ring document (see the
     /// README), re-read when it changes. Without this or
@@ -163,6 +225,11 @@ impl Config {
         SocketAddr::new(self.bind_address, self.port)
     }
 
+    /// Where the peer API listens, when not on the client listener.
+    pub fn peer_listen_addr(&self) -> Option<SocketAddr> {
+        (self.peer_port != 0).then(|| SocketAddr::new(self.bind_address, self.peer_port))
+    }
+
     pub fn store(&self) -> StoreConfig {
         StoreConfig {
             max_items: usize::try_from(self.max_size).unwrap_or(usize::MAX),
@@ -209,12 +276,31 @@ impl Config {
             max_body_bytes: size(self.max_body_bytes),
             max_tags: self.max_tags,
             max_tag_bytes: size(self.max_tag_bytes),
+            max_json_depth: usize::from(self.max_json_depth),
         }
     }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 30s, 5m, 1h30m)"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+/// Header limits below 1KiB refuse ordinary requests; above 256KiB they stop
+/// bounding memory (hyper's whole read buffer is ~400KiB).
+fn parse_header_bytes(s: &str) -> Result<u64, String> {
+    let n = parse_bytes(s)?;
+    if !(1024..=256 * 1024).contains(&n) {
+        return Err(format!("{n} bytes is outside 1KiB..=256KiB"));
+    }
+    Ok(n)
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -244,6 +330,30 @@ mod tests {
     }
 
     #[test]
+    fn hostile_input_limits_have_safe_defaults() {
+        let c = Config::try_parse_from(["cache-node"]).unwrap();
+        assert_eq!(c.limits().max_json_depth, 32);
+        assert_eq!(c.max_header_bytes, 16 * 1024);
+        assert_eq!(c.max_headers, 100);
+        assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        let c = Config::try_parse_from([
+            "cache-node",
+            "--max-json-depth",
+            "128",
+            "--max-header-bytes",
+            "8KiB",
+            "--idle-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        assert_eq!(c.limits().max_json_depth, 128);
+        assert_eq!(c.max_header_bytes, 8192);
+        assert_eq!(c.idle_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
     fn sizes_and_durations_parse_in_human_units() {
         let c = Config::try_parse_from([
             "cache-node",
@@ -268,6 +378,14 @@ mod tests {
             &["cache-node", "--max-memory", "lots"],
             &["cache-node", "--port", "70000"],
             &["cache-node", "--replication-factor", "0"],
+            &["cache-node", "--max-json-depth", "1"],
+            &["cache-node", "--max-json-depth", "129"],
+            &["cache-node", "--max-header-bytes", "512"],
+            &["cache-node", "--max-header-bytes", "1MiB"],
+            &["cache-node", "--max-headers", "0"],
+            &["cache-node", "--header-read-timeout", "0s"],
+            &["cache-node", "--request-timeout", "0s"],
+            &["cache-node", "--idle-timeout", "0s"],
         ] {
             assert!(Config::try_parse_from(args).is_err(), "{args:?}");
         }

@@ -16,7 +16,8 @@ use axum::http::HeaderValue;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{self, AppState};
+use crate::api::auth::{Tokens, read_token};
+use crate::api::{self, AppState, Surface};
 use crate::cluster::membership::{self, Source};
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::{Cluster, rebalance, repair};
@@ -29,7 +30,10 @@ use crate::store::Store;
 pub struct Node {
     state: Arc<AppState>,
     listener: TcpListener,
+    /// The peer API's own listener, when it has a port of its own.
+    peer_listener: Option<TcpListener>,
     cleanup_interval: Duration,
+    shutdown_delay: Duration,
     http: HttpSettings,
     membership: Option<Source>,
 }
@@ -39,6 +43,22 @@ impl Node {
     /// configured) and binds the listener (port 0 picks a free one).
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
         let listener = TcpListener::bind(config.listen_addr()).await?;
+        let peer_listener = match config.peer_listen_addr() {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let tokens = Tokens {
+            client: config
+                .auth_token_file
+                .as_deref()
+                .map(read_token)
+                .transpose()?,
+            peer: config
+                .peer_token_file
+                .as_deref()
+                .map(read_token)
+                .transpose()?,
+        };
         let store = Arc::new(Store::with_config(config.store()));
         let metrics = Metrics::new();
         let ready = Arc::new(AtomicBool::new(false));
@@ -50,6 +70,7 @@ impl Node {
                 config.cluster(),
                 ClusterMetrics::new(metrics.registry()),
                 ready.clone(),
+                tokens.peer.as_deref(),
             )
         });
         let state = Arc::new(AppState {
@@ -66,14 +87,21 @@ impl Node {
             started: Instant::now(),
             ready,
             cluster,
+            tokens,
         });
         Ok(Self {
             state,
             listener,
+            peer_listener,
             cleanup_interval: config.cleanup_interval,
+            shutdown_delay: config.shutdown_delay,
             http: HttpSettings {
                 max_connections: usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+                max_header_bytes: usize::try_from(config.max_header_bytes).unwrap_or(usize::MAX),
+                max_headers: usize::from(config.max_headers),
                 header_read_timeout: config.header_read_timeout,
+                request_timeout: config.request_timeout,
+                idle_timeout: config.idle_timeout,
                 drain_timeout: config.shutdown_timeout,
             },
             membership,
@@ -82,6 +110,13 @@ impl Node {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The peer API's address, when it has a listener of its own.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -118,8 +153,42 @@ impl Node {
             // A single node holds everything it owns from the start.
             _ => self.state.ready.store(true, Ordering::Release),
         }
-        let app = api::router(self.state.clone());
-        http::serve(self.listener, app, self.http, shutdown).await;
+        // On the signal: fail readiness first, keep serving for the delay
+        // (so endpoints and peers move away), then close the listeners.
+        let (closing_tx, closing_rx) = watch::channel(false);
+        let state = self.state.clone();
+        let delay = self.shutdown_delay;
+        tokio::spawn(async move {
+            shutdown.await;
+            state.ready.store(false, Ordering::Release);
+            if !delay.is_zero() {
+                tracing::info!(?delay, "shutting down: not ready, still serving");
+                tokio::time::sleep(delay).await;
+            }
+            let _ = closing_tx.send(true);
+        });
+        let closing = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|closing| *closing).await;
+        };
+        match self.peer_listener {
+            None => {
+                let app = api::router(self.state.clone(), Surface::All);
+                http::serve(self.listener, app, self.http, closing(closing_rx)).await;
+            }
+            Some(peer_listener) => {
+                let client = api::router(self.state.clone(), Surface::Client);
+                let peer = api::router(self.state.clone(), Surface::Peer);
+                tokio::join!(
+                    http::serve(
+                        self.listener,
+                        client,
+                        self.http,
+                        closing(closing_rx.clone())
+                    ),
+                    http::serve(peer_listener, peer, self.http, closing(closing_rx)),
+                );
+            }
+        }
         let _ = stop_tx.send(true);
         for task in tasks {
             let _ = task.await;

@@ -111,9 +111,13 @@ async fn cluster_items(c: &ProcCluster, via: usize) -> u64 {
     stats["totals"]["items"].as_u64().expect("items")
 }
 
-/// Starts nodes 0..n as one active ring and waits for it to settle.
-async fn started(n: usize, rf: u32) -> ProcCluster {
+/// Starts nodes 0..n as one active ring and waits for it to settle; with
+/// `auth`, every node requires tokens and serves its peer API on its own port.
+async fn started(n: usize, rf: u32, auth: bool) -> ProcCluster {
     let mut c = ProcCluster::new(n, rf);
+    if auth {
+        c = c.with_auth();
+    }
     let members: Vec<_> = (0..n).map(|i| (i, Active)).collect();
     let epoch = c.set_ring(&members);
     for i in 0..n {
@@ -123,14 +127,15 @@ async fn started(n: usize, rf: u32) -> ProcCluster {
     c
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere() {
-    let c = started(3, 2).await;
-    let written = write_keys(&c, 0..KEYS, 1).await;
+/// With `auth`, a smaller data set keeps the extra run short.
+async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(auth: bool) {
+    let keys = if auth { 3_000 } else { KEYS };
+    let c = started(3, 2, auth).await;
+    let written = write_keys(&c, 0..keys, 1).await;
     assert_all_readable(&c, &written, "3 nodes, rf 2").await;
     assert_eq!(
         cluster_items(&c, 0).await,
-        2 * KEYS as u64,
+        2 * keys as u64,
         "each key is held by exactly 2 nodes"
     );
 
@@ -173,13 +178,13 @@ async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere() {
     assert_eq!(body["tag"], "even");
     assert_eq!(
         body["invalidated"],
-        KEYS / 2,
+        keys / 2,
         "distinct items, not copies: {body}"
     );
-    assert_eq!(body["removed_copies"], KEYS, "{body}");
+    assert_eq!(body["removed_copies"], keys, "{body}");
     assert_eq!(body["unreachable"], json!([]));
     for via in 0..3 {
-        for i in (0..KEYS).step_by(7) {
+        for i in (0..keys).step_by(7) {
             let resp = c
                 .client
                 .get(c.url(via, &format!("/api/v1/cache/{}", encoded(&key(i)))))
@@ -206,13 +211,23 @@ async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere() {
         })
         .collect();
     assert_all_readable(&c, &odd, "after invalidating \"even\"").await;
-    assert_eq!(cluster_items(&c, 2).await, KEYS as u64);
+    assert_eq!(cluster_items(&c, 2).await, keys as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn adding_a_node_moves_its_share_and_loses_nothing() {
-    let mut c = started(3, 2).await;
-    let written = write_keys(&c, 0..KEYS, 1).await;
+async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere() {
+    three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_with_auth() {
+    three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(true).await;
+}
+
+async fn adding_a_node_moves_its_share_and_loses_nothing_scenario(auth: bool) {
+    let keys = if auth { 3_000 } else { KEYS };
+    let mut c = started(3, 2, auth).await;
+    let written = write_keys(&c, 0..keys, 1).await;
 
     let new = c.add_slot();
     let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active), (new, Joining)]);
@@ -225,28 +240,38 @@ async fn adding_a_node_moves_its_share_and_loses_nothing() {
     assert_all_readable(&c, &written, "4th node active").await;
 
     let progress = c.progress(new).await.expect("progress");
-    let moved = progress.keys_received as f64 / KEYS as f64;
+    let moved = progress.keys_received as f64 / keys as f64;
     eprintln!(
-        "adding a 4th node (rf 2): {} of {KEYS} keys gained an owner ({:.1}%; ideal rf/N = 50%), \
+        "adding a 4th node (rf 2): {} of {keys} keys gained an owner ({:.1}%; ideal rf/N = 50%), \
          i.e. {:.1}% of the {} stored copies moved (ideal 1/N = 25%); pull took {:.3}s",
         progress.keys_received,
         moved * 100.0,
         moved * 50.0,
-        2 * KEYS,
+        2 * keys,
         progress.last_sync_seconds,
     );
     assert!((0.45..0.55).contains(&moved), "moved fraction {moved}");
     assert_eq!(
         cluster_items(&c, 0).await,
-        2 * KEYS as u64,
+        2 * keys as u64,
         "old owners dropped what they gave away"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leaving_node_hands_off_before_it_is_removed() {
-    let mut c = started(4, 2).await;
-    let written = write_keys(&c, 0..KEYS, 1).await;
+async fn adding_a_node_moves_its_share_and_loses_nothing() {
+    adding_a_node_moves_its_share_and_loses_nothing_scenario(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_node_moves_its_share_and_loses_nothing_with_auth() {
+    adding_a_node_moves_its_share_and_loses_nothing_scenario(true).await;
+}
+
+async fn a_leaving_node_hands_off_before_it_is_removed_scenario(auth: bool) {
+    let keys = if auth { 3_000 } else { KEYS };
+    let mut c = started(4, 2, auth).await;
+    let written = write_keys(&c, 0..keys, 1).await;
     let before = c.progress(1).await.unwrap().items;
 
     let epoch = c.set_ring(&[(0, Active), (1, Leaving), (2, Active), (3, Active)]);
@@ -257,7 +282,7 @@ async fn a_leaving_node_hands_off_before_it_is_removed() {
         handoff.keys_sent
     );
     // Still a member while leaving: writes reach the new owners.
-    let more = write_keys(&c, KEYS..KEYS + 500, 2).await;
+    let more = write_keys(&c, keys..keys + 500, 2).await;
 
     let epoch = c.set_ring(&[(0, Active), (2, Active), (3, Active)]);
     c.wait_settled(epoch, SETTLE).await;
@@ -269,14 +294,24 @@ async fn a_leaving_node_hands_off_before_it_is_removed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back() {
-    let mut c = started(3, 2).await;
-    let mut written = write_keys(&c, 0..KEYS, 1).await;
+async fn a_leaving_node_hands_off_before_it_is_removed() {
+    a_leaving_node_hands_off_before_it_is_removed_scenario(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_hands_off_before_it_is_removed_with_auth() {
+    a_leaving_node_hands_off_before_it_is_removed_scenario(true).await;
+}
+
+async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(auth: bool) {
+    let keys = if auth { 3_000 } else { KEYS };
+    let mut c = started(3, 2, auth).await;
+    let mut written = write_keys(&c, 0..keys, 1).await;
 
     c.kill(0);
     assert_all_readable(&c, &written, "node-0 killed").await;
     // Writes while a replica is down are answered; node-0 gets them later.
-    written.extend(write_keys(&c, KEYS..KEYS + 300, 2).await);
+    written.extend(write_keys(&c, keys..keys + 300, 2).await);
 
     c.start(0);
     c.wait_ready(0, SETTLE).await;
@@ -291,6 +326,84 @@ async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back() {
 
     c.kill(1);
     assert_all_readable(&c, &written, "node-0 back, node-1 killed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back() {
+    killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_with_auth() {
+    killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_required_where_they_should_be_and_only_there() {
+    let c = started(2, 2, true).await;
+    let bare = reqwest::Client::new();
+    let node = c.nodes[0].addr;
+    let peer = c.nodes[0].peer_addr;
+    for (url, auth, expected) in [
+        (format!("http://{node}/api/v1/cache/k"), None, 401),
+        (
+            format!("http://{node}/api/v1/cache/k"),
+            Some("Bearer wrong"),
+            401,
+        ),
+        (
+            format!("http://{node}/api/v1/cache/k"),
+            Some("Bearer peer-secret-token"),
+            401,
+        ),
+        (
+            format!("http://{node}/api/v1/cache/k"),
+            Some("Bearer client-secret-token"),
+            404,
+        ),
+        (format!("http://{node}/api/v1/stats"), None, 401),
+        (format!("http://{node}/api/v1/cluster"), None, 401),
+        (format!("http://{peer}/internal/v1/ring"), None, 401),
+        (
+            format!("http://{peer}/internal/v1/ring"),
+            Some("Bearer client-secret-token"),
+            401,
+        ),
+        (
+            format!("http://{peer}/internal/v1/ring"),
+            Some("Bearer peer-secret-token"),
+            200,
+        ),
+        // The peer API is not served on the client port, nor the reverse.
+        (
+            format!("http://{node}/internal/v1/ring"),
+            Some("Bearer peer-secret-token"),
+            404,
+        ),
+        (
+            format!("http://{peer}/api/v1/cache/k"),
+            Some("Bearer client-secret-token"),
+            404,
+        ),
+        // Probes, Prometheus and the operator need no token.
+        (format!("http://{node}/api/v1/health"), None, 200),
+        (format!("http://{node}/api/v1/ready"), None, 200),
+        (format!("http://{node}/metrics"), None, 200),
+        (format!("http://{node}/api/v1/cluster/rebalance"), None, 200),
+    ] {
+        let mut request = bare.get(&url);
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let resp = request.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, expected, "{url} with {auth:?}: {text}");
+        if status == 401 {
+            let body: Value = serde_json::from_str(&text).expect("a JSON error");
+            assert!(body["error"].is_string(), "{text}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

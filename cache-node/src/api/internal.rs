@@ -49,6 +49,10 @@ pub fn router(app: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/internal/v1/progress", get(progress))
         .route("/internal/v1/stats", get(ops::stats))
         .layer(middleware::from_fn_with_state(app.clone(), cluster_only))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            super::auth::peer,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
 }
 

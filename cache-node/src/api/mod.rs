@@ -11,6 +11,7 @@
 //! here, or the owner through the peer client. On a single node there is no
 //! cluster and handlers go straight to the store.
 
+pub mod auth;
 mod cluster_view;
 mod error;
 mod internal;
@@ -26,6 +27,7 @@ use axum::Router;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -52,6 +54,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Present in cluster mode.
     pub cluster: Option<Arc<Cluster>>,
+    /// Bearer tokens the client and peer APIs require, if any.
+    pub tokens: auth::Tokens,
 }
 
 impl FromRef<Arc<AppState>> for Limits {
@@ -60,10 +64,29 @@ impl FromRef<Arc<AppState>> for Limits {
     }
 }
 
-/// The node's whole HTTP surface.
-pub fn router(app: Arc<AppState>) -> Router {
+/// Which part of the HTTP surface a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The client API and the peer API on one port.
+    All,
+    /// The client API only (the peer API has a port of its own).
+    Client,
+    /// The peer API only.
+    Peer,
+}
+
+/// The node's HTTP surface, or the part of it one listener serves.
+pub fn router(app: Arc<AppState>, surface: Surface) -> Router {
     let body_limit = app.limits.max_body_bytes;
-    let public = Router::new()
+    // Open to probes, Prometheus and the operator even with auth on: they
+    // expose counters and progress, never data.
+    let open = Router::new()
+        .route("/api/v1/health", get(ops::health))
+        .route("/api/v1/ready", get(ops::ready))
+        .route("/api/v1/cluster/rebalance", get(cluster_view::rebalance))
+        .route("/api/v1/cluster/handoff", get(cluster_view::handoff))
+        .route("/metrics", get(ops::metrics));
+    let guarded = Router::new()
         .route(
             "/api/v1/cache/{key}",
             get(get_item)
@@ -73,16 +96,16 @@ pub fn router(app: Arc<AppState>) -> Router {
         )
         .route("/api/v1/invalidate/tag/{tag}", post(invalidate_tag))
         .route("/api/v1/stats", get(ops::stats))
-        .route("/api/v1/health", get(ops::health))
-        .route("/api/v1/ready", get(ops::ready))
         .route("/api/v1/cluster", get(cluster_view::view))
         .route("/api/v1/cluster/stats", get(cluster_view::stats))
-        .route("/api/v1/cluster/rebalance", get(cluster_view::rebalance))
-        .route("/api/v1/cluster/handoff", get(cluster_view::handoff))
-        .route("/metrics", get(ops::metrics))
-        .layer(DefaultBodyLimit::max(body_limit));
-    public
-        .merge(internal::router(&app))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth::client));
+    let client = open.merge(guarded).layer(DefaultBodyLimit::max(body_limit));
+    let routes = match surface {
+        Surface::All => client.merge(internal::router(&app)),
+        Surface::Client => client,
+        Surface::Peer => internal::router(&app),
+    };
+    routes
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(app)

@@ -4,7 +4,11 @@
 //! Every limit is configuration (see `config.rs`) and every violation is an
 //! [`ApiError`] with the status that names it: 414 for a key too long, 413 for
 //! a body or value too large, 415 for a body that says it is not JSON, 400 for
-//! anything malformed.
+//! anything malformed (including invalid UTF-8 and JSON nested deeper than
+//! the configured depth).
+//!
+//! Limits on the connection itself (header bytes and count, the header, idle
+//! and request timeouts) are enforced in `http.rs`, before a request exists.
 
 use std::time::Duration;
 
@@ -25,7 +29,15 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_tags: usize,
     pub max_tag_bytes: usize,
+    /// Deepest nesting of objects and arrays in a write body, the body's own
+    /// object counting as level 1 (so `{"value": {"a": [1]}}` is 3 deep).
+    pub max_json_depth: usize,
 }
+
+/// serde_json refuses nesting deeper than this on its own (its recursion
+/// limit), which is why `--max-json-depth` stops there.
+#[cfg(test)]
+const SERDE_JSON_DEPTH_LIMIT: usize = 128;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -35,6 +47,7 @@ impl Default for Limits {
             max_body_bytes: 2 * 1024 * 1024,
             max_tags: 32,
             max_tag_bytes: 128,
+            max_json_depth: 32,
         }
     }
 }
@@ -118,6 +131,11 @@ pub struct SetRequest {
     pub tags: Vec<String>,
 }
 
+/// The body as sent. Unknown fields are ignored, not refused: the seed (Go's
+/// `encoding/json`) ignored them and its clients may send extra metadata, so
+/// `deny_unknown_fields` would break them. They still count towards the body
+/// size and nesting limits. A field given twice is refused (serde's derive
+/// reports duplicates), since which one would win is not obvious.
 #[derive(Deserialize)]
 struct SetBody<'a> {
     #[serde(borrow)]
@@ -135,6 +153,20 @@ impl SetRequest {
     ) -> Result<Self, ApiError> {
         check_json_content_type(headers)?;
         let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+        // Both checks run before serde sees the body: a clear message for
+        // each, and the depth bound holds whatever serde's own limit is.
+        if let Err(e) = std::str::from_utf8(&body) {
+            return Err(ApiError::bad_request(format!(
+                "body is not valid UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            )));
+        }
+        if let Some(at) = nesting_exceeds(&body, limits.max_json_depth) {
+            return Err(ApiError::bad_request(format!(
+                "JSON is nested deeper than {} levels (at byte {at})",
+                limits.max_json_depth
+            )));
+        }
         let parsed: SetBody<'_> = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
 
@@ -188,6 +220,44 @@ impl SetRequest {
             tags,
         })
     }
+}
+
+/// Where nesting of objects and arrays in `json` first goes deeper than
+/// `max` levels, as a byte offset; `None` if it never does.
+///
+/// A single pass over the bytes that skips strings (a bracket inside a string,
+/// or an escaped quote, counts for nothing), so it costs O(n) with no
+/// allocation and no recursion whatever the input. It does not validate: for
+/// valid JSON it measures exactly what the parser would, and invalid JSON is
+/// refused by the parser afterwards anyway.
+pub fn nesting_exceeds(json: &[u8], max: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for (at, &b) in json.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return Some(at);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// A body with no content type is taken as JSON (the seed never checked);
@@ -311,6 +381,88 @@ mod tests {
             if let Err(e) = result {
                 assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
             }
+        }
+    }
+
+    #[test]
+    fn nesting_is_measured_outside_strings_only() {
+        assert_eq!(nesting_exceeds(b"{}", 1), None);
+        assert_eq!(nesting_exceeds(b"{\"a\": []}", 1), Some(6));
+        assert_eq!(nesting_exceeds(b"[[1], [2], [3]]", 2), None);
+        // Brackets in strings, escaped quotes and escaped backslashes.
+        assert_eq!(nesting_exceeds(br#"{"a": "[[[{{{"}"#, 1), None);
+        assert_eq!(nesting_exceeds(br#"{"a": "\"[[[", "b": 1}"#, 1), None);
+        assert_eq!(nesting_exceeds(br#"{"a": "\\", "b": [[1]]}"#, 2), Some(18));
+        // Unbalanced closers never underflow.
+        assert_eq!(nesting_exceeds(b"]]]]}}}}[", 1), None);
+    }
+
+    #[test]
+    fn json_deeper_than_the_limit_is_refused_before_parsing() {
+        let nested = |levels: usize| {
+            format!(
+                r#"{{"value": {}1{}}}"#,
+                "[".repeat(levels - 1),
+                "]".repeat(levels - 1)
+            )
+        };
+        let limits = Limits {
+            max_json_depth: 8,
+            ..Limits::default()
+        };
+        assert!(parse_with(&nested(8), &limits).is_ok());
+        let err = parse_with(&nested(9), &limits).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("nested deeper than 8"), "{err}");
+        // The default, and far beyond serde's own recursion limit: our
+        // message, no stack overflow.
+        assert!(parse(&nested(32)).is_ok());
+        for levels in [33, SERDE_JSON_DEPTH_LIMIT + 1, 1_000_000] {
+            let err = parse(&nested(levels)).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+            assert!(err.message.contains("nested deeper than 32"), "{err}");
+        }
+        // Nesting in unknown fields counts too.
+        let body = format!(
+            r#"{{"value": 1, "extra": {}{}}}"#,
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        assert_eq!(parse(&body).unwrap_err().status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn invalid_utf8_anywhere_in_the_body_is_400() {
+        for body in [
+            &b"{\"value\": \"\xff\"}"[..],
+            b"{\"value\": [\"\xc3\x28\"]}",
+            b"{\"value\": 1, \"tags\": [\"\xe2\x82\"]}",
+            b"{\"value\": 1, \"x\xf0\x9f\": 2}",
+            b"\xef\xbb\xbf\xff",
+        ] {
+            let err = SetRequest::parse(
+                &HeaderMap::new(),
+                Ok(Bytes::copy_from_slice(body)),
+                &Limits::default(),
+            )
+            .unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{body:?}");
+            assert!(err.message.contains("UTF-8"), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_duplicates_refused() {
+        let r = parse(r#"{"value": 1, "owner": "x", "meta": {"a": [1]}, "ttl": 5}"#).unwrap();
+        assert_eq!(&r.value[..], b"1");
+        assert_eq!(r.ttl, Some(Duration::from_secs(5)));
+        for body in [
+            r#"{"value": 1, "ttl": 5, "ttl": 6}"#,
+            r#"{"value": 1, "tags": [], "tags": ["a"]}"#,
+        ] {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{body}");
+            assert!(err.message.contains("duplicate field"), "{err}");
         }
     }
 }

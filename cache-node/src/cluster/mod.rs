@@ -95,10 +95,11 @@ impl Cluster {
         settings: ClusterSettings,
         metrics: ClusterMetrics,
         ready: Arc<AtomicBool>,
+        peer_token: Option<&str>,
     ) -> Arc<Self> {
         let (epoch_tx, _) = watch::channel(0);
         Arc::new(Self {
-            peers: PeerClient::new(&node_id, settings.peer),
+            peers: PeerClient::new(&node_id, settings.peer, peer_token),
             node_id,
             store,
             rings: ArcSwapOption::empty(),

@@ -84,11 +84,13 @@ pub struct PeerSettings {
 pub struct PeerClient {
     client: Client<HttpConnector, Full<Bytes>>,
     from: HeaderValue,
+    /// `Bearer <peer token>`, when the peer API requires one.
+    authorization: Option<HeaderValue>,
     settings: PeerSettings,
 }
 
 impl PeerClient {
-    pub fn new(node_id: &str, settings: PeerSettings) -> Self {
+    pub fn new(node_id: &str, settings: PeerSettings, token: Option<&str>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.connect_timeout));
@@ -100,6 +102,11 @@ impl PeerClient {
             client,
             from: HeaderValue::from_str(node_id)
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid-node-id")),
+            authorization: token.and_then(|t| {
+                let mut value = HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
+                value.set_sensitive(true);
+                Some(value)
+            }),
             settings,
         }
     }
@@ -129,6 +136,9 @@ impl PeerClient {
             .header(FROM_HEADER, self.from.clone());
         if !body.is_empty() {
             request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(authorization) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, authorization.clone());
         }
         let request = request
             .body(Full::new(body))

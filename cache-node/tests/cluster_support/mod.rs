@@ -17,12 +17,16 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cache-node");
 const PORT: u16 = 18_400;
+/// The peer port, when a cluster gives the peer API a listener of its own.
+const PEER_PORT: u16 = 18_401;
 
 static NEXT_BLOCK: AtomicU8 = AtomicU8::new(1);
 
 pub struct ProcNode {
     pub id: String,
     pub addr: SocketAddr,
+    /// Where peers reach it: `addr`, or its own peer port.
+    pub peer_addr: SocketAddr,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -42,6 +46,8 @@ pub struct ProcCluster {
     pub client: reqwest::Client,
     /// Extra flags for every node.
     flags: Vec<String>,
+    /// The client token, when the cluster runs with authentication.
+    pub client_token: Option<String>,
 }
 
 impl ProcCluster {
@@ -49,14 +55,7 @@ impl ProcCluster {
     pub fn new(n: usize, replication_factor: u32) -> Self {
         let block = NEXT_BLOCK.fetch_add(1, Ordering::SeqCst);
         let dir = tempfile::tempdir().expect("temp dir");
-        let nodes = (0..n)
-            .map(|i| ProcNode {
-                id: format!("node-{i}"),
-                addr: SocketAddr::from((Ipv4Addr::new(127, 1, block, 10 + i as u8), PORT)),
-                child: None,
-                log: dir.path().join(format!("node-{i}.log")),
-            })
-            .collect();
+        let nodes = (0..n).map(|i| slot(block, i, dir.path())).collect();
         Self {
             dir,
             block,
@@ -69,7 +68,42 @@ impl ProcCluster {
                 .build()
                 .expect("client"),
             flags: Vec::new(),
+            client_token: None,
         }
+    }
+
+    /// Every node requires bearer tokens (client and peer, read from files)
+    /// and serves its peer API on a port of its own; the test client sends
+    /// the client token.
+    pub fn with_auth(mut self) -> Self {
+        let client = self.dir.path().join("client-token");
+        let peer = self.dir.path().join("peer-token");
+        std::fs::write(&client, "client-secret-token\n").expect("token file");
+        std::fs::write(&peer, "peer-secret-token\n").expect("token file");
+        for node in &mut self.nodes {
+            node.peer_addr.set_port(PEER_PORT);
+        }
+        self.flags.extend([
+            "--auth-token-file".into(),
+            client.display().to_string(),
+            "--peer-token-file".into(),
+            peer.display().to_string(),
+            "--peer-port".into(),
+            PEER_PORT.to_string(),
+        ]);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            "Bearer client-secret-token".parse().expect("header value"),
+        );
+        self.client = reqwest::Client::builder()
+            .default_headers(headers)
+            .pool_max_idle_per_host(64)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        self.client_token = Some("client-secret-token".into());
+        self
     }
 
     pub fn with_flags(mut self, flags: &[&str]) -> Self {
@@ -80,12 +114,11 @@ impl ProcCluster {
     /// Adds one more node slot; returns its index.
     pub fn add_slot(&mut self) -> usize {
         let i = self.nodes.len();
-        self.nodes.push(ProcNode {
-            id: format!("node-{i}"),
-            addr: SocketAddr::from((Ipv4Addr::new(127, 1, self.block, 10 + i as u8), PORT)),
-            child: None,
-            log: self.dir.path().join(format!("node-{i}.log")),
-        });
+        let mut node = slot(self.block, i, self.dir.path());
+        if self.client_token.is_some() {
+            node.peer_addr.set_port(PEER_PORT);
+        }
+        self.nodes.push(node);
         i
     }
 
@@ -108,7 +141,7 @@ impl ProcCluster {
                 .iter()
                 .map(|&(i, state)| Member {
                     id: self.nodes[i].id.clone(),
-                    address: self.nodes[i].addr.to_string(),
+                    address: self.nodes[i].peer_addr.to_string(),
                     state,
                 })
                 .collect(),
@@ -290,6 +323,17 @@ impl Drop for ProcCluster {
         for i in 0..self.nodes.len() {
             self.kill(i);
         }
+    }
+}
+
+fn slot(block: u8, i: usize, dir: &Path) -> ProcNode {
+    let addr = SocketAddr::from((Ipv4Addr::new(127, 1, block, 10 + i as u8), PORT));
+    ProcNode {
+        id: format!("node-{i}"),
+        addr,
+        peer_addr: addr,
+        child: None,
+        log: dir.join(format!("node-{i}.log")),
     }
 }
 

@@ -1,0 +1,138 @@
+//! Bearer-token authentication, optional and off by default: one token for
+//! the client API and one for the peer API, each read from a file (so a
+//! Kubernetes Secret can be mounted). Requests without the right
+//! `Authorization: Bearer <token>` get 401 with a JSON error.
+//!
+//! Tokens are compared in constant time (`subtle`), so the time an answer
+//! takes says nothing about how much of a guess was right.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, AppState};
+
+/// Longest token file accepted.
+const MAX_TOKEN_BYTES: u64 = 4096;
+
+/// The tokens a node requires; `None` means that API is open.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    pub client: Option<Arc<str>>,
+    pub peer: Option<Arc<str>>,
+}
+
+/// Reads a token file: surrounding whitespace (a trailing newline) is not
+/// part of the token; an empty or oversized file is an error.
+pub fn read_token(path: &Path) -> std::io::Result<Arc<str>> {
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let len = std::fs::metadata(path)?.len();
+    if len > MAX_TOKEN_BYTES {
+        return Err(invalid(format!(
+            "{}: {len} bytes; a token file holds at most {MAX_TOKEN_BYTES}",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path)?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(invalid(format!("{} is empty", path.display())));
+    }
+    Ok(token.into())
+}
+
+/// `Err` carries why the request is refused.
+fn check(expected: Option<&str>, request: &Request) -> Result<(), &'static str> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if bool::from(presented.ct_eq(expected.as_bytes())) {
+        return Ok(());
+    }
+    Err(if presented.is_empty() {
+        "authentication required: send Authorization: Bearer <token>"
+    } else {
+        "invalid bearer token"
+    })
+}
+
+fn refuse(why: &'static str) -> Response {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, why).into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Middleware of the client API's guarded routes.
+pub async fn client(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    match check(app.tokens.client.as_deref(), &request) {
+        Ok(()) => next.run(request).await,
+        Err(why) => refuse(why),
+    }
+}
+
+/// Middleware of the peer API.
+pub async fn peer(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    match check(app.tokens.peer.as_deref(), &request) {
+        Ok(()) => next.run(request).await,
+        Err(why) => refuse(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(auth: Option<&str>) -> Request {
+        let mut builder = Request::builder().uri("/x");
+        if let Some(auth) = auth {
+            builder = builder.header(header::AUTHORIZATION, auth);
+        }
+        builder.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_passes() {
+        assert!(
+            check(None, &request(None)).is_ok(),
+            "no token configured: open"
+        );
+        assert!(check(Some("s3cret"), &request(Some("Bearer s3cret"))).is_ok());
+        for wrong in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret2"),
+            Some("s3cret"),
+            Some("Basic s3cret"),
+            Some("Bearer "),
+        ] {
+            let refused = refuse(check(Some("s3cret"), &request(wrong)).unwrap_err());
+            assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "{wrong:?}");
+            assert_eq!(refused.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        }
+    }
+
+    #[test]
+    fn token_files_are_trimmed_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "abc123\n").unwrap();
+        assert_eq!(&*read_token(&path).unwrap(), "abc123");
+        std::fs::write(&path, "  \n").unwrap();
+        assert!(read_token(&path).is_err());
+        std::fs::write(&path, vec![b'a'; 5000]).unwrap();
+        assert!(read_token(&path).is_err());
+        assert!(read_token(&dir.path().join("missing")).is_err());
+    }
+}
