@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use distrocache_membership::{CONFIGMAP_KEY, Member, MemberState, MembershipDoc};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
@@ -259,6 +260,16 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
         }
         None => delete_if_owned(&pdbs, &name, dc).await?,
     }
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns);
+    match resources::network_policy(dc) {
+        Some(policy) => {
+            apply(&policies, &policy).await?;
+        }
+        None => delete_if_owned(&policies, &name, dc).await?,
+    }
+    if dc.spec.auth.enabled && dc.spec.auth.secret_name.is_none() {
+        ensure_auth_secret(dc, ctx, &ns).await?;
+    }
     let service_monitor = reconcile_service_monitor(dc, ctx, &ns).await?;
 
     // Observe.
@@ -301,7 +312,7 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
         .flat_map(|doc| doc.members.iter())
         .filter_map(|m| {
             let pod = pods.get(&m.id)?;
-            Some((m.id.clone(), pod.address.clone()?))
+            Some((m.id.clone(), pod.client.clone()?))
         })
         .collect();
     let progress = ctx.nodes.progress(&members).await;
@@ -382,7 +393,13 @@ async fn observe_pods(
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns)
         .list(&ListParams::default().labels(&resources::selector_string(dc)))
         .await?;
-    let port = dc.spec.port;
+    let join = |ip: &str, port: i32| {
+        if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        }
+    };
     Ok(pods
         .into_iter()
         .filter_map(|pod| {
@@ -397,18 +414,13 @@ async fn observe_pods(
                 && status
                     .and_then(|s| s.conditions.as_ref())
                     .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            let address = ip.filter(|_| running).map(|ip| {
-                if ip.contains(':') {
-                    format!("[{ip}]:{port}")
-                } else {
-                    format!("{ip}:{port}")
-                }
-            });
+            let ip = ip.filter(|_| running);
             Some((
                 name,
                 PodView {
                     ordinal,
-                    address,
+                    address: ip.as_deref().map(|ip| join(ip, dc.spec.peer_port)),
+                    client: ip.as_deref().map(|ip| join(ip, dc.spec.port)),
                     ready,
                 },
             ))
@@ -442,6 +454,37 @@ fn ring_from_status(status: &DistroCacheStatus, replication_factor: u32) -> Opti
         hashing: Default::default(),
         members,
     })
+}
+
+/// Creates the generated token Secret if it does not exist yet. Only ever
+/// created, never read or updated (the operator needs no read access to
+/// Secrets, and tokens never change under running nodes).
+async fn ensure_auth_secret(dc: &DistroCache, ctx: &Context, ns: &str) -> Result<(), Error> {
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
+    let secret = resources::generated_auth_secret(dc, || {
+        let mut bytes = [0u8; 32];
+        rand::Rng::fill(&mut rand::rng(), &mut bytes);
+        bytes
+    });
+    match secrets.create(&Default::default(), &secret).await {
+        Ok(_) => {
+            publish(
+                ctx,
+                dc,
+                EventType::Normal,
+                "AuthSecretCreated",
+                "Auth",
+                format!(
+                    "created Secret {} with random tokens",
+                    resources::auth_secret_name(dc)
+                ),
+            )
+            .await;
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Applies (or removes) the ServiceMonitor. `None` when not asked for;

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -105,6 +105,13 @@ pub struct DistroCacheSpec {
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
 
+    /// Port of the nodes' peer API (`/internal/v1/`), which only other nodes
+    /// of the cache use; a port of its own so a NetworkPolicy can close it to
+    /// everyone else.
+    #[serde(default = "default_peer_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub peer_port: i32,
+
     /// CPU and memory for each node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -157,6 +164,65 @@ pub struct DistroCacheSpec {
     /// Prometheus integration.
     #[serde(default)]
     pub monitoring: MonitoringSpec,
+
+    /// Bearer-token authentication of the client and peer APIs.
+    #[serde(default)]
+    pub auth: AuthSpec,
+
+    /// A NetworkPolicy admitting peer traffic only from the cache's own pods
+    /// and client traffic only from selected namespaces.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Require `Authorization: Bearer <token>` on the client API (the
+    /// health, readiness, metrics and rebalance-progress endpoints stay
+    /// open for probes, Prometheus and the operator) and on the peer API.
+    #[serde(default)]
+    pub enabled: bool,
+    /// A Secret in the cache's namespace with the keys `client-token` and
+    /// `peer-token`. Unset: the operator creates `<name>-auth` with random
+    /// tokens (and never changes them afterwards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create the NetworkPolicy.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Namespaces whose pods may use the client API. Unset: only the cache's
+    /// own namespace. The operator's namespace is always admitted (it reads
+    /// the nodes' progress), as are the cache's own pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_namespace_selector: Option<LabelSelector>,
+    /// Further restrict clients to pods with these labels (in the selected
+    /// namespaces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_pod_selector: Option<LabelSelector>,
+    /// The namespace the operator runs in.
+    #[serde(default = "default_operator_namespace")]
+    pub operator_namespace: String,
+}
+
+fn default_operator_namespace() -> String {
+    "distrocache-system".into()
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            client_namespace_selector: None,
+            client_pod_selector: None,
+            operator_namespace: default_operator_namespace(),
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -273,6 +339,9 @@ fn default_replication_factor() -> i32 {
 fn default_port() -> i32 {
     8080
 }
+fn default_peer_port() -> i32 {
+    8081
+}
 fn default_log_level() -> String {
     "info".into()
 }
@@ -299,6 +368,12 @@ impl DistroCacheSpec {
             if d.is_zero() {
                 return Err(format!("spec.{field} must be longer than zero"));
             }
+        }
+        if self.peer_port == self.port {
+            return Err(format!(
+                "spec.peerPort must differ from spec.port ({}): the peer API needs a port of its own",
+                self.port
+            ));
         }
         if self.pod_disruption_budget.enabled
             && self.replicas > 1

@@ -30,8 +30,10 @@ use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc, NodePr
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodView {
     pub ordinal: i32,
-    /// `ip:port` once the pod has an IP.
+    /// `ip:peerPort`, the ring address, once the pod has an IP.
     pub address: Option<String>,
+    /// `ip:port`, the client API (progress reports), once it has an IP.
+    pub client: Option<String>,
     pub ready: bool,
 }
 

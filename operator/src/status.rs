@@ -294,6 +294,7 @@ mod tests {
                     PodView {
                         ordinal: i as i32,
                         address: Some(format!("10.0.0.{i}:8080")),
+                        client: Some(format!("10.0.0.{i}:8080")),
                         ready,
                     },
                 )

@@ -453,3 +453,86 @@ async fn restart_operator(cp: &ControlPlane, kubelet: &Kubelet) -> Result<()> {
     })
     .await
 }
+
+/// Hardening as deployed: in a namespace enforcing the `restricted` Pod
+/// Security Standard, a cache with auth and a NetworkPolicy comes up (so its
+/// pods pass the standard), the operator generates the token Secret, and the
+/// nodes refuse requests without the client token. (No CNI runs here, so the
+/// NetworkPolicy is checked as an object, not enforced.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restricted_namespace_runs_a_cache_with_auth_and_a_network_policy() -> Result<()> {
+    let (cp, kubelet) = installed().await?;
+    let ns = TestNamespace::create(cp, "op-restricted")
+        .await?
+        .with_kubelet(kubelet);
+    let n = ns.name();
+    kubectl_ok(
+        cp,
+        &[
+            "label",
+            "namespace",
+            n,
+            "pod-security.kubernetes.io/enforce=restricted",
+        ],
+    )?;
+    // The standard really is enforced: a privileged pod is refused.
+    let privileged = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: root\n  namespace: {n}\nspec:\n  containers:\n  - name: c\n    image: x\n    securityContext:\n      privileged: true\n"
+    );
+    let out = apply_yaml(cp, &privileged)?;
+    assert!(!out.status.success(), "a privileged pod was admitted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("restricted"));
+
+    let out = apply_yaml(
+        cp,
+        &cache_yaml(
+            n,
+            "locked",
+            "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n  auth:\n    enabled: true\n  networkPolicy:\n    enabled: true\n",
+        ),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = ns.client().await?;
+    wait_ready(&client, n, "locked", 2, READY).await?;
+
+    let secret: k8s_openapi::api::core::v1::Secret = Api::namespaced(client.clone(), n)
+        .get("locked-auth")
+        .await?;
+    let data = secret.data.unwrap_or_default();
+    let token = String::from_utf8(data["client-token"].0.clone())?;
+    assert_eq!(token.len(), 64);
+    assert_ne!(data["client-token"], data["peer-token"]);
+    let policy: k8s_openapi::api::networking::v1::NetworkPolicy =
+        Api::namespaced(client.clone(), n).get("locked").await?;
+    let rules = policy.spec.unwrap().ingress.unwrap();
+    assert_eq!(
+        rules.len(),
+        2,
+        "one rule for the peer port, one for the client port"
+    );
+
+    let nodes = distrocache::node_addresses(&client, n, "locked", 8080).await?;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/api/v1/cache/secret-key", nodes[0].1);
+    let refused = http.post(&url).json(&json!({"value": 1})).send().await?;
+    assert_eq!(refused.status(), 401);
+    let stored = http
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&json!({"value": 1}))
+        .send()
+        .await?;
+    assert_eq!(stored.status(), 201);
+    // Through the other node (a forward or a local read, both authenticated).
+    let read = http
+        .get(format!("http://{}/api/v1/cache/secret-key", nodes[1].1))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(read.status(), 200);
+    Ok(())
+}

@@ -3,14 +3,18 @@
 //! Kubernetes objects the controller applies with server-side apply. Nothing
 //! here talks to the API server, so every builder is unit-tested.
 
+mod auth;
 mod monitoring;
+mod network;
 mod pdb;
 mod rbac;
 mod ring;
 mod services;
 mod statefulset;
 
+pub use auth::{AUTH_MOUNT, auth_secret_name, generated_auth_secret};
 pub use monitoring::{SERVICE_MONITOR_GROUP, service_monitor, service_monitor_resource};
+pub use network::network_policy;
 pub use pdb::pod_disruption_budget;
 pub use rbac::{node_role, node_role_binding, node_service_account};
 pub use ring::{ring_configmap, ring_configmap_name};

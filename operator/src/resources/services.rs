@@ -40,11 +40,18 @@ pub fn client_service(dc: &DistroCache) -> Service {
 
 /// The headless peer Service the StatefulSet is governed by.
 pub fn peer_service(dc: &DistroCache) -> Service {
+    let peer = ServicePort {
+        name: Some("peer".into()),
+        port: dc.spec.peer_port,
+        target_port: Some(IntOrString::String("peer".into())),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    };
     Service {
         metadata: child_meta(dc, peer_service_name(dc), "peers"),
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(dc)),
-            ports: Some(vec![http_port(dc)]),
+            ports: Some(vec![http_port(dc), peer]),
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
             ..ServiceSpec::default()

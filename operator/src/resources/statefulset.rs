@@ -25,6 +25,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
+use super::auth::{AUTH_MOUNT, CLIENT_TOKEN_KEY, PEER_TOKEN_KEY, auth_volume, auth_volume_mount};
 use super::rbac::node_service_account_name;
 use super::{child_meta, labels, peer_service_name, ring_configmap_name, selector_labels};
 use crate::crd::DistroCache;
@@ -93,6 +94,7 @@ fn pod_spec(dc: &DistroCache) -> PodSpec {
             ..PodSecurityContext::default()
         }),
         containers: vec![container(dc)],
+        volumes: spec.auth.enabled.then(|| vec![auth_volume(dc)]),
         ..PodSpec::default()
     }
 }
@@ -111,12 +113,21 @@ fn container(dc: &DistroCache) -> Container {
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.clone(),
         env: Some(env(dc)),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: spec.port,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: spec.port,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("peer".into()),
+                container_port: spec.peer_port,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        volume_mounts: spec.auth.enabled.then(|| vec![auth_volume_mount()]),
         readiness_probe: Some(Probe {
             http_get: Some(http_get("/api/v1/ready")),
             period_seconds: Some(2),
@@ -183,6 +194,7 @@ fn env(dc: &DistroCache) -> Vec<EnvVar> {
         field("DISTROCACHE_NAMESPACE", "metadata.namespace"),
         literal("DISTROCACHE_MEMBERSHIP_CONFIGMAP", ring_configmap_name(dc)),
         literal("DISTROCACHE_PORT", spec.port.to_string()),
+        literal("DISTROCACHE_PEER_PORT", spec.peer_port.to_string()),
         literal("DISTROCACHE_MAX_SIZE", spec.max_size.to_string()),
         literal("DISTROCACHE_DEFAULT_TTL", spec.default_ttl.clone()),
         literal(
@@ -195,12 +207,32 @@ fn env(dc: &DistroCache) -> Vec<EnvVar> {
         ),
         literal("DISTROCACHE_LOG_LEVEL", spec.log_level.clone()),
         literal("DISTROCACHE_LOG_FORMAT", "json".into()),
+        // On SIGTERM a node first fails its readiness probe and keeps
+        // serving for a few seconds, so endpoints and peers move away
+        // before its listener closes.
+        literal(
+            "DISTROCACHE_SHUTDOWN_DELAY",
+            format!(
+                "{}s",
+                (spec.termination_grace_period_seconds / 4).clamp(1, 5)
+            ),
+        ),
         // In-flight requests get most of the grace period to finish.
         literal(
             "DISTROCACHE_SHUTDOWN_TIMEOUT",
             format!("{}s", (spec.termination_grace_period_seconds - 2).max(1)),
         ),
     ];
+    if spec.auth.enabled {
+        env.push(literal(
+            "DISTROCACHE_AUTH_TOKEN_FILE",
+            format!("{AUTH_MOUNT}/{CLIENT_TOKEN_KEY}"),
+        ));
+        env.push(literal(
+            "DISTROCACHE_PEER_TOKEN_FILE",
+            format!("{AUTH_MOUNT}/{PEER_TOKEN_KEY}"),
+        ));
+    }
     if let Some(max_memory) = &spec.max_memory {
         env.push(literal("DISTROCACHE_MAX_MEMORY", max_memory.clone()));
     }
@@ -299,6 +331,37 @@ mod tests {
             hook.path.as_deref(),
             Some("/api/v1/cluster/handoff?timeout=35s")
         );
+    }
+
+    #[test]
+    fn auth_mounts_the_secret_and_points_the_node_at_its_files() {
+        let sts = statefulset(&cache("{}"), 1);
+        assert!(!env_map(&sts).contains_key("DISTROCACHE_AUTH_TOKEN_FILE"));
+        let sts = statefulset(&cache("{auth: {enabled: true}, peerPort: 7000}"), 1);
+        let env = env_map(&sts);
+        assert_eq!(
+            env["DISTROCACHE_AUTH_TOKEN_FILE"].value.as_deref(),
+            Some("/etc/distrocache/auth/client-token")
+        );
+        assert_eq!(
+            env["DISTROCACHE_PEER_TOKEN_FILE"].value.as_deref(),
+            Some("/etc/distrocache/auth/peer-token")
+        );
+        assert_eq!(env["DISTROCACHE_PEER_PORT"].value.as_deref(), Some("7000"));
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let volume = &pod.volumes.unwrap()[0];
+        assert_eq!(
+            volume.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("orders-auth")
+        );
+        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/etc/distrocache/auth", Some(true))
+        );
+        let ports = pod.containers[0].ports.clone().unwrap();
+        assert_eq!(ports[1].name.as_deref(), Some("peer"));
+        assert_eq!(ports[1].container_port, 7000);
     }
 
     #[test]

@@ -26,6 +26,7 @@ fn pod(n: i32, ready: bool) -> PodView {
     PodView {
         ordinal: n,
         address: Some(format!("10.0.0.{n}:8080")),
+        client: Some(format!("10.0.0.{n}:8080")),
         ready,
     }
 }

@@ -12,6 +12,12 @@
 //!   `secretKeyRef`, `configMapKeyRef`), then the image table's variables with
 //!   their placeholders replaced.
 //! - `$(VAR)` in `command` and `args` expands against that environment.
+//! - Secret volumes: a `secret` volume mounted by the container is written
+//!   to `<pod dir>/volumes/<volume>/<key>`. Processes here share one
+//!   filesystem, so the mount path cannot be honoured as such; instead any
+//!   environment value or argument that starts with the mount path is
+//!   rewritten to the materialised directory (e.g. a `--token-file` pointing
+//!   into the mount). Other volume types are ignored.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -112,13 +118,27 @@ pub(crate) async fn resolve(
         env.set(name.clone(), placeholders(value, facts));
     }
 
+    let mounts = secret_volumes(client, facts, container).await?;
+    let remount = |value: String| -> String {
+        for (mount_path, dir) in &mounts {
+            if let Some(rest) = value.strip_prefix(mount_path.as_str())
+                && (rest.is_empty() || rest.starts_with('/'))
+            {
+                return format!("{}{rest}", dir.display());
+            }
+        }
+        value
+    };
+    for slot in env.vars.iter_mut() {
+        slot.1 = remount(std::mem::take(&mut slot.1));
+    }
     let args = container
         .command
         .iter()
         .flatten()
         .skip(1)
         .chain(container.args.iter().flatten())
-        .map(|arg| expand(arg, |name| env.get(name)))
+        .map(|arg| remount(expand(arg, |name| env.get(name))))
         .collect();
     Ok(Launch {
         binary: program.binary.clone(),
@@ -209,6 +229,45 @@ fn field_value(facts: &PodFacts<'_>, path: &str) -> Result<String, String> {
             .or_else(|| map_entry(&meta.annotations, "metadata.annotations"))
             .ok_or_else(|| format!("fieldRef {path:?} is not supported by the test kubelet"))?,
     })
+}
+
+/// Writes the container's secret volumes into the pod's directory; returns
+/// (mount path, directory) pairs, longest mount path first.
+async fn secret_volumes(
+    client: &Client,
+    facts: &PodFacts<'_>,
+    container: &Container,
+) -> Result<Vec<(String, PathBuf)>, String> {
+    let volumes = facts
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    let mut mounts = Vec::new();
+    for mount in container.volume_mounts.iter().flatten() {
+        let Some(secret) = volumes
+            .iter()
+            .find(|v| v.name == mount.name)
+            .and_then(|v| v.secret.as_ref())
+        else {
+            continue;
+        };
+        let name = secret.secret_name.clone().unwrap_or_default();
+        let optional = secret.optional.unwrap_or(false);
+        let Some(data) = secret_data(client, facts.namespace(), &name, optional).await? else {
+            continue;
+        };
+        let dir = facts.dir.join("volumes").join(&mount.name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        for (key, value) in data {
+            let file = dir.join(&key);
+            std::fs::write(&file, value).map_err(|e| format!("write {}: {e}", file.display()))?;
+        }
+        mounts.push((mount.mount_path.trim_end_matches('/').to_string(), dir));
+    }
+    mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+    Ok(mounts)
 }
 
 async fn secret_data(

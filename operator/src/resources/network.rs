@@ -1,0 +1,162 @@
+//! The optional NetworkPolicy of a cache: the peer port admits only the
+//! cache's own pods; the client port admits the cache's own pods, the
+//! operator's namespace (it reads the nodes' progress) and the namespaces
+//! (and pods) the spec selects, by default the cache's own namespace only.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+
+use super::{child_meta, selector_labels};
+use crate::crd::DistroCache;
+
+fn port(name: &str) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    }
+}
+
+fn namespace_named(name: &str) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_owned(),
+            name.to_owned(),
+        )])),
+        ..LabelSelector::default()
+    }
+}
+
+/// `None` unless the spec enables it.
+pub fn network_policy(dc: &DistroCache) -> Option<NetworkPolicy> {
+    let spec = &dc.spec.network_policy;
+    if !spec.enabled {
+        return None;
+    }
+    let own_pods = NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(dc)),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    };
+    let clients = NetworkPolicyPeer {
+        namespace_selector: Some(
+            spec.client_namespace_selector
+                .clone()
+                .unwrap_or_else(|| namespace_named(&dc.namespace().unwrap_or_default())),
+        ),
+        pod_selector: spec.client_pod_selector.clone(),
+        ..NetworkPolicyPeer::default()
+    };
+    let operator = NetworkPolicyPeer {
+        namespace_selector: Some(namespace_named(&spec.operator_namespace)),
+        ..NetworkPolicyPeer::default()
+    };
+    Some(NetworkPolicy {
+        metadata: child_meta(dc, dc.name_any(), "cache-node"),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(dc)),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![own_pods.clone()]),
+                    ports: Some(vec![port("peer")]),
+                },
+                NetworkPolicyIngressRule {
+                    from: Some(vec![own_pods, clients, operator]),
+                    ports: Some(vec![port("http")]),
+                },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::test_support::{assert_owned, cache};
+
+    #[test]
+    fn peers_only_from_own_pods_clients_from_selected_namespaces() {
+        assert!(network_policy(&cache("{}")).is_none());
+        let np = network_policy(&cache("{networkPolicy: {enabled: true}}")).unwrap();
+        assert_owned(&np.metadata, "orders");
+        let spec = np.spec.unwrap();
+        assert_eq!(
+            spec.pod_selector.unwrap().match_labels.unwrap()["app.kubernetes.io/instance"],
+            "orders"
+        );
+        let rules = spec.ingress.unwrap();
+        let peer = &rules[0];
+        assert_eq!(
+            peer.ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::String("peer".into()))
+        );
+        let from = peer.from.as_ref().unwrap();
+        assert_eq!(from.len(), 1);
+        assert!(
+            from[0].namespace_selector.is_none(),
+            "own pods, own namespace only"
+        );
+        let client = &rules[1];
+        assert_eq!(
+            client.ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::String("http".into()))
+        );
+        let ns = |peer: &NetworkPolicyPeer| {
+            peer.namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["kubernetes.io/metadata.name"]
+                .clone()
+        };
+        let from = client.from.as_ref().unwrap();
+        assert_eq!(
+            ns(&from[1]),
+            "shop",
+            "by default, clients from the cache's namespace"
+        );
+        assert_eq!(ns(&from[2]), "distrocache-system", "and the operator");
+
+        let selected = network_policy(&cache(
+            "{networkPolicy: {enabled: true, clientNamespaceSelector: {matchLabels: {team: web}}, clientPodSelector: {matchLabels: {role: api}}}}",
+        ))
+        .unwrap();
+        let rules = selected.spec.unwrap().ingress.unwrap();
+        let clients = &rules[1].from.as_ref().unwrap()[1];
+        assert_eq!(
+            clients
+                .namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["team"],
+            "web"
+        );
+        assert_eq!(
+            clients
+                .pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["role"],
+            "api"
+        );
+    }
+}
