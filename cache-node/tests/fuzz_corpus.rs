@@ -1,0 +1,54 @@
+//! Replays every checked-in fuzz corpus file (`cache-node/fuzz/corpus/<target>/`)
+//! through the very functions the fuzz targets call, on the stable toolchain,
+//! so CI keeps checking them without nightly or libFuzzer. The harness file
+//! is the fuzz crate's own `src/lib.rs`, included here as a module.
+//!
+//! Inputs that once crashed a target live in those corpora too, and each also
+//! has a named regression test below.
+
+#[allow(dead_code)]
+#[path = "../fuzz/src/lib.rs"]
+mod harness;
+
+use std::path::PathBuf;
+
+/// Runs `target` on every file of `corpus/<name>`, naming the file that fails.
+fn replay(name: &str, target: fn(&[u8])) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(name);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} holds no corpus", dir.display());
+    for file in &files {
+        let data = std::fs::read(file).unwrap();
+        if let Err(panic) = std::panic::catch_unwind(|| target(&data)) {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            panic!("{} failed: {message}", file.display());
+        }
+    }
+    eprintln!("{name}: {} corpus files replayed", files.len());
+}
+
+#[test]
+fn set_request_corpus() {
+    replay("set_request", harness::set_request);
+}
+
+#[test]
+fn key_path_corpus() {
+    replay("key_path", harness::key_path);
+}
+
+#[test]
+fn membership_doc_corpus() {
+    replay("membership_doc", harness::membership_doc);
+}

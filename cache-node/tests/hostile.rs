@@ -1,0 +1,619 @@
+//! Hostile clients against a real `cache-node` process on 127.0.0.1:
+//! oversized heads, bodies, keys and values; invalid UTF-8; deeply nested
+//! JSON; unknown and duplicate fields; slow-drip heads and bodies; a thousand
+//! idle connections; pipelined garbage.
+//!
+//! Each test attacks its own node, then checks that the node still answers
+//! health, a write and a read, and that its resident memory is back within
+//! `RSS_SLACK` (64 MiB) of what it was before the attack (see
+//! `hostile_support` for why that bound is generous). The malformed traffic
+//! goes over raw `std::net::TcpStream`s, with a timeout on every read and a
+//! bound on every loop.
+
+mod hostile_support;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use hostile_support::{NodeProc, drip, hang_up, read_response, wait_closed};
+
+fn write_request(path: &str, body: &[u8]) -> Vec<u8> {
+    let mut req = format!(
+        "PUT {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    req
+}
+
+fn nested(levels: usize) -> String {
+    format!(
+        r#"{{"value": {}1{}}}"#,
+        "[".repeat(levels - 1),
+        "]".repeat(levels - 1)
+    )
+}
+
+#[test]
+fn help_names_the_new_limits_and_their_environment_variables() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cache-node"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for env in [
+        "DISTROCACHE_MAX_JSON_DEPTH",
+        "DISTROCACHE_MAX_HEADER_BYTES",
+        "DISTROCACHE_MAX_HEADERS",
+        "DISTROCACHE_HEADER_READ_TIMEOUT",
+        "DISTROCACHE_REQUEST_TIMEOUT",
+        "DISTROCACHE_IDLE_TIMEOUT",
+        "DISTROCACHE_MAX_CONNECTIONS",
+    ] {
+        assert!(help.contains(env), "--help does not mention {env}");
+    }
+}
+
+#[test]
+fn oversized_heads_get_431_and_close() {
+    // Set through the environment, to check the variable's name too.
+    let mut node = NodeProc::start(&[], &[("DISTROCACHE_MAX_HEADER_BYTES", "8KiB")]);
+
+    // A head within the limit is served.
+    let ok = format!(
+        "GET /api/v1/health HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(6 * 1024)
+    );
+    assert_eq!(node.send_raw(ok.as_bytes()).unwrap().status, 200);
+
+    // One header, a long URI, many small headers: each past the limit.
+    let big_header = format!(
+        "GET /api/v1/health HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(9 * 1024)
+    );
+    let long_uri = format!(
+        "GET /api/v1/cache/{} HTTP/1.1\r\nHost: t\r\n\r\n",
+        "k".repeat(9 * 1024)
+    );
+    let many_headers = format!(
+        "GET /api/v1/health HTTP/1.1\r\nHost: t\r\n{}\r\n",
+        (0..150)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>()
+    );
+    for (what, req) in [
+        ("one big header", &big_header),
+        ("a long URI", &long_uri),
+        ("150 headers", &many_headers),
+    ] {
+        let mut conn = node.connect();
+        let _ = conn.write_all(req.as_bytes());
+        let r = read_response(&mut conn).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(r.status, 431, "{what}");
+        assert!(
+            wait_closed(&mut conn, Duration::from_secs(5)).is_some(),
+            "{what}: connection left open"
+        );
+    }
+
+    // A head that never ends: 64 MiB of header bytes offered, in parallel
+    // over 8 connections. The node refuses each once it passes 8 KiB; it must
+    // never hold what the client keeps sending.
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let mut conn = node.connect();
+            std::thread::spawn(move || {
+                let _ = conn.write_all(b"GET / HTTP/1.1\r\nX-Endless: ");
+                let chunk = vec![b'a'; 64 * 1024];
+                let mut sent = 0usize;
+                while sent < 8 * 1024 * 1024 {
+                    if conn.write_all(&chunk).is_err() {
+                        break;
+                    }
+                    sent += chunk.len();
+                }
+                sent
+            })
+        })
+        .collect();
+    for t in threads {
+        let sent = t.join().unwrap();
+        assert!(
+            sent < 8 * 1024 * 1024,
+            "the node kept reading an endless head ({sent} bytes)"
+        );
+    }
+    node.assert_recovered("oversized heads");
+}
+
+#[test]
+fn oversized_bodies_keys_and_values_get_json_errors() {
+    let mut node = NodeProc::start(
+        &[
+            "--max-body-bytes",
+            "64KiB",
+            "--max-value-bytes",
+            "1KiB",
+            "--max-key-bytes",
+            "64",
+        ],
+        &[],
+    );
+    // Key, value: the named statuses, JSON bodies.
+    let body = br#"{"value": 1}"#;
+    let r = node
+        .send_raw(&write_request(
+            &format!("/api/v1/cache/{}", "k".repeat(65)),
+            body,
+        ))
+        .unwrap();
+    assert!(r.assert_json_error(414).contains("64"));
+    let r = node
+        .send_raw(&write_request(
+            &format!("/api/v1/cache/{}", "k".repeat(65)),
+            b"",
+        ))
+        .unwrap();
+    r.assert_json_error(414);
+    let value = format!(r#"{{"value": "{}"}}"#, "v".repeat(2048));
+    let r = node
+        .send_raw(&write_request("/api/v1/cache/k", value.as_bytes()))
+        .unwrap();
+    r.assert_json_error(413);
+
+    // A body past the limit, whole.
+    let big = format!(r#"{{"value": 1, "pad": "{}"}}"#, "x".repeat(100 * 1024));
+    let r = node
+        .send_raw(&write_request("/api/v1/cache/k", big.as_bytes()))
+        .unwrap();
+    r.assert_json_error(413);
+
+    // A body that declares 10 GiB: refused once 64 KiB have arrived, with the
+    // client still sending; the node never buffers past the limit.
+    let mut conn = node.connect();
+    conn.write_all(
+        b"PUT /api/v1/cache/k HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 10737418240\r\n\r\n{\"value\": \"",
+    )
+    .unwrap();
+    let chunk = vec![b'x'; 16 * 1024];
+    for _ in 0..16 {
+        if conn.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    read_response(&mut conn).unwrap().assert_json_error(413);
+    assert!(wait_closed(&mut conn, Duration::from_secs(5)).is_some());
+
+    // The same, chunked and without end.
+    let mut conn = node.connect();
+    conn.write_all(
+        b"PUT /api/v1/cache/k HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .unwrap();
+    let mut chunk = format!("{:x}\r\n", 8 * 1024).into_bytes();
+    chunk.extend(std::iter::repeat_n(b' ', 8 * 1024));
+    chunk.extend_from_slice(b"\r\n");
+    for _ in 0..32 {
+        if conn.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    read_response(&mut conn).unwrap().assert_json_error(413);
+
+    assert_eq!(
+        node.request("GET", "/api/v1/cache/k", None).status,
+        404,
+        "nothing was stored by refused writes"
+    );
+    node.assert_recovered("oversized bodies, keys and values");
+}
+
+#[test]
+fn invalid_utf8_in_path_and_body_is_400() {
+    let mut node = NodeProc::start(&[], &[]);
+    // Percent-encoded bytes that are not UTF-8: the node's own JSON 400.
+    for path in [
+        "/api/v1/cache/%FF",
+        "/api/v1/cache/a%C3%28b",
+        "/api/v1/cache/%ED%A0%80", // an encoded UTF-16 surrogate
+    ] {
+        node.request("GET", path, None).assert_json_error(400);
+        node.request("PUT", path, Some(r#"{"value": 1}"#))
+            .assert_json_error(400);
+    }
+    node.request("POST", "/api/v1/invalidate/tag/%FE", None)
+        .assert_json_error(400);
+
+    // Raw non-ASCII bytes in the request line are not HTTP: hyper refuses
+    // them with a bare 400 before routing, and closes.
+    let mut conn = node.connect();
+    conn.write_all(b"GET /api/v1/cache/\xff\xfe HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut conn).unwrap();
+    assert_eq!(r.status, 400);
+    assert!(wait_closed(&mut conn, Duration::from_secs(5)).is_some());
+
+    // Invalid UTF-8 anywhere in a write body.
+    for body in [
+        &b"{\"value\": \"\xff\"}"[..],
+        b"{\"value\": 1, \"tags\": [\"\xc3\"]}",
+        b"{\"value\": 1, \"\xe2\x82\": 2}",
+    ] {
+        let r = node
+            .send_raw(&write_request("/api/v1/cache/utf", body))
+            .unwrap();
+        assert!(r.assert_json_error(400).contains("UTF-8"));
+    }
+    assert_eq!(node.request("GET", "/api/v1/cache/utf", None).status, 404);
+    node.assert_recovered("invalid UTF-8");
+}
+
+#[test]
+fn deeply_nested_json_is_400_and_depth_is_configurable() {
+    let mut node = NodeProc::start(&["--max-body-bytes", "4MiB"], &[]);
+    let r = node
+        .send_raw(&write_request("/api/v1/cache/deep", nested(32).as_bytes()))
+        .unwrap();
+    assert_eq!(r.status, 201, "32 levels is within the default");
+    for levels in [33, 129, 1_000_000] {
+        let r = node
+            .send_raw(&write_request(
+                "/api/v1/cache/deep",
+                nested(levels).as_bytes(),
+            ))
+            .unwrap();
+        let message = r.assert_json_error(400);
+        assert!(message.contains("nested deeper than 32"), "{message}");
+    }
+    node.assert_recovered("deep JSON");
+    drop(node);
+
+    let mut node = NodeProc::start(&[], &[("DISTROCACHE_MAX_JSON_DEPTH", "4")]);
+    let r = node
+        .send_raw(&write_request("/api/v1/cache/d", nested(4).as_bytes()))
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let r = node
+        .send_raw(&write_request("/api/v1/cache/d", nested(5).as_bytes()))
+        .unwrap();
+    assert!(r.assert_json_error(400).contains("nested deeper than 4"));
+    node.assert_recovered("deep JSON, depth 4");
+}
+
+#[test]
+fn unknown_fields_are_accepted_and_duplicate_fields_refused() {
+    let mut node = NodeProc::start(&[], &[]);
+    let r = node.request(
+        "PUT",
+        "/api/v1/cache/u",
+        Some(r#"{"value": 7, "ttl": 60, "owner": "me", "meta": {"v": [1, 2]}}"#),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.json()["value"], 7);
+    assert!(
+        r.json().get("owner").is_none(),
+        "unknown fields are not kept"
+    );
+    for body in [
+        r#"{"value": 1, "value": 2}"#,
+        r#"{"value": 1, "ttl": 5, "ttl": 6}"#,
+        r#"{"value": 1, "tags": ["a"], "tags": ["b"]}"#,
+    ] {
+        let message = node
+            .request("PUT", "/api/v1/cache/u", Some(body))
+            .assert_json_error(400);
+        assert!(message.contains("duplicate field"), "{message}");
+    }
+    assert_eq!(
+        node.request("GET", "/api/v1/cache/u", None).json()["value"],
+        7
+    );
+    node.assert_recovered("unknown and duplicate fields");
+}
+
+#[test]
+fn a_head_dripped_a_byte_at_a_time_is_cut_off() {
+    let mut node = NodeProc::start(&["--header-read-timeout", "1s"], &[]);
+    let head = format!(
+        "GET /api/v1/health HTTP/1.1\r\nHost: t\r\nX-Slow: {}\r\n\r\n",
+        "s".repeat(100)
+    );
+    // 8 connections at once, each taking ~13 s to send its head at 100 ms a
+    // byte: each must be closed about a second in.
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let mut conn = node.connect();
+            let head = head.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let (sent, closed) = drip(
+                    &mut conn,
+                    head.as_bytes(),
+                    Duration::from_millis(100),
+                    Duration::from_secs(8),
+                );
+                let closed = closed || wait_closed(&mut conn, Duration::from_secs(3)).is_some();
+                (sent, closed, start.elapsed())
+            })
+        })
+        .collect();
+    for t in threads {
+        let (sent, closed, took) = t.join().unwrap();
+        assert!(
+            closed,
+            "a dripped head was never cut off ({sent} bytes sent)"
+        );
+        assert!(
+            took < Duration::from_secs(4),
+            "cut off only after {took:?} ({sent} bytes sent)"
+        );
+        assert!(sent < head.len());
+    }
+
+    // A connection that sends nothing at all is cut off by the same clock.
+    let mut silent = node.connect();
+    let took = wait_closed(&mut silent, Duration::from_secs(5)).expect("silent connection closed");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    node.assert_recovered("dripped heads");
+}
+
+#[test]
+fn a_body_dripped_a_byte_at_a_time_gets_408() {
+    let mut node = NodeProc::start(&[], &[("DISTROCACHE_REQUEST_TIMEOUT", "1s")]);
+    let body = format!(r#"{{"value": "{}"}}"#, "d".repeat(100));
+    let mut conn = node.connect();
+    let start = Instant::now();
+    conn.write_all(
+        format!(
+            "PUT /api/v1/cache/drip HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let (sent, _) = drip(
+        &mut conn,
+        body.as_bytes(),
+        Duration::from_millis(100),
+        Duration::from_secs(2),
+    );
+    assert!(sent < body.len());
+    let r = read_response(&mut conn).expect("a 408 answer");
+    let took = start.elapsed();
+    assert!(r.assert_json_error(408).contains("1s"));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(wait_closed(&mut conn, Duration::from_secs(3)).is_some());
+    assert_eq!(node.request("GET", "/api/v1/cache/drip", None).status, 404);
+
+    // A complete head with a body that never comes at all: the same.
+    let mut conn = node.connect();
+    conn.write_all(b"POST /api/v1/cache/never HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{")
+        .unwrap();
+    read_response(&mut conn).unwrap().assert_json_error(408);
+    node.assert_recovered("dripped bodies");
+}
+
+/// The idle timeout and the header timeout are separate clocks.
+#[test]
+fn idle_keep_alive_connections_close_on_their_own_clock() {
+    // Short idle, long header: an idle keep-alive connection goes after ~1 s.
+    let mut node = NodeProc::start(
+        &["--idle-timeout", "1s", "--header-read-timeout", "6s"],
+        &[],
+    );
+    let mut conn = node.connect();
+    conn.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut conn).unwrap().status, 200);
+    let took = wait_closed(&mut conn, Duration::from_secs(5)).expect("idle connection closed");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // ...while a head that has started gets the (longer) header clock: still
+    // open after 2 s, finished then, served.
+    let mut conn = node.connect();
+    conn.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut conn).unwrap().status, 200);
+    conn.write_all(b"GET /api/v1/health HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    conn.write_all(b"Host: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut conn).unwrap().status, 200);
+    node.assert_recovered("idle clock");
+    drop(node);
+
+    // Long idle, short header: idling for 2 s does not trip the 1 s header
+    // clock, the next request is served; a stalled head is closed at ~1 s.
+    let mut node = NodeProc::start(
+        &["--idle-timeout", "6s", "--header-read-timeout", "1s"],
+        &[],
+    );
+    let mut conn = node.connect();
+    for _ in 0..2 {
+        conn.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(&mut conn).unwrap().status, 200);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    conn.write_all(b"GET /api/v1/health HTTP/1.1\r\n").unwrap();
+    let took = wait_closed(&mut conn, Duration::from_secs(5)).expect("stalled head closed");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    node.assert_recovered("header clock");
+}
+
+/// Opens up to `n` connections, each with a connect timeout of `patience`.
+/// Past the node's accept backlog connects stall, so it stops after three
+/// failures in a row. Returns those that connected.
+fn open_idle(node: &NodeProc, n: usize, patience: Duration) -> Vec<TcpStream> {
+    let start = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    let mut failures_in_a_row = 0;
+    while conns.len() < n && failures_in_a_row < 3 {
+        match TcpStream::connect_timeout(&node.addr, patience) {
+            Ok(conn) => {
+                conns.push(conn);
+                failures_in_a_row = 0;
+            }
+            Err(_) => failures_in_a_row += 1,
+        }
+    }
+    eprintln!(
+        "opened {} of {n} connections in {:?}",
+        conns.len(),
+        start.elapsed()
+    );
+    conns
+}
+
+#[test]
+fn a_thousand_idle_connections_do_not_stop_service() {
+    let mut node = NodeProc::start(
+        &["--idle-timeout", "30s", "--header-read-timeout", "30s"],
+        &[],
+    );
+    let idle = open_idle(&node, 1000, Duration::from_secs(5));
+    assert_eq!(idle.len(), 1000);
+    // Half of them have sent one request and now sit idle on keep-alive.
+    let mut idle = idle;
+    for conn in idle.iter_mut().step_by(2) {
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        conn.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(conn).unwrap().status, 200);
+    }
+    // Other clients are served, promptly.
+    for _ in 0..20 {
+        let start = Instant::now();
+        node.assert_serves();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    let growth = node.assert_recovered("1000 idle connections, still open");
+    eprintln!("1000 idle connections cost {} KiB", growth / 1024);
+    for conn in idle {
+        hang_up(conn);
+    }
+    node.assert_recovered("1000 idle connections, closed");
+}
+
+#[test]
+fn a_full_connection_table_makes_clients_wait_and_frees_up() {
+    let mut node = NodeProc::start(
+        &["--max-connections", "8", "--header-read-timeout", "2s"],
+        &[],
+    );
+    // 8 silent connections fill the table.
+    let holders = open_idle(&node, 8, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    // A client that comes next waits in the kernel's backlog, its request
+    // unanswered while the table is full...
+    let mut conn = node.connect();
+    conn.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    // ...behind it a crowd fills the rest of the backlog, until connects
+    // stall (refused, as far as those clients can tell).
+    let waiting = open_idle(&node, 992, Duration::from_millis(200));
+    conn.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut probe = [0u8; 1];
+    assert!(
+        std::io::Read::read(&mut conn, &mut probe).is_err(),
+        "served while every slot was taken"
+    );
+    node.assert_alive();
+    // ...and is served once the holders are cut off by the header timeout
+    // and the waiting crowd hangs up.
+    for c in waiting {
+        hang_up(c);
+    }
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let start = Instant::now();
+    assert_eq!(read_response(&mut conn).unwrap().status, 200);
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
+    // The holders were cut off.
+    for mut c in holders {
+        assert!(wait_closed(&mut c, Duration::from_secs(5)).is_some());
+    }
+    node.assert_recovered("a full connection table");
+}
+
+#[test]
+fn pipelined_garbage_is_refused_and_fresh_connections_work() {
+    let mut node = NodeProc::start(&["--header-read-timeout", "2s"], &[]);
+    let garbage: [&[u8]; 6] = [
+        b"GARBAGE\r\n\r\nMORE GARBAGE\r\n\r\n\x00\x01\x02\x03\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\nGET / HTTP/9.9\r\n\r\n",
+        b"PUT /api/v1/cache/k HTTP/1.1\r\nContent-Length: abc\r\n\r\n{}",
+        b"PUT /api/v1/cache/k HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"PUT /api/v1/cache/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnope\r\n0\r\n\r\n",
+        // Empty lines before a request are allowed (RFC 9112 2.2), so these
+        // get no answer: the header clock closes the connection.
+        b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n",
+    ];
+    for bytes in garbage {
+        // Several copies in one write.
+        let batch: Vec<u8> = bytes.repeat(5);
+        let mut conn = node.connect();
+        let _ = conn.write_all(&batch);
+        // An answer, if any, is a 4xx; closing without one is fine too.
+        if let Ok(r) = read_response(&mut conn) {
+            assert!(
+                (400..500).contains(&r.status),
+                "{:?}: {r:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        assert!(
+            wait_closed(&mut conn, Duration::from_secs(5)).is_some(),
+            "{:?}: connection left open",
+            String::from_utf8_lossy(bytes)
+        );
+        // A valid request on a fresh connection works.
+        assert_eq!(node.request("GET", "/api/v1/health", None).status, 200);
+    }
+
+    // A valid request pipelined ahead of garbage is answered, then the
+    // garbage refused.
+    let mut conn = node.connect();
+    conn.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\nBOGUS\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut conn).unwrap().status, 200);
+    if let Ok(r) = read_response(&mut conn) {
+        assert_eq!(r.status, 400);
+    }
+    assert!(wait_closed(&mut conn, Duration::from_secs(5)).is_some());
+
+    // Valid requests pipelined in one write are all answered, in order.
+    let mut batch = Vec::new();
+    for i in 0..20 {
+        batch.extend(write_request(
+            &format!("/api/v1/cache/p{i}"),
+            format!(r#"{{"value": {i}}}"#).as_bytes(),
+        ));
+        batch.extend(format!("GET /api/v1/cache/p{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    }
+    let mut conn = node.connect();
+    conn.write_all(&batch).unwrap();
+    for i in 0..20 {
+        assert_eq!(read_response(&mut conn).unwrap().status, 201);
+        let r = read_response(&mut conn).unwrap();
+        assert_eq!(r.json()["value"], i);
+    }
+    node.assert_recovered("pipelined garbage");
+}

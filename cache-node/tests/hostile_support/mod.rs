@@ -1,0 +1,392 @@
+//! Support for the hostile-client tests: the real `cache-node` binary as a
+//! process on 127.0.0.1 (so its memory can be read from /proc), raw TCP
+//! clients that can send anything, and a small HTTP/1 response reader.
+//!
+//! Everything is synchronous `std::net` with a timeout on every read and
+//! write: a misbehaving node fails a test, it never hangs it.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cache-node");
+
+/// How far above its baseline a node's resident memory may be after an
+/// attack. Generous on purpose: the limits under test bound what an attack
+/// can pin to kilobytes per connection, while the allocator (mimalloc) keeps
+/// freed pages for reuse and the runtime keeps the stacks and buffers it grew,
+/// so "near" means "did not keep what the attacker sent", not "byte-exact".
+pub const RSS_SLACK: u64 = 64 * 1024 * 1024;
+
+/// Default read timeout of the raw clients.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `cache-node` process, killed when dropped.
+pub struct NodeProc {
+    child: Child,
+    pub addr: SocketAddr,
+    /// The last lines the node logged, for failure messages.
+    log: Arc<Mutex<VecDeque<String>>>,
+    /// Resident memory after start-up and a first round of requests.
+    pub baseline_rss: u64,
+}
+
+impl NodeProc {
+    /// Starts the binary on 127.0.0.1 and a port of the kernel's choosing
+    /// with `flags` and environment `env`, and waits until it serves.
+    pub fn start(flags: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["--bind-address", "127.0.0.1", "--port", "0"])
+            .args(["--log-format", "json", "--log-level", "info"])
+            .args(flags)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cache-node");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            // Drains stderr for the node's whole life, so it never blocks on a
+            // full pipe, keeping the last lines for diagnostics.
+            std::thread::spawn(move || {
+                let mut addr_tx = Some(addr_tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(tx) = &addr_tx
+                        && let Some(addr) = listening_addr(&line)
+                    {
+                        let _ = tx.send(addr);
+                        addr_tx = None;
+                    }
+                    let mut log = log.lock().unwrap();
+                    if log.len() == 200 {
+                        log.pop_front();
+                    }
+                    log.push_back(line);
+                }
+            });
+        }
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!(
+                    "cache-node did not report its address ({status:?}); log:\n{}",
+                    log.lock()
+                        .unwrap()
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+        };
+        let mut node = Self {
+            child,
+            addr,
+            log,
+            baseline_rss: 0,
+        };
+        // Warm up (first allocations, lazily started runtime threads) before
+        // taking the baseline.
+        for _ in 0..3 {
+            node.assert_serves();
+        }
+        node.baseline_rss = node.rss();
+        node
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in bytes, from /proc/<pid>/statm.
+    pub fn rss(&self) -> u64 {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid()))
+            .expect("the node is running");
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .expect("statm has a resident field");
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        pages * u64::try_from(page).unwrap_or(4096)
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The process is still running.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("cache-node exited ({status}); log:\n{}", self.log_tail());
+        }
+    }
+
+    /// Health answers, and a write then a read of a fresh key work, each on a
+    /// fresh connection.
+    pub fn assert_serves(&mut self) {
+        self.assert_alive();
+        let r = self.request("GET", "/api/v1/health", None);
+        assert_eq!(r.status, 200, "health: {r:?}\nlog:\n{}", self.log_tail());
+        assert_eq!(r.json()["status"], "healthy");
+        let key = format!("probe-{}", rand::random::<u32>());
+        let value = serde_json::json!({"probe": key});
+        let body = serde_json::json!({"value": value, "tags": ["probe"]}).to_string();
+        let r = self.request("PUT", &format!("/api/v1/cache/{key}"), Some(&body));
+        assert!(matches!(r.status, 200 | 201), "set: {r:?}");
+        let r = self.request("GET", &format!("/api/v1/cache/{key}"), None);
+        assert_eq!(r.status, 200, "get: {r:?}");
+        assert_eq!(r.json()["value"], value);
+    }
+
+    /// [`Self::assert_serves`], and resident memory within [`RSS_SLACK`] of
+    /// the baseline. Returns the growth in bytes (possibly negative).
+    pub fn assert_recovered(&mut self, after: &str) -> i64 {
+        self.assert_serves();
+        // Freed memory goes back to the allocator, then to the system in
+        // the background: give it a moment before judging.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut rss = self.rss();
+        while rss > self.baseline_rss + RSS_SLACK / 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            rss = self.rss();
+        }
+        let growth = rss as i64 - self.baseline_rss as i64;
+        eprintln!(
+            "after {after}: rss {} KiB (baseline {} KiB, {:+} KiB)",
+            rss / 1024,
+            self.baseline_rss / 1024,
+            growth / 1024
+        );
+        assert!(
+            rss <= self.baseline_rss + RSS_SLACK,
+            "after {after}: rss {rss} is more than {RSS_SLACK} above the baseline {}",
+            self.baseline_rss
+        );
+        growth
+    }
+
+    /// One well-formed request on a fresh connection (`Connection: close`).
+    pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+        if let Some(body) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ));
+        } else {
+            req.push_str("\r\n");
+        }
+        let mut conn = self.connect();
+        conn.write_all(req.as_bytes()).expect("send request");
+        read_response(&mut conn).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// A raw connection with [`IO_TIMEOUT`] on reads and writes.
+    pub fn connect(&self) -> TcpStream {
+        let conn = TcpStream::connect_timeout(&self.addr, IO_TIMEOUT).expect("connect");
+        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        conn.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        conn.set_nodelay(true).unwrap();
+        conn
+    }
+
+    /// Sends `bytes` on a fresh connection and reads the first response.
+    pub fn send_raw(&self, bytes: &[u8]) -> Result<HttpResponse, String> {
+        let mut conn = self.connect();
+        // The node may answer and close before reading everything (that is
+        // what a limit does), so a failed write is not yet a failure.
+        let _ = conn.write_all(bytes);
+        read_response(&mut conn)
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The address in the node's "cache-node listening" JSON log line.
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v["fields"]["message"] != "cache-node listening" {
+        return None;
+    }
+    v["fields"]["addr"].as_str()?.parse().ok()
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON; panics (failing the test) if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: body is not JSON ({e}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// A JSON `{"error": "..."}` answer with this status and
+    /// `application/json` content type; returns the message.
+    pub fn assert_json_error(&self, status: u16) -> String {
+        assert_eq!(
+            self.status,
+            status,
+            "body {:?}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert!(
+            self.header("content-type")
+                .is_some_and(|ct| ct.starts_with("application/json")),
+            "content type of {self:?}"
+        );
+        let message = self.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message in {self:?}"))
+            .to_owned();
+        assert!(!message.is_empty());
+        message
+    }
+}
+
+/// Reads one HTTP/1.1 response (status line, headers, a `Content-Length`
+/// body). Bounded: heads over 64 KiB and bodies over 16 MiB are errors.
+pub fn read_response(conn: &mut TcpStream) -> Result<HttpResponse, String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte) {
+            Ok(0) => {
+                return Err(format!(
+                    "connection closed after {} bytes of response head",
+                    head.len()
+                ));
+            }
+            Ok(_) => head.push(byte[0]),
+            Err(e) => return Err(format!("reading the response head: {e}")),
+        }
+        if head.len() > 64 * 1024 {
+            return Err("response head over 64 KiB".into());
+        }
+    }
+    let head = String::from_utf8(head).map_err(|e| format!("response head: {e}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.parse().map_err(|e| format!("content-length {v:?}: {e}")))
+        .transpose()?
+        .unwrap_or(0);
+    if length > 16 * 1024 * 1024 {
+        return Err(format!("response body of {length} bytes"));
+    }
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body)
+        .map_err(|e| format!("reading a {length}-byte body: {e}"))?;
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Whether the peer has closed `conn`: waits up to `within` for EOF or a
+/// reset, discarding any bytes that arrive first. Returns how long it took.
+pub fn wait_closed(conn: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = within.checked_sub(start.elapsed())?;
+        conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match conn.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if start.elapsed() >= within {
+                    return None;
+                }
+            }
+            // Reset or aborted: closed too.
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+}
+
+/// Sends `bytes` one at a time, `gap` apart, until they are all sent, the
+/// peer closes the connection or `budget` runs out. Returns how many were
+/// sent and whether the connection was found closed.
+pub fn drip(conn: &mut TcpStream, bytes: &[u8], gap: Duration, budget: Duration) -> (usize, bool) {
+    let start = Instant::now();
+    for (i, b) in bytes.iter().enumerate() {
+        if start.elapsed() > budget {
+            return (i, false);
+        }
+        if conn.write_all(std::slice::from_ref(b)).is_err() {
+            return (i, true);
+        }
+        std::thread::sleep(gap);
+        // A closed peer shows as EOF on a non-blocking peek.
+        conn.set_nonblocking(true).unwrap();
+        let mut probe = [0u8; 1];
+        let closed = matches!(conn.peek(&mut probe), Ok(0));
+        conn.set_nonblocking(false).unwrap();
+        if closed {
+            return (i + 1, true);
+        }
+    }
+    (bytes.len(), false)
+}
+
+/// Closes a connection both ways, ignoring errors (it may already be gone).
+pub fn hang_up(conn: TcpStream) {
+    let _ = conn.shutdown(Shutdown::Both);
+}
