@@ -208,6 +208,12 @@ impl<S: BuildHasher> Shard<S> {
             Some(slot) => self.slots[slot as usize].expires_at <= now,
             None => true,
         };
+        if created && existing.is_some() {
+            // The item it replaces had expired unswept: that item's end is
+            // an expiration, so `items` keeps equalling creations minus
+            // every kind of removal.
+            self.counters.expirations += 1;
+        }
         let slot = match existing {
             Some(slot) => {
                 // Rewrite in place: the slot keeps its index entry and its id.
