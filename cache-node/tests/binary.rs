@@ -167,3 +167,33 @@ fn sigterm_finishes_the_in_flight_request_then_exits_cleanly() {
     // Drain the rest of the log so the pipe never blocks the child.
     for _ in lines {}
 }
+
+/// The README's configuration table lists every flag `--help` knows, with
+/// its environment variable, so the documentation cannot fall behind.
+#[test]
+fn the_readme_documents_every_setting() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md at the repository root");
+    let mut checked = 0;
+    for line in help.lines().map(str::trim) {
+        let Some(flag) = line
+            .strip_prefix("--")
+            .and_then(|rest| rest.split([' ', '\t']).next())
+        else {
+            continue;
+        };
+        if flag == "help" || flag == "version" {
+            continue;
+        }
+        assert!(
+            readme.contains(&format!("| `--{flag}` |")),
+            "README.md's configuration table lacks --{flag}"
+        );
+        let env = format!("DISTROCACHE_{}", flag.to_uppercase().replace('-', "_"));
+        assert!(readme.contains(&format!("`{env}`")), "README.md lacks {env}");
+        checked += 1;
+    }
+    assert!(checked > 30, "parsed only {checked} flags from --help");
+}
