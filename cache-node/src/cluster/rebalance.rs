@@ -512,3 +512,101 @@ async fn all_synced(cluster: &Cluster, ring: &Ring) -> bool {
             .is_some_and(|p| p.synced_epoch >= ring.epoch())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use distrocache_membership::{Hashing, Member, MembershipDoc};
+
+    use super::*;
+    use crate::cluster::metrics::ClusterMetrics;
+    use crate::cluster::peer::PeerSettings;
+    use crate::cluster::{Cluster, ClusterSettings};
+    use crate::store::{Store, StoreConfig};
+
+    fn cluster(items: usize, shards: usize, batch_items: usize) -> Arc<Cluster> {
+        let store = Arc::new(Store::with_config(StoreConfig {
+            max_items: 100_000,
+            shards,
+            default_ttl: Duration::from_secs(3600),
+            ..StoreConfig::default()
+        }));
+        for i in 0..items {
+            store
+                .set(&format!("item:{i}"), b"1", &["t".to_string()], None, |_| ())
+                .unwrap();
+        }
+        let settings = ClusterSettings {
+            peer: PeerSettings {
+                connect_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(1),
+                max_answer_bytes: 1 << 24,
+            },
+            batch_items,
+            batch_bytes: 4 << 20,
+            file_poll_interval: Duration::from_secs(1),
+        };
+        let c = Cluster::new(
+            "a".into(),
+            store,
+            settings,
+            ClusterMetrics::new(&prometheus::Registry::new()),
+            Arc::new(AtomicBool::new(true)),
+            None,
+        );
+        c.adopt(MembershipDoc {
+            epoch: 1,
+            replication_factor: 2,
+            hashing: Hashing::Rendezvous,
+            members: ["a", "b"]
+                .iter()
+                .enumerate()
+                .map(|(i, id)| Member {
+                    id: (*id).into(),
+                    address: format!("127.0.0.{}:1", i + 1),
+                    state: MemberState::Active,
+                })
+                .collect(),
+        });
+        c
+    }
+
+    /// Pulling page by page returns every item the requester owns, once.
+    #[test]
+    fn a_pull_returns_every_owned_item() {
+        for (items, shards, batch) in [
+            (18_000, 64, 1000),
+            (5000, 8, 7),
+            (300, 64, 1000),
+            (0, 4, 10),
+        ] {
+            let c = cluster(items, shards, batch);
+            let mut seen = std::collections::HashSet::new();
+            let mut request = PullRequest {
+                node: "b".into(),
+                cursor: 0,
+                limit: batch,
+            };
+            for page in 0.. {
+                assert!(page < 100_000, "the pull makes progress");
+                let answer = c.serve_pull(&request).unwrap();
+                let answer: PullAnswer<'_> = serde_json::from_slice(&answer).unwrap();
+                for r in &answer.items {
+                    assert!(seen.insert(r.key.to_string()), "{} sent twice", r.key);
+                }
+                match answer.next {
+                    Some(next) => request.cursor = next,
+                    None => break,
+                }
+            }
+            assert_eq!(
+                seen.len(),
+                items,
+                "{items} items in {shards} shards, batches of {batch}"
+            );
+        }
+    }
+}

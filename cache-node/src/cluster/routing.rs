@@ -363,10 +363,16 @@ impl Cluster {
 
     /// After a local miss while data is moving: asks the key's other owners
     /// (current and previous) for it and stores it here if one has it.
-    /// Returns whether it was found.
+    /// Returns whether the key is held here now. That is checked in the
+    /// store, not taken from whether this call wrote it: while a pull runs,
+    /// the pull may store the same version between the miss and this call's
+    /// write (which then finds it stale), and the key is there all the same.
     pub async fn recover(&self, key: &str) -> bool {
         if !self.is_moving() {
             return false;
+        }
+        if self.store.peek(key, |_| ()).is_some() {
+            return true;
         }
         let path = format!("/internal/v1/items/{}", encode_segment(key));
         for target in self.replicas(key) {
@@ -381,11 +387,12 @@ impl Cluster {
             let Ok(record) = serde_json::from_slice::<Record<'_>>(&answer.body) else {
                 continue;
             };
-            if self.apply_records(std::slice::from_ref(&record)).applied > 0 {
+            self.apply_records(std::slice::from_ref(&record));
+            if self.store.peek(key, |_| ()).is_some() {
                 return true;
             }
         }
-        false
+        self.store.peek(key, |_| ()).is_some()
     }
 
     /// Removes the tag's items here, counting those this node is the primary of.
