@@ -192,7 +192,10 @@ fn the_readme_documents_every_setting() {
             "README.md's configuration table lacks --{flag}"
         );
         let env = format!("DISTROCACHE_{}", flag.to_uppercase().replace('-', "_"));
-        assert!(readme.contains(&format!("`{env}`")), "README.md lacks {env}");
+        assert!(
+            readme.contains(&format!("`{env}`")),
+            "README.md lacks {env}"
+        );
         checked += 1;
     }
     assert!(checked > 30, "parsed only {checked} flags from --help");

@@ -6,6 +6,8 @@
 mod cluster_support;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cluster_support::ProcCluster;
@@ -104,6 +106,64 @@ async fn assert_all_readable(c: &ProcCluster, expected: &HashMap<String, Value>,
     );
 }
 
+/// Asks every running node (through its peer API) which keys it holds, and
+/// checks each key has exactly `copies` copies: no replica went missing
+/// (reads alone cannot tell, since they are served by the primary) and none
+/// lingers where it is no longer owned. Valid once the cluster has settled.
+async fn assert_copies(
+    c: &ProcCluster,
+    expected: &HashMap<String, Value>,
+    copies: usize,
+    what: &str,
+) {
+    let mut held: HashMap<&str, usize> = HashMap::new();
+    for i in c.running() {
+        let (_, view) = c.get_json(i, "/api/v1/cluster").await;
+        let epoch = view["epoch"].as_u64().expect("epoch");
+        let peer = c.nodes[i].peer_addr;
+        let found: Vec<&str> = futures_util::stream::iter(expected.keys().map(|k| {
+            let mut request = c
+                .client
+                .get(format!("http://{peer}/internal/v1/items/{}", encoded(k)))
+                .header("x-distrocache-epoch", epoch);
+            if c.client_token.is_some() {
+                request = request.header("authorization", "Bearer peer-secret-token");
+            }
+            async move {
+                let status = request
+                    .send()
+                    .await
+                    .expect("peer request")
+                    .status()
+                    .as_u16();
+                assert!(
+                    status == 200 || status == 404,
+                    "{what}: {k} on node {i}: {status}"
+                );
+                (status == 200).then_some(k.as_str())
+            }
+        }))
+        .buffer_unordered(64)
+        .filter_map(|k| async move { k })
+        .collect()
+        .await;
+        for k in found {
+            *held.entry(k).or_default() += 1;
+        }
+    }
+    let wrong: Vec<(&str, usize)> = expected
+        .keys()
+        .map(|k| (k.as_str(), held.get(k.as_str()).copied().unwrap_or(0)))
+        .filter(|&(_, n)| n != copies)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{what}: {} keys without exactly {copies} copies, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
+
 async fn cluster_items(c: &ProcCluster, via: usize) -> u64 {
     let (status, stats) = c.get_json(via, "/api/v1/cluster/stats").await;
     assert_eq!(status, 200, "{stats}");
@@ -133,6 +193,7 @@ async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scena
     let c = started(3, 2, auth).await;
     let written = write_keys(&c, 0..keys, 1).await;
     assert_all_readable(&c, &written, "3 nodes, rf 2").await;
+    assert_copies(&c, &written, 2, "3 nodes, rf 2").await;
     assert_eq!(
         cluster_items(&c, 0).await,
         2 * keys as u64,
@@ -238,6 +299,7 @@ async fn adding_a_node_moves_its_share_and_loses_nothing_scenario(auth: bool) {
     let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active), (new, Active)]);
     c.wait_settled(epoch, SETTLE).await;
     assert_all_readable(&c, &written, "4th node active").await;
+    assert_copies(&c, &written, 2, "4th node active").await;
 
     let progress = c.progress(new).await.expect("progress");
     let moved = progress.keys_received as f64 / keys as f64;
@@ -290,6 +352,7 @@ async fn a_leaving_node_hands_off_before_it_is_removed_scenario(auth: bool) {
     let mut all = written;
     all.extend(more);
     assert_all_readable(&c, &all, "after node-1 left").await;
+    assert_copies(&c, &all, 2, "after node-1 left").await;
     assert_eq!(cluster_items(&c, 0).await, 2 * all.len() as u64);
 }
 
@@ -324,6 +387,7 @@ async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scen
     );
     assert!(pulled.items > 0);
 
+    assert_copies(&c, &written, 2, "node-0 back").await;
     c.kill(1);
     assert_all_readable(&c, &written, "node-0 back, node-1 killed").await;
 }
@@ -336,6 +400,73 @@ async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_with_auth() {
     killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(true).await;
+}
+
+/// A rolling restart as Kubernetes does it: the pod comes back empty with a
+/// new IP, first reads the ring with its old address, then the operator
+/// publishes the new address (a new epoch) while the node is still pulling,
+/// and clients keep reading meanwhile: a read may find a node down, but
+/// must never get a false 404. Every key must end with two copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_at_a_new_address_pulls_every_key() {
+    // Small pull batches stretch each pull over many requests, so reads
+    // really do land on a node while it is still pulling.
+    let mut c = ProcCluster::new(2, 2).with_flags(&["--rebalance-batch-items", "50"]);
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start(1);
+    c.wait_settled(epoch, SETTLE).await;
+    let written = write_keys(&c, 0..KEYS, 1).await;
+    assert_copies(&c, &written, 2, "before the restarts").await;
+    let keys: Arc<Vec<String>> = Arc::new(written.keys().map(|k| encoded(k)).collect());
+    for (round, node) in [1usize, 0, 1].into_iter().enumerate() {
+        // Readers go through the node that stays up; it forwards the keys
+        // the restarting node is primary of to it, mid-pull.
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..8)
+            .map(|r| {
+                let (client, keys, stop) = (c.client.clone(), keys.clone(), stop.clone());
+                let base = c.url(1 - node, "/api/v1/cache/");
+                tokio::spawn(async move {
+                    let mut false_misses = Vec::new();
+                    let mut i = r * 997;
+                    while !stop.load(Ordering::Relaxed) {
+                        i = (i + 7919) % keys.len();
+                        let answer = client.get(format!("{base}{}", keys[i])).send().await;
+                        if answer.is_ok_and(|a| a.status() == 404) {
+                            false_misses.push(keys[i].clone());
+                        }
+                    }
+                    false_misses
+                })
+            })
+            .collect();
+        c.kill(node);
+        c.readdress(node, 40 + round as u8);
+        c.start(node);
+        tokio::time::sleep(Duration::from_millis(150 * round as u64 + 50)).await;
+        let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+        c.wait_settled(epoch, SETTLE).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut false_misses = Vec::new();
+        for reader in readers {
+            false_misses.extend(reader.await.expect("the reader ran"));
+        }
+        assert!(
+            false_misses.is_empty(),
+            "round {round}: {} reads answered 404 for keys that exist, e.g. {:?}",
+            false_misses.len(),
+            &false_misses[..false_misses.len().min(5)]
+        );
+        assert_copies(
+            &c,
+            &written,
+            2,
+            &format!("round {round}: node-{node} back at a new address"),
+        )
+        .await;
+    }
+    assert_all_readable(&c, &written, "after three restarts").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -367,32 +367,44 @@ impl Cluster {
     /// store, not taken from whether this call wrote it: while a pull runs,
     /// the pull may store the same version between the miss and this call's
     /// write (which then finds it stale), and the key is there all the same.
+    /// A ring change met on the way (moves come with them) means asking the
+    /// new ring's owners, not giving up.
     pub async fn recover(&self, key: &str) -> bool {
+        let held = || self.store.peek(key, |_| ()).is_some();
         if !self.is_moving() {
             return false;
         }
-        if self.store.peek(key, |_| ()).is_some() {
+        if held() {
             return true;
         }
         let path = format!("/internal/v1/items/{}", encode_segment(key));
-        for target in self.replicas(key) {
-            let answer = self
-                .call(target.member(), Method::GET, &path, Bytes::new(), None)
-                .await;
-            self.metrics.peer_call(PeerOp::Fetch, answer.is_ok());
-            let Ok(answer) = answer else { continue };
-            if answer.status != StatusCode::OK {
-                continue;
+        for _ in 0..3 {
+            let mut replan = false;
+            for target in self.replicas(key) {
+                let answer = self
+                    .call(target.member(), Method::GET, &path, Bytes::new(), None)
+                    .await;
+                self.metrics.peer_call(PeerOp::Fetch, answer.is_ok());
+                let answer = match answer {
+                    Ok(answer) if answer.status == StatusCode::OK => answer,
+                    Err(PeerError::RingChanged { .. }) => {
+                        replan = true;
+                        break;
+                    }
+                    _ => continue,
+                };
+                if let Ok(record) = serde_json::from_slice::<Record<'_>>(&answer.body) {
+                    self.apply_records(std::slice::from_ref(&record));
+                }
+                if held() {
+                    return true;
+                }
             }
-            let Ok(record) = serde_json::from_slice::<Record<'_>>(&answer.body) else {
-                continue;
-            };
-            self.apply_records(std::slice::from_ref(&record));
-            if self.store.peek(key, |_| ()).is_some() {
-                return true;
+            if !replan {
+                break;
             }
         }
-        self.store.peek(key, |_| ()).is_some()
+        held()
     }
 
     /// Removes the tag's items here, counting those this node is the primary of.

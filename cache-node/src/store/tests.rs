@@ -353,7 +353,10 @@ fn rewriting_an_expired_item_counts_its_expiration() {
     let (store, clock) = store(10, 0, 1);
     set(&store, "k", "1", &[], 1);
     clock.advance(Duration::from_secs(2));
-    assert!(set(&store, "k", "2", &[], 60), "created, since the old item had expired");
+    assert!(
+        set(&store, "k", "2", &[], 60),
+        "created, since the old item had expired"
+    );
     let c = store.stats().counters;
     assert_eq!((c.sets, c.expirations, store.len()), (2, 1, 1));
     store.assert_consistent();

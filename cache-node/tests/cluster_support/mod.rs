@@ -194,6 +194,16 @@ impl ProcCluster {
         }
     }
 
+    /// Moves node `i` (not running) to a new loopback address, as a pod that
+    /// comes back with a new IP.
+    pub fn readdress(&mut self, i: usize, last_octet: u8) {
+        assert!(self.nodes[i].child.is_none(), "node {i} is running");
+        let node = &mut self.nodes[i];
+        let ip = Ipv4Addr::new(127, 1, self.block, last_octet);
+        node.addr.set_ip(ip.into());
+        node.peer_addr.set_ip(ip.into());
+    }
+
     pub fn pid(&self, i: usize) -> u32 {
         self.nodes[i].child.as_ref().expect("node is running").id()
     }
