@@ -45,13 +45,13 @@ pub struct Config {
     #[arg(long, env = "DISTROCACHE_MAX_MEMORY", default_value = "0", value_parser = parse_bytes)]
     pub max_memory: u64,
 
-    /// TTL of items written without one (or with ttl 0).
-    #[arg(long, env = "DISTROCACHE_DEFAULT_TTL", default_value = "5m", value_parser = parse_duration)]
+    /// TTL of items written without one (or with ttl 0). Longer than zero.
+    #[arg(long, env = "DISTROCACHE_DEFAULT_TTL", default_value = "5m", value_parser = parse_positive_duration)]
     pub default_ttl: Duration,
 
     /// How often expired items are swept in the background (they are also
-    /// removed lazily when read).
-    #[arg(long, env = "DISTROCACHE_CLEANUP_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    /// removed lazily when read). Longer than zero.
+    #[arg(long, env = "DISTROCACHE_CLEANUP_INTERVAL", default_value = "1m", value_parser = parse_positive_duration)]
     pub cleanup_interval: Duration,
 
     /// How many nodes hold each key in a cluster (primary plus replicas).
@@ -165,7 +165,9 @@ pub struct Config {
     pub auth_token_file: Option<PathBuf>,
 
     /// A file holding the bearer token of the peer API; nodes send it to each
-    /// other. Unset: no authentication between nodes.
+    /// other. Unset: no authentication between nodes, except that a peer API
+    /// sharing --port with the client API requires the --auth-token-file
+    /// token when that is set (so /internal/v1/ is no way around it).
     #[arg(long, env = "DISTROCACHE_PEER_TOKEN_FILE")]
     pub peer_token_file: Option<PathBuf>,
 
@@ -191,16 +193,16 @@ pub struct Config {
     pub namespace: String,
 
     /// How often the membership file is checked for changes.
-    #[arg(long, env = "DISTROCACHE_MEMBERSHIP_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "DISTROCACHE_MEMBERSHIP_POLL_INTERVAL", default_value = "500ms", value_parser = parse_positive_duration)]
     pub membership_poll_interval: Duration,
 
     /// Connect timeout for requests to other nodes; an owner that does not
     /// accept within it is treated as down and the next owner is tried.
-    #[arg(long, env = "DISTROCACHE_PEER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "DISTROCACHE_PEER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_positive_duration)]
     pub peer_connect_timeout: Duration,
 
     /// Overall timeout of one request to another node.
-    #[arg(long, env = "DISTROCACHE_PEER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "DISTROCACHE_PEER_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub peer_timeout: Duration,
 
     /// Most items per batch when moving data between nodes.
@@ -285,6 +287,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 30s, 5m, 1h30m)"))
 }
 
+/// For settings where zero means nothing useful: a zero default TTL expires
+/// every item as it is written, a zero cleanup interval would make the
+/// sweeper's `tokio::time::interval` panic, a zero poll interval spins, and a
+/// zero peer timeout fails every request.
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d.is_zero() {
@@ -386,6 +392,12 @@ mod tests {
             &["cache-node", "--header-read-timeout", "0s"],
             &["cache-node", "--request-timeout", "0s"],
             &["cache-node", "--idle-timeout", "0s"],
+            &["cache-node", "--cleanup-interval", "0s"],
+            &["cache-node", "--cleanup-interval", "0ms"],
+            &["cache-node", "--default-ttl", "0s"],
+            &["cache-node", "--membership-poll-interval", "0s"],
+            &["cache-node", "--peer-connect-timeout", "0s"],
+            &["cache-node", "--peer-timeout", "0s"],
         ] {
             assert!(Config::try_parse_from(args).is_err(), "{args:?}");
         }

@@ -47,17 +47,31 @@ impl Node {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
+        let client_token = config
+            .auth_token_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?;
+        let mut peer_token = config
+            .peer_token_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?;
+        // The peer API reads and writes any key and replaces the ring. On
+        // the client port with no token of its own it would be a way around
+        // the client token, so there it requires the client token, and nodes
+        // send that one to each other (every node of a cluster is given the
+        // same client token). On a port of its own it stays as configured:
+        // open there means the operator chose a network boundary instead.
+        if peer_token.is_none() && peer_listener.is_none() && client_token.is_some() {
+            tracing::info!(
+                "the peer API shares the client port and has no token file: it requires the client token"
+            );
+            peer_token = client_token.clone();
+        }
         let tokens = Tokens {
-            client: config
-                .auth_token_file
-                .as_deref()
-                .map(read_token)
-                .transpose()?,
-            peer: config
-                .peer_token_file
-                .as_deref()
-                .map(read_token)
-                .transpose()?,
+            client: client_token,
+            peer: peer_token,
         };
         let store = Arc::new(Store::with_config(config.store()));
         let metrics = Metrics::new();

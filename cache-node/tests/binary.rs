@@ -200,3 +200,120 @@ fn the_readme_documents_every_setting() {
     }
     assert!(checked > 30, "parsed only {checked} flags from --help");
 }
+
+/// Waits for `child` to exit within `within`; kills it and fails if not.
+fn exit_within(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the node kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A zero cleanup interval (which made the sweeper's timer panic while the
+/// node kept serving without a sweeper) and a zero default TTL (which
+/// expired every item as it was written) are refused at start, naming the
+/// setting.
+#[test]
+fn zero_cleanup_interval_or_default_ttl_is_refused_at_start() {
+    for (flag, env) in [
+        ("--cleanup-interval", "DISTROCACHE_CLEANUP_INTERVAL"),
+        ("--default-ttl", "DISTROCACHE_DEFAULT_TTL"),
+    ] {
+        for zero in ["0s", "0ms"] {
+            let mut node = Command::new(BIN)
+                .args(["--bind-address", "127.0.0.1", "--port", "0"])
+                .args([flag, zero])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let status = exit_within(&mut node, Duration::from_secs(10));
+            let mut stderr = String::new();
+            node.stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            assert!(!status.success(), "{flag} {zero} accepted");
+            assert!(
+                stderr.contains(flag) && stderr.contains("longer than zero"),
+                "{flag} {zero}: {stderr}"
+            );
+            // The same through the environment.
+            let out = Command::new(BIN)
+                .env(env, zero)
+                .args(["--bind-address", "127.0.0.1", "--port", "0", "--help"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "--help parses no values");
+            let mut node = Command::new(BIN)
+                .env(env, zero)
+                .args(["--bind-address", "127.0.0.1", "--port", "0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            assert!(!exit_within(&mut node, Duration::from_secs(10)).success());
+        }
+    }
+}
+
+/// The background sweeper removes expired items that nobody reads: items
+/// written with the default TTL of 1s leave the stats soon after, with no
+/// read touching them (hits and misses stay 0).
+#[test]
+fn the_sweeper_drops_expired_items_without_reads() {
+    let port = free_port();
+    let child = Command::new(BIN)
+        .args(["--bind-address", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--cleanup-interval", "100ms", "--default-ttl", "1s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _node = Proc(child);
+    wait_until_listening(port);
+    let stats = || -> serde_json::Value {
+        let response = http(
+            port,
+            "GET /api/v1/stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
+        let (_, body) = response.split_once("\r\n\r\n").expect("a response");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+    };
+    for i in 0..50 {
+        let body = format!(r#"{{"value": {i}}}"#);
+        let response = http(
+            port,
+            &format!(
+                "PUT /api/v1/cache/k{i} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+    }
+    let first = stats();
+    assert!(first["items"].as_u64().unwrap() > 0, "{first}");
+    // Bounded wait, not a timed assertion: 1s TTL plus sweeps every 100ms.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let last = loop {
+        let s = stats();
+        if s["items"] == 0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "expired items never swept: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(last["expirations"], 50, "{last}");
+    assert_eq!(last["hits"], 0, "{last}");
+    assert_eq!(last["misses"], 0, "{last}");
+    assert_eq!(last["bytes"], 0, "{last}");
+}

@@ -394,6 +394,48 @@ async fn wrong_content_type_method_route_and_encoding() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 201);
+
+    // So is one sent as curl -d sends it (the seed never checked), and any
+    // +json type; a form body that is not JSON is a 400, another type a 415.
+    for (i, ct) in [
+        "application/x-www-form-urlencoded",
+        "application/vnd.example+json",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let resp = node
+            .client
+            .put(node.url(&format!("/api/v1/cache/form{i}")))
+            .header("content-type", ct)
+            .body("{\"value\": [1, 2, 3]}")
+            .send()
+            .await
+            .unwrap();
+        let (status, item) = read(resp).await;
+        assert_eq!(status, 201, "{ct}: {item}");
+        assert_eq!(item["value"], json!([1, 2, 3]));
+    }
+    let resp = node
+        .client
+        .put(node.url("/api/v1/cache/form"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("value=1")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(resp).await;
+    assert_error(status, &body, 400);
+    let resp = node
+        .client
+        .put(node.url("/api/v1/cache/form"))
+        .header("content-type", "multipart/form-data; boundary=x")
+        .body("{\"value\": 1}")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(resp).await;
+    assert_error(status, &body, 415);
 }
 
 #[tokio::test]
@@ -433,4 +475,121 @@ async fn concurrent_clients_see_consistent_results() {
     assert_eq!(body["invalidated"], (clients * per_client) as u64);
     let (_, stats) = node.get_json("/api/v1/stats").await;
     assert_eq!(stats["items"], per_client as u64);
+}
+
+/// With a client token and no peer token, a peer API sharing the client port
+/// requires the client token: `/internal/v1/` (which reads and writes any key
+/// and replaces the ring) is no way around it. Two such nodes still reach
+/// each other, since they send that token to each other.
+#[tokio::test]
+async fn a_peer_api_on_the_client_port_requires_the_client_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let ring = dir.path().join("ring.json");
+    let start = |id: &'static str| {
+        let token = token.display().to_string();
+        let ring = ring.display().to_string();
+        async move {
+            TestNode::start(&[
+                "--node-id",
+                id,
+                "--auth-token-file",
+                &token,
+                "--membership-file",
+                &ring,
+                "--membership-poll-interval",
+                "50ms",
+            ])
+            .await
+        }
+    };
+    let a = start("a").await;
+    let b = start("b").await;
+    let doc = json!({
+        "epoch": 1,
+        "replicationFactor": 1,
+        "hashing": {"algorithm": "rendezvous"},
+        "members": [
+            {"id": "a", "address": a.addr.to_string(), "state": "active"},
+            {"id": "b", "address": b.addr.to_string(), "state": "active"},
+        ],
+    });
+    std::fs::write(&ring, doc.to_string()).unwrap();
+    for node in [&a, &b] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while node.get_json("/api/v1/ready").await.0 != 200 {
+            assert!(std::time::Instant::now() < deadline, "never ready");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    let hostile_ring = json!({"epoch": 99, "replicationFactor": 1, "members": []});
+    for auth in [None, Some("Bearer wrong"), Some("Basic s3cret")] {
+        let requests = [
+            a.client.get(a.url("/internal/v1/ring")),
+            a.client.get(a.url("/internal/v1/stats")),
+            a.client
+                .put(a.url("/internal/v1/cache/k"))
+                .header("x-distrocache-epoch", "1")
+                .json(&json!({"value": "planted"})),
+            a.client
+                .get(a.url("/internal/v1/cache/k"))
+                .header("x-distrocache-epoch", "1"),
+            a.client.put(a.url("/internal/v1/ring")).json(&hostile_ring),
+        ];
+        for request in requests {
+            let request = match auth {
+                Some(auth) => request.header("authorization", auth),
+                None => request,
+            };
+            let (status, body) = read(request.send().await.unwrap()).await;
+            assert_error(status, &body, 401);
+        }
+    }
+    let resp = a
+        .client
+        .get(a.url("/internal/v1/ring"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    let (status, ring_doc) = read(resp).await;
+    assert_eq!(status, 200);
+    assert_eq!(ring_doc["epoch"], 1, "the ring was not replaced");
+
+    // Writes through a, reads through b: keys owned by the other node travel
+    // over the peer API, with the token.
+    let mut served_by_b = 0;
+    for i in 0..32 {
+        let resp = a
+            .client
+            .put(a.url(&format!("/api/v1/cache/k{i}")))
+            .bearer_auth("s3cret")
+            .json(&json!({"value": i}))
+            .send()
+            .await
+            .unwrap();
+        if resp.headers()["x-distrocache-served-by"] == "b" {
+            served_by_b += 1;
+        }
+        let (status, body) = read(resp).await;
+        assert_eq!(status, 201, "{body}");
+        let resp = b
+            .client
+            .get(b.url(&format!("/api/v1/cache/k{i}")))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        let (status, item) = read(resp).await;
+        assert_eq!(status, 200, "{item}");
+        assert_eq!(item["value"], i);
+    }
+    assert!(
+        (1..32).contains(&served_by_b),
+        "both nodes own keys ({served_by_b} of 32 on b)"
+    );
+    let (status, body) = b.get_json("/api/v1/cache/k0").await;
+    assert_error(status, &body, 401);
 }

@@ -54,7 +54,7 @@ fn check(expected: Option<&str>, request: &Request) -> Result<(), &'static str> 
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .and_then(|v| bearer_token(v.as_bytes()))
         .unwrap_or_default();
     if bool::from(presented.ct_eq(expected.as_bytes())) {
         return Ok(());
@@ -64,6 +64,18 @@ fn check(expected: Option<&str>, request: &Request) -> Result<(), &'static str> 
     } else {
         "invalid bearer token"
     })
+}
+
+/// The token of `Bearer <token>`. The scheme name is case-insensitive
+/// (RFC 7235 2.1: `bearer`, `BEARER` are the same scheme) and one or more
+/// spaces separate it from the token; the token itself is compared exactly.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let start = rest.iter().position(|&b| b != b' ')?;
+    Some(&rest[start..])
 }
 
 fn refuse(why: &'static str) -> Response {
@@ -108,14 +120,29 @@ mod tests {
             check(None, &request(None)).is_ok(),
             "no token configured: open"
         );
-        assert!(check(Some("s3cret"), &request(Some("Bearer s3cret"))).is_ok());
+        for right in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER s3cret",
+            "beaRer  s3cret",
+        ] {
+            assert!(
+                check(Some("s3cret"), &request(Some(right))).is_ok(),
+                "{right}"
+            );
+        }
         for wrong in [
             None,
             Some("Bearer s3cre"),
             Some("Bearer s3cret2"),
+            Some("Bearer S3CRET"),
             Some("s3cret"),
             Some("Basic s3cret"),
+            Some("Bearers3cret"),
+            Some("Bearer"),
             Some("Bearer "),
+            Some("Bearer\ts3cret"),
+            Some("Bear s3cret"),
         ] {
             let refused = refuse(check(Some("s3cret"), &request(wrong)).unwrap_err());
             assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "{wrong:?}");

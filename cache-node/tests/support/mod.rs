@@ -31,7 +31,10 @@ impl TestNode {
         }));
         Self {
             addr,
-            client: reqwest::Client::new(),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("an HTTP client"),
             stop: Some(stop),
         }
     }
