@@ -550,20 +550,45 @@ async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
     c.start(1);
     c.wait_settled(epoch, SETTLE).await;
 
+    // A key node-0 is the primary of, so node-0 coordinates its write and
+    // node-1 is only the replica.
+    let key = (0..)
+        .map(|i| format!("stalled-{i}"))
+        .find(|k| c.primary_of(k) == "node-0")
+        .expect("some key");
+    let repairs_before = c
+        .metric(0, r#"distrocache_peer_requests_total{operation="repair"}"#)
+        .await
+        .unwrap_or(0.0);
+
     // SIGSTOP: the replica accepts connections (the kernel does) but never answers.
     let pid = c.pid(1);
     signal(pid, libc::SIGSTOP);
     let resp = c
         .client
-        .put(c.url(0, "/api/v1/cache/stalled"))
+        .put(c.url(0, &format!("/api/v1/cache/{key}")))
         .json(&json!({"value": "written while node-1 stalled"}))
         .send()
         .await
         .unwrap();
+    // While node-1 stays stalled the missed write waits in the repair queue.
+    let mut hinted = None;
+    for _ in 0..50 {
+        hinted = c.metric(0, "distrocache_replication_pending_repairs").await;
+        if hinted == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     signal(pid, libc::SIGCONT);
     assert!(
         resp.status().is_success(),
         "the write is answered with a replica down"
+    );
+    assert_eq!(
+        hinted,
+        Some(1.0),
+        "the missed write waits in the repair queue"
     );
 
     // Without any restart, the repair queue brings node-1 up to date.
@@ -571,7 +596,7 @@ async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
     loop {
         let resp = c
             .client
-            .get(c.url(1, "/internal/v1/items/stalled"))
+            .get(c.url(1, &format!("/internal/v1/items/{key}")))
             .header("x-distrocache-epoch", epoch)
             .send()
             .await
@@ -587,6 +612,130 @@ async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let repairs = c
+        .metric(0, r#"distrocache_peer_requests_total{operation="repair"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        repairs > repairs_before,
+        "node-1 got the write from the repair queue ({repairs_before} -> {repairs} repair requests)"
+    );
+}
+
+/// A node that restarts empty while another member is stalled must not
+/// report ready (nor stop asking other owners about misses) until it has
+/// pulled from that member too: some of its keys have their only other copy
+/// there. Waits past the 15 s for which one pull request is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_waits_for_a_stalled_peer_before_it_is_ready() {
+    let mut c = ProcCluster::new(3, 2).with_flags(&[
+        "--peer-timeout",
+        "1s",
+        "--peer-connect-timeout",
+        "500ms",
+    ]);
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    let written = write_keys(&c, 0..2000, 1).await;
+
+    c.kill(0);
+    let stalled = c.pid(1);
+    signal(stalled, libc::SIGSTOP);
+    c.start(0);
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    let ready_while_stalled = c.is_ready(0).await;
+    signal(stalled, libc::SIGCONT);
+    assert!(
+        !ready_while_stalled,
+        "node-0 reported ready without the keys whose other copy is on the stalled node-1"
+    );
+    c.wait_ready(0, SETTLE).await;
+    assert_copies(&c, &written, 2, "node-0 back after node-1 stalled").await;
+    c.kill(1);
+    assert_all_readable(&c, &written, "node-0 back, node-1 killed").await;
+}
+
+/// Items of a few KB: every pull answer and push batch stays within the
+/// batch byte limit (plus one item), which the receiving node accepts, so
+/// data still moves when values are large.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_move_in_batches_the_receiver_accepts() {
+    let mut c = ProcCluster::new(4, 2).with_flags(&["--rebalance-batch-bytes", "64KiB"]);
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    let big = "x".repeat(16 * 1024);
+    let written: HashMap<String, Value> = futures_util::stream::iter((0..1500).map(|i| {
+        let value = json!({"i": i, "pad": big});
+        let url = c.url(i % 3, &format!("/api/v1/cache/{}", encoded(&key(i))));
+        let request = c.client.put(url).json(&json!({"value": value})).send();
+        async move {
+            let status = request.await.expect("write").status().as_u16();
+            assert!(status == 200 || status == 201, "write of {i}: {status}");
+            (key(i), value)
+        }
+    }))
+    .buffer_unordered(32)
+    .collect()
+    .await;
+
+    // A new member pulls its share; then a member leaves and pushes all it has.
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active), (3, Active)]);
+    c.start(3);
+    c.wait_settled(epoch, SETTLE).await;
+    assert_copies(&c, &written, 2, "16 KiB values, 4th node added").await;
+    let epoch = c.set_ring(&[(0, Active), (1, Leaving), (2, Active), (3, Active)]);
+    let handoff = c.wait_handoff(1, SETTLE).await;
+    assert!(handoff.synced_epoch >= epoch && handoff.keys_sent > 0);
+    let epoch = c.set_ring(&[(0, Active), (2, Active), (3, Active)]);
+    c.wait_settled(epoch, SETTLE).await;
+    c.kill(1);
+    assert_all_readable(&c, &written, "16 KiB values, node-1 left").await;
+    assert_copies(&c, &written, 2, "16 KiB values, node-1 left").await;
+}
+
+/// A leaving member that crashes and restarts holds nothing any more: it
+/// must still report its handoff complete (the keys' other owners push them
+/// on), or the operator would wait on it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_that_restarts_still_completes_its_handoff() {
+    let mut c = started(4, 2, false).await;
+    let written = write_keys(&c, 0..3000, 1).await;
+    let epoch = c.set_ring(&[(0, Active), (1, Leaving), (2, Active), (3, Active)]);
+    c.kill(1);
+    c.start(1);
+    let handoff = c.wait_handoff(1, SETTLE).await;
+    assert!(handoff.synced_epoch >= epoch);
+    let epoch = c.set_ring(&[(0, Active), (2, Active), (3, Active)]);
+    c.wait_settled(epoch, SETTLE).await;
+    c.kill(1);
+    assert_all_readable(&c, &written, "node-1 restarted while leaving, then left").await;
+    assert_copies(&c, &written, 2, "node-1 restarted while leaving, then left").await;
+}
+
+/// A member removed from the ring (its process still running, its data
+/// dropped) and later added back must pull its keys like a new member: its
+/// peers treat it as new and push it nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_and_added_back_pulls_its_keys_again() {
+    let mut c = started(3, 2, false).await;
+    let written = write_keys(&c, 0..3000, 1).await;
+    c.set_ring(&[(0, Active), (1, Active), (2, Leaving)]);
+    c.wait_handoff(2, SETTLE).await;
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.wait_settled(epoch, SETTLE).await;
+    let (_, view) = c.get_json(2, "/api/v1/cluster/rebalance").await;
+    assert_eq!(view["items"], 0, "a non-member drops everything: {view}");
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    c.wait_settled(epoch, SETTLE).await;
+    assert_copies(&c, &written, 2, "node-2 added back").await;
+    c.kill(0);
+    assert_all_readable(&c, &written, "node-2 added back, node-0 killed").await;
 }
 
 fn signal(pid: u32, sig: libc::c_int) {

@@ -223,6 +223,16 @@ pub enum SyncPhase {
     Pushing,
 }
 
+impl SyncPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncPhase::Idle => "idle",
+            SyncPhase::Pulling => "pulling",
+            SyncPhase::Pushing => "pushing",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,10 +19,10 @@ use bytes::Bytes;
 use distrocache_membership::MembershipDoc;
 use serde_json::json;
 
-use super::{ApiError, AppState, CacheKey, SetRequest, TagName, json, ops};
+use super::{ApiError, AppState, CacheKey, Limits, SetRequest, TagName, json, ops};
 use crate::cluster::Cluster;
 use crate::cluster::wire::{
-    EPOCH_HEADER, PullRequest, RecordBatch, ReplicateBody, ReplicateOutcome,
+    EPOCH_HEADER, PullRequest, Record, RecordBatch, ReplicateBody, ReplicateOutcome,
 };
 
 pub fn router(app: &Arc<AppState>) -> Router<Arc<AppState>> {
@@ -131,17 +131,73 @@ async fn export_item(State(app): State<Arc<AppState>>, CacheKey(key): CacheKey) 
     }
 }
 
+/// What a replicate request carries, named by its sender so the receiver
+/// can count data movement apart from everyday replication.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ReplicateQuery {
+    /// `rebalance` for the batches a node pushes when the ring changes.
+    #[serde(default)]
+    source: Option<String>,
+}
+
 async fn replicate(
     State(app): State<Arc<AppState>>,
+    Query(query): Query<ReplicateQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let batch: ReplicateBody<'_> = serde_json::from_slice(&body)
+    let mut batch: ReplicateBody<'_> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid replicate body: {e}")))?;
     let cluster = cluster(&app);
+    let most = cluster.settings().batch_items;
+    if batch.items.len() > most || batch.deletes.len() > most {
+        return Err(ApiError::too_large(format!(
+            "a batch holds at most {most} items and {most} deletes (--rebalance-batch-items); got {} and {}",
+            batch.items.len(),
+            batch.deletes.len()
+        )));
+    }
+    // A peer's items meet the same limits as a client's: the peer API may
+    // be reachable by more than the cache's own nodes.
+    let before = batch.items.len();
+    batch.items.retain(|r| match record_within(&app.limits, r) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(key = %r.key.chars().take(64).collect::<String>(), why, "refused an item from a peer");
+            false
+        }
+    });
+    batch
+        .deletes
+        .retain(|d| !d.key.is_empty() && d.key.len() <= app.limits.max_key_bytes);
     let mut outcome: ReplicateOutcome = cluster.apply_records(&batch.items);
+    outcome.refused += (before - batch.items.len()) as u64;
     outcome.deleted = cluster.apply_deletes(&batch.deletes);
+    if query.source.as_deref() == Some("rebalance") {
+        cluster.count_received(outcome.applied);
+    }
     Ok(axum::Json(outcome).into_response())
+}
+
+/// Whether a record from a peer fits the limits a client's write must meet.
+fn record_within(limits: &Limits, r: &Record<'_>) -> Result<(), &'static str> {
+    if r.key.is_empty() || r.key.len() > limits.max_key_bytes {
+        return Err("key empty or too long");
+    }
+    if r.value.get().len() > limits.max_value_bytes {
+        return Err("value too large");
+    }
+    if r.tags.len() > limits.max_tags
+        || r.tags
+            .iter()
+            .any(|t| t.is_empty() || t.len() > limits.max_tag_bytes)
+    {
+        return Err("too many tags, or a tag empty or too long");
+    }
+    if r.created_at > r.expires_at {
+        return Err("created after it expires");
+    }
+    Ok(())
 }
 
 async fn pull(

@@ -222,8 +222,12 @@ async fn coordinate_set(app: &AppState, key: &str, req: SetRequest) -> Result<Re
         StoreError::TooLarge { .. } => ApiError::too_large(e.to_string()),
         StoreError::TtlTooLarge => ApiError::bad_request(e.to_string()),
     })?;
+    let mut created = created;
     if let Some(cluster) = &app.cluster {
-        cluster.replicate(key, &record, &[]).await;
+        let outcome = cluster.replicate(key, &record, &[]).await;
+        // Mid-move this node may not hold the key yet while another owner
+        // does: the write replaced it all the same.
+        created &= outcome.replaced == 0;
     }
     let status = if created {
         StatusCode::CREATED

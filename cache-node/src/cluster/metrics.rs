@@ -2,6 +2,7 @@
 //! repairs and data movement. Registered in the node's registry next to the
 //! store's metrics, so one scrape of `/metrics` shows both.
 
+use distrocache_membership::SyncPhase;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use super::ring::Ring;
@@ -43,7 +44,9 @@ pub struct ClusterMetrics {
     pub rebalance_seconds: prometheus::Gauge,
     pub rebalancing: IntGauge,
     pub synced_epoch: IntGauge,
+    pub rebalance_phase: IntGaugeVec,
     pub pending_repairs: IntGauge,
+    pub dropped_hints: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -100,9 +103,22 @@ impl ClusterMetrics {
                 "The latest ring epoch whose data movement this node finished",
             )
             .expect("valid metric"),
+            rebalance_phase: IntGaugeVec::new(
+                Opts::new(
+                    "distrocache_rebalance_phase",
+                    "1 for the data-movement phase this node is in (idle, pulling or pushing)",
+                ),
+                &["phase"],
+            )
+            .expect("valid metric"),
             pending_repairs: IntGauge::new(
                 "distrocache_replication_pending_repairs",
                 "Writes waiting to be repaired on a replica that could not be reached",
+            )
+            .expect("valid metric"),
+            dropped_hints: IntCounter::new(
+                "distrocache_replication_dropped_hints_total",
+                "Repair hints dropped because a replica's queue was full (that replica is then resynced whole when it answers)",
             )
             .expect("valid metric"),
         };
@@ -116,13 +132,24 @@ impl ClusterMetrics {
             Box::new(m.rebalance_seconds.clone()),
             Box::new(m.rebalancing.clone()),
             Box::new(m.synced_epoch.clone()),
+            Box::new(m.rebalance_phase.clone()),
             Box::new(m.pending_repairs.clone()),
+            Box::new(m.dropped_hints.clone()),
         ] {
             registry
                 .register(c)
                 .expect("cluster metrics are registered once");
         }
+        m.observe_phase(SyncPhase::Idle);
         m
+    }
+
+    pub fn observe_phase(&self, phase: SyncPhase) {
+        for p in [SyncPhase::Idle, SyncPhase::Pulling, SyncPhase::Pushing] {
+            self.rebalance_phase
+                .with_label_values(&[p.as_str()])
+                .set(i64::from(p == phase));
+        }
     }
 
     pub fn observe_ring(&self, ring: &Ring) {

@@ -41,9 +41,13 @@ impl PeerResponse {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    /// No connection could be made, or it broke before an answer: the peer is
-    /// down or unreachable, and another owner should be tried.
-    #[error("cannot reach {addr}: {reason}")]
+    /// No connection could be made: the request never reached the peer, so
+    /// trying another owner is safe even for a write.
+    #[error("cannot connect to {addr}: {reason}")]
+    Refused { addr: SocketAddr, reason: String },
+    /// The connection broke before a whole answer arrived: the peer may or
+    /// may not have acted on the request.
+    #[error("lost {addr} mid-request: {reason}")]
     Unreachable { addr: SocketAddr, reason: String },
     #[error("{addr} did not answer within {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
@@ -67,8 +71,19 @@ impl PeerError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            PeerError::Unreachable { .. } | PeerError::Timeout { .. }
+            PeerError::Refused { .. } | PeerError::Unreachable { .. } | PeerError::Timeout { .. }
         ) || matches!(self, PeerError::Status { status, .. } if status.is_server_error())
+    }
+
+    /// Whether the peer may have acted on the request although no answer
+    /// says so (it was delivered, then the connection broke or the time ran
+    /// out). Otherwise a write may go to another owner instead without being
+    /// applied twice with different outcomes.
+    pub fn may_have_acted(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Unreachable { .. } | PeerError::Timeout { .. }
+        )
     }
 }
 
@@ -147,14 +162,14 @@ impl PeerClient {
                 reason: format!("cannot build a request for {path}: {e}"),
             })?;
         let call = async {
-            let response =
-                self.client
-                    .request(request)
-                    .await
-                    .map_err(|e| PeerError::Unreachable {
-                        addr,
-                        reason: error_chain(&e),
-                    })?;
+            let response = self.client.request(request).await.map_err(|e| {
+                let reason = error_chain(&e);
+                if e.is_connect() {
+                    PeerError::Refused { addr, reason }
+                } else {
+                    PeerError::Unreachable { addr, reason }
+                }
+            })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, self.settings.max_answer_bytes)
                 .collect()

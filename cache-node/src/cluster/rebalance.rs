@@ -21,6 +21,7 @@
 //! before removing leaving ones.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -124,6 +125,19 @@ impl Cluster {
         }
     }
 
+    fn set_phase(&self, phase: SyncPhase) {
+        self.progress.set_phase(phase);
+        self.metrics.observe_phase(phase);
+    }
+
+    /// Counts keys another node pushed here while moving data.
+    pub fn count_received(&self, keys: u64) {
+        self.progress
+            .keys_received
+            .fetch_add(keys, Ordering::Relaxed);
+        self.metrics.keys_received.inc_by(keys);
+    }
+
     /// Answers a pull: the items `req.node` owns under the current ring, from
     /// `req.cursor` on. The peer API has already checked that both sides hold
     /// the same epoch.
@@ -142,18 +156,29 @@ impl Cluster {
         let mut batch = RecordBatch::default();
         let mut cursor = Some(req.cursor);
         let mut budget = limit * PULL_SCAN_FACTOR;
+        let full = |batch: &RecordBatch| batch.len() >= limit || batch.bytes() >= max_bytes;
         while let Some(at) = cursor {
-            if batch.len() >= limit || batch.bytes() >= max_bytes || budget == 0 {
+            if full(&batch) || budget == 0 {
                 break;
             }
             let step = budget.min(PUSH_SCAN_STEP);
-            cursor = self.store.scan(at, step, |item| {
+            // Stop right after the item that fills the batch: the answer
+            // overshoots its byte limit by at most one item, which the
+            // puller's answer bound allows for.
+            cursor = self.store.scan_while(at, step, |item| {
                 if ring.is_owner(item.key().as_bytes(), requester) {
                     batch.push(item);
+                    if full(&batch) {
+                        return ControlFlow::Break(());
+                    }
                 }
+                ControlFlow::Continue(())
             });
             budget -= step;
         }
+        let served = batch.len() as u64;
+        self.progress.keys_sent.fetch_add(served, Ordering::Relaxed);
+        self.metrics.keys_sent.inc_by(served);
         Ok(wire::pull_answer(&batch, cursor))
     }
 }
@@ -195,7 +220,7 @@ pub async fn run(cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         };
         cluster.metrics.rebalancing.set(0);
-        cluster.progress.set_phase(SyncPhase::Idle);
+        cluster.set_phase(SyncPhase::Idle);
         match outcome {
             Ok(()) => {
                 let took = started.elapsed();
@@ -231,28 +256,41 @@ pub async fn run(cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
 /// Moves what `ring` asks of this node, given that it holds the data of
 /// `synced` (`None`: it holds nothing yet).
 async fn sync(cluster: &Cluster, synced: Option<&Ring>, ring: &Ring) -> Result<(), Abort> {
+    let progress = &cluster.progress;
     let Some(me) = ring.me else {
         // Not a member: nothing is owned here, so nothing to move. The node
-        // forwards every request.
+        // forwards every request, and drops what it held once the cluster
+        // settles; if it is made a member again it must pull like a new one
+        // (its peers treat it as new and push it nothing).
+        progress.pulled.store(false, Ordering::Release);
         return Ok(());
     };
-    if !cluster.progress.pulled() {
-        cluster.progress.set_phase(SyncPhase::Pulling);
+    let leaving = ring.member(me).state == MemberState::Leaving;
+    progress.handed_off.store(false, Ordering::Release);
+    if !progress.pulled() {
+        // Not ready until its keys are here: joining members receive before
+        // they serve, and a restarted one must not be counted as a copy.
+        cluster.set_ready(false);
+        cluster.set_phase(SyncPhase::Pulling);
         pull_all(cluster, ring, me).await?;
-        cluster.progress.pulled.store(true, Ordering::Release);
+        progress.pulled.store(true, Ordering::Release);
+        // A leaving member that restarted owns nothing, so it pulled nothing
+        // and holds nothing to hand off: the keys' other owners push them to
+        // their new owners.
+        progress.handed_off.store(leaving, Ordering::Release);
         return Ok(());
     }
-    cluster.progress.set_phase(SyncPhase::Pushing);
-    let leaving = ring.member(me).state == MemberState::Leaving;
-    cluster.progress.handed_off.store(false, Ordering::Release);
+    cluster.set_phase(SyncPhase::Pushing);
     push(cluster, synced, ring, me, leaving).await?;
-    if leaving {
-        cluster.progress.handed_off.store(true, Ordering::Release);
-    }
+    progress.handed_off.store(leaving, Ordering::Release);
     Ok(())
 }
 
-/// Pulls, from every other member at once, the items this node owns.
+/// Pulls, from every other member at once, the items this node owns. Every
+/// member must answer: one that cannot be reached may hold the only other
+/// copy of some keys (it is down for now, or slow), so it is retried, with
+/// backoff, until it answers or the ring changes, and meanwhile the node
+/// stays not ready and keeps asking the other owners about every local miss.
 async fn pull_all(cluster: &Cluster, ring: &Ring, me: MemberIdx) -> Result<(), Abort> {
     let others: Vec<&RingMember> = ring
         .members
@@ -263,19 +301,14 @@ async fn pull_all(cluster: &Cluster, ring: &Ring, me: MemberIdx) -> Result<(), A
         .collect();
     let results = join_all(others.iter().map(|m| pull_from(cluster, ring, me, m))).await;
     for (member, result) in others.iter().zip(results) {
-        match result {
-            Ok(n) => tracing::info!(peer = %member.id, items = n, "pulled owned keys"),
-            Err(Abort::RingChanged) => return Err(Abort::RingChanged),
-            // A member that stays unreachable is down: its keys have other
-            // replicas, which the other pulls reach.
-            Err(Abort::Failed(reason)) => {
-                tracing::warn!(peer = %member.id, %reason, "skipping an unreachable member while pulling")
-            }
-        }
+        let n = result?;
+        tracing::info!(peer = %member.id, items = n, "pulled owned keys");
     }
     Ok(())
 }
 
+/// Pulls every item `member` holds that this node owns, page by page,
+/// resuming where it broke off when the member stops answering for a while.
 async fn pull_from(
     cluster: &Cluster,
     ring: &Ring,
@@ -288,9 +321,11 @@ async fn pull_from(
         limit: cluster.settings.batch_items,
     };
     let mut received = 0;
+    let mut epochs = cluster.subscribe();
+    let mut pause = Duration::from_millis(500);
     loop {
         let body = Bytes::from(serde_json::to_vec(&request).expect("serialisable"));
-        let answer = call_with_retry(
+        let answer = match call_with_retry(
             cluster,
             ring,
             member,
@@ -298,17 +333,30 @@ async fn pull_from(
             "/internal/v1/pull",
             body,
         )
-        .await?;
+        .await
+        {
+            Ok(answer) => answer,
+            Err(Abort::RingChanged) => return Err(Abort::RingChanged),
+            Err(Abort::Failed(reason)) => {
+                tracing::warn!(
+                    peer = %member.id, %reason, retry_in = ?pause,
+                    "cannot pull from a member yet; staying not ready until it answers"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = epochs.changed() => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        pause = Duration::from_millis(500);
         let page: PullAnswer<'_> = serde_json::from_slice(&answer).map_err(|e| {
             Abort::Failed(format!("unreadable pull answer from {}: {e}", member.id))
         })?;
         let outcome = cluster.apply_records(&page.items);
         received += outcome.applied;
-        cluster
-            .progress
-            .keys_received
-            .fetch_add(outcome.applied, Ordering::Relaxed);
-        cluster.metrics.keys_received.inc_by(outcome.applied);
+        cluster.count_received(outcome.applied);
         match page.next {
             Some(next) => request.cursor = next,
             None => return Ok(received),
@@ -336,10 +384,16 @@ async fn push(
         if cluster.epoch() != ring.epoch() {
             return Err(Abort::RingChanged);
         }
-        cursor = cluster.store.scan(at, PUSH_SCAN_STEP, |item| {
+        let is_full = |b: &RecordBatch| {
+            b.len() >= cluster.settings.batch_items || b.bytes() >= cluster.settings.batch_bytes
+        };
+        // The scan stops right after an item that fills a receiver's batch,
+        // so no batch overshoots its limits by more than that one item.
+        cursor = cluster.store.scan_while(at, PUSH_SCAN_STEP, |item| {
             let key = item.key().as_bytes();
             let owners = ring.owners(key);
             let before = synced.map(|s| s.owners(key));
+            let mut filled = false;
             for &target in &owners {
                 let id = &ring.member(target).id;
                 if id == my_id || is_new(target) {
@@ -352,15 +406,20 @@ async fn push(
                     None => true,
                 };
                 if gained || leaving {
-                    batches.entry(target).or_default().push(item);
+                    let batch = batches.entry(target).or_default();
+                    batch.push(item);
+                    filled |= is_full(batch);
                 }
+            }
+            if filled {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
             }
         });
         let full: Vec<MemberIdx> = batches
             .iter()
-            .filter(|(_, b)| {
-                b.len() >= cluster.settings.batch_items || b.bytes() >= cluster.settings.batch_bytes
-            })
+            .filter(|(_, b)| is_full(b))
             .map(|(&i, _)| i)
             .collect();
         for target in full {
@@ -397,7 +456,7 @@ async fn send_batch(
         ring,
         ring.member(target),
         PeerOp::Push,
-        "/internal/v1/replicate",
+        "/internal/v1/replicate?source=rebalance",
         body,
     )
     .await?;
@@ -528,6 +587,16 @@ mod tests {
     use crate::store::{Store, StoreConfig};
 
     fn cluster(items: usize, shards: usize, batch_items: usize) -> Arc<Cluster> {
+        cluster_of(items, shards, batch_items, b"1", 4 << 20)
+    }
+
+    fn cluster_of(
+        items: usize,
+        shards: usize,
+        batch_items: usize,
+        value: &[u8],
+        batch_bytes: usize,
+    ) -> Arc<Cluster> {
         let store = Arc::new(Store::with_config(StoreConfig {
             max_items: 100_000,
             shards,
@@ -536,7 +605,13 @@ mod tests {
         }));
         for i in 0..items {
             store
-                .set(&format!("item:{i}"), b"1", &["t".to_string()], None, |_| ())
+                .set(
+                    &format!("item:{i}"),
+                    value,
+                    &["t".to_string()],
+                    None,
+                    |_| (),
+                )
                 .unwrap();
         }
         let settings = ClusterSettings {
@@ -546,7 +621,7 @@ mod tests {
                 max_answer_bytes: 1 << 24,
             },
             batch_items,
-            batch_bytes: 4 << 20,
+            batch_bytes,
             file_poll_interval: Duration::from_secs(1),
         };
         let c = Cluster::new(
@@ -572,6 +647,40 @@ mod tests {
                 .collect(),
         });
         c
+    }
+
+    /// A pull answer stops at the batch byte limit, overshooting it by at
+    /// most one item, however many items one scan step would reach.
+    #[test]
+    fn a_pull_answer_stays_within_the_byte_limit() {
+        let value = format!("\"{}\"", "v".repeat(10_000));
+        let batch_bytes = 64 * 1024;
+        let c = cluster_of(2000, 4, 1000, value.as_bytes(), batch_bytes);
+        let mut request = PullRequest {
+            node: "b".into(),
+            cursor: 0,
+            limit: 1000,
+        };
+        let (mut pages, mut items) = (0, 0);
+        loop {
+            let answer = c.serve_pull(&request).unwrap();
+            assert!(
+                answer.len() <= batch_bytes + value.len() + 512,
+                "a {} byte answer",
+                answer.len()
+            );
+            let answer: PullAnswer<'_> = serde_json::from_slice(&answer).unwrap();
+            items += answer.items.len();
+            pages += 1;
+            match answer.next {
+                Some(next) => request.cursor = next,
+                None => break,
+            }
+        }
+        assert!(
+            items > 500 && pages > items / 8,
+            "{items} items in {pages} pages"
+        );
     }
 
     /// Pulling page by page returns every item the requester owns, once.

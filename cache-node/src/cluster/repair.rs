@@ -5,15 +5,22 @@
 //! it) and records a *hint*: the key (or tag) and what happened to it. A
 //! background task retries the hinted peers every [`REPAIR_INTERVAL`]; for a
 //! hinted write it sends the item as held *now*, so repeated writes collapse
-//! into one transfer. A peer that restarts empty pulls its keys anyway (see
-//! `rebalance`); hints cover the peer that was only briefly unreachable.
+//! into one transfer. Repair batches close at the rebalancing batch limits
+//! (items and bytes), which the receiving node accepts. A peer that restarts
+//! empty pulls its keys anyway (see `rebalance`); hints cover the peer that
+//! was only briefly unreachable.
 //!
-//! Hints per peer are capped at [`MAX_HINTS_PER_PEER`]; past that the oldest
-//! are dropped and a warning logged, since a peer gone that long will most
-//! likely restart and pull.
+//! Hints per peer are capped at [`MAX_HINTS_PER_PEER`]. Past that a new
+//! delete still displaces a write hint (a missed delete could bring a key
+//! back; a missed write cannot lose one), and the peer is marked for a
+//! *resync*: when it answers again it is sent every item held here that it
+//! owns, which covers every write hint dropped. Dropped hints are counted in
+//! `distrocache_replication_dropped_hints_total`.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::http::Method;
@@ -22,13 +29,17 @@ use parking_lot::Mutex;
 
 use super::Cluster;
 use super::metrics::PeerOp;
+use super::ring::{MemberIdx, Ring};
 use super::wire::{self, Deletion, RecordBatch};
 use crate::store::UnixNanos;
 
 pub const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_HINTS_PER_PEER: usize = 100_000;
-/// Most hints sent to one peer per request.
+/// Most key hints taken from the queue per request (fewer when the
+/// rebalancing batch limits are lower).
 const REPAIR_BATCH: usize = 500;
+/// Slots looked at per store scan step while resyncing a peer.
+const RESYNC_SCAN_STEP: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyHint {
@@ -45,6 +56,8 @@ type Taken = (Vec<(String, KeyHint)>, Vec<(String, UnixNanos)>);
 struct PeerHints {
     keys: HashMap<String, KeyHint>,
     tags: HashMap<String, UnixNanos>,
+    /// Write hints were dropped: send the peer everything it owns.
+    resync: bool,
 }
 
 impl PeerHints {
@@ -57,6 +70,7 @@ impl PeerHints {
 #[derive(Default)]
 pub struct Hints {
     peers: Mutex<HashMap<String, PeerHints>>,
+    dropped: AtomicU64,
 }
 
 impl Hints {
@@ -68,18 +82,18 @@ impl Hints {
         self.add_key(peer, key, KeyHint::Delete(at));
     }
 
+    /// Tag invalidations are few and each may stand for many deletes, so they
+    /// are kept even past the cap, displacing a write hint like a delete.
     pub fn invalidate(&self, peer: &str, tag: &str, at: UnixNanos) {
         let mut peers = self.peers.lock();
         let hints = peers.entry(peer.to_owned()).or_default();
-        if hints.len() < MAX_HINTS_PER_PEER {
-            hints.tags.insert(tag.to_owned(), at);
-        } else {
-            tracing::warn!(
-                peer,
-                tag,
-                "repair queue full; dropping a tag invalidation hint"
-            );
+        if hints.len() >= MAX_HINTS_PER_PEER
+            && !hints.tags.contains_key(tag)
+            && Self::make_room(peer, hints)
+        {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        hints.tags.insert(tag.to_owned(), at);
     }
 
     /// Hints waiting, over every peer.
@@ -87,14 +101,70 @@ impl Hints {
         self.peers.lock().values().map(PeerHints::len).sum()
     }
 
+    /// Hints dropped since the last call, for the metric.
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, Ordering::Relaxed)
+    }
+
     fn add_key(&self, peer: &str, key: &str, hint: KeyHint) {
         let mut peers = self.peers.lock();
         let hints = peers.entry(peer.to_owned()).or_default();
         if hints.len() >= MAX_HINTS_PER_PEER && !hints.keys.contains_key(key) {
-            tracing::warn!(peer, "repair queue full; dropping a hint");
-            return;
+            match hint {
+                KeyHint::Write => {
+                    // The resync will send the item anyway.
+                    hints.resync = true;
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                KeyHint::Delete(_) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    if !Self::make_room(peer, hints) {
+                        tracing::warn!(peer, key, "repair queue full of deletes; dropping one");
+                        return;
+                    }
+                }
+            }
         }
         hints.keys.insert(key.to_owned(), hint);
+    }
+
+    /// Drops one write hint (the resync covers it); false if there is none.
+    fn make_room(peer: &str, hints: &mut PeerHints) -> bool {
+        let Some(victim) = hints
+            .keys
+            .iter()
+            .find(|(_, h)| **h == KeyHint::Write)
+            .map(|(k, _)| k.clone())
+        else {
+            return false;
+        };
+        hints.keys.remove(&victim);
+        if !hints.resync {
+            tracing::warn!(
+                peer,
+                "repair queue full; the replica will be resynced whole when it answers"
+            );
+        }
+        hints.resync = true;
+        true
+    }
+
+    /// Clears and returns whether `peer` is marked for a resync.
+    fn take_resync(&self, peer: &str) -> bool {
+        let mut peers = self.peers.lock();
+        let Some(hints) = peers.get_mut(peer) else {
+            return false;
+        };
+        let resync = std::mem::take(&mut hints.resync);
+        if hints.len() == 0 {
+            peers.remove(peer);
+        }
+        resync
+    }
+
+    fn mark_resync(&self, peer: &str) {
+        self.peers.lock().entry(peer.to_owned()).or_default().resync = true;
     }
 
     /// Takes up to `n` key hints and every tag hint for `peer`.
@@ -112,7 +182,7 @@ impl Hints {
             })
             .collect();
         let tags = hints.tags.drain().collect();
-        if hints.len() == 0 {
+        if hints.len() == 0 && !hints.resync {
             peers.remove(peer);
         }
         (keys, tags)
@@ -156,12 +226,19 @@ pub async fn run(cluster: Arc<Cluster>, mut stop: tokio::sync::watch::Receiver<b
             .metrics
             .pending_repairs
             .set(cluster.hints.pending() as i64);
+        cluster
+            .metrics
+            .dropped_hints
+            .inc_by(cluster.hints.take_dropped());
     }
 }
 
 /// Sends one peer everything hinted for it, batch by batch, until done or a
-/// batch fails (then the rest waits for the next round).
+/// batch fails (then the rest waits for the next round); first the whole
+/// resync, if one is due.
 async fn repair_peer(cluster: &Cluster, peer: &str) {
+    let settings = cluster.settings;
+    let per_batch = REPAIR_BATCH.min(settings.batch_items).max(1);
     loop {
         let Some(rings) = cluster.rings() else { return };
         let Some(idx) = rings.current.index_of(peer) else {
@@ -169,13 +246,27 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
             return;
         };
         let member = rings.current.member(idx).clone();
-        let (keys, tags) = cluster.hints.take(peer, REPAIR_BATCH);
+        if cluster.hints.take_resync(peer) {
+            if let Err(reason) = resync(cluster, &rings.current, idx).await {
+                tracing::debug!(peer, %reason, "resync failed; retrying later");
+                cluster.hints.mark_resync(peer);
+                return;
+            }
+            tracing::info!(peer, "resynced a replica whose repair queue overflowed");
+        }
+        let (mut keys, tags) = cluster.hints.take(peer, per_batch);
         if keys.is_empty() && tags.is_empty() {
             return;
         }
         let mut records = RecordBatch::default();
         let mut deletes = Vec::new();
-        for (key, hint) in &keys {
+        // Close the batch at the byte limit; what did not fit goes back.
+        let mut fitted = keys.len();
+        for (i, (key, hint)) in keys.iter().enumerate() {
+            if records.bytes() >= settings.batch_bytes {
+                fitted = i;
+                break;
+            }
             match hint {
                 KeyHint::Write => {
                     cluster.store.peek(key, |item| records.push(item));
@@ -186,6 +277,8 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
                 }),
             }
         }
+        let later = keys.split_off(fitted);
+        cluster.hints.restore(peer, later, Vec::new());
         let mut delivered = true;
         if !records.is_empty() || !deletes.is_empty() {
             let body = Bytes::from(wire::replicate_body(&records, &deletes));
@@ -223,6 +316,42 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
     }
 }
 
+/// Sends the member `target` of `ring` every item held here that it owns,
+/// in batches within the rebalancing limits.
+async fn resync(cluster: &Cluster, ring: &Ring, target: MemberIdx) -> Result<(), String> {
+    let settings = cluster.settings;
+    let member = ring.member(target);
+    let mut cursor = Some(0);
+    while let Some(at) = cursor {
+        let mut batch = RecordBatch::default();
+        cursor = cluster.store.scan_while(at, RESYNC_SCAN_STEP, |item| {
+            if ring.is_owner(item.key().as_bytes(), target) {
+                batch.push(item);
+                if batch.len() >= settings.batch_items || batch.bytes() >= settings.batch_bytes {
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        });
+        if batch.is_empty() {
+            continue;
+        }
+        let body = Bytes::from(wire::replicate_body(&batch, &[]));
+        let answer = cluster
+            .call(member, Method::POST, "/internal/v1/replicate", body, None)
+            .await;
+        let ok = matches!(&answer, Ok(a) if a.status.is_success());
+        cluster.metrics.peer_call(PeerOp::Repair, ok);
+        if !ok {
+            return Err(match answer {
+                Ok(a) => format!("{} answered {}", member.id, a.status),
+                Err(e) => e.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,11 +376,30 @@ mod tests {
     }
 
     #[test]
-    fn hints_are_capped_per_peer() {
+    fn hints_are_capped_per_peer_and_an_overflow_asks_for_a_resync() {
         let h = Hints::default();
         for i in 0..MAX_HINTS_PER_PEER + 10 {
             h.write("b", &format!("k{i}"));
         }
         assert_eq!(h.pending(), MAX_HINTS_PER_PEER);
+        assert_eq!(h.take_dropped(), 10);
+        assert!(h.take_resync("b"), "dropped writes are covered by a resync");
+        assert!(!h.take_resync("b"), "once");
+    }
+
+    #[test]
+    fn a_full_queue_keeps_deletes_and_invalidations_over_writes() {
+        let h = Hints::default();
+        for i in 0..MAX_HINTS_PER_PEER {
+            h.write("b", &format!("k{i}"));
+        }
+        h.delete("b", "gone", 3);
+        h.invalidate("b", "red", 4);
+        assert_eq!(h.pending(), MAX_HINTS_PER_PEER, "each displaced a write");
+        assert_eq!(h.take_dropped(), 2, "two write hints displaced");
+        let (keys, tags) = h.take("b", MAX_HINTS_PER_PEER);
+        assert!(keys.contains(&("gone".to_string(), KeyHint::Delete(3))));
+        assert_eq!(tags, vec![("red".to_string(), 4)]);
+        assert!(h.take_resync("b"));
     }
 }

@@ -65,6 +65,13 @@ pub enum RouteError {
     NoOwners,
     #[error("no owner of this key can be reached (tried {0})")]
     Unreachable(String),
+    /// A forwarded write reached its owner but no answer came back: it may
+    /// or may not have been applied, so it is not sent to another owner
+    /// (which would apply it a second time and answer for the first).
+    #[error(
+        "the key's owner {owner} took the write but did not answer ({reason}); it may have been applied: read the key to find out, or retry (writes are idempotent)"
+    )]
+    Uncertain { owner: String, reason: String },
 }
 
 /// One candidate to serve a request.
@@ -174,6 +181,14 @@ impl Cluster {
         body: Bytes,
     ) -> Result<Routed, RouteError> {
         let mut tried = Vec::new();
+        // The owner of a write replicates it before answering, one more peer
+        // call of up to the peer timeout: the forward waits for that too, so
+        // that a slow replica does not make this node give up on an owner
+        // that is about to answer.
+        let timeout = match access {
+            Access::Read => None,
+            Access::Write => Some(2 * self.peers.settings().request_timeout),
+        };
         // A peer with a newer ring makes us adopt it and plan again; bound
         // the replanning so two flapping rings cannot loop forever.
         for _ in 0..3 {
@@ -184,7 +199,7 @@ impl Cluster {
                     return Ok(Routed::Local);
                 }
                 let result = self
-                    .call(member, method.clone(), path, body.clone(), None)
+                    .call(member, method.clone(), path, body.clone(), timeout)
                     .await;
                 match result {
                     Ok(answer) if !answer.status.is_server_error() => {
@@ -211,6 +226,15 @@ impl Cluster {
                         self.metrics.peer_call(PeerOp::Forward, false);
                         if e.is_unavailable() {
                             self.health.mark_down(&member.id);
+                        }
+                        // Reads may go anywhere; a write goes on to the
+                        // next owner only if the first never received it.
+                        if access == Access::Write && e.may_have_acted() {
+                            tracing::warn!(peer = %member.id, error = %e, "owner took a write without answering");
+                            return Err(RouteError::Uncertain {
+                                owner: member.id.clone(),
+                                reason: e.to_string(),
+                            });
                         }
                         tracing::warn!(peer = %member.id, error = %e, "owner unreachable; trying the next");
                         tried.push(member.id.clone());
@@ -253,13 +277,33 @@ impl Cluster {
         let body = Bytes::from(wire::replicate_body(records, deletes));
         let mut total = ReplicateOutcome::default();
         let mut handled: Vec<String> = Vec::new();
-        for _ in 0..3 {
-            let targets: Vec<Target> = self
-                .replicas(key)
+        let hint = |id: &str| {
+            if deletes.is_empty() {
+                self.hints.write(id, key);
+            } else {
+                for d in deletes {
+                    self.hints.delete(id, &d.key, d.at);
+                }
+            }
+        };
+        let unhandled = |handled: &[String]| -> Vec<Target> {
+            self.replicas(key)
                 .into_iter()
                 .filter(|t| !handled.contains(&t.member().id))
-                .collect();
+                .collect()
+        };
+        for round in 0.. {
+            let targets = unhandled(&handled);
             if targets.is_empty() {
+                break;
+            }
+            if round == 3 {
+                // The ring changed on every round while this write was on
+                // its way: leave the owners still missing it to the repair
+                // queue rather than chase a ring that keeps moving.
+                for t in &targets {
+                    hint(&t.member().id);
+                }
                 break;
             }
             let calls = targets.iter().map(|t| {
@@ -289,19 +333,14 @@ impl Cluster {
                 match outcome {
                     Some(o) => {
                         total.applied += o.applied;
+                        total.replaced += o.replaced;
                         total.stale += o.stale;
                         total.refused += o.refused;
                         total.deleted += o.deleted;
                     }
                     None => {
                         tracing::warn!(peer = %id, key, "replica unreachable; the write will be repaired when it answers");
-                        if deletes.is_empty() {
-                            self.hints.write(id, key);
-                        } else {
-                            for d in deletes {
-                                self.hints.delete(id, &d.key, d.at);
-                            }
-                        }
+                        hint(id);
                     }
                 }
             }
@@ -313,11 +352,24 @@ impl Cluster {
     }
 
     /// Applies items sent by another node (replication, rebalancing, repair,
-    /// pulls), unless a newer version is held or they were deleted since.
+    /// pulls), unless a newer version is held, they were deleted since, or
+    /// this node does not own them. Ownership is by the current ring or,
+    /// while data still moves, the previous one: a node that has settled
+    /// drops what it no longer owns, and must not take such keys back from
+    /// a coordinator that has not settled yet (the key's current owners get
+    /// the same write), or the copy would linger unowned.
     pub fn apply_records(&self, records: &[Record<'_>]) -> ReplicateOutcome {
         let mut outcome = ReplicateOutcome::default();
+        let rings = self.rings();
+        let owned = |key: &str| {
+            rings.as_ref().is_some_and(|r| {
+                let mine =
+                    |ring: &Ring| ring.me.is_some_and(|me| ring.is_owner(key.as_bytes(), me));
+                mine(&r.current) || r.previous.as_deref().is_some_and(mine)
+            })
+        };
         for r in records {
-            if self.tombstones.buries(&r.key, r.created_at, &r.tags) {
+            if !owned(&r.key) || self.tombstones.buries(&r.key, r.created_at, &r.tags) {
                 outcome.stale += 1;
                 continue;
             }
@@ -325,7 +377,11 @@ impl Cluster {
                 .store
                 .put_replica(&r.key, r.value.get().as_bytes(), &r.tags, r.meta())
             {
-                Ok(Applied::Created | Applied::Replaced) => outcome.applied += 1,
+                Ok(Applied::Created) => outcome.applied += 1,
+                Ok(Applied::Replaced) => {
+                    outcome.applied += 1;
+                    outcome.replaced += 1;
+                }
                 Ok(Applied::Stale) => outcome.stale += 1,
                 Err(e) => {
                     tracing::warn!(key = %r.key, error = %e, "refused an item from a peer");

@@ -141,6 +141,9 @@ pub struct ReplicateBody<'a> {
 pub struct ReplicateOutcome {
     /// Items written.
     pub applied: u64,
+    /// Of those, items that replaced a copy already held.
+    #[serde(default)]
+    pub replaced: u64,
     /// Items not written because a newer version is held, they expired, or
     /// they were deleted after being read.
     pub stale: u64,

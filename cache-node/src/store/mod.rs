@@ -22,6 +22,7 @@ mod shard;
 mod tags;
 
 use std::hash::BuildHasher;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -448,18 +449,38 @@ impl Store {
         budget: usize,
         mut f: impl FnMut(ItemRef<'_>),
     ) -> Option<ScanCursor> {
+        self.scan_while(cursor, budget, |item| {
+            f(item);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// [`Self::scan`] that also stops right after an item for which `f`
+    /// answers `Break`, so a caller filling a bounded batch never takes more
+    /// than it can send; the cursor returned continues after that item.
+    pub fn scan_while(
+        &self,
+        cursor: ScanCursor,
+        budget: usize,
+        mut f: impl FnMut(ItemRef<'_>) -> ControlFlow<()>,
+    ) -> Option<ScanCursor> {
         let now = self.clock.now();
         let (mut shard_idx, mut slot) = ((cursor >> 32) as usize, cursor as SlotId);
         let mut left = budget.max(1);
+        let mut stopped = false;
         while shard_idx < self.shards.len() {
-            let (looked, next) = self.shards[shard_idx].lock().scan(slot, left, now, &mut f);
+            let (looked, next) = self.shards[shard_idx].lock().scan(slot, left, now, |item| {
+                let flow = f(item);
+                stopped = flow.is_break();
+                flow
+            });
             match next {
                 Some(next) => slot = next,
                 None => (shard_idx, slot) = (shard_idx + 1, 0),
             }
             // An empty shard costs a lock too; count it as one slot.
             left = left.saturating_sub(looked.max(1));
-            if left == 0 {
+            if left == 0 || stopped {
                 break;
             }
         }

@@ -15,6 +15,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
+use std::ops::ControlFlow;
 
 use hashbrown::HashTable;
 use thin_vec::ThinVec;
@@ -358,8 +359,9 @@ impl<S: BuildHasher> Shard<S> {
     }
 
     /// Hands the live items of slots `from..` to `f`, looking at no more than
-    /// `budget` slots. Returns how many slots it looked at and where to
-    /// continue, or `None` at the end. Slots
+    /// `budget` slots, and stopping early after an item for which `f` answers
+    /// `Break` (a batch that filled up). Returns how many slots it looked at
+    /// and where to continue, or `None` at the end. Slots
     /// are visited in slab order, so a scan interleaved with writes may miss
     /// items written meanwhile or see a reused slot twice; its callers (data
     /// movement) are idempotent and see later writes through replication.
@@ -368,14 +370,15 @@ impl<S: BuildHasher> Shard<S> {
         from: SlotId,
         budget: usize,
         now: UnixNanos,
-        mut f: impl FnMut(ItemRef<'_>),
+        mut f: impl FnMut(ItemRef<'_>) -> ControlFlow<()>,
     ) -> (usize, Option<SlotId>) {
         let from = (from as usize).min(self.slots.len());
-        let end = self.slots.len().min(from + budget.max(1));
+        let mut end = self.slots.len().min(from + budget.max(1));
         for slot in from..end {
             let s = &self.slots[slot];
-            if s.is_live() && s.expires_at > now {
-                f(self.item(slot as SlotId));
+            if s.is_live() && s.expires_at > now && f(self.item(slot as SlotId)).is_break() {
+                end = slot + 1;
+                break;
             }
         }
         (

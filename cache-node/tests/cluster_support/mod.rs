@@ -63,6 +63,7 @@ impl ProcCluster {
             epoch: 0,
             replication_factor,
             client: reqwest::Client::builder()
+                .no_proxy()
                 .pool_max_idle_per_host(64)
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -97,6 +98,7 @@ impl ProcCluster {
             "Bearer client-secret-token".parse().expect("header value"),
         );
         self.client = reqwest::Client::builder()
+            .no_proxy()
             .default_headers(headers)
             .pool_max_idle_per_host(64)
             .timeout(Duration::from_secs(30))
@@ -204,6 +206,45 @@ impl ProcCluster {
         node.peer_addr.set_ip(ip.into());
     }
 
+    /// The id of `key`'s primary under the ring the cluster was last given.
+    pub fn primary_of(&self, key: &str) -> String {
+        let text = std::fs::read_to_string(self.membership_file()).expect("a ring was written");
+        let doc = MembershipDoc::from_json(text.as_bytes()).expect("a valid ring");
+        let ring = cache_node::cluster::ring::Ring::new(std::sync::Arc::new(doc), "test");
+        ring.member(ring.owners(key.as_bytes())[0]).id.clone()
+    }
+
+    /// Whether node `i` answers its readiness probe with success now.
+    pub async fn is_ready(&self, i: usize) -> bool {
+        self.client
+            .get(self.url(i, "/api/v1/ready"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
+    /// The value of an unlabelled (or exactly labelled) sample in node `i`'s
+    /// `/metrics`, e.g. `distrocache_peer_requests_total{operation="repair"}`.
+    pub async fn metric(&self, i: usize, series: &str) -> Option<f64> {
+        let text = self
+            .client
+            .get(self.url(i, "/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     pub fn pid(&self, i: usize) -> u32 {
         self.nodes[i].child.as_ref().expect("node is running").id()
     }
@@ -277,14 +318,7 @@ impl ProcCluster {
     pub async fn wait_ready(&self, i: usize, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let ok = self
-                .client
-                .get(self.url(i, "/api/v1/ready"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
+            if self.is_ready(i).await {
                 return;
             }
             assert!(
