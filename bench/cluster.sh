@@ -50,8 +50,8 @@ wrk_run() {
   awk '/^Requests\/sec:/ { rps = $2 }
        /^ +99%/ { v = $2; u = v; gsub(/[0-9.]/, "", u); sub(/[a-z]+$/, "", v);
                   p99 = (u == "us") ? v / 1000 : (u == "s") ? v * 1000 : v }
-       /Non-2xx/ { print "non-2xx answers: " $NF > "/dev/stderr"; exit 1 }
-       END { printf "%s %.3f\n", rps, p99 }' "$work/wrk.out"
+       /Non-2xx|Socket errors/ { print $0 > "/dev/stderr"; bad = 1 }
+       END { if (bad || rps == "") exit 1; printf "%s %.3f\n", rps, p99 }' "$work/wrk.out"
 }
 
 echo "== 1. forwarded vs local GET (rf 1, 2 nodes)" >&2
@@ -76,8 +76,9 @@ for name, keys in (("local", local), ("remote", remote)):
         f.write("i = 0\nrequest = function() i = i % #keys + 1; return wrk.format('GET', '/api/v1/cache/' .. keys[i]) end\n")
 print(f"{len(local)} keys owned by a, {len(remote)} by b", file=sys.stderr)
 PY
-read -r local_rps local_p99 < <(wrk_run -s "$work/local.lua" "http://$A:$PORT")
-read -r fwd_rps fwd_p99 < <(wrk_run -s "$work/remote.lua" "http://$A:$PORT")
+# Assignments, not `read < <(...)`, so a failed run stops the script (set -e).
+out=$(wrk_run -s "$work/local.lua" "http://$A:$PORT"); read -r local_rps local_p99 <<<"$out"
+out=$(wrk_run -s "$work/remote.lua" "http://$A:$PORT"); read -r fwd_rps fwd_p99 <<<"$out"
 kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 
 echo "== 2. rebalancing throughput ($KEYS keys, rf 2, a 3rd node joins)" >&2
