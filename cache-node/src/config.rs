@@ -92,14 +92,14 @@ pub struct Config {
     pub max_json_depth: u16,
 
     /// Largest request head (request line plus headers), in bytes (larger:
-    /// 431 with an empty body, then the connection is closed; the node never
-    /// buffers more than this of a head). Between 1KiB and 256KiB.
+    /// a JSON 431, then the connection is closed; the node never buffers
+    /// more than this of a head). Between 1KiB and 256KiB.
     #[arg(long, env = "DISTROCACHE_MAX_HEADER_BYTES", default_value = "16KiB",
           value_parser = parse_header_bytes)]
     pub max_header_bytes: u64,
 
-    /// Most header fields in one request (more: 431, then the connection is
-    /// closed).
+    /// Most header fields in one request (more: a JSON 431, then the
+    /// connection is closed).
     #[arg(long, env = "DISTROCACHE_MAX_HEADERS", default_value_t = 100,
           value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub max_headers: u16,
@@ -119,7 +119,8 @@ pub struct Config {
     pub max_connections: u64,
 
     /// A client must send a request's head (request line and headers) within
-    /// this long, or the connection is closed without an answer. The clock
+    /// this long, or the connection is closed: with a JSON 408 if part of the
+    /// head arrived, without an answer if nothing did. The clock
     /// starts when the connection is accepted (first request) or at the first
     /// byte of the request (later requests on a keep-alive connection); time
     /// spent idle between requests is --idle-timeout's, not this.

@@ -12,23 +12,36 @@
 //! * connections: the accept loop waits for a free slot, leaving the rest in
 //!   the kernel's backlog;
 //! * the request head: hyper refuses one larger than `max_header_bytes` or
-//!   with more than `max_headers` fields with a bare 431 and closes (hyper
-//!   writes that answer itself, before any request exists to route, so it has
-//!   no JSON body);
+//!   with more than `max_headers` fields with 431, and closes. hyper writes
+//!   that answer itself, before any request exists to route, and gives it no
+//!   body; so do its 400 (a request line or header that is not HTTP) and 414
+//!   (a URI over 64 KiB). The socket wrapper recognises those bodiless
+//!   answers on their way out and sends a JSON `{"error": ...}` answer with
+//!   the same status in their place (see [`hyper_refusal`]); hyper stays
+//!   the one that bounds the bytes buffered;
 //! * time, in three separate clocks, kept by a per-connection watchdog and a
 //!   per-request deadline (see [`Phase`]): the head must arrive within
-//!   `header_read_timeout`, a request must be answered within
-//!   `request_timeout` of its head (else a JSON 408 and the connection
-//!   closes), and a connection idle between requests for `idle_timeout` is
-//!   closed. hyper has a header timeout of its own, but its clock also runs
-//!   while a keep-alive connection sits idle, which makes the two one
-//!   setting; it is turned off here in favour of the watchdog.
+//!   `header_read_timeout` (else a JSON 408 if any of it arrived, and the
+//!   connection closes), a request must be answered within `request_timeout`
+//!   of its head (else a JSON 408 and the connection closes), and a
+//!   connection idle between requests for `idle_timeout` is closed without a
+//!   word (there is no request to answer). hyper has a header timeout of its
+//!   own, but its clock also runs while a keep-alive connection sits idle,
+//!   which makes the two one setting; it is turned off here in favour of the
+//!   watchdog.
+//!
+//! What still leaves without a JSON answer: a connection that sent nothing
+//! before its header clock ran out, or whose head timed out while an earlier
+//! answer was still stuck in the socket (a client that does not read); a
+//! refusal hyper queued behind an earlier answer it could not flush (same);
+//! and an HTTP/2 preface, which hyper drops without an answer.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -123,6 +136,10 @@ pub async fn serve(
         let io = Watched {
             stream,
             activity: activity.clone(),
+            settings,
+            write_backlog: false,
+            replacement: Vec::new(),
+            replacement_sent: 0,
         };
         let service = Tracked {
             inner: TowerToHyperService::new(app.clone()),
@@ -131,16 +148,30 @@ pub async fn serve(
         };
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
         tokio::spawn(async move {
+            tokio::pin!(conn);
             tokio::select! {
-                result = conn => {
+                result = &mut conn => {
                     if let Err(e) = result {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 }
                 why = watchdog(&activity, &settings) => {
+                    tracing::debug!(why = why.as_str(), "closing connection");
+                    if why == Expired::Head && activity.head_started() {
+                        // Part of a head came and the rest did not: answer
+                        // 408. hyper is waiting for bytes; polled once more,
+                        // its next read finds the flag, writes the answer on
+                        // the socket and reports end of stream (see
+                        // `Watched::poll_read`).
+                        activity.head_timed_out.store(true, Ordering::Relaxed);
+                        std::future::poll_fn(|cx| {
+                            let _ = conn.as_mut().poll(cx);
+                            Poll::Ready(())
+                        })
+                        .await;
+                    }
                     // Dropping the connection closes the socket. Nothing is
                     // in flight (a request in flight is the deadline's).
-                    tracing::debug!(why, "closing connection");
                 }
             }
             drop(permit);
@@ -162,7 +193,8 @@ pub async fn serve(
 enum Phase {
     /// Receiving a request's head since this instant: accept for the first
     /// request, the first byte for later ones. `header_read_timeout` applies.
-    Head(Instant),
+    /// `started`: some of it has arrived (always so after the first request).
+    Head { since: Instant, started: bool },
     /// This many requests are being served (their heads have arrived and the
     /// router has not answered yet; hyper serves one at a time, but counting
     /// keeps the phase right whatever order it drops and starts them in).
@@ -177,32 +209,57 @@ enum Phase {
 /// service (requests starting and finishing) and its watchdog. Uncontended:
 /// only one connection's tasks touch it.
 #[derive(Debug)]
-struct Activity(Mutex<Phase>);
+struct Activity {
+    phase: Mutex<Phase>,
+    /// Set by the watchdog when a head ran out of time, for the socket to
+    /// answer 408 on hyper's next read.
+    head_timed_out: AtomicBool,
+}
 
 impl Activity {
     fn new() -> Self {
-        Self(Mutex::new(Phase::Head(Instant::now())))
+        Self {
+            phase: Mutex::new(Phase::Head {
+                since: Instant::now(),
+                started: false,
+            }),
+            head_timed_out: AtomicBool::new(false),
+        }
     }
 
     /// Bytes arrived: between requests, they start the next request's head.
     /// (During a request they are its body; during a head, more of it.)
     fn on_read(&self) {
-        let mut phase = self.0.lock();
-        if let Phase::Idle(_) = *phase {
-            *phase = Phase::Head(Instant::now());
+        let mut phase = self.phase.lock();
+        match *phase {
+            Phase::Idle(_) => {
+                *phase = Phase::Head {
+                    since: Instant::now(),
+                    started: true,
+                }
+            }
+            Phase::Head {
+                ref mut started, ..
+            } => *started = true,
+            Phase::Busy(_) => {}
         }
+    }
+
+    /// Part of a head has arrived and the request has not started.
+    fn head_started(&self) -> bool {
+        matches!(*self.phase.lock(), Phase::Head { started: true, .. })
     }
 
     /// Bytes left: an answer still being written is not idleness.
     fn on_write(&self) {
-        let mut phase = self.0.lock();
+        let mut phase = self.phase.lock();
         if let Phase::Idle(_) = *phase {
             *phase = Phase::Idle(Instant::now());
         }
     }
 
     fn request_started(&self) {
-        let mut phase = self.0.lock();
+        let mut phase = self.phase.lock();
         *phase = match *phase {
             Phase::Busy(n) => Phase::Busy(n + 1),
             _ => Phase::Busy(1),
@@ -210,7 +267,7 @@ impl Activity {
     }
 
     fn request_finished(&self) {
-        let mut phase = self.0.lock();
+        let mut phase = self.phase.lock();
         *phase = match *phase {
             Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
             _ => Phase::Idle(Instant::now()),
@@ -218,7 +275,23 @@ impl Activity {
     }
 
     fn phase(&self) -> Phase {
-        *self.0.lock()
+        *self.phase.lock()
+    }
+}
+
+/// Which clock a connection overstayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    Head,
+    Idle,
+}
+
+impl Expired {
+    fn as_str(self) -> &'static str {
+        match self {
+            Expired::Head => "header read timeout",
+            Expired::Idle => "idle timeout",
+        }
     }
 }
 
@@ -229,15 +302,15 @@ impl Activity {
 /// first, so a phase change to a shorter clock (a long header clock giving
 /// way to a short idle one) is noticed in time, at the cost of one wake-up per
 /// clock period at most.
-async fn watchdog(activity: &Activity, settings: &HttpSettings) -> &'static str {
+async fn watchdog(activity: &Activity, settings: &HttpSettings) -> Expired {
     let recheck = settings.header_read_timeout.min(settings.idle_timeout);
     loop {
         let now = Instant::now();
         let expiry = match activity.phase() {
-            Phase::Head(since) => {
-                Some((since + settings.header_read_timeout, "header read timeout"))
+            Phase::Head { since, .. } => {
+                Some((since + settings.header_read_timeout, Expired::Head))
             }
-            Phase::Idle(since) => Some((since + settings.idle_timeout, "idle timeout")),
+            Phase::Idle(since) => Some((since + settings.idle_timeout, Expired::Idle)),
             // The request's deadline bounds it.
             Phase::Busy(_) => None,
         };
@@ -252,10 +325,38 @@ async fn watchdog(activity: &Activity, settings: &HttpSettings) -> &'static str 
     }
 }
 
-/// The socket, reporting bytes moving to the connection's [`Activity`].
+/// The socket, reporting bytes moving to the connection's [`Activity`], and
+/// answering in JSON where hyper would answer without a body: its own
+/// refusals of a head (see [`hyper_refusal`]) and a head that ran out of
+/// time (see [`Activity::head_timed_out`]).
 struct Watched {
     stream: TcpStream,
     activity: Arc<Activity>,
+    settings: HttpSettings,
+    /// The last write did not take everything it was given: hyper still
+    /// holds part of an answer, and nothing may be written past it.
+    write_backlog: bool,
+    /// An answer written in place of hyper's bodiless one, and how much of
+    /// it has gone; empty when there is none.
+    replacement: Vec<u8>,
+    replacement_sent: usize,
+}
+
+impl Watched {
+    /// Writes what is left of the replacement answer.
+    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.replacement_sent < self.replacement.len() {
+            let rest = &self.replacement[self.replacement_sent..];
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, rest))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.replacement_sent += n;
+        }
+        self.replacement = Vec::new();
+        self.replacement_sent = 0;
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl AsyncRead for Watched {
@@ -264,6 +365,25 @@ impl AsyncRead for Watched {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.activity.head_timed_out.load(Ordering::Relaxed) {
+            // Polled by the watchdog's last poll of the connection: answer
+            // 408 unless an earlier answer is still on its way (this one
+            // would land inside it), then end the stream; hyper drops a
+            // partial head at end of stream without answering itself.
+            if !self.write_backlog && self.replacement.is_empty() {
+                let answer = error_answer(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!(
+                        "request head not received within {}",
+                        humantime::format_duration(self.settings.header_read_timeout)
+                    ),
+                );
+                // Small, and the socket has nothing queued: one write, and
+                // whatever does not fit is dropped with the connection.
+                let _ = Pin::new(&mut self.stream).poll_write(cx, &answer);
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         ready!(Pin::new(&mut self.stream).poll_read(cx, buf))?;
         if buf.filled().len() > before {
@@ -279,7 +399,31 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.stream).poll_write(cx, buf))?;
+        if !self.replacement.is_empty() {
+            ready!(self.poll_replacement(cx))?;
+        }
+        if let Some((at, status)) = hyper_refusal(buf) {
+            // Sent in hyper's place: whatever precedes the refusal (an
+            // earlier answer in the same buffer), then the JSON answer.
+            let mut replacement = buf[..at].to_vec();
+            replacement.extend_from_slice(&refusal_answer(status, &self.settings));
+            self.replacement = replacement;
+            self.replacement_sent = 0;
+            if let Poll::Ready(Err(e)) = self.poll_replacement(cx) {
+                return Poll::Ready(Err(e));
+            }
+            // The rest goes out on the flush hyper makes next.
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let written = match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Ready(Ok(written)) => written,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                self.write_backlog = true;
+                return Poll::Pending;
+            }
+        };
+        self.write_backlog = written < buf.len();
         if written > 0 {
             self.activity.on_write();
         }
@@ -287,12 +431,84 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_replacement(cx))?;
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_replacement(cx))?;
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
+}
+
+/// Finds an answer hyper wrote itself at the end of `buf`: where it starts
+/// and its status. hyper answers a head it cannot accept (400 not HTTP, 414
+/// URI over 64 KiB, 431 over `max_header_bytes` or `max_headers`) with
+/// exactly a status line, `connection: close`, `content-length: 0` and
+/// `date`, and nothing else; every answer the router makes has a JSON body
+/// and a content type, so it never looks like that. (Only a cached value
+/// could contain those bytes, and then only split by a partial write at
+/// exactly that point, and it would only be that client's own answer
+/// changing.)
+fn hyper_refusal(buf: &[u8]) -> Option<(usize, StatusCode)> {
+    const LONGEST: usize = 160;
+    // Cheap first: every answer with a body ends in its body.
+    if !buf.ends_with(b"\r\n\r\n") {
+        return None;
+    }
+    let tail_from = buf.len().saturating_sub(LONGEST);
+    let at = tail_from + find_last(&buf[tail_from..], b"HTTP/1.1 4")?;
+    let head = &buf[at..];
+    let status = match &head[9..13.min(head.len())] {
+        b"400 " => StatusCode::BAD_REQUEST,
+        b"414 " => StatusCode::URI_TOO_LONG,
+        b"431 " => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        _ => return None,
+    };
+    let lines = head[..head.len() - 4].split(|&b| b == b'\n').skip(1);
+    let mut fields = 0;
+    for line in lines {
+        let line = line
+            .strip_suffix(b"\r")
+            .unwrap_or(line)
+            .to_ascii_lowercase();
+        match &line[..] {
+            b"connection: close" | b"content-length: 0" => fields += 1,
+            l if l.starts_with(b"date: ") => {}
+            _ => return None,
+        }
+    }
+    (fields == 2).then_some((at, status))
+}
+
+fn find_last(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// The JSON answer sent in place of hyper's refusal with `status`.
+fn refusal_answer(status: StatusCode, settings: &HttpSettings) -> Vec<u8> {
+    let message = match status {
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => format!(
+            "request head too large: at most {} bytes of request line and headers, and {} header fields",
+            settings.max_header_bytes, settings.max_headers
+        ),
+        StatusCode::URI_TOO_LONG => "request URI too long".to_owned(),
+        _ => "malformed HTTP request".to_owned(),
+    };
+    error_answer(status, &message)
+}
+
+/// A complete HTTP/1.1 answer `{"error": message}` that closes the
+/// connection, as bytes for the socket.
+fn error_answer(status: StatusCode, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// The router as a connection's hyper service: marks the connection busy
@@ -375,4 +591,79 @@ fn timed_out(timeout: Duration) -> Response<Body> {
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFUSAL_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 21:42:10 GMT\r\n\r\n";
+
+    #[test]
+    fn hyper_refusals_are_recognised_alone_and_after_an_answer() {
+        assert_eq!(
+            hyper_refusal(REFUSAL_431),
+            Some((0, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE))
+        );
+        for (code, status) in [
+            ("400 Bad Request", StatusCode::BAD_REQUEST),
+            ("414 URI Too Long", StatusCode::URI_TOO_LONG),
+        ] {
+            let head = format!(
+                "HTTP/1.1 {code}\r\ncontent-length: 0\r\nconnection: close\r\ndate: x\r\n\r\n"
+            );
+            assert_eq!(hyper_refusal(head.as_bytes()), Some((0, status)));
+        }
+        let mut pipelined =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+                .to_vec();
+        let at = pipelined.len();
+        pipelined.extend_from_slice(REFUSAL_431);
+        assert_eq!(
+            hyper_refusal(&pipelined),
+            Some((at, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE))
+        );
+    }
+
+    #[test]
+    fn the_routers_answers_are_never_taken_for_refusals() {
+        for answer in [
+            // Ours: a JSON body and a content type.
+            &b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n{\"error\":\"x\"}"[..],
+            // An answer to HEAD: the head alone, with its content type.
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 20\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            // Statuses hyper does not refuse with, or a missing field.
+            b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 10\r\n\r\n",
+            b"HTTP/1.1 4\r\n\r\n",
+            b"\r\n\r\n",
+            b"",
+        ] {
+            assert_eq!(
+                hyper_refusal(answer),
+                None,
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+    }
+
+    #[test]
+    fn error_answers_are_complete_json_answers_that_close() {
+        let answer = error_answer(StatusCode::REQUEST_TIMEOUT, "too \"slow\"");
+        let text = String::from_utf8(answer).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\ncontent-type: application/json\r\n"));
+        assert!(head.contains("\r\nconnection: close"));
+        assert!(head.contains(&format!("\r\ncontent-length: {}", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "too \"slow\"");
+    }
 }

@@ -362,8 +362,9 @@ pub fn wait_closed(conn: &mut TcpStream, within: Duration) -> Option<Duration> {
 }
 
 /// Sends `bytes` one at a time, `gap` apart, until they are all sent, the
-/// peer closes the connection or `budget` runs out. Returns how many were
-/// sent and whether the connection was found closed.
+/// peer answers or closes the connection, or `budget` runs out. Returns how
+/// many were sent and whether the peer answered or closed (the answer, if
+/// any, is left unread).
 pub fn drip(conn: &mut TcpStream, bytes: &[u8], gap: Duration, budget: Duration) -> (usize, bool) {
     let start = Instant::now();
     for (i, b) in bytes.iter().enumerate() {
@@ -374,12 +375,14 @@ pub fn drip(conn: &mut TcpStream, bytes: &[u8], gap: Duration, budget: Duration)
             return (i, true);
         }
         std::thread::sleep(gap);
-        // A closed peer shows as EOF on a non-blocking peek.
+        // An answer shows as bytes on a non-blocking peek, a closed peer as
+        // EOF; stop at either, so the answer is not lost to a reset that
+        // more bytes sent to a closed socket would provoke.
         conn.set_nonblocking(true).unwrap();
         let mut probe = [0u8; 1];
-        let closed = matches!(conn.peek(&mut probe), Ok(0));
+        let stopped = matches!(conn.peek(&mut probe), Ok(_));
         conn.set_nonblocking(false).unwrap();
-        if closed {
+        if stopped {
             return (i + 1, true);
         }
     }
