@@ -12,6 +12,12 @@
 //!   replication factor 2 loses nothing.
 //! * The preStop hook waits for a leaving member's handoff (bounded by the
 //!   grace period); for any other pod it returns at once.
+//! * What the ring decides stays out of the pod template. The replication
+//!   factor reaches the nodes in the ring document (a node in cluster mode
+//!   reads it from there, not from its flag); in the template, a change of
+//!   it would also roll every pod while the ring moves data, and a pod
+//!   restarted after the switch to factor 1 would come back empty with no
+//!   other copy of its keys.
 
 use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
@@ -201,10 +207,6 @@ fn env(dc: &DistroCache) -> Vec<EnvVar> {
             "DISTROCACHE_CLEANUP_INTERVAL",
             spec.cleanup_interval.clone(),
         ),
-        literal(
-            "DISTROCACHE_REPLICATION_FACTOR",
-            spec.replication_factor.to_string(),
-        ),
         literal("DISTROCACHE_LOG_LEVEL", spec.log_level.clone()),
         literal("DISTROCACHE_LOG_FORMAT", "json".into()),
         // On SIGTERM a node first fails its readiness probe and keeps
@@ -330,6 +332,22 @@ mod tests {
         assert_eq!(
             hook.path.as_deref(),
             Some("/api/v1/cluster/handoff?timeout=35s")
+        );
+    }
+
+    #[test]
+    fn ring_settings_do_not_restart_pods() {
+        // The replication factor and the replica count are ring changes the
+        // operator makes step by step; neither may touch the pod template.
+        let template = |spec: &str| statefulset(&cache(spec), 3).spec.unwrap().template;
+        let base = template("{replicationFactor: 2, replicas: 3}");
+        assert_eq!(template("{replicationFactor: 1, replicas: 3}"), base);
+        assert_eq!(template("{replicationFactor: 3, replicas: 5}"), base);
+        let env = env_map(&statefulset(&cache("{replicationFactor: 3}"), 3));
+        assert!(
+            !env.keys().any(|k| k.contains("REPLICATION")),
+            "the node takes the factor from the ring: {:?}",
+            env.keys()
         );
     }
 
