@@ -23,8 +23,8 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use std::sync::Mutex;
 
@@ -37,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::node_client::NodeClient;
 use crate::resources::{self, FIELD_MANAGER};
 use crate::scaling::{self, Observed, PodView, Step};
-use crate::status::{self, Facts};
+use crate::status::{self, Facts, ServiceMonitorOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,12 +55,21 @@ pub struct Context {
     pub nodes: NodeClient,
     /// Requeue interval while nothing is changing.
     pub resync: Duration,
+    /// The namespace the operator runs in, which a cache's NetworkPolicy
+    /// admits to the nodes' client port unless its spec names another.
+    pub operator_namespace: String,
     /// Consecutive failures per cache, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<DistroCache>, u32>>,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Metrics, nodes: NodeClient, resync: Duration) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        nodes: NodeClient,
+        resync: Duration,
+        operator_namespace: String,
+    ) -> Arc<Self> {
         let reporter = Reporter {
             controller: "distrocache-operator".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -71,6 +80,7 @@ impl Context {
             metrics,
             nodes,
             resync,
+            operator_namespace,
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -98,7 +108,19 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let managed =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=distrocache-operator");
     let pods = watcher::Config::default().labels("app.kubernetes.io/name=distrocache");
-    Controller::new(api(&client), watcher::Config::default())
+    // A cache triggers its own reconcile only when its spec changes (a new
+    // generation). Its status changes on every pass while it takes writes
+    // (members' item counts), so reacting to the controller's own status
+    // patches would reconcile in a tight loop. The reflector still sees
+    // every change, so each reconcile reads the latest object; pods and
+    // children still trigger, and every reconcile requeues itself.
+    let (reader, writer) = reflector::store();
+    let caches = watcher(api(&client), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    Controller::for_stream(caches, reader)
         .owns(scoped::<StatefulSet>(&client, &namespace), managed.clone())
         .owns(scoped::<Service>(&client, &namespace), managed.clone())
         .owns(scoped::<ConfigMap>(&client, &namespace), managed.clone())
@@ -135,8 +157,9 @@ pub async fn reconcile(dc: Arc<DistroCache>, ctx: Arc<Context>) -> Result<Action
     result
 }
 
-/// Retries with exponential backoff per cache (1 s doubling to 5 min), and
-/// reports the error as an Event.
+/// Retries with exponential backoff per cache (2 s after the first failure,
+/// doubling up to 5 min), and reports the error as an Event and in the
+/// `Degraded` condition.
 pub fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failures.inc();
     let failures = {
@@ -149,6 +172,7 @@ pub fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> A
     tracing::warn!(cache = %dc.name_any(), error = %error, retry_in = ?delay, "reconcile failed");
     let message = error.to_string();
     tokio::spawn(async move {
+        report_failure(&ctx, &dc, &message).await;
         publish(
             &ctx,
             &dc,
@@ -160,6 +184,31 @@ pub fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> A
         .await;
     });
     Action::requeue(delay)
+}
+
+/// Best effort: `Degraded=True` with the error, the other conditions as
+/// they were. Without it, a reconcile that fails before it writes the status
+/// (an apply the API server refuses, every time) leaves the status saying
+/// nothing is wrong.
+async fn report_failure(ctx: &Context, dc: &DistroCache, message: &str) {
+    let previous = dc.status.as_ref();
+    let conditions = status::reconcile_failed(previous, dc.meta().generation, message);
+    if previous.is_some_and(|s| s.conditions == conditions) {
+        return;
+    }
+    let api =
+        Api::<DistroCache>::namespaced(ctx.client.clone(), &dc.namespace().expect("namespaced"));
+    let patch = json!({ "status": { "conditions": conditions } });
+    if let Err(e) = api
+        .patch_status(
+            &dc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        tracing::warn!(cache = %dc.name_any(), error = %e, "cannot report the failure in the status");
+    }
 }
 
 async fn publish(
@@ -203,23 +252,24 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
     let previous = dc.status.clone();
 
     if let Err(why) = dc.spec.validate() {
-        let (no_pods, no_progress) = (BTreeMap::new(), BTreeMap::new());
+        // Nothing is applied, and the cache that runs keeps running as it
+        // is, so the status goes on describing it: its members and epoch are
+        // also the ring's backup should the ConfigMap be lost.
+        let observed = observe(dc, ctx, &ns).await?;
+        let step = Step::Waiting(why.clone());
         let facts = Facts {
             generation: dc.meta().generation,
             desired_replicas: dc.spec.replicas,
             selector: resources::selector_string(dc),
-            ring: None,
-            pods: &no_pods,
-            progress: &no_progress,
-            step: &Step::Waiting(why.clone()),
+            ring: observed.ring.as_ref(),
+            pods: &observed.pods,
+            progress: &observed.progress,
+            step: &step,
             invalid_spec: Some(&why),
             service_monitor: None,
         };
         let status = status::build(&facts, previous.as_ref());
-        if previous
-            .as_ref()
-            .is_none_or(|p| p.conditions != status.conditions)
-        {
+        if !has_condition(previous.as_ref(), status::DEGRADED, "InvalidSpec", &why) {
             publish(
                 ctx,
                 dc,
@@ -231,7 +281,7 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
             .await;
         }
         patch_status(ctx, dc, &status).await?;
-        return Ok(Action::requeue(Duration::from_secs(300)));
+        return Ok(Action::requeue(ctx.resync));
     }
 
     // The children that do not depend on the ring.
@@ -261,7 +311,7 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
         None => delete_if_owned(&pdbs, &name, dc).await?,
     }
     let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns);
-    match resources::network_policy(dc) {
+    match resources::network_policy(dc, &ctx.operator_namespace) {
         Some(policy) => {
             apply(&policies, &policy).await?;
         }
@@ -271,66 +321,26 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
         ensure_auth_secret(dc, ctx, &ns).await?;
     }
     let service_monitor = reconcile_service_monitor(dc, ctx, &ns).await?;
-
-    // Observe.
-    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
-    let (mut ring, mut ring_recovered) = match configmaps
-        .get_opt(&resources::ring_configmap_name(dc))
-        .await?
+    if let Some(ServiceMonitorOutcome::Skipped { reason, message }) = &service_monitor
+        && !has_condition(previous.as_ref(), status::SERVICE_MONITOR, reason, message)
     {
-        Some(cm) => {
-            let json = cm.data.as_ref().and_then(|d| d.get(CONFIGMAP_KEY));
-            match json {
-                Some(json) => (
-                    Some(
-                        MembershipDoc::from_json(json.as_bytes())
-                            .map_err(|e| Error::BadRing(e.to_string()))?,
-                    ),
-                    false,
-                ),
-                None => (None, false),
-            }
-        }
-        None => (None, false),
-    };
-    let last_epoch = previous.as_ref().map_or(0, |s| s.ring_epoch.max(0) as u64);
-    if ring.is_none()
-        && let Some(recovered) = previous
-            .as_ref()
-            .and_then(|s| ring_from_status(s, dc.spec.replication_factor as u32))
-    {
-        // The ConfigMap was deleted under a running cache: rebuild the ring
-        // from the status rather than start over, which would strand data.
-        ring = Some(recovered);
-        ring_recovered = true;
+        publish(
+            ctx,
+            dc,
+            EventType::Warning,
+            "ServiceMonitorSkipped",
+            "Monitoring",
+            message.clone(),
+        )
+        .await;
     }
-    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
-    let sts = statefulsets.get_opt(&name).await?;
-    let pods = observe_pods(dc, ctx, &ns).await?;
-    let members: Vec<(String, String)> = ring
-        .iter()
-        .flat_map(|doc| doc.members.iter())
-        .filter_map(|m| {
-            let pod = pods.get(&m.id)?;
-            Some((m.id.clone(), pod.client.clone()?))
-        })
-        .collect();
-    let progress = ctx.nodes.progress(&members).await;
-    let observed = Observed {
-        name: name.clone(),
-        desired_replicas: dc.spec.replicas,
-        replication_factor: dc.spec.replication_factor as u32,
-        ring,
-        ring_recovered,
-        last_epoch,
-        statefulset_replicas: sts.as_ref().and_then(|s| s.spec.as_ref()?.replicas),
-        pods,
-        progress,
-    };
+
+    let observed = observe(dc, ctx, &ns).await?;
 
     // Decide, then write the ring before the StatefulSet: a scale-down drops
     // members from the ring before their pods go.
     let plan = scaling::plan(&observed);
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
     if let Some(doc) = &plan.ring
         && (plan.step.changes_ring() || observed.ring.is_none())
     {
@@ -340,6 +350,7 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
             .with_label_values(&[&ns, &name])
             .set(doc.epoch as i64);
     }
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
     apply(
         &statefulsets,
         &resources::statefulset(dc, plan.statefulset_replicas),
@@ -384,6 +395,80 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
     })
 }
 
+/// Whether the last status holds condition `type_` with this reason and
+/// message (so an Event about it was published already).
+fn has_condition(
+    status: Option<&DistroCacheStatus>,
+    type_: &str,
+    reason: &str,
+    message: &str,
+) -> bool {
+    status.is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.reason == reason && c.message == message)
+    })
+}
+
+/// What the cluster holds for this cache: the ring (from its ConfigMap, or
+/// rebuilt from the status if the ConfigMap was lost), the StatefulSet's
+/// size, the pods, and the progress of the nodes. Reads only.
+async fn observe(dc: &DistroCache, ctx: &Context, ns: &str) -> Result<Observed, Error> {
+    let client = &ctx.client;
+    let previous = dc.status.as_ref();
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), ns);
+    let mut ring = match configmaps
+        .get_opt(&resources::ring_configmap_name(dc))
+        .await?
+        .and_then(|cm| cm.data?.remove(CONFIGMAP_KEY))
+    {
+        Some(json) => Some(
+            MembershipDoc::from_json(json.as_bytes()).map_err(|e| Error::BadRing(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let mut ring_recovered = false;
+    let last_epoch = previous.map_or(0, |s| s.ring_epoch.max(0) as u64);
+    if ring.is_none()
+        && let Some(recovered) =
+            previous.and_then(|s| ring_from_status(s, dc.spec.replication_factor as u32))
+    {
+        // The ConfigMap was deleted under a running cache: rebuild the ring
+        // from the status rather than start over, which would strand data.
+        ring = Some(recovered);
+        ring_recovered = true;
+    }
+    let sts = Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .get_opt(&dc.name_any())
+        .await?;
+    let pods = observe_pods(dc, ctx, ns).await?;
+    // The members' progress; without a ring, every pod's, since each says
+    // which ring it holds (none for a new node).
+    let asked: Vec<(String, String)> = match &ring {
+        Some(doc) => doc
+            .members
+            .iter()
+            .filter_map(|m| Some((m.id.clone(), pods.get(&m.id)?.client.clone()?)))
+            .collect(),
+        None => pods
+            .iter()
+            .filter_map(|(id, pod)| Some((id.clone(), pod.client.clone()?)))
+            .collect(),
+    };
+    let progress = ctx.nodes.progress(&asked).await;
+    Ok(Observed {
+        name: dc.name_any(),
+        desired_replicas: dc.spec.replicas,
+        replication_factor: dc.spec.replication_factor as u32,
+        ring,
+        ring_recovered,
+        last_epoch,
+        statefulset_replicas: sts.as_ref().and_then(|s| s.spec.as_ref()?.replicas),
+        pods,
+        progress,
+    })
+}
+
 /// The pods of this cache, keyed by name.
 async fn observe_pods(
     dc: &DistroCache,
@@ -409,7 +494,12 @@ async fn observe_pods(
             let ip = status
                 .and_then(|s| s.pod_ip.clone())
                 .filter(|ip| !ip.is_empty());
-            let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+            // A pod being deleted counts as not started: its process is on
+            // its way out, and once gone the StatefulSet makes a new one
+            // under the same name. Taken as live, a re-grow could add the old
+            // process to the ring as joining and mark it active on its word.
+            let running = status.and_then(|s| s.phase.as_deref()) == Some("Running")
+                && pod.metadata.deletion_timestamp.is_none();
             let ready = running
                 && status
                     .and_then(|s| s.conditions.as_ref())
@@ -487,39 +577,69 @@ async fn ensure_auth_secret(dc: &DistroCache, ctx: &Context, ns: &str) -> Result
     }
 }
 
-/// Applies (or removes) the ServiceMonitor. `None` when not asked for;
-/// `Some(Err(why))` when asked for but its API is not served.
+/// Whether the API server serves the ServiceMonitor kind: `Ok(false)` only
+/// when it says it does not (the group or the kind is unknown), `Err` when
+/// it could not tell (so nothing claims the CRD is missing on, say, a
+/// timeout).
+async fn service_monitor_served(client: &Client) -> Result<bool, kube::Error> {
+    let gvk =
+        kube::api::GroupVersionKind::gvk(resources::SERVICE_MONITOR_GROUP, "v1", "ServiceMonitor");
+    match kube::discovery::pinned_kind(client, &gvk).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_not_served(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A discovery answer meaning "no such API": 404 for the group version, or
+/// a group version without the kind.
+fn is_not_served(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(status) => status.code == 404,
+        kube::Error::Discovery(
+            kube::error::DiscoveryError::MissingKind(_)
+            | kube::error::DiscoveryError::MissingApiGroup(_)
+            | kube::error::DiscoveryError::MissingResource(_),
+        ) => true,
+        _ => false,
+    }
+}
+
+/// Applies (or removes) the ServiceMonitor. `None` when not asked for.
 async fn reconcile_service_monitor(
     dc: &DistroCache,
     ctx: &Context,
     ns: &str,
-) -> Result<Option<Result<(), String>>, Error> {
+) -> Result<Option<ServiceMonitorOutcome>, Error> {
     let resource = resources::service_monitor_resource();
-    let served = kube::discovery::pinned_kind(
-        &ctx.client,
-        &kube::api::GroupVersionKind::gvk(resources::SERVICE_MONITOR_GROUP, "v1", "ServiceMonitor"),
-    )
-    .await
-    .is_ok();
+    let served = service_monitor_served(&ctx.client).await;
     let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &resource);
-    match resources::service_monitor(dc) {
-        Some(sm) if served => {
+    match (resources::service_monitor(dc), served) {
+        (Some(sm), Ok(true)) => {
             let params = PatchParams::apply(FIELD_MANAGER).force();
             api.patch(&dc.name_any(), &params, &Patch::Apply(&sm))
                 .await?;
-            Ok(Some(Ok(())))
+            Ok(Some(ServiceMonitorOutcome::Applied))
         }
-        Some(_) => Ok(Some(Err(
-            "monitoring.serviceMonitor.enabled is set, but the ServiceMonitor CRD \
-             (monitoring.coreos.com/v1) is not installed in this cluster"
+        (Some(_), Ok(false)) => Ok(Some(ServiceMonitorOutcome::Skipped {
+            reason: "CRDNotInstalled",
+            message: "monitoring.serviceMonitor.enabled is set, but the ServiceMonitor CRD \
+                      (monitoring.coreos.com/v1) is not installed in this cluster"
                 .into(),
-        ))),
-        None => {
-            if served {
-                delete_if_owned(&api, &dc.name_any(), dc).await?;
-            }
+        })),
+        (Some(_), Err(e)) => Ok(Some(ServiceMonitorOutcome::Skipped {
+            reason: "DiscoveryFailed",
+            message: format!(
+                "cannot tell whether the API server serves ServiceMonitors \
+                 (monitoring.coreos.com/v1); will retry: {e}"
+            ),
+        })),
+        (None, Ok(true)) => {
+            delete_if_owned(&api, &dc.name_any(), dc).await?;
             Ok(None)
         }
+        // Nothing to remove, or no way to know yet: the next pass retries.
+        (None, _) => Ok(None),
     }
 }
 

@@ -19,6 +19,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::validation;
+
 /// Durations as the node reads them: `30s`, `5m`, `1h30m`, `500ms`.
 const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h|d))+$";
 /// Byte sizes as the node reads them: `1048576`, `512MiB`, `1GB`.
@@ -190,7 +192,7 @@ pub struct AuthSpec {
     pub secret_name: Option<String>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicySpec {
     /// Create the NetworkPolicy.
@@ -205,24 +207,11 @@ pub struct NetworkPolicySpec {
     /// namespaces).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_pod_selector: Option<LabelSelector>,
-    /// The namespace the operator runs in.
-    #[serde(default = "default_operator_namespace")]
-    pub operator_namespace: String,
-}
-
-fn default_operator_namespace() -> String {
-    "distrocache-system".into()
-}
-
-impl Default for NetworkPolicySpec {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            client_namespace_selector: None,
-            client_pod_selector: None,
-            operator_namespace: default_operator_namespace(),
-        }
-    }
+    /// The namespace admitted as the operator's (it reads the nodes'
+    /// progress on the client port). Unset: the namespace the operator runs
+    /// in, which it learns from the downward API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_namespace: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -281,7 +270,9 @@ pub struct DistroCacheStatus {
     /// Node pods that exist.
     #[serde(default)]
     pub replicas: i32,
-    /// Node pods that are ready (hold their data and serve).
+    /// Ring members whose pods are ready (hold their data and serve). A
+    /// ready pod that is not in the ring serves no keys, so it is not
+    /// counted.
     #[serde(default)]
     pub ready_replicas: i32,
     /// Epoch of the ring the nodes were last given.
@@ -385,6 +376,20 @@ impl DistroCacheSpec {
                 self.pod_disruption_budget.max_unavailable, self.replication_factor
             ));
         }
+        // What goes into the pod template verbatim: the API server would
+        // refuse the StatefulSet, and every reconcile with it.
+        if let Some(labels) = &self.pod_labels {
+            validation::check_labels("spec.podLabels", labels)?;
+        }
+        if let Some(selector) = &self.node_selector {
+            validation::check_labels("spec.nodeSelector", selector)?;
+        }
+        if let Some(annotations) = &self.pod_annotations {
+            validation::check_annotations("spec.podAnnotations", annotations)?;
+        }
+        if let Some(resources) = &self.resources {
+            validation::check_resources("spec.resources", resources)?;
+        }
         Ok(())
     }
 }
@@ -423,6 +428,35 @@ mod tests {
             s.validate().is_ok(),
             "a single replica needs no PDB headroom"
         );
+    }
+
+    #[test]
+    fn what_the_pod_template_carries_verbatim_is_checked_before_it_is_applied() {
+        // Each of these is accepted by the CRD schema and then refused by
+        // the API server in the StatefulSet, on every reconcile.
+        for (yaml, field) in [
+            (
+                "{resources: {limits: {memory: lots}}}",
+                "spec.resources.limits.memory",
+            ),
+            (
+                "{resources: {limits: {memory: 1Gi}, requests: {memory: 2Gi}}}",
+                "spec.resources.requests.memory",
+            ),
+            ("{podLabels: {'bad key': x}}", "spec.podLabels"),
+            ("{podLabels: {team: 'a b'}}", "spec.podLabels"),
+            ("{podAnnotations: {'-x': y}}", "spec.podAnnotations"),
+            ("{nodeSelector: {disk: 'fast ssd'}}", "spec.nodeSelector"),
+        ] {
+            let err = spec(yaml).validate().unwrap_err();
+            assert!(err.contains(field), "{yaml}: {err}");
+        }
+        let fine = spec(
+            "{resources: {limits: {memory: 512Mi}, requests: {cpu: 100m, memory: 320Mi}}, \
+              podLabels: {team: a}, podAnnotations: {example.com/note: 'free text'}, \
+              nodeSelector: {kubernetes.io/os: linux}}",
+        );
+        assert_eq!(fine.validate(), Ok(()));
     }
 
     #[test]

@@ -12,3 +12,4 @@ pub mod resources;
 pub mod scaling;
 pub mod server;
 pub mod status;
+pub mod validation;

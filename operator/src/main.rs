@@ -29,6 +29,13 @@ struct Flags {
     #[arg(long, env = "DISTROCACHE_OPERATOR_NAMESPACE", default_value = "")]
     namespace: String,
 
+    /// The namespace the operator itself runs in (the Deployment sets
+    /// POD_NAMESPACE through the downward API). A cache's NetworkPolicy
+    /// admits it to the nodes' client port, where the operator reads their
+    /// progress.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "distrocache-system")]
+    own_namespace: String,
+
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, env = "DISTROCACHE_OPERATOR_BIND_ADDRESS", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
     bind_address: IpAddr,
@@ -98,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),
+        own_namespace = %flags.own_namespace,
         "starting the controller"
     );
     ready.store(true, Ordering::Release);
@@ -106,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         metrics,
         NodeClient::new(flags.node_timeout),
         flags.resync,
+        flags.own_namespace.clone(),
     );
     controller::run(ctx, namespace).await;
     tracing::info!("operator stopped");

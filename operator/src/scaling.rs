@@ -19,8 +19,16 @@
 //!    as joining.
 //! 7. Scale-down: mark the highest ordinals leaving.
 //!
-//! Every ring change bumps the epoch by one. The StatefulSet never shrinks
-//! below a pod that is still a ring member.
+//! Every ring change writes a new epoch, newer than any the operator wrote
+//! and any a node reports holding (a node ignores a document that is not
+//! newer than its own). The StatefulSet never shrinks below a pod that is
+//! still a ring member.
+//!
+//! Without a ring (a new cache, or one whose ring ConfigMap and status were
+//! both lost while its nodes kept running on the ring they hold), every pod
+//! must start and report which ring it holds before a ring is written, and
+//! the StatefulSet never shrinks: nothing then says which pods hold the only
+//! copy of some keys.
 
 use std::collections::BTreeMap;
 
@@ -80,6 +88,12 @@ pub enum Step {
     Bootstrap(Vec<String>),
     /// The ring document was lost and written again.
     Recovered,
+    /// The ring document and its copy in the status were lost while the
+    /// nodes kept theirs, and nothing may change until every pod reported
+    /// what it holds; says why.
+    RingLost(String),
+    /// A lost ring rebuilt from the members' own reports.
+    Rebuilt(Vec<String>),
     AddressesUpdated(Vec<String>),
     Joining(Vec<String>),
     Activated(Vec<String>),
@@ -94,7 +108,7 @@ pub enum Step {
 impl Step {
     /// Whether the ring document changed (a new epoch to write).
     pub fn changes_ring(&self) -> bool {
-        !matches!(self, Step::Steady | Step::Waiting(_))
+        !matches!(self, Step::Steady | Step::Waiting(_) | Step::RingLost(_))
     }
 }
 
@@ -120,9 +134,18 @@ impl Observed {
             .unwrap_or(0)
     }
 
+    /// The newest epoch anyone has seen: the operator (its status) or a
+    /// node (a status patch may have been lost after a ring was written).
+    fn highest_epoch(&self) -> u64 {
+        self.progress
+            .values()
+            .map(|p| p.epoch)
+            .fold(self.last_epoch, u64::max)
+    }
+
     fn next(&self, doc: &MembershipDoc, members: Vec<Member>, rf: u32) -> MembershipDoc {
         MembershipDoc {
-            epoch: doc.epoch.max(self.last_epoch) + 1,
+            epoch: doc.epoch.max(self.highest_epoch()) + 1,
             replication_factor: rf,
             hashing: doc.hashing,
             members,
@@ -337,42 +360,90 @@ pub fn plan(o: &Observed) -> Plan {
     }
 }
 
-/// No ring yet: start every pod, then give them all one active ring. A new
-/// cache holds no data, so nothing needs to move in.
+/// No ring. Either a new cache, or the ring ConfigMap and its copy in the
+/// status are both gone while the nodes keep serving the ring they hold (a
+/// node keeps its ring when the ConfigMap goes). Every pod of the
+/// StatefulSet must have started and reported which ring it holds; then:
+/// * no pod holds one: a new cache, every desired pod active at once (no
+///   data needs to move in);
+/// * some do: the ring is rebuilt from their own member states.
+///
+/// The StatefulSet never shrinks here: without a ring nothing says which
+/// pods hold the only copy of some keys.
 fn bootstrap(o: &Observed, desired: i32) -> Plan {
-    let ids: Vec<String> = (0..desired).map(|n| o.pod_name(n)).collect();
+    let size = o.statefulset_replicas.unwrap_or(0).max(desired);
+    let ids: Vec<String> = (0..size).map(|n| o.pod_name(n)).collect();
+    // A ring existed before: the status recorded one, or a node holds one.
+    let lost = o.highest_epoch() > 0;
+    let wait = |why: String| Plan {
+        ring: None,
+        statefulset_replicas: size,
+        step: if lost {
+            Step::RingLost(format!(
+                "the ring ConfigMap and its copy in the status are gone; {why}"
+            ))
+        } else {
+            Step::Waiting(why)
+        },
+    };
     let unstarted: Vec<&str> = ids
         .iter()
         .filter(|id| o.pods.get(*id).and_then(|p| p.address.as_ref()).is_none())
         .map(String::as_str)
         .collect();
     if !unstarted.is_empty() {
+        return wait(format!(
+            "waiting for pods to start: {}",
+            unstarted.join(", ")
+        ));
+    }
+    let unreported: Vec<&str> = ids
+        .iter()
+        .filter(|id| !o.progress.contains_key(*id))
+        .map(String::as_str)
+        .collect();
+    if !unreported.is_empty() {
+        return wait(format!(
+            "waiting for pods to report the ring they hold: {}",
+            unreported.join(", ")
+        ));
+    }
+    let address = |id: &String| o.pods[id].address.clone().expect("checked above");
+    let ring = |members: Vec<Member>| MembershipDoc {
+        epoch: o.highest_epoch() + 1,
+        replication_factor: o.replication_factor,
+        hashing: Hashing::Rendezvous,
+        members,
+    };
+    let held: Vec<Member> = ids
+        .iter()
+        .filter_map(|id| {
+            Some(Member {
+                id: id.clone(),
+                address: address(id),
+                state: o.progress[id].member_state?,
+            })
+        })
+        .collect();
+    if !held.is_empty() {
         return Plan {
-            ring: None,
-            statefulset_replicas: desired,
-            step: Step::Waiting(format!(
-                "waiting for pods to start: {}",
-                unstarted.join(", ")
-            )),
+            step: Step::Rebuilt(held.iter().map(|m| m.id.clone()).collect()),
+            ring: Some(ring(held)),
+            statefulset_replicas: size,
         };
     }
-    let members = ids
+    let members: Vec<Member> = ids[..desired as usize]
         .iter()
         .map(|id| Member {
             id: id.clone(),
-            address: o.pods[id].address.clone().expect("checked above"),
+            address: address(id),
             state: MemberState::Active,
         })
         .collect();
     Plan {
-        ring: Some(MembershipDoc {
-            epoch: o.last_epoch + 1,
-            replication_factor: o.replication_factor,
-            hashing: Hashing::Rendezvous,
-            members,
-        }),
-        statefulset_replicas: desired,
-        step: Step::Bootstrap(ids),
+        step: Step::Bootstrap(members.iter().map(|m| m.id.clone()).collect()),
+        ring: Some(ring(members)),
+        statefulset_replicas: size,
     }
 }
 

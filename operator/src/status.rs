@@ -27,13 +27,37 @@ pub struct Facts<'a> {
     pub step: &'a Step,
     /// Why the spec cannot be acted on, if it cannot.
     pub invalid_spec: Option<&'a str>,
-    /// `Some(Ok)` the ServiceMonitor was applied, `Some(Err(why))` it was
-    /// asked for but skipped, `None` not asked for.
-    pub service_monitor: Option<Result<(), String>>,
+    /// `None` when the spec asks for no ServiceMonitor.
+    pub service_monitor: Option<ServiceMonitorOutcome>,
+}
+
+/// What became of a ServiceMonitor the spec asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceMonitorOutcome {
+    Applied,
+    /// Not applied; `reason` is the condition's (`CRDNotInstalled` only when
+    /// the API server really does not serve the kind).
+    Skipped {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 pub fn build(facts: &Facts<'_>, previous: Option<&DistroCacheStatus>) -> DistroCacheStatus {
-    let ready_replicas = facts.pods.values().filter(|p| p.ready).count() as i32;
+    let pod_ready = |id: &str| facts.pods.get(id).is_some_and(|p| p.ready);
+    // Ready members, not ready pods: a pod outside the ring serves no keys.
+    let ready_replicas = facts.ring.map_or(0, |doc| {
+        doc.members.iter().filter(|m| pod_ready(&m.id)).count()
+    }) as i32;
+    // Members expected to serve that do not. A joining member is not ready
+    // until it holds its data, which is progress, not a fault.
+    let down: Vec<&str> = facts
+        .ring
+        .iter()
+        .flat_map(|doc| doc.members.iter())
+        .filter(|m| m.state != MemberState::Joining && !pod_ready(&m.id))
+        .map(|m| m.id.as_str())
+        .collect();
     let members: Vec<MemberStatus> = facts
         .ring
         .map(|doc| {
@@ -44,7 +68,7 @@ pub fn build(facts: &Facts<'_>, previous: Option<&DistroCacheStatus>) -> DistroC
                     address: m.address.clone(),
                     state: m.state.to_string(),
                     items: facts.progress.get(&m.id).map(|p| p.items as i64),
-                    ready: facts.pods.get(&m.id).is_some_and(|p| p.ready),
+                    ready: pod_ready(&m.id),
                 })
                 .collect()
         })
@@ -88,9 +112,12 @@ pub fn build(facts: &Facts<'_>, previous: Option<&DistroCacheStatus>) -> DistroC
         );
         set(DEGRADED, true, "InvalidSpec", why.to_owned());
     } else {
-        let ready = matches!(facts.step, Step::Steady)
+        let steady = matches!(facts.step, Step::Steady);
+        // Ready with no node running would be a lie, whatever the spec asks.
+        let ready = steady
             && settled
             && all_active
+            && facts.desired_replicas > 0
             && ready_replicas == facts.desired_replicas;
         let (reason, message) = if ready {
             (
@@ -99,6 +126,11 @@ pub fn build(facts: &Facts<'_>, previous: Option<&DistroCacheStatus>) -> DistroC
                     "{} of {} nodes ready, ring epoch {epoch}",
                     ready_replicas, facts.desired_replicas
                 ),
+            )
+        } else if steady && facts.desired_replicas == 0 {
+            (
+                "ScaledToZero",
+                "spec.replicas is 0: no cache node runs".to_owned(),
             )
         } else if ready_replicas < facts.desired_replicas
             && matches!(facts.step, Step::Steady | Step::Waiting(_))
@@ -129,22 +161,18 @@ pub fn build(facts: &Facts<'_>, previous: Option<&DistroCacheStatus>) -> DistroC
                 "the ring matches the spec".into()
             },
         );
-        let missing = facts.desired_replicas - ready_replicas;
-        let degraded = matches!(facts.step, Step::Steady) && missing > 0;
-        set(
-            DEGRADED,
-            degraded,
-            if degraded {
-                "NodesNotReady"
-            } else {
-                "AsExpected"
-            },
-            if degraded {
-                format!("{missing} node(s) not ready")
-            } else {
-                "no known problem".into()
-            },
-        );
+        // Whatever the step: a member down in the middle of a scale is
+        // still a member down.
+        match facts.step {
+            Step::RingLost(why) => set(DEGRADED, true, "RingLost", why.clone()),
+            _ if !down.is_empty() => set(
+                DEGRADED,
+                true,
+                "MembersNotReady",
+                format!("ring members not ready: {}", down.join(", ")),
+            ),
+            _ => set(DEGRADED, false, "AsExpected", "no known problem".into()),
+        }
     }
     let rebalancing = facts.ring.is_some() && !settled;
     set(
@@ -158,13 +186,15 @@ pub fn build(facts: &Facts<'_>, previous: Option<&DistroCacheStatus>) -> DistroC
         },
     );
     match &facts.service_monitor {
-        Some(Ok(())) => set(
+        Some(ServiceMonitorOutcome::Applied) => set(
             SERVICE_MONITOR,
             true,
             "Applied",
             "the ServiceMonitor is in place".into(),
         ),
-        Some(Err(why)) => set(SERVICE_MONITOR, false, "Skipped", why.clone()),
+        Some(ServiceMonitorOutcome::Skipped { reason, message }) => {
+            set(SERVICE_MONITOR, false, reason, message.clone())
+        }
         None => {}
     }
 
@@ -179,12 +209,43 @@ pub fn build(facts: &Facts<'_>, previous: Option<&DistroCacheStatus>) -> DistroC
     }
 }
 
+/// The conditions after a failed reconcile: the previous ones, with
+/// `Degraded` saying why. A reconcile that fails before it writes the status
+/// (an apply the API server refuses, say) would otherwise leave the status
+/// claiming all is well.
+pub fn reconcile_failed(
+    previous: Option<&DistroCacheStatus>,
+    generation: Option<i64>,
+    message: &str,
+) -> Vec<Condition> {
+    let previous = previous
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let degraded = condition(
+        previous,
+        generation,
+        DEGRADED,
+        true,
+        "ReconcileFailed",
+        message.chars().take(1000).collect(),
+    );
+    let mut conditions: Vec<Condition> = previous
+        .iter()
+        .filter(|c| c.type_ != DEGRADED)
+        .cloned()
+        .collect();
+    conditions.push(degraded);
+    conditions
+}
+
 pub fn step_reason(step: &Step) -> &'static str {
     match step {
         Step::Steady => "Steady",
         Step::Waiting(_) => "Waiting",
         Step::Bootstrap(_) => "RingCreated",
         Step::Recovered => "RingRecovered",
+        Step::RingLost(_) => "RingLost",
+        Step::Rebuilt(_) => "RingRebuilt",
         Step::AddressesUpdated(_) => "AddressesUpdated",
         Step::Joining(_) => "MembersJoining",
         Step::Activated(_) => "MembersActive",
@@ -200,6 +261,12 @@ pub fn step_message(step: &Step) -> String {
         Step::Waiting(why) => why.clone(),
         Step::Bootstrap(ids) => format!("created the ring with {}", ids.join(", ")),
         Step::Recovered => "the ring ConfigMap was lost; wrote it again under a new epoch".into(),
+        Step::RingLost(why) => why.clone(),
+        Step::Rebuilt(ids) => format!(
+            "the ring ConfigMap and its copy in the status were lost; rebuilt the ring from \
+             what its members hold: {}",
+            ids.join(", ")
+        ),
         Step::AddressesUpdated(ids) => format!("new pod addresses for {}", ids.join(", ")),
         Step::Joining(ids) => format!("adding {} as joining; they pull their keys", ids.join(", ")),
         Step::Activated(ids) => format!("{} hold their data and serve now", ids.join(", ")),
@@ -380,11 +447,114 @@ mod tests {
         let (no_pods, no_progress) = (BTreeMap::new(), BTreeMap::new());
         let mut f = facts(None, &no_pods, &no_progress, &Step::Steady);
         f.invalid_spec = Some("spec.defaultTTL must be longer than zero");
-        f.service_monitor = Some(Err("the ServiceMonitor CRD is not installed".into()));
+        f.service_monitor = Some(ServiceMonitorOutcome::Skipped {
+            reason: "CRDNotInstalled",
+            message: "the ServiceMonitor CRD is not installed".into(),
+        });
         let s = build(&f, None);
         assert_eq!(get(&s, DEGRADED).status, "True");
         assert_eq!(get(&s, DEGRADED).reason, "InvalidSpec");
         assert!(get(&s, READY).message.contains("defaultTTL"));
         assert_eq!(get(&s, SERVICE_MONITOR).status, "False");
+        assert_eq!(get(&s, SERVICE_MONITOR).reason, "CRDNotInstalled");
+    }
+
+    #[test]
+    fn an_invalid_spec_keeps_reporting_the_cache_that_runs() {
+        // The status' members and epoch are the ring's backup: an invalid
+        // spec must not wipe them while the pods keep running.
+        let ring = doc(&[MemberState::Active; 3]);
+        let (all, prog) = (pods(&[true, true, true]), progress(3, 3));
+        let step = Step::Waiting("invalid".into());
+        let mut f = facts(Some(&ring), &all, &prog, &step);
+        f.invalid_spec = Some("spec.peerPort must differ from spec.port");
+        let s = build(&f, None);
+        assert_eq!((s.replicas, s.ready_replicas, s.ring_epoch), (3, 3, 3));
+        assert_eq!(s.members.len(), 3);
+        assert_eq!(get(&s, READY).reason, "InvalidSpec");
+    }
+
+    #[test]
+    fn ready_replicas_counts_ready_members_not_pods() {
+        let ring = doc(&[MemberState::Active; 3]);
+        let mut extra = pods(&[true, true, true, true]);
+        extra.get_mut("c-1").unwrap().ready = false;
+        let prog = progress(3, 3);
+        let s = build(&facts(Some(&ring), &extra, &prog, &Step::Steady), None);
+        assert_eq!(s.replicas, 4, "pods that exist");
+        assert_eq!(s.ready_replicas, 2, "c-3 is no member, c-1 is not ready");
+        assert!(!s.members[1].ready);
+    }
+
+    #[test]
+    fn degraded_names_members_down_whatever_the_step() {
+        let ring = doc(&[
+            MemberState::Active,
+            MemberState::Active,
+            MemberState::Leaving,
+        ]);
+        let prog = progress(3, 3);
+        let one_down = pods(&[true, false, true]);
+        let step = Step::Waiting("leaving members still handing off their data: c-2".into());
+        let s = build(&facts(Some(&ring), &one_down, &prog, &step), None);
+        let degraded = get(&s, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "MembersNotReady")
+        );
+        assert!(degraded.message.contains("c-1"), "{}", degraded.message);
+
+        // A joining member is not ready until it holds its data: progress,
+        // not a fault.
+        let ring = doc(&[
+            MemberState::Active,
+            MemberState::Active,
+            MemberState::Joining,
+        ]);
+        let loading = pods(&[true, true, false]);
+        let step = Step::Waiting("joining members still loading their data: c-2".into());
+        let s = build(&facts(Some(&ring), &loading, &prog, &step), None);
+        assert_eq!(get(&s, DEGRADED).status, "False");
+
+        let (no_pods, no_progress) = (BTreeMap::new(), BTreeMap::new());
+        let step = Step::RingLost("the ring is gone; waiting for c-0".into());
+        let s = build(&facts(None, &no_pods, &no_progress, &step), None);
+        assert_eq!(get(&s, DEGRADED).reason, "RingLost");
+        assert_eq!(get(&s, PROGRESSING).reason, "RingLost");
+    }
+
+    #[test]
+    fn zero_replicas_is_never_ready() {
+        let ring = doc(&[]);
+        let (no_pods, prog) = (BTreeMap::new(), BTreeMap::new());
+        let mut f = facts(Some(&ring), &no_pods, &prog, &Step::Steady);
+        f.desired_replicas = 0;
+        let s = build(&f, None);
+        let ready = get(&s, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ScaledToZero")
+        );
+        assert_eq!(get(&s, PROGRESSING).status, "False");
+        assert_eq!(get(&s, DEGRADED).status, "False");
+    }
+
+    #[test]
+    fn a_failed_reconcile_turns_degraded_and_keeps_the_rest() {
+        let ring = doc(&[MemberState::Active; 3]);
+        let (all, prog) = (pods(&[true, true, true]), progress(3, 3));
+        let ok = build(&facts(Some(&ring), &all, &prog, &Step::Steady), None);
+        let conditions = reconcile_failed(Some(&ok), Some(2), "StatefulSet is invalid");
+        assert_eq!(conditions.len(), ok.conditions.len());
+        let degraded = conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "ReconcileFailed")
+        );
+        assert!(degraded.message.contains("StatefulSet"));
+        let ready = conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(ready, get(&ok, READY));
+        // No status yet: the condition alone.
+        assert_eq!(reconcile_failed(None, Some(1), "x").len(), 1);
     }
 }

@@ -2,6 +2,10 @@
 //! cache's own pods; the client port admits the cache's own pods, the
 //! operator's namespace (it reads the nodes' progress) and the namespaces
 //! (and pods) the spec selects, by default the cache's own namespace only.
+//!
+//! The operator's namespace is where it really runs (the chart installs it
+//! anywhere), unless the spec names another: admitting the wrong one would
+//! hide every node's progress and stall all scaling.
 
 use std::collections::BTreeMap;
 
@@ -34,8 +38,9 @@ fn namespace_named(name: &str) -> LabelSelector {
     }
 }
 
-/// `None` unless the spec enables it.
-pub fn network_policy(dc: &DistroCache) -> Option<NetworkPolicy> {
+/// `None` unless the spec enables it. `operator_namespace` is the namespace
+/// the operator runs in, used unless the spec overrides it.
+pub fn network_policy(dc: &DistroCache, operator_namespace: &str) -> Option<NetworkPolicy> {
     let spec = &dc.spec.network_policy;
     if !spec.enabled {
         return None;
@@ -57,7 +62,11 @@ pub fn network_policy(dc: &DistroCache) -> Option<NetworkPolicy> {
         ..NetworkPolicyPeer::default()
     };
     let operator = NetworkPolicyPeer {
-        namespace_selector: Some(namespace_named(&spec.operator_namespace)),
+        namespace_selector: Some(namespace_named(
+            spec.operator_namespace
+                .as_deref()
+                .unwrap_or(operator_namespace),
+        )),
         ..NetworkPolicyPeer::default()
     };
     Some(NetworkPolicy {
@@ -90,8 +99,8 @@ mod tests {
 
     #[test]
     fn peers_only_from_own_pods_clients_from_selected_namespaces() {
-        assert!(network_policy(&cache("{}")).is_none());
-        let np = network_policy(&cache("{networkPolicy: {enabled: true}}")).unwrap();
+        assert!(network_policy(&cache("{}"), "ops").is_none());
+        let np = network_policy(&cache("{networkPolicy: {enabled: true}}"), "ops").unwrap();
         assert_owned(&np.metadata, "orders");
         let spec = np.spec.unwrap();
         assert_eq!(
@@ -130,13 +139,21 @@ mod tests {
             "shop",
             "by default, clients from the cache's namespace"
         );
-        assert_eq!(ns(&from[2]), "distrocache-system", "and the operator");
+        assert_eq!(ns(&from[2]), "ops", "and the operator's own namespace");
 
-        let selected = network_policy(&cache(
-            "{networkPolicy: {enabled: true, clientNamespaceSelector: {matchLabels: {team: web}}, clientPodSelector: {matchLabels: {role: api}}}}",
-        ))
+        let selected = network_policy(
+            &cache(
+                "{networkPolicy: {enabled: true, operatorNamespace: elsewhere, clientNamespaceSelector: {matchLabels: {team: web}}, clientPodSelector: {matchLabels: {role: api}}}}",
+            ),
+            "ops",
+        )
         .unwrap();
         let rules = selected.spec.unwrap().ingress.unwrap();
+        assert_eq!(
+            ns(&rules[1].from.as_ref().unwrap()[2]),
+            "elsewhere",
+            "the spec overrides the operator's namespace"
+        );
         let clients = &rules[1].from.as_ref().unwrap()[1];
         assert_eq!(
             clients

@@ -70,6 +70,35 @@ fn settled(o: &mut Observed) {
     }
 }
 
+/// Pod `id` reports holding ring `epoch`, as a member in `state` (`None`:
+/// not a member of it; epoch 0: no ring at all).
+fn report(o: &mut Observed, id: &str, epoch: u64, state: Option<MemberState>) {
+    o.progress.insert(
+        id.to_owned(),
+        NodeProgress {
+            node_id: id.to_owned(),
+            epoch,
+            synced_epoch: epoch,
+            member_state: state,
+            phase: SyncPhase::Idle,
+            handoff_complete: false,
+            ready: state.is_some(),
+            items: 0,
+            keys_sent: 0,
+            keys_received: 0,
+            last_sync_seconds: 0.0,
+        },
+    );
+}
+
+/// Every pod reports holding no ring, as new nodes do.
+fn fresh(o: &mut Observed) {
+    let ids: Vec<String> = o.pods.keys().cloned().collect();
+    for id in ids {
+        report(o, &id, 0, None);
+    }
+}
+
 fn states(doc: &MembershipDoc) -> Vec<(String, MemberState)> {
     doc.members
         .iter()
@@ -90,7 +119,13 @@ fn bootstrap_waits_for_every_pod_then_makes_all_active() {
     assert_eq!(p.statefulset_replicas, 3);
     assert!(matches!(p.step, Step::Waiting(ref why) if why.contains("c-2")));
 
-    let o = observed(3, 3);
+    // Started, but not yet asked which ring they hold.
+    let mut o = observed(3, 3);
+    let p = plan(&o);
+    assert_eq!(p.ring, None);
+    assert!(matches!(p.step, Step::Waiting(ref why) if why.contains("report")));
+
+    fresh(&mut o);
     let p = plan(&o);
     let doc = p.ring.unwrap();
     assert_eq!(doc.epoch, 1);
@@ -273,4 +308,93 @@ fn scaling_to_zero_hands_everything_off_first() {
     assert_eq!(p.step, Step::Removed(ids(&["c-0", "c-1"])));
     assert_eq!(p.statefulset_replicas, 0);
     assert!(p.ring.unwrap().members.is_empty());
+}
+
+#[test]
+fn without_a_ring_the_statefulset_never_shrinks() {
+    // A StatefulSet larger than the spec and no ring: those pods may hold
+    // the only copy of some keys until a ring says otherwise.
+    let mut o = observed(2, 4);
+    o.pods.get_mut("c-3").unwrap().address = None;
+    let p = plan(&o);
+    assert_eq!(p.statefulset_replicas, 4);
+    assert!(matches!(p.step, Step::Waiting(ref why) if why.contains("c-3")));
+
+    // They all turn out to be new nodes: the ring gets the desired ones, and
+    // the surplus pod only goes once that ring is steady.
+    o.pods.insert("c-3".into(), pod(3, true));
+    fresh(&mut o);
+    let p = plan(&o);
+    assert_eq!(p.step, Step::Bootstrap(ids(&["c-0", "c-1"])));
+    assert_eq!(p.statefulset_replicas, 4);
+    o.ring = p.ring;
+    settled(&mut o);
+    let p = plan(&o);
+    assert_eq!((p.step, p.statefulset_replicas), (Step::Steady, 2));
+}
+
+#[test]
+fn a_lost_ring_is_rebuilt_from_what_the_nodes_hold() {
+    // The ConfigMap and the status are gone; the nodes still serve epoch 9,
+    // c-2 as a leaving member. The spec meanwhile says 1.
+    let mut o = observed(1, 3);
+    report(&mut o, "c-0", 9, Some(Active));
+    report(&mut o, "c-1", 9, Some(Active));
+    // c-2 does not answer: nothing is written, nothing shrinks.
+    let p = plan(&o);
+    assert_eq!(p.ring, None);
+    assert_eq!(p.statefulset_replicas, 3);
+    assert!(matches!(p.step, Step::RingLost(ref why) if why.contains("c-2")));
+    assert!(!p.step.changes_ring());
+
+    report(&mut o, "c-2", 9, Some(Leaving));
+    let p = plan(&o);
+    assert_eq!(p.step, Step::Rebuilt(ids(&["c-0", "c-1", "c-2"])));
+    assert_eq!(p.statefulset_replicas, 3);
+    let doc = p.ring.unwrap();
+    assert_eq!(
+        doc.epoch, 10,
+        "newer than what the nodes hold, or they ignore it"
+    );
+    assert_eq!(
+        states(&doc),
+        [
+            ("c-0".into(), Active),
+            ("c-1".into(), Active),
+            ("c-2".into(), Leaving)
+        ]
+    );
+    assert_eq!(doc.member("c-1").unwrap().address, "10.0.0.1:8080");
+}
+
+#[test]
+fn a_restarted_node_without_a_ring_is_left_out_of_a_rebuilt_one() {
+    // c-1 restarted after the ConfigMap was lost: it holds nothing, so it
+    // joins again like a new node once the rebuilt ring is in place.
+    let mut o = observed(2, 2);
+    o.last_epoch = 4;
+    report(&mut o, "c-0", 4, Some(Active));
+    report(&mut o, "c-1", 0, None);
+    let p = plan(&o);
+    assert_eq!(p.step, Step::Rebuilt(ids(&["c-0"])));
+    o.ring = p.ring;
+    assert_eq!(o.ring.as_ref().unwrap().epoch, 5);
+    settled(&mut o);
+    let p = plan(&o);
+    assert_eq!(p.step, Step::Joining(ids(&["c-1"])));
+}
+
+#[test]
+fn a_new_epoch_is_newer_than_any_a_node_holds() {
+    // The operator wrote epoch 8 but died before its status said so; then
+    // the ConfigMap was lost and recovered from the status at epoch 7.
+    let mut o = observed(3, 3);
+    o.ring = Some(ring(7, &[(0, Active), (1, Active), (2, Active)]));
+    o.ring_recovered = true;
+    o.last_epoch = 7;
+    settled(&mut o);
+    o.progress.get_mut("c-1").unwrap().epoch = 8;
+    let p = plan(&o);
+    assert_eq!(p.step, Step::Recovered);
+    assert_eq!(p.ring.unwrap().epoch, 9);
 }
