@@ -72,3 +72,92 @@ fn the_operator_is_granted_no_wildcard() {
 fn the_chart_and_the_manifests_grant_the_same() {
     assert_eq!(chart_rules(), manifest_rules());
 }
+
+/// Every verb the operator's code uses, by resource, and nothing else: a
+/// verb granted but unused is a privilege for an attacker to take. Keep this
+/// table next to the calls it lists when either changes.
+#[test]
+fn the_operator_is_granted_exactly_the_verbs_it_uses() {
+    use std::collections::BTreeSet;
+    let uses: &[(&str, &str, &[&str])] = &[
+        // main.rs lists them once at start; the controller watches them.
+        ("distrocache.io", "distrocaches", &["list", "watch"]),
+        // patch_status, and report_failure in the error policy.
+        ("distrocache.io", "distrocaches/status", &["patch"]),
+        // observe() reads it; apply() creates or patches it; owns() watches.
+        (
+            "apps",
+            "statefulsets",
+            &["get", "list", "watch", "create", "patch"],
+        ),
+        // apply() and owns(); never read one by one.
+        ("", "services", &["list", "watch", "create", "patch"]),
+        // The ring: observe() reads it, apply() writes it, owns() watches.
+        (
+            "",
+            "configmaps",
+            &["get", "list", "watch", "create", "patch"],
+        ),
+        // apply(), owns(), and delete_if_owned() (get, then delete).
+        (
+            "policy",
+            "poddisruptionbudgets",
+            &["get", "list", "watch", "create", "patch", "delete"],
+        ),
+        ("", "serviceaccounts", &["create", "patch"]),
+        ("rbac.authorization.k8s.io", "roles", &["create", "patch"]),
+        (
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            &["create", "patch"],
+        ),
+        // apply() and delete_if_owned(); not watched.
+        (
+            "networking.k8s.io",
+            "networkpolicies",
+            &["get", "create", "patch", "delete"],
+        ),
+        // ensure_auth_secret() only ever creates.
+        ("", "secrets", &["create"]),
+        // observe_pods() lists them; the controller watches them.
+        ("", "pods", &["list", "watch"]),
+        // kube's event Recorder creates an event, then patches its series.
+        ("events.k8s.io", "events", &["create", "patch"]),
+        // Like the NetworkPolicy (discovery needs no RBAC).
+        (
+            "monitoring.coreos.com",
+            "servicemonitors",
+            &["get", "create", "patch", "delete"],
+        ),
+    ];
+    let expected: BTreeSet<(String, String, String)> = uses
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs
+                .iter()
+                .map(|v| (group.to_string(), resource.to_string(), v.to_string()))
+        })
+        .collect();
+    for (source, rules) in [("manifests", manifest_rules()), ("chart", chart_rules())] {
+        let mut granted = BTreeSet::new();
+        for rule in &rules {
+            assert!(
+                rule.resource_names.is_empty(),
+                "{source}: the operator's rules are not pinned to names: {rule:?}"
+            );
+            for group in &rule.api_groups {
+                for resource in &rule.resources {
+                    for verb in &rule.verbs {
+                        granted.insert((group.clone(), resource.clone(), verb.clone()));
+                    }
+                }
+            }
+        }
+        let extra: Vec<_> = granted.difference(&expected).collect();
+        let missing: Vec<_> = expected.difference(&granted).collect();
+        assert!(
+            extra.is_empty() && missing.is_empty(),
+            "{source}: granted but unused: {extra:?}; used but not granted: {missing:?}"
+        );
+    }
+}
