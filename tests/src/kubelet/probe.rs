@@ -6,9 +6,12 @@
 //! startup probes of those kinds are skipped.
 //!
 //! Only 127.0.0.0/8 is ever contacted: a probe whose `host` names another
-//! address fails without sending anything.
+//! address fails without sending anything, and an HTTP probe never follows a
+//! redirect (a 3xx is a success, as the kubelet counts it), so a `Location`
+//! cannot send it anywhere else; nor does it go through a proxy.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
@@ -127,8 +130,26 @@ pub(crate) async fn run_hook(
     }
 }
 
+/// The client HTTP probes and hooks send with: no redirect followed, no
+/// proxy. Built once, here rather than by the caller, so no caller can hand
+/// in one that follows redirects; the `http` client the probe functions
+/// take is the kubelet's shared one and is not used for HTTP probes.
+fn probe_client() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| format!("cannot build the probe client: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 async fn http_get(
-    http: &reqwest::Client,
+    _shared: &reqwest::Client,
     action: &HTTPGetAction,
     container: &Container,
     pod_ip: Ipv4Addr,
@@ -148,6 +169,7 @@ async fn http_get(
     } else {
         format!("/{path}")
     };
+    let http = probe_client()?;
     let mut request = http.get(format!("http://{addr}{path}")).timeout(timeout);
     for header in action.http_headers.iter().flatten() {
         request = request.header(header.name.as_str(), header.value.as_str());
@@ -157,7 +179,8 @@ async fn http_get(
         .await
         .map_err(|e| format!("GET {addr}{path}: {e}"))?;
     let status = response.status();
-    // The kubelet's rule: 200 <= status < 400 passes.
+    // The kubelet's rule: 200 <= status < 400 passes; a redirect is not
+    // followed, and counts as a success.
     if status.is_success() || status.is_redirection() {
         Ok(())
     } else {
@@ -250,6 +273,44 @@ mod tests {
         );
         assert!(resolve_port(&IntOrString::String("grpc".into()), &c).is_err());
         assert!(resolve_port(&IntOrString::Int(70000), &c).is_err());
+    }
+
+    /// A probe answered with a redirect passes without following it: the
+    /// redirect's target (here another loopback listener) gets nothing.
+    #[tokio::test]
+    async fn redirects_pass_and_are_not_followed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let elsewhere_port = elsewhere.local_addr().unwrap().port();
+        let redirector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = redirector.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = redirector.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{elsewhere_port}/x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        let action = HTTPGetAction {
+            path: Some("/healthz".into()),
+            port: IntOrString::Int(i32::from(port)),
+            ..Default::default()
+        };
+        let shared = reqwest::Client::new();
+        let result = http_get(
+            &shared,
+            &action,
+            &container(),
+            Ipv4Addr::LOCALHOST,
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(result, Ok(()));
+        let followed = tokio::time::timeout(Duration::from_millis(300), elsewhere.accept()).await;
+        assert!(followed.is_err(), "the redirect was followed");
     }
 
     #[test]
