@@ -3,7 +3,9 @@
 # kube-controller-manager and kubectl from k8s.io/kubernetes, etcd from
 # go.etcd.io/etcd/server/v3 and helm from helm.sh/helm/v3, each through its
 # wrapper module under tests/k8s/. The binaries land in a cache outside the
-# clone, keyed by version, and a binary already there is not built again.
+# clone, each stamped with its version and a hash of its wrapper's go.mod and
+# go.sum; a binary whose stamp matches is not built again, so a change to a
+# wrapper (a pinned dependency bumped) rebuilds what it builds.
 #
 # Prints the cache directory on its last line; the Rust test harness finds it
 # through DISTROCACHE_K8S_BIN (set by scripts/test.sh) or the same default.
@@ -17,13 +19,16 @@ CACHE_ROOT=${DISTROCACHE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/distrocache}
 OUT=${DISTROCACHE_K8S_BIN:-$CACHE_ROOT/k8s-$K8S_VERSION}
 mkdir -p "$OUT"
 
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+# -mod=readonly: a build uses the committed go.mod and go.sum as they are and
+# fails if they are incomplete, rather than rewriting them.
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=readonly
 
 # build <wrapper dir> <package> <binary name> <version> [ldflags]
 build() {
   local dir=$1 pkg=$2 name=$3 version=$4 ldflags=${5:-}
-  local stamp="$OUT/.$name.version"
-  if [ -x "$OUT/$name" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$version" ]; then
+  local stamp="$OUT/.$name.version" want
+  want="$version $(cat "tests/k8s/$dir/go.mod" "tests/k8s/$dir/go.sum" | sha256sum | cut -c1-16)"
+  if [ -x "$OUT/$name" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     echo "  $name $version: cached"
     return
   fi
@@ -31,7 +36,7 @@ build() {
   local start=$SECONDS
   (cd "tests/k8s/$dir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$OUT/$name.tmp" "$pkg")
   mv "$OUT/$name.tmp" "$OUT/$name"
-  echo "$version" >"$stamp"
+  echo "$want" >"$stamp"
   echo "  $name: built in $((SECONDS - start))s"
 }
 
