@@ -681,3 +681,26 @@ async fn patch_status(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use kube::core::Status;
+    use kube::error::DiscoveryError;
+
+    use super::*;
+
+    #[test]
+    fn only_a_real_not_found_means_the_service_monitor_crd_is_missing() {
+        let api = |code| kube::Error::Api(Status::failure("x", "y").with_code(code).boxed());
+        assert!(is_not_served(&api(404)));
+        assert!(is_not_served(&kube::Error::Discovery(
+            DiscoveryError::MissingKind("ServiceMonitor".into())
+        )));
+        // The API server could not tell: nothing claims the CRD is missing.
+        assert!(!is_not_served(&api(403)));
+        assert!(!is_not_served(&api(503)));
+        assert!(!is_not_served(&kube::Error::Discovery(
+            DiscoveryError::InvalidGroupVersion("x".into())
+        )));
+    }
+}
