@@ -2,7 +2,9 @@
 //! operator is the only one): `helm lint`, `helm template` accepted by the
 //! API server's dry run, `helm install` creating the CRD, RBAC and operator
 //! Deployment, a DistroCache served by that operator reaching Ready, and
-//! `helm upgrade` bringing the CRD back to the chart's version.
+//! `helm upgrade` bringing the CRD back to the chart's version; then what
+//! the chart's README says about a CRD that already exists (applied from
+//! `manifests/`): `crds.install=false`, and handing it over to the release.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,7 @@ use anyhow::{Result, ensure};
 use distrocache_tests::distrocache::{self, kubectl_ok, wait_ready};
 use distrocache_tests::{ControlPlane, Kubelet, TestNamespace};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
@@ -96,7 +99,8 @@ async fn the_chart_installs_an_operator_that_serves_a_cache() -> Result<()> {
     // A cache in the release's namespace, served by the chart's operator.
     let cache = format!(
         "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: charted\n  namespace: {release_ns}\n\
-         spec:\n  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n"
+         spec:\n  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n\
+         \x20 networkPolicy:\n    enabled: true\n"
     );
     let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &cache)?;
     ensure!(
@@ -109,6 +113,26 @@ async fn the_chart_installs_an_operator_that_serves_a_cache() -> Result<()> {
     eprintln!(
         "DistroCache via the chart's operator: Ready in {:.1?}",
         started.elapsed()
+    );
+    // Its NetworkPolicy admits the namespace the chart's operator runs in,
+    // which is the release's, not a fixed default.
+    let policy: NetworkPolicy = Api::namespaced(client.clone(), &release_ns)
+        .get("charted")
+        .await?;
+    let admitted: Vec<String> = policy
+        .spec
+        .and_then(|s| s.ingress)
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|rule| rule.from.iter().flatten())
+        .filter_map(|peer| {
+            let labels = peer.namespace_selector.as_ref()?.match_labels.as_ref()?;
+            labels.get("kubernetes.io/metadata.name").cloned()
+        })
+        .collect();
+    ensure!(
+        admitted.iter().all(|ns| ns == &release_ns) && !admitted.is_empty(),
+        "the NetworkPolicy admits {admitted:?}, not the operator's namespace {release_ns}"
     );
 
     // `helm upgrade` manages the CRD: a drifted CRD comes back to the chart's.
@@ -153,6 +177,95 @@ async fn the_chart_installs_an_operator_that_serves_a_cache() -> Result<()> {
     ensure!(
         short == Some(vec!["dc".to_string()]),
         "helm upgrade restored the CRD: {short:?}"
+    );
+
+    // Uninstalling keeps the CRD (deleting it would delete every cache).
+    helm_ok(
+        cp,
+        &["uninstall", "dc", "--namespace", &release_ns, "--wait"],
+    )?;
+    ensure!(
+        crds.get_opt("distrocaches.distrocache.io").await?.is_some(),
+        "helm uninstall deleted the CRD"
+    );
+
+    // A CRD from `manifests/`, as with `kubectl apply -f manifests/`.
+    kubectl_ok(
+        cp,
+        &[
+            "delete",
+            "crd",
+            "distrocaches.distrocache.io",
+            "--timeout=60s",
+        ],
+    )?;
+    distrocache::kubectl_apply(
+        cp,
+        &distrocache::workspace_root().join("manifests/10-crd.yaml"),
+    )?;
+    let install = [
+        "install",
+        "dc",
+        chart,
+        "--namespace",
+        &release_ns,
+        "--wait",
+        "--timeout",
+        "120s",
+    ];
+    let refused = cp.helm(&install)?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        !refused.status.success() && stderr.contains("exists and cannot be imported"),
+        "helm install over a CRD it did not create: {stderr}"
+    );
+    let mut without_crd = install.to_vec();
+    without_crd.extend(["--set", "crds.install=false"]);
+    helm_ok(cp, &without_crd)?;
+    // Handed over as the README says, `helm upgrade` manages it again.
+    kubectl_ok(
+        cp,
+        &[
+            "label",
+            "crd",
+            "distrocaches.distrocache.io",
+            "app.kubernetes.io/managed-by=Helm",
+        ],
+    )?;
+    kubectl_ok(
+        cp,
+        &[
+            "annotate",
+            "crd",
+            "distrocaches.distrocache.io",
+            "meta.helm.sh/release-name=dc",
+            &format!("meta.helm.sh/release-namespace={release_ns}"),
+        ],
+    )?;
+    helm_ok(
+        cp,
+        &[
+            "upgrade",
+            "dc",
+            chart,
+            "--namespace",
+            &release_ns,
+            "--set",
+            "crds.install=true",
+            "--wait",
+            "--timeout",
+            "120s",
+        ],
+    )?;
+    let crd = crds.get("distrocaches.distrocache.io").await?;
+    ensure!(
+        crd.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("helm.sh/resource-policy"))
+            .map(String::as_str)
+            == Some("keep"),
+        "the release now manages the CRD"
     );
     Ok(())
 }

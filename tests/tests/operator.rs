@@ -282,8 +282,35 @@ async fn invalid_specs_are_rejected_or_reported() -> Result<()> {
         }
     })
     .await?;
-    let sts: Api<StatefulSet> = Api::namespaced(client, n);
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), n);
     assert!(sts.get_opt("unsafe").await?.is_none());
+
+    // A quantity the schema takes as a string but a pod would refuse: said
+    // in a condition, instead of a StatefulSet apply failing forever.
+    let out = apply_yaml(
+        cp,
+        &cache_yaml(
+            n,
+            "greedy",
+            "  replicas: 1\n  resources:\n    limits:\n      memory: lots\n",
+        ),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait::until("an InvalidSpec condition about the quantity", READY, || {
+        let caches = caches.clone();
+        async move {
+            let dc = caches.get("greedy").await?;
+            Ok(condition(&dc, "Degraded").filter(|(s, r, m)| {
+                s == "True" && r == "InvalidSpec" && m.contains("spec.resources.limits.memory")
+            }))
+        }
+    })
+    .await?;
+    assert!(sts.get_opt("greedy").await?.is_none());
     Ok(())
 }
 
@@ -316,8 +343,9 @@ async fn a_service_monitor_appears_once_its_crd_exists() -> Result<()> {
             let caches = caches.clone();
             async move {
                 let dc = caches.get("watched").await?;
-                Ok(condition(&dc, "ServiceMonitor")
-                    .filter(|(s, r, m)| s == "False" && r == "Skipped" && m.contains("CRD")))
+                Ok(condition(&dc, "ServiceMonitor").filter(|(s, r, m)| {
+                    s == "False" && r == "CRDNotInstalled" && m.contains("CRD")
+                }))
             }
         },
     )
@@ -371,7 +399,66 @@ async fn a_service_monitor_appears_once_its_crd_exists() -> Result<()> {
         }
     })
     .await?;
+    // The skip was also an Event, once.
+    let skipped: Vec<_> = events_of(&client, n, "watched")
+        .await?
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("ServiceMonitorSkipped"))
+        .collect();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(
+        skipped[0]
+            .note
+            .as_deref()
+            .unwrap_or_default()
+            .contains("CRD")
+    );
+
+    // Deleting the cache collects the ServiceMonitor and the PDB too.
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), n);
+    assert!(pdbs.get_opt("watched").await?.is_some());
+    caches.delete("watched", &Default::default()).await?;
+    wait::until(
+        "garbage collection of the ServiceMonitor and PDB",
+        READY,
+        || {
+            let (monitors, pdbs) = (monitors.clone(), pdbs.clone());
+            async move {
+                let none = monitors.get_opt("watched").await?.is_none()
+                    && pdbs.get_opt("watched").await?.is_none();
+                Ok(none.then_some(()))
+            }
+        },
+    )
+    .await?;
     Ok(())
+}
+
+/// The operator's Events about one cache, oldest first.
+async fn events_of(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<k8s_openapi::api::events::v1::Event>> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let mut list: Vec<_> = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| {
+                r.kind.as_deref() == Some("DistroCache") && r.name.as_deref() == Some(name)
+            })
+        })
+        .collect();
+    list.sort_by_key(|e| {
+        e.event_time
+            .as_ref()
+            .map(|t| t.0)
+            .or(e.metadata.creation_timestamp.as_ref().map(|t| t.0))
+    });
+    Ok(list)
 }
 
 /// Restarting the operator changes nothing that should not change: no new
@@ -506,13 +593,28 @@ async fn a_restricted_namespace_runs_a_cache_with_auth_and_a_network_policy() ->
     let token = String::from_utf8(data["client-token"].0.clone())?;
     assert_eq!(token.len(), 64);
     assert_ne!(data["client-token"], data["peer-token"]);
-    let policy: k8s_openapi::api::networking::v1::NetworkPolicy =
-        Api::namespaced(client.clone(), n).get("locked").await?;
-    let rules = policy.spec.unwrap().ingress.unwrap();
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        Api::namespaced(client.clone(), n);
+    let rules = policies.get("locked").await?.spec.unwrap().ingress.unwrap();
     assert_eq!(
         rules.len(),
         2,
         "one rule for the peer port, one for the client port"
+    );
+    // The operator's namespace is admitted: the one it runs in, as its
+    // Deployment tells it through the downward API.
+    let admitted: Vec<String> = rules[1]
+        .from
+        .iter()
+        .flatten()
+        .filter_map(|peer| {
+            let labels = peer.namespace_selector.as_ref()?.match_labels.as_ref()?;
+            labels.get("kubernetes.io/metadata.name").cloned()
+        })
+        .collect();
+    assert!(
+        admitted.iter().any(|ns| ns == "distrocache-system"),
+        "{admitted:?}"
     );
 
     let nodes = distrocache::node_addresses(&client, n, "locked", 8080).await?;
@@ -534,5 +636,347 @@ async fn a_restricted_namespace_runs_a_cache_with_auth_and_a_network_policy() ->
         .send()
         .await?;
     assert_eq!(read.status(), 200);
+
+    // Deleting the cache collects the generated Secret and the policy.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), n);
+    Api::<DistroCache>::namespaced(client.clone(), n)
+        .delete("locked", &Default::default())
+        .await?;
+    wait::until(
+        "garbage collection of the Secret and NetworkPolicy",
+        READY,
+        || {
+            let (secrets, policies) = (secrets.clone(), policies.clone());
+            async move {
+                let none = secrets.get_opt("locked-auth").await?.is_none()
+                    && policies.get_opt("locked").await?.is_none();
+                Ok(none.then_some(()))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Every scale step is one Event, and `kubectl scale` works both ways: up
+/// through joining and activation, down through leaving, handoff and
+/// removal, the StatefulSet shrinking only at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_scale_up_and_down_with_one_event_per_step() -> Result<()> {
+    let (cp, kubelet) = installed().await?;
+    let ns = TestNamespace::create(cp, "op-steps")
+        .await?
+        .with_kubelet(kubelet);
+    let n = ns.name();
+    let client = ns.client().await?;
+    let out = apply_yaml(
+        cp,
+        &cache_yaml(n, "steps", "  replicas: 1\n  replicationFactor: 2\n"),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_ready(&client, n, "steps", 1, READY).await?;
+    kubectl_ok(cp, &["scale", "-n", n, "distrocache/steps", "--replicas=2"])?;
+    wait_ready(&client, n, "steps", 2, READY).await?;
+    kubectl_ok(cp, &["scale", "-n", n, "distrocache/steps", "--replicas=1"])?;
+    let dc = wait_ready(&client, n, "steps", 1, READY).await?;
+    assert_eq!(dc.status.as_ref().unwrap().members[0].pod, "steps-0");
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), n);
+    wait::until("the StatefulSet shrunk to 1", READY, || {
+        let sts_api = sts_api.clone();
+        async move {
+            let sts = sts_api.get("steps").await?;
+            Ok((sts.spec.and_then(|s| s.replicas) == Some(1)).then_some(()))
+        }
+    })
+    .await?;
+
+    let steps: Vec<(String, String)> = events_of(&client, n, "steps")
+        .await?
+        .into_iter()
+        .filter(|e| e.action.as_deref() == Some("Scale"))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect();
+    let reasons: Vec<&str> = steps.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "RingCreated",
+            "MembersJoining",
+            "MembersActive",
+            "MembersLeaving",
+            "MembersRemoved"
+        ],
+        "{steps:#?}"
+    );
+    // Each names its own epoch, one after the other.
+    let epochs: Vec<i64> = steps
+        .iter()
+        .map(|(_, note)| {
+            note.rsplit("ring epoch ")
+                .next()
+                .and_then(|e| e.trim_end_matches(')').parse().ok())
+                .unwrap_or(-1)
+        })
+        .collect();
+    let first = epochs[0];
+    assert_eq!(epochs, (first..first + 5).collect::<Vec<_>>(), "{steps:#?}");
+    assert_eq!(dc.status.unwrap().ring_epoch, first + 4);
+    Ok(())
+}
+
+/// A running cache whose spec turns invalid keeps running and keeps its
+/// status: the members and epoch there are the ring's backup. Losing the
+/// ring ConfigMap meanwhile is then survivable: once the spec is fixed, the
+/// ring comes back under a newer epoch the nodes accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_keeps_the_ring_of_a_running_cache() -> Result<()> {
+    let (cp, kubelet) = installed().await?;
+    let ns = TestNamespace::create(cp, "op-keep")
+        .await?
+        .with_kubelet(kubelet);
+    let n = ns.name();
+    let client = ns.client().await?;
+    let out = apply_yaml(
+        cp,
+        &cache_yaml(
+            n,
+            "kept",
+            "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
+        ),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = wait_ready(&client, n, "kept", 2, READY).await?;
+    let before = before.status.unwrap();
+    let pods_before = distrocache::node_addresses(&client, n, "kept", 8080).await?;
+
+    // The schema accepts this; the operator cannot act on it.
+    let caches: Api<DistroCache> = Api::namespaced(client.clone(), n);
+    caches
+        .patch(
+            "kept",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"peerPort": 8080}})),
+        )
+        .await?;
+    let invalid = wait::until("an InvalidSpec condition", READY, || {
+        let caches = caches.clone();
+        async move {
+            let dc = caches.get("kept").await?;
+            let invalid = condition(&dc, "Degraded")
+                .is_some_and(|(s, r, _)| s == "True" && r == "InvalidSpec");
+            Ok(invalid.then_some(dc))
+        }
+    })
+    .await?;
+    let status = invalid.status.unwrap();
+    assert_eq!(status.ring_epoch, before.ring_epoch);
+    assert_eq!(
+        status
+            .members
+            .iter()
+            .map(|m| (&m.pod, &m.address, &m.state))
+            .collect::<Vec<_>>(),
+        before
+            .members
+            .iter()
+            .map(|m| (&m.pod, &m.address, &m.state))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!((status.replicas, status.ready_replicas), (2, 2));
+    assert_eq!(
+        distrocache::node_addresses(&client, n, "kept", 8080).await?,
+        pods_before,
+        "the pods keep running"
+    );
+
+    // The ring ConfigMap goes while nothing may be written.
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), n);
+    configmaps.delete("kept-ring", &Default::default()).await?;
+    caches
+        .patch(
+            "kept",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"peerPort": null}})),
+        )
+        .await?;
+    let after = wait::until("Ready again on a newer ring epoch", READY, || {
+        let client = client.clone();
+        let n = n.to_owned();
+        async move {
+            let dc = wait_ready(&client, &n, "kept", 2, Duration::from_secs(1)).await?;
+            let epoch = dc.status.as_ref().unwrap().ring_epoch;
+            Ok((epoch > before.ring_epoch).then_some(dc))
+        }
+    })
+    .await?;
+    let ring = configmaps.get("kept-ring").await?.data.unwrap()["ring.json"].clone();
+    let doc = distrocache_membership::MembershipDoc::from_json(ring.as_bytes())?;
+    assert_eq!(doc.epoch as i64, after.status.as_ref().unwrap().ring_epoch);
+    assert_eq!(doc.members.len(), 2);
+    assert_eq!(
+        distrocache::node_addresses(&client, n, "kept", 8080).await?,
+        pods_before,
+        "no pod was restarted"
+    );
+    Ok(())
+}
+
+/// A replicationFactor change is a ring change, not a pod change: the ring
+/// moves to the new factor under a new epoch while every pod keeps running
+/// (a rolling restart on top of it could leave a key with no copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_replication_factor_restarts_no_pod() -> Result<()> {
+    let (cp, kubelet) = installed().await?;
+    let ns = TestNamespace::create(cp, "op-factor")
+        .await?
+        .with_kubelet(kubelet);
+    let n = ns.name();
+    let client = ns.client().await?;
+    let out = apply_yaml(
+        cp,
+        &cache_yaml(
+            n,
+            "factor",
+            "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
+        ),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = wait_ready(&client, n, "factor", 2, READY).await?;
+    let epoch_before = before.status.unwrap().ring_epoch;
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), n);
+    let sts_before = sts_api.get("factor").await?;
+    let pods_before = distrocache::node_addresses(&client, n, "factor", 8080).await?;
+
+    let caches: Api<DistroCache> = Api::namespaced(client.clone(), n);
+    caches
+        .patch(
+            "factor",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicationFactor": 1}})),
+        )
+        .await?;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), n);
+    wait::until("Ready on a ring with factor 1", READY, || {
+        let (client, configmaps, n) = (client.clone(), configmaps.clone(), n.to_owned());
+        async move {
+            let dc = wait_ready(&client, &n, "factor", 2, Duration::from_secs(1)).await?;
+            let ring = configmaps
+                .get("factor-ring")
+                .await?
+                .data
+                .unwrap_or_default();
+            let doc = distrocache_membership::MembershipDoc::from_json(
+                ring.get("ring.json").map_or(&b""[..], |s| s.as_bytes()),
+            )?;
+            let moved = doc.replication_factor == 1
+                && dc.status.as_ref().unwrap().ring_epoch == doc.epoch as i64
+                && doc.epoch as i64 > epoch_before;
+            Ok(moved.then_some(()))
+        }
+    })
+    .await?;
+    let sts_after = sts_api.get("factor").await?;
+    assert_eq!(
+        sts_after.metadata.generation, sts_before.metadata.generation,
+        "the pod template did not change"
+    );
+    assert_eq!(
+        distrocache::node_addresses(&client, n, "factor", 8080).await?,
+        pods_before,
+        "no pod was restarted"
+    );
+    Ok(())
+}
+
+/// A steady cache under write traffic is not reconciled in a loop: its
+/// status changes with every pass (the members' item counts), and a
+/// controller triggered by its own status patches would patch again at
+/// once. Only spec changes, children, pods and the resync timer trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_steady_cache_is_not_reconciled_in_a_loop() -> Result<()> {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let (cp, kubelet) = installed().await?;
+    let ns = TestNamespace::create(cp, "op-busy")
+        .await?
+        .with_kubelet(kubelet);
+    let n = ns.name();
+    let client = ns.client().await?;
+    let out = apply_yaml(
+        cp,
+        &cache_yaml(
+            n,
+            "busy",
+            "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
+        ),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_ready(&client, n, "busy", 2, READY).await?;
+    let nodes = distrocache::node_addresses(&client, n, "busy", 8080).await?;
+
+    // Writes of new keys, so the item counts keep changing.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let node = nodes[0].1;
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder().no_proxy().build()?;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let resp = http
+                    .post(format!("http://{node}/api/v1/cache/busy-{i}"))
+                    .json(&json!({"value": i}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(resp.status().is_success(), "write: {}", resp.status());
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(i)
+        })
+    };
+    // A pod change makes any operator reconcile once now, rather than at
+    // its next resync; a looping one would then never stop.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    kubectl_ok(cp, &["label", "pod", "-n", n, "busy-0", "poked=yes"])?;
+
+    let caches: Api<DistroCache> = Api::namespaced(client.clone(), n);
+    let mut versions = BTreeSet::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        versions.insert(caches.get("busy").await?.resource_version());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await??;
+    assert!(written > 100, "only {written} writes");
+    eprintln!(
+        "{written} writes in 10 s; the status changed {} times",
+        versions.len()
+    );
+    // The poked reconcile, perhaps a resync: a handful at most.
+    assert!(
+        versions.len() <= 4,
+        "the status changed {} times in 10 s: reconciling in a loop",
+        versions.len()
+    );
     Ok(())
 }
