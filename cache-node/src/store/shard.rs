@@ -235,13 +235,13 @@ impl<S: BuildHasher> Shard<S> {
             }
         };
 
-        let mut tag_ids: ThinVec<TagId> = item
+        // In the order the client sent them, each once (a repeat finds the
+        // slot already in the tag's member set).
+        let tag_ids: ThinVec<TagId> = item
             .tags
             .iter()
-            .map(|t| self.tags.attach(t, slot))
+            .filter_map(|t| self.tags.attach(t, slot))
             .collect();
-        tag_ids.sort_unstable();
-        tag_ids.dedup();
 
         let mut data = Vec::with_capacity(item.key.len() + item.value.len());
         data.extend_from_slice(item.key);

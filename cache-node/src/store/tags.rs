@@ -29,13 +29,14 @@ pub struct TagIndex {
 
 impl TagIndex {
     /// Adds `slot` to the tag's member set, creating the tag if needed.
-    pub fn attach(&mut self, name: &str, slot: SlotId) -> TagId {
+    /// Returns the tag's id, or `None` when `slot` was already a member (the
+    /// same tag given twice for one item).
+    pub fn attach(&mut self, name: &str, slot: SlotId) -> Option<TagId> {
         let id = match self.ids.get(name) {
             Some(&id) => id,
             None => self.intern(name),
         };
-        self.entry_mut(id).members.insert(slot);
-        id
+        self.entry_mut(id).members.insert(slot).then_some(id)
     }
 
     /// Removes `slot` from the tag's member set; forgets the tag once empty.

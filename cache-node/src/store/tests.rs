@@ -536,3 +536,25 @@ fn tag_invalidation_can_count_a_subset() {
     assert_eq!((removed, counted), (10, 3));
     store.assert_consistent();
 }
+
+#[test]
+fn tags_come_back_in_the_order_they_were_sent() {
+    // One shard: both items share the shard's interned tag ids, so an order
+    // by id would give one of them its tags reversed.
+    let (store, _clock) = store(10, 0, 1);
+    set(&store, "a", "1", &["x", "y", "z"], 60);
+    set(&store, "b", "1", &["z", "x", "y"], 60);
+    set(&store, "c", "1", &["y", "y", "x", "y"], 60);
+    let tags = |key| {
+        store
+            .peek(key, |i| i.tags().map(str::to_owned).collect::<Vec<_>>())
+            .unwrap()
+    };
+    assert_eq!(tags("a"), ["x", "y", "z"]);
+    assert_eq!(tags("b"), ["z", "x", "y"]);
+    assert_eq!(tags("c"), ["y", "x"], "duplicates dropped, first one kept");
+    // An overwrite takes the new order.
+    set(&store, "a", "1", &["z", "y"], 60);
+    assert_eq!(tags("a"), ["z", "y"]);
+    store.assert_consistent();
+}
