@@ -157,9 +157,11 @@ impl<'a> ItemRef<'a> {
         self.slot.expires_at
     }
 
-    /// The item's time to live in nanoseconds, as written.
+    /// The item's time to live in nanoseconds, as written (0 for a record
+    /// claiming to expire before it was created; the store refuses those from
+    /// peers, see [`Store::put_replica`]).
     pub fn ttl_nanos(&self) -> u64 {
-        self.slot.expires_at - self.slot.created_at
+        self.slot.expires_at.saturating_sub(self.slot.created_at)
     }
 
     pub fn access_count(&self) -> u64 {
@@ -296,13 +298,16 @@ impl Store {
             expires_at,
             access_count: 0,
         };
-        let written = self.write(key, value, tags, meta, WriteKind::Client, f)?;
+        let written = self.write(key, value, tags, meta, now, WriteKind::Client, f)?;
         Ok(written.expect("client writes are never stale"))
     }
 
     /// Writes an item that another node wrote first (replication, rebalancing,
     /// repair), keeping its metadata. Last writer wins by creation time: an
-    /// item older than the one held, or already expired, is not applied.
+    /// item older than the one held, or already expired, is not applied; nor
+    /// is a record claiming to expire no later than it was created (a corrupt
+    /// or hostile peer's; a client's write always has a positive ttl), whose
+    /// life is empty.
     pub fn put_replica(
         &self,
         key: &str,
@@ -310,11 +315,12 @@ impl Store {
         tags: &[String],
         meta: ItemMeta,
     ) -> Result<Applied, StoreError> {
-        if meta.expires_at <= self.clock.now() {
+        let now = self.clock.now();
+        if meta.expires_at <= now || meta.expires_at <= meta.created_at {
             return Ok(Applied::Stale);
         }
         Ok(
-            match self.write(key, value, tags, meta, WriteKind::Replica, |_| ())? {
+            match self.write(key, value, tags, meta, now, WriteKind::Replica, |_| ())? {
                 Some((true, ())) => Applied::Created,
                 Some((false, ())) => Applied::Replaced,
                 None => Applied::Stale,
@@ -322,12 +328,14 @@ impl Store {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn write<R>(
         &self,
         key: &str,
         value: &[u8],
         tags: &[String],
         meta: ItemMeta,
+        now: UnixNanos,
         kind: WriteKind,
         f: impl FnOnce(ItemRef<'_>) -> R,
     ) -> Result<Option<(bool, R)>, StoreError> {
@@ -338,7 +346,6 @@ impl Store {
                 max_bytes: self.max_bytes,
             });
         }
-        let now = self.clock.now();
         let item = NewItem {
             key: key.as_bytes(),
             value,

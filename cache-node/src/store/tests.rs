@@ -558,3 +558,32 @@ fn tags_come_back_in_the_order_they_were_sent() {
     assert_eq!(tags("a"), ["z", "y"]);
     store.assert_consistent();
 }
+
+#[test]
+fn a_replica_record_expiring_before_its_creation_is_refused() {
+    let (store, _clock) = store(10, 0, 1);
+    let mut m = meta(50, 60, 0);
+    m.expires_at = m.created_at - 1;
+    assert!(
+        m.expires_at > T0,
+        "still in the future, so not merely expired"
+    );
+    assert_eq!(
+        store.put_replica("k", b"1", &[], m).unwrap(),
+        Applied::Stale
+    );
+    assert!(store.peek("k", |_| ()).is_none());
+    assert_eq!(store.stats().counters.replica_writes, 0);
+    // A record whose expiry equals its creation is as empty; one with a
+    // positive ttl is taken, and reports it.
+    m.expires_at = m.created_at;
+    assert_eq!(store.put_replica("k", b"1", &[], m).unwrap(), Applied::Stale);
+    assert!(store.peek("k", |_| ()).is_none());
+    let ok = meta(0, 60, 0);
+    assert_eq!(
+        store.put_replica("k", b"1", &[], ok).unwrap(),
+        Applied::Created
+    );
+    assert_eq!(store.peek("k", |i| i.ttl_nanos()), Some(60_000_000_000));
+    store.assert_consistent();
+}
