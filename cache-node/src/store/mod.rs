@@ -11,16 +11,19 @@
 //! whatever the key distribution: the totals are shared atomics, and a write
 //! that pushes them over a cap evicts the least recently used items of its own
 //! shard first (no second lock needed), then, if its shard has nothing else to
-//! give, the oldest of the other shards' least recently used items. LRU order
-//! is therefore exact within a shard and approximate across shards, like
-//! Redis's sampled LRU. The shard count is chosen so each shard holds at least
-//! ~128 items at capacity, which keeps that approximation close; a cache small
-//! enough for one shard has exact LRU.
+//! give (a value large enough to need more evictions than its shard holds),
+//! the other shards' least recently used items, globally oldest tail first,
+//! until both caps hold again. LRU order is therefore exact within a shard and
+//! approximate across shards, like Redis's sampled LRU. The shard count is
+//! chosen so each shard holds at least ~128 items at capacity, which keeps
+//! that approximation close; a cache small enough for one shard has exact LRU.
 
 mod clock;
 mod shard;
 mod tags;
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -194,7 +197,13 @@ pub struct Store {
     default_ttl: Duration,
     /// Store-wide totals, kept equal to the sums over the shards. Updated under
     /// the shard lock that caused the change; read without a lock to decide
-    /// whether to evict.
+    /// whether to evict. On their own cache line, so that writes to them do
+    /// not evict the read-only fields above from every core's cache.
+    totals: CachePadded<Totals>,
+}
+
+#[derive(Default)]
+struct Totals {
     items: AtomicUsize,
     bytes: AtomicU64,
 }
@@ -216,8 +225,7 @@ impl Store {
             max_items: config.max_items.max(1),
             max_bytes: config.max_bytes,
             default_ttl: config.default_ttl,
-            items: AtomicUsize::new(0),
-            bytes: AtomicU64::new(0),
+            totals: CachePadded::default(),
         }
     }
 
@@ -240,7 +248,7 @@ impl Store {
 
     /// Items currently held (expired ones not yet swept included).
     pub fn len(&self) -> usize {
-        self.items.load(Ordering::Relaxed)
+        self.totals.items.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -249,7 +257,7 @@ impl Store {
 
     /// Bytes currently charged against `max_bytes`.
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.totals.bytes.load(Ordering::Relaxed)
     }
 
     /// Reads an item as a client would: counts a hit or miss, updates its access
@@ -383,6 +391,8 @@ impl Store {
             }
             (stored.created, f(shard.item(stored.slot)))
         };
+        // The writer's shard holds only the item just written: the rest comes
+        // from the others.
         if self.over_capacity() {
             self.evict_from_other_shards(idx);
         }
@@ -604,43 +614,55 @@ impl Store {
     }
 
     fn over_capacity(&self) -> bool {
-        self.items.load(Ordering::Relaxed) > self.max_items
-            || (self.max_bytes > 0 && self.bytes.load(Ordering::Relaxed) > self.max_bytes)
+        self.len() > self.max_items || (self.max_bytes > 0 && self.bytes() > self.max_bytes)
     }
 
-    /// Applies a shard's change in size to the store-wide totals.
+    /// Applies a shard's change in size to the store-wide totals. Touches
+    /// them only on a change, so a hit writes no shared cache line.
     fn account(&self, before: (usize, u64), after: (usize, u64)) {
-        if after.0 >= before.0 {
-            self.items.fetch_add(after.0 - before.0, Ordering::Relaxed);
-        } else {
-            self.items.fetch_sub(before.0 - after.0, Ordering::Relaxed);
+        let Totals { items, bytes } = &*self.totals;
+        if after.0 > before.0 {
+            items.fetch_add(after.0 - before.0, Ordering::Relaxed);
+        } else if after.0 < before.0 {
+            items.fetch_sub(before.0 - after.0, Ordering::Relaxed);
         }
-        if after.1 >= before.1 {
-            self.bytes.fetch_add(after.1 - before.1, Ordering::Relaxed);
-        } else {
-            self.bytes.fetch_sub(before.1 - after.1, Ordering::Relaxed);
+        if after.1 > before.1 {
+            bytes.fetch_add(after.1 - before.1, Ordering::Relaxed);
+        } else if after.1 < before.1 {
+            bytes.fetch_sub(before.1 - after.1, Ordering::Relaxed);
         }
     }
 
     /// Evicts from shards other than `skip` (whose only item is the one just
-    /// written) until within capacity, each time the least recently used of
-    /// the other shards' LRU tails. Rare (the writer's own shard usually has
-    /// something to give) and O(shards); shard locks are taken one at a time,
-    /// never nested. Bounded: one eviction per shard at most.
+    /// written) until both caps hold, always the least recently used of the
+    /// other shards' LRU tails. Rare: only a write needing more evictions than
+    /// its own shard could give gets here. Looks at each other shard's tail
+    /// once, then keeps the tails in a heap: O(shards + evictions x log
+    /// shards), one shard lock at a time, never nested, never scanning items.
     fn evict_from_other_shards(&self, skip: usize) {
-        for _ in 0..self.shards.len() {
-            if !self.over_capacity() {
+        let mut tails: BinaryHeap<Reverse<(UnixNanos, usize)>> = (0..self.shards.len())
+            .filter(|&i| i != skip)
+            .filter_map(|i| Some(Reverse((self.shards[i].lock().lru_tail_accessed_at()?, i))))
+            .collect();
+        while self.over_capacity() {
+            let Some(Reverse((seen, idx))) = tails.pop() else {
                 return;
-            }
-            let oldest = (0..self.shards.len())
-                .filter(|&i| i != skip)
-                .filter_map(|i| Some((self.shards[i].lock().lru_tail_accessed_at()?, i)))
-                .min();
-            let Some((_, idx)) = oldest else { return };
+            };
             let mut shard = self.shards[idx].lock();
+            let Some(tail) = shard.lru_tail_accessed_at() else {
+                continue;
+            };
+            // Read or rewritten since we looked: its new tail may no longer be
+            // the oldest.
+            if tail > seen && tails.peek().is_some_and(|Reverse((next, _))| tail > *next) {
+                tails.push(Reverse((tail, idx)));
+                continue;
+            }
             let before = (shard.len(), shard.bytes());
-            if shard.evict_lru(None) {
-                self.account(before, (shard.len(), shard.bytes()));
+            shard.evict_lru(None);
+            self.account(before, (shard.len(), shard.bytes()));
+            if let Some(next) = shard.lru_tail_accessed_at() {
+                tails.push(Reverse((next, idx)));
             }
         }
     }

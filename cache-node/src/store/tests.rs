@@ -559,6 +559,82 @@ fn tags_come_back_in_the_order_they_were_sent() {
     store.assert_consistent();
 }
 
+/// Keys that land in `shards` different shards, `per_shard` in each, in an
+/// order that cycles through the shards.
+fn keys_spread_over_shards(store: &Store, per_shard: usize) -> Vec<String> {
+    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); store.shard_count()];
+    for i in 0.. {
+        let k = format!("k{i}");
+        let s = store.shard_of(&k);
+        if by_shard[s].len() < per_shard {
+            by_shard[s].push(k);
+        }
+        if by_shard.iter().all(|v| v.len() == per_shard) {
+            break;
+        }
+    }
+    (0..per_shard)
+        .flat_map(|j| by_shard.iter().map(move |v| v[j].clone()))
+        .collect()
+}
+
+#[test]
+fn a_large_write_evicts_across_shards_until_the_byte_cap_holds() {
+    // 64 shards of 4 items of ~1 KB each; then a value worth ~150 of them,
+    // more than its own shard and one item of every other shard can give.
+    let small = "s".repeat(1000);
+    let per_item = item_cost(5, small.len(), []);
+    let max_bytes = 256 * per_item + 500;
+    let (store, clock) = store(100_000, max_bytes, 64);
+    let keys = keys_spread_over_shards(&store, 4);
+    for k in &keys {
+        set(&store, k, &small, &[], 60);
+        clock.advance(Duration::from_millis(1));
+    }
+    assert_eq!(store.len(), 256, "all fit before the big write");
+    let big_key = (0..)
+        .map(|i| format!("big{i}"))
+        .find(|k| store.shard_of(k) == store.shard_of(&keys[0]))
+        .unwrap();
+    let big = "b".repeat(150 * 1000);
+    store
+        .set(
+            &big_key,
+            big.as_bytes(),
+            &[],
+            Some(Duration::from_secs(60)),
+            |_| (),
+        )
+        .unwrap();
+    assert!(
+        store.bytes() <= max_bytes,
+        "byte cap exceeded: {} > {max_bytes}",
+        store.bytes()
+    );
+    assert!(store.peek(&big_key, |_| ()).is_some(), "the write survives");
+    // The big key's shard gave everything it had; the others gave their
+    // oldest items, oldest first: what is left is the newest of the rest.
+    let own = store.shard_of(&big_key);
+    let others: Vec<&String> = keys.iter().filter(|k| store.shard_of(k) != own).collect();
+    let survivors: Vec<&String> = others
+        .iter()
+        .copied()
+        .filter(|k| store.peek(k, |_| ()).is_some())
+        .collect();
+    assert!(!survivors.is_empty());
+    assert_eq!(survivors, others[others.len() - survivors.len()..]);
+    // And no more went than needed: one more survivor would not have fitted.
+    let evicted_last = others[others.len() - survivors.len() - 1];
+    let cost = item_cost(evicted_last.len(), small.len(), []);
+    assert!(store.bytes() + cost > max_bytes, "evicted more than needed");
+    assert!(
+        keys.iter()
+            .filter(|k| store.shard_of(k) == own)
+            .all(|k| store.peek(k, |_| ()).is_none())
+    );
+    store.assert_consistent();
+}
+
 #[test]
 fn a_replica_record_expiring_before_its_creation_is_refused() {
     let (store, _clock) = store(10, 0, 1);
