@@ -17,8 +17,19 @@
 //! approximate across shards, like Redis's sampled LRU. The shard count is
 //! chosen so each shard holds at least ~128 items at capacity, which keeps
 //! that approximation close; a cache small enough for one shard has exact LRU.
+//!
+//! Costs: `get`, `peek`, `delete` and `set` are O(1) plus O(tags of the item),
+//! evictions included, as long as the writer's shard can give what the write
+//! needs, which is the rule (an insert at capacity evicts one item). A write
+//! that empties its shard looks once at every other shard's tail and then pays
+//! O(log shards) per further eviction, one shard lock at a time, never
+//! scanning items. `sweep_expired` is O(expired items) plus the wheel's moves
+//! (see [`expiry`]); `invalidate_tag` is O(shards + items carrying the tag);
+//! `stats` and `tag_count` are O(shards); `scan`, `retain` and the
+//! diagnostics are O(n), in batches where they run in production.
 
 mod clock;
+mod expiry;
 mod shard;
 mod tags;
 
@@ -34,7 +45,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 pub use clock::{Clock, ManualClock, SystemClock, UnixNanos};
-pub use shard::{ITEM_OVERHEAD, ShardCounters, TAG_OVERHEAD, item_cost};
+pub use shard::{ITEM_OVERHEAD, ShardCounters, TAG_LIST_OVERHEAD, TAG_OVERHEAD, item_cost};
 
 use shard::{NewItem, Shard, Slot};
 use tags::TagIndex;
@@ -44,8 +55,8 @@ pub type SlotId = u32;
 
 type Hasher = foldhash::fast::RandomState;
 
-/// How many expired items the sweeper removes per lock acquisition, so that a
-/// large backlog never holds a shard's lock for long.
+/// How many items the sweeper looks at (expires or moves down the wheel) per
+/// lock acquisition, so that a large backlog never holds a shard's lock for long.
 const SWEEP_BATCH: usize = 512;
 
 /// How many slots [`Store::retain`] looks at per lock acquisition.
@@ -599,6 +610,13 @@ impl Store {
         }
         assert_eq!(items, self.len(), "store item total drifted");
         assert_eq!(bytes, self.bytes(), "store byte total drifted");
+    }
+
+    /// Entries in the expiry indexes of all shards (tests: exactly one per
+    /// item).
+    #[cfg(test)]
+    fn expiry_entries(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().expiry_entries()).sum()
     }
 
     /// The shard a key lives in (diagnostics and tests).

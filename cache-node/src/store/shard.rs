@@ -1,19 +1,24 @@
 //! One shard of the store: a slab of entries threaded on an intrusive LRU list,
-//! a hash index into the slab, an expiry heap and a tag index.
+//! a hash index into the slab, an expiry wheel (see [`super::expiry`]) and a
+//! tag index.
 //!
 //! This is written by hand rather than taken from an LRU crate because it is the
 //! heart of the product and the per-item overhead matters: the index holds a
 //! 4-byte slot id instead of a second copy of the key, the key and value share
-//! one allocation, the LRU links are 4-byte slab indices instead of pointers,
-//! and nothing is allocated per operation beyond the item's own bytes.
-//! Every operation is O(1) except expiry sweeping (O(log n) per expired item)
-//! and tag invalidation (O(items carrying the tag)).
+//! one allocation, the LRU and expiry links are 4-byte slab indices instead of
+//! pointers, and nothing is allocated per operation beyond the item's own bytes.
+//!
+//! Costs: get, set, delete and evicting the least recently used item are O(1)
+//! plus O(tags of the item) (amortised: the slab, the hash index and the
+//! link array grow by doubling). Sweeping costs O(1) per expired item plus
+//! O(1) per move of a live item down the wheel, at most ~6 moves in an item's
+//! life (see [`super::expiry`]). Tag invalidation is O(items carrying the
+//! tag). `scan`, `retain`, `keys_mru` and `assert_consistent` are O(n) and
+//! meant for data movement, diagnostics and tests.
 //!
 //! A shard knows nothing of locking, HTTP or the cluster; [`super::Store`] wraps
 //! each shard in its own mutex and keeps the store-wide capacity.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
 use std::ops::ControlFlow;
 
@@ -21,6 +26,7 @@ use hashbrown::HashTable;
 use thin_vec::ThinVec;
 
 use super::clock::UnixNanos;
+use super::expiry::{self, ExpiryWheel};
 use super::tags::{TagId, TagIndex};
 use super::{ItemRef, SlotId};
 
@@ -29,15 +35,28 @@ const NIL: SlotId = SlotId::MAX;
 /// `key_len` of a slot that is on the free list.
 const FREE: u32 = u32::MAX;
 
+/// Bytes a hash table costs per entry of `entry` bytes: hashbrown keeps one
+/// control byte per bucket and between 8/7 and 16/7 buckets per entry (it
+/// doubles when 7/8 full); this charges the middle, 2 buckets per entry.
+const fn hashed(entry: usize) -> usize {
+    2 * (entry + 1)
+}
+
 /// Bookkeeping bytes charged to every item on top of its key, value and tags:
-/// the slab entry, its expiry-heap entry and its hash-index bucket. Charging
-/// them makes `maxMemory` bound the memory really used, not just the payload.
-pub const ITEM_OVERHEAD: u64 = (size_of::<Slot>()
-    + size_of::<Reverse<(UnixNanos, SlotId)>>()
-    + 2 * size_of::<SlotId>()) as u64;
+/// the slab entry (64 bytes), its expiry-wheel links (8) and its hash-index
+/// bucket (~10). Charging them makes `maxMemory` bound the memory really used,
+/// not just the payload. Not charged: the allocator's rounding of the key and
+/// value's allocation to its size class (mimalloc: at most 1/8) and the
+/// slab's unused capacity after a shrink.
+pub const ITEM_OVERHEAD: u64 =
+    (size_of::<Slot>() + expiry::PER_ITEM + hashed(size_of::<SlotId>())) as u64;
 /// Bookkeeping bytes per tag an item carries: its id in the item and its entry in
-/// the tag's member set.
-pub const TAG_OVERHEAD: u64 = (size_of::<TagId>() + 2 * size_of::<SlotId>()) as u64;
+/// the tag's member set. (The tag's name is charged to every item carrying it,
+/// though a shard keeps it once.)
+pub const TAG_OVERHEAD: u64 = (size_of::<TagId>() + hashed(size_of::<SlotId>())) as u64;
+/// Bookkeeping bytes of an item with at least one tag: the header (length and
+/// capacity) of its tag list's allocation.
+pub const TAG_LIST_OVERHEAD: u64 = 2 * size_of::<usize>() as u64;
 
 /// The bytes an item is charged for against `maxMemory`.
 pub fn item_cost<'a>(
@@ -45,11 +64,11 @@ pub fn item_cost<'a>(
     value_len: usize,
     tags: impl IntoIterator<Item = &'a str>,
 ) -> u64 {
-    let tags: u64 = tags
-        .into_iter()
-        .map(|t| t.len() as u64 + TAG_OVERHEAD)
-        .sum();
-    key_len as u64 + value_len as u64 + tags + ITEM_OVERHEAD
+    let (count, tags) = tags.into_iter().fold((0u64, 0u64), |(n, b), t| {
+        (n + 1, b + t.len() as u64 + TAG_OVERHEAD)
+    });
+    let list = if count > 0 { TAG_LIST_OVERHEAD } else { 0 };
+    key_len as u64 + value_len as u64 + tags + list + ITEM_OVERHEAD
 }
 
 #[derive(Debug)]
@@ -132,11 +151,9 @@ pub struct Shard<S> {
     lru_tail: SlotId,
     len: usize,
     bytes: u64,
-    /// Min-heap of (expiry time, slot). Entries are not removed when an item is
-    /// deleted or rewritten; a popped entry only expires the slot's current item
-    /// if that item really is past its time, so stale entries are harmless. The
-    /// heap is rebuilt when stale entries outnumber live items.
-    expiry: BinaryHeap<Reverse<(UnixNanos, SlotId)>>,
+    /// Every live item, by expiry time; exact (an item is unlinked when it is
+    /// removed and relinked when its expiry changes).
+    expiry: ExpiryWheel,
     tags: TagIndex,
     pub counters: ShardCounters,
 }
@@ -152,7 +169,7 @@ impl<S: BuildHasher> Shard<S> {
             lru_tail: NIL,
             len: 0,
             bytes: 0,
-            expiry: BinaryHeap::new(),
+            expiry: ExpiryWheel::default(),
             tags: TagIndex::default(),
             counters: ShardCounters::default(),
         }
@@ -256,8 +273,12 @@ impl<S: BuildHasher> Shard<S> {
         let expiry_changed = existing.is_none() || s.expires_at != item.expires_at;
         s.expires_at = item.expires_at;
         if expiry_changed {
-            self.expiry.push(Reverse((item.expires_at, slot)));
-            self.compact_expiry_if_stale();
+            if existing.is_some() {
+                self.expiry.unlink(slot);
+            } else if self.expiry.is_empty() {
+                self.expiry.reset(now);
+            }
+            self.expiry.link(slot, item.expires_at);
         }
         self.bytes += self.cost_of(slot);
         Stored { slot, created }
@@ -295,25 +316,40 @@ impl<S: BuildHasher> Shard<S> {
         (self.lru_tail != NIL).then(|| self.slots[self.lru_tail as usize].accessed_at)
     }
 
-    /// Removes up to `budget` items whose time has passed, cheapest first.
-    /// Returns how many heap entries it looked at, so the caller can tell
-    /// whether the shard has more work left (`== budget`).
+    /// Removes items whose time has passed, looking at no more than `budget`
+    /// items (each either expired or moved down the wheel). Returns how many
+    /// it looked at, so the caller can tell whether the shard may have more
+    /// work left (`== budget`).
     pub fn sweep_expired(&mut self, now: UnixNanos, budget: usize) -> usize {
         let mut examined = 0;
         while examined < budget {
-            match self.expiry.peek() {
-                Some(Reverse((at, _))) if *at <= now => {}
-                _ => break,
-            }
-            let Some(Reverse((_, slot))) = self.expiry.pop() else {
+            let Some((bucket, start)) = self.expiry.next_due() else {
                 break;
             };
-            examined += 1;
-            let s = &self.slots[slot as usize];
-            if s.is_live() && s.expires_at <= now {
-                self.remove_slot(slot);
-                self.counters.expirations += 1;
+            if start > now {
+                break;
             }
+            self.expiry.advance(start);
+            while examined < budget {
+                let Some(slot) = self.expiry.first(bucket) else {
+                    break;
+                };
+                examined += 1;
+                let expires_at = self.slots[slot as usize].expires_at;
+                if expires_at <= now {
+                    self.remove_slot(slot);
+                    self.counters.expirations += 1;
+                } else {
+                    // Lands in a lower level: it differs from the bucket's
+                    // start only in bits below this level's.
+                    self.expiry.unlink(slot);
+                    self.expiry.link(slot, expires_at);
+                }
+            }
+        }
+        if examined < budget {
+            // Nothing due is left: later writes are placed relative to now.
+            self.expiry.advance(now);
         }
         examined
     }
@@ -334,10 +370,11 @@ impl<S: BuildHasher> Shard<S> {
         let mut counted = 0;
         for slot in members {
             // The tag's member set is already empty; drop the id from the item so
-            // `remove_slot` does not detach it a second time.
+            // `remove_slot` does not detach it a second time. The cost was
+            // charged with this tag; account for it before removal.
+            let charged = self.cost_of(slot);
             self.slots[slot as usize].tags.retain(|&t| t != id);
-            // The cost was charged with this tag; account for it before removal.
-            self.bytes -= self.tags_cost_of_name(tag);
+            self.bytes -= charged - self.cost_of(slot);
             if self.slots[slot as usize].expires_at > now {
                 removed += 1;
                 counted += usize::from(counts(self.slots[slot as usize].key()));
@@ -412,6 +449,12 @@ impl<S: BuildHasher> Shard<S> {
         self.tags.count(tag)
     }
 
+    /// Entries in the expiry index (tests).
+    #[cfg(test)]
+    pub fn expiry_entries(&self) -> usize {
+        self.expiry.len()
+    }
+
     /// Keys from most to least recently used, for tests and diagnostics.
     pub fn keys_mru(&self) -> Vec<Vec<u8>> {
         let mut keys = Vec::with_capacity(self.len);
@@ -463,16 +506,11 @@ impl<S: BuildHasher> Shard<S> {
                 "tag {tag} lists slot {slot} which does not carry it"
             );
         }
-        let live_in_heap = self
-            .expiry
-            .iter()
-            .filter(|Reverse((at, s))| {
-                let slot = &self.slots[*s as usize];
-                slot.is_live() && slot.expires_at == *at
-            })
-            .map(|Reverse((_, s))| *s)
-            .collect::<hashbrown::HashSet<_>>();
-        assert_eq!(live_in_heap.len(), self.len, "an item has no expiry entry");
+        let in_wheel = self.expiry.assert_consistent(|slot| {
+            let s = self.slots.get(slot as usize)?;
+            s.is_live().then_some(s.expires_at)
+        });
+        assert_eq!(in_wheel, self.len, "an item has no expiry entry");
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<SlotId> {
@@ -487,10 +525,6 @@ impl<S: BuildHasher> Shard<S> {
         item_cost(s.key_len as usize, s.data.len() - s.key_len as usize, tags)
     }
 
-    fn tags_cost_of_name(&self, tag: &str) -> u64 {
-        tag.len() as u64 + TAG_OVERHEAD
-    }
-
     /// Unlinks a live slot from the index, the LRU list and its tags, frees its
     /// memory and puts it on the free list.
     fn remove_slot(&mut self, slot: SlotId) {
@@ -501,6 +535,7 @@ impl<S: BuildHasher> Shard<S> {
             entry.remove();
         }
         self.unlink(slot);
+        self.expiry.unlink(slot);
         let s = &mut self.slots[slot as usize];
         s.data = Box::default();
         s.key_len = FREE;
@@ -524,7 +559,7 @@ impl<S: BuildHasher> Shard<S> {
             return slot;
         }
         let slot = self.slots.len() as SlotId;
-        assert!(slot != NIL, "shard slab is full");
+        assert!(slot < expiry::MAX_SLOTS, "shard slab is full");
         self.slots.push(Slot {
             data: Box::default(),
             tags: ThinVec::new(),
@@ -576,21 +611,5 @@ impl<S: BuildHasher> Shard<S> {
             self.unlink(slot);
             self.push_front(slot);
         }
-    }
-
-    /// Rebuilds the expiry heap from the live items once stale entries (from
-    /// rewrites and deletes) outnumber them. Amortised O(1) per write.
-    fn compact_expiry_if_stale(&mut self) {
-        if self.expiry.len() <= 2 * self.len + 1024 {
-            return;
-        }
-        let mut live = Vec::with_capacity(self.len);
-        let mut at = self.lru_head;
-        while at != NIL {
-            let s = &self.slots[at as usize];
-            live.push(Reverse((s.expires_at, at)));
-            at = s.next;
-        }
-        self.expiry = BinaryHeap::from(live);
     }
 }

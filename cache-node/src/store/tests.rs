@@ -238,7 +238,8 @@ fn sweeper_removes_only_expired_items() {
         let ttl = if i % 10 == 0 { 5 } else { 500 };
         set(&store, &format!("k{i}"), "v", &["all"], ttl);
     }
-    // Rewrites leave stale heap entries behind; they must not expire the new item.
+    // Rewrites move items in the expiry index; the old expiry must not expire
+    // the new item.
     for i in (0..1000).step_by(10) {
         set(
             &store,
@@ -661,5 +662,135 @@ fn a_replica_record_expiring_before_its_creation_is_refused() {
         Applied::Created
     );
     assert_eq!(store.peek("k", |i| i.ttl_nanos()), Some(60_000_000_000));
+    store.assert_consistent();
+}
+
+#[test]
+fn the_expiry_index_holds_one_entry_per_item_whatever_the_rewrites() {
+    let (store, clock) = store(100, 0, 1);
+    for i in 0..5000u64 {
+        set(&store, "k", "1", &[], 1 + i % 97);
+        clock.advance(Duration::from_millis(1));
+        if i % 10 == 0 {
+            set(&store, &format!("other{}", i % 50), "1", &[], 1 + i % 13);
+        }
+        if i % 7 == 0 {
+            store.delete(&format!("other{}", i % 50));
+        }
+    }
+    assert_eq!(store.expiry_entries(), store.len());
+    store.assert_consistent();
+}
+
+#[test]
+fn item_overhead_is_what_the_structures_cost() {
+    assert_eq!(
+        size_of::<shard::Slot>(),
+        64,
+        "a slab entry is one cache line"
+    );
+    assert_eq!(expiry::PER_ITEM, 8);
+    assert_eq!(ITEM_OVERHEAD, 64 + 8 + 10);
+}
+
+/// A tiny deterministic generator for the randomised tests.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn sweeping_removes_exactly_the_expired_items_at_any_time_scale() {
+    // Expiries from nanoseconds to years, rewrites, deletes, reads and sweeps
+    // at arbitrary moments, against a plain map of key -> expiry. Several
+    // thousand items per shard, so sweeps run in more than one batch.
+    let (store, clock) = store(1_000_000, 0, 2);
+    let mut model: std::collections::HashMap<String, UnixNanos> = Default::default();
+    let mut rng = Rng(0x2545F4914F6CDD1D);
+    let mut now = T0;
+    for round in 0..40 {
+        for _ in 0..600 {
+            let key = format!("k{}", rng.below(3000));
+            match rng.below(10) {
+                0..=6 => {
+                    // ttl from 1 ns to ~3 years, biased towards short.
+                    let scale = rng.below(56) as u32;
+                    let ttl = 1 + rng.below(1u64 << scale.max(1));
+                    store
+                        .set(&key, b"v", &[], Some(Duration::from_nanos(ttl)), |_| ())
+                        .unwrap();
+                    model.insert(key, now + ttl);
+                }
+                7 => {
+                    let live = model.get(&key).is_some_and(|&e| e > now);
+                    assert_eq!(store.delete(&key), live);
+                    model.remove(&key);
+                }
+                _ => {
+                    let live = model.get(&key).is_some_and(|&e| e > now);
+                    assert_eq!(store.get(&key, |_| ()).is_some(), live);
+                    if !live {
+                        model.remove(&key);
+                    }
+                }
+            }
+            if rng.below(20) == 0 {
+                let scale = rng.below(40);
+                let by = 1 + rng.below(1u64 << scale);
+                clock.advance(Duration::from_nanos(by));
+                now += by;
+            }
+        }
+        let expired = model.values().filter(|&&e| e <= now).count();
+        assert_eq!(store.sweep_expired(), expired, "round {round}");
+        model.retain(|_, &mut e| e > now);
+        assert_eq!(store.len(), model.len());
+        assert_eq!(store.expiry_entries(), store.len());
+        store.assert_consistent();
+        // A big jump now and then, past many levels at once.
+        if round % 8 == 7 {
+            let by = 1u64 << (30 + rng.below(20));
+            clock.advance(Duration::from_nanos(by));
+            now += by;
+        }
+    }
+}
+
+#[test]
+fn a_large_backlog_is_swept_in_batches() {
+    // More due items in one shard than one batch; all go, none of the rest.
+    let (store, clock) = store(100_000, 0, 1);
+    for i in 0..5000 {
+        set(&store, &format!("short{i}"), "1", &[], 1 + (i % 3));
+        set(&store, &format!("long{i}"), "1", &[], 3600 + i);
+    }
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(store.sweep_expired(), 5000);
+    assert_eq!(store.len(), 5000);
+    clock.advance(Duration::from_secs(3600 + 2500 - 10)); // now T0 + 3600 + 2500 s
+    assert_eq!(store.sweep_expired(), 2501);
+    store.assert_consistent();
+}
+
+#[test]
+fn a_clock_that_goes_back_never_expires_an_item_early() {
+    let (store, clock) = store(100, 0, 1);
+    set(&store, "keep", "1", &[], 3600); // so the wheel is never empty
+    set(&store, "a", "1", &[], 10);
+    clock.advance(Duration::from_secs(20));
+    assert_eq!(store.sweep_expired(), 1);
+    clock.set(T0); // back by 20 s
+    set(&store, "b", "1", &[], 5); // expires before the wheel's time
+    clock.advance(Duration::from_secs(4));
+    assert_eq!(store.sweep_expired(), 0, "b has a second to go");
+    assert!(get(&store, "b").is_some());
+    clock.advance(Duration::from_secs(30));
+    assert_eq!(store.sweep_expired(), 1);
     store.assert_consistent();
 }
