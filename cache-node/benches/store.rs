@@ -9,6 +9,16 @@
 //!
 //! Values are 100 bytes. Run with `cargo bench -p cache-node --bench store`;
 //! `BENCH_SIZES=10000` skips the 10-million runs (they need ~3 GiB).
+//!
+//! Each benchmark must measure what its name says for any iteration count
+//! criterion picks (it grows them until a sample fills its time, so millions
+//! for the fast ones): items never expire unless the benchmark means them to
+//! (their TTL is a century, while the clock moves by microseconds or seconds
+//! per iteration), inserts below capacity never fill the store, and each
+//! benchmark asserts what it assumes (no eviction, every insert evicted,
+//! every short item swept).
+//!
+//! The allocator is the binary's (mimalloc), so the figures are the binary's.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -17,7 +27,14 @@ use std::time::{Duration, Instant};
 use cache_node::store::{ManualClock, Store, StoreConfig};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const VALUE: [u8; 100] = [b'x'; 100];
+
+/// The TTL of the items the store is filled with: far longer than any run
+/// moves the clock, so none of them expires during a benchmark.
+const LONG_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 fn key(i: u64) -> String {
     format!("key:{i:012}")
@@ -37,7 +54,7 @@ fn filled(n: u64, max_items: u64) -> (Store, ManualClock) {
         StoreConfig {
             max_items: max_items as usize,
             max_bytes: 0,
-            default_ttl: Duration::from_secs(3600),
+            default_ttl: LONG_TTL,
             shards: 0,
         },
         Arc::new(clock.clone()),
@@ -69,7 +86,7 @@ fn get_and_set(c: &mut Criterion) {
         group.measurement_time(Duration::from_secs(if n > 1_000_000 { 8 } else { 4 }));
 
         let keys: Vec<String> = (0..n).map(key).collect();
-        let (store, _clock) = filled(n, 2 * n);
+        let (store, clock) = filled(n, 2 * n);
         let mut rng = Indexes(0x9E3779B97F4A7C15);
         group.bench_function("get_hit", |b| {
             b.iter(|| {
@@ -77,30 +94,47 @@ fn get_and_set(c: &mut Criterion) {
                 black_box(store.get(k, |item| item.value().len()))
             })
         });
+        assert_eq!(store.stats().counters.misses, 0, "every get hit");
+        // The clock moves on between writes, as in production, so every
+        // overwrite changes the item's expiry and moves it in the expiry index.
         group.bench_function("set_overwrite", |b| {
             b.iter(|| {
+                clock.advance(Duration::from_micros(1));
                 let k = &keys[rng.next_below(n) as usize];
                 black_box(store.set(k, &VALUE, &[], None, |_| ()).unwrap())
             })
         });
         // New keys into a store with room: time the inserts, then delete them
-        // untimed so every batch starts from the same n items.
+        // untimed so every batch starts from the same n items. The store has
+        // room for n more, so batches of up to n never evict.
         let mut next = n;
         group.bench_function("set_insert_below_capacity", |b| {
             b.iter_custom(|iters| {
-                let new_keys: Vec<String> = (next..next + iters).map(key).collect();
-                next += iters;
-                let started = Instant::now();
-                for k in &new_keys {
-                    black_box(store.set(k, &VALUE, &[], None, |_| ()).unwrap());
-                }
-                let took = started.elapsed();
-                for k in &new_keys {
-                    store.delete(k);
+                let mut took = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let batch = left.min(n);
+                    left -= batch;
+                    let new_keys: Vec<String> = (next..next + batch).map(key).collect();
+                    next += batch;
+                    let started = Instant::now();
+                    for k in &new_keys {
+                        black_box(store.set(k, &VALUE, &[], None, |_| ()).unwrap());
+                    }
+                    took += started.elapsed();
+                    for k in &new_keys {
+                        store.delete(k);
+                    }
                 }
                 took
             })
         });
+        assert_eq!(
+            store.stats().counters.evictions,
+            0,
+            "below capacity means no eviction"
+        );
+        assert_eq!(store.len() as u64, n);
         drop(store);
 
         let (full, _clock) = filled(n, n);
@@ -117,6 +151,11 @@ fn get_and_set(c: &mut Criterion) {
             })
         });
         assert_eq!(full.len() as u64, n, "every insert evicted exactly one");
+        assert_eq!(
+            full.stats().counters.evictions,
+            next - n,
+            "every insert evicted exactly one"
+        );
         group.finish();
     }
 }
@@ -146,6 +185,9 @@ fn tag_invalidation(c: &mut Criterion) {
     group.finish();
 }
 
+/// Each iteration writes 10,000 items with a 1 s TTL, moves the clock 2 s and
+/// times the sweep that removes them; the base items (a century's TTL) stay
+/// however many iterations run.
 fn sweep(c: &mut Criterion) {
     let mut group = c.benchmark_group("sweep_10000_expired");
     group.sample_size(20);
@@ -170,6 +212,7 @@ fn sweep(c: &mut Criterion) {
                 took
             })
         });
+        assert_eq!(store.len() as u64, total - 10_000, "the base items stayed");
     }
     group.finish();
 }

@@ -4,10 +4,16 @@
 //!
 //! `cargo run --release -p cache-node --example memory_per_item -- 1000000`
 //! (`bench/memory.sh` runs it beside Redis holding the same data).
+//!
+//! The allocator is the binary's (mimalloc), whose size classes and page
+//! handling are what the resident set of a real node reflects.
 
 use std::time::Duration;
 
-use cache_node::store::{Store, StoreConfig};
+use cache_node::store::{ITEM_OVERHEAD, Store, StoreConfig};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux /proc");
@@ -44,4 +50,5 @@ fn main() {
         "charged_bytes_per_item={:.1}",
         store.bytes() as f64 / n as f64
     );
+    println!("charged_overhead_bytes_per_item={ITEM_OVERHEAD}");
 }
