@@ -70,7 +70,7 @@ pub fn write_rfc3339(out: &mut Vec<u8>, at: UnixNanos) {
         out.push(b'.');
         let mut digits = 9;
         let mut frac = nanos;
-        while frac % 10 == 0 {
+        while frac.is_multiple_of(10) {
             frac /= 10;
             digits -= 1;
         }

@@ -420,7 +420,7 @@ pub fn drip(conn: &mut TcpStream, bytes: &[u8], gap: Duration, budget: Duration)
         // more bytes sent to a closed socket would provoke.
         conn.set_nonblocking(true).unwrap();
         let mut probe = [0u8; 1];
-        let stopped = matches!(conn.peek(&mut probe), Ok(_));
+        let stopped = conn.peek(&mut probe).is_ok();
         conn.set_nonblocking(false).unwrap();
         if stopped {
             return (i + 1, true);
