@@ -654,7 +654,10 @@ fn a_replica_record_expiring_before_its_creation_is_refused() {
     // A record whose expiry equals its creation is as empty; one with a
     // positive ttl is taken, and reports it.
     m.expires_at = m.created_at;
-    assert_eq!(store.put_replica("k", b"1", &[], m).unwrap(), Applied::Stale);
+    assert_eq!(
+        store.put_replica("k", b"1", &[], m).unwrap(),
+        Applied::Stale
+    );
     assert!(store.peek("k", |_| ()).is_none());
     let ok = meta(0, 60, 0);
     assert_eq!(
