@@ -29,7 +29,7 @@ fn encoded(key: &str) -> String {
 }
 
 fn tag(i: usize) -> &'static str {
-    if i % 2 == 0 { "even" } else { "odd" }
+    if i.is_multiple_of(2) { "even" } else { "odd" }
 }
 
 /// Writes keys `range` through random running nodes, 64 at a time; returns

@@ -213,7 +213,7 @@ async fn the_chart_installs_an_operator_that_serves_a_cache() -> Result<()> {
         "--timeout",
         "120s",
     ];
-    let refused = cp.helm(&install)?;
+    let refused = cp.helm(install)?;
     let stderr = String::from_utf8_lossy(&refused.stderr);
     ensure!(
         !refused.status.success() && stderr.contains("exists and cannot be imported"),
