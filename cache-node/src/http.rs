@@ -60,7 +60,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use futures_util::future::Either;
+
 use crate::api::ApiError;
+use crate::api::fast::{self, Dispatch, FastPath};
 
 /// hyper parses up to this many header fields into a stack array; asking for
 /// any other count moves them to the heap on every request (~5% throughput).
@@ -94,6 +97,7 @@ pub struct HttpSettings {
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    fast: Option<FastPath>,
     settings: HttpSettings,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -143,6 +147,7 @@ pub async fn serve(
         };
         let service = Tracked {
             inner: TowerToHyperService::new(app.clone()),
+            fast: fast.clone(),
             activity: activity.clone(),
             request_timeout: settings.request_timeout,
         };
@@ -264,6 +269,15 @@ impl Activity {
             Phase::Busy(n) => Phase::Busy(n + 1),
             _ => Phase::Busy(1),
         };
+    }
+
+    /// A request answered as soon as its head arrived: the connection is
+    /// idle again (unless an earlier request is still being served).
+    fn request_answered(&self) {
+        let mut phase = self.phase.lock();
+        if !matches!(*phase, Phase::Busy(_)) {
+            *phase = Phase::Idle(Instant::now());
+        }
     }
 
     fn request_finished(&self) {
@@ -511,29 +525,47 @@ fn error_answer(status: StatusCode, message: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The router as a connection's hyper service: marks the connection busy
-/// while a request is served and gives each request its deadline.
+/// The router, and the fast path in front of it, as a connection's hyper
+/// service: marks the connection busy while a request is served and gives
+/// each request its deadline.
 struct Tracked {
     inner: TowerToHyperService<Router>,
+    fast: Option<FastPath>,
     activity: Arc<Activity>,
     request_timeout: Duration,
 }
 
+type RouterFuture =
+    <TowerToHyperService<Router> as hyper::service::Service<Request<Incoming>>>::Future;
+
 impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Deadline<
-        <TowerToHyperService<Router> as hyper::service::Service<Request<Incoming>>>::Future,
+    type Future = Either<
+        std::future::Ready<Result<Response<Body>, Infallible>>,
+        Deadline<Either<RouterFuture, fast::Pending>>,
     >;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let handling = match &self.fast {
+            Some(fast) => match fast.dispatch(request) {
+                Dispatch::Answered(response) => {
+                    // Served without waiting on anything: no deadline to keep.
+                    self.activity.request_answered();
+                    return Either::Left(std::future::ready(Ok(response)));
+                }
+                Dispatch::Later(pending) => Either::Right(pending),
+                Dispatch::Router(request) => Either::Left(self.inner.call(request)),
+            },
+            None => Either::Left(self.inner.call(request)),
+        };
         self.activity.request_started();
-        Deadline {
-            inner: self.inner.call(request),
+        Either::Right(Deadline {
+            inner: handling,
             sleep: tokio::time::sleep(self.request_timeout),
             timeout: self.request_timeout,
             _busy: Busy(self.activity.clone()),
-        }
+        })
     }
 }
 

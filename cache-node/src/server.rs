@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::auth::{Tokens, read_token};
+use crate::api::fast::FastPath;
 use crate::api::{self, AppState, Surface};
 use crate::cluster::membership::{self, Source};
 use crate::cluster::metrics::ClusterMetrics;
@@ -187,19 +188,22 @@ impl Node {
         match self.peer_listener {
             None => {
                 let app = api::router(self.state.clone(), Surface::All);
-                http::serve(self.listener, app, self.http, closing(closing_rx)).await;
+                let fast = FastPath::new(self.state.clone(), Surface::All);
+                http::serve(self.listener, app, fast, self.http, closing(closing_rx)).await;
             }
             Some(peer_listener) => {
                 let client = api::router(self.state.clone(), Surface::Client);
+                let fast = FastPath::new(self.state.clone(), Surface::Client);
                 let peer = api::router(self.state.clone(), Surface::Peer);
                 tokio::join!(
                     http::serve(
                         self.listener,
                         client,
+                        fast,
                         self.http,
                         closing(closing_rx.clone())
                     ),
-                    http::serve(peer_listener, peer, self.http, closing(closing_rx)),
+                    http::serve(peer_listener, peer, None, self.http, closing(closing_rx)),
                 );
             }
         }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
@@ -46,13 +46,17 @@ pub fn read_token(path: &Path) -> std::io::Result<Arc<str>> {
     Ok(token.into())
 }
 
+/// Whether a request with `headers` may use the client API.
+pub fn client_allows(app: &AppState, headers: &HeaderMap) -> bool {
+    check(app.tokens.client.as_deref(), headers).is_ok()
+}
+
 /// `Err` carries why the request is refused.
-fn check(expected: Option<&str>, request: &Request) -> Result<(), &'static str> {
+fn check(expected: Option<&str>, headers: &HeaderMap) -> Result<(), &'static str> {
     let Some(expected) = expected else {
         return Ok(());
     };
-    let presented = request
-        .headers()
+    let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| bearer_token(v.as_bytes()))
         .unwrap_or_default();
@@ -88,7 +92,7 @@ fn refuse(why: &'static str) -> Response {
 
 /// Middleware of the client API's guarded routes.
 pub async fn client(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    match check(app.tokens.client.as_deref(), &request) {
+    match check(app.tokens.client.as_deref(), request.headers()) {
         Ok(()) => next.run(request).await,
         Err(why) => refuse(why),
     }
@@ -96,7 +100,7 @@ pub async fn client(State(app): State<Arc<AppState>>, request: Request, next: Ne
 
 /// Middleware of the peer API.
 pub async fn peer(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    match check(app.tokens.peer.as_deref(), &request) {
+    match check(app.tokens.peer.as_deref(), request.headers()) {
         Ok(()) => next.run(request).await,
         Err(why) => refuse(why),
     }
@@ -117,7 +121,7 @@ mod tests {
     #[test]
     fn only_the_exact_bearer_token_passes() {
         assert!(
-            check(None, &request(None)).is_ok(),
+            check(None, request(None).headers()).is_ok(),
             "no token configured: open"
         );
         for right in [
@@ -127,7 +131,7 @@ mod tests {
             "beaRer  s3cret",
         ] {
             assert!(
-                check(Some("s3cret"), &request(Some(right))).is_ok(),
+                check(Some("s3cret"), request(Some(right)).headers()).is_ok(),
                 "{right}"
             );
         }
@@ -144,7 +148,7 @@ mod tests {
             Some("Bearer\ts3cret"),
             Some("Bear s3cret"),
         ] {
-            let refused = refuse(check(Some("s3cret"), &request(wrong)).unwrap_err());
+            let refused = refuse(check(Some("s3cret"), request(wrong).headers()).unwrap_err());
             assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "{wrong:?}");
             assert_eq!(refused.headers()[header::WWW_AUTHENTICATE], "Bearer");
         }

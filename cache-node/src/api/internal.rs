@@ -111,7 +111,11 @@ async fn owner_set(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = SetRequest::parse(&headers, body, &app.limits)?;
+    let req = SetRequest::parse(
+        &headers,
+        body.map_err(super::request::body_error),
+        &app.limits,
+    )?;
     super::coordinate_set(&app, &key, req).await
 }
 

@@ -14,6 +14,7 @@
 pub mod auth;
 mod cluster_view;
 mod error;
+pub mod fast;
 mod internal;
 pub mod item_json;
 mod ops;
@@ -165,27 +166,48 @@ async fn route(
 }
 
 async fn get_item(State(app): State<Arc<AppState>>, CacheKey(key): CacheKey) -> Response {
-    if let Some(answer) = route(&app, &key, Access::Read, Method::GET, Bytes::new()).await {
+    read(&app, &key).await
+}
+
+/// A client's read of `key`: sent to the node that serves it, or served here.
+async fn read(app: &AppState, key: &str) -> Response {
+    if let Some(answer) = route(app, key, Access::Read, Method::GET, Bytes::new()).await {
         return answer;
     }
-    serve_get(&app, &key).await
+    serve_get(app, key).await
 }
 
 /// A read served by this node as the key's owner.
 async fn serve_get(app: &AppState, key: &str) -> Response {
+    match get_here(app, key) {
+        Some(answer) => answer,
+        None => after_miss(app, key).await,
+    }
+}
+
+/// The key from this node's store, as the answer to a read; `None` on a
+/// miss (counted as one by the store).
+fn get_here(app: &AppState, key: &str) -> Option<Response> {
     let started = Instant::now();
-    let mut body = app.store.get(key, item_json::item_to_vec);
-    if body.is_none()
-        && let Some(cluster) = &app.cluster
-        && cluster.recover(key).await
-    {
-        body = app.store.get(key, item_json::item_to_vec);
-    }
+    let body = app.store.get(key, item_json::item_to_vec);
     app.metrics.observe(Op::Get, started.elapsed());
-    match body {
-        Some(body) => served(app, StatusCode::OK, body),
-        None => ApiError::not_found(format!("key {key:?} not found")).into_response(),
+    Some(served(app, StatusCode::OK, body?))
+}
+
+/// The answer to a read that missed here: while data is moving the key may
+/// still be on its way, so the other owners are asked first.
+async fn after_miss(app: &AppState, key: &str) -> Response {
+    if let Some(cluster) = &app.cluster
+        && cluster.recover(key).await
+        && let Some(answer) = get_here(app, key)
+    {
+        return answer;
     }
+    not_found(key)
+}
+
+fn not_found(key: &str) -> Response {
+    ApiError::not_found(format!("key {key:?} not found")).into_response()
 }
 
 async fn set_item(
@@ -195,14 +217,32 @@ async fn set_item(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    // Validate here, so bad input is refused by the node the client talks to
-    // and never travels.
+    write(
+        &app,
+        method,
+        &key,
+        &headers,
+        body.map_err(request::body_error),
+    )
+    .await
+}
+
+/// A client's write of `key` (POST or PUT), validated here so bad input is
+/// refused by the node the client talks to and never travels; then sent to
+/// the key's coordinator, or coordinated here.
+async fn write(
+    app: &AppState,
+    method: Method,
+    key: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, ApiError>,
+) -> Result<Response, ApiError> {
     let raw = body.as_ref().ok().cloned().unwrap_or_default();
-    let req = SetRequest::parse(&headers, body, &app.limits)?;
-    if let Some(answer) = route(&app, &key, Access::Write, method, raw).await {
+    let req = SetRequest::parse(headers, body, &app.limits)?;
+    if let Some(answer) = route(app, key, Access::Write, method, raw).await {
         return Ok(answer);
     }
-    coordinate_set(&app, &key, req).await
+    coordinate_set(app, key, req).await
 }
 
 /// A write this node applies as the key's coordinator: stored here, then
@@ -241,10 +281,15 @@ async fn delete_item(
     State(app): State<Arc<AppState>>,
     CacheKey(key): CacheKey,
 ) -> Result<Response, ApiError> {
-    if let Some(answer) = route(&app, &key, Access::Write, Method::DELETE, Bytes::new()).await {
+    remove(&app, &key).await
+}
+
+/// A client's delete of `key`: sent to its coordinator, or coordinated here.
+async fn remove(app: &AppState, key: &str) -> Result<Response, ApiError> {
+    if let Some(answer) = route(app, key, Access::Write, Method::DELETE, Bytes::new()).await {
         return Ok(answer);
     }
-    coordinate_delete(&app, &key).await
+    coordinate_delete(app, key).await
 }
 
 /// A delete this node applies as the key's coordinator, then sends to the

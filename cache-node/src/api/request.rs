@@ -52,6 +52,11 @@ impl Default for Limits {
     }
 }
 
+/// A body axum could not read (too large, broken off) as the JSON error.
+pub fn body_error(e: BytesRejection) -> ApiError {
+    ApiError::new(e.status(), e.body_text())
+}
+
 /// A percent-decoded cache key from the last path segment, within limits.
 #[derive(Debug, Clone)]
 pub struct CacheKey(pub String);
@@ -151,11 +156,11 @@ impl SetRequest {
     /// Validates the content type and parses and bounds the body.
     pub fn parse(
         headers: &HeaderMap,
-        body: Result<Bytes, BytesRejection>,
+        body: Result<Bytes, ApiError>,
         limits: &Limits,
     ) -> Result<Self, ApiError> {
         check_json_content_type(headers)?;
-        let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+        let body = body?;
         // Both checks run before serde sees the body: a clear message for
         // each, and the depth bound holds whatever serde's own limit is.
         if let Err(e) = std::str::from_utf8(&body) {

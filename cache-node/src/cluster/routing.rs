@@ -168,6 +168,13 @@ impl Cluster {
         Ok(plan)
     }
 
+    /// Whether a read of `key` is this node's to serve: what [`Self::route`]
+    /// answers `Local` for without asking anyone.
+    pub fn serves_here(&self, key: &str) -> bool {
+        self.plan(key, Access::Read)
+            .is_ok_and(|plan| plan.first().is_some_and(|t| t.member().id == self.node_id))
+    }
+
     /// Sends a client request on `key` to the node that should serve it:
     /// `Local` when that is this node, otherwise the answer of the first owner
     /// that could be reached, in plan order. `path` is the peer API path that
