@@ -3,6 +3,7 @@
 //! CRD and operator from `manifests/`, waiting for a cache to be Ready, and
 //! a small REST client for talking to the cache nodes on their pod IPs.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -291,7 +292,7 @@ impl CacheClient {
 }
 
 /// What a test wrote: key -> the value it expects to read back.
-pub type Written = std::collections::BTreeMap<String, Value>;
+pub type Written = BTreeMap<String, Value>;
 
 /// Writes `keys` through nodes picked round-robin, 32 at a time, each with
 /// a TTL of 30 to 90 minutes and the tags `tag_of(i)`; every write must be
@@ -338,17 +339,71 @@ pub async fn missing_through(
     futures::stream::iter(expected.iter().map(|(key, value)| {
         let client = client.clone();
         async move {
-            let ok = matches!(
-                client.get_json(node, &format!("/api/v1/cache/{key}")).await,
-                Ok((200, item)) if item["value"] == *value
-            );
-            (!ok).then(|| key.clone())
+            match client.get_json(node, &format!("/api/v1/cache/{key}")).await {
+                Ok((200, item)) if item["value"] == *value => None,
+                Ok((status, body)) => Some(format!("{key}: {status} {body}")),
+                Err(e) => Some(format!("{key}: {e:#}")),
+            }
         }
     }))
     .buffer_unordered(32)
     .filter_map(|missing| async move { missing })
     .collect()
     .await
+}
+
+/// How many of `nodes` (peer addresses, with their ring epochs) hold each
+/// key, asked through the peer API without touching the items. Reads through
+/// the client API are served by a key's primary, so only this shows a
+/// replica that went missing.
+pub async fn copies(
+    client: &CacheClient,
+    nodes: &[(SocketAddr, u64)],
+    keys: impl Iterator<Item = &String> + Clone,
+) -> Result<BTreeMap<String, usize>> {
+    use futures::StreamExt;
+    let mut held: BTreeMap<String, usize> = keys.clone().map(|k| (k.clone(), 0)).collect();
+    for &(peer, epoch) in nodes {
+        let found: Vec<Option<String>> = futures::stream::iter(keys.clone().map(|key| {
+            let client = client.clone();
+            async move {
+                let url = CacheClient::url(peer, &format!("/internal/v1/items/{key}"))?;
+                let mut epoch = epoch;
+                let mut status = 0;
+                // The node may move to a newer ring meanwhile (421 names it).
+                for _ in 0..3 {
+                    let resp = client
+                        .http
+                        .get(&url)
+                        .header("x-distrocache-epoch", epoch)
+                        .send()
+                        .await?;
+                    status = resp.status().as_u16();
+                    if status != 421 {
+                        break;
+                    }
+                    epoch = resp
+                        .headers()
+                        .get("x-distrocache-epoch")
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .unwrap_or(epoch);
+                }
+                if status != 200 && status != 404 {
+                    bail!("{key} on {peer}: {status}");
+                }
+                Ok((status == 200).then(|| key.clone()))
+            }
+        }))
+        .buffer_unordered(32)
+        .collect::<Vec<Result<Option<String>>>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+        for key in found.into_iter().flatten() {
+            *held.get_mut(&key).expect("asked for it") += 1;
+        }
+    }
+    Ok(held)
 }
 
 /// Reads every key through every node; returns how many reads failed.

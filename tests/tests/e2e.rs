@@ -73,6 +73,27 @@ impl Env {
             nodes.len()
         );
         ensure!(lost == 0, "{step}: {lost} reads failed");
+        // Once the ring has settled, every key must have exactly two copies:
+        // reads are served by primaries, so a missing replica would go
+        // unnoticed until the primary went away.
+        let mut peers = Vec::new();
+        for node in &nodes {
+            let (_, view) = self.http.get_json(*node, "/api/v1/cluster").await?;
+            if view["settled"] != true {
+                eprintln!("[{step}] {node} has not settled yet; copies not checked");
+                return Ok(());
+            }
+            let epoch = view["epoch"].as_u64().unwrap_or(0);
+            peers.push((SocketAddr::new(node.ip(), 8081), epoch));
+        }
+        let want = 2.min(peers.len());
+        let copies = distrocache::copies(&self.http, &peers, expected.keys()).await?;
+        let wrong: Vec<_> = copies.iter().filter(|(_, n)| **n != want).take(5).collect();
+        ensure!(
+            wrong.is_empty(),
+            "{step}: keys without exactly {want} copies, e.g. {wrong:?}"
+        );
+        eprintln!("[{step}] every key has {want} copies");
         Ok(())
     }
 
@@ -112,8 +133,17 @@ impl Env {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_survives_scaling_restarts_and_crashes_without_losing_a_key() -> Result<()> {
-    let cp = ControlPlane::shared().await?;
     let kubelet = Kubelet::shared().await?;
+    let result = scenarios(kubelet).await;
+    if result.is_err() {
+        eprintln!("{}", kubelet.log_tails(NS, 60));
+        eprintln!("{}", kubelet.log_tails("distrocache-system", 40));
+    }
+    result
+}
+
+async fn scenarios(kubelet: &'static Kubelet) -> Result<()> {
+    let cp = ControlPlane::shared().await?;
     let _logs = cp.logs_on_panic();
     distrocache::register_images(kubelet)?;
     let env = Env {
@@ -254,6 +284,56 @@ async fn a_cache_survives_scaling_restarts_and_crashes_without_losing_a_key() ->
         .await?;
         for pod in now {
             restarted.insert(pod.clone());
+            // First, what the restarted node itself holds (its pull), asked
+            // before the next pod's restart can muddy the picture.
+            let ip = env
+                .kubelet
+                .pod_ip(NS, &pod)
+                .expect("a running pod has an IP");
+            let (_, view) = env
+                .http
+                .get_json(SocketAddr::new(ip.into(), 8080), "/api/v1/cluster")
+                .await?;
+            let epoch = view["epoch"].as_u64().unwrap_or(0);
+            let held = distrocache::copies(
+                &env.http,
+                &[(SocketAddr::new(ip.into(), 8081), epoch)],
+                written.keys(),
+            )
+            .await?;
+            let absent: Vec<&String> = held
+                .iter()
+                .filter(|(_, n)| **n == 0)
+                .map(|(k, _)| k)
+                .collect();
+            if !absent.is_empty() {
+                let mut others = Vec::new();
+                for other in ["example-0", "example-1"]
+                    .into_iter()
+                    .filter(|p| **p != pod)
+                {
+                    if let Some(ip) = env.kubelet.pod_ip(NS, other) {
+                        let (_, view) = env
+                            .http
+                            .get_json(SocketAddr::new(ip.into(), 8080), "/api/v1/cluster")
+                            .await?;
+                        let epoch = view["epoch"].as_u64().unwrap_or(0);
+                        let keys = absent.iter().map(|k| (*k).clone()).collect::<Vec<_>>();
+                        let there = distrocache::copies(
+                            &env.http,
+                            &[(SocketAddr::new(ip.into(), 8081), epoch)],
+                            keys.iter(),
+                        )
+                        .await?;
+                        others.push(format!("{other} holds {:?}", there));
+                    }
+                }
+                anyhow::bail!(
+                    "{pod} came back without {} keys: {:?}; {others:?}",
+                    absent.len(),
+                    &absent[..absent.len().min(5)]
+                );
+            }
             env.assert_nothing_lost(&written, &format!("5. rolling restart, {pod} back"))
                 .await?;
         }
