@@ -53,6 +53,7 @@ fn op() -> impl Strategy<Value = Op> {
 struct ModelItem {
     key: &'static str,
     value: Vec<u8>,
+    created_at: u64,
     expires_at: u64,
     tags: Vec<&'static str>,
     access_count: u64,
@@ -87,7 +88,7 @@ proptest! {
             StoreConfig { max_items: CAP, max_bytes: 0, default_ttl: Duration::from_secs(60), shards: 1 },
             Arc::new(clock.clone()),
         );
-        let mut model = Model { now: clock_secs(&clock), ..Model::default() };
+        let mut model = Model { now: clock_now(&clock), ..Model::default() };
 
         for op in ops {
             match op {
@@ -102,9 +103,11 @@ proptest! {
                         .set(key, &[value], &owned, Some(Duration::from_secs(ttl)), |_| ())
                         .unwrap();
                     prop_assert_eq!(created, model.live(key).is_none());
+                    let held = model.live(key).map(|p| model.items[p].created_at);
+                    let (created_at, expires_at) = versioned(held, model.now, ttl * NANOS);
                     if let Some(p) = model.position(key) { model.items.remove(p); }
                     model.items.insert(0, ModelItem {
-                        key, value: vec![value], expires_at: model.now + ttl, tags: tag_names, access_count: 0,
+                        key, value: vec![value], created_at, expires_at, tags: tag_names, access_count: 0,
                     });
                     while model.items.len() > CAP {
                         model.items.pop();
@@ -141,7 +144,7 @@ proptest! {
                 }
                 Op::Advance(secs) => {
                     clock.advance(Duration::from_secs(secs));
-                    model.now += secs;
+                    model.now += secs * NANOS;
                 }
                 Op::Sweep => {
                     let now = model.now;
@@ -192,6 +195,7 @@ fn key_name(k: usize) -> String {
 struct HeldItem {
     key: String,
     value: Vec<u8>,
+    created_at: u64,
     expires_at: u64,
     accessed_at: u64,
     tags: Vec<&'static str>,
@@ -223,7 +227,7 @@ proptest! {
         // Exactly what the store holds (expired items not yet removed
         // included), most recent first.
         let mut held: Vec<HeldItem> = Vec::new();
-        let mut now = clock_secs(&clock);
+        let mut now = clock_now(&clock);
         let mut evictions = 0;
         let live = |held: &[HeldItem], key: &str, now: u64| held.iter().position(|i| i.key == key && i.expires_at > now);
         let position = |held: &[HeldItem], key: &str| held.iter().position(|i| i.key == key);
@@ -237,18 +241,22 @@ proptest! {
                         if !tag_names.contains(&TAGS[t]) { tag_names.push(TAGS[t]); }
                     }
                     let owned: Vec<String> = tag_names.iter().map(|t| t.to_string()).collect();
+                    let (created_at, expires_at) =
+                        versioned(live(&held, &key, now).map(|p| held[p].created_at), now, ttl * NANOS);
                     let item = HeldItem {
-                        key: key.clone(), value: vec![value; len], expires_at: now + ttl,
+                        key: key.clone(), value: vec![value; len], created_at, expires_at,
                         accessed_at: now, tags: tag_names, access_count: 0,
                     };
                     let result = store.set(&key, &item.value, &owned, Some(Duration::from_secs(ttl)), |i| {
-                        (i.value().to_vec(), i.tags().map(str::to_owned).collect::<Vec<_>>())
+                        ((i.value().to_vec(), i.tags().map(str::to_owned).collect::<Vec<_>>()), (i.created_at(), i.ttl_nanos()))
                     });
                     if item.cost() > SHARDED_MAX_BYTES {
                         prop_assert!(matches!(result, Err(StoreError::TooLarge { .. })), "{:?}", result);
                     } else {
-                        let (created, (stored, stored_tags)) = result.unwrap();
+                        let (created, ((stored, stored_tags), (version, stored_ttl))) = result.unwrap();
                         prop_assert_eq!(created, live(&held, &key, now).is_none());
+                        prop_assert_eq!(version, item.created_at);
+                        prop_assert_eq!(stored_ttl, ttl * NANOS, "the ttl is exact whatever the version");
                         prop_assert_eq!(&stored, &item.value);
                         prop_assert_eq!(stored_tags, owned);
                         let before = held.clone();
@@ -292,7 +300,7 @@ proptest! {
                             let mut item = held.remove(p);
                             item.access_count += 1;
                             item.accessed_at = now;
-                            prop_assert_eq!(got, Some((item.value.clone(), item.access_count, now * 1_000_000_000)));
+                            prop_assert_eq!(got, Some((item.value.clone(), item.access_count, now)));
                             held.insert(0, item);
                         }
                         None => {
@@ -314,7 +322,7 @@ proptest! {
                 }
                 Op::Advance(secs) => {
                     clock.advance(Duration::from_secs(secs));
-                    now += secs;
+                    now += secs * NANOS;
                 }
                 Op::Sweep => {
                     let expected = held.iter().filter(|i| i.expires_at <= now).count();
@@ -351,7 +359,20 @@ proptest! {
     }
 }
 
-fn clock_secs(clock: &ManualClock) -> u64 {
+const NANOS: u64 = 1_000_000_000;
+
+fn clock_now(clock: &ManualClock) -> u64 {
     use cache_node::store::Clock;
-    clock.now() / 1_000_000_000
+    clock.now()
+}
+
+/// The version (creation time) and expiry the store gives a client's write
+/// at `now`: a key's versions grow with each write, so a write in the same
+/// tick as the live version it replaces (the manual clock often stands
+/// still) is shifted just past it, its ttl kept whole.
+fn versioned(held_created: Option<u64>, now: u64, ttl: u64) -> (u64, u64) {
+    let shift = held_created
+        .filter(|&h| h >= now)
+        .map_or(0, |h| h + 1 - now);
+    (now + shift, now + ttl + shift)
 }

@@ -455,6 +455,52 @@ fn replicated_writes_keep_metadata_and_the_newest_version_wins() {
 }
 
 #[test]
+fn client_writes_of_one_key_in_one_clock_tick_get_growing_versions() {
+    // The coordinator and a replica: the replica must take the second of two
+    // writes made within one tick (or after the clock stepped back), or the
+    // two would disagree until the item expired.
+    let (coordinator, clock) = store(10, 0, 1);
+    let (replica, _) = store(10, 0, 1);
+    let mut versions = Vec::new();
+    for (value, step_back) in [("\"v1\"", false), ("\"v2\"", false), ("\"v3\"", true)] {
+        if step_back {
+            clock.set(T0 - 1_000_000_000);
+        }
+        let (_, written) = coordinator
+            .set(
+                "k",
+                value.as_bytes(),
+                &[],
+                Some(Duration::from_secs(60)),
+                |i| i.meta(),
+            )
+            .unwrap();
+        assert_eq!(
+            written.expires_at - written.created_at,
+            60_000_000_000,
+            "the ttl stays exact"
+        );
+        assert_ne!(
+            replica
+                .put_replica("k", value.as_bytes(), &[], written)
+                .unwrap(),
+            Applied::Stale,
+            "{value} is newer than what the replica holds"
+        );
+        versions.push(written.created_at);
+    }
+    assert_eq!(versions, [T0, T0 + 1, T0 + 2]);
+    assert_eq!(get(&replica, "k").as_deref(), Some("\"v3\""));
+    // A key that is not held starts from the clock again.
+    let (_, other) = coordinator
+        .set("other", b"1", &[], None, |i| i.created_at())
+        .unwrap();
+    assert_eq!(other, T0 - 1_000_000_000);
+    coordinator.assert_consistent();
+    replica.assert_consistent();
+}
+
+#[test]
 fn replicated_deletes_spare_newer_writes() {
     let (store, _clock) = store(10, 0, 1);
     store.put_replica("k", b"1", &[], meta(5, 60, 0)).unwrap();
