@@ -54,7 +54,10 @@ pub struct Config {
     #[arg(long, env = "DISTROCACHE_CLEANUP_INTERVAL", default_value = "1m", value_parser = parse_positive_duration)]
     pub cleanup_interval: Duration,
 
-    /// How many nodes hold each key in a cluster (primary plus replicas).
+    /// Accepted for compatibility with the seed's configuration and checked,
+    /// but not what a cluster uses: every node takes the replication factor
+    /// from the ring document (`replicationFactor`, set by the operator from
+    /// the DistroCache spec), so that all members agree on it.
     #[arg(long, env = "DISTROCACHE_REPLICATION_FACTOR", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub replication_factor: u32,
