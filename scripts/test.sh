@@ -36,4 +36,7 @@ step "cargo build (the binaries the end-to-end tests run as pods)"
 cargo build --workspace --bins --locked
 
 step "cargo test"
-cargo test --workspace --locked
+# --nocapture: the multi-node, operator and end-to-end tests print what they
+# measured (time to Ready, keys moved, requests failed during a restart),
+# which is worth having in every CI log.
+cargo test --workspace --locked -- --nocapture
