@@ -365,7 +365,7 @@ impl Store {
                 max_bytes: self.max_bytes,
             });
         }
-        let mut item = NewItem {
+        let item = NewItem {
             key: key.as_bytes(),
             value,
             tags,
@@ -373,31 +373,15 @@ impl Store {
             accessed_at: meta.accessed_at,
             expires_at: meta.expires_at,
             access_count: u32::try_from(meta.access_count).unwrap_or(u32::MAX),
+            // A replica's version is the coordinator's, compared below.
+            newer_than_held: kind == WriteKind::Client,
         };
 
         let (idx, hash) = self.locate(key);
         let (created, result) = {
             let mut shard = self.shards[idx].lock();
             match kind {
-                WriteKind::Client => {
-                    // Versions of one key must grow with each write, or a
-                    // replica would take the second of two writes in one
-                    // clock tick (or after the clock stepped back) as stale
-                    // and keep the first. Shifting creation and expiry by the
-                    // same amount keeps the ttl exact; the access time stays
-                    // the clock's, as LRU order across shards compares it.
-                    if let Some(held) = shard.created_at_of(hash, key.as_bytes(), now)
-                        && held >= item.created_at
-                    {
-                        let shift = held + 1 - item.created_at;
-                        item.created_at += shift;
-                        item.expires_at = item
-                            .expires_at
-                            .checked_add(shift)
-                            .ok_or(StoreError::TtlTooLarge)?;
-                    }
-                    shard.counters.sets += 1;
-                }
+                WriteKind::Client => shard.counters.sets += 1,
                 WriteKind::Replica => {
                     if shard
                         .created_at_of(hash, key.as_bytes(), now)

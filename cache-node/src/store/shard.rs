@@ -137,6 +137,11 @@ pub struct NewItem<'a> {
     pub accessed_at: UnixNanos,
     pub expires_at: UnixNanos,
     pub access_count: u32,
+    /// The write's version (creation time) must exceed the live item's it
+    /// replaces: set for a client's write, whose creation time is the
+    /// clock's and could equal (same tick) or precede (the clock stepped
+    /// back) the held one, which replicas would then take as stale and keep.
+    pub newer_than_held: bool,
 }
 
 #[derive(Debug)]
@@ -220,12 +225,23 @@ impl<S: BuildHasher> Shard<S> {
 
     /// Inserts or replaces an item and makes it most recently used. Capacity is
     /// the caller's concern (see [`Self::evict_lru`]).
-    pub fn set(&mut self, hash: u64, item: NewItem<'_>, now: UnixNanos) -> Stored {
+    pub fn set(&mut self, hash: u64, mut item: NewItem<'_>, now: UnixNanos) -> Stored {
         let existing = self.find(hash, item.key);
         let created = match existing {
             Some(slot) => self.slots[slot as usize].expires_at <= now,
             None => true,
         };
+        if let Some(slot) = existing.filter(|_| !created && item.newer_than_held) {
+            let held = self.slots[slot as usize].created_at;
+            if held >= item.created_at {
+                // Creation and expiry move together, so the ttl stays exact;
+                // the access time stays the clock's, as eviction across
+                // shards compares it.
+                let shift = held + 1 - item.created_at;
+                item.created_at += shift;
+                item.expires_at = item.expires_at.saturating_add(shift);
+            }
+        }
         if created && existing.is_some() {
             // The item it replaces had expired unswept: that item's end is
             // an expiration, so `items` keeps equalling creations minus
