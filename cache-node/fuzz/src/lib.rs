@@ -215,7 +215,14 @@ pub fn key_path(data: &[u8]) {
         return;
     }
     let decoded: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
+    // The connection's fast path decodes item keys by itself: it must take
+    // exactly the keys the router serves, as the same key, and leave every
+    // refusal to the router.
+    let fast = (!prefix.contains("/tag/"))
+        .then(|| cache_node::api::fast::item_key(uri.path(), small_limits().max_key_bytes))
+        .flatten();
     let expected = if decoded.is_empty() {
+        assert!(fast.is_none(), "fast path took an empty key: {path:?}");
         // An empty segment does not match the route at all.
         assert!(matches!(
             status,
@@ -236,9 +243,15 @@ pub fn key_path(data: &[u8]) {
         Ok(())
     };
     match expected {
-        Err(want) => assert_eq!(status, want, "{path:?}"),
+        Err(want) => {
+            assert_eq!(status, want, "{path:?}");
+            assert!(fast.is_none(), "fast path took a refused key: {path:?}");
+        }
         Ok(()) => {
             let key = String::from_utf8(decoded).expect("checked above");
+            if !prefix.contains("/tag/") {
+                assert_eq!(fast.as_deref(), Some(key.as_str()), "{path:?}");
+            }
             match method {
                 Method::PUT => {
                     assert!(matches!(status, StatusCode::OK | StatusCode::CREATED));

@@ -61,7 +61,9 @@ impl FastPath {
     }
 
     pub fn dispatch(&self, request: Request<Incoming>) -> Dispatch {
-        let Some(key) = item_key(&self.app, &request) else {
+        let key = item_key(request.uri().path(), self.app.limits.max_key_bytes)
+            .filter(|_| auth::client_allows(&self.app, request.headers()));
+        let Some(key) = key else {
             return Dispatch::Router(request);
         };
         let method = request.method().clone();
@@ -106,19 +108,18 @@ impl FastPath {
     }
 }
 
-/// The decoded key of a request on `/api/v1/cache/{key}` that the fast path
-/// may serve; `None` leaves the request (and any refusal) to the router.
-fn item_key<'r>(app: &AppState, request: &'r Request<Incoming>) -> Option<Cow<'r, str>> {
-    let segment = request.uri().path().strip_prefix(ITEM_PREFIX)?;
+/// The decoded key of a path `/api/v1/cache/{key}` that the fast path may
+/// serve: one segment that percent-decodes, as axum's `Path` does, to a
+/// non-empty UTF-8 key within `max_key_bytes`. `None` leaves the request,
+/// and any refusal, to the router. Public for the `key_path` fuzz target,
+/// which checks it against the router's decoding.
+pub fn item_key(path: &str, max_key_bytes: usize) -> Option<Cow<'_, str>> {
+    let segment = path.strip_prefix(ITEM_PREFIX)?;
     if segment.is_empty() || segment.contains('/') {
         return None;
     }
-    // The same decoding as axum's `Path`: percent escapes, then UTF-8.
     let key = percent_decode_str(segment).decode_utf8().ok()?;
-    if key.len() > app.limits.max_key_bytes || !auth::client_allows(app, request.headers()) {
-        return None;
-    }
-    Some(key)
+    (key.len() <= max_key_bytes).then_some(key)
 }
 
 /// The whole body, up to `limit` bytes, with the router's refusals: 413
