@@ -44,15 +44,7 @@ node() { # id ip
 }
 wait_ready() { for _ in $(seq 1 600); do curl -sf "http://$1:$PORT/api/v1/ready" >/dev/null && return 0; sleep 0.05; done; echo "$1 never ready" >&2; exit 1; }
 
-# wrk -> "rps p99_ms"
-wrk_run() {
-  taskset -c "$CLIENT_CORE" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" > "$work/wrk.out"
-  awk '/^Requests\/sec:/ { rps = $2 }
-       /^ +99%/ { v = $2; u = v; gsub(/[0-9.]/, "", u); sub(/[a-z]+$/, "", v);
-                  p99 = (u == "us") ? v / 1000 : (u == "s") ? v * 1000 : v }
-       /Non-2xx|Socket errors/ { print $0 > "/dev/stderr"; bad = 1 }
-       END { if (bad || rps == "") exit 1; printf "%s %.3f\n", rps, p99 }' "$work/wrk.out"
-}
+source bench/wrk.sh  # wrk_run (the scripts run from the repository root)
 
 echo "== 1. forwarded vs local GET (rf 1, 2 nodes)" >&2
 ring 1 1 a=$A b=$B
@@ -77,8 +69,8 @@ for name, keys in (("local", local), ("remote", remote)):
 print(f"{len(local)} keys owned by a, {len(remote)} by b", file=sys.stderr)
 PY
 # Assignments, not `read < <(...)`, so a failed run stops the script (set -e).
-out=$(wrk_run -s "$work/local.lua" "http://$A:$PORT"); read -r local_rps local_p99 <<<"$out"
-out=$(wrk_run -s "$work/remote.lua" "http://$A:$PORT"); read -r fwd_rps fwd_p99 <<<"$out"
+out=$(wrk_run local -s "$work/local.lua" "http://$A:$PORT"); read -r local_rps local_p99 <<<"$out"
+out=$(wrk_run forwarded -s "$work/remote.lua" "http://$A:$PORT"); read -r fwd_rps fwd_p99 <<<"$out"
 kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 
 echo "== 2. rebalancing throughput ($KEYS keys, rf 2, a 3rd node joins)" >&2

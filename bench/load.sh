@@ -86,26 +86,7 @@ fixed_lua() {  # a request() returning the same GET each time
   echo "$work/fixed.lua"
 }
 
-# One wrk run; prints "rps p99_ms". Fails (and so stops the script, since
-# every caller assigns its output) on non-2xx answers or socket errors.
-wrk_run() {
-  local label=$1; shift
-  taskset -c "$CLIENT_CORE" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" > "$work/wrk.out"
-  cp "$work/wrk.out" "$work/wrk-$label.out"
-  awk -v label="$label" '
-    /^Requests\/sec:/ { rps = $2 }
-    /^ +99%/ { v = $2; u = v; gsub(/[0-9.]/, "", u); sub(/[a-z]+$/, "", v);
-               ms = (u == "us") ? v / 1000 : (u == "s") ? v * 1000 : v; p99 = ms }
-    /Non-2xx/ { bad = $NF }
-    /Socket errors/ { errors = $0 }
-    END {
-      if (bad > 0) { print label ": non-2xx answers: " bad > "/dev/stderr"; exit 1 }
-      if (errors != "") { print label ": " errors > "/dev/stderr"; exit 1 }
-      if (rps == "") { print label ": no result from wrk" > "/dev/stderr"; exit 1 }
-      printf "%s %.3f\n", rps, p99
-    }
-  ' "$work/wrk.out"
-}
+source bench/wrk.sh  # wrk_run (the scripts run from the repository root)
 
 echo "== cache-node" >&2
 taskset -c "$SERVER_CORE" target/release/cache-node --bind-address 127.0.0.1 --port $CACHE_PORT \

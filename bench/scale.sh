@@ -72,24 +72,7 @@ LUA
   echo "$work/get-$1.lua"
 }
 
-# One wrk run; prints "rps p99_ms"; fails on non-2xx answers or socket errors.
-wrk_run() {
-  local label=$1 duration=$2; shift 2
-  taskset -c "$CLIENT_CORE" wrk -t1 -c"$CONNS" -d"$duration" --latency "$@" > "$work/wrk.out"
-  awk -v label="$label" '
-    /^Requests\/sec:/ { rps = $2 }
-    /^ +99%/ { v = $2; u = v; gsub(/[0-9.]/, "", u); sub(/[a-z]+$/, "", v);
-               ms = (u == "us") ? v / 1000 : (u == "s") ? v * 1000 : v; p99 = ms }
-    /Non-2xx/ { bad = $NF }
-    /Socket errors/ { errors = $0 }
-    END {
-      if (bad > 0) { print label ": non-2xx answers: " bad > "/dev/stderr"; exit 1 }
-      if (errors != "") { print label ": " errors > "/dev/stderr"; exit 1 }
-      if (rps == "") { print label ": no result from wrk" > "/dev/stderr"; exit 1 }
-      printf "%s %.3f\n", rps, p99
-    }
-  ' "$work/wrk.out"
-}
+source bench/wrk.sh  # wrk_run (the scripts run from the repository root)
 
 # Writes keys prefix:1..want (round and round) until the node holds all
 # `want`, then stops the writer: a fill through the REST API at whatever rate
@@ -108,7 +91,7 @@ fill() {  # prefix want
 
 echo "== SET of new keys below capacity" >&2
 start_node 100000000
-out=$(wrk_run below "$DURATION" -s "$(set_lua below)" "http://127.0.0.1:$PORT"); read -r below_rps below_p99 <<<"$out"
+out=$(wrk_run below -s "$(set_lua below)" "http://127.0.0.1:$PORT"); read -r below_rps below_p99 <<<"$out"
 (($(stat evictions) == 0)) || { echo "the below-capacity run evicted" >&2; exit 1; }
 stop_node
 
@@ -116,7 +99,7 @@ echo "== SET of new keys at capacity ($SMALL items, every insert evicts)" >&2
 start_node "$SMALL"
 fill full "$SMALL"
 evicted=$(stat evictions)
-out=$(wrk_run at "$DURATION" -s "$(set_lua at)" "http://127.0.0.1:$PORT"); read -r at_rps at_p99 <<<"$out"
+out=$(wrk_run at -s "$(set_lua at)" "http://127.0.0.1:$PORT"); read -r at_rps at_p99 <<<"$out"
 evictions=$(($(stat evictions) - evicted))
 echo "at capacity: $evictions evictions during the run" >&2
 stop_node
@@ -124,7 +107,7 @@ stop_node
 echo "== GET of random keys, $SMALL items" >&2
 start_node $((SMALL * 2))
 fill small "$SMALL"
-out=$(wrk_run small "$DURATION" -s "$(get_lua small "$SMALL")" "http://127.0.0.1:$PORT"); read -r small_rps small_p99 <<<"$out"
+out=$(wrk_run small -s "$(get_lua small "$SMALL")" "http://127.0.0.1:$PORT"); read -r small_rps small_p99 <<<"$out"
 (($(stat misses) == 0)) || { echo "the $SMALL-item GET run missed" >&2; exit 1; }
 stop_node
 
@@ -132,7 +115,7 @@ echo "== GET of random keys, $BIG items" >&2
 start_node $((BIG * 2))
 fill big "$BIG"
 rss=$(awk '/VmRSS/ {printf "%d\n", $2 * 1024}' "/proc/$node/status")
-out=$(wrk_run big "$DURATION" -s "$(get_lua big "$BIG")" "http://127.0.0.1:$PORT"); read -r big_rps big_p99 <<<"$out"
+out=$(wrk_run big -s "$(get_lua big "$BIG")" "http://127.0.0.1:$PORT"); read -r big_rps big_p99 <<<"$out"
 (($(stat misses) == 0)) || { echo "the $BIG-item GET run missed" >&2; exit 1; }
 stop_node
 
