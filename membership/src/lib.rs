@@ -8,8 +8,14 @@
 //!   `GET /api/v1/cluster/rebalance`; the operator reads it to decide when a
 //!   joining member holds its data and when a leaving one has handed off.
 //!
-//! One crate defines both so the two sides cannot drift: the operator and
-//! `cache-node` both depend on it, and the round-trip tests below pin the JSON.
+//! * [`placement`]: which members own a key under a document, shared by
+//!   the nodes and ring-aware clients so they place keys exactly alike.
+//!
+//! One crate defines them so the sides cannot drift: the operator,
+//! `cache-node` and `distrocache-client` all depend on it, and the
+//! round-trip tests below pin the JSON.
+
+pub mod placement;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -75,7 +81,20 @@ pub struct Member {
     pub id: String,
     /// Where peers reach the member's API, `ip:port`.
     pub address: String,
+    /// Where clients reach the member's client API, `ip:port`, when it is
+    /// not `address` (the operator gives the peer API a port of its own).
+    /// Ring-aware clients send each request here, straight to an owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<String>,
     pub state: MemberState,
+}
+
+impl Member {
+    /// Where clients reach this member: `clientAddress`, or `address` when
+    /// the client and peer APIs share a port.
+    pub fn client_address(&self) -> &str {
+        self.client_address.as_deref().unwrap_or(&self.address)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -173,6 +192,14 @@ impl MembershipDoc {
                     m.id, m.address
                 ));
             }
+            if let Some(client) = &m.client_address
+                && client.parse::<SocketAddr>().is_err()
+            {
+                return invalid(format!(
+                    "member {:?} has clientAddress {:?}, which is not ip:port",
+                    m.id, client
+                ));
+            }
         }
         Ok(())
     }
@@ -245,12 +272,14 @@ mod tests {
             members: vec![
                 Member {
                     id: "cache-0".into(),
-                    address: "10.0.0.5:8080".into(),
+                    address: "10.0.0.5:8081".into(),
+                    client_address: Some("10.0.0.5:8080".into()),
                     state: MemberState::Active,
                 },
                 Member {
                     id: "cache-1".into(),
                     address: "[fd00::1]:8080".into(),
+                    client_address: None,
                     state: MemberState::Joining,
                 },
             ],
@@ -283,7 +312,7 @@ mod tests {
                 "replicationFactor": 2,
                 "hashing": {"algorithm": "consistent", "virtualNodes": 160},
                 "members": [
-                    {"id": "cache-0", "address": "10.0.0.5:8080", "state": "active"},
+                    {"id": "cache-0", "address": "10.0.0.5:8081", "clientAddress": "10.0.0.5:8080", "state": "active"},
                     {"id": "cache-1", "address": "[fd00::1]:8080", "state": "joining"}
                 ]
             })
@@ -291,6 +320,9 @@ mod tests {
         let minimal = r#"{"epoch": 1, "replicationFactor": 1, "members": []}"#;
         let d = MembershipDoc::from_json(minimal.as_bytes()).unwrap();
         assert_eq!(d.hashing, Hashing::Rendezvous);
+        let d = doc();
+        assert_eq!(d.members[0].client_address(), "10.0.0.5:8080");
+        assert_eq!(d.members[1].client_address(), "[fd00::1]:8080");
     }
 
     #[test]
@@ -307,6 +339,7 @@ mod tests {
         bad(&|d| d.members[0].id = String::new());
         bad(&|d| d.members[0].address = "cache-0:8080".into());
         bad(&|d| d.members[0].address = "10.0.0.5".into());
+        bad(&|d| d.members[0].client_address = Some("cache-0:8080".into()));
         for text in [
             "",
             "{}",

@@ -531,6 +531,9 @@ fn ring_from_status(status: &DistroCacheStatus, replication_factor: u32) -> Opti
         .map(|m| Member {
             id: m.pod.clone(),
             address: m.address.clone(),
+            // Not recorded in the status: the next plan fills it in from
+            // the pod (see `scaling`, step 1).
+            client_address: None,
             state: match m.state.as_str() {
                 "joining" => MemberState::Joining,
                 "leaving" => MemberState::Leaving,

@@ -173,11 +173,22 @@ pub fn plan(o: &Observed) -> Plan {
         .iter()
         .map(|m| {
             let mut m = m.clone();
-            if let Some(address) = o.pods.get(&m.id).and_then(|p| p.address.clone())
+            let pod = o.pods.get(&m.id);
+            if let Some(address) = pod.and_then(|p| p.address.clone())
                 && address != m.address
             {
                 moved.push(m.id.clone());
                 m.address = address;
+            }
+            // The client address moves with the peer address; a ring that
+            // predates it (or was rebuilt from the status) gains it here.
+            if let Some(client) = pod.and_then(|p| p.client.clone())
+                && m.client_address.as_ref() != Some(&client)
+            {
+                if !moved.contains(&m.id) {
+                    moved.push(m.id.clone());
+                }
+                m.client_address = Some(client);
             }
             m
         })
@@ -316,6 +327,7 @@ pub fn plan(o: &Observed) -> Plan {
             members.push(Member {
                 id: id.clone(),
                 address: o.pods[id].address.clone().expect("checked above"),
+                client_address: o.pods[id].client.clone(),
                 state: MemberState::Joining,
             });
         }
@@ -421,6 +433,7 @@ fn bootstrap(o: &Observed, desired: i32) -> Plan {
             Some(Member {
                 id: id.clone(),
                 address: address(id),
+                client_address: o.pods[id].client.clone(),
                 state: o.progress[id].member_state?,
             })
         })
@@ -437,6 +450,7 @@ fn bootstrap(o: &Observed, desired: i32) -> Plan {
         .map(|id| Member {
             id: id.clone(),
             address: address(id),
+            client_address: o.pods[id].client.clone(),
             state: MemberState::Active,
         })
         .collect();

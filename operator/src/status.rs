@@ -322,6 +322,7 @@ mod tests {
                 .map(|(i, &state)| Member {
                     id: format!("c-{i}"),
                     address: format!("10.0.0.{i}:8080"),
+                    client_address: None,
                     state,
                 })
                 .collect(),

@@ -38,7 +38,8 @@ mod tests {
             hashing: Hashing::Rendezvous,
             members: vec![Member {
                 id: "orders-0".into(),
-                address: "10.1.2.3:8080".into(),
+                address: "10.1.2.3:8081".into(),
+                client_address: Some("10.1.2.3:8080".into()),
                 state: MemberState::Active,
             }],
         };

@@ -41,6 +41,7 @@ fn ring(epoch: u64, members: &[(i32, MemberState)]) -> MembershipDoc {
             .map(|&(n, state)| Member {
                 id: format!("c-{n}"),
                 address: format!("10.0.0.{n}:8080"),
+                client_address: Some(format!("10.0.0.{n}:8080")),
                 state,
             })
             .collect(),
