@@ -1,0 +1,691 @@
+//! The peer client: one multiplexed connection to each peer, and a method
+//! per operation of the protocol.
+//!
+//! A connection carries any number of requests at once. Each request gets
+//! an id, its frame joins the connection's [`Outbox`] (so requests made
+//! while a write is in flight leave together in the next one), and its
+//! caller waits for the answer with that id, which may come back before or
+//! after the answers to other requests. The connection is opened on first
+//! use: TCP, then an HTTP/1.1 upgrade (`GET /internal/v1/connect`,
+//! `Upgrade: distrocache-peer/1`) that carries the peer token and this
+//! node's id, so authentication and every limit of the HTTP listener apply
+//! before a single frame is read; then frames both ways.
+//!
+//! Failures are told apart by what the peer may have done, which is what a
+//! caller needs to decide whether to send a request elsewhere:
+//! * never sent ([`PeerError::Refused`]): no connection, or the request was
+//!   still in the outbox when the connection ended, or the peer announced it
+//!   was going away before reading it; sending it elsewhere is safe;
+//! * sent, no answer ([`PeerError::Unreachable`], [`PeerError::Timeout`]):
+//!   the peer may have acted on it.
+//!
+//! A connection that dies fails exactly the requests in flight on it, each
+//! with its own error; nothing is ever answered with another request's
+//! answer (answers are matched by id, and an id is never reused on a
+//! connection). A connection idle for [`IDLE_CLOSE`] is closed by this side,
+//! which knows nothing is in flight, so no request is ever caught by a close.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::http::{HeaderValue, Method, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::codec::FramedRead;
+
+use distrocache_membership::{MembershipDoc, NodeProgress};
+
+use super::frame::{self, Frame, FrameCodec};
+use super::outbox::Outbox;
+use super::protocol::{Answer, LocalInvalidation, NodeStats, Records, ReplicateOutcome, Request};
+use super::{CONNECT_PATH, FROM_HEADER, PROTOCOL};
+
+/// A connection with nothing in flight for this long is closed.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(15);
+/// Most requests in flight on one connection; further callers wait.
+const MAX_IN_FLIGHT: usize = 4096;
+/// Largest error body read from a refused upgrade.
+const MAX_REFUSAL_BYTES: usize = 4096;
+
+/// Timeouts and bounds of peer calls.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerSettings {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Largest frame body sent or accepted (a rebalancing batch and then some).
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    /// The request never reached the peer: sending it to another owner is
+    /// safe even for a write.
+    #[error("cannot reach {addr}: {reason}")]
+    Refused { addr: SocketAddr, reason: String },
+    /// The connection broke after the request left: the peer may or may not
+    /// have acted on it.
+    #[error("lost {addr} mid-request: {reason}")]
+    Unreachable { addr: SocketAddr, reason: String },
+    #[error("{addr} did not answer within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    /// The peer refused or failed the request.
+    #[error("{addr} answered {status}: {message}")]
+    Status {
+        addr: SocketAddr,
+        status: StatusCode,
+        message: String,
+    },
+    /// The peer holds another ring epoch (`theirs`) and did nothing.
+    #[error("{addr} holds ring epoch {theirs}, a different one")]
+    Misdirected { addr: SocketAddr, theirs: u64 },
+    /// The peer held a newer ring, which this node has now adopted: the
+    /// caller must plan again with it.
+    #[error("the ring changed while talking to {addr}")]
+    RingChanged { addr: SocketAddr },
+    #[error("{addr} sent an answer this node cannot read: {reason}")]
+    BadAnswer { addr: SocketAddr, reason: String },
+}
+
+impl PeerError {
+    /// Whether the peer looks down or failing, so that trying another owner
+    /// could help.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Refused { .. } | PeerError::Unreachable { .. } | PeerError::Timeout { .. }
+        ) || matches!(self, PeerError::Status { status, .. } if status.is_server_error())
+    }
+
+    /// Whether the peer may have acted on the request although no answer
+    /// says so. Otherwise a write may go to another owner instead without
+    /// being applied twice with different outcomes.
+    pub fn may_have_acted(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Unreachable { .. } | PeerError::Timeout { .. }
+        )
+    }
+}
+
+/// An answer and the ring epoch its sender holds.
+#[derive(Debug)]
+pub struct Reply {
+    pub epoch: u64,
+    pub answer: Answer,
+}
+
+/// One multiplexed connection to a peer.
+struct Connection {
+    addr: SocketAddr,
+    outbox: Outbox,
+    /// Ids are handed out under the outbox's lock, in the order the frames
+    /// enter it: every id below `next_id` is in the outbox or gone.
+    next_id: AtomicU64,
+    /// Every id up to this one has been handed to the socket.
+    taken_through: AtomicU64,
+    calls: Mutex<Calls>,
+    in_flight: Semaphore,
+    last_used: Mutex<Instant>,
+}
+
+type Waiter = oneshot::Sender<Result<Frame, PeerError>>;
+
+#[derive(Default)]
+struct Calls {
+    pending: HashMap<u64, Waiter>,
+    /// The peer is going away after answering requests up to this id.
+    going_away: Option<u64>,
+    /// Why no request is taken any more.
+    closed: Option<String>,
+}
+
+impl Connection {
+    fn is_usable(&self) -> bool {
+        let calls = self.calls.lock();
+        calls.closed.is_none() && calls.going_away.is_none()
+    }
+
+    /// Sends `request` and waits for its answer.
+    async fn call(
+        &self,
+        epoch: u64,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Frame, PeerError> {
+        let refused = |reason: &str| PeerError::Refused {
+            addr: self.addr,
+            reason: reason.to_owned(),
+        };
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| refused("connection closed"))?;
+        let (tx, rx) = oneshot::channel();
+        let id = self
+            .outbox
+            .with(|buf| {
+                let mut calls = self.calls.lock();
+                if calls.closed.is_some() || calls.going_away.is_some() {
+                    return None;
+                }
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                frame::encode(buf, id, epoch, |body| request.encode(body));
+                calls.pending.insert(id, tx);
+                Some(id)
+            })
+            .ok_or_else(|| refused("connection closing"))?;
+        *self.last_used.lock() = Instant::now();
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(PeerError::Unreachable {
+                addr: self.addr,
+                reason: "connection dropped".into(),
+            }),
+            Err(_) => {
+                self.calls.lock().pending.remove(&id);
+                Err(PeerError::Timeout {
+                    addr: self.addr,
+                    timeout,
+                })
+            }
+        }
+    }
+
+    /// Reads answers and hands each to its caller, until the stream ends,
+    /// fails, or the peer, going away, has answered everything it read.
+    async fn read_answers<R>(&self, mut frames: FramedRead<R, FrameCodec>) -> String
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        loop {
+            let frame = match frames.next().await {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return e.to_string(),
+                None => return "the peer closed the connection".into(),
+            };
+            let mut calls = self.calls.lock();
+            if frame.kind == frame::GOING_AWAY {
+                let last = frame.id;
+                calls.going_away = Some(last);
+                let never_read: Vec<u64> = calls
+                    .pending
+                    .keys()
+                    .copied()
+                    .filter(|&id| id > last)
+                    .collect();
+                for id in never_read {
+                    if let Some(waiter) = calls.pending.remove(&id) {
+                        let _ = waiter.send(Err(PeerError::Refused {
+                            addr: self.addr,
+                            reason: "the peer is going away".into(),
+                        }));
+                    }
+                }
+            } else if let Some(waiter) = calls.pending.remove(&frame.id) {
+                let _ = waiter.send(Ok(frame));
+            }
+            if calls.going_away.is_some() && calls.pending.is_empty() {
+                return "the peer went away".into();
+            }
+        }
+    }
+
+    /// Closes the connection once it has been idle for [`IDLE_CLOSE`].
+    async fn close_when_idle(&self) -> String {
+        loop {
+            tokio::time::sleep(IDLE_CLOSE / 3).await;
+            {
+                let mut calls = self.calls.lock();
+                if !calls.pending.is_empty() || self.last_used.lock().elapsed() < IDLE_CLOSE {
+                    continue;
+                }
+                calls.closed = Some("idle".into());
+            }
+            // Outside the calls lock: callers take the outbox's lock first.
+            self.outbox.close();
+            return "idle".into();
+        }
+    }
+
+    /// Fails every request still waiting: those handed to the socket (and
+    /// not beyond what a departing peer said it read) may have been acted
+    /// on; the rest never left.
+    fn fail_all(&self, reason: &str) {
+        let (waiting, read_by_peer) = {
+            let mut calls = self.calls.lock();
+            calls.closed.get_or_insert_with(|| reason.to_owned());
+            let waiting: Vec<(u64, Waiter)> = calls.pending.drain().collect();
+            (waiting, calls.going_away.unwrap_or(u64::MAX))
+        };
+        // Outside the calls lock: callers take the outbox's lock first.
+        self.outbox.close();
+        let taken = self.taken_through.load(Ordering::Acquire);
+        for (id, waiter) in waiting {
+            let error = if id <= taken && id <= read_by_peer {
+                PeerError::Unreachable {
+                    addr: self.addr,
+                    reason: reason.to_owned(),
+                }
+            } else {
+                PeerError::Refused {
+                    addr: self.addr,
+                    reason: reason.to_owned(),
+                }
+            };
+            let _ = waiter.send(Err(error));
+        }
+    }
+}
+
+/// Runs a connection until it ends, then fails what was in flight on it.
+async fn drive(conn: Arc<Connection>, stream: TcpStream, read_buf: Bytes, max_body: usize) {
+    let (read, mut write) = stream.into_split();
+    let mut frames = FramedRead::new(read, FrameCodec::new(max_body));
+    frames.read_buffer_mut().extend_from_slice(&read_buf);
+    let reason = tokio::select! {
+        reason = conn.read_answers(frames) => reason,
+        written = conn.outbox.write_to(&mut write, || {
+            // Called with the outbox locked: no id is being handed out.
+            let last = conn.next_id.load(Ordering::Relaxed).saturating_sub(1);
+            conn.taken_through.store(last, Ordering::Release);
+        }) => match written {
+            Ok(()) => "closed".to_owned(),
+            Err(e) => format!("write failed: {e}"),
+        },
+        reason = conn.close_when_idle() => reason,
+    };
+    tracing::debug!(peer = %conn.addr, %reason, "peer connection ended");
+    conn.fail_all(&reason);
+}
+
+/// A peer's connection, or the way to one.
+#[derive(Default)]
+struct Slot {
+    conn: ArcSwapOption<Connection>,
+    /// Held while connecting, so concurrent callers share one attempt.
+    connecting: tokio::sync::Mutex<()>,
+    /// The last attempt failed: callers in the next instants fail at once
+    /// rather than each wait for a connect timeout of their own.
+    failed: Mutex<Option<(Instant, String)>>,
+}
+
+/// How long a failed connection attempt answers for the peer.
+const FAILURE_HOLD: Duration = Duration::from_millis(250);
+
+/// The client every node uses to reach its peers (and tests to reach
+/// nodes): one multiplexed connection per peer address.
+pub struct PeerClient {
+    from: HeaderValue,
+    /// `Bearer <peer token>`, when the peer API requires one.
+    authorization: Option<HeaderValue>,
+    settings: PeerSettings,
+    slots: parking_lot::RwLock<HashMap<SocketAddr, Arc<Slot>>>,
+}
+
+impl PeerClient {
+    pub fn new(node_id: &str, settings: PeerSettings, token: Option<&str>) -> Self {
+        Self {
+            from: HeaderValue::from_str(node_id)
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid-node-id")),
+            authorization: token.and_then(|t| {
+                let mut value = HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
+                value.set_sensitive(true);
+                Some(value)
+            }),
+            settings,
+            slots: Default::default(),
+        }
+    }
+
+    pub fn settings(&self) -> PeerSettings {
+        self.settings
+    }
+
+    /// Sends one request with this node's `epoch` and returns the answer,
+    /// whatever it says; only transport failures are errors.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        epoch: u64,
+        request: &Request,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, PeerError> {
+        let timeout = timeout.unwrap_or(self.settings.request_timeout);
+        let frame = self.call(addr, epoch, request, timeout).await?;
+        let answer = Answer::decode(frame.kind, &frame.body).map_err(|e| PeerError::BadAnswer {
+            addr,
+            reason: e.to_string(),
+        })?;
+        Ok(Reply {
+            epoch: frame.epoch,
+            answer,
+        })
+    }
+
+    async fn call(
+        &self,
+        addr: SocketAddr,
+        epoch: u64,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Frame, PeerError> {
+        // A request that never left a connection that was closing (idle,
+        // or the peer going away) goes out once more on a new one.
+        for attempt in 0..2 {
+            let conn = self.connection(addr).await?;
+            match conn.call(epoch, request, timeout).await {
+                Err(PeerError::Refused { .. }) if attempt == 0 => continue,
+                result => return result,
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    fn slot(&self, addr: SocketAddr) -> Arc<Slot> {
+        if let Some(slot) = self.slots.read().get(&addr) {
+            return slot.clone();
+        }
+        self.slots.write().entry(addr).or_default().clone()
+    }
+
+    /// The open connection to `addr`, opening one if needed.
+    async fn connection(&self, addr: SocketAddr) -> Result<Arc<Connection>, PeerError> {
+        let slot = self.slot(addr);
+        let usable = |slot: &Slot| slot.conn.load_full().filter(|c| c.is_usable());
+        if let Some(conn) = usable(&slot) {
+            return Ok(conn);
+        }
+        let _connecting = slot.connecting.lock().await;
+        if let Some(conn) = usable(&slot) {
+            return Ok(conn);
+        }
+        if let Some((at, reason)) = slot.failed.lock().as_ref()
+            && at.elapsed() < FAILURE_HOLD
+        {
+            return Err(PeerError::Refused {
+                addr,
+                reason: reason.clone(),
+            });
+        }
+        match self.open(addr).await {
+            Ok(conn) => {
+                *slot.failed.lock() = None;
+                slot.conn.store(Some(conn.clone()));
+                Ok(conn)
+            }
+            Err(e) => {
+                let reason = match &e {
+                    PeerError::Refused { reason, .. } => reason.clone(),
+                    other => other.to_string(),
+                };
+                *slot.failed.lock() = Some((Instant::now(), reason));
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects and upgrades to the peer protocol.
+    async fn open(&self, addr: SocketAddr) -> Result<Arc<Connection>, PeerError> {
+        let refused = |reason: String| PeerError::Refused { addr, reason };
+        let handshake = async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| refused(e.to_string()))?;
+            let _ = stream.set_nodelay(true);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| refused(error_chain(&e)))?;
+            let driving = tokio::spawn(conn.with_upgrades());
+            let mut request = hyper::Request::builder()
+                .method(Method::GET)
+                .uri(CONNECT_PATH)
+                .header(header::HOST, addr.to_string())
+                .header(header::CONNECTION, "upgrade")
+                .header(header::UPGRADE, PROTOCOL)
+                .header(FROM_HEADER, self.from.clone());
+            if let Some(authorization) = &self.authorization {
+                request = request.header(header::AUTHORIZATION, authorization.clone());
+            }
+            let request = request
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| refused(e.to_string()))?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| refused(error_chain(&e)))?;
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                let status = response.status();
+                let body = Limited::new(response.into_body(), MAX_REFUSAL_BYTES)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                driving.abort();
+                return Err(PeerError::Status {
+                    addr,
+                    status,
+                    message: error_message(&body),
+                });
+            }
+            let upgraded = hyper::upgrade::on(response)
+                .await
+                .map_err(|e| refused(error_chain(&e)))?;
+            let parts = upgraded
+                .downcast::<TokioIo<TcpStream>>()
+                .map_err(|_| refused("upgraded connection of an unexpected type".into()))?;
+            Ok((parts.io.into_inner(), parts.read_buf))
+        };
+        let (stream, read_buf) = tokio::time::timeout(self.settings.connect_timeout, handshake)
+            .await
+            .map_err(|_| {
+                refused(format!(
+                    "no connection within {:?}",
+                    self.settings.connect_timeout
+                ))
+            })??;
+        let conn = Arc::new(Connection {
+            addr,
+            outbox: Outbox::default(),
+            next_id: AtomicU64::new(1),
+            taken_through: AtomicU64::new(0),
+            calls: Mutex::new(Calls::default()),
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            last_used: Mutex::new(Instant::now()),
+        });
+        tokio::spawn(drive(
+            conn.clone(),
+            stream,
+            read_buf,
+            self.settings.max_message_bytes,
+        ));
+        Ok(conn)
+    }
+
+    /// Sends `request` and hands its answer to `expect`, which takes the
+    /// answer the request is due (see [`expect`]); a refusal, a different
+    /// epoch and any other answer are errors.
+    pub async fn ask<T>(
+        &self,
+        addr: SocketAddr,
+        epoch: u64,
+        request: &Request,
+        timeout: Option<Duration>,
+        expect: Expect<T>,
+    ) -> Result<T, PeerError> {
+        let reply = self.send(addr, epoch, request, timeout).await?;
+        match reply.answer {
+            Answer::Misdirected => Err(PeerError::Misdirected {
+                addr,
+                theirs: reply.epoch,
+            }),
+            Answer::Refused { status, message } => Err(PeerError::Status {
+                addr,
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                message,
+            }),
+            answer => expect(answer).map_err(|other| PeerError::BadAnswer {
+                addr,
+                reason: format!("{} answered with {other:?}", request.name()),
+            }),
+        }
+    }
+
+    /// The copy of `key` the peer holds, untouched (any epoch will do).
+    pub async fn fetch(&self, addr: SocketAddr, key: &str) -> Result<Option<Records>, PeerError> {
+        let request = Request::Fetch {
+            key: key.to_owned(),
+        };
+        self.ask(addr, 0, &request, None, expect::item).await
+    }
+
+    pub async fn progress(
+        &self,
+        addr: SocketAddr,
+        timeout: Option<Duration>,
+    ) -> Result<NodeProgress, PeerError> {
+        self.ask(addr, 0, &Request::Progress, timeout, expect::progress)
+            .await
+    }
+
+    pub async fn stats(&self, addr: SocketAddr) -> Result<NodeStats, PeerError> {
+        self.ask(addr, 0, &Request::Stats, None, expect::stats)
+            .await
+    }
+
+    pub async fn ring(&self, addr: SocketAddr) -> Result<MembershipDoc, PeerError> {
+        self.ask(addr, 0, &Request::GetRing, None, expect::ring)
+            .await
+    }
+
+    /// Offers the peer a ring; whether it adopted it.
+    pub async fn put_ring(&self, addr: SocketAddr, doc: &MembershipDoc) -> Result<bool, PeerError> {
+        let request = Request::PutRing { doc: doc.clone() };
+        self.ask(addr, doc.epoch, &request, None, expect::ring_adopted)
+            .await
+    }
+}
+
+/// Takes the answer a request is due, or gives back what came instead.
+pub type Expect<T> = fn(Answer) -> Result<T, Answer>;
+
+/// The answers each request is due, as [`Expect`] functions.
+pub mod expect {
+    use super::*;
+
+    /// `Get`, `Fetch`: the item held, or `None`.
+    pub fn item(a: Answer) -> Result<Option<Records>, Answer> {
+        match a {
+            Answer::Item { record, .. } => Ok(Some(record)),
+            Answer::Missing => Ok(None),
+            other => Err(other),
+        }
+    }
+
+    /// `Set`: whether the key was created, and the item as stored.
+    pub fn written(a: Answer) -> Result<(bool, Records), Answer> {
+        match a {
+            Answer::Item { created, record } => Ok((created, record)),
+            other => Err(other),
+        }
+    }
+
+    /// `Delete`: whether any owner held the key.
+    pub fn deleted(a: Answer) -> Result<bool, Answer> {
+        match a {
+            Answer::Deleted => Ok(true),
+            Answer::Missing => Ok(false),
+            other => Err(other),
+        }
+    }
+
+    pub fn replicated(a: Answer) -> Result<ReplicateOutcome, Answer> {
+        match a {
+            Answer::Replicated(outcome) => Ok(outcome),
+            other => Err(other),
+        }
+    }
+
+    /// `Pull`: a page, and where to continue (`None`: done).
+    pub fn page(a: Answer) -> Result<(Records, Option<u64>), Answer> {
+        match a {
+            Answer::Page { items, next } => Ok((items, next)),
+            other => Err(other),
+        }
+    }
+
+    pub fn invalidated(a: Answer) -> Result<LocalInvalidation, Answer> {
+        match a {
+            Answer::Invalidated(local) => Ok(local),
+            other => Err(other),
+        }
+    }
+
+    pub fn progress(a: Answer) -> Result<NodeProgress, Answer> {
+        match a {
+            Answer::Progress(p) => Ok(*p),
+            other => Err(other),
+        }
+    }
+
+    pub fn stats(a: Answer) -> Result<NodeStats, Answer> {
+        match a {
+            Answer::Stats(s) => Ok(*s),
+            other => Err(other),
+        }
+    }
+
+    pub fn ring(a: Answer) -> Result<MembershipDoc, Answer> {
+        match a {
+            Answer::Ring(doc) => Ok(*doc),
+            other => Err(other),
+        }
+    }
+
+    pub fn ring_adopted(a: Answer) -> Result<bool, Answer> {
+        match a {
+            Answer::RingAdopted { adopted, .. } => Ok(adopted),
+            other => Err(other),
+        }
+    }
+
+    pub fn lease(a: Answer) -> Result<bool, Answer> {
+        match a {
+            Answer::Lease { granted } => Ok(granted),
+            other => Err(other),
+        }
+    }
+}
+
+/// An error and its causes on one line (hyper's errors hide the useful part,
+/// e.g. "connection refused", in their source chain).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The `{"error": ...}` message of an HTTP error answer, or its raw text.
+fn error_message(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    serde_json::from_slice::<ErrorBody>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
+}

@@ -1,0 +1,228 @@
+//! Frames: how requests and answers are cut out of a peer connection's byte
+//! stream.
+//!
+//! Every frame is
+//!
+//! ```text
+//! length: u32 (big-endian) | id: u64 | epoch: u64 | kind: u8 | body
+//! ```
+//!
+//! `length` counts everything after itself. `id` pairs an answer with its
+//! request (answers come back in any order). `epoch` is the sender's ring
+//! epoch on a request, the answerer's on an answer, so every exchange tells
+//! both sides whether they hold the same ring. `kind` names the operation
+//! (requests) or the shape of the answer (answers); the body is its
+//! encoding (see `protocol`).
+//!
+//! Written by hand over `tokio-util`'s codec traits: the encoding is five
+//! fixed fields, and what matters is that a frame is appended to a shared
+//! buffer without allocating (many frames leave in one `write`), and that a
+//! bad length is refused before anything is buffered.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::Decoder;
+
+/// Bytes of a frame before its body: length, id, epoch and kind.
+pub const HEADER_LEN: usize = 4 + 8 + 8 + 1;
+/// Smallest value of the length field: id, epoch and kind, no body.
+const MIN_LENGTH: usize = HEADER_LEN - 4;
+
+/// One frame, its body still encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub id: u64,
+    pub epoch: u64,
+    pub kind: u8,
+    pub body: Bytes,
+}
+
+/// Why a byte stream is not a sequence of frames. Either ends the connection:
+/// past a bad frame nothing can be trusted to start where it should.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("a frame of {length} bytes is larger than the limit of {limit}")]
+    TooLarge { length: usize, limit: usize },
+    #[error("a frame's length field says {0} bytes, less than a frame header")]
+    TooShort(usize),
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The kind of the frame a server sends before it closes a connection on
+/// purpose: its id is the last request it read, and it answers every
+/// request up to that one before closing; later ones were never read, so a
+/// client may send them again elsewhere. Neither a request nor an answer.
+pub const GOING_AWAY: u8 = 255;
+
+/// Appends a frame to `out`, its body written by `body`, which returns the
+/// frame's kind. The length and kind are filled in afterwards, so the body
+/// is encoded straight into the buffer.
+pub fn encode(out: &mut BytesMut, id: u64, epoch: u64, body: impl FnOnce(&mut BytesMut) -> u8) {
+    let start = out.len();
+    out.put_u32(0);
+    out.put_u64(id);
+    out.put_u64(epoch);
+    out.put_u8(0);
+    let kind = body(out);
+    let length = out.len() - start - 4;
+    let length = u32::try_from(length).expect("frame bodies are bounded far below 4 GiB");
+    out[start..start + 4].copy_from_slice(&length.to_be_bytes());
+    out[start + HEADER_LEN - 1] = kind;
+}
+
+/// Cuts frames out of the bytes read from a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameCodec {
+    /// Largest value of the length field accepted.
+    max_length: usize,
+}
+
+impl FrameCodec {
+    /// Frames whose body is at most `max_body` bytes.
+    pub fn new(max_body: usize) -> Self {
+        Self {
+            max_length: max_body + MIN_LENGTH,
+        }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let length = u32::from_be_bytes(src[..4].try_into().expect("four bytes")) as usize;
+        if length < MIN_LENGTH {
+            return Err(FrameError::TooShort(length));
+        }
+        if length > self.max_length {
+            return Err(FrameError::TooLarge {
+                length,
+                limit: self.max_length,
+            });
+        }
+        if src.len() < 4 + length {
+            // Room for the rest of this frame, so it arrives in few reads.
+            src.reserve(4 + length - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        let mut frame = src.split_to(length);
+        let id = frame.get_u64();
+        let epoch = frame.get_u64();
+        let kind = frame.get_u8();
+        Ok(Some(Frame {
+            id,
+            epoch,
+            kind,
+            body: frame.freeze(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn frames(codec: &mut FrameCodec, bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
+        let mut src = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(frame) = codec.decode(&mut src)? {
+            out.push(frame);
+        }
+        Ok(out)
+    }
+
+    proptest! {
+        /// Any sequence of frames, split at any point, decodes to itself.
+        #[test]
+        fn frames_round_trip_whatever_the_split(
+            sent in proptest::collection::vec(
+                (any::<u64>(), any::<u64>(), any::<u8>(), proptest::collection::vec(any::<u8>(), 0..300)),
+                0..20,
+            ),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut wire = BytesMut::new();
+            for (id, epoch, kind, body) in &sent {
+                encode(&mut wire, *id, *epoch, |out| {
+                    out.extend_from_slice(body);
+                    *kind
+                });
+            }
+            let cut = cut.index(wire.len() + 1);
+            let mut codec = FrameCodec::new(300);
+            let mut src = BytesMut::from(&wire[..cut]);
+            let mut got = Vec::new();
+            while let Some(frame) = codec.decode(&mut src).unwrap() {
+                got.push(frame);
+            }
+            src.extend_from_slice(&wire[cut..]);
+            while let Some(frame) = codec.decode(&mut src).unwrap() {
+                got.push(frame);
+            }
+            prop_assert!(src.is_empty());
+            let expected: Vec<Frame> = sent
+                .into_iter()
+                .map(|(id, epoch, kind, body)| Frame { id, epoch, kind, body: body.into() })
+                .collect();
+            prop_assert_eq!(got, expected);
+        }
+
+        /// Arbitrary bytes never panic the decoder: they are frames, a
+        /// refusal, or a wait for more.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = frames(&mut FrameCodec::new(64), &bytes);
+        }
+    }
+
+    #[test]
+    fn lengths_outside_the_bounds_are_refused_before_buffering() {
+        let mut codec = FrameCodec::new(100);
+        // Claims 4 GiB: refused from its first four bytes.
+        assert!(matches!(
+            frames(&mut codec, &[0xff, 0xff, 0xff, 0xff]),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            frames(&mut codec, &[0, 0, 0, 3, 1, 2, 3]),
+            Err(FrameError::TooShort(3))
+        ));
+        let mut big = BytesMut::new();
+        encode(&mut big, 1, 1, |out| {
+            out.put_bytes(0, 101);
+            1
+        });
+        assert!(matches!(
+            frames(&mut codec, &big),
+            Err(FrameError::TooLarge { length: 118, .. })
+        ));
+        let mut ok = BytesMut::new();
+        encode(&mut ok, 1, 1, |out| {
+            out.put_bytes(0, 100);
+            1
+        });
+        assert_eq!(frames(&mut codec, &ok).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_truncated_frame_waits_for_the_rest() {
+        let mut wire = BytesMut::new();
+        encode(&mut wire, 7, 3, |out| {
+            out.extend_from_slice(b"hello");
+            2
+        });
+        let mut codec = FrameCodec::new(100);
+        for cut in 0..wire.len() {
+            assert!(
+                frames(&mut codec, &wire[..cut]).unwrap().is_empty(),
+                "{cut}"
+            );
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The peer server: serves one upgraded peer connection, reading request
+//! frames, handing each to the node's [`Handler`] and writing the answers
+//! back through an [`Outbox`] (so answers ready together leave together).
+//!
+//! What a handler can answer at once (a read from the store, a progress
+//! report) is answered inline, in the order read; what must wait (a write
+//! that replicates before answering) runs as a task of its own and answers
+//! whenever it is done. Requests that act on ownership are refused with
+//! `Misdirected` when the sender's ring epoch differs from this node's,
+//! here, in one place, before any handler sees them.
+//!
+//! Bounds: frames above the message limit end the connection (nothing past
+//! a bad length can be trusted); at most [`MAX_IN_FLIGHT`] requests are
+//! being handled at once and at most [`MAX_OUTBOX_BYTES`] of answers wait
+//! to be written, after which the connection stops reading, which slows
+//! the sender instead of growing this node's memory.
+//!
+//! Shutdown: the server stops reading, sends a `GOING_AWAY` frame naming
+//! the last request it read, answers everything up to it (within the drain
+//! time) and closes. The client fails the requests it sent after that one
+//! as never read, so they may safely go elsewhere.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use super::frame::{self, FrameCodec};
+use super::outbox::Outbox;
+use super::protocol::{Answer, Request};
+
+/// Most requests of one connection being handled at once.
+pub const MAX_IN_FLIGHT: usize = 4096;
+/// Most bytes of answers waiting to be written on one connection.
+pub const MAX_OUTBOX_BYTES: usize = 16 * 1024 * 1024;
+
+/// An answer, now or later.
+pub enum Reply {
+    Now(Answer),
+    Later(Pin<Box<dyn Future<Output = Answer> + Send>>),
+}
+
+/// What a node does with the requests of its peers.
+pub trait Handler: Send + Sync + 'static {
+    /// The ring epoch this node holds, stamped on every answer.
+    fn epoch(&self) -> u64;
+    /// Handles one request (already checked against this node's epoch).
+    fn handle(self: Arc<Self>, request: Request) -> Reply;
+}
+
+/// Serves one peer connection until the peer closes it or `shutdown` fires.
+pub async fn serve<H, R, W>(
+    read: R,
+    mut write: W,
+    read_buf: Bytes,
+    handler: Arc<H>,
+    max_message_bytes: usize,
+    drain_timeout: Duration,
+    shutdown: CancellationToken,
+) where
+    H: Handler,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let outbox = Arc::new(Outbox::default());
+    let writer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            let written = outbox.write_to(&mut write, || {}).await;
+            if let Err(e) = written {
+                tracing::debug!(error = %e, "writing to a peer failed");
+            }
+            // Whatever ended the writing, nothing more will be written.
+            outbox.close();
+        })
+    };
+    let mut frames = FramedRead::new(read, FrameCodec::new(max_message_bytes));
+    frames.read_buffer_mut().extend_from_slice(&read_buf);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut last_read = 0;
+    let going_away = loop {
+        if outbox.pending_bytes() >= MAX_OUTBOX_BYTES {
+            outbox.wait_below(MAX_OUTBOX_BYTES).await;
+        }
+        let frame = tokio::select! {
+            frame = frames.next() => frame,
+            _ = shutdown.cancelled() => break true,
+        };
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "closing a peer connection that sent a bad frame");
+                break false;
+            }
+            None => break false,
+        };
+        if outbox.is_closed() {
+            break false;
+        }
+        last_read = frame.id;
+        let epoch = handler.epoch();
+        let answer = match Request::decode(frame.kind, &frame.body) {
+            Err(e) => Answer::refused(400, e.to_string()),
+            Ok(request) if request.needs_same_epoch() && frame.epoch != epoch => {
+                Answer::Misdirected
+            }
+            Ok(request) => match handler.clone().handle(request) {
+                Reply::Now(answer) => answer,
+                Reply::Later(handling) => {
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        break false;
+                    };
+                    let outbox = outbox.clone();
+                    let handler = handler.clone();
+                    let id = frame.id;
+                    tokio::spawn(async move {
+                        let answer = handling.await;
+                        outbox.push(id, handler.epoch(), |out| answer.encode(out));
+                        drop(permit);
+                    });
+                    continue;
+                }
+            },
+        };
+        outbox.push(frame.id, epoch, |out| answer.encode(out));
+    };
+    if going_away {
+        outbox.push(last_read, handler.epoch(), |_| frame::GOING_AWAY);
+    }
+    // Answer what was read before closing.
+    let all = u32::try_from(MAX_IN_FLIGHT).expect("a small constant");
+    let drained = tokio::time::timeout(drain_timeout, in_flight.acquire_many(all)).await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?drain_timeout,
+            "closing a peer connection with requests still being handled"
+        );
+    }
+    outbox.close();
+    let _ = tokio::time::timeout(drain_timeout, writer).await;
+}
