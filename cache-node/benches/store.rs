@@ -24,7 +24,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_node::store::{ManualClock, Store, StoreConfig};
+use cache_node::store::{ManualClock, NO_TAGS, Store, StoreConfig};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 #[global_allocator]
@@ -60,7 +60,7 @@ fn filled(n: u64, max_items: u64) -> (Store, ManualClock) {
         Arc::new(clock.clone()),
     );
     for i in 0..n {
-        store.set(&key(i), &VALUE, &[], None, |_| ()).unwrap();
+        store.set(&key(i), &VALUE, NO_TAGS, None, |_| ()).unwrap();
     }
     (store, clock)
 }
@@ -101,7 +101,7 @@ fn get_and_set(c: &mut Criterion) {
             b.iter(|| {
                 clock.advance(Duration::from_micros(1));
                 let k = &keys[rng.next_below(n) as usize];
-                black_box(store.set(k, &VALUE, &[], None, |_| ()).unwrap())
+                black_box(store.set(k, &VALUE, NO_TAGS, None, |_| ()).unwrap())
             })
         });
         // New keys into a store with room: time the inserts, then delete them
@@ -119,7 +119,7 @@ fn get_and_set(c: &mut Criterion) {
                     next += batch;
                     let started = Instant::now();
                     for k in &new_keys {
-                        black_box(store.set(k, &VALUE, &[], None, |_| ()).unwrap());
+                        black_box(store.set(k, &VALUE, NO_TAGS, None, |_| ()).unwrap());
                     }
                     took += started.elapsed();
                     for k in &new_keys {
@@ -145,7 +145,7 @@ fn get_and_set(c: &mut Criterion) {
                 next += iters;
                 let started = Instant::now();
                 for k in &new_keys {
-                    black_box(full.set(k, &VALUE, &[], None, |_| ()).unwrap());
+                    black_box(full.set(k, &VALUE, NO_TAGS, None, |_| ()).unwrap());
                 }
                 started.elapsed()
             })
@@ -200,7 +200,7 @@ fn sweep(c: &mut Criterion) {
                 for _ in 0..iters {
                     for k in &short {
                         store
-                            .set(k, &VALUE, &[], Some(Duration::from_secs(1)), |_| ())
+                            .set(k, &VALUE, NO_TAGS, Some(Duration::from_secs(1)), |_| ())
                             .unwrap();
                     }
                     clock.advance(Duration::from_secs(2));

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use cache_node::store::{ITEM_OVERHEAD, Store, StoreConfig};
+use cache_node::store::{ITEM_OVERHEAD, NO_TAGS, Store, StoreConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,7 +36,7 @@ fn main() {
         shards: 0,
     });
     for k in &keys {
-        store.set(k, &value, &[], None, |_| ()).unwrap();
+        store.set(k, &value, NO_TAGS, None, |_| ()).unwrap();
     }
     let after = rss_bytes();
     let per_item = (after - before) as f64 / n as f64;

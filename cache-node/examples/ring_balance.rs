@@ -22,6 +22,7 @@ fn ring(hashing: Hashing, nodes: usize) -> Ring {
             .map(|i| Member {
                 id: format!("cache-{i}"),
                 address: format!("10.0.0.{}:8080", i + 1),
+                client_address: None,
                 state: MemberState::Active,
             })
             .collect(),

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::api::Limits;
 use crate::cluster::ClusterSettings;
 use crate::cluster::membership::Source;
-use crate::cluster::peer::PeerSettings;
+use crate::exec::Limits;
+use crate::peer::PeerSettings;
 use crate::store::StoreConfig;
 
 #[derive(Debug, Clone, Parser)]
@@ -266,7 +266,7 @@ impl Config {
                 connect_timeout: self.peer_connect_timeout,
                 request_timeout: self.peer_timeout,
                 // A batch may overshoot its byte limit by one item.
-                max_answer_bytes: batch_bytes + size(self.max_body_bytes) + 64 * 1024,
+                max_message_bytes: batch_bytes + size(self.max_body_bytes) + 64 * 1024,
             },
             batch_items: size(self.rebalance_batch_items),
             batch_bytes,

@@ -1,16 +1,17 @@
-//! The HTTP/1.1 listener: accepts connections, serves the router on each,
-//! bounds what a client can make a connection cost, and drains connections on
-//! shutdown.
+//! The HTTP/1.1 listener: accepts connections, serves a [`Service`] (the
+//! API's dispatcher) on each, bounds what a client can make a connection
+//! cost, hands connections that upgrade (peer connections) on, and drains
+//! connections on shutdown. It knows nothing of the routes.
 //!
-//! This replaces `axum::serve` for speed and for bounds. `axum::serve` runs
-//! hyper-util's "auto" connection, which sniffs every connection for HTTP/2
-//! and writes responses with `writev`; the cache speaks HTTP/1.1 only, and a
-//! cache response is small enough that copying headers and body into one
-//! buffer and issuing one `write` is cheaper.
+//! This is hyper's HTTP/1.1 connection driven directly, for speed and for
+//! bounds: hyper-util's "auto" connection sniffs every connection for
+//! HTTP/2 and writes responses with `writev`; the cache speaks HTTP/1.1
+//! only, and a cache response is small enough that copying headers and
+//! body into one buffer and issuing one `write` is cheaper.
 //!
 //! The bounds, each a setting of [`HttpSettings`]:
 //! * connections: the accept loop waits for a free slot, leaving the rest in
-//!   the kernel's backlog;
+//!   the kernel's backlog; a connection that upgrades keeps its slot;
 //! * the request head: hyper refuses one larger than `max_header_bytes` or
 //!   with more than `max_headers` fields with 431, and closes. hyper writes
 //!   that answer itself, before any request exists to route, and gives it no
@@ -45,25 +46,68 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Body;
-use axum::http::{HeaderValue, Request, Response, StatusCode, header};
-use axum::response::IntoResponse;
+use bytes::Bytes;
+use futures_util::future::Either;
+use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::http::{HeaderValue, Request, StatusCode, header};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use futures_util::future::Either;
+/// An answer: always a complete body (cache answers are small and whole).
+pub type Response = hyper::Response<Full<Bytes>>;
 
-use crate::api::ApiError;
-use crate::api::fast::{self, Dispatch, FastPath};
+/// An answer that will take a while (it awaits a body or a peer).
+pub type Pending = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// What a service made of a request.
+pub enum Dispatch {
+    /// Answered at once (a read served from this node's store, a refusal).
+    Now(Response),
+    /// Being answered by a future that the connection awaits under the
+    /// request's deadline.
+    Later(Pending),
+}
+
+/// What serves requests: the API's dispatcher.
+pub trait Service: Clone + Send + Sync + 'static {
+    fn call(&self, request: Request<Incoming>, conn: &Conn) -> Dispatch;
+}
+
+/// What a service may know of the connection a request came on.
+pub struct Conn {
+    slot: Arc<OwnedSemaphorePermit>,
+}
+
+/// A connection's place among the listener's `max_connections`: held by
+/// whatever serves the connection after an upgrade, so an upgraded
+/// connection counts as long as it lives.
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+impl Conn {
+    pub fn keep_slot(&self) -> ConnectionSlot {
+        ConnectionSlot(self.slot.clone())
+    }
+}
+
+/// The connection of a request answered `101 Switching Protocols`, once
+/// hyper hands it over: the socket, and what was read past the request.
+pub async fn upgraded(request: Request<Incoming>) -> io::Result<(TcpStream, Bytes)> {
+    let upgraded = hyper::upgrade::on(request)
+        .await
+        .map_err(|e| io::Error::other(format!("upgrade failed: {e}")))?;
+    let parts = upgraded
+        .downcast::<TokioIo<Watched>>()
+        .map_err(|_| io::Error::other("upgraded connection of an unexpected type"))?;
+    Ok((parts.io.into_inner().stream, parts.read_buf))
+}
 
 /// hyper parses up to this many header fields into a stack array; asking for
 /// any other count moves them to the heap on every request (~5% throughput).
@@ -90,16 +134,16 @@ pub struct HttpSettings {
     pub drain_timeout: Duration,
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then stops
-/// accepting, lets in-flight requests finish (closing idle keep-alive
-/// connections at once) and returns when all are done or the drain timeout
-/// passes.
-pub async fn serve(
+/// Serves `service` on `listener` until `shutdown` fires, then stops
+/// accepting and lets in-flight requests finish (closing idle keep-alive
+/// connections at once). Every connection task, upgraded ones included,
+/// is spawned on `tracker`, which the caller waits on.
+pub async fn serve<S: Service>(
     listener: TcpListener,
-    app: Router,
-    fast: Option<FastPath>,
+    service: S,
     settings: HttpSettings,
-    shutdown: impl Future<Output = ()>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 ) {
     let mut builder = http1::Builder::new();
     builder
@@ -112,14 +156,12 @@ pub async fn serve(
     if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
         builder.max_headers(settings.max_headers);
     }
-    let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
-    tokio::pin!(shutdown);
 
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            _ = &mut shutdown => break,
+            _ = shutdown.cancelled() => break,
         };
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -132,7 +174,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = shutdown.cancelled() => break,
         };
         // Responses are small and written whole; don't let Nagle delay them.
         let _ = stream.set_nodelay(true);
@@ -146,51 +188,58 @@ pub async fn serve(
             replacement_sent: 0,
         };
         let service = Tracked {
-            inner: TowerToHyperService::new(app.clone()),
-            fast: fast.clone(),
+            inner: service.clone(),
+            conn: Conn {
+                slot: Arc::new(permit),
+            },
             activity: activity.clone(),
             request_timeout: settings.request_timeout,
         };
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
-        tokio::spawn(async move {
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
             tokio::pin!(conn);
-            tokio::select! {
-                result = &mut conn => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "connection ended with an error");
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    result = &mut conn => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        break;
                     }
-                }
-                why = watchdog(&activity, &settings) => {
-                    tracing::debug!(why = why.as_str(), "closing connection");
-                    if why == Expired::Head && activity.head_started() {
-                        // Part of a head came and the rest did not: answer
-                        // 408. hyper is waiting for bytes; polled once more,
-                        // its next read finds the flag, writes the answer on
-                        // the socket and reports end of stream (see
-                        // `Watched::poll_read`).
-                        activity.head_timed_out.store(true, Ordering::Relaxed);
-                        std::future::poll_fn(|cx| {
-                            let _ = conn.as_mut().poll(cx);
-                            Poll::Ready(())
-                        })
-                        .await;
+                    _ = shutdown.cancelled(), if !draining => {
+                        // Finish the request in flight, if any, then close;
+                        // an idle keep-alive connection closes at once.
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
                     }
-                    // Dropping the connection closes the socket. Nothing is
-                    // in flight (a request in flight is the deadline's).
+                    why = watchdog(&activity, &settings) => {
+                        tracing::debug!(why = why.as_str(), "closing connection");
+                        if why == Expired::Head && activity.head_started() {
+                            // Part of a head came and the rest did not: answer
+                            // 408. hyper is waiting for bytes; polled once more,
+                            // its next read finds the flag, writes the answer on
+                            // the socket and reports end of stream (see
+                            // `Watched::poll_read`).
+                            activity.head_timed_out.store(true, Ordering::Relaxed);
+                            std::future::poll_fn(|cx| {
+                                let _ = conn.as_mut().poll(cx);
+                                Poll::Ready(())
+                            })
+                            .await;
+                        }
+                        // Dropping the connection closes the socket. Nothing is
+                        // in flight (a request in flight is the deadline's).
+                        break;
+                    }
                 }
             }
-            drop(permit);
         });
     }
-
     drop(listener);
-    tracing::info!("shutting down: finishing in-flight requests");
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(settings.drain_timeout) => {
-            tracing::warn!(timeout = ?settings.drain_timeout, "in-flight requests did not finish in time");
-        }
-    }
 }
 
 /// What a connection is doing, which decides the clock that applies to it.
@@ -525,47 +574,37 @@ fn error_answer(status: StatusCode, message: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The router, and the fast path in front of it, as a connection's hyper
-/// service: marks the connection busy while a request is served and gives
-/// each request its deadline.
-struct Tracked {
-    inner: TowerToHyperService<Router>,
-    fast: Option<FastPath>,
+/// The service as a connection's hyper service: marks the connection busy
+/// while a request is served and gives each request its deadline.
+struct Tracked<S> {
+    inner: S,
+    conn: Conn,
     activity: Arc<Activity>,
     request_timeout: Duration,
 }
 
-type RouterFuture =
-    <TowerToHyperService<Router> as hyper::service::Service<Request<Incoming>>>::Future;
-
-impl hyper::service::Service<Request<Incoming>> for Tracked {
-    type Response = Response<Body>;
+impl<S: Service> hyper::service::Service<Request<Incoming>> for Tracked<S> {
+    type Response = Response;
     type Error = Infallible;
-    type Future = Either<
-        std::future::Ready<Result<Response<Body>, Infallible>>,
-        Deadline<Either<RouterFuture, fast::Pending>>,
-    >;
+    type Future = Either<std::future::Ready<Result<Response, Infallible>>, Deadline<Pending>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let handling = match &self.fast {
-            Some(fast) => match fast.dispatch(request) {
-                Dispatch::Answered(response) => {
-                    // Served without waiting on anything: no deadline to keep.
-                    self.activity.request_answered();
-                    return Either::Left(std::future::ready(Ok(response)));
-                }
-                Dispatch::Later(pending) => Either::Right(pending),
-                Dispatch::Router(request) => Either::Left(self.inner.call(request)),
-            },
-            None => Either::Left(self.inner.call(request)),
-        };
-        self.activity.request_started();
-        Either::Right(Deadline {
-            inner: handling,
-            sleep: tokio::time::sleep(self.request_timeout),
-            timeout: self.request_timeout,
-            _busy: Busy(self.activity.clone()),
-        })
+        match self.inner.call(request, &self.conn) {
+            Dispatch::Now(response) => {
+                // Served without waiting on anything: no deadline to keep.
+                self.activity.request_answered();
+                Either::Left(std::future::ready(Ok(response)))
+            }
+            Dispatch::Later(pending) => {
+                self.activity.request_started();
+                Either::Right(Deadline {
+                    inner: pending,
+                    sleep: tokio::time::sleep(self.request_timeout),
+                    timeout: self.request_timeout,
+                    _busy: Busy(self.activity.clone()),
+                })
+            }
+        }
     }
 }
 
@@ -594,14 +633,14 @@ pin_project! {
 
 impl<F> Future for Deadline<F>
 where
-    F: Future<Output = Result<Response<Body>, Infallible>>,
+    F: Future<Output = Response>,
 {
-    type Output = Result<Response<Body>, Infallible>;
+    type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(response) = this.inner.poll(cx) {
-            return Poll::Ready(response);
+            return Poll::Ready(Ok(response));
         }
         ready!(this.sleep.poll(cx));
         Poll::Ready(Ok(timed_out(*this.timeout)))
@@ -610,18 +649,22 @@ where
 
 /// The answer to a request that ran out of time. The connection closes after
 /// it: the client may be part-way through a body that nobody will read.
-fn timed_out(timeout: Duration) -> Response<Body> {
-    let mut response = ApiError::new(
-        StatusCode::REQUEST_TIMEOUT,
-        format!(
+fn timed_out(timeout: Duration) -> Response {
+    let body = serde_json::json!({
+        "error": format!(
             "request not completed within {}",
             humantime::format_duration(timeout)
-        ),
-    )
-    .into_response();
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        )
+    })
+    .to_string();
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = StatusCode::REQUEST_TIMEOUT;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

@@ -1,5 +1,6 @@
-//! Serialises a stored item to the seed's JSON shape, straight from the store's
-//! borrowed entry into one buffer.
+//! An item as the seed's JSON: the one encoder of an item for clients,
+//! whether it comes straight from this node's store (borrowed under the
+//! shard's lock) or from the record an owner sent (see `store::ItemView`).
 //!
 //! Written by hand because it is the GET hot path: the value is already JSON
 //! text (validated when written) and is copied in verbatim rather than parsed
@@ -8,31 +9,35 @@
 //! UTC formatted as Go's `time.RFC3339Nano` does (trailing zeros of the
 //! fraction dropped), plus `expires_at`.
 
-use crate::store::{ItemRef, UnixNanos};
+use crate::store::{ItemView, UnixNanos};
 
 /// The item as JSON bytes.
-pub fn item_to_vec(item: ItemRef<'_>) -> Vec<u8> {
+pub fn item_to_vec(item: &impl ItemView) -> Vec<u8> {
     let mut out = Vec::with_capacity(192 + item.key().len() + item.value().len());
     write_item(&mut out, item);
     out
 }
 
-pub fn write_item(out: &mut Vec<u8>, item: ItemRef<'_>) {
+pub fn write_item(out: &mut Vec<u8>, item: &impl ItemView) {
     let mut int = itoa::Buffer::new();
+    let meta = item.meta();
     out.extend_from_slice(b"{\"key\":");
     write_json_string(out, item.key());
     out.extend_from_slice(b",\"value\":");
     out.extend_from_slice(item.value());
     out.extend_from_slice(b",\"ttl\":");
-    out.extend_from_slice(int.format(item.ttl_nanos()).as_bytes());
+    // 0 for a record claiming to expire before it was created (the store
+    // refuses those from peers).
+    let ttl = meta.expires_at.saturating_sub(meta.created_at);
+    out.extend_from_slice(int.format(ttl).as_bytes());
     out.extend_from_slice(b",\"created_at\":\"");
-    write_rfc3339(out, item.created_at());
+    write_rfc3339(out, meta.created_at);
     out.extend_from_slice(b"\",\"accessed_at\":\"");
-    write_rfc3339(out, item.accessed_at());
+    write_rfc3339(out, meta.accessed_at);
     out.extend_from_slice(b"\",\"expires_at\":\"");
-    write_rfc3339(out, item.expires_at());
+    write_rfc3339(out, meta.expires_at);
     out.extend_from_slice(b"\",\"access_count\":");
-    out.extend_from_slice(int.format(item.access_count()).as_bytes());
+    out.extend_from_slice(int.format(meta.access_count).as_bytes());
     out.extend_from_slice(b",\"tags\":[");
     for (i, tag) in item.tags().enumerate() {
         if i > 0 {

@@ -1,7 +1,7 @@
-//! Wiring a node together: the store, the API state, the cluster (when a
+//! Wiring a node together: the store, the executor, the cluster (when a
 //! membership source is configured), the background tasks (expiry sweeper;
-//! in a cluster also the membership watcher, the rebalancer and replica
-//! repair) and the HTTP listener, with graceful shutdown.
+//! in a cluster also the membership watcher, the rebalancer, replica repair
+//! and read-lease renewal) and the HTTP listeners, with graceful shutdown.
 //!
 //! `main.rs` runs one [`Node`] until a signal; the integration tests run many
 //! in one process, each on an ephemeral loopback port.
@@ -12,24 +12,27 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderValue;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::auth::{Tokens, read_token};
-use crate::api::fast::FastPath;
-use crate::api::{self, AppState, Surface};
+use crate::api::{Api, PeerEndpoint, Surface};
 use crate::cluster::membership::{self, Source};
 use crate::cluster::metrics::ClusterMetrics;
-use crate::cluster::{Cluster, rebalance, repair};
+use crate::cluster::{Cluster, leases, rebalance, repair};
 use crate::config::Config;
+use crate::exec::Executor;
 use crate::http::{self, HttpSettings};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// A bound, not yet serving, node.
 pub struct Node {
-    state: Arc<AppState>,
+    exec: Arc<Executor>,
+    tokens: Tokens,
+    max_message_bytes: usize,
     listener: TcpListener,
     /// The peer API's own listener, when it has a port of its own.
     peer_listener: Option<TcpListener>,
@@ -88,24 +91,25 @@ impl Node {
                 tokens.peer.as_deref(),
             )
         });
-        let state = Arc::new(AppState {
+        if hyper::http::HeaderValue::from_str(&config.node_id).is_err() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "node id must be printable ASCII",
+            ));
+        }
+        let exec = Arc::new(Executor {
             store,
             limits: config.limits(),
             metrics,
-            served_by: HeaderValue::from_str(&config.node_id).map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "node id must be printable ASCII",
-                )
-            })?,
             node_id: config.node_id.clone(),
             started: Instant::now(),
             ready,
             cluster,
-            tokens,
         });
         Ok(Self {
-            state,
+            exec,
+            tokens,
+            max_message_bytes: config.cluster().peer.max_message_bytes,
             listener,
             peer_listener,
             cleanup_interval: config.cleanup_interval,
@@ -134,8 +138,8 @@ impl Node {
             .and_then(|l| l.local_addr().ok())
     }
 
-    pub fn state(&self) -> Arc<AppState> {
-        self.state.clone()
+    pub fn executor(&self) -> Arc<Executor> {
+        self.exec.clone()
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight
@@ -147,11 +151,11 @@ impl Node {
     ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = vec![tokio::spawn(sweep_expired(
-            self.state.clone(),
+            self.exec.clone(),
             self.cleanup_interval,
             stop_rx.clone(),
         ))];
-        match (&self.state.cluster, self.membership) {
+        match (&self.exec.cluster, self.membership) {
             (Some(cluster), Some(source)) => {
                 tracing::info!(%source, "cluster mode: waiting for the ring");
                 tasks.push(tokio::spawn(membership::run(
@@ -164,48 +168,79 @@ impl Node {
                     stop_rx.clone(),
                 )));
                 tasks.push(tokio::spawn(repair::run(cluster.clone(), stop_rx.clone())));
+                tasks.push(tokio::spawn(leases::run(cluster.clone(), stop_rx.clone())));
             }
             // A single node holds everything it owns from the start.
-            _ => self.state.ready.store(true, Ordering::Release),
+            _ => self.exec.ready.store(true, Ordering::Release),
         }
         // On the signal: fail readiness first, keep serving for the delay
         // (so endpoints and peers move away), then close the listeners.
-        let (closing_tx, closing_rx) = watch::channel(false);
-        let state = self.state.clone();
+        let closing = CancellationToken::new();
+        let exec = self.exec.clone();
         let delay = self.shutdown_delay;
+        let closing_on_signal = closing.clone();
         tokio::spawn(async move {
             shutdown.await;
-            state.ready.store(false, Ordering::Release);
+            exec.ready.store(false, Ordering::Release);
             if !delay.is_zero() {
                 tracing::info!(?delay, "shutting down: not ready, still serving");
                 tokio::time::sleep(delay).await;
             }
-            let _ = closing_tx.send(true);
+            closing_on_signal.cancel();
         });
-        let closing = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|closing| *closing).await;
+        let tracker = TaskTracker::new();
+        let endpoint = PeerEndpoint {
+            max_message_bytes: self.max_message_bytes,
+            drain_timeout: self.http.drain_timeout,
+            shutdown: closing.clone(),
+            tracker: tracker.clone(),
+        };
+        let api = |surface| {
+            Api::new(
+                self.exec.clone(),
+                surface,
+                self.tokens.clone(),
+                endpoint.clone(),
+            )
+            .map_err(|f| std::io::Error::new(std::io::ErrorKind::InvalidInput, f.message))
         };
         match self.peer_listener {
             None => {
-                let app = api::router(self.state.clone(), Surface::All);
-                let fast = FastPath::new(self.state.clone(), Surface::All);
-                http::serve(self.listener, app, fast, self.http, closing(closing_rx)).await;
+                http::serve(
+                    self.listener,
+                    api(Surface::All)?,
+                    self.http,
+                    closing.clone(),
+                    tracker.clone(),
+                )
+                .await;
             }
             Some(peer_listener) => {
-                let client = api::router(self.state.clone(), Surface::Client);
-                let fast = FastPath::new(self.state.clone(), Surface::Client);
-                let peer = api::router(self.state.clone(), Surface::Peer);
                 tokio::join!(
                     http::serve(
                         self.listener,
-                        client,
-                        fast,
+                        api(Surface::Client)?,
                         self.http,
-                        closing(closing_rx.clone())
+                        closing.clone(),
+                        tracker.clone(),
                     ),
-                    http::serve(peer_listener, peer, None, self.http, closing(closing_rx)),
+                    http::serve(
+                        peer_listener,
+                        api(Surface::Peer)?,
+                        self.http,
+                        closing.clone(),
+                        tracker.clone(),
+                    ),
                 );
             }
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+        tracker.close();
+        if tokio::time::timeout(self.http.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?self.http.drain_timeout, "in-flight requests did not finish in time");
         }
         let _ = stop_tx.send(true);
         for task in tasks {
@@ -218,7 +253,7 @@ impl Node {
 /// Removes expired items every `interval` until told to stop. The sweep runs
 /// on the blocking pool: its cost grows with the number of expired items, and
 /// a large backlog must not stall request handling on a runtime worker.
-async fn sweep_expired(state: Arc<AppState>, interval: Duration, mut stop: watch::Receiver<bool>) {
+async fn sweep_expired(exec: Arc<Executor>, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await; // the first tick is immediate
@@ -227,9 +262,9 @@ async fn sweep_expired(state: Arc<AppState>, interval: Duration, mut stop: watch
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
-        let state = state.clone();
+        let store = exec.store.clone();
         let started = Instant::now();
-        match tokio::task::spawn_blocking(move || state.store.sweep_expired()).await {
+        match tokio::task::spawn_blocking(move || store.sweep_expired()).await {
             Ok(removed) if removed > 0 => {
                 tracing::debug!(removed, took = ?started.elapsed(), "swept expired items");
             }

@@ -106,10 +106,10 @@ async fn assert_all_readable(c: &ProcCluster, expected: &HashMap<String, Value>,
     );
 }
 
-/// Asks every running node (through its peer API) which keys it holds, and
-/// checks each key has exactly `copies` copies: no replica went missing
-/// (reads alone cannot tell, since they are served by the primary) and none
-/// lingers where it is no longer owned. Valid once the cluster has settled.
+/// Asks every running node (through the peer protocol) which keys it holds,
+/// and checks each key has exactly `copies` copies: no replica went missing
+/// (reads alone cannot tell, since one owner serves them) and none lingers
+/// where it is no longer owned. Valid once the cluster has settled.
 async fn assert_copies(
     c: &ProcCluster,
     expected: &HashMap<String, Value>,
@@ -118,32 +118,12 @@ async fn assert_copies(
 ) {
     let mut held: HashMap<&str, usize> = HashMap::new();
     for i in c.running() {
-        let (_, view) = c.get_json(i, "/api/v1/cluster").await;
-        let epoch = view["epoch"].as_u64().expect("epoch");
-        let peer = c.nodes[i].peer_addr;
-        let found: Vec<&str> = futures_util::stream::iter(expected.keys().map(|k| {
-            let mut request = c
-                .client
-                .get(format!("http://{peer}/internal/v1/items/{}", encoded(k)))
-                .header("x-distrocache-epoch", epoch);
-            if c.client_token.is_some() {
-                request = request.header("authorization", "Bearer peer-secret-token");
-            }
-            async move {
-                let status = request
-                    .send()
-                    .await
-                    .expect("peer request")
-                    .status()
-                    .as_u16();
-                assert!(
-                    status == 200 || status == 404,
-                    "{what}: {k} on node {i}: {status}"
-                );
-                (status == 200).then_some(k.as_str())
-            }
-        }))
-        .buffer_unordered(64)
+        let found: Vec<&str> = futures_util::stream::iter(
+            expected
+                .keys()
+                .map(|k| async move { c.held(i, k).await.is_some().then_some(k.as_str()) }),
+        )
+        .buffer_unordered(256)
         .filter_map(|k| async move { k })
         .collect()
         .await;
@@ -494,20 +474,20 @@ async fn tokens_are_required_where_they_should_be_and_only_there() {
         ),
         (format!("http://{node}/api/v1/stats"), None, 401),
         (format!("http://{node}/api/v1/cluster"), None, 401),
-        (format!("http://{peer}/internal/v1/ring"), None, 401),
+        (format!("http://{peer}/internal/v1/connect"), None, 401),
         (
-            format!("http://{peer}/internal/v1/ring"),
+            format!("http://{peer}/internal/v1/connect"),
             Some("Bearer client-secret-token"),
             401,
         ),
         (
-            format!("http://{peer}/internal/v1/ring"),
+            format!("http://{peer}/internal/v1/connect"),
             Some("Bearer peer-secret-token"),
-            200,
+            101,
         ),
         // The peer API is not served on the client port, nor the reverse.
         (
-            format!("http://{node}/internal/v1/ring"),
+            format!("http://{node}/internal/v1/connect"),
             Some("Bearer peer-secret-token"),
             404,
         ),
@@ -522,12 +502,19 @@ async fn tokens_are_required_where_they_should_be_and_only_there() {
         (format!("http://{node}/metrics"), None, 200),
         (format!("http://{node}/api/v1/cluster/rebalance"), None, 200),
     ] {
-        let mut request = bare.get(&url);
+        let mut request = bare
+            .get(&url)
+            .header("connection", "upgrade")
+            .header("upgrade", "distrocache-peer/1");
         if let Some(auth) = auth {
             request = request.header("authorization", auth);
         }
         let resp = request.send().await.unwrap();
         let status = resp.status().as_u16();
+        if status == 101 {
+            assert_eq!(expected, 101, "{url} with {auth:?}: upgraded");
+            continue;
+        }
         let text = resp.text().await.unwrap();
         assert_eq!(status, expected, "{url} with {auth:?}: {text}");
         if status == 401 {
@@ -594,15 +581,7 @@ async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
     // Without any restart, the repair queue brings node-1 up to date.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let resp = c
-            .client
-            .get(c.url(1, &format!("/internal/v1/items/{key}")))
-            .header("x-distrocache-epoch", epoch)
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == 200 {
-            let item: Value = resp.json().await.unwrap();
+        if let Some(item) = c.held(1, &key).await {
             assert_eq!(item["value"], "written while node-1 stalled");
             break;
         }
@@ -784,37 +763,39 @@ async fn a_node_never_acts_on_a_stale_ring() {
 
     // A peer request made with an older ring is refused, naming the newer
     // epoch, and changes nothing.
-    let resp = c
-        .client
-        .post(c.url(0, "/internal/v1/replicate"))
-        .header("x-distrocache-epoch", 1)
-        .json(&json!({"items": [{"key": "stale-write", "value": 1, "createdAt": 1, "accessedAt": 1, "expiresAt": u64::MAX}]}))
-        .send()
+    let mut batch = cache_node::peer::protocol::RecordBatch::default();
+    batch.push(&Planted);
+    let stale = cache_node::peer::Request::Replicate {
+        source: cache_node::peer::protocol::Source::Write,
+        items: batch.freeze(),
+        deletes: Vec::new(),
+    };
+    let refused = c
+        .peers
+        .ask(
+            c.nodes[0].peer_addr,
+            1,
+            &stale,
+            None,
+            cache_node::peer::expect::replicated,
+        )
         .await
-        .unwrap();
-    assert_eq!(resp.status(), 421);
-    assert_eq!(resp.headers()["x-distrocache-epoch"], "2");
-    let resp = c
-        .client
-        .get(c.url(0, "/internal/v1/items/stale-write"))
-        .header("x-distrocache-epoch", 2)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 404, "the stale request was not applied");
-    // An older ring offered by a peer is not adopted.
-    let resp = c
-        .client
-        .put(c.url(0, "/internal/v1/ring"))
-        .body(old.to_json())
-        .send()
-        .await
-        .unwrap();
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(
-        (body["epoch"].as_u64(), body["adopted"].as_bool()),
-        (Some(2), Some(false))
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            cache_node::peer::PeerError::Misdirected { theirs: 2, .. }
+        ),
+        "{refused}"
     );
+    assert!(
+        c.held(0, "stale-write").await.is_none(),
+        "the stale request was not applied"
+    );
+    // An older ring offered by a peer is not adopted.
+    let adopted = c.peers.put_ring(c.nodes[0].peer_addr, &old).await.unwrap();
+    assert!(!adopted);
+    assert_eq!(c.get_json(0, "/api/v1/cluster").await.1["epoch"], 2);
 
     // A key that moved to node-4, asked of the gateway, which still holds
     // epoch 1 and so sends it to the old owner: that owner refuses the stale
@@ -845,4 +826,28 @@ async fn a_node_never_acts_on_a_stale_ring() {
         "the gateway caught up instead of acting on epoch 1"
     );
     c.epoch = 2;
+}
+
+/// An item written straight into a peer request, as a stale coordinator
+/// would send it.
+struct Planted;
+
+impl cache_node::store::ItemView for Planted {
+    fn key(&self) -> &str {
+        "stale-write"
+    }
+    fn value(&self) -> &[u8] {
+        b"1"
+    }
+    fn meta(&self) -> cache_node::store::ItemMeta {
+        cache_node::store::ItemMeta {
+            created_at: 1,
+            accessed_at: 1,
+            expires_at: u64::MAX,
+            access_count: 0,
+        }
+    }
+    fn tags(&self) -> impl Iterator<Item = &str> {
+        std::iter::empty()
+    }
 }

@@ -58,3 +58,8 @@ fn key_path_corpus() {
 fn membership_doc_corpus() {
     replay("membership_doc", harness::membership_doc);
 }
+
+#[test]
+fn peer_frame_corpus() {
+    replay("peer_frame", harness::peer_frame);
+}

@@ -478,9 +478,9 @@ async fn concurrent_clients_see_consistent_results() {
 }
 
 /// With a client token and no peer token, a peer API sharing the client port
-/// requires the client token: `/internal/v1/` (which reads and writes any key
-/// and replaces the ring) is no way around it. Two such nodes still reach
-/// each other, since they send that token to each other.
+/// requires the client token: a peer connection (which reads and writes any
+/// key and replaces the ring) is no way around it. Two such nodes still
+/// reach each other, since they send that token to each other.
 #[tokio::test]
 async fn a_peer_api_on_the_client_port_requires_the_client_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -524,39 +524,46 @@ async fn a_peer_api_on_the_client_port_requires_the_client_token() {
         }
     }
 
-    let hostile_ring = json!({"epoch": 99, "replicationFactor": 1, "members": []});
+    // Opening a peer connection takes the token: without it (or with a
+    // wrong one) the upgrade is refused with a JSON 401, and no peer
+    // operation can be sent.
     for auth in [None, Some("Bearer wrong"), Some("Basic s3cret")] {
-        let requests = [
-            a.client.get(a.url("/internal/v1/ring")),
-            a.client.get(a.url("/internal/v1/stats")),
-            a.client
-                .put(a.url("/internal/v1/cache/k"))
-                .header("x-distrocache-epoch", "1")
-                .json(&json!({"value": "planted"})),
-            a.client
-                .get(a.url("/internal/v1/cache/k"))
-                .header("x-distrocache-epoch", "1"),
-            a.client.put(a.url("/internal/v1/ring")).json(&hostile_ring),
-        ];
-        for request in requests {
-            let request = match auth {
-                Some(auth) => request.header("authorization", auth),
-                None => request,
-            };
-            let (status, body) = read(request.send().await.unwrap()).await;
-            assert_error(status, &body, 401);
+        let mut request = a
+            .client
+            .get(a.url("/internal/v1/connect"))
+            .header("connection", "upgrade")
+            .header("upgrade", "distrocache-peer/1");
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
         }
+        let (status, body) = read(request.send().await.unwrap()).await;
+        assert_error(status, &body, 401);
     }
-    let resp = a
-        .client
-        .get(a.url("/internal/v1/ring"))
-        .bearer_auth("s3cret")
-        .send()
-        .await
-        .unwrap();
-    let (status, ring_doc) = read(resp).await;
-    assert_eq!(status, 200);
-    assert_eq!(ring_doc["epoch"], 1, "the ring was not replaced");
+    let settings = cache_node::peer::PeerSettings {
+        connect_timeout: std::time::Duration::from_secs(2),
+        request_timeout: std::time::Duration::from_secs(2),
+        max_message_bytes: 1 << 20,
+    };
+    let hostile_ring = distrocache_membership::MembershipDoc::from_json(
+        br#"{"epoch": 99, "replicationFactor": 1, "members": []}"#,
+    )
+    .unwrap();
+    for token in [None, Some("wrong")] {
+        let intruder = cache_node::peer::PeerClient::new("intruder", settings, token);
+        let refused = intruder.put_ring(a.addr, &hostile_ring).await.unwrap_err();
+        assert!(
+            matches!(&refused, cache_node::peer::PeerError::Status { status, .. } if status.as_u16() == 401),
+            "{refused}"
+        );
+        assert!(intruder.ring(a.addr).await.is_err());
+    }
+    // With the token the ring can be read, and it was never replaced.
+    let peer = cache_node::peer::PeerClient::new("peer", settings, Some("s3cret"));
+    assert_eq!(
+        peer.ring(a.addr).await.unwrap().epoch,
+        1,
+        "the ring was not replaced"
+    );
 
     // Writes through a, reads through b: keys owned by the other node travel
     // over the peer API, with the token.

@@ -6,26 +6,29 @@
 //!
 //! * [`set_request`]: the write body parser, `SetRequest::parse`, with
 //!   arbitrary bytes, content types and limits.
-//! * [`key_path`]: a key (or tag) as a raw URL path segment, through the real
-//!   axum router of a single node, in process.
+//! * [`key_path`]: a key (or tag) as a raw URL path segment, through the
+//!   node's real dispatcher and executor, in process.
 //! * [`membership_doc`]: the ring document parser and, for documents it
 //!   accepts, ring construction and key placement.
+//! * [`peer_frame`]: bytes from a peer connection, through the frame decoder
+//!   and the protocol's message decoders.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use axum::Router;
-use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use cache_node::api::auth::Tokens;
-use cache_node::api::{AppState, Limits, SetRequest, Surface};
+use cache_node::api::{Api, PeerEndpoint, Surface};
 use cache_node::cluster::ring::Ring;
+use cache_node::exec::{Executor, Limits};
 use cache_node::metrics::Metrics;
+use cache_node::peer::frame::{self, FrameCodec};
+use cache_node::peer::protocol::{Answer, Request};
 use cache_node::store::{Store, StoreConfig};
 use distrocache_membership::{MemberState, MembershipDoc};
-use tower::ServiceExt;
+use hyper::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use tokio_util::codec::Decoder;
 
 /// Content types the write parser is tried with, picked by the input's first
 /// byte: absent, accepted spellings, refused ones, and bytes that are not
@@ -80,7 +83,7 @@ pub fn set_request(data: &[u8]) {
         }
     }
     let body = Bytes::copy_from_slice(body);
-    match SetRequest::parse(&headers, Ok(body.clone()), &limits) {
+    match cache_node::api::request::write(&headers, body.clone(), &limits) {
         Err(e) => {
             assert!(e.status.is_client_error(), "{e}");
             assert!(!e.message.is_empty());
@@ -118,16 +121,16 @@ pub fn set_request(data: &[u8]) {
     }
 }
 
-/// One node's router on a small store, and a runtime to drive it, built once
-/// per process (the fuzzer calls the target millions of times).
-fn node() -> &'static (tokio::runtime::Runtime, Router) {
-    static NODE: OnceLock<(tokio::runtime::Runtime, Router)> = OnceLock::new();
+/// One node's dispatcher on a small store, and a runtime to drive it, built
+/// once per process (the fuzzer calls the target millions of times).
+fn node() -> &'static (tokio::runtime::Runtime, Api) {
+    static NODE: OnceLock<(tokio::runtime::Runtime, Api)> = OnceLock::new();
     NODE.get_or_init(|| {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a tokio runtime");
-        let state = Arc::new(AppState {
+        let exec = Arc::new(Executor {
             store: Arc::new(Store::with_config(StoreConfig {
                 max_items: 1000,
                 max_bytes: 1 << 20,
@@ -136,18 +139,24 @@ fn node() -> &'static (tokio::runtime::Runtime, Router) {
             limits: small_limits(),
             metrics: Metrics::new(),
             node_id: "fuzz".into(),
-            served_by: HeaderValue::from_static("fuzz"),
             started: Instant::now(),
             ready: Arc::new(AtomicBool::new(true)),
             cluster: None,
-            tokens: Tokens::default(),
         });
-        (runtime, cache_node::api::router(state, Surface::All))
+        let endpoint = PeerEndpoint {
+            max_message_bytes: 1 << 20,
+            drain_timeout: std::time::Duration::from_secs(1),
+            shutdown: Default::default(),
+            tracker: Default::default(),
+        };
+        let api =
+            Api::new(exec, Surface::All, Tokens::default(), endpoint).expect("a valid node id");
+        (runtime, api)
     })
 }
 
 /// Target `key_path`. Input: one selector byte (the operation), then the raw
-/// path segment, sent through the node's real router in process.
+/// path segment, sent through the node's real dispatcher in process.
 ///
 /// Asserts: every answer is JSON with `application/json`, no answer is a
 /// 5xx, errors carry `{"error": ...}`, and for a segment that is one path
@@ -175,26 +184,31 @@ pub fn key_path(data: &[u8]) {
         _ => (Method::POST, "/api/v1/invalidate/tag/", None),
     };
     let path = format!("{prefix}{segment}");
-    let Ok(uri) = path.parse::<axum::http::Uri>() else {
+    let Ok(uri) = path.parse::<Uri>() else {
         return;
     };
-    let (runtime, router) = node();
+    let (runtime, api) = node();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     let send = |method: Method, body: Option<&str>| {
-        let request = Request::builder()
-            .method(method)
-            .uri(uri.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
-            .expect("a request from a parsed URI");
-        runtime.block_on(async {
-            let response = router.clone().oneshot(request).await.expect("infallible");
-            let status = response.status();
-            let ct = response.headers().get(header::CONTENT_TYPE).cloned();
-            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-                .await
-                .expect("a bounded body");
-            (status, ct, bytes)
-        })
+        let response = match api.parse(&method, &uri, &headers) {
+            Ok(parsed) => runtime.block_on(api.answer(
+                parsed,
+                &headers,
+                Bytes::copy_from_slice(body.unwrap_or("").as_bytes()),
+            )),
+            Err(refusal) => refusal.answer(),
+        };
+        let status = response.status();
+        let ct = response.headers().get(header::CONTENT_TYPE).cloned();
+        let bytes = runtime
+            .block_on(http_body_util::BodyExt::collect(response.into_body()))
+            .expect("a complete body")
+            .to_bytes();
+        (status, ct, bytes)
     };
     let (status, ct, bytes) = send(method.clone(), body);
     assert!(!status.is_server_error(), "{status} for {path:?}");
@@ -215,14 +229,7 @@ pub fn key_path(data: &[u8]) {
         return;
     }
     let decoded: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
-    // The connection's fast path decodes item keys by itself: it must take
-    // exactly the keys the router serves, as the same key, and leave every
-    // refusal to the router.
-    let fast = (!prefix.contains("/tag/"))
-        .then(|| cache_node::api::fast::item_key(uri.path(), small_limits().max_key_bytes))
-        .flatten();
     let expected = if decoded.is_empty() {
-        assert!(fast.is_none(), "fast path took an empty key: {path:?}");
         // An empty segment does not match the route at all.
         assert!(matches!(
             status,
@@ -243,15 +250,9 @@ pub fn key_path(data: &[u8]) {
         Ok(())
     };
     match expected {
-        Err(want) => {
-            assert_eq!(status, want, "{path:?}");
-            assert!(fast.is_none(), "fast path took a refused key: {path:?}");
-        }
+        Err(want) => assert_eq!(status, want, "{path:?}"),
         Ok(()) => {
             let key = String::from_utf8(decoded).expect("checked above");
-            if !prefix.contains("/tag/") {
-                assert_eq!(fast.as_deref(), Some(key.as_str()), "{path:?}");
-            }
             match method {
                 Method::PUT => {
                     assert!(matches!(status, StatusCode::OK | StatusCode::CREATED));
@@ -326,5 +327,47 @@ pub fn membership_doc(data: &[u8]) {
             ids(&ring_reversed),
             "placement depends on order"
         );
+    }
+}
+
+/// Target `peer_frame`. Input: bytes as they would arrive on a peer
+/// connection.
+///
+/// Asserts: the frame decoder and both message decoders refuse or read any
+/// bytes without panicking; every frame they read, and every request or
+/// answer decoded from one, encodes back to bytes that decode to the same
+/// message (so nothing a peer sends is read as something else).
+pub fn peer_frame(data: &[u8]) {
+    let mut codec = FrameCodec::new(4096);
+    let mut src = BytesMut::from(data);
+    while let Ok(Some(frame)) = codec.decode(&mut src) {
+        let mut again = BytesMut::new();
+        frame::encode(&mut again, frame.id, frame.epoch, |out| {
+            out.extend_from_slice(&frame.body);
+            frame.kind
+        });
+        let reread = codec
+            .decode(&mut again)
+            .expect("a frame's own encoding decodes")
+            .expect("whole");
+        assert_eq!(reread, frame);
+        if let Ok(request) = Request::decode(frame.kind, &frame.body) {
+            let mut out = BytesMut::new();
+            let kind = request.encode(&mut out);
+            assert_eq!(kind, frame.kind);
+            assert_eq!(
+                Request::decode(kind, &out.freeze()).expect("round trip"),
+                request
+            );
+        }
+        if let Ok(answer) = Answer::decode(frame.kind, &frame.body) {
+            let mut out = BytesMut::new();
+            let kind = answer.encode(&mut out);
+            assert_eq!(kind, frame.kind);
+            assert_eq!(
+                Answer::decode(kind, &out.freeze()).expect("round trip"),
+                answer
+            );
+        }
     }
 }

@@ -9,13 +9,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use hyper::http::{HeaderMap, StatusCode, header};
 use subtle::ConstantTimeEq;
 
-use super::{ApiError, AppState};
+use crate::exec::Failure;
 
 /// Longest token file accepted.
 const MAX_TOKEN_BYTES: u64 = 4096;
@@ -46,13 +43,14 @@ pub fn read_token(path: &Path) -> std::io::Result<Arc<str>> {
     Ok(token.into())
 }
 
-/// Whether a request with `headers` may use the client API.
-pub fn client_allows(app: &AppState, headers: &HeaderMap) -> bool {
-    check(app.tokens.client.as_deref(), headers).is_ok()
+/// Whether a request with `headers` carries `expected` (if any token is
+/// expected); a refusal is a 401 saying why.
+pub fn check(expected: Option<&str>, headers: &HeaderMap) -> Result<(), Failure> {
+    presented(expected, headers).map_err(|why| Failure::new(StatusCode::UNAUTHORIZED, why))
 }
 
 /// `Err` carries why the request is refused.
-fn check(expected: Option<&str>, headers: &HeaderMap) -> Result<(), &'static str> {
+fn presented(expected: Option<&str>, headers: &HeaderMap) -> Result<(), &'static str> {
     let Some(expected) = expected else {
         return Ok(());
     };
@@ -82,40 +80,16 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     Some(&rest[start..])
 }
 
-fn refuse(why: &'static str) -> Response {
-    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, why).into_response();
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
-}
-
-/// Middleware of the client API's guarded routes.
-pub async fn client(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    match check(app.tokens.client.as_deref(), request.headers()) {
-        Ok(()) => next.run(request).await,
-        Err(why) => refuse(why),
-    }
-}
-
-/// Middleware of the peer API.
-pub async fn peer(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    match check(app.tokens.peer.as_deref(), request.headers()) {
-        Ok(()) => next.run(request).await,
-        Err(why) => refuse(why),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn request(auth: Option<&str>) -> Request {
-        let mut builder = Request::builder().uri("/x");
+    fn request(auth: Option<&str>) -> hyper::http::Request<()> {
+        let mut builder = hyper::http::Request::builder().uri("/x");
         if let Some(auth) = auth {
             builder = builder.header(header::AUTHORIZATION, auth);
         }
-        builder.body(axum::body::Body::empty()).unwrap()
+        builder.body(()).unwrap()
     }
 
     #[test]
@@ -148,9 +122,8 @@ mod tests {
             Some("Bearer\ts3cret"),
             Some("Bear s3cret"),
         ] {
-            let refused = refuse(check(Some("s3cret"), request(wrong).headers()).unwrap_err());
-            assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "{wrong:?}");
-            assert_eq!(refused.headers()[header::WWW_AUTHENTICATE], "Bearer");
+            let refused = check(Some("s3cret"), request(wrong).headers()).unwrap_err();
+            assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{wrong:?}");
         }
     }
 

@@ -1,69 +1,37 @@
-//! The REST API: routes, shared state and the item handlers.
+//! The REST API: one dispatcher for every route of a listener. It matches
+//! the path (axum's own router, `matchit`, without the rest of axum: no
+//! layers, no extractors, no boxed bodies), checks the method and the
+//! bearer token, decodes the key or tag and bounds it, reads and validates
+//! a write's body, turns the request into one typed [`Operation`], hands it
+//! to the [`Executor`], and encodes the [`Outcome`] as the answer
+//! ([`answer`]). Each of those is done once, here, for every route; every
+//! refusal is a JSON error.
 //!
 //! Paths, JSON shapes and status codes are the seed's, so its clients switch
 //! without a change: `/api/v1/cache/{key}` (GET, POST, PUT, DELETE),
 //! `/api/v1/invalidate/tag/{tag}`, `/api/v1/stats`, `/api/v1/health`,
-//! `/metrics`; plus `/api/v1/ready` for Kubernetes readiness probes, the
-//! cluster views under `/api/v1/cluster` and the peer API under
-//! `/internal/v1/` (see `internal.rs`).
-//!
-//! Requests flow one way: handler -> cluster (who serves this key?) -> store
-//! here, or the owner through the peer client. On a single node there is no
-//! cluster and handlers go straight to the store.
+//! `/metrics`; plus `/api/v1/ready` for readiness probes, the cluster views
+//! under `/api/v1/cluster`, and `/internal/v1/connect`, where other nodes
+//! open peer-protocol connections (see `peer`).
 
+pub mod answer;
 pub mod auth;
-mod cluster_view;
-mod error;
-pub mod fast;
-mod internal;
-pub mod item_json;
-mod ops;
-mod request;
+pub mod request;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::time::Duration;
 
-use axum::Router;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRef, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-pub use error::ApiError;
-pub use request::{CacheKey, Limits, SetRequest, TagName};
-
-use crate::cluster::routing::{Access, RouteError, Routed, encode_segment};
-use crate::cluster::wire::{RecordBatch, SERVED_BY_HEADER};
-use crate::cluster::{Cluster, peer::PeerResponse};
-use crate::metrics::{Metrics, Op};
-use crate::store::{Store, StoreError};
-
-/// Everything the handlers share.
-pub struct AppState {
-    pub store: Arc<Store>,
-    pub limits: Limits,
-    pub metrics: Metrics,
-    pub node_id: String,
-    /// `node_id` as a header value, for `x-distrocache-served-by`.
-    pub served_by: HeaderValue,
-    pub started: Instant,
-    /// Set once the node may receive traffic (see `/api/v1/ready`).
-    pub ready: Arc<AtomicBool>,
-    /// Present in cluster mode.
-    pub cluster: Option<Arc<Cluster>>,
-    /// Bearer tokens the client and peer APIs require, if any.
-    pub tokens: auth::Tokens,
-}
-
-impl FromRef<Arc<AppState>> for Limits {
-    fn from_ref(app: &Arc<AppState>) -> Limits {
-        app.limits
-    }
-}
+use crate::exec::{Execution, Executor, Failure, Limits, Operation, Outcome};
+use crate::http::{self, Conn, Dispatch, Response};
+use crate::peer::{self, PROTOCOL};
+use auth::Tokens;
 
 /// Which part of the HTTP surface a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,248 +44,414 @@ pub enum Surface {
     Peer,
 }
 
-/// The node's HTTP surface, or the part of it one listener serves.
-pub fn router(app: Arc<AppState>, surface: Surface) -> Router {
-    let body_limit = app.limits.max_body_bytes;
-    // Open to probes, Prometheus and the operator even with auth on: they
-    // expose counters and progress, never data.
-    let open = Router::new()
-        .route("/api/v1/health", get(ops::health))
-        .route("/api/v1/ready", get(ops::ready))
-        .route("/api/v1/cluster/rebalance", get(cluster_view::rebalance))
-        .route("/api/v1/cluster/handoff", get(cluster_view::handoff))
-        .route("/metrics", get(ops::metrics));
-    let guarded = Router::new()
-        .route(
-            "/api/v1/cache/{key}",
-            get(get_item)
-                .post(set_item)
-                .put(set_item)
-                .delete(delete_item),
-        )
-        .route("/api/v1/invalidate/tag/{tag}", post(invalidate_tag))
-        .route("/api/v1/stats", get(ops::stats))
-        .route("/api/v1/cluster", get(cluster_view::view))
-        .route("/api/v1/cluster/stats", get(cluster_view::stats))
-        .route_layer(middleware::from_fn_with_state(app.clone(), auth::client));
-    let client = open.merge(guarded).layer(DefaultBodyLimit::max(body_limit));
-    let routes = match surface {
-        Surface::All => client.merge(internal::router(&app)),
-        Surface::Client => client,
-        Surface::Peer => internal::router(&app),
-    };
-    routes
-        .fallback(error::no_route)
-        .method_not_allowed_fallback(error::method_not_allowed)
-        .with_state(app)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Item,
+    InvalidateTag,
+    Stats,
+    Health,
+    Ready,
+    Metrics,
+    Cluster,
+    ClusterStats,
+    ClusterCopies,
+    Rebalance,
+    Handoff,
+    PeerConnect,
 }
 
-fn json(status: StatusCode, body: Vec<u8>) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+/// Who may use a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    /// Probes, Prometheus and the operator, even with auth on: counters and
+    /// progress, never data.
+    Open,
+    /// The client token, when one is configured.
+    Client,
+    /// The peer token.
+    Peer,
 }
 
-/// An item answer, marked with the node that served it.
-fn served(app: &AppState, status: StatusCode, body: Vec<u8>) -> Response {
-    let mut response = json(status, body);
-    response
-        .headers_mut()
-        .insert(SERVED_BY_HEADER, app.served_by.clone());
-    response
-}
+const GET: &[Method] = &[Method::GET, Method::HEAD];
+const POST: &[Method] = &[Method::POST];
+const ITEM: &[Method] = &[
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+];
 
-/// Passes an owner's answer on unchanged: same status, same body.
-fn relay(answer: PeerResponse, served_by: &str) -> Response {
-    let content_type = answer
-        .headers
-        .get(header::CONTENT_TYPE)
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from_static("application/json"));
-    let mut response = (answer.status, answer.body).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, content_type);
-    if let Ok(v) = HeaderValue::from_str(served_by) {
-        headers.insert(SERVED_BY_HEADER, v);
-    }
-    response
-}
-
-impl From<RouteError> for ApiError {
-    fn from(e: RouteError) -> Self {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-    }
-}
-
-/// In cluster mode, sends a client request on `key` to the node that should
-/// serve it. `None` means "serve it here".
-async fn route(
-    app: &AppState,
-    key: &str,
-    access: Access,
-    method: Method,
-    body: Bytes,
-) -> Option<Response> {
-    let cluster = app.cluster.as_ref()?;
-    let path = format!("/internal/v1/cache/{}", encode_segment(key));
-    match cluster.route(key, access, method, &path, body).await {
-        Ok(Routed::Local) => None,
-        Ok(Routed::Remote { answer, served_by }) => Some(relay(answer, &served_by)),
-        Err(e) => Some(ApiError::from(e).into_response()),
-    }
-}
-
-async fn get_item(State(app): State<Arc<AppState>>, CacheKey(key): CacheKey) -> Response {
-    read(&app, &key).await
-}
-
-/// A client's read of `key`: sent to the node that serves it, or served here.
-async fn read(app: &AppState, key: &str) -> Response {
-    if let Some(answer) = route(app, key, Access::Read, Method::GET, Bytes::new()).await {
-        return answer;
-    }
-    serve_get(app, key).await
-}
-
-/// A read served by this node as the key's owner.
-async fn serve_get(app: &AppState, key: &str) -> Response {
-    match get_here(app, key) {
-        Some(answer) => answer,
-        None => after_miss(app, key).await,
-    }
-}
-
-/// The key from this node's store, as the answer to a read; `None` on a
-/// miss (counted as one by the store).
-fn get_here(app: &AppState, key: &str) -> Option<Response> {
-    let started = Instant::now();
-    let body = app.store.get(key, item_json::item_to_vec);
-    app.metrics.observe(Op::Get, started.elapsed());
-    Some(served(app, StatusCode::OK, body?))
-}
-
-/// The answer to a read that missed here: while data is moving the key may
-/// still be on its way, so the other owners are asked first.
-async fn after_miss(app: &AppState, key: &str) -> Response {
-    if let Some(cluster) = &app.cluster
-        && cluster.recover(key).await
-        && let Some(answer) = get_here(app, key)
-    {
-        return answer;
-    }
-    not_found(key)
-}
-
-fn not_found(key: &str) -> Response {
-    ApiError::not_found(format!("key {key:?} not found")).into_response()
-}
-
-async fn set_item(
-    State(app): State<Arc<AppState>>,
-    method: Method,
-    CacheKey(key): CacheKey,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    write(
-        &app,
-        method,
-        &key,
-        &headers,
-        body.map_err(request::body_error),
-    )
-    .await
-}
-
-/// A client's write of `key` (POST or PUT), validated here so bad input is
-/// refused by the node the client talks to and never travels; then sent to
-/// the key's coordinator, or coordinated here.
-async fn write(
-    app: &AppState,
-    method: Method,
-    key: &str,
-    headers: &HeaderMap,
-    body: Result<Bytes, ApiError>,
-) -> Result<Response, ApiError> {
-    let raw = body.as_ref().ok().cloned().unwrap_or_default();
-    let req = SetRequest::parse(headers, body, &app.limits)?;
-    if let Some(answer) = route(app, key, Access::Write, method, raw).await {
-        return Ok(answer);
-    }
-    coordinate_set(app, key, req).await
-}
-
-/// A write this node applies as the key's coordinator: stored here, then
-/// replicated to the other owners before the client gets its answer.
-async fn coordinate_set(app: &AppState, key: &str, req: SetRequest) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let replicate = app.cluster.is_some();
-    let stored = app.store.set(key, &req.value, &req.tags, req.ttl, |item| {
-        let mut record = RecordBatch::default();
-        if replicate {
-            record.push(item);
+impl Route {
+    fn methods(self) -> &'static [Method] {
+        match self {
+            Route::Item => ITEM,
+            Route::InvalidateTag => POST,
+            _ => GET,
         }
-        (item_json::item_to_vec(item), record)
-    });
-    app.metrics.observe(Op::Set, started.elapsed());
-    let (created, (body, record)) = stored.map_err(|e| match e {
-        StoreError::TooLarge { .. } => ApiError::too_large(e.to_string()),
-        StoreError::TtlTooLarge => ApiError::bad_request(e.to_string()),
-    })?;
-    let mut created = created;
-    if let Some(cluster) = &app.cluster {
-        let outcome = cluster.replicate(key, &record, &[]).await;
-        // Mid-move this node may not hold the key yet while another owner
-        // does: the write replaced it all the same.
-        created &= outcome.replaced == 0;
     }
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok(served(app, status, body))
-}
 
-async fn delete_item(
-    State(app): State<Arc<AppState>>,
-    CacheKey(key): CacheKey,
-) -> Result<Response, ApiError> {
-    remove(&app, &key).await
-}
-
-/// A client's delete of `key`: sent to its coordinator, or coordinated here.
-async fn remove(app: &AppState, key: &str) -> Result<Response, ApiError> {
-    if let Some(answer) = route(app, key, Access::Write, Method::DELETE, Bytes::new()).await {
-        return Ok(answer);
-    }
-    coordinate_delete(app, key).await
-}
-
-/// A delete this node applies as the key's coordinator, then sends to the
-/// other owners. Found if any owner held the key.
-async fn coordinate_delete(app: &AppState, key: &str) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let at = app.store.now();
-    let mut deleted = app.store.delete(key);
-    app.metrics.observe(Op::Delete, started.elapsed());
-    if let Some(cluster) = &app.cluster {
-        deleted |= cluster.replicate_delete(key, at).await;
-    }
-    if !deleted {
-        return Err(ApiError::not_found(format!("key {key:?} not found")));
-    }
-    let body = serde_json::json!({ "key": key, "deleted": true });
-    Ok(served(app, StatusCode::OK, body.to_string().into_bytes()))
-}
-
-async fn invalidate_tag(State(app): State<Arc<AppState>>, TagName(tag): TagName) -> Response {
-    let started = Instant::now();
-    let body = match &app.cluster {
-        Some(cluster) => cluster.invalidate_everywhere(&tag).await,
-        None => {
-            let invalidated = app.store.invalidate_tag(&tag);
-            serde_json::json!({ "tag": tag, "invalidated": invalidated })
+    fn guard(self) -> Guard {
+        match self {
+            Route::Health | Route::Ready | Route::Metrics | Route::Rebalance | Route::Handoff => {
+                Guard::Open
+            }
+            Route::PeerConnect => Guard::Peer,
+            _ => Guard::Client,
         }
-    };
-    app.metrics.observe(Op::InvalidateTag, started.elapsed());
-    axum::Json(body).into_response()
+    }
+}
+
+/// The settings of peer connections accepted on a listener.
+#[derive(Debug, Clone)]
+pub struct PeerEndpoint {
+    pub max_message_bytes: usize,
+    pub drain_timeout: Duration,
+    /// Fires when the node shuts down: peer connections go away.
+    pub shutdown: CancellationToken,
+    /// Where peer connections are tracked, so shutdown waits for them.
+    pub tracker: TaskTracker,
+}
+
+/// The dispatcher of one listener.
+#[derive(Clone)]
+pub struct Api {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    exec: Arc<Executor>,
+    routes: matchit::Router<Route>,
+    tokens: Tokens,
+    limits: Limits,
+    /// This node's id, for `x-distrocache-served-by`.
+    node: HeaderValue,
+    peer: Option<PeerEndpoint>,
+}
+
+impl Api {
+    /// The dispatcher of a listener serving `surface`; `peer` is where peer
+    /// connections are served, when the surface includes the peer API.
+    pub fn new(
+        exec: Arc<Executor>,
+        surface: Surface,
+        tokens: Tokens,
+        peer: PeerEndpoint,
+    ) -> Result<Self, Failure> {
+        let node = HeaderValue::from_str(&exec.node_id)
+            .map_err(|_| Failure::bad_request("node id must be printable ASCII"))?;
+        let mut routes = matchit::Router::new();
+        let client: &[(&str, Route)] = &[
+            ("/api/v1/cache/{key}", Route::Item),
+            ("/api/v1/invalidate/tag/{tag}", Route::InvalidateTag),
+            ("/api/v1/stats", Route::Stats),
+            ("/api/v1/health", Route::Health),
+            ("/api/v1/ready", Route::Ready),
+            ("/metrics", Route::Metrics),
+            ("/api/v1/cluster", Route::Cluster),
+            ("/api/v1/cluster/stats", Route::ClusterStats),
+            ("/api/v1/cluster/copies", Route::ClusterCopies),
+            ("/api/v1/cluster/rebalance", Route::Rebalance),
+            ("/api/v1/cluster/handoff", Route::Handoff),
+        ];
+        let peers: &[(&str, Route)] = &[(peer::CONNECT_PATH, Route::PeerConnect)];
+        let table: Vec<&(&str, Route)> = match surface {
+            Surface::All => client.iter().chain(peers).collect(),
+            Surface::Client => client.iter().collect(),
+            Surface::Peer => peers.iter().collect(),
+        };
+        for (path, route) in table {
+            routes
+                .insert(*path, *route)
+                .expect("the route table has no conflicts");
+        }
+        let serves_peers = surface != Surface::Client;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                limits: exec.limits,
+                exec,
+                routes,
+                tokens,
+                node,
+                peer: serves_peers.then_some(peer),
+            }),
+        })
+    }
+}
+
+/// Why a request was refused from its head alone.
+#[derive(Debug)]
+pub enum Refusal {
+    Failed(Failure),
+    /// A known path asked with a method it does not serve.
+    Method {
+        method: Method,
+        path: String,
+        allowed: &'static [Method],
+    },
+}
+
+impl Refusal {
+    pub fn answer(&self) -> Response {
+        match self {
+            Refusal::Failed(f) => answer::failure(f),
+            Refusal::Method {
+                method,
+                path,
+                allowed,
+            } => answer::method_not_allowed(method, path, allowed),
+        }
+    }
+}
+
+impl From<Failure> for Refusal {
+    fn from(f: Failure) -> Self {
+        Refusal::Failed(f)
+    }
+}
+
+/// A request as the dispatcher understood it from its head.
+#[derive(Debug)]
+pub enum Parsed {
+    /// An operation, ready to execute.
+    Op(Operation),
+    /// A write of `key`, whose body is still to be read.
+    Write { key: String },
+    /// A peer asking to open a peer-protocol connection.
+    PeerConnect,
+}
+
+impl http::Service for Api {
+    fn call(&self, request: Request<Incoming>, conn: &Conn) -> Dispatch {
+        let parsed = self.parse(request.method(), request.uri(), request.headers());
+        match parsed {
+            Ok(Parsed::Op(op)) => self.inner.run(op),
+            Ok(Parsed::Write { key }) => self.inner.write(key, request),
+            Ok(Parsed::PeerConnect) => Dispatch::Now(self.inner.connect(request, conn)),
+            Err(refusal) => Dispatch::Now(refusal.answer()),
+        }
+    }
+}
+
+impl Api {
+    /// Routes a request by its head: the route, the method, the token, the
+    /// key or tag and the query, each checked once; any refusal is the
+    /// answer. Public for the `key_path` fuzz target, which drives it and
+    /// the executor in process.
+    pub fn parse(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<Parsed, Refusal> {
+        self.inner.parse(method, uri, headers)
+    }
+
+    /// Executes an operation and encodes its outcome, as `call` does.
+    /// Public for the `key_path` fuzz target.
+    pub async fn answer(&self, parsed: Parsed, headers: &HeaderMap, body: Bytes) -> Response {
+        let inner = &self.inner;
+        let outcome = match parsed {
+            Parsed::Op(op) => match inner.exec.execute(op) {
+                Execution::Now(outcome) => outcome,
+                Execution::Later(outcome) => outcome.await,
+            },
+            Parsed::Write { key } => {
+                inner
+                    .set(key, request::write(headers, body, &inner.limits))
+                    .await
+            }
+            Parsed::PeerConnect => Outcome::Failed(Failure::bad_request("not an upgrade")),
+        };
+        answer::encode(outcome, &inner.stamp())
+    }
+}
+
+impl Inner {
+    fn parse(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Parsed, Refusal> {
+        let path = uri.path();
+        let Ok(matched) = self.routes.at(path) else {
+            return Err(Failure::not_found(format!("no route for {method} {path}")).into());
+        };
+        let route = *matched.value;
+        if !route.methods().contains(method) {
+            return Err(Refusal::Method {
+                method: method.clone(),
+                path: path.to_owned(),
+                allowed: route.methods(),
+            });
+        }
+        let token = match route.guard() {
+            Guard::Open => None,
+            Guard::Client => self.tokens.client.as_deref(),
+            Guard::Peer => self.tokens.peer.as_deref(),
+        };
+        auth::check(token, headers)?;
+        let segment = |name: &str| matched.params.get(name).unwrap_or_default();
+        let op = match route {
+            Route::Item => {
+                let key = request::key(segment("key"), &self.limits)?;
+                match *method {
+                    Method::POST | Method::PUT => return Ok(Parsed::Write { key }),
+                    Method::DELETE => Operation::Delete { key },
+                    _ => Operation::Get { key },
+                }
+            }
+            Route::InvalidateTag => Operation::InvalidateTag {
+                tag: request::tag(segment("tag"), &self.limits)?,
+            },
+            Route::Stats => Operation::Stats,
+            Route::Health => Operation::Health,
+            Route::Ready => Operation::Ready,
+            Route::Metrics => Operation::Metrics,
+            Route::Cluster => Operation::ClusterView {
+                key: self.query_key(uri, false)?,
+            },
+            Route::ClusterStats => Operation::ClusterStats,
+            Route::ClusterCopies => Operation::Copies {
+                key: self.query_key(uri, true)?.expect("required"),
+            },
+            Route::Rebalance => Operation::Rebalance,
+            Route::Handoff => {
+                let query = request::query(uri.query(), &["timeout"])?;
+                let timeout = match query.first() {
+                    Some((_, t)) => humantime::parse_duration(t)
+                        .map_err(|e| Failure::bad_request(format!("invalid timeout {t:?}: {e}")))?,
+                    None => Duration::from_secs(60),
+                };
+                Operation::Handoff {
+                    timeout: timeout.min(Duration::from_secs(3600)),
+                }
+            }
+            Route::PeerConnect => return Ok(Parsed::PeerConnect),
+        };
+        Ok(Parsed::Op(op))
+    }
+
+    /// The `key` query field of the cluster views (`required`: refused
+    /// without one).
+    fn query_key(&self, uri: &Uri, required: bool) -> Result<Option<String>, Failure> {
+        let query = request::query(uri.query(), &["key"])?;
+        let key = query.into_iter().next().map(|(_, key)| key);
+        match &key {
+            Some(key) => self.limits.check_key(key)?,
+            None if required => {
+                return Err(Failure::bad_request("the query field `key` is required"));
+            }
+            None => {}
+        }
+        Ok(key)
+    }
+
+    fn stamp(&self) -> answer::Stamp<'_> {
+        answer::Stamp {
+            node: &self.node,
+            epoch: self.exec.cluster.as_ref().map(|c| c.epoch()),
+        }
+    }
+
+    fn run(self: &Arc<Self>, op: Operation) -> Dispatch {
+        match self.exec.execute(op) {
+            Execution::Now(outcome) => Dispatch::Now(answer::encode(outcome, &self.stamp())),
+            Execution::Later(outcome) => {
+                let api = self.clone();
+                Dispatch::Later(Box::pin(async move {
+                    answer::encode(outcome.await, &api.stamp())
+                }))
+            }
+        }
+    }
+
+    /// A write (POST or PUT): the body read within its limit and validated
+    /// here, so bad input is refused by the node the client talks to and
+    /// never travels; then executed.
+    fn write(self: &Arc<Self>, key: String, request: Request<Incoming>) -> Dispatch {
+        let api = self.clone();
+        Dispatch::Later(Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let write = match read_body(body, api.limits.max_body_bytes).await {
+                Ok(body) => request::write(&parts.headers, body, &api.limits),
+                Err(f) => Err(f),
+            };
+            answer::encode(api.set(key, write).await, &api.stamp())
+        }))
+    }
+
+    async fn set(&self, key: String, write: Result<crate::exec::Write, Failure>) -> Outcome {
+        match write {
+            Ok(write) => match self.exec.execute(Operation::Set { key, write }) {
+                Execution::Now(outcome) => outcome,
+                Execution::Later(outcome) => outcome.await,
+            },
+            Err(f) => Outcome::Failed(f),
+        }
+    }
+
+    /// `GET /internal/v1/connect` with `Upgrade: distrocache-peer/1`: a peer
+    /// opening a connection of the peer protocol. Answered 101, then served
+    /// by the peer server for as long as the peer keeps it; it keeps its
+    /// place among the listener's connections meanwhile.
+    fn connect(self: &Arc<Self>, request: Request<Incoming>, conn: &Conn) -> Response {
+        let Some(endpoint) = self.peer.clone() else {
+            return answer::failure(&Failure::not_found("no peer API on this listener"));
+        };
+        if self.exec.cluster.is_none() {
+            return answer::failure(&Failure::not_found("this node is not in cluster mode"));
+        }
+        let upgrade = request
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok());
+        if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case(PROTOCOL)) {
+            let mut refusal = answer::failure(&Failure::new(
+                StatusCode::UPGRADE_REQUIRED,
+                format!("peer connections must ask for Upgrade: {PROTOCOL}"),
+            ));
+            refusal
+                .headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static(PROTOCOL));
+            return refusal;
+        }
+        let slot = conn.keep_slot();
+        let exec = self.exec.clone();
+        endpoint.tracker.clone().spawn(async move {
+            let _slot = slot;
+            match http::upgraded(request).await {
+                Ok((stream, read_buf)) => {
+                    let (read, write) = stream.into_split();
+                    peer::server::serve(
+                        read,
+                        write,
+                        read_buf,
+                        exec,
+                        endpoint.max_message_bytes,
+                        endpoint.drain_timeout,
+                        endpoint.shutdown,
+                    )
+                    .await;
+                }
+                Err(e) => tracing::debug!(error = %e, "a peer connection failed to upgrade"),
+            }
+        });
+        let mut switching = hyper::Response::new(http_body_util::Full::new(Bytes::new()));
+        *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = switching.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static(PROTOCOL));
+        switching
+    }
+}
+
+/// The whole body, up to `limit` bytes: 413 past the limit, 400 when it
+/// broke off.
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Failure> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Failure::too_large(format!(
+            "request body is larger than the limit of {limit} bytes"
+        ))),
+        Err(e) => Err(Failure::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
 }

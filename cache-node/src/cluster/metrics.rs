@@ -17,9 +17,21 @@ pub enum PeerOp {
     FanOut,
     Repair,
     Fetch,
+    Lease,
 }
 
 impl PeerOp {
+    const ALL: [PeerOp; 8] = [
+        PeerOp::Forward,
+        PeerOp::Replicate,
+        PeerOp::Push,
+        PeerOp::Pull,
+        PeerOp::FanOut,
+        PeerOp::Repair,
+        PeerOp::Fetch,
+        PeerOp::Lease,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             PeerOp::Forward => "forward",
@@ -29,6 +41,7 @@ impl PeerOp {
             PeerOp::FanOut => "fan_out",
             PeerOp::Repair => "repair",
             PeerOp::Fetch => "fetch",
+            PeerOp::Lease => "lease",
         }
     }
 }
@@ -47,10 +60,36 @@ pub struct ClusterMetrics {
     pub rebalance_phase: IntGaugeVec,
     pub pending_repairs: IntGauge,
     pub dropped_hints: IntCounter,
+    pub read_lease: IntGauge,
+    /// `peer_requests` and `peer_errors` per [`PeerOp`], resolved once:
+    /// forwarding counts on every forwarded request.
+    by_op: [(IntCounter, IntCounter); PeerOp::ALL.len()],
 }
 
 impl ClusterMetrics {
     pub fn new(registry: &Registry) -> Self {
+        let peer_requests = IntCounterVec::new(
+            Opts::new(
+                "distrocache_peer_requests_total",
+                "Requests this node sent to other nodes",
+            ),
+            &["operation"],
+        )
+        .expect("valid metric");
+        let peer_errors = IntCounterVec::new(
+            Opts::new(
+                "distrocache_peer_errors_total",
+                "Requests to other nodes that failed (unreachable, timeout or error answer)",
+            ),
+            &["operation"],
+        )
+        .expect("valid metric");
+        let by_op = PeerOp::ALL.map(|op| {
+            (
+                peer_requests.with_label_values(&[op.label()]),
+                peer_errors.with_label_values(&[op.label()]),
+            )
+        });
         let m = Self {
             ring_epoch: IntGauge::new(
                 "distrocache_ring_epoch",
@@ -62,22 +101,9 @@ impl ClusterMetrics {
                 &["state"],
             )
             .expect("valid metric"),
-            peer_requests: IntCounterVec::new(
-                Opts::new(
-                    "distrocache_peer_requests_total",
-                    "Requests this node sent to other nodes",
-                ),
-                &["operation"],
-            )
-            .expect("valid metric"),
-            peer_errors: IntCounterVec::new(
-                Opts::new(
-                    "distrocache_peer_errors_total",
-                    "Requests to other nodes that failed (unreachable, timeout or error answer)",
-                ),
-                &["operation"],
-            )
-            .expect("valid metric"),
+            peer_requests,
+            peer_errors,
+            by_op,
             keys_sent: IntCounter::new(
                 "distrocache_rebalance_keys_sent_total",
                 "Keys sent to other nodes by rebalancing",
@@ -116,6 +142,11 @@ impl ClusterMetrics {
                 "Writes waiting to be repaired on a replica that could not be reached",
             )
             .expect("valid metric"),
+            read_lease: IntGauge::new(
+                "distrocache_read_lease_valid",
+                "1 while this node may serve reads of the keys it holds as a replica (every member has granted it a read lease)",
+            )
+            .expect("valid metric"),
             dropped_hints: IntCounter::new(
                 "distrocache_replication_dropped_hints_total",
                 "Repair hints dropped because a replica's queue was full (that replica is then resynced whole when it answers)",
@@ -135,6 +166,7 @@ impl ClusterMetrics {
             Box::new(m.rebalance_phase.clone()),
             Box::new(m.pending_repairs.clone()),
             Box::new(m.dropped_hints.clone()),
+            Box::new(m.read_lease.clone()),
         ] {
             registry
                 .register(c)
@@ -165,9 +197,10 @@ impl ClusterMetrics {
     }
 
     pub fn peer_call(&self, op: PeerOp, ok: bool) {
-        self.peer_requests.with_label_values(&[op.label()]).inc();
+        let (requests, errors) = &self.by_op[op as usize];
+        requests.inc();
         if !ok {
-            self.peer_errors.with_label_values(&[op.label()]).inc();
+            errors.inc();
         }
     }
 }

@@ -26,34 +26,31 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::http::Method;
-use bytes::Bytes;
 use distrocache_membership::{MemberState, NodeProgress, SyncPhase};
 use futures_util::future::join_all;
 use tokio::sync::watch;
 
 use super::Cluster;
 use super::metrics::PeerOp;
-use super::peer::PeerError;
 use super::ring::{MemberIdx, Ring, RingMember};
-use super::wire::{self, PullAnswer, PullRequest, RecordBatch};
+use crate::peer::protocol::{RecordBatch, Records, Source};
+use crate::peer::{Expect, PeerError, Request, expect};
 
 /// Slots a pull answer may look at per request, as a multiple of its item
 /// limit: bounds the time one pull request holds the answering node's CPU
 /// when the requester owns few of its keys.
 const PULL_SCAN_FACTOR: usize = 16;
-/// How long a push or pull keeps retrying an unreachable member before the
-/// sync is abandoned (push) or the member skipped (pull).
-const PEER_RETRY_DEADLINE: Duration = Duration::from_secs(15);
 /// How often settling asks the members how far they got.
 const SETTLE_POLL: Duration = Duration::from_millis(250);
-/// Slots looked at per store scan step while pushing.
-const PUSH_SCAN_STEP: usize = 4096;
+/// Slots looked at per store scan step while pushing, pulling or resyncing.
+pub(super) const SCAN_STEP: usize = 4096;
 
 /// This node's data-movement state, read by the progress endpoint.
 #[derive(Debug, Default)]
 pub struct Progress {
     synced_epoch: AtomicU64,
+    /// The latest epoch settled here: the previous ring forgotten and the
+    /// keys no longer owned dropped.
     settled_epoch: AtomicU64,
     phase: AtomicU8,
     /// Has pulled its keys as a member since it started.
@@ -70,16 +67,14 @@ impl Progress {
         self.synced_epoch.load(Ordering::Acquire)
     }
 
+    /// The latest epoch for which this node forgot the previous ring and
+    /// dropped what it no longer owns.
     pub fn settled_epoch(&self) -> u64 {
         self.settled_epoch.load(Ordering::Acquire)
     }
 
     pub fn pulled(&self) -> bool {
         self.pulled.load(Ordering::Acquire)
-    }
-
-    pub(super) fn set_settled(&self, epoch: u64) {
-        self.settled_epoch.fetch_max(epoch, Ordering::AcqRel);
     }
 
     fn set_phase(&self, phase: SyncPhase) {
@@ -103,9 +98,9 @@ impl Progress {
 impl Cluster {
     /// The progress report (`/api/v1/cluster/rebalance`).
     pub fn report(&self) -> NodeProgress {
-        let rings = self.rings();
-        let epoch = rings.as_ref().map_or(0, |r| r.current.epoch());
-        let member_state = rings.as_ref().and_then(|r| r.current.my_state());
+        let ring = self.ring.current();
+        let epoch = ring.as_ref().map_or(0, |r| r.epoch());
+        let member_state = ring.as_ref().and_then(|r| r.my_state());
         let p = &self.progress;
         let synced_epoch = p.synced_epoch();
         NodeProgress {
@@ -138,48 +133,26 @@ impl Cluster {
         self.metrics.keys_received.inc_by(keys);
     }
 
-    /// Answers a pull: the items `req.node` owns under the current ring, from
-    /// `req.cursor` on. The peer API has already checked that both sides hold
-    /// the same epoch.
-    pub fn serve_pull(&self, req: &PullRequest) -> Result<Vec<u8>, String> {
-        let rings = self.rings().ok_or("no ring held")?;
-        let ring = &rings.current;
-        let Some(requester) = ring.index_of(&req.node) else {
-            return Err(format!(
-                "{:?} is not a member of ring {}",
-                req.node,
-                ring.epoch()
-            ));
+    /// Answers a pull: the items `node` owns under the current ring, from
+    /// `cursor` on. The peer server has already checked that both sides
+    /// hold the same epoch.
+    pub fn serve_pull(
+        &self,
+        node: &str,
+        cursor: u64,
+        limit: u32,
+    ) -> Result<(Records, Option<u64>), String> {
+        let ring = self.ring.current().ok_or("no ring held")?;
+        let Some(requester) = ring.index_of(node) else {
+            return Err(format!("{node:?} is not a member of ring {}", ring.epoch()));
         };
-        let limit = req.limit.clamp(1, self.settings.batch_items);
-        let max_bytes = self.settings.batch_bytes;
-        let mut batch = RecordBatch::default();
-        let mut cursor = Some(req.cursor);
-        let mut budget = limit * PULL_SCAN_FACTOR;
-        let full = |batch: &RecordBatch| batch.len() >= limit || batch.bytes() >= max_bytes;
-        while let Some(at) = cursor {
-            if full(&batch) || budget == 0 {
-                break;
-            }
-            let step = budget.min(PUSH_SCAN_STEP);
-            // Stop right after the item that fills the batch: the answer
-            // overshoots its byte limit by at most one item, which the
-            // puller's answer bound allows for.
-            cursor = self.store.scan_while(at, step, |item| {
-                if ring.is_owner(item.key().as_bytes(), requester) {
-                    batch.push(item);
-                    if full(&batch) {
-                        return ControlFlow::Break(());
-                    }
-                }
-                ControlFlow::Continue(())
-            });
-            budget -= step;
-        }
+        let limit = (limit as usize).clamp(1, self.settings.batch_items);
+        let (batch, next) =
+            self.owned_batch(&ring, requester, cursor, limit, limit * PULL_SCAN_FACTOR);
         let served = batch.len() as u64;
         self.progress.keys_sent.fetch_add(served, Ordering::Relaxed);
         self.metrics.keys_sent.inc_by(served);
-        Ok(wire::pull_answer(&batch, cursor))
+        Ok((batch.freeze(), next))
     }
 }
 
@@ -200,7 +173,7 @@ pub async fn run(cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
     let mut synced: Option<Arc<Ring>> = None;
     let mut backoff = Duration::from_millis(500);
     loop {
-        let ring = cluster.rings().map(|r| r.current.clone());
+        let ring = cluster.ring.current();
         let pending = match &ring {
             Some(ring) => synced.as_ref().is_none_or(|s| s.epoch() != ring.epoch()),
             None => false,
@@ -315,29 +288,26 @@ async fn pull_from(
     me: MemberIdx,
     member: &RingMember,
 ) -> Result<u64, Abort> {
-    let mut request = PullRequest {
-        node: ring.member(me).id.clone(),
-        cursor: 0,
-        limit: cluster.settings.batch_items,
-    };
+    let node = ring.member(me).id.clone();
+    let limit = u32::try_from(cluster.settings.batch_items).unwrap_or(u32::MAX);
+    let mut cursor = 0;
     let mut received = 0;
     let mut epochs = cluster.subscribe();
     let mut pause = Duration::from_millis(500);
     loop {
-        let body = Bytes::from(serde_json::to_vec(&request).expect("serialisable"));
-        let answer = match call_with_retry(
-            cluster,
-            ring,
-            member,
-            PeerOp::Pull,
-            "/internal/v1/pull",
-            body,
-        )
-        .await
-        {
-            Ok(answer) => answer,
+        let request = Request::Pull {
+            node: node.clone(),
+            cursor,
+            limit,
+        };
+        let page =
+            call_with_retry(cluster, ring, member, PeerOp::Pull, &request, expect::page).await;
+        let (items, next) = match page {
+            Ok(page) => page,
             Err(Abort::RingChanged) => return Err(Abort::RingChanged),
             Err(Abort::Failed(reason)) => {
+                // Every member must answer (it may hold the only other copy
+                // of some keys): wait longer, with the node not ready.
                 tracing::warn!(
                     peer = %member.id, %reason, retry_in = ?pause,
                     "cannot pull from a member yet; staying not ready until it answers"
@@ -351,14 +321,14 @@ async fn pull_from(
             }
         };
         pause = Duration::from_millis(500);
-        let page: PullAnswer<'_> = serde_json::from_slice(&answer).map_err(|e| {
+        let records = items.decode().map_err(|e| {
             Abort::Failed(format!("unreadable pull answer from {}: {e}", member.id))
         })?;
-        let outcome = cluster.apply_records(&page.items);
+        let outcome = cluster.apply_records(&records);
         received += outcome.applied;
         cluster.count_received(outcome.applied);
-        match page.next {
-            Some(next) => request.cursor = next,
+        match next {
+            Some(next) => cursor = next,
             None => return Ok(received),
         }
     }
@@ -385,11 +355,11 @@ async fn push(
             return Err(Abort::RingChanged);
         }
         let is_full = |b: &RecordBatch| {
-            b.len() >= cluster.settings.batch_items || b.bytes() >= cluster.settings.batch_bytes
+            b.len() >= cluster.settings.batch_items || b.size() >= cluster.settings.batch_bytes
         };
         // The scan stops right after an item that fills a receiver's batch,
         // so no batch overshoots its limits by more than that one item.
-        cursor = cluster.store.scan_while(at, PUSH_SCAN_STEP, |item| {
+        cursor = cluster.store.scan_while(at, SCAN_STEP, |item| {
             let key = item.key().as_bytes();
             let owners = ring.owners(key);
             let before = synced.map(|s| s.owners(key));
@@ -407,7 +377,7 @@ async fn push(
                 };
                 if gained || leaving {
                     let batch = batches.entry(target).or_default();
-                    batch.push(item);
+                    batch.push(&item);
                     filled |= is_full(batch);
                 }
             }
@@ -450,14 +420,19 @@ async fn send_batch(
         return Ok(0);
     }
     let count = batch.len() as u64;
-    let body = Bytes::from(wire::replicate_body(&batch, &[]));
+    let request = Request::Replicate {
+        source: Source::Rebalance,
+        items: batch.freeze(),
+        deletes: Vec::new(),
+    };
+    let member = ring.member(target);
     call_with_retry(
         cluster,
         ring,
-        ring.member(target),
+        member,
         PeerOp::Push,
-        "/internal/v1/replicate?source=rebalance",
-        body,
+        &request,
+        expect::replicated,
     )
     .await?;
     cluster
@@ -468,46 +443,25 @@ async fn send_batch(
     Ok(count)
 }
 
-/// POSTs `body` to `member`, retrying with backoff while it is unreachable
-/// (up to [`PEER_RETRY_DEADLINE`]); gives up at once if the ring changes.
-async fn call_with_retry(
+/// Sends `request` to `member` with the one retry policy while it cannot
+/// be reached (see [`Cluster::call_with_retry`]); gives up at once when the
+/// ring changes, since the data movement must then be planned again.
+async fn call_with_retry<T>(
     cluster: &Cluster,
     ring: &Ring,
     member: &RingMember,
     op: PeerOp,
-    path: &str,
-    body: Bytes,
-) -> Result<Bytes, Abort> {
-    let deadline = Instant::now() + PEER_RETRY_DEADLINE;
-    let mut pause = Duration::from_millis(100);
-    loop {
-        if cluster.epoch() != ring.epoch() {
-            return Err(Abort::RingChanged);
-        }
-        let result = cluster
-            .call(member, Method::POST, path, body.clone(), None)
-            .await;
-        let failure = match result {
-            Ok(answer) if answer.status.is_success() => {
-                cluster.metrics.peer_call(op, true);
-                return Ok(answer.body);
-            }
-            Err(PeerError::RingChanged { .. }) => return Err(Abort::RingChanged),
-            Ok(answer) => format!(
-                "{} answered {}: {}",
-                member.id,
-                answer.status,
-                super::peer::error_message(&answer.body)
-            ),
-            Err(e) => e.to_string(),
-        };
-        cluster.metrics.peer_call(op, false);
-        if Instant::now() + pause > deadline {
-            return Err(Abort::Failed(failure));
-        }
-        tracing::debug!(peer = %member.id, %failure, "retrying");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
+    request: &Request,
+    expect: Expect<T>,
+) -> Result<T, Abort> {
+    let result = cluster
+        .call_with_retry(member, ring.epoch(), request, expect)
+        .await;
+    cluster.metrics.peer_call(op, result.is_ok());
+    match result {
+        Ok(answer) => Ok(answer),
+        Err(PeerError::RingChanged { .. }) => Err(Abort::RingChanged),
+        Err(e) => Err(Abort::Failed(e.to_string())),
     }
 }
 
@@ -528,48 +482,40 @@ async fn settle(cluster: &Cluster, ring: &Arc<Ring>) {
             _ = epochs.changed() => {}
         }
     }
-    if cluster.settle(ring.epoch()).is_none() {
+    if cluster.ring.settle(ring.epoch()).is_none() {
         return;
     }
     let me = ring.me;
-    if me.is_some_and(|me| ring.member(me).state == MemberState::Leaving) {
-        // A leaving member keeps its copy until it is removed: reads that
-        // race the ring change may still find it here.
-        return;
+    // A leaving member keeps its copy until it is removed: reads that race
+    // the ring change may still find it here.
+    if me.is_none_or(|me| ring.member(me).state != MemberState::Leaving) {
+        let dropped = cluster
+            .store
+            .retain(|key| me.is_some_and(|me| ring.is_owner(key.as_bytes(), me)));
+        tracing::info!(
+            epoch = ring.epoch(),
+            dropped,
+            "cluster settled; dropped keys no longer owned"
+        );
     }
-    let dropped = cluster
-        .store
-        .retain(|key| me.is_some_and(|me| ring.is_owner(key.as_bytes(), me)));
-    tracing::info!(
-        epoch = ring.epoch(),
-        dropped,
-        "cluster settled; dropped keys no longer owned"
-    );
+    // Only now: `settled` in the cluster view promises both.
+    cluster
+        .progress
+        .settled_epoch
+        .fetch_max(ring.epoch(), Ordering::AcqRel);
 }
 
 async fn all_synced(cluster: &Cluster, ring: &Ring) -> bool {
-    let others: Vec<&RingMember> = ring
-        .members
-        .iter()
-        .filter(|m| m.id != cluster.node_id)
-        .collect();
-    let calls = others.iter().map(|m| {
-        cluster.peers.send(
-            m.address,
-            Method::GET,
-            "/internal/v1/progress",
-            ring.epoch(),
-            Bytes::new(),
-            Some(Duration::from_secs(2)),
-        )
+    let others = ring.members.iter().filter(|m| m.id != cluster.node_id);
+    let calls = others.map(|m| {
+        cluster
+            .peers
+            .progress(m.address, Some(Duration::from_secs(2)))
     });
-    join_all(calls).await.into_iter().all(|answer| {
-        answer
-            .ok()
-            .filter(|a| a.status.is_success())
-            .and_then(|a| serde_json::from_slice::<NodeProgress>(&a.body).ok())
-            .is_some_and(|p| p.synced_epoch >= ring.epoch())
-    })
+    join_all(calls)
+        .await
+        .into_iter()
+        .all(|answer| answer.is_ok_and(|p| p.synced_epoch >= ring.epoch()))
 }
 
 #[cfg(test)]
@@ -582,9 +528,9 @@ mod tests {
 
     use super::*;
     use crate::cluster::metrics::ClusterMetrics;
-    use crate::cluster::peer::PeerSettings;
     use crate::cluster::{Cluster, ClusterSettings};
-    use crate::store::{Store, StoreConfig};
+    use crate::peer::PeerSettings;
+    use crate::store::{ItemView, Store, StoreConfig};
 
     fn cluster(items: usize, shards: usize, batch_items: usize) -> Arc<Cluster> {
         cluster_of(items, shards, batch_items, b"1", 4 << 20)
@@ -618,7 +564,7 @@ mod tests {
             peer: PeerSettings {
                 connect_timeout: Duration::from_secs(1),
                 request_timeout: Duration::from_secs(1),
-                max_answer_bytes: 1 << 24,
+                max_message_bytes: 1 << 24,
             },
             batch_items,
             batch_bytes,
@@ -642,6 +588,7 @@ mod tests {
                 .map(|(i, id)| Member {
                     id: (*id).into(),
                     address: format!("127.0.0.{}:1", i + 1),
+                    client_address: None,
                     state: MemberState::Active,
                 })
                 .collect(),
@@ -656,24 +603,19 @@ mod tests {
         let value = format!("\"{}\"", "v".repeat(10_000));
         let batch_bytes = 64 * 1024;
         let c = cluster_of(2000, 4, 1000, value.as_bytes(), batch_bytes);
-        let mut request = PullRequest {
-            node: "b".into(),
-            cursor: 0,
-            limit: 1000,
-        };
+        let mut cursor = 0;
         let (mut pages, mut items) = (0, 0);
         loop {
-            let answer = c.serve_pull(&request).unwrap();
+            let (page, next) = c.serve_pull("b", cursor, 1000).unwrap();
             assert!(
-                answer.len() <= batch_bytes + value.len() + 512,
+                page.size() <= batch_bytes + value.len() + 512,
                 "a {} byte answer",
-                answer.len()
+                page.size()
             );
-            let answer: PullAnswer<'_> = serde_json::from_slice(&answer).unwrap();
-            items += answer.items.len();
+            items += page.len();
             pages += 1;
-            match answer.next {
-                Some(next) => request.cursor = next,
+            match next {
+                Some(next) => cursor = next,
                 None => break,
             }
         }
@@ -694,20 +636,15 @@ mod tests {
         ] {
             let c = cluster(items, shards, batch);
             let mut seen = std::collections::HashSet::new();
-            let mut request = PullRequest {
-                node: "b".into(),
-                cursor: 0,
-                limit: batch,
-            };
+            let mut cursor = 0;
             for page in 0.. {
                 assert!(page < 100_000, "the pull makes progress");
-                let answer = c.serve_pull(&request).unwrap();
-                let answer: PullAnswer<'_> = serde_json::from_slice(&answer).unwrap();
-                for r in &answer.items {
-                    assert!(seen.insert(r.key.to_string()), "{} sent twice", r.key);
+                let (items, next) = c.serve_pull("b", cursor, batch as u32).unwrap();
+                for r in items.decode().unwrap() {
+                    assert!(seen.insert(r.key().to_string()), "{} sent twice", r.key());
                 }
-                match answer.next {
-                    Some(next) => request.cursor = next,
+                match next {
+                    Some(next) => cursor = next,
                     None => break,
                 }
             }

@@ -18,19 +18,17 @@
 //! `distrocache_replication_dropped_hints_total`.
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::http::Method;
-use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::Cluster;
 use super::metrics::PeerOp;
 use super::ring::{MemberIdx, Ring};
-use super::wire::{self, Deletion, RecordBatch};
+use crate::peer::protocol::{Deletion, RecordBatch, Source};
+use crate::peer::{PeerError, Request, expect};
 use crate::store::UnixNanos;
 
 pub const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
@@ -38,8 +36,6 @@ pub const MAX_HINTS_PER_PEER: usize = 100_000;
 /// Most key hints taken from the queue per request (fewer when the
 /// rebalancing batch limits are lower).
 const REPAIR_BATCH: usize = 500;
-/// Slots looked at per store scan step while resyncing a peer.
-const RESYNC_SCAN_STEP: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyHint {
@@ -94,6 +90,15 @@ impl Hints {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         hints.tags.insert(tag.to_owned(), at);
+    }
+
+    /// Whether anything waits to be repaired on `peer` (a read lease is
+    /// then refused to it).
+    pub fn has_pending(&self, peer: &str) -> bool {
+        self.peers
+            .lock()
+            .get(peer)
+            .is_some_and(|h| h.len() > 0 || h.resync)
     }
 
     /// Hints waiting, over every peer.
@@ -240,15 +245,17 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
     let settings = cluster.settings;
     let per_batch = REPAIR_BATCH.min(settings.batch_items).max(1);
     loop {
-        let Some(rings) = cluster.rings() else { return };
-        let Some(idx) = rings.current.index_of(peer) else {
+        let Some(ring) = cluster.ring.current() else {
+            return;
+        };
+        let Some(idx) = ring.index_of(peer) else {
             cluster.hints.forget(peer);
             return;
         };
-        let member = rings.current.member(idx).clone();
+        let member = ring.member(idx).clone();
         if cluster.hints.take_resync(peer) {
-            if let Err(reason) = resync(cluster, &rings.current, idx).await {
-                tracing::debug!(peer, %reason, "resync failed; retrying later");
+            if let Err(e) = resync(cluster, &ring, idx).await {
+                tracing::debug!(peer, error = %e, "resync failed; retrying later");
                 cluster.hints.mark_resync(peer);
                 return;
             }
@@ -263,13 +270,13 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
         // Close the batch at the byte limit; what did not fit goes back.
         let mut fitted = keys.len();
         for (i, (key, hint)) in keys.iter().enumerate() {
-            if records.bytes() >= settings.batch_bytes {
+            if records.size() >= settings.batch_bytes {
                 fitted = i;
                 break;
             }
             match hint {
                 KeyHint::Write => {
-                    cluster.store.peek(key, |item| records.push(item));
+                    cluster.store.peek(key, |item| records.push(&item));
                 }
                 KeyHint::Delete(at) => deletes.push(Deletion {
                     key: key.clone(),
@@ -281,27 +288,27 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
         cluster.hints.restore(peer, later, Vec::new());
         let mut delivered = true;
         if !records.is_empty() || !deletes.is_empty() {
-            let body = Bytes::from(wire::replicate_body(&records, &deletes));
+            let request = Request::Replicate {
+                source: Source::Repair,
+                items: records.freeze(),
+                deletes,
+            };
             let result = cluster
-                .call(&member, Method::POST, "/internal/v1/replicate", body, None)
+                .call(&member, &request, None, expect::replicated)
                 .await;
-            delivered = matches!(&result, Ok(a) if a.status.is_success());
+            delivered = result.is_ok();
             cluster.metrics.peer_call(PeerOp::Repair, delivered);
         }
         for (tag, _) in &tags {
             if !delivered {
                 break;
             }
-            let path = format!(
-                "/internal/v1/invalidate/tag/{}",
-                super::routing::encode_segment(tag)
-            );
+            let request = Request::InvalidateTag { tag: tag.clone() };
             let result = cluster
-                .call(&member, Method::POST, &path, Bytes::new(), None)
+                .call(&member, &request, None, expect::invalidated)
                 .await;
-            let ok = matches!(&result, Ok(a) if a.status.is_success());
-            cluster.metrics.peer_call(PeerOp::Repair, ok);
-            delivered &= ok;
+            cluster.metrics.peer_call(PeerOp::Repair, result.is_ok());
+            delivered &= result.is_ok();
         }
         if !delivered {
             cluster.hints.restore(peer, keys, tags);
@@ -318,36 +325,27 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
 
 /// Sends the member `target` of `ring` every item held here that it owns,
 /// in batches within the rebalancing limits.
-async fn resync(cluster: &Cluster, ring: &Ring, target: MemberIdx) -> Result<(), String> {
+async fn resync(cluster: &Cluster, ring: &Ring, target: MemberIdx) -> Result<(), PeerError> {
     let settings = cluster.settings;
     let member = ring.member(target);
     let mut cursor = Some(0);
     while let Some(at) = cursor {
-        let mut batch = RecordBatch::default();
-        cursor = cluster.store.scan_while(at, RESYNC_SCAN_STEP, |item| {
-            if ring.is_owner(item.key().as_bytes(), target) {
-                batch.push(item);
-                if batch.len() >= settings.batch_items || batch.bytes() >= settings.batch_bytes {
-                    return ControlFlow::Break(());
-                }
-            }
-            ControlFlow::Continue(())
-        });
+        let (batch, next) = cluster.owned_batch(ring, target, at, settings.batch_items, usize::MAX);
+        cursor = next;
         if batch.is_empty() {
             continue;
         }
-        let body = Bytes::from(wire::replicate_body(&batch, &[]));
-        let answer = cluster
-            .call(member, Method::POST, "/internal/v1/replicate", body, None)
+        let request = Request::Replicate {
+            source: Source::Repair,
+            items: batch.freeze(),
+            deletes: Vec::new(),
+        };
+        // No retry here: the repair task comes back every interval.
+        let result = cluster
+            .call(member, &request, None, expect::replicated)
             .await;
-        let ok = matches!(&answer, Ok(a) if a.status.is_success());
-        cluster.metrics.peer_call(PeerOp::Repair, ok);
-        if !ok {
-            return Err(match answer {
-                Ok(a) => format!("{} answered {}", member.id, a.status),
-                Err(e) => e.to_string(),
-            });
-        }
+        cluster.metrics.peer_call(PeerOp::Repair, result.is_ok());
+        result?;
     }
     Ok(())
 }

@@ -133,6 +133,40 @@ pub enum StoreError {
     TtlTooLarge,
 }
 
+/// The tags of an item written without any (spelled out, since an empty
+/// `&[]` names no tag type).
+pub const NO_TAGS: &[&str] = &[];
+
+/// An item as the encoders see it (the REST answer's JSON, the peer
+/// protocol's records): a live item borrowed from the store, or a record
+/// that arrived from a peer. One trait, so each encoding is written once.
+pub trait ItemView {
+    fn key(&self) -> &str;
+    /// The value's JSON text, exactly as the client wrote it.
+    fn value(&self) -> &[u8];
+    fn meta(&self) -> ItemMeta;
+    /// In the order the client gave them.
+    fn tags(&self) -> impl Iterator<Item = &str>;
+}
+
+impl ItemView for ItemRef<'_> {
+    fn key(&self) -> &str {
+        ItemRef::key(self)
+    }
+
+    fn value(&self) -> &[u8] {
+        ItemRef::value(self)
+    }
+
+    fn meta(&self) -> ItemMeta {
+        ItemRef::meta(self)
+    }
+
+    fn tags(&self) -> impl Iterator<Item = &str> {
+        ItemRef::tags(self)
+    }
+}
+
 /// A live item, borrowed from its shard while the shard's lock is held.
 #[derive(Clone, Copy)]
 pub struct ItemRef<'a> {
@@ -301,7 +335,7 @@ impl Store {
         &self,
         key: &str,
         value: &[u8],
-        tags: &[String],
+        tags: &[impl AsRef<str>],
         ttl: Option<Duration>,
         f: impl FnOnce(ItemRef<'_>) -> R,
     ) -> Result<(bool, R), StoreError> {
@@ -331,7 +365,7 @@ impl Store {
         &self,
         key: &str,
         value: &[u8],
-        tags: &[String],
+        tags: &[impl AsRef<str>],
         meta: ItemMeta,
     ) -> Result<Applied, StoreError> {
         let now = self.clock.now();
@@ -352,13 +386,13 @@ impl Store {
         &self,
         key: &str,
         value: &[u8],
-        tags: &[String],
+        tags: &[impl AsRef<str>],
         meta: ItemMeta,
         now: UnixNanos,
         kind: WriteKind,
         f: impl FnOnce(ItemRef<'_>) -> R,
     ) -> Result<Option<(bool, R)>, StoreError> {
-        let cost = item_cost(key.len(), value.len(), tags.iter().map(String::as_str));
+        let cost = item_cost(key.len(), value.len(), tags.iter().map(AsRef::as_ref));
         if self.max_bytes > 0 && cost > self.max_bytes {
             return Err(StoreError::TooLarge {
                 cost,

@@ -129,10 +129,10 @@ pub struct Stored {
 
 /// The item to write, already validated by the caller.
 #[derive(Debug, Clone, Copy)]
-pub struct NewItem<'a> {
+pub struct NewItem<'a, T> {
     pub key: &'a [u8],
     pub value: &'a [u8],
-    pub tags: &'a [String],
+    pub tags: &'a [T],
     pub created_at: UnixNanos,
     pub accessed_at: UnixNanos,
     pub expires_at: UnixNanos,
@@ -225,7 +225,12 @@ impl<S: BuildHasher> Shard<S> {
 
     /// Inserts or replaces an item and makes it most recently used. Capacity is
     /// the caller's concern (see [`Self::evict_lru`]).
-    pub fn set(&mut self, hash: u64, mut item: NewItem<'_>, now: UnixNanos) -> Stored {
+    pub fn set<T: AsRef<str>>(
+        &mut self,
+        hash: u64,
+        mut item: NewItem<'_, T>,
+        now: UnixNanos,
+    ) -> Stored {
         let existing = self.find(hash, item.key);
         let created = match existing {
             Some(slot) => self.slots[slot as usize].expires_at <= now,
@@ -273,7 +278,7 @@ impl<S: BuildHasher> Shard<S> {
         let tag_ids: ThinVec<TagId> = item
             .tags
             .iter()
-            .filter_map(|t| self.tags.attach(t, slot))
+            .filter_map(|t| self.tags.attach(t.as_ref(), slot))
             .collect();
 
         let mut data = Vec::with_capacity(item.key.len() + item.value.len());

@@ -78,7 +78,7 @@ fn set_get_delete_round_trip_with_metadata() {
     );
 
     assert!(
-        !set(&store, "user:1", "2", &[], 60),
+        !set(&store, "user:1", "2", NO_TAGS, 60),
         "second write replaces"
     );
     assert_eq!(
@@ -99,20 +99,20 @@ fn set_get_delete_round_trip_with_metadata() {
 fn lru_order_and_eviction_count_by_item_cap() {
     let (store, _clock) = store(3, 0, 1);
     for k in ["a", "b", "c"] {
-        set(&store, k, "1", &[], 60);
+        set(&store, k, "1", NO_TAGS, 60);
     }
     assert_eq!(store.keys_by_recency()[0], ["c", "b", "a"]);
     // Reading "a" makes it most recent, so "b" is now the eviction victim.
     assert!(get(&store, "a").is_some());
     assert_eq!(store.keys_by_recency()[0], ["a", "c", "b"]);
-    set(&store, "d", "1", &[], 60);
+    set(&store, "d", "1", NO_TAGS, 60);
     assert_eq!(store.keys_by_recency()[0], ["d", "a", "c"]);
-    set(&store, "e", "1", &[], 60);
+    set(&store, "e", "1", NO_TAGS, 60);
     assert_eq!(store.keys_by_recency()[0], ["e", "d", "a"]);
     assert_eq!(store.len(), 3);
     assert_eq!(store.stats().counters.evictions, 2);
     // Overwriting a present key evicts nothing and refreshes its position.
-    set(&store, "a", "2", &[], 60);
+    set(&store, "a", "2", NO_TAGS, 60);
     assert_eq!(store.keys_by_recency()[0], ["a", "e", "d"]);
     assert_eq!(store.stats().counters.evictions, 2);
     store.assert_consistent();
@@ -122,7 +122,7 @@ fn lru_order_and_eviction_count_by_item_cap() {
 fn item_cap_is_store_wide_across_shards() {
     let (store, _clock) = store(100, 0, 16);
     for i in 0..1000 {
-        set(&store, &format!("key-{i}"), "v", &[], 60);
+        set(&store, &format!("key-{i}"), "v", NO_TAGS, 60);
         assert!(store.len() <= 100);
     }
     assert_eq!(store.len(), 100);
@@ -151,12 +151,12 @@ fn eviction_across_shards_takes_the_oldest_tail() {
         }
     }
     for k in &keys[..4] {
-        set(&store, k, "1", &[], 60);
+        set(&store, k, "1", NO_TAGS, 60);
         clock.advance(Duration::from_millis(1));
     }
     assert!(get(&store, &keys[0]).is_some()); // keys[1] is now the least recent
     clock.advance(Duration::from_millis(1));
-    set(&store, &keys[4], "1", &[], 60);
+    set(&store, &keys[4], "1", NO_TAGS, 60);
     assert_eq!(store.len(), 4);
     assert_eq!(
         get(&store, &keys[1]),
@@ -175,15 +175,15 @@ fn byte_cap_evicts_least_recent_until_it_fits() {
     let (store, _clock) = store(1000, 3 * per_item, 1);
     let value = "x".repeat(100);
     for k in ["k1", "k2", "k3"] {
-        set(&store, k, &value, &[], 60);
+        set(&store, k, &value, NO_TAGS, 60);
     }
     assert_eq!(store.bytes(), 3 * per_item);
-    set(&store, "k4", &value, &[], 60);
+    set(&store, "k4", &value, NO_TAGS, 60);
     assert_eq!(store.len(), 3);
     assert_eq!(get(&store, "k1"), None, "the least recent went");
     // A bigger item pushes out as many as it needs.
     let big = "y".repeat(250);
-    set(&store, "k5", &big, &[], 60);
+    set(&store, "k5", &big, NO_TAGS, 60);
     assert!(store.bytes() <= 3 * per_item);
     assert!(get(&store, "k5").is_some());
     store.assert_consistent();
@@ -192,9 +192,9 @@ fn byte_cap_evicts_least_recent_until_it_fits() {
 #[test]
 fn item_larger_than_the_whole_budget_is_refused_without_evicting() {
     let (store, _clock) = store(1000, 500, 1);
-    set(&store, "small", "1", &[], 60);
+    set(&store, "small", "1", NO_TAGS, 60);
     let err = store
-        .set("huge", &[b'x'; 1000], &[], None, |_| ())
+        .set("huge", &[b'x'; 1000], NO_TAGS, None, |_| ())
         .unwrap_err();
     assert!(matches!(err, StoreError::TooLarge { .. }));
     assert!(get(&store, "small").is_some());
@@ -220,9 +220,9 @@ fn ttl_expires_lazily_on_read() {
 #[test]
 fn default_ttl_applies_when_ttl_is_absent_or_zero() {
     let (store, clock) = store(10, 0, 1);
-    store.set("a", b"1", &[], None, |_| ()).unwrap();
+    store.set("a", b"1", NO_TAGS, None, |_| ()).unwrap();
     store
-        .set("b", b"1", &[], Some(Duration::ZERO), |_| ())
+        .set("b", b"1", NO_TAGS, Some(Duration::ZERO), |_| ())
         .unwrap();
     assert_eq!(store.peek("a", |i| i.ttl_nanos()), Some(300_000_000_000));
     clock.advance(Duration::from_secs(299));
@@ -281,7 +281,7 @@ fn tag_index_stays_exact_through_overwrite_delete_evict_and_expire() {
 
     set(&store, "d", "1", &["green"], 60);
     set(&store, "e", "1", &["green"], 60);
-    set(&store, "f", "1", &[], 60); // evicts "a"
+    set(&store, "f", "1", NO_TAGS, 60); // evicts "a"
     assert_eq!(get(&store, "a"), None);
     assert_eq!(store.tag_count("green"), 2);
     store.assert_consistent();
@@ -352,10 +352,10 @@ fn byte_accounting_returns_to_zero_when_emptied() {
 #[test]
 fn rewriting_an_expired_item_counts_its_expiration() {
     let (store, clock) = store(10, 0, 1);
-    set(&store, "k", "1", &[], 1);
+    set(&store, "k", "1", NO_TAGS, 1);
     clock.advance(Duration::from_secs(2));
     assert!(
-        set(&store, "k", "2", &[], 60),
+        set(&store, "k", "2", NO_TAGS, 60),
         "created, since the old item had expired"
     );
     let c = store.stats().counters;
@@ -366,10 +366,10 @@ fn rewriting_an_expired_item_counts_its_expiration() {
 #[test]
 fn expired_key_rewritten_counts_as_created() {
     let (store, clock) = store(10, 0, 1);
-    assert!(set(&store, "k", "1", &[], 1));
+    assert!(set(&store, "k", "1", NO_TAGS, 1));
     clock.advance(Duration::from_secs(2));
     assert!(
-        set(&store, "k", "2", &[], 1),
+        set(&store, "k", "2", NO_TAGS, 1),
         "an expired key is absent to clients"
     );
     store.assert_consistent();
@@ -382,7 +382,7 @@ fn huge_ttl_is_refused_not_overflowed() {
         .set(
             "k",
             b"1",
-            &[],
+            NO_TAGS,
             Some(Duration::from_secs(u64::MAX / 2)),
             |_| (),
         )
@@ -427,7 +427,7 @@ fn replicated_writes_keep_metadata_and_the_newest_version_wins() {
     // batch read before the write) does not overwrite the newer one.
     assert_eq!(
         store
-            .put_replica("k", b"\"v1\"", &[], meta(1, 60, 0))
+            .put_replica("k", b"\"v1\"", NO_TAGS, meta(1, 60, 0))
             .unwrap(),
         Applied::Stale
     );
@@ -437,7 +437,7 @@ fn replicated_writes_keep_metadata_and_the_newest_version_wins() {
     );
     assert_eq!(
         store
-            .put_replica("k", b"\"v3\"", &[], meta(3, 60, 0))
+            .put_replica("k", b"\"v3\"", NO_TAGS, meta(3, 60, 0))
             .unwrap(),
         Applied::Replaced
     );
@@ -445,7 +445,9 @@ fn replicated_writes_keep_metadata_and_the_newest_version_wins() {
     // An item whose time has passed is not applied at all.
     clock.advance(Duration::from_secs(100));
     assert_eq!(
-        store.put_replica("old", b"1", &[], meta(1, 60, 0)).unwrap(),
+        store
+            .put_replica("old", b"1", NO_TAGS, meta(1, 60, 0))
+            .unwrap(),
         Applied::Stale
     );
     assert!(store.peek("old", |_| ()).is_none());
@@ -470,7 +472,7 @@ fn client_writes_of_one_key_in_one_clock_tick_get_growing_versions() {
             .set(
                 "k",
                 value.as_bytes(),
-                &[],
+                NO_TAGS,
                 Some(Duration::from_secs(60)),
                 |i| i.meta(),
             )
@@ -482,7 +484,7 @@ fn client_writes_of_one_key_in_one_clock_tick_get_growing_versions() {
         );
         assert_ne!(
             replica
-                .put_replica("k", value.as_bytes(), &[], written)
+                .put_replica("k", value.as_bytes(), NO_TAGS, written)
                 .unwrap(),
             Applied::Stale,
             "{value} is newer than what the replica holds"
@@ -493,7 +495,7 @@ fn client_writes_of_one_key_in_one_clock_tick_get_growing_versions() {
     assert_eq!(get(&replica, "k").as_deref(), Some("\"v3\""));
     // A key that is not held starts from the clock again.
     let (_, other) = coordinator
-        .set("other", b"1", &[], None, |i| i.created_at())
+        .set("other", b"1", NO_TAGS, None, |i| i.created_at())
         .unwrap();
     assert_eq!(other, T0 - 1_000_000_000);
     coordinator.assert_consistent();
@@ -503,7 +505,9 @@ fn client_writes_of_one_key_in_one_clock_tick_get_growing_versions() {
 #[test]
 fn replicated_deletes_spare_newer_writes() {
     let (store, _clock) = store(10, 0, 1);
-    store.put_replica("k", b"1", &[], meta(5, 60, 0)).unwrap();
+    store
+        .put_replica("k", b"1", NO_TAGS, meta(5, 60, 0))
+        .unwrap();
     assert!(
         !store.delete_replica("k", T0 + 4_000_000_000),
         "delete older than the write"
@@ -531,7 +535,7 @@ fn scan_visits_every_live_item_once_in_batches() {
                 &store,
                 &format!("k{i}"),
                 "1",
-                &[],
+                NO_TAGS,
                 if i % 10 == 0 { 1 } else { 60 },
             );
         }
@@ -635,7 +639,7 @@ fn a_large_write_evicts_across_shards_until_the_byte_cap_holds() {
     let (store, clock) = store(100_000, max_bytes, 64);
     let keys = keys_spread_over_shards(&store, 4);
     for k in &keys {
-        set(&store, k, &small, &[], 60);
+        set(&store, k, &small, NO_TAGS, 60);
         clock.advance(Duration::from_millis(1));
     }
     assert_eq!(store.len(), 256, "all fit before the big write");
@@ -648,7 +652,7 @@ fn a_large_write_evicts_across_shards_until_the_byte_cap_holds() {
         .set(
             &big_key,
             big.as_bytes(),
-            &[],
+            NO_TAGS,
             Some(Duration::from_secs(60)),
             |_| (),
         )
@@ -692,7 +696,7 @@ fn a_replica_record_expiring_before_its_creation_is_refused() {
         "still in the future, so not merely expired"
     );
     assert_eq!(
-        store.put_replica("k", b"1", &[], m).unwrap(),
+        store.put_replica("k", b"1", NO_TAGS, m).unwrap(),
         Applied::Stale
     );
     assert!(store.peek("k", |_| ()).is_none());
@@ -701,13 +705,13 @@ fn a_replica_record_expiring_before_its_creation_is_refused() {
     // positive ttl is taken, and reports it.
     m.expires_at = m.created_at;
     assert_eq!(
-        store.put_replica("k", b"1", &[], m).unwrap(),
+        store.put_replica("k", b"1", NO_TAGS, m).unwrap(),
         Applied::Stale
     );
     assert!(store.peek("k", |_| ()).is_none());
     let ok = meta(0, 60, 0);
     assert_eq!(
-        store.put_replica("k", b"1", &[], ok).unwrap(),
+        store.put_replica("k", b"1", NO_TAGS, ok).unwrap(),
         Applied::Created
     );
     assert_eq!(store.peek("k", |i| i.ttl_nanos()), Some(60_000_000_000));
@@ -718,10 +722,16 @@ fn a_replica_record_expiring_before_its_creation_is_refused() {
 fn the_expiry_index_holds_one_entry_per_item_whatever_the_rewrites() {
     let (store, clock) = store(100, 0, 1);
     for i in 0..5000u64 {
-        set(&store, "k", "1", &[], 1 + i % 97);
+        set(&store, "k", "1", NO_TAGS, 1 + i % 97);
         clock.advance(Duration::from_millis(1));
         if i % 10 == 0 {
-            set(&store, &format!("other{}", i % 50), "1", &[], 1 + i % 13);
+            set(
+                &store,
+                &format!("other{}", i % 50),
+                "1",
+                NO_TAGS,
+                1 + i % 13,
+            );
         }
         if i % 7 == 0 {
             store.delete(&format!("other{}", i % 50));
@@ -772,7 +782,7 @@ fn sweeping_removes_exactly_the_expired_items_at_any_time_scale() {
                     let scale = rng.below(56) as u32;
                     let ttl = 1 + rng.below(1u64 << scale.max(1));
                     store
-                        .set(&key, b"v", &[], Some(Duration::from_nanos(ttl)), |_| ())
+                        .set(&key, b"v", NO_TAGS, Some(Duration::from_nanos(ttl)), |_| ())
                         .unwrap();
                     model.insert(key, now + ttl);
                 }
@@ -816,8 +826,8 @@ fn a_large_backlog_is_swept_in_batches() {
     // More due items in one shard than one batch; all go, none of the rest.
     let (store, clock) = store(100_000, 0, 1);
     for i in 0..5000 {
-        set(&store, &format!("short{i}"), "1", &[], 1 + (i % 3));
-        set(&store, &format!("long{i}"), "1", &[], 3600 + i);
+        set(&store, &format!("short{i}"), "1", NO_TAGS, 1 + (i % 3));
+        set(&store, &format!("long{i}"), "1", NO_TAGS, 3600 + i);
     }
     clock.advance(Duration::from_secs(10));
     assert_eq!(store.sweep_expired(), 5000);
@@ -830,12 +840,12 @@ fn a_large_backlog_is_swept_in_batches() {
 #[test]
 fn a_clock_that_goes_back_never_expires_an_item_early() {
     let (store, clock) = store(100, 0, 1);
-    set(&store, "keep", "1", &[], 3600); // so the wheel is never empty
-    set(&store, "a", "1", &[], 10);
+    set(&store, "keep", "1", NO_TAGS, 3600); // so the wheel is never empty
+    set(&store, "a", "1", NO_TAGS, 10);
     clock.advance(Duration::from_secs(20));
     assert_eq!(store.sweep_expired(), 1);
     clock.set(T0); // back by 20 s
-    set(&store, "b", "1", &[], 5); // expires before the wheel's time
+    set(&store, "b", "1", NO_TAGS, 5); // expires before the wheel's time
     clock.advance(Duration::from_secs(4));
     assert_eq!(store.sweep_expired(), 0, "b has a second to go");
     assert!(get(&store, "b").is_some());

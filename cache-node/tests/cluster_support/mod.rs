@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use cache_node::peer::{PeerClient, PeerSettings};
 use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc, NodeProgress};
 use serde_json::Value;
 
@@ -48,6 +49,21 @@ pub struct ProcCluster {
     flags: Vec<String>,
     /// The client token, when the cluster runs with authentication.
     pub client_token: Option<String>,
+    /// The peer protocol's client, with the peer token when the cluster runs
+    /// with authentication: how tests ask a node what it holds.
+    pub peers: PeerClient,
+}
+
+fn peer_client(token: Option<&str>) -> PeerClient {
+    PeerClient::new(
+        "test",
+        PeerSettings {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+            max_message_bytes: 8 << 20,
+        },
+        token,
+    )
 }
 
 impl ProcCluster {
@@ -70,6 +86,7 @@ impl ProcCluster {
                 .expect("client"),
             flags: Vec::new(),
             client_token: None,
+            peers: peer_client(None),
         }
     }
 
@@ -105,6 +122,7 @@ impl ProcCluster {
             .build()
             .expect("client");
         self.client_token = Some("client-secret-token".into());
+        self.peers = peer_client(Some("peer-secret-token"));
         self
     }
 
@@ -144,6 +162,8 @@ impl ProcCluster {
                 .map(|&(i, state)| Member {
                     id: self.nodes[i].id.clone(),
                     address: self.nodes[i].peer_addr.to_string(),
+                    client_address: (self.nodes[i].peer_addr != self.nodes[i].addr)
+                        .then(|| self.nodes[i].addr.to_string()),
                     state,
                 })
                 .collect(),
@@ -243,6 +263,19 @@ impl ProcCluster {
                 .parse()
                 .ok()
         })
+    }
+
+    /// The copy of `key` node `i` holds, as the item JSON, asked through the
+    /// peer protocol without touching it (reads through the client API may
+    /// be served by another owner).
+    pub async fn held(&self, i: usize, key: &str) -> Option<Value> {
+        let record = self
+            .peers
+            .fetch(self.nodes[i].peer_addr, key)
+            .await
+            .unwrap_or_else(|e| panic!("asking node {i} for {key}: {e}"))?;
+        let record = record.single().expect("one record");
+        Some(serde_json::from_slice(&cache_node::item_json::item_to_vec(&record)).expect("JSON"))
     }
 
     pub fn pid(&self, i: usize) -> u32 {

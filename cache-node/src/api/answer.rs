@@ -1,0 +1,130 @@
+//! Outcomes as REST answers: the one place that decides an answer's status,
+//! headers and body. The shapes are the seed's (the item as JSON, errors as
+//! `{"error": "..."}`), plus the cluster views.
+//!
+//! Every item answer (`/api/v1/cache/...`) names the node that served it in
+//! `x-distrocache-served-by`, and in cluster mode every answer carries the
+//! answering node's ring epoch in `x-distrocache-epoch`, so a ring-aware
+//! client learns when to refresh its copy of the ring.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::http::{HeaderValue, Method, StatusCode, header};
+use serde::Serialize;
+
+use crate::exec::{Failure, ItemStatus, Outcome, ServedBy};
+use crate::http::Response;
+use crate::peer::{EPOCH_HEADER, SERVED_BY_HEADER};
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const PROMETHEUS_TEXT: HeaderValue =
+    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+
+/// What every answer of one node shares.
+pub struct Stamp<'a> {
+    /// This node's id, as a header value.
+    pub node: &'a HeaderValue,
+    /// The ring epoch held, in cluster mode.
+    pub epoch: Option<u64>,
+}
+
+fn response(status: StatusCode, content_type: HeaderValue, body: impl Into<Bytes>) -> Response {
+    let mut response = hyper::Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
+    response
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response {
+    let body = serde_json::to_vec(value).expect("answers always serialise");
+    response(status, JSON, body)
+}
+
+/// A failure as `{"error": ...}` with its status.
+pub fn failure(f: &Failure) -> Response {
+    let mut answer = json(f.status, &serde_json::json!({ "error": f.message }));
+    if f.status == StatusCode::UNAUTHORIZED {
+        answer
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    answer
+}
+
+/// A known path asked with a method it does not serve: 405, naming the
+/// methods it does.
+pub fn method_not_allowed(method: &Method, path: &str, allowed: &[Method]) -> Response {
+    let mut answer = failure(&Failure::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {path}"),
+    ));
+    let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+        answer.headers_mut().insert(header::ALLOW, v);
+    }
+    answer
+}
+
+/// The answer to an outcome.
+pub fn encode(outcome: Outcome, stamp: &Stamp<'_>) -> Response {
+    let (mut answer, served_by) = match outcome {
+        Outcome::Item {
+            json: body,
+            status,
+            served_by,
+        } => {
+            let status = match status {
+                ItemStatus::Found | ItemStatus::Replaced => StatusCode::OK,
+                ItemStatus::Created => StatusCode::CREATED,
+            };
+            (response(status, JSON, body), Some(served_by))
+        }
+        Outcome::Missing { key, served_by } => (
+            failure(&Failure::not_found(format!("key {key:?} not found"))),
+            Some(served_by),
+        ),
+        Outcome::Deleted { key, served_by } => (
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "key": key, "deleted": true }),
+            ),
+            Some(served_by),
+        ),
+        Outcome::TagInvalidated(report) => (json(StatusCode::OK, &report), None),
+        Outcome::Stats(stats) => (json(StatusCode::OK, &stats), None),
+        Outcome::Health(health) => (json(StatusCode::OK, &health), None),
+        Outcome::Ready(readiness) => {
+            let status = if readiness.error.is_none() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (json(status, &readiness), None)
+        }
+        Outcome::Metrics(text) => (response(StatusCode::OK, PROMETHEUS_TEXT, text), None),
+        Outcome::ClusterView(view) => (json(StatusCode::OK, &view), None),
+        Outcome::ClusterStats(stats) => (json(StatusCode::OK, &stats), None),
+        Outcome::Copies(copies) => (json(StatusCode::OK, &copies), None),
+        Outcome::Progress(progress) => (json(StatusCode::OK, &progress), None),
+        Outcome::Handoff(handoff) => (json(StatusCode::OK, &handoff), None),
+        Outcome::Failed(f) => (failure(&f), None),
+    };
+    let headers = answer.headers_mut();
+    match served_by {
+        Some(ServedBy::Here) => {
+            headers.insert(SERVED_BY_HEADER, stamp.node.clone());
+        }
+        Some(ServedBy::Peer(id)) => {
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                headers.insert(SERVED_BY_HEADER, v);
+            }
+        }
+        None => {}
+    }
+    if let Some(epoch) = stamp.epoch {
+        headers.insert(EPOCH_HEADER, HeaderValue::from(epoch));
+    }
+    answer
+}

@@ -1,0 +1,246 @@
+//! Read leases: when a replica may serve reads of the keys it owns itself,
+//! instead of sending them to the key's primary.
+//!
+//! A replica may answer a read only if it holds every acknowledged write of
+//! the key. Writes reach replicas before the client is answered, except when
+//! a replica cannot be reached: then the coordinator answers anyway and
+//! leaves a *hint* to repair the replica later (see `repair`), and until the
+//! repair lands that replica is behind. It cannot know that on its own (the
+//! hint lives with the coordinator), so it asks: every [`RENEW_EVERY`] it
+//! asks every other member for a lease, and serves reads of its replicated
+//! keys only while it holds one from all of them, for the ring epoch it
+//! holds, while settled, active and ready.
+//!
+//! A member grants a lease for [`LEASE`] only while it holds no hint for the
+//! asker, and records until when it granted it. A coordinator that fails to
+//! reach a replica records the hint first (no lease is granted after that)
+//! and then, before it answers its client, waits until the lease it last
+//! granted that replica has run out. So once a client has been told a write
+//! succeeded, every replica that missed it has stopped serving reads of it,
+//! until repaired.
+//!
+//! The clocks: the holder counts its lease from the moment it *sent* the
+//! request, the grantor from the moment it *answered* it, which is later;
+//! so the holder's lease always ends first (given clocks that advance at
+//! the same rate). A node that restarts has forgotten what it granted, so
+//! it treats every member as holding a lease for [`LEASE`] after it starts.
+//! A ring change ends every lease the node holds (they were granted for an
+//! epoch); a member that cannot be reached grants nothing, so while any
+//! member is down, replicas send their reads to primaries, as without
+//! leases.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use distrocache_membership::MemberState;
+use futures_util::future::join_all;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use super::Cluster;
+use super::metrics::PeerOp;
+use crate::peer::{Request, expect};
+
+/// How long a lease lasts.
+pub const LEASE: Duration = Duration::from_secs(2);
+/// How often a replica renews its leases: often enough that a lease never
+/// lapses while every member answers.
+pub const RENEW_EVERY: Duration = Duration::from_millis(500);
+/// How long a renewal waits for a member's answer.
+const RENEW_TIMEOUT: Duration = Duration::from_millis(500);
+
+pub struct Leases {
+    origin: Instant,
+    /// Holder side: replicated keys may be read here until this many
+    /// nanoseconds after `origin`, while the ring epoch is `held_epoch`.
+    held_until: AtomicU64,
+    held_epoch: AtomicU64,
+    /// Grantor side: until when each member holds a lease from this node.
+    granted: Mutex<HashMap<String, Instant>>,
+    /// Until this instant every member counts as holding a lease from this
+    /// node (one it may have granted before it restarted).
+    granted_before_start: Instant,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        let origin = Instant::now();
+        Self {
+            origin,
+            held_until: AtomicU64::new(0),
+            held_epoch: AtomicU64::new(0),
+            granted: Mutex::new(HashMap::new()),
+            granted_before_start: origin + LEASE,
+        }
+    }
+}
+
+impl Leases {
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether this node holds leases from every member for `epoch` now.
+    pub fn held(&self, epoch: u64) -> bool {
+        self.held_epoch.load(Ordering::Acquire) == epoch
+            && self.nanos(Instant::now()) < self.held_until.load(Ordering::Acquire)
+    }
+
+    /// Records leases from every member for `epoch`, counted from `asked`.
+    fn hold(&self, epoch: u64, asked: Instant) {
+        // Epoch first: a reader that sees the new end sees its epoch.
+        self.held_until.store(0, Ordering::Release);
+        self.held_epoch.store(epoch, Ordering::Release);
+        self.held_until
+            .store(self.nanos(asked + LEASE), Ordering::Release);
+    }
+
+    /// Ends the leases this node holds (the ring changed).
+    pub fn drop_held(&self) {
+        self.held_until.store(0, Ordering::Release);
+    }
+
+    /// Grants `member` a lease if `allowed` says it may have one, checked
+    /// under the same lock [`Self::granted_until`] reads, so a hint recorded
+    /// before `granted_until` is asked can never be followed by a grant.
+    pub fn grant_if(&self, member: &str, allowed: impl FnOnce() -> bool) -> bool {
+        let mut granted = self.granted.lock();
+        if !allowed() {
+            return false;
+        }
+        let until = Instant::now() + LEASE;
+        granted.insert(member.to_owned(), until);
+        true
+    }
+
+    /// Until when `member` may hold a lease granted by this node.
+    pub fn granted_until(&self, member: &str) -> Instant {
+        let granted = self.granted.lock().get(member).copied();
+        granted.map_or(self.granted_before_start, |g| {
+            g.max(self.granted_before_start)
+        })
+    }
+
+    /// Waits until none of `members` can hold a lease from this node any
+    /// more. Called after hinting them, before answering the client.
+    pub async fn wait_out(&self, members: &[String]) {
+        let until = members.iter().map(|m| self.granted_until(m)).max();
+        if let Some(until) = until
+            && until > Instant::now()
+        {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
+}
+
+impl Cluster {
+    /// Whether this node may grant `member` a read lease: it is an active
+    /// member of the ring held, and this node holds no hint for it.
+    pub fn grant_lease(&self, member: &str) -> bool {
+        let active = self.ring.current().is_some_and(|ring| {
+            ring.index_of(member)
+                .is_some_and(|i| ring.member(i).state == MemberState::Active)
+        });
+        active
+            && self
+                .leases
+                .grant_if(member, || !self.hints.has_pending(member))
+    }
+
+    /// Whether this node may serve reads of keys it holds as a replica.
+    pub fn holds_read_lease(&self) -> bool {
+        self.leases.held(self.ring.epoch()) && self.ring.is_settled()
+    }
+
+    /// Asks every other member for a lease; holds them if all grant one.
+    async fn renew_leases(&self) {
+        let Some(ring) = self.ring.current() else {
+            return;
+        };
+        let epoch = ring.epoch();
+        let eligible = ring.my_state() == Some(MemberState::Active)
+            && self.is_ready()
+            && self.ring.is_settled();
+        if !eligible {
+            self.leases.drop_held();
+            self.metrics.read_lease.set(0);
+            return;
+        }
+        let asked = Instant::now();
+        let others: Vec<_> = ring
+            .members
+            .iter()
+            .filter(|m| m.id != self.node_id)
+            .collect();
+        let request = Request::Lease {
+            node: self.node_id.clone(),
+        };
+        let answers = join_all(others.iter().map(|m| {
+            self.peers.ask(
+                m.address,
+                epoch,
+                &request,
+                Some(RENEW_TIMEOUT),
+                expect::lease,
+            )
+        }))
+        .await;
+        let mut all = true;
+        for answer in answers {
+            let granted = matches!(answer, Ok(true));
+            self.metrics.peer_call(PeerOp::Lease, answer.is_ok());
+            all &= granted;
+        }
+        if all && self.ring.epoch() == epoch && self.ring.is_settled() {
+            self.leases.hold(epoch, asked);
+            self.metrics.read_lease.set(1);
+        } else {
+            self.metrics
+                .read_lease
+                .set(i64::from(self.holds_read_lease()));
+        }
+    }
+}
+
+/// Renews this node's leases until `stop` fires.
+pub async fn run(cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(RENEW_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        cluster.renew_leases().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_held_for_its_epoch_until_it_runs_out() {
+        let leases = Leases::default();
+        assert!(!leases.held(1));
+        leases.hold(1, Instant::now());
+        assert!(leases.held(1));
+        assert!(!leases.held(2), "another epoch");
+        leases.drop_held();
+        assert!(!leases.held(1));
+        leases.hold(1, Instant::now() - LEASE);
+        assert!(!leases.held(1), "run out");
+    }
+
+    #[test]
+    fn a_grant_is_refused_when_not_allowed_and_a_restart_counts_as_granted() {
+        let leases = Leases::default();
+        // Just started: every member may still hold a lease from before.
+        assert!(leases.granted_until("b") >= leases.granted_before_start);
+        assert!(!leases.grant_if("b", || false));
+        assert!(leases.grant_if("b", || true));
+        assert!(leases.granted_until("b") >= Instant::now() + LEASE - Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,524 @@
+//! The executor: the one place a typed [`Operation`] is carried out,
+//! whichever transport it came in on, and turned into a typed [`Outcome`].
+//!
+//! It decides where each operation is served (this node's store, or the
+//! key's owner through the cluster) and does the local part itself: reads
+//! from the store, writes coordinated here (stored, then replicated before
+//! the answer), deletes, tag invalidations, stats and the cluster views.
+//! The REST API turns requests into operations and outcomes into answers;
+//! the peer server ([`peer_service`]) serves what other nodes forward here
+//! through the same functions, so a request forwarded to its owner is
+//! carried out exactly as one that arrived there directly.
+//!
+//! What can be answered at once (a read of an item held here) is answered
+//! without a future, so the common GET costs a store lookup and its JSON
+//! encoding; anything that waits (a body, a peer) is a boxed future.
+
+pub mod limits;
+pub mod operation;
+pub mod outcome;
+mod peer_service;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use distrocache_membership::MemberState;
+
+pub use limits::Limits;
+pub use operation::{Operation, Write};
+pub use outcome::{
+    ClusterView, Failure, Handoff, Health, ItemStatus, KeyOwners, MemberView, Outcome, Readiness,
+    ServedBy,
+};
+
+use crate::cluster::Cluster;
+use crate::cluster::replication::TagInvalidation;
+use crate::cluster::routing::{Access, ReadRoute, RouteError, Routed};
+use crate::item_json;
+use crate::metrics::{Metrics, Op};
+use crate::peer::protocol::{NodeStats, RecordBatch, Records};
+use crate::peer::{Request, expect};
+use crate::store::{ItemRef, Store, StoreError};
+
+/// An operation's outcome, now or later.
+pub enum Execution {
+    Now(Outcome),
+    Later(Pin<Box<dyn Future<Output = Outcome> + Send>>),
+}
+
+/// Everything operations are carried out with.
+pub struct Executor {
+    pub store: Arc<Store>,
+    /// Present in cluster mode.
+    pub cluster: Option<Arc<Cluster>>,
+    pub metrics: Metrics,
+    pub limits: Limits,
+    pub node_id: String,
+    pub started: Instant,
+    /// Set once the node may receive traffic (see readiness).
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Executor {
+    pub fn execute(self: &Arc<Self>, op: Operation) -> Execution {
+        match op {
+            Operation::Get { key } => self.get(key),
+            Operation::Set { key, write } => {
+                self.later(move |ex| async move { ex.set(&key, &write).await })
+            }
+            Operation::Delete { key } => self.later(move |ex| async move { ex.delete(&key).await }),
+            Operation::InvalidateTag { tag } => {
+                self.later(move |ex| async move { ex.invalidate_tag(&tag).await })
+            }
+            Operation::Stats => Execution::Now(Outcome::Stats(Box::new(self.stats()))),
+            Operation::Health => Execution::Now(Outcome::Health(self.health())),
+            Operation::Ready => Execution::Now(Outcome::Ready(self.readiness())),
+            Operation::Metrics => Execution::Now(Outcome::Metrics(
+                self.metrics
+                    .render(&self.store.stats(), self.started.elapsed()),
+            )),
+            Operation::ClusterView { key } => {
+                Execution::Now(Outcome::ClusterView(Box::new(self.cluster_view(key))))
+            }
+            Operation::ClusterStats => self.later(|ex| async move {
+                let local = ex.stats();
+                match &ex.cluster {
+                    Some(cluster) => {
+                        Outcome::ClusterStats(Box::new(cluster.cluster_stats(local).await))
+                    }
+                    None => Outcome::ClusterStats(Box::new(
+                        crate::cluster::replication::ClusterStats::single(local),
+                    )),
+                }
+            }),
+            Operation::Copies { key } => self.later(move |ex| async move {
+                match &ex.cluster {
+                    Some(cluster) => Outcome::Copies(Box::new(cluster.copies(&key).await)),
+                    None => Outcome::Copies(Box::new(crate::cluster::replication::Copies::single(
+                        &ex.node_id,
+                        &key,
+                        ex.store.peek(&key, |item| item.meta()),
+                    ))),
+                }
+            }),
+            Operation::Rebalance => Execution::Now(match &self.cluster {
+                Some(cluster) => Outcome::Progress(Box::new(cluster.report())),
+                None => Failure::not_found("this node is not in cluster mode").into(),
+            }),
+            Operation::Handoff { timeout } => {
+                self.later(move |ex| async move { ex.handoff(timeout).await })
+            }
+        }
+    }
+
+    fn later<F>(self: &Arc<Self>, f: impl FnOnce(Arc<Self>) -> F) -> Execution
+    where
+        F: Future<Output = Outcome> + Send + 'static,
+    {
+        Execution::Later(Box::pin(f(self.clone())))
+    }
+
+    /// The item as the seed's JSON, read from this node's store (counted as
+    /// a hit or a miss).
+    fn read_json(&self, key: &str) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        let json = self.store.get(key, |item| item_json::item_to_vec(&item));
+        self.metrics.observe(Op::Get, started.elapsed());
+        json
+    }
+
+    fn found(json: Vec<u8>, served_by: ServedBy) -> Outcome {
+        Outcome::Item {
+            json,
+            status: ItemStatus::Found,
+            served_by,
+        }
+    }
+
+    fn missing(key: String, served_by: ServedBy) -> Outcome {
+        Outcome::Missing { key, served_by }
+    }
+
+    /// A client's read: served here when this node may (see
+    /// `cluster::routing`), from the store without waiting on anything;
+    /// otherwise by the owner it is forwarded to.
+    fn get(self: &Arc<Self>, key: String) -> Execution {
+        let route = match &self.cluster {
+            None => ReadRoute::Primary { recover: false },
+            Some(cluster) => cluster.read_route(&key),
+        };
+        match route {
+            ReadRoute::Primary { recover } => match self.read_json(&key) {
+                Some(json) => Execution::Now(Self::found(json, ServedBy::Here)),
+                None if !recover => Execution::Now(Self::missing(key, ServedBy::Here)),
+                None => self.later(move |ex| async move { ex.read_after_miss(key).await }),
+            },
+            ReadRoute::Replica => match self.read_json(&key) {
+                Some(json) => Execution::Now(Self::found(json, ServedBy::Here)),
+                // A replica's miss is not believed: it may have evicted what
+                // the primary still holds.
+                None => self.later(move |ex| async move { ex.forward_get(key).await }),
+            },
+            ReadRoute::Forward => self.later(move |ex| async move { ex.forward_get(key).await }),
+        }
+    }
+
+    /// A read that missed here while data moves: the key may still be on
+    /// its way, so the other owners are asked first.
+    async fn read_after_miss(&self, key: String) -> Outcome {
+        if let Some(cluster) = &self.cluster
+            && cluster.recover(&key).await
+            && let Some(json) = self.read_json(&key)
+        {
+            return Self::found(json, ServedBy::Here);
+        }
+        Self::missing(key, ServedBy::Here)
+    }
+
+    async fn forward_get(&self, key: String) -> Outcome {
+        let Some(cluster) = &self.cluster else {
+            return self.read_after_miss(key).await;
+        };
+        let request = Request::Get { key: key.clone() };
+        let routed = cluster
+            .route(&key, Access::Read, &request, expect::item)
+            .await;
+        match routed {
+            Ok(Routed::Local) => match self.read_json(&key) {
+                Some(json) => Self::found(json, ServedBy::Here),
+                None => self.read_after_miss(key).await,
+            },
+            Ok(Routed::Remote {
+                served_by,
+                answer: Some(record),
+            }) => match render_record(&record) {
+                Ok(json) => Self::found(json, ServedBy::Peer(served_by)),
+                Err(f) => f.into(),
+            },
+            Ok(Routed::Remote {
+                served_by,
+                answer: None,
+            }) => Self::missing(key, ServedBy::Peer(served_by)),
+            Err(e) => route_failure(e).into(),
+        }
+    }
+
+    /// A client's write: coordinated here, or by the key's primary.
+    async fn set(&self, key: &str, write: &Write) -> Outcome {
+        if let Some(cluster) = &self.cluster {
+            let request = Request::Set {
+                key: key.to_owned(),
+                write: write.clone(),
+            };
+            let routed = cluster
+                .route(key, Access::Write, &request, expect::written)
+                .await;
+            match routed {
+                Ok(Routed::Local) => {}
+                Ok(Routed::Remote {
+                    served_by,
+                    answer: (created, record),
+                }) => {
+                    return match render_record(&record) {
+                        Ok(json) => Outcome::Item {
+                            json,
+                            status: if created {
+                                ItemStatus::Created
+                            } else {
+                                ItemStatus::Replaced
+                            },
+                            served_by: ServedBy::Peer(served_by),
+                        },
+                        Err(f) => f.into(),
+                    };
+                }
+                Err(e) => return route_failure(e).into(),
+            }
+        }
+        match self
+            .coordinate_set(key, write, |item| item_json::item_to_vec(item))
+            .await
+        {
+            Ok((created, json)) => Outcome::Item {
+                json,
+                status: if created {
+                    ItemStatus::Created
+                } else {
+                    ItemStatus::Replaced
+                },
+                served_by: ServedBy::Here,
+            },
+            Err(f) => f.into(),
+        }
+    }
+
+    /// A write this node applies as the key's coordinator: stored here, then
+    /// replicated to the other owners before it returns. `render` encodes
+    /// the stored item for the answer (JSON for a client, a record for a
+    /// peer), under the store's lock, without a copy of it in between.
+    pub async fn coordinate_set<R>(
+        &self,
+        key: &str,
+        write: &Write,
+        render: impl FnOnce(&ItemRef<'_>) -> R,
+    ) -> Result<(bool, R), Failure> {
+        let started = Instant::now();
+        let replicate = self.cluster.is_some();
+        let stored = self
+            .store
+            .set(key, &write.value, &write.tags, write.ttl, |item| {
+                let mut record = RecordBatch::default();
+                if replicate {
+                    record.push(&item);
+                }
+                (render(&item), record)
+            });
+        self.metrics.observe(Op::Set, started.elapsed());
+        let (mut created, (rendered, record)) = stored.map_err(|e| match e {
+            StoreError::TooLarge { .. } => Failure::too_large(e.to_string()),
+            StoreError::TtlTooLarge => Failure::bad_request(e.to_string()),
+        })?;
+        if let Some(cluster) = &self.cluster {
+            let outcome = cluster.replicate(key, &record.freeze(), &[]).await;
+            // Mid-move this node may not hold the key yet while another owner
+            // does: the write replaced it all the same.
+            created &= outcome.replaced == 0;
+        }
+        Ok((created, rendered))
+    }
+
+    /// A client's delete: coordinated here, or by the key's primary.
+    async fn delete(&self, key: &str) -> Outcome {
+        let mut served_by = ServedBy::Here;
+        let deleted = match &self.cluster {
+            Some(cluster) => {
+                let request = Request::Delete {
+                    key: key.to_owned(),
+                };
+                let routed = cluster
+                    .route(key, Access::Write, &request, expect::deleted)
+                    .await;
+                match routed {
+                    Ok(Routed::Local) => self.coordinate_delete(key).await,
+                    Ok(Routed::Remote {
+                        served_by: by,
+                        answer,
+                    }) => {
+                        served_by = ServedBy::Peer(by);
+                        answer
+                    }
+                    Err(e) => return route_failure(e).into(),
+                }
+            }
+            None => self.coordinate_delete(key).await,
+        };
+        if deleted {
+            Outcome::Deleted {
+                key: key.to_owned(),
+                served_by,
+            }
+        } else {
+            Self::missing(key.to_owned(), served_by)
+        }
+    }
+
+    /// A delete this node applies as the key's coordinator, then sends to the
+    /// other owners. Found if any owner held the key.
+    pub async fn coordinate_delete(&self, key: &str) -> bool {
+        let started = Instant::now();
+        let at = self.store.now();
+        let mut deleted = self.store.delete(key);
+        self.metrics.observe(Op::Delete, started.elapsed());
+        if let Some(cluster) = &self.cluster {
+            deleted |= cluster.replicate_delete(key, at).await;
+        }
+        deleted
+    }
+
+    async fn invalidate_tag(&self, tag: &str) -> Outcome {
+        let started = Instant::now();
+        let report = match &self.cluster {
+            Some(cluster) => cluster.invalidate_everywhere(tag).await,
+            None => TagInvalidation {
+                tag: tag.to_owned(),
+                invalidated: self.store.invalidate_tag(tag) as u64,
+                cluster: None,
+            },
+        };
+        self.metrics.observe(Op::InvalidateTag, started.elapsed());
+        Outcome::TagInvalidated(report)
+    }
+
+    /// This node's counters (the seed's `/api/v1/stats`).
+    pub fn stats(&self) -> NodeStats {
+        let s = self.store.stats();
+        let c = s.counters;
+        let lookups = c.hits + c.misses;
+        let uptime = self.started.elapsed();
+        NodeStats {
+            node_id: self.node_id.clone(),
+            hits: c.hits,
+            misses: c.misses,
+            sets: c.sets,
+            deletes: c.deletes,
+            evictions: c.evictions,
+            expirations: c.expirations,
+            tag_invalidations: c.tag_invalidations,
+            items: s.items as u64,
+            bytes: s.bytes,
+            hit_ratio: if lookups == 0 {
+                0.0
+            } else {
+                c.hits as f64 / lookups as f64
+            },
+            capacity: s.max_items as u64,
+            max_memory: s.max_bytes,
+            uptime_seconds: uptime.as_secs_f64(),
+            uptime: humantime::format_duration(Duration::from_secs(uptime.as_secs())).to_string(),
+        }
+    }
+
+    fn health(&self) -> Health {
+        let mut now = Vec::new();
+        item_json::write_rfc3339(&mut now, self.store.now());
+        Health {
+            status: "healthy",
+            node_id: self.node_id.clone(),
+            timestamp: String::from_utf8_lossy(&now).into_owned(),
+        }
+    }
+
+    /// Ready once the node holds the data it owns: a single node as soon as
+    /// it listens, a cluster node once it has loaded its ring and its keys.
+    fn readiness(&self) -> Readiness {
+        let ready = self.ready.load(Ordering::Acquire);
+        Readiness {
+            status: if ready { "ready" } else { "not ready" },
+            node_id: self.node_id.clone(),
+            error: (!ready).then(|| "node is still loading the data it owns".to_owned()),
+        }
+    }
+
+    fn cluster_view(&self, key: Option<String>) -> ClusterView {
+        let single = || ClusterView {
+            node_id: self.node_id.clone(),
+            mode: "single",
+            epoch: 0,
+            replication_factor: None,
+            hashing: None,
+            member_state: Some(MemberState::Active),
+            members: vec![MemberView {
+                id: self.node_id.clone(),
+                address: None,
+                client_address: None,
+                state: MemberState::Active,
+            }],
+            previous_epoch: None,
+            settled: true,
+            ready: self.ready.load(Ordering::Acquire),
+            read_lease: true,
+            owners: key.as_ref().map(|key| KeyOwners {
+                key: key.clone(),
+                primary: Some(self.node_id.clone()),
+                owners: vec![self.node_id.clone()],
+            }),
+        };
+        let Some(cluster) = &self.cluster else {
+            return single();
+        };
+        let Some(rings) = cluster.rings() else {
+            return ClusterView {
+                mode: "cluster",
+                members: Vec::new(),
+                member_state: None,
+                settled: false,
+                read_lease: false,
+                owners: None,
+                ..single()
+            };
+        };
+        let ring = &rings.current;
+        let owners = key.map(|key| {
+            let owners: Vec<String> = ring
+                .owners(key.as_bytes())
+                .iter()
+                .map(|&i| ring.member(i).id.clone())
+                .collect();
+            KeyOwners {
+                key,
+                primary: owners.first().cloned(),
+                owners,
+            }
+        });
+        ClusterView {
+            node_id: self.node_id.clone(),
+            mode: "cluster",
+            epoch: ring.epoch(),
+            replication_factor: Some(ring.replication_factor()),
+            hashing: Some(ring.doc.hashing),
+            member_state: ring.my_state(),
+            members: ring
+                .doc
+                .members
+                .iter()
+                .map(|m| MemberView {
+                    id: m.id.clone(),
+                    address: Some(m.address.clone()),
+                    client_address: Some(m.client_address().to_owned()),
+                    state: m.state,
+                })
+                .collect(),
+            previous_epoch: rings.previous.as_ref().map(|p| p.epoch()),
+            settled: rings.previous.is_none() && cluster.progress().settled_epoch() >= ring.epoch(),
+            ready: cluster.is_ready(),
+            read_lease: cluster.holds_read_lease(),
+            owners,
+        }
+    }
+
+    /// Returns at once unless this node is a leaving member still handing
+    /// its data off; then waits (up to `timeout`) until it is done.
+    async fn handoff(&self, timeout: Duration) -> Outcome {
+        let Some(cluster) = &self.cluster else {
+            return Outcome::Handoff(Box::new(Handoff {
+                handoff_complete: true,
+                waited: 0.0,
+                progress: None,
+            }));
+        };
+        let started = Instant::now();
+        loop {
+            let report = cluster.report();
+            let leaving = report.member_state == Some(MemberState::Leaving);
+            if !leaving || report.handoff_complete || started.elapsed() >= timeout {
+                return Outcome::Handoff(Box::new(Handoff {
+                    handoff_complete: !leaving || report.handoff_complete,
+                    waited: started.elapsed().as_secs_f64(),
+                    progress: Some(report),
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// An owner's record as the seed's JSON.
+fn render_record(record: &Records) -> Result<Vec<u8>, Failure> {
+    let record = record.single().map_err(|e| {
+        Failure::new(
+            hyper::http::StatusCode::BAD_GATEWAY,
+            format!("the key's owner sent an unreadable item: {e}"),
+        )
+    })?;
+    Ok(item_json::item_to_vec(&record))
+}
+
+fn route_failure(e: RouteError) -> Failure {
+    match e {
+        RouteError::Refused { status, message } => Failure::new(status, message),
+        other => Failure::unavailable(other.to_string()),
+    }
+}

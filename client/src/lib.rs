@@ -1,0 +1,564 @@
+//! `distrocache-client`: a ring-aware async client of DistroCache's REST API.
+//!
+//! Any node of a cluster answers any key, forwarding the request to an owner
+//! when it is not one; that hop costs a round trip and CPU on two nodes.
+//! This client skips it: it learns the ring from a node's `/api/v1/cluster`
+//! (members, the addresses clients reach them at, the replication factor
+//! and the placement algorithm), computes each key's owners with the same
+//! placement code the nodes run, and sends each request straight to an
+//! owner: writes to the key's primary (which coordinates them), reads to
+//! the primary too, or spread over every owner with [`ReadFrom::AnyOwner`]
+//! (an owner that cannot serve a read itself forwards it, so a stale choice
+//! only costs the hop).
+//!
+//! Every answer carries the answering node's ring epoch
+//! (`x-distrocache-epoch`); one newer than the client's copy makes it fetch
+//! the ring again, in the background, once. When an owner cannot be
+//! reached, a read goes to the next owner and then to any member (which
+//! forwards it); a write goes elsewhere only if it certainly never reached
+//! the owner, so it is never applied twice.
+//!
+//! One connection pool per node (hyper's, keep-alive), no redirects, no
+//! decompression: the requests are small and the answers are JSON.
+
+mod ring;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::http::{HeaderValue, Method, Request, StatusCode, header};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::{Deserialize, Serialize};
+
+pub use ring::{Node, Ring};
+
+/// The answering node's ring epoch, on every answer of a cluster node.
+pub const EPOCH_HEADER: &str = "x-distrocache-epoch";
+/// The node that served an item request.
+pub const SERVED_BY_HEADER: &str = "x-distrocache-served-by";
+
+/// Largest answer read.
+const MAX_ANSWER_BYTES: usize = 4 << 20;
+/// A node that failed to accept a connection is tried last for this long.
+const DOWN_FOR: Duration = Duration::from_secs(2);
+
+/// Characters left as they are in a path segment: RFC 3986 "unreserved".
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no node could be reached: {0}")]
+    Unreachable(String),
+    /// A write reached its node but no answer came back: it may or may not
+    /// have been applied (writes are idempotent: retry, or read to find out).
+    #[error("{node} took the write but did not answer ({reason}); it may have been applied")]
+    Uncertain { node: SocketAddr, reason: String },
+    /// The cache answered with an error.
+    #[error("{status}: {message}")]
+    Status { status: StatusCode, message: String },
+    #[error("unexpected answer: {0}")]
+    BadAnswer(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+/// Where reads go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadFrom {
+    /// The key's primary: the fewest hops, and access metadata counted in
+    /// one place.
+    #[default]
+    Primary,
+    /// Every owner in turn: spreads the reads of a hot key over its copies.
+    AnyOwner,
+}
+
+/// An item as the cache returns it (the seed's shape).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Item {
+    pub key: String,
+    pub value: serde_json::Value,
+    /// Time to live in nanoseconds.
+    pub ttl: u64,
+    pub created_at: String,
+    pub accessed_at: String,
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    pub access_count: u64,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// A raw answer, and who gave it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Bytes,
+    /// The node the request was sent to.
+    pub node: SocketAddr,
+    /// The node that served it (`x-distrocache-served-by`), if named.
+    pub served_by: Option<String>,
+    /// The ring epoch of the node that answered, in a cluster.
+    pub epoch: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+pub struct Builder {
+    seeds: Vec<String>,
+    token: Option<String>,
+    read_from: ReadFrom,
+    timeout: Duration,
+}
+
+impl Builder {
+    /// A bearer token for the client API.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    pub fn read_from(mut self, read_from: ReadFrom) -> Self {
+        self.read_from = read_from;
+        self
+    }
+
+    /// How long one request may take (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Resolves the seeds and learns the ring from the first that answers.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let mut seeds = Vec::new();
+        for seed in &self.seeds {
+            let seed = seed
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned();
+            let addrs = tokio::net::lookup_host(&seed)
+                .await
+                .map_err(|e| Error::Invalid(format!("seed {seed:?}: {e}")))?;
+            seeds.extend(addrs);
+        }
+        let first = *seeds
+            .first()
+            .ok_or_else(|| Error::Invalid("no seed address given".into()))?;
+        let token = match self.token {
+            Some(t) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| Error::Invalid("the token is not header text".into()))?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let http = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        let client = Client {
+            inner: Arc::new(Inner {
+                http,
+                seeds,
+                ring: ArcSwap::from_pointee(Ring::single("seed", first)),
+                token,
+                read_from: self.read_from,
+                timeout: self.timeout,
+                refreshing: AtomicBool::new(false),
+                next: AtomicUsize::new(0),
+                down: Mutex::new(HashMap::new()),
+            }),
+        };
+        client.refresh().await?;
+        Ok(client)
+    }
+}
+
+/// A ring-aware client; cheap to clone (clones share the ring and the
+/// connection pools).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+    seeds: Vec<SocketAddr>,
+    ring: ArcSwap<Ring>,
+    token: Option<HeaderValue>,
+    read_from: ReadFrom,
+    timeout: Duration,
+    refreshing: AtomicBool,
+    next: AtomicUsize,
+    down: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Client {
+    /// A client that starts from `seeds` (`host:port`, any node of the cache).
+    pub fn builder<S: Into<String>>(seeds: impl IntoIterator<Item = S>) -> Builder {
+        Builder {
+            seeds: seeds.into_iter().map(Into::into).collect(),
+            token: None,
+            read_from: ReadFrom::default(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The ring the client holds now.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.inner.ring.load_full()
+    }
+
+    /// Fetches the ring from a member (or a seed), and holds it.
+    pub async fn refresh(&self) -> Result<(), Error> {
+        let ring = self.ring();
+        let mut asked: Vec<SocketAddr> = ring.nodes.iter().map(|n| n.address).collect();
+        asked.extend(self.inner.seeds.iter().copied());
+        let mut last = String::from("no address to ask");
+        for addr in asked {
+            let answer = self
+                .inner
+                .request(addr, Method::GET, "/api/v1/cluster".into(), Bytes::new())
+                .await;
+            match answer {
+                Ok(a) if a.status == StatusCode::OK => {
+                    let view = serde_json::from_slice(&a.body)
+                        .map_err(|e| Error::BadAnswer(format!("/api/v1/cluster: {e}")))?;
+                    let ring = Ring::from_view(view, addr).map_err(Error::BadAnswer)?;
+                    tracing::debug!(
+                        epoch = ring.epoch,
+                        nodes = ring.nodes.len(),
+                        "learned the ring"
+                    );
+                    self.inner.ring.store(Arc::new(ring));
+                    return Ok(());
+                }
+                Ok(a) => last = format!("{addr} answered {}: {}", a.status, error_message(&a.body)),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(Error::Unreachable(last))
+    }
+
+    /// The item, or `None` when the key is absent or expired.
+    pub async fn get(&self, key: &str) -> Result<Option<Item>, Error> {
+        match self.get_raw(key).await? {
+            Some(body) => serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|e| Error::BadAnswer(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// The item's JSON as the cache sent it, or `None`.
+    pub async fn get_raw(&self, key: &str) -> Result<Option<Bytes>, Error> {
+        let answer = self.send(key, Method::GET, Bytes::new()).await?;
+        match answer.status {
+            StatusCode::OK => Ok(Some(answer.body)),
+            StatusCode::NOT_FOUND => Ok(None),
+            status => Err(failure(status, &answer.body)),
+        }
+    }
+
+    /// Writes `value` (any JSON) with an optional TTL and tags; returns the
+    /// item as stored.
+    pub async fn set(
+        &self,
+        key: &str,
+        value: &impl Serialize,
+        ttl: Option<Duration>,
+        tags: &[&str],
+    ) -> Result<Item, Error> {
+        #[derive(Serialize)]
+        struct Body<'a, V: Serialize> {
+            value: &'a V,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ttl: Option<u64>,
+            tags: &'a [&'a str],
+        }
+        let body = serde_json::to_vec(&Body {
+            value,
+            ttl: ttl.map(|t| t.as_secs().max(1)),
+            tags,
+        })
+        .map_err(|e| Error::Invalid(format!("value: {e}")))?;
+        let answer = self.set_raw(key, Bytes::from(body)).await?;
+        serde_json::from_slice(&answer.body).map_err(|e| Error::BadAnswer(e.to_string()))
+    }
+
+    /// Writes a raw body (`{"value": ..., "ttl": ..., "tags": [...]}`).
+    pub async fn set_raw(&self, key: &str, body: Bytes) -> Result<Answer, Error> {
+        let answer = self.send(key, Method::PUT, body).await?;
+        match answer.status {
+            StatusCode::OK | StatusCode::CREATED => Ok(answer),
+            status => Err(failure(status, &answer.body)),
+        }
+    }
+
+    /// Deletes the key; `false` when it was absent.
+    pub async fn delete(&self, key: &str) -> Result<bool, Error> {
+        let answer = self.send(key, Method::DELETE, Bytes::new()).await?;
+        match answer.status {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            status => Err(failure(status, &answer.body)),
+        }
+    }
+
+    /// Removes every item carrying `tag`, on every node; how many.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, Error> {
+        let path = format!(
+            "/api/v1/invalidate/tag/{}",
+            utf8_percent_encode(tag, SEGMENT)
+        );
+        let answer = self.any_node(Method::POST, path).await?;
+        if answer.status != StatusCode::OK {
+            return Err(failure(answer.status, &answer.body));
+        }
+        #[derive(Deserialize)]
+        struct Invalidated {
+            invalidated: u64,
+        }
+        serde_json::from_slice::<Invalidated>(&answer.body)
+            .map(|i| i.invalidated)
+            .map_err(|e| Error::BadAnswer(e.to_string()))
+    }
+
+    /// A request on no key in particular (stats, views): any node will do.
+    pub async fn any_node(&self, method: Method, path: String) -> Result<Answer, Error> {
+        let ring = self.ring();
+        let mut last = String::from("no node");
+        for node in &ring.nodes {
+            match self
+                .call(node.address, method.clone(), path.clone(), Bytes::new())
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(Error::Unreachable(last))
+    }
+
+    /// Sends a request on `key` to an owner, falling back as the module
+    /// comment says.
+    async fn send(&self, key: &str, method: Method, body: Bytes) -> Result<Answer, Error> {
+        if key.is_empty() {
+            return Err(Error::Invalid("keys must not be empty".into()));
+        }
+        let access = if method == Method::GET {
+            Access::Read
+        } else {
+            Access::Write
+        };
+        let path = format!("/api/v1/cache/{}", utf8_percent_encode(key, SEGMENT));
+        let ring = self.ring();
+        let plan = self.inner.plan(&ring, key, access);
+        let mut last = String::from("no node");
+        for addr in plan {
+            match self
+                .call(addr, method.clone(), path.clone(), body.clone())
+                .await
+            {
+                Ok(answer) => {
+                    self.inner.up(addr);
+                    return Ok(answer);
+                }
+                Err(Failed::NotSent(reason)) => {
+                    self.inner.mark_down(addr);
+                    last = format!("{addr}: {reason}");
+                }
+                Err(Failed::Lost(reason)) if access == Access::Write => {
+                    return Err(Error::Uncertain { node: addr, reason });
+                }
+                Err(Failed::Lost(reason)) => last = format!("{addr}: {reason}"),
+            }
+        }
+        // The ring may be out of date: learn it again for next time.
+        self.refresh_later(&ring);
+        Err(Error::Unreachable(last))
+    }
+
+    /// One request to one node; an answer from a node holding a newer ring
+    /// makes the client learn it (in the background, once).
+    async fn call(
+        &self,
+        addr: SocketAddr,
+        method: Method,
+        path: String,
+        body: Bytes,
+    ) -> Result<Answer, Failed> {
+        let ring = self.ring();
+        let answer = self.inner.request(addr, method, path, body).await?;
+        if answer.epoch.is_some_and(|e| e > ring.epoch) {
+            self.refresh_later(&ring);
+        }
+        Ok(answer)
+    }
+
+    fn refresh_later(&self, seen: &Ring) {
+        let current = self.ring();
+        if current.epoch > seen.epoch || self.inner.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let client = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.refresh().await {
+                tracing::debug!(error = %e, "could not refresh the ring");
+            }
+            client.inner.refreshing.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Why a request got no answer.
+#[derive(Debug)]
+enum Failed {
+    /// It never reached the node (no connection).
+    NotSent(String),
+    /// It may have reached the node.
+    Lost(String),
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failed::NotSent(r) | Failed::Lost(r) => f.write_str(r),
+        }
+    }
+}
+
+impl Inner {
+    /// The nodes to try, in order: the owners (primary first, or starting
+    /// from the next owner in turn for [`ReadFrom::AnyOwner`] reads), then
+    /// every other member; recently unreachable nodes last.
+    fn plan(&self, ring: &Ring, key: &str, access: Access) -> Vec<SocketAddr> {
+        let mut owners = ring.owners(key);
+        if access == Access::Read {
+            owners.retain(|&i| ring.nodes[i].state == distrocache_membership::MemberState::Active);
+            if self.read_from == ReadFrom::AnyOwner && owners.len() > 1 {
+                let k = self.next.fetch_add(1, Ordering::Relaxed) % owners.len();
+                owners.rotate_left(k);
+            }
+        }
+        let mut plan: Vec<SocketAddr> = owners.iter().map(|&i| ring.nodes[i].address).collect();
+        for node in &ring.nodes {
+            if !plan.contains(&node.address) {
+                plan.push(node.address);
+            }
+        }
+        let down = self.down.lock();
+        if !down.is_empty() {
+            let now = Instant::now();
+            plan.sort_by_key(|a| down.get(a).is_some_and(|until| *until > now));
+        }
+        plan
+    }
+
+    fn mark_down(&self, addr: SocketAddr) {
+        self.down.lock().insert(addr, Instant::now() + DOWN_FOR);
+    }
+
+    fn up(&self, addr: SocketAddr) {
+        let mut down = self.down.lock();
+        if !down.is_empty() {
+            down.remove(&addr);
+        }
+    }
+
+    async fn request(
+        &self,
+        addr: SocketAddr,
+        method: Method,
+        path: String,
+        body: Bytes,
+    ) -> Result<Answer, Failed> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"));
+        if !body.is_empty() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(token) = &self.token {
+            request = request.header(header::AUTHORIZATION, token.clone());
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|e| Failed::NotSent(e.to_string()))?;
+        let call = async {
+            let response = self.http.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    Failed::NotSent(e.to_string())
+                } else {
+                    Failed::Lost(e.to_string())
+                }
+            })?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| Failed::Lost(format!("answer broke off: {e}")))?
+                .to_bytes();
+            Ok::<_, Failed>((parts, body))
+        };
+        let (parts, body) = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| Failed::Lost(format!("no answer within {:?}", self.timeout)))??;
+        let epoch = parts
+            .headers
+            .get(EPOCH_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        Ok(Answer {
+            status: parts.status,
+            body,
+            node: addr,
+            epoch,
+            served_by: parts
+                .headers
+                .get(SERVED_BY_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        })
+    }
+}
+
+fn failure(status: StatusCode, body: &[u8]) -> Error {
+    Error::Status {
+        status,
+        message: error_message(body),
+    }
+}
+
+/// The `{"error": ...}` message of an error answer, or its raw text.
+fn error_message(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    serde_json::from_slice::<ErrorBody>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
+}
