@@ -1,30 +1,39 @@
 #!/usr/bin/env bash
-# Cluster benchmarks on loopback, in one run:
+# Cluster benchmarks on loopback, in one run (DESIGN 7 sets the bars):
 #  1. the cost of a forwarded GET against a local one: two release nodes
 #     (replication factor 1, so each key has one owner) pinned to core 0,
 #     wrk on core 1 sending GETs to node A for keys A owns (local) and for
 #     keys B owns (A forwards them to B and relays the answer);
-#  2. rebalancing throughput: 2 nodes (rf 2) holding KEYS items, a third
+#  2. capacity: one node against a 3-node cluster (rf 2) on the same core,
+#     $CONNS keep-alive connections spread evenly over the nodes (as a
+#     Service spreads clients), GET and SET of random keys of $SET_KEYS
+#     prefilled ~200-byte items;
+#  3. the same through the ring-aware client (distrocache-client's `load`
+#     example on core 1), which sends each request straight to an owner;
+#  4. rebalancing throughput: 2 nodes (rf 2) holding KEYS items, a third
 #     joins and pulls its share; keys received / pull time.
 #
-#   bash bench/cluster.sh            # DURATION=10s CONNS=64 KEYS=200000
+#   bash bench/cluster.sh            # DURATION=10s CONNS=63 KEYS=200000 SET_KEYS=10000
 #
 # Installs wrk from Debian packages if missing. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
-CONNS=${CONNS:-64}
+CONNS=${CONNS:-63}
 KEYS=${KEYS:-200000}
+SET_KEYS=${SET_KEYS:-10000}
 SERVER_CORE=${SERVER_CORE:-0}
 CLIENT_CORE=${CLIENT_CORE:-1}
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 
 cargo build --release -q -p cache-node
+cargo build --release -q -p distrocache-client --example load
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+stop_nodes() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+cleanup() { stop_nodes; rm -rf "$work"; }
 trap cleanup EXIT
-A=127.0.0.51 B=127.0.0.52 C=127.0.0.53 PORT=18300
+A=127.0.0.51 B=127.0.0.52 C=127.0.0.53 S=127.0.0.54 PORT=18300
 
 ring() { # epoch rf member...
   local epoch=$1 rf=$2; shift 2
@@ -36,19 +45,44 @@ print(json.dumps({"epoch": int(epoch), "replicationFactor": int(rf), "members": 
 PY
   mv "$work/ring.tmp" "$work/ring.json"
 }
-node() { # id ip
-  taskset -c "$SERVER_CORE" target/release/cache-node --node-id "$1" --bind-address "$2" --port $PORT \
-    --membership-file "$work/ring.json" --membership-poll-interval 100ms --max-size 10000000 \
-    --log-level warn &
+node() { # id ip [flags...]: a cluster member (membership file)
+  local id=$1 ip=$2; shift 2
+  taskset -c "$SERVER_CORE" target/release/cache-node --node-id "$id" --bind-address "$ip" --port $PORT \
+    --max-size 10000000 --log-level warn "$@" &
   pids+=($!)
 }
+member() { node "$1" "$2" --membership-file "$work/ring.json" --membership-poll-interval 100ms; }
 wait_ready() { for _ in $(seq 1 600); do curl -sf "http://$1:$PORT/api/v1/ready" >/dev/null && return 0; sleep 0.05; done; echo "$1 never ready" >&2; exit 1; }
+prefill() { # ip keys: PUT bench:1..keys through one node
+  python3 - "$1" "$2" <<'PY'
+import http.client, sys
+ip, keys = sys.argv[1], int(sys.argv[2])
+conn = http.client.HTTPConnection(ip, 18300)
+body = '{"value":"%s","ttl":3600,"tags":["bench"]}' % ("v" * 200)
+for i in range(1, keys + 1):
+    conn.request("PUT", f"/api/v1/cache/bench:{i}", body, {"Content-Type": "application/json"})
+    r = conn.getresponse(); r.read()
+    if r.status not in (200, 201):
+        sys.exit(f"prefill: bench:{i} answered {r.status}")
+PY
+}
 
-source bench/wrk.sh  # wrk_run (the scripts run from the repository root)
+source bench/wrk.sh  # wrk_run, wrk_spread (the scripts run from the repository root)
+
+cat > "$work/get.lua" <<LUA
+math.randomseed(42)
+request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS)) end
+LUA
+cat > "$work/set.lua" <<LUA
+math.randomseed(7)
+local body = '{"value":"$(printf 'v%.0s' $(seq 1 200))","ttl":3600,"tags":["bench"]}'
+local headers = { ["Content-Type"] = "application/json" }
+request = function() return wrk.format("POST", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS), headers, body) end
+LUA
 
 echo "== 1. forwarded vs local GET (rf 1, 2 nodes)" >&2
 ring 1 1 a=$A b=$B
-node a $A; node b $B
+member a $A; member b $B
 wait_ready $A; wait_ready $B
 python3 - "$A" "$work" <<'PY'
 import json, sys, urllib.request
@@ -71,11 +105,31 @@ PY
 # Assignments, not `read < <(...)`, so a failed run stops the script (set -e).
 out=$(wrk_run local -s "$work/local.lua" "http://$A:$PORT"); read -r local_rps local_p99 <<<"$out"
 out=$(wrk_run forwarded -s "$work/remote.lua" "http://$A:$PORT"); read -r fwd_rps fwd_p99 <<<"$out"
-kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
+stop_nodes
 
-echo "== 2. rebalancing throughput ($KEYS keys, rf 2, a 3rd node joins)" >&2
+echo "== 2. one node vs a 3-node cluster (rf 2) on one core, $CONNS connections spread over the nodes" >&2
+node s $S
+wait_ready $S
+prefill $S "$SET_KEYS"
+out=$(wrk_spread single-get "$work/get.lua" "http://$S:$PORT" "http://$S:$PORT" "http://$S:$PORT"); read -r single_get single_get_p99 <<<"$out"
+out=$(wrk_spread single-set "$work/set.lua" "http://$S:$PORT" "http://$S:$PORT" "http://$S:$PORT"); read -r single_set single_set_p99 <<<"$out"
+out=$(taskset -c "$CLIENT_CORE" target/release/examples/load --duration "$DURATION" --connections "$CONNS" \
+  --keys "$SET_KEYS" --op get "http://$S:$PORT"); read -r single_cget single_cget_p99 <<<"$out"
+stop_nodes
+ring 1 2 a=$A b=$B c=$C
+member a $A; member b $B; member c $C
+wait_ready $A; wait_ready $B; wait_ready $C
+prefill $A "$SET_KEYS"
+out=$(wrk_spread cluster-get "$work/get.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT"); read -r cluster_get cluster_get_p99 <<<"$out"
+out=$(wrk_spread cluster-set "$work/set.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT"); read -r cluster_set cluster_set_p99 <<<"$out"
+echo "== 3. the same through distrocache-client (ring-aware)" >&2
+out=$(taskset -c "$CLIENT_CORE" target/release/examples/load --duration "$DURATION" --connections "$CONNS" \
+  --keys "$SET_KEYS" --op get "http://$A:$PORT"); read -r cluster_cget cluster_cget_p99 <<<"$out"
+stop_nodes
+
+echo "== 4. rebalancing throughput ($KEYS keys, rf 2, a 3rd node joins)" >&2
 ring 1 2 a=$A b=$B
-node a $A; node b $B
+member a $A; member b $B
 wait_ready $A; wait_ready $B
 python3 - "$A" "$KEYS" <<'PY'
 import json, sys, urllib.request, concurrent.futures
@@ -89,20 +143,32 @@ with concurrent.futures.ThreadPoolExecutor(16) as pool:
     list(pool.map(put, range(n), chunksize=256))
 PY
 ring 2 2 a=$A b=$B c=$C
-node c $C
+member c $C
 wait_ready $C
 progress=$(curl -s "http://$C:$PORT/api/v1/cluster/rebalance")
 
-python3 - "$local_rps" "$local_p99" "$fwd_rps" "$fwd_p99" "$progress" "$CONNS" "$DURATION" <<'PY'
+python3 - "$local_rps" "$local_p99" "$fwd_rps" "$fwd_p99" \
+  "$single_get" "$single_get_p99" "$cluster_get" "$cluster_get_p99" \
+  "$single_set" "$single_set_p99" "$cluster_set" "$cluster_set_p99" \
+  "$single_cget" "$single_cget_p99" "$cluster_cget" "$cluster_cget_p99" \
+  "$progress" "$CONNS" "$DURATION" <<'PY'
 import json, sys
-lr, lp, fr, fp = map(float, sys.argv[1:5])
-p = json.loads(sys.argv[5])
-print(f"two nodes on one core, load on another, {sys.argv[6]} connections, {sys.argv[7]} per run")
-print(f"{'':24}{'req/s':>12}{'p99 ms':>10}")
-print(f"{'local GET':24}{lr:12.0f}{lp:10.3f}")
-print(f"{'forwarded GET':24}{fr:12.0f}{fp:10.3f}")
-print(f"forwarded GET costs {lr / fr:.2f}x a local one (bar < 2.0)")
+f = list(map(float, sys.argv[1:17]))
+lr, lp, fr, fp, sg, sgp, cg, cgp, ss, ssp, cs, csp, scg, scgp, ccg, ccgp = f
+p = json.loads(sys.argv[17])
+conns, duration = sys.argv[18], sys.argv[19]
+print(f"servers on one core, load on another, {conns} connections, {duration} per run")
+print(f"{'':40}{'req/s':>12}{'p99 ms':>10}")
+rows = [("1. local GET (2 nodes, rf 1)", lr, lp), ("   forwarded GET", fr, fp),
+        ("2. GET, one node", sg, sgp), ("   GET, 3 nodes rf 2", cg, cgp),
+        ("   SET, one node", ss, ssp), ("   SET, 3 nodes rf 2", cs, csp),
+        ("3. GET via client, one node", scg, scgp), ("   GET via client, 3 nodes rf 2", ccg, ccgp)]
+for name, rps, p99 in rows:
+    print(f"{name:40}{rps:12.0f}{p99:10.3f}")
 print()
+print(f"1. forwarded GET costs {lr / fr:.2f}x a local one (bar <= 1.5)")
+print(f"2. cluster / single node: GET {cg / sg:.2f}x (bar >= 0.8), SET {cs / ss:.2f}x (bar >= 0.5)")
+print(f"3. through distrocache-client: GET {ccg / scg:.2f}x (bar >= 0.95)")
 secs = p["lastSyncSeconds"]
-print(f"rebalancing: the joining node pulled {p['keysReceived']} keys in {secs:.2f}s = {p['keysReceived'] / secs:,.0f} keys/s")
+print(f"4. rebalancing: the joining node pulled {p['keysReceived']} keys in {secs:.2f}s = {p['keysReceived'] / secs:,.0f} keys/s")
 PY

@@ -1,16 +1,19 @@
-# Sourced by the bench scripts: one wrk run and its figures.
+# Sourced by the bench scripts: wrk runs and their figures.
 #
-#   out=$(wrk_run LABEL WRK_ARGS...)   # prints "rps p99_ms"
+#   out=$(wrk_run LABEL WRK_ARGS...)          # prints "rps p99_ms"
+#   out=$(wrk_spread LABEL SCRIPT URL...)     # one wrk per URL at once; prints "rps p99_ms"
 #
-# Runs wrk on $CLIENT_CORE with one thread, $CONNS connections for $DURATION,
-# keeps its output in $work/wrk-LABEL.out, and fails (which stops the
-# calling script, since every caller assigns the output under set -e) on
+# wrk_run runs wrk on $CLIENT_CORE with one thread, $CONNS connections for
+# $DURATION, keeps its output in $work/wrk-LABEL.out, and fails (which stops
+# the calling script, since every caller assigns the output under set -e) on
 # non-2xx answers, socket errors or no result.
-wrk_run() {
-  local label=$1; shift
-  taskset -c "$CLIENT_CORE" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" > "$work/wrk.out"
-  cp "$work/wrk.out" "$work/wrk-$label.out"
-  awk -v label="$label" '
+#
+# wrk_spread spreads $CONNS connections evenly over the URLs (as a Service
+# spreads clients over pods): one wrk per URL, all at once on $CLIENT_CORE,
+# each with its share of the connections; it prints the summed req/s and the
+# worst p99.
+wrk_figures() { # label file
+  awk -v label="$1" '
     /^Requests\/sec:/ { rps = $2 }
     /^ +99%/ { v = $2; u = v; gsub(/[0-9.]/, "", u); sub(/[a-z]+$/, "", v);
                ms = (u == "us") ? v / 1000 : (u == "s") ? v * 1000 : v; p99 = ms }
@@ -22,5 +25,34 @@ wrk_run() {
       if (rps == "") { print label ": no result from wrk" > "/dev/stderr"; exit 1 }
       printf "%s %.3f\n", rps, p99
     }
-  ' "$work/wrk.out"
+  ' "$2"
+}
+
+wrk_run() {
+  local label=$1; shift
+  taskset -c "$CLIENT_CORE" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" > "$work/wrk-$label.out"
+  wrk_figures "$label" "$work/wrk-$label.out"
+}
+
+wrk_spread() {
+  local label=$1 script=$2; shift 2
+  local n=$# i=0 url wpids=() share
+  share=$((CONNS / n))
+  for url in "$@"; do
+    taskset -c "$CLIENT_CORE" wrk -t1 -c"$share" -d"$DURATION" --latency -s "$script" "$url" \
+      > "$work/wrk-$label-$i.out" &
+    wpids+=($!)
+    i=$((i + 1))
+  done
+  local failed=0
+  for p in "${wpids[@]}"; do wait "$p" || failed=1; done
+  ((failed == 0)) || { echo "$label: a wrk run failed" >&2; return 1; }
+  local total=0 worst=0 rps p99
+  for ((i = 0; i < n; i++)); do
+    read -r rps p99 < <(wrk_figures "$label-$i" "$work/wrk-$label-$i.out") || return 1
+    [ -n "$rps" ] || return 1
+    total=$(python3 -c "print($total + $rps)")
+    worst=$(python3 -c "print(max($worst, $p99))")
+  done
+  printf "%s %.3f\n" "$total" "$worst"
 }
