@@ -851,3 +851,90 @@ impl cache_node::store::ItemView for Planted {
         std::iter::empty()
     }
 }
+
+/// A replica that missed a write (it was stalled, so its primary holds a
+/// hint for it) must not serve reads of its own copy until it is repaired:
+/// no read through it ever returns the value the write replaced, and it
+/// serves reads itself again (read lease regained) only once its primary's
+/// repair queue is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
+    let mut c = ProcCluster::new(2, 2).with_flags(&[
+        "--peer-timeout",
+        "1s",
+        "--peer-connect-timeout",
+        "500ms",
+    ]);
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start(1);
+    c.wait_settled(epoch, SETTLE).await;
+    let key = (0..)
+        .map(|i| format!("behind-{i}"))
+        .find(|k| c.primary_of(k) == "node-0")
+        .expect("some key");
+    let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
+    let put = |i, value: &'static str| c.client.put(url(i)).json(&json!({ "value": value })).send();
+    assert!(put(0, "old").await.unwrap().status().is_success());
+    // Both copies hold "old", and node-1 serves it itself once its lease is held.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = c.client.get(url(1)).send().await.unwrap();
+        let by = resp.headers()["x-distrocache-served-by"].to_str().unwrap().to_owned();
+        let item: Value = resp.json().await.unwrap();
+        assert_eq!(item["value"], "old");
+        if by == "node-1" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-1 never served its own copy (no read lease)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let replica = c.pid(1);
+    signal(replica, libc::SIGSTOP);
+    let written = put(0, "new").await.unwrap();
+    // The gauge follows the repair queue once a second.
+    let mut pending = None;
+    for _ in 0..50 {
+        pending = c.metric(0, "distrocache_replication_pending_repairs").await;
+        if pending == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal(replica, libc::SIGCONT);
+    assert!(written.status().is_success(), "answered with a replica stalled");
+    assert_eq!(pending, Some(1.0), "the missed write is hinted");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut via_primary = 0;
+    loop {
+        let resp = c.client.get(url(1)).send().await.unwrap();
+        let by = resp.headers()["x-distrocache-served-by"].to_str().unwrap().to_owned();
+        let item: Value = resp.json().await.unwrap();
+        assert_eq!(
+            item["value"], "new",
+            "a read through the replica returned the value an acknowledged write replaced"
+        );
+        if by == "node-1" {
+            // Serving its own copy again: it was granted a lease, which the
+            // primary only does with nothing waiting to be repaired on it.
+            assert_eq!(
+                c.metric(0, "distrocache_replication_pending_repairs").await,
+                Some(0.0)
+            );
+            assert_eq!(c.held(1, &key).await.unwrap()["value"], "new");
+            break;
+        }
+        via_primary += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-1 never served its own copy again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("{via_primary} reads through node-1 went to the primary before it was repaired");
+}

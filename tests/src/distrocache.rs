@@ -235,6 +235,9 @@ pub async fn node_addresses(
 #[derive(Clone)]
 pub struct CacheClient {
     http: reqwest::Client,
+    /// The peer protocol's client, for what only it can tell (which node
+    /// holds which copy).
+    peers: std::sync::Arc<cache_node::peer::PeerClient>,
 }
 
 impl Default for CacheClient {
@@ -246,6 +249,15 @@ impl Default for CacheClient {
                 .no_proxy()
                 .build()
                 .expect("a plain HTTP client always builds"),
+            peers: std::sync::Arc::new(cache_node::peer::PeerClient::new(
+                "e2e-test",
+                cache_node::peer::PeerSettings {
+                    connect_timeout: Duration::from_secs(2),
+                    request_timeout: Duration::from_secs(10),
+                    max_message_bytes: 8 << 20,
+                },
+                None,
+            )),
         }
     }
 }
@@ -352,53 +364,34 @@ pub async fn missing_through(
     .await
 }
 
-/// How many of `nodes` (peer addresses, with their ring epochs) hold each
-/// key, asked through the peer API without touching the items. Reads through
-/// the client API are served by a key's primary, so only this shows a
-/// replica that went missing.
+/// How many of `nodes` (peer addresses) hold each key, asked through the
+/// peer protocol without touching the items. Reads through the client API
+/// are served by one owner, so only this shows a replica that went missing.
 pub async fn copies(
     client: &CacheClient,
-    nodes: &[(SocketAddr, u64)],
+    nodes: &[SocketAddr],
     keys: impl Iterator<Item = &String> + Clone,
 ) -> Result<BTreeMap<String, usize>> {
     use futures::StreamExt;
     let mut held: BTreeMap<String, usize> = keys.clone().map(|k| (k.clone(), 0)).collect();
-    for &(peer, epoch) in nodes {
-        let found: Vec<Option<String>> = futures::stream::iter(keys.clone().map(|key| {
-            let client = client.clone();
+    for &peer in nodes {
+        if !peer.ip().is_loopback() {
+            bail!("refusing to send traffic outside 127.0.0.0/8: {peer}");
+        }
+        let found: Vec<Result<Option<String>>> = futures::stream::iter(keys.clone().map(|key| {
+            let peers = client.peers.clone();
             async move {
-                let url = CacheClient::url(peer, &format!("/internal/v1/items/{key}"))?;
-                let mut epoch = epoch;
-                let mut status = 0;
-                // The node may move to a newer ring meanwhile (421 names it).
-                for _ in 0..3 {
-                    let resp = client
-                        .http
-                        .get(&url)
-                        .header("x-distrocache-epoch", epoch)
-                        .send()
-                        .await?;
-                    status = resp.status().as_u16();
-                    if status != 421 {
-                        break;
-                    }
-                    epoch = resp
-                        .headers()
-                        .get("x-distrocache-epoch")
-                        .and_then(|v| v.to_str().ok()?.parse().ok())
-                        .unwrap_or(epoch);
-                }
-                if status != 200 && status != 404 {
-                    bail!("{key} on {peer}: {status}");
-                }
-                Ok((status == 200).then(|| key.clone()))
+                let copy = peers
+                    .fetch(peer, key)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{key} on {peer}: {e}"))?;
+                Ok(copy.map(|_| key.clone()))
             }
         }))
-        .buffer_unordered(32)
-        .collect::<Vec<Result<Option<String>>>>()
-        .await
-        .into_iter()
-        .collect::<Result<_>>()?;
+        .buffer_unordered(256)
+        .collect()
+        .await;
+        let found: Vec<Option<String>> = found.into_iter().collect::<Result<_>>()?;
         for key in found.into_iter().flatten() {
             *held.get_mut(&key).expect("asked for it") += 1;
         }

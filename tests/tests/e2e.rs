@@ -83,8 +83,7 @@ impl Env {
                 eprintln!("[{step}] {node} has not settled yet; copies not checked");
                 return Ok(());
             }
-            let epoch = view["epoch"].as_u64().unwrap_or(0);
-            peers.push((SocketAddr::new(node.ip(), 8081), epoch));
+            peers.push(SocketAddr::new(node.ip(), 8081));
         }
         let want = 2.min(peers.len());
         let copies = distrocache::copies(&self.http, &peers, expected.keys()).await?;
@@ -290,14 +289,9 @@ async fn scenarios(kubelet: &'static Kubelet) -> Result<()> {
                 .kubelet
                 .pod_ip(NS, &pod)
                 .expect("a running pod has an IP");
-            let (_, view) = env
-                .http
-                .get_json(SocketAddr::new(ip.into(), 8080), "/api/v1/cluster")
-                .await?;
-            let epoch = view["epoch"].as_u64().unwrap_or(0);
             let held = distrocache::copies(
                 &env.http,
-                &[(SocketAddr::new(ip.into(), 8081), epoch)],
+                &[SocketAddr::new(ip.into(), 8081)],
                 written.keys(),
             )
             .await?;
@@ -313,15 +307,10 @@ async fn scenarios(kubelet: &'static Kubelet) -> Result<()> {
                     .filter(|p| **p != pod)
                 {
                     if let Some(ip) = env.kubelet.pod_ip(NS, other) {
-                        let (_, view) = env
-                            .http
-                            .get_json(SocketAddr::new(ip.into(), 8080), "/api/v1/cluster")
-                            .await?;
-                        let epoch = view["epoch"].as_u64().unwrap_or(0);
                         let keys = absent.iter().map(|k| (*k).clone()).collect::<Vec<_>>();
                         let there = distrocache::copies(
                             &env.http,
-                            &[(SocketAddr::new(ip.into(), 8081), epoch)],
+                            &[SocketAddr::new(ip.into(), 8081)],
                             keys.iter(),
                         )
                         .await?;

@@ -689,3 +689,162 @@ fn error_message(body: &[u8]) -> String {
         .map(|e| e.error)
         .unwrap_or_else(|_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use futures_util::future::join_all;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Decoder;
+
+    use super::*;
+    use crate::peer::protocol::RecordBatch;
+    use crate::store::{ItemMeta, ItemView};
+
+    struct Copy(String);
+
+    impl ItemView for Copy {
+        fn key(&self) -> &str {
+            &self.0
+        }
+        fn value(&self) -> &[u8] {
+            b"1"
+        }
+        fn meta(&self) -> crate::store::ItemMeta {
+            ItemMeta {
+                created_at: 1,
+                accessed_at: 1,
+                expires_at: 2,
+                access_count: 0,
+            }
+        }
+        fn tags(&self) -> impl Iterator<Item = &str> {
+            std::iter::empty()
+        }
+    }
+
+    /// A peer that takes the upgrade, reads `wanted` requests, then does
+    /// what `script` says with them, and closes the connection.
+    async fn fake_peer(
+        listener: TcpListener,
+        wanted: usize,
+        script: impl FnOnce(Vec<Frame>, &mut BytesMut),
+    ) {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8];
+            socket.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: distrocache-peer/1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut codec = FrameCodec::new(1 << 20);
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        while frames.len() < wanted {
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                frames.push(frame);
+            }
+            if frames.len() < wanted {
+                socket.read_buf(&mut buf).await.unwrap();
+            }
+        }
+        let mut out = BytesMut::new();
+        script(frames, &mut out);
+        socket.write_all(&out).await.unwrap();
+        socket.shutdown().await.unwrap();
+    }
+
+    fn answer_item(out: &mut BytesMut, frame: &Frame) {
+        let Request::Fetch { key } = Request::decode(frame.kind, &frame.body).unwrap() else {
+            panic!("a fetch");
+        };
+        let mut record = RecordBatch::default();
+        record.push(&Copy(key));
+        let answer = Answer::Item {
+            created: false,
+            record: record.freeze(),
+        };
+        frame::encode(out, frame.id, 1, |body| answer.encode(body));
+    }
+
+    fn client() -> PeerClient {
+        PeerClient::new(
+            "test",
+            PeerSettings {
+                connect_timeout: Duration::from_secs(2),
+                request_timeout: Duration::from_secs(5),
+                max_message_bytes: 1 << 20,
+            },
+            None,
+        )
+    }
+
+    /// Requests in flight on a connection that dies each get their own
+    /// answer (those answered, out of order, before it died) or an error
+    /// saying the peer may have acted; never another request's answer.
+    #[tokio::test]
+    async fn a_connection_that_dies_fails_exactly_the_requests_in_flight_on_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(fake_peer(listener, 10, |frames, out| {
+            for i in [7, 3, 1] {
+                answer_item(out, &frames[i]);
+            }
+        }));
+        let client = client();
+        let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        let results = join_all(keys.iter().map(|k| client.fetch(addr, k))).await;
+        peer.await.unwrap();
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(Some(record)) => {
+                    assert!([1, 3, 7].contains(&i), "k{i} answered");
+                    assert_eq!(record.single().unwrap().key(), keys[i], "its own answer");
+                }
+                Ok(None) => panic!("k{i}: no one answered that it is missing"),
+                Err(e) => {
+                    assert!(![1, 3, 7].contains(&i), "k{i} was answered: {e}");
+                    assert!(e.may_have_acted(), "k{i} was sent: {e}");
+                }
+            }
+        }
+    }
+
+    /// A peer going away answers what it read up to the request it names;
+    /// the requests after it fail as never read (safe to send elsewhere).
+    #[tokio::test]
+    async fn a_peer_going_away_names_what_it_never_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(fake_peer(listener, 6, |frames, out| {
+            let mut ids: Vec<u64> = frames.iter().map(|f| f.id).collect();
+            ids.sort_unstable();
+            let last_read = ids[2];
+            frame::encode(out, last_read, 1, |_| frame::GOING_AWAY);
+            for f in frames.iter().filter(|f| f.id <= last_read) {
+                answer_item(out, f);
+            }
+        }));
+        let client = client();
+        let keys: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+        let results = join_all(keys.iter().map(|k| client.fetch(addr, k))).await;
+        peer.await.unwrap();
+        let (mut answered, mut refused) = (0, 0);
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(Some(record)) => {
+                    assert_eq!(record.single().unwrap().key(), keys[i]);
+                    answered += 1;
+                }
+                Err(PeerError::Refused { .. }) => refused += 1,
+                other => panic!("k{i}: {other:?}"),
+            }
+        }
+        assert_eq!((answered, refused), (3, 3));
+    }
+}
