@@ -26,9 +26,10 @@ pub mod kubelet;
 pub mod namespace;
 pub mod pki;
 pub mod procs;
+pub mod prometheus;
 pub mod wait;
 
 pub use binaries::Binaries;
-pub use control_plane::ControlPlane;
+pub use control_plane::{ControlPlane, ControlPlaneOptions};
 pub use kubelet::{Kubelet, KubeletConfig, PodProcess, Program};
 pub use namespace::TestNamespace;

@@ -254,6 +254,74 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// An inclusive range of TCP ports, written `FIRST-LAST` (e.g. `30000-30009`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<PortRange> {
+        let Some((first, last)) = s.split_once('-') else {
+            bail!("expected FIRST-LAST, e.g. 30000-30009, not {s:?}");
+        };
+        let parse = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|e| anyhow!("{p:?} is not a port: {e}"))
+        };
+        let (first, last) = (parse(first)?, parse(last)?);
+        if first == 0 || first > last {
+            bail!("port range {s:?} is empty or starts at 0");
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// `count` distinct ports that were free on 127.0.0.1 a moment ago: any the
+/// system picks, or the lowest free ones of `range` (so a user who gives a
+/// range gets predictable ports). Same race as [`free_port`].
+pub fn free_ports(count: usize, range: Option<PortRange>) -> Result<Vec<u16>> {
+    let mut ports = Vec::with_capacity(count);
+    match range {
+        None => {
+            while ports.len() < count {
+                let port = free_port()?;
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
+            }
+        }
+        Some(range) => {
+            for port in range.first..=range.last {
+                if ports.len() == count {
+                    break;
+                }
+                if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                    ports.push(port);
+                }
+            }
+            if ports.len() < count {
+                bail!(
+                    "only {} of the {count} ports needed are free in {range} on 127.0.0.1 \
+                     (the others are in use); give a wider or another range",
+                    ports.len()
+                );
+            }
+        }
+    }
+    Ok(ports)
+}
+
 /// Runs a short command to completion, killing it after `timeout`. `stdin`,
 /// when given, is written to the command's standard input.
 pub fn run_with_timeout(
@@ -324,6 +392,17 @@ pub fn run_with_timeout(
     })
 }
 
+/// The first executable called `name` in the directories of `PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// True when something accepts TCP connections on `addr` (1 s timeout).
 ///
 /// Panics for an address outside the loopback range: the tests never send
@@ -345,5 +424,150 @@ pub fn process_alive(pid: u32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
+    }
+}
+
+/// A process, told apart from a later one that reuses its pid by its start
+/// time (in clock ticks since boot, field 22 of `/proc/<pid>/stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    /// The process with this pid now, if one exists and is not a zombie.
+    pub fn of(pid: u32) -> Option<ProcessId> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the parenthesised command name, from field 3 (state).
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+            return None;
+        }
+        Some(ProcessId {
+            pid,
+            start_time: fields.get(19)?.parse().ok()?,
+        })
+    }
+
+    /// True while this very process runs (not a zombie, not a newer one with its pid).
+    pub fn alive(&self) -> bool {
+        ProcessId::of(self.pid) == Some(*self)
+    }
+
+    fn parent(&self) -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Every live descendant of `pid` (children, their children...).
+pub fn descendants(pid: u32) -> Vec<ProcessId> {
+    let all: Vec<ProcessId> = all_pids().into_iter().filter_map(ProcessId::of).collect();
+    let mut found: Vec<ProcessId> = Vec::new();
+    let mut parents = vec![pid];
+    while let Some(parent) = parents.pop() {
+        for p in &all {
+            if p.parent() == Some(parent) && !found.contains(p) {
+                found.push(*p);
+                parents.push(p.pid);
+            }
+        }
+    }
+    found
+}
+
+/// Live processes (other than this one) whose command line, environment or
+/// working directory names `dir` or a path inside it: what a harness that
+/// keeps everything of a run in one directory left running.
+pub fn processes_using(dir: &Path) -> Vec<ProcessId> {
+    all_pids()
+        .into_iter()
+        .filter(|&pid| pid != std::process::id() && uses(pid, dir))
+        .filter_map(ProcessId::of)
+        .collect()
+}
+
+fn uses(pid: u32, dir: &Path) -> bool {
+    if std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir)) {
+        return true;
+    }
+    ["cmdline", "environ"].iter().any(|what| {
+        match std::fs::read(format!("/proc/{pid}/{what}")) {
+            Ok(bytes) => names_path(&bytes, dir),
+            // Gone meanwhile, or another user's (unreadable, so not one this
+            // user could have started): it does not use the directory.
+            Err(_) => false,
+        }
+    })
+}
+
+/// True when `hay` (NUL-separated arguments or variables) holds `dir` as a
+/// whole path or a path prefix: `/a/pg` matches `/a/pg` and `/a/pg/x`, not `/a/pg2`.
+fn names_path(hay: &[u8], dir: &Path) -> bool {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    if needle.is_empty() || hay.len() < needle.len() {
+        return false;
+    }
+    (0..=hay.len() - needle.len()).any(|at| {
+        hay[at..].starts_with(needle) && matches!(hay.get(at + needle.len()), None | Some(b'/' | 0))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse_and_refuse_nonsense() {
+        let range: PortRange = "30000-30009".parse().expect("a range");
+        assert_eq!((range.first, range.last), (30000, 30009));
+        assert_eq!(range.to_string(), "30000-30009");
+        for bad in ["30009-30000", "0-10", "30000", "a-b", "1-70000"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn a_path_is_named_whole_or_as_a_prefix_only() {
+        let dir = Path::new("/tmp/pg");
+        assert!(names_path(b"etcd\0--data-dir=/tmp/pg/etcd\0", dir));
+        assert!(names_path(b"HOME=/tmp/pg\0PATH=/bin", dir));
+        assert!(names_path(b"/tmp/pg", dir));
+        assert!(!names_path(b"HOME=/tmp/pg2\0", dir));
+        assert!(!names_path(b"/tmp/p", dir));
+    }
+
+    #[test]
+    fn this_process_and_its_children_are_found() {
+        let me = ProcessId::of(std::process::id()).expect("this process");
+        assert!(me.alive());
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("start sleep");
+        let found = descendants(std::process::id());
+        assert!(found.iter().any(|p| p.pid == child.id()), "{found:?}");
+        let _ = child.kill();
+        let _ = child.wait();
+        let gone = found
+            .iter()
+            .find(|p| p.pid == child.id())
+            .expect("found above");
+        assert!(!gone.alive());
     }
 }

@@ -6,14 +6,14 @@
 //! items written times the replication factor.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use distrocache_operator::crd::DistroCache;
 use distrocache_tests::distrocache::{
     self, CacheClient, kubectl_ok, node_addresses, wait_ready, write_items,
 };
+use distrocache_tests::prometheus::Prometheus;
 use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, procs, wait};
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
@@ -22,66 +22,13 @@ use serde_json::Value;
 
 const ITEMS: usize = 3000;
 
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Prometheus {
-    fn start(targets: &[SocketAddr]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: distrocache\n    static_configs:\n      - targets: [{}]\n",
-            targets.join(", ")
-        );
-        std::fs::write(dir.path().join("prometheus.yml"), config)?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], procs::free_port()?));
-        let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("start prometheus (Debian package prometheus; scripts/test.sh installs it)")?;
-        Ok(Self {
-            child,
-            addr,
-            _dir: dir,
-        })
-    }
-
-    async fn query(&self, http: &reqwest::Client, promql: &str) -> Result<Vec<Value>> {
-        let url = format!("http://{}/api/v1/query", self.addr);
-        let body: Value = http
-            .get(url)
-            .query(&[("query", promql)])
-            .send()
-            .await?
-            .json()
-            .await?;
-        ensure!(body["status"] == "success", "{body}");
-        Ok(body["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
-    }
+/// A scrape configuration with the nodes as static targets, every second.
+fn static_config(targets: &[SocketAddr]) -> String {
+    let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+    format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: distrocache\n    static_configs:\n      - targets: [{}]\n",
+        targets.join(", ")
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,18 +118,21 @@ async fn prometheus_scrapes_every_node_through_the_service_monitors_port() -> Re
         vec!["m".into()]
     })
     .await?;
-    let prometheus = Prometheus::start(&nodes)?;
-    let http = reqwest::Client::new();
+    let prometheus_dir = tempfile::tempdir()?;
+    let prometheus = Prometheus::start(
+        prometheus_dir.path(),
+        &static_config(&nodes),
+        procs::free_port()?,
+    )
+    .await?;
     let expected = (ITEMS * 2) as f64;
     let (sum, evicted) = wait::until(
         "Prometheus to see every item on every node",
         Duration::from_secs(60),
         || {
-            let (http, prometheus) = (&http, &prometheus);
+            let prometheus = &prometheus;
             async move {
-                let up = prometheus
-                    .query(http, "up{job=\"distrocache\"} == 1")
-                    .await?;
+                let up = prometheus.query("up{job=\"distrocache\"} == 1").await?;
                 if up.len() != 3 {
                     return Ok(None);
                 }
@@ -191,17 +141,9 @@ async fn prometheus_scrapes_every_node_through_the_service_monitors_port() -> Re
                         .and_then(|v| v["value"][1].as_str())
                         .and_then(|v| v.parse::<f64>().ok())
                 };
-                let sum = value(
-                    &prometheus
-                        .query(http, "sum(distrocache_items_total)")
-                        .await?,
-                );
-                let evicted = value(
-                    &prometheus
-                        .query(http, "sum(distrocache_evictions_total)")
-                        .await?,
-                )
-                .unwrap_or(0.0);
+                let sum = value(&prometheus.query("sum(distrocache_items_total)").await?);
+                let evicted = value(&prometheus.query("sum(distrocache_evictions_total)").await?)
+                    .unwrap_or(0.0);
                 Ok(sum
                     .filter(|&s| s == expected - evicted)
                     .map(|s| (s, evicted)))

@@ -4,7 +4,8 @@
 //!
 //! Two ways to have one:
 //! - [`ControlPlane::start`]: owned; dropping it stops every process and
-//!   removes its files.
+//!   removes its files. [`ControlPlane::start_with`] picks its directory and
+//!   port range (the playground does).
 //! - [`ControlPlane::shared`]: one per test binary, started by the first test
 //!   that asks and shared by all (each test in its own [`crate::TestNamespace`]).
 //!   It lives in a `static`, so it is never dropped: its processes die with
@@ -32,7 +33,7 @@ pub use kubeconfig::{client_from_kubeconfig, write_kubeconfig, write_token_kubec
 
 use crate::binaries::Binaries;
 use crate::pki::Pki;
-use crate::procs::{self, Process};
+use crate::procs::{self, PortRange, Process};
 
 /// How long the control plane may take to become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -49,6 +50,20 @@ pub struct Ports {
     pub etcd_client: u16,
     pub etcd_peer: u16,
     pub apiserver: u16,
+}
+
+/// How to start an owned control plane; the default is what tests use.
+#[derive(Debug, Clone, Default)]
+pub struct ControlPlaneOptions {
+    /// Where its files go: created if missing, refused if not empty, and
+    /// removed when the control plane is dropped. Default: a new directory
+    /// under `$TMPDIR/distrocache-test-cp`.
+    pub dir: Option<PathBuf>,
+    /// The range its ports (etcd client and peer, API server) come from, on
+    /// 127.0.0.1. Default: any free ports.
+    pub ports: Option<PortRange>,
+    /// The binaries to run. Default: [`Binaries::locate`].
+    pub binaries: Option<Binaries>,
 }
 
 /// How long the start took.
@@ -71,9 +86,22 @@ pub struct ControlPlane {
     ports: Ports,
     processes: Mutex<Vec<Process>>,
     timings: StartupTimings,
-    /// Removes `dir` when an owned control plane is dropped (after the
-    /// processes are stopped: fields drop after `Drop::drop` runs).
-    _tempdir: Option<tempfile::TempDir>,
+    /// Removes `dir` when the control plane is dropped (after the processes
+    /// are stopped: fields drop after `Drop::drop` runs).
+    _dir: RemoveOnDrop,
+}
+
+/// Removes a directory tree when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("control plane: remove {}: {e}", self.0.display());
+        }
+    }
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -92,11 +120,17 @@ impl ControlPlane {
     /// Starts an owned control plane and waits until it is ready. Dropping it
     /// stops every process.
     pub async fn start() -> Result<ControlPlane> {
+        Self::start_with(ControlPlaneOptions::default()).await
+    }
+
+    /// Starts an owned control plane as `options` say and waits until it is
+    /// ready. Dropping it stops every process and removes its directory.
+    pub async fn start_with(options: ControlPlaneOptions) -> Result<ControlPlane> {
         // A free port can be taken by someone else between our probe and the
         // component's bind; such a start is retried with new ports.
         let mut attempt = 1;
         loop {
-            match Self::start_once().await {
+            match Self::start_once(&options).await {
                 Ok(cp) => return Ok(cp),
                 Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
                     eprintln!("control plane: a port was taken, retrying: {e:#}");
@@ -135,16 +169,30 @@ impl ControlPlane {
             .map_err(|e| anyhow!("the shared control plane did not start: {e}"))
     }
 
-    async fn start_once() -> Result<ControlPlane> {
-        let binaries = Binaries::locate()?;
-        let root = std::env::temp_dir().join("distrocache-test-cp");
-        std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
-        remove_stale_dirs(&root);
-        let tempdir = tempfile::Builder::new()
-            .prefix(&format!("cp-{}-", std::process::id()))
-            .tempdir_in(&root)
-            .context("create the control plane's directory")?;
-        let dir = tempdir.path().to_path_buf();
+    async fn start_once(options: &ControlPlaneOptions) -> Result<ControlPlane> {
+        let binaries = match &options.binaries {
+            Some(binaries) => binaries.clone(),
+            None => Binaries::locate()?,
+        };
+        // Created first, so whatever fails below leaves no directory behind.
+        let guard = match &options.dir {
+            Some(dir) => {
+                create_empty_dir(dir)?;
+                RemoveOnDrop(dir.clone())
+            }
+            None => {
+                let root = std::env::temp_dir().join("distrocache-test-cp");
+                std::fs::create_dir_all(&root)
+                    .with_context(|| format!("create {}", root.display()))?;
+                remove_stale_dirs(&root);
+                let tempdir = tempfile::Builder::new()
+                    .prefix(&format!("cp-{}-", std::process::id()))
+                    .tempdir_in(&root)
+                    .context("create the control plane's directory")?;
+                RemoveOnDrop(tempdir.keep())
+            }
+        };
+        let dir = guard.0.clone();
 
         let pki = Pki::write(&dir.join("pki"))?;
         let tokens = dir.join("tokens.csv");
@@ -154,7 +202,14 @@ impl ControlPlane {
         )
         .context("write the token file")?;
 
-        let ports = free_ports()?;
+        let ports = match procs::free_ports(3, options.ports)?[..] {
+            [etcd_client, etcd_peer, apiserver] => Ports {
+                etcd_client,
+                etcd_peer,
+                apiserver,
+            },
+            _ => bail!("free_ports returned the wrong number of ports"),
+        };
         let server = format!("https://127.0.0.1:{}", ports.apiserver);
         let kubeconfig = dir.join("kubeconfig");
         write_kubeconfig(&kubeconfig, &server, &pki)?;
@@ -171,7 +226,7 @@ impl ControlPlane {
                 readyz: Duration::ZERO,
                 ready: Duration::ZERO,
             },
-            _tempdir: Some(tempdir),
+            _dir: guard,
         };
         let started = Instant::now();
         // All three start at once: the API server retries etcd and the
@@ -184,10 +239,12 @@ impl ControlPlane {
                 Ok(cp)
             }
             Err(e) => {
+                // The cause first (one line a newcomer can act on), the
+                // components' logs after it.
                 let logs = cp.log_tails(LOG_TAIL_LINES);
-                Err(e.context(format!(
-                    "the control plane did not start; its logs:\n{logs}"
-                )))
+                Err(anyhow!(
+                    "the control plane did not start: {e:#}\nits components' logs:\n{logs}"
+                ))
             }
         }
     }
@@ -267,6 +324,14 @@ impl ControlPlane {
                 bail!("not ready after {START_TIMEOUT:?}: {last_error}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Fails naming the first component that has exited, if one has.
+    pub fn check_running(&self) -> Result<()> {
+        match self.first_exited() {
+            Some(exited) => bail!("{exited}"),
+            None => Ok(()),
         }
     }
 
@@ -465,19 +530,17 @@ impl Drop for LogsOnPanic<'_> {
     }
 }
 
-fn free_ports() -> Result<Ports> {
-    let mut ports = Vec::new();
-    while ports.len() < 3 {
-        let port = procs::free_port()?;
-        if !ports.contains(&port) {
-            ports.push(port);
-        }
+/// Creates `dir`, or accepts it if it exists and is empty.
+fn create_empty_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut entries = std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?;
+    if entries.next().is_some() {
+        bail!(
+            "{} is not empty; a control plane starts in a new or empty directory",
+            dir.display()
+        );
     }
-    Ok(Ports {
-        etcd_client: ports[0],
-        etcd_peer: ports[1],
-        apiserver: ports[2],
-    })
+    Ok(())
 }
 
 /// Removes the directories of earlier test processes that are gone (a test

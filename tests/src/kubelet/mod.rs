@@ -2,8 +2,9 @@
 //! both the scheduler and the kubelet for one Node. It registers the Node,
 //! binds every pending pod to it (the `binding` subresource, as the scheduler
 //! does), and runs each bound pod's first container as a local process on its
-//! own loopback address (127.0.0.10 upwards), mapping the container image to a
-//! local executable through a table the test fills ([`Kubelet::add_image`]).
+//! own loopback address (127.0.0.10 upwards, unless [`set_pod_ip_range`] picks
+//! others), mapping the container image to a local executable through a table
+//! the test fills ([`Kubelet::add_image`]).
 //! It writes the pod status the way a kubelet does (phase, IPs, container
 //! states, restart counts, Ready from the readiness probe), restarts exited
 //! processes, and carries out graceful deletion (preStop, SIGTERM, grace
@@ -41,6 +42,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use tokio::sync::{mpsc, oneshot};
 
 pub use images::{ImageTable, Program};
+pub use ip_pool::{PodIpRange, pod_ip_range, set_pod_ip_range};
 
 use crate::control_plane::ControlPlane;
 use crate::procs;
