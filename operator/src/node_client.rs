@@ -1,11 +1,15 @@
 //! Asking the cache nodes how far their data movement got: the operator
 //! reads each member's `GET /api/v1/cluster/rebalance` on its pod IP before
-//! it changes the ring again. A node that does not answer in time simply has
-//! no report, which holds the ring where it is.
+//! it changes the ring again (the typed report, [`NodeProgress`], is the one
+//! the nodes themselves exchange). A read that fails is tried again twice,
+//! quickly, with `backon` (a connection reset by a node that just restarted
+//! should not cost a whole reconcile interval); a node that still does not
+//! answer simply has no report, which holds the ring where it is.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use distrocache_membership::NodeProgress;
 use futures_util::future::join_all;
 
@@ -27,20 +31,22 @@ impl NodeClient {
 
     /// The progress of each `(pod, address)` that answered.
     pub async fn progress(&self, members: &[(String, String)]) -> BTreeMap<String, NodeProgress> {
+        let retry = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_times(2);
         let calls = members.iter().map(|(pod, address)| async move {
             let url = format!("http://{address}/api/v1/cluster/rebalance");
-            let report = match self.http.get(&url).send().await {
-                Ok(resp) if resp.status().is_success() => resp.json::<NodeProgress>().await.ok(),
-                Ok(resp) => {
-                    tracing::debug!(%pod, status = %resp.status(), "node answered its progress with an error");
-                    None
-                }
-                Err(e) => {
-                    tracing::debug!(%pod, error = %e, "node did not answer its progress");
-                    None
-                }
+            let ask = || async {
+                let resp = self.http.get(&url).send().await?.error_for_status()?;
+                resp.json::<NodeProgress>().await
             };
-            report.map(|r| (pod.clone(), r))
+            match ask.retry(retry).await {
+                Ok(report) => Some((pod.clone(), report)),
+                Err(e) => {
+                    tracing::debug!(%pod, error = %e, "node did not report its progress");
+                    None
+                }
+            }
         });
         join_all(calls).await.into_iter().flatten().collect()
     }
