@@ -880,7 +880,10 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let resp = c.client.get(url(1)).send().await.unwrap();
-        let by = resp.headers()["x-distrocache-served-by"].to_str().unwrap().to_owned();
+        let by = resp.headers()["x-distrocache-served-by"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         let item: Value = resp.json().await.unwrap();
         assert_eq!(item["value"], "old");
         if by == "node-1" {
@@ -906,14 +909,20 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     signal(replica, libc::SIGCONT);
-    assert!(written.status().is_success(), "answered with a replica stalled");
+    assert!(
+        written.status().is_success(),
+        "answered with a replica stalled"
+    );
     assert_eq!(pending, Some(1.0), "the missed write is hinted");
 
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut via_primary = 0;
     loop {
         let resp = c.client.get(url(1)).send().await.unwrap();
-        let by = resp.headers()["x-distrocache-served-by"].to_str().unwrap().to_owned();
+        let by = resp.headers()["x-distrocache-served-by"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         let item: Value = resp.json().await.unwrap();
         assert_eq!(
             item["value"], "new",

@@ -5,10 +5,11 @@
 //!
 //! This is where frames coalesce: while the writer is in a `write`, every
 //! frame appended meanwhile waits in the buffer, and the next `write` takes
-//! them all. Under load one syscall carries many requests or answers; idle,
-//! a lone frame leaves at once. Appending is a short critical section (the
-//! encoding itself, into a buffer that keeps its capacity); nothing
-//! allocates per frame.
+//! them all; and a writer woken by a frame lets the other ready tasks run
+//! (and append theirs) before it takes the buffer. Under load one syscall
+//! carries many requests or answers; idle, a lone frame leaves at once.
+//! Appending is a short critical section (the encoding itself, into a
+//! buffer that keeps its capacity); nothing allocates per frame.
 
 use std::io;
 
@@ -123,6 +124,13 @@ impl Outbox {
                     return Ok(());
                 }
                 self.wake.notified().await;
+                // Let every task that is ready run before taking the batch:
+                // tokio runs a task it just woke first (its LIFO slot), so
+                // without this the writer would take the first frame alone
+                // while the requests that arrived with it wait their turn.
+                // Yielding sends the writer to the back of the run queue,
+                // behind the tasks about to append theirs.
+                tokio::task::yield_now().await;
                 continue;
             }
             out.write_all(&batch).await?;
