@@ -120,14 +120,14 @@ pub struct DistroCacheSpec {
 
     /// TTL of items written without one, e.g. `5m`.
     #[serde(default = "default_ttl", rename = "defaultTTL")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 64))]
     #[x_kube(validation = Rule::new("!self.matches('^([0-9]+(ns|us|ms|s|m|h))+$') || duration(self) > duration('0s')")
         .message("spec.defaultTTL must be longer than zero"))]
     pub default_ttl: String,
 
     /// How often expired items are swept in the background, e.g. `1m`.
     #[serde(default = "default_cleanup_interval")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 64))]
     #[x_kube(validation = Rule::new("!self.matches('^([0-9]+(ns|us|ms|s|m|h))+$') || duration(self) > duration('0s')")
         .message("spec.cleanupInterval must be longer than zero"))]
     pub cleanup_interval: String,
@@ -153,13 +153,18 @@ pub struct DistroCacheSpec {
     /// memory, no limits. With a memory limit and no `maxMemory`, the
     /// node's byte budget is derived from the limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bounded_resources")]
     #[x_kube(validation = Rule::new(
-            "(!has(self.limits) || self.limits.all(k, isQuantity(string(self.limits[k])))) && \
-             (!has(self.requests) || self.requests.all(k, isQuantity(string(self.requests[k]))))")
-        .message("every value in spec.resources must be a quantity, e.g. 500m, 256Mi, 2"))]
+            "(!has(self.limits) || \
+              ((!('memory' in self.limits) || isQuantity(string(self.limits['memory']))) && \
+               (!('cpu' in self.limits) || isQuantity(string(self.limits['cpu']))))) && \
+             (!has(self.requests) || \
+              ((!('memory' in self.requests) || isQuantity(string(self.requests['memory']))) && \
+               (!('cpu' in self.requests) || isQuantity(string(self.requests['cpu'])))))")
+        .message("spec.resources: cpu and memory must be quantities, e.g. 500m, 256Mi, 2"))]
     #[x_kube(validation = Rule::new(
             "!has(self.limits) || !has(self.requests) || \
-             self.requests.all(k, !(k in self.limits) || \
+             ['cpu', 'memory'].all(k, !(k in self.limits) || !(k in self.requests) || \
                !isQuantity(string(self.requests[k])) || !isQuantity(string(self.limits[k])) || \
                quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)")
         .message("spec.resources.requests must not exceed spec.resources.limits"))]
@@ -424,6 +429,41 @@ fn one() -> i32 {
     1
 }
 
+/// Most entries in `resources.limits` or `.requests`; bounds what the API
+/// server estimates its CEL rules cost.
+const MAX_RESOURCE_NAMES: u64 = 16;
+/// Longest quantity string in `resources`.
+const MAX_QUANTITY_LENGTH: u64 = 64;
+
+/// The schema of `resources` (k8s-openapi's), with its maps and quantity
+/// strings bounded: without bounds the API server estimates the CEL rules
+/// on them to cost more than it allows, and refuses the CRD.
+fn bounded_resources(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <Option<ResourceRequirements>>::json_schema(generator);
+    for map in ["limits", "requests"] {
+        if let Some(map) = schema
+            .get_mut("properties")
+            .and_then(|p| p.get_mut(map))
+            .and_then(|m| m.as_object_mut())
+        {
+            map.insert("maxProperties".into(), MAX_RESOURCE_NAMES.into());
+            if let Some(values) = map
+                .get_mut("additionalProperties")
+                .and_then(|v| v.as_object_mut())
+            {
+                values.insert(
+                    "anyOf".into(),
+                    serde_json::json!([
+                        {"type": "integer"},
+                        {"type": "string", "maxLength": MAX_QUANTITY_LENGTH}
+                    ]),
+                );
+            }
+        }
+    }
+    schema
+}
+
 impl DistroCacheSpec {
     /// What the schema cannot check. Returns a message for the `Degraded`
     /// condition when the spec cannot be acted on.
@@ -466,7 +506,7 @@ impl DistroCacheSpec {
             validation::check_annotations("spec.podAnnotations", annotations)?;
         }
         if let Some(resources) = &self.resources {
-            validation::check_resource_names("spec.resources", resources)?;
+            validation::check_resources("spec.resources", resources)?;
         }
         crate::resources::defaults::max_memory(self)?;
         Ok(())
@@ -513,10 +553,14 @@ mod tests {
     fn what_the_pod_template_carries_verbatim_is_checked_before_it_is_applied() {
         // Each of these is accepted by the CRD schema and then refused by
         // the API server in the StatefulSet, on every reconcile.
-        // (Resource quantities are the CRD's CEL rules; the control-plane
-        // tests check that the API server refuses them.)
+        // (cpu and memory quantities are the CRD's CEL rules; the
+        // control-plane tests check that the API server refuses them.)
         for (yaml, field) in [
             ("{resources: {limits: {gpu: 1}}}", "spec.resources.limits"),
+            (
+                "{resources: {limits: {ephemeral-storage: lots}}}",
+                "spec.resources.limits.ephemeral-storage",
+            ),
             ("{podLabels: {'bad key': x}}", "spec.podLabels"),
             ("{podLabels: {team: 'a b'}}", "spec.podLabels"),
             ("{podAnnotations: {'-x': y}}", "spec.podAnnotations"),

@@ -1,12 +1,12 @@
 //! The API server's own syntax rules for the parts of a DistroCache spec
 //! that end up in the StatefulSet's pod template (label and annotation keys,
-//! label values, resource names), which the DistroCache schema does not
-//! express (CEL over unbounded maps of strings would exceed the API
-//! server's cost budget). A violation would otherwise only surface when the
-//! StatefulSet is applied, failing every reconcile; checking them up front
-//! turns that into an `InvalidSpec` condition naming the field. Resource
-//! quantities are the CRD's CEL rules now; [`parse_quantity`] stays, to
-//! read a memory limit the node's byte budget is derived from.
+//! label values, resource names and quantities), which the DistroCache
+//! schema does not express: CEL over unbounded maps of strings would exceed
+//! the API server's cost budget, so the CRD's CEL rules check only the cpu
+//! and memory quantities, and this module the rest. A violation would
+//! otherwise only surface when the StatefulSet is applied, failing every
+//! reconcile; checking them up front turns that into an `InvalidSpec`
+//! condition naming the field.
 //!
 //! The rules follow `k8s.io/apimachinery/pkg/util/validation` and
 //! `k8s.io/apimachinery/pkg/api/resource`.
@@ -165,15 +165,25 @@ pub fn parse_quantity(s: &str) -> Option<f64> {
     Some(sign * value * scale)
 }
 
-/// Container resource names a pod accepts. Their quantities (syntax, and
-/// no request above its limit) are checked by the CRD's CEL rules, so the
-/// API server refuses them at `kubectl apply`.
-pub fn check_resource_names(field: &str, resources: &ResourceRequirements) -> Result<(), String> {
-    for (kind, list) in [
+/// The resources whose quantities the CRD's CEL rules check (syntax, and no
+/// request above its limit), so the API server refuses them at `kubectl
+/// apply`. Only these two: a rule over every name would exceed the API
+/// server's cost budget.
+const CHECKED_BY_CEL: [&str; 2] = ["cpu", "memory"];
+
+/// Container resources: names a pod accepts, and for the names the CRD's
+/// CEL rules leave alone, quantities that parse, none negative, and no
+/// request above its limit.
+pub fn check_resources(field: &str, resources: &ResourceRequirements) -> Result<(), String> {
+    let mut parsed = [BTreeMap::new(), BTreeMap::new()];
+    for (i, (kind, list)) in [
         ("limits", &resources.limits),
         ("requests", &resources.requests),
-    ] {
-        for name in list.iter().flatten().map(|(name, _)| name) {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (name, quantity) in list.iter().flatten() {
             let standard = matches!(name.as_str(), "cpu" | "memory" | "ephemeral-storage")
                 || name.starts_with("hugepages-");
             let extended = name.contains('/') && check_qualified_name(name).is_ok();
@@ -184,6 +194,32 @@ pub fn check_resource_names(field: &str, resources: &ResourceRequirements) -> Re
                      extended resource)"
                 ));
             }
+            if CHECKED_BY_CEL.contains(&name.as_str()) {
+                continue;
+            }
+            let value = parse_quantity(&quantity.0).ok_or_else(|| {
+                format!(
+                    "{field}.{kind}.{name} {:?} is not a quantity (e.g. 500m, 256Mi, 2)",
+                    quantity.0
+                )
+            })?;
+            if value < 0.0 {
+                return Err(format!(
+                    "{field}.{kind}.{name} {:?} must not be negative",
+                    quantity.0
+                ));
+            }
+            parsed[i].insert(name.as_str(), value);
+        }
+    }
+    let [limits, requests] = &parsed;
+    for (name, request) in requests {
+        if let Some(limit) = limits.get(name)
+            && request > limit
+        {
+            return Err(format!(
+                "{field}.requests.{name} must not exceed {field}.limits.{name}"
+            ));
         }
     }
     Ok(())
@@ -282,20 +318,41 @@ mod tests {
     }
 
     #[test]
-    fn resource_names_must_be_what_a_pod_accepts() {
+    fn resources_must_be_what_a_pod_accepts() {
         let f = "spec.resources";
         let ok = resources(
-            &[("memory", "512Mi"), ("cpu", "1")],
+            &[
+                ("memory", "512Mi"),
+                ("cpu", "1"),
+                ("ephemeral-storage", "1Gi"),
+            ],
             &[
                 ("memory", "256Mi"),
                 ("hugepages-2Mi", "0"),
                 ("example.com/gpu", "0"),
             ],
         );
-        assert!(check_resource_names(f, &ok).is_ok());
-        let err = check_resource_names(f, &resources(&[("gpu", "1")], &[])).unwrap_err();
+        assert!(check_resources(f, &ok).is_ok());
+        let err = check_resources(f, &resources(&[("gpu", "1")], &[])).unwrap_err();
         assert!(err.contains("\"gpu\""), "{err}");
-        let err = check_resource_names(f, &resources(&[], &[("Bad/x y", "1")])).unwrap_err();
-        assert!(err.contains("spec.resources.requests"), "{err}");
+        let err =
+            check_resources(f, &resources(&[("ephemeral-storage", "lots")], &[])).unwrap_err();
+        assert!(
+            err.contains("spec.resources.limits.ephemeral-storage \"lots\""),
+            "{err}"
+        );
+        let err = check_resources(f, &resources(&[], &[("example.com/gpu", "-1")])).unwrap_err();
+        assert!(err.contains("negative"), "{err}");
+        let err = check_resources(
+            f,
+            &resources(
+                &[("ephemeral-storage", "1Gi")],
+                &[("ephemeral-storage", "2Gi")],
+            ),
+        )
+        .unwrap_err();
+        assert!(err.contains("must not exceed"), "{err}");
+        // cpu and memory are the CRD's CEL rules: not repeated here.
+        assert!(check_resources(f, &resources(&[("memory", "lots")], &[])).is_ok());
     }
 }

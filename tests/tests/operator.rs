@@ -274,7 +274,7 @@ async fn invalid_specs_are_rejected_or_reported() -> Result<()> {
         ),
         (
             "  resources:\n    limits:\n      memory: lots\n",
-            "every value in spec.resources must be a quantity",
+            "spec.resources: cpu and memory must be quantities",
         ),
         (
             "  resources:\n    limits:\n      memory: 1Gi\n    requests:\n      memory: 2Gi\n",
