@@ -52,12 +52,21 @@ build_binaries() {
   echo "target/$triple/release"
 }
 
-# rootfs <binary> <image> <dir>: the image's filesystem.
+# strip_of <arch>: binutils' strip for that architecture's binaries.
+strip_of() {
+  if [ "$1" = "$(host_arch)" ]; then echo strip; else echo "$(triple_of "$1" | cut -d- -f1)-linux-gnu-strip"; fi
+}
+
+# make_rootfs <binary> <image> <arch> <dir>: the image's filesystem. The
+# binary loses its line tables (about half its size; panics still name
+# their functions).
 make_rootfs() {
-  local binary=$1 image=$2 dir=$3
+  local binary=$1 image=$2 arch=$3 dir=$4
+  local target="$dir/usr/local/bin/$(binary_of "$image")"
   rm -rf "$dir"
   mkdir -p "$dir/usr/local/bin" "$dir/etc"
-  install -m 0755 "$binary" "$dir/usr/local/bin/$(binary_of "$image")"
+  install -m 0755 "$binary" "$target"
+  "$(strip_of "$arch")" --strip-debug "$target"
   printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:%s:%s:nonroot:/home/nonroot:/sbin/nologin\n' \
     "$USER_ID" "$USER_ID" >"$dir/etc/passwd"
   printf 'root:x:0:\nnonroot:x:%s:\n' "$USER_ID" >"$dir/etc/group"
@@ -69,7 +78,7 @@ if [ "${1:-}" = rootfs ]; then
   image=$2
   package_of "$image" >/dev/null || { echo "unknown image $image (${IMAGES[*]})" >&2; exit 2; }
   dir=$(build_binaries "$(host_arch)" "$image")
-  make_rootfs "$dir/$(binary_of "$image")" "$image" "$3"
+  make_rootfs "$dir/$(binary_of "$image")" "$image" "$(host_arch)" "$3"
   exit 0
 fi
 
@@ -98,6 +107,7 @@ trap cleanup EXIT
 
 if [ -z "$REPO" ]; then
   # A registry on loopback for this build only; it picks its own port.
+  mkdir -p "$WORK/registry"
   "$CRANE" registry serve --address 127.0.0.1:0 --disk "$WORK/registry" 2>"$WORK/registry.log" &
   registry_pid=$!
   port=""
@@ -117,7 +127,7 @@ for arch in ${ARCHES//,/ }; do
   bin_dir=$(build_binaries "$arch" "${IMAGES[@]}")
   for image in "${IMAGES[@]}"; do
     ref="$REPO/$image:$TAG-$arch"
-    make_rootfs "$bin_dir/$(binary_of "$image")" "$image" "$WORK/rootfs-$image-$arch"
+    make_rootfs "$bin_dir/$(binary_of "$image")" "$image" "$arch" "$WORK/rootfs-$image-$arch"
     # Root-owned, fixed times and order: the same sources give the same layer.
     tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 --format=gnu \
       -C "$WORK/rootfs-$image-$arch" -cf "$WORK/layer-$image-$arch.tar" etc usr

@@ -21,8 +21,8 @@ apt_install() {
 }
 
 # promtool (package prometheus) lints the /metrics output in the HTTP tests;
-# crun runs the built images in tests/tests/images.rs.
-apt_install prometheus crun
+# runc runs the built images in tests/tests/images.rs.
+apt_install prometheus runc
 
 step "building the test control plane (cached after the first run)"
 DISTROCACHE_K8S_BIN=$(bash scripts/build-control-plane.sh | tail -n 1)

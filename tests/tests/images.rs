@@ -1,7 +1,7 @@
 //! The container images as they ship (issue 14), built by the test command
 //! without a Docker daemon (`scripts/build-images.sh`, into OCI layouts in
 //! `target/images/`): what is in them and how they are configured, that the
-//! Dockerfiles describe the same image, and that a real OCI runtime (crun)
+//! Dockerfiles describe the same image, and that a real OCI runtime (runc)
 //! runs them under the pods' security context: the cache node serves its
 //! health endpoint and a write and a read, the operator answers `--help`.
 
@@ -233,7 +233,7 @@ async fn the_cache_node_image_serves_under_the_pods_security_context() -> Result
     )
     .await?;
     eprintln!(
-        "crun run of the cache-node image: listening after {:.2?}",
+        "runc run of the cache-node image: listening after {:.2?}",
         started.elapsed()
     );
     assert_confined(container.pid()?, &security)?;
@@ -287,7 +287,7 @@ fn the_operator_image_answers_help_under_the_pods_security_context() -> Result<(
         assert!(out.contains(flag), "--help lacks {flag}: {out}");
     }
     eprintln!(
-        "crun run of the operator image with --help: {status}; first lines:\n{}",
+        "runc run of the operator image with --help: {status}; first lines:\n{}",
         out.lines().take(4).collect::<Vec<_>>().join("\n")
     );
     Ok(())

@@ -1,14 +1,25 @@
-//! Runs an image with a real OCI runtime, crun (Debian's `crun` package,
+//! Runs an image with a real OCI runtime, runc (Debian's `runc` package,
 //! which the test command installs), the way a kubelet's runtime would run
 //! a pod's container: the image's layers unpacked as a read-only root
 //! filesystem, its entrypoint, and the pod's security context (user, no
 //! capabilities, no privilege escalation). The bundle's config starts from
-//! `crun spec` (the runtime's own defaults: mounts, masked paths, its own
-//! PID, IPC, UTS and mount namespaces) and changes only what the pod says.
+//! `runc spec` (the runtime's own defaults: mounts, masked paths, its own
+//! PID, IPC, UTS and mount namespaces, a cgroup) and changes only what the
+//! pod says.
 //!
-//! One difference on purpose: the container shares the host's network
-//! namespace (like `hostNetwork: true`), so the test reaches it on loopback
-//! without a CNI. It binds to 127.0.0.1 only.
+//! Why runc and not crun: Debian 12's crun (1.8.1) refuses to start any
+//! container on a host whose cgroups are mounted in hybrid v1/v2 mode with a
+//! controller on the v2 hierarchy ("cgroups in hybrid mode not supported,
+//! drop all controllers from cgroupv2"), even with `--cgroup-manager=disabled`;
+//! the machines the tests run on are such hosts. runc runs there and on
+//! pure v2 hosts alike.
+//!
+//! Differences from a pod, on purpose: the container shares the host's
+//! network namespace (like `hostNetwork: true`), so the test reaches it on
+//! loopback without a CNI (it binds to 127.0.0.1 only); it inherits the
+//! test's resource limits (raising one needs CAP_SYS_RESOURCE, which a
+//! sandbox may not grant); and no seccomp profile is loaded (`runc spec`
+//! has none; a kubelet would load the runtime's default one).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -101,20 +112,20 @@ impl SecurityContext {
     }
 }
 
-/// crun, or how to install it.
-pub fn crun() -> Result<PathBuf> {
+/// runc, or how to install it.
+pub fn runc() -> Result<PathBuf> {
     for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-        let path = dir.join("crun");
+        let path = dir.join("runc");
         if path.is_file() {
             return Ok(path);
         }
     }
-    bail!("crun is not installed; `apt-get install crun` (bash scripts/test.sh does)")
+    bail!("runc is not installed; `apt-get install runc` (bash scripts/test.sh does)")
 }
 
-/// A container run by crun; dropping it kills and deletes it.
+/// A container run by runc; dropping it kills and deletes it.
 pub struct Container {
-    crun: PathBuf,
+    runc: PathBuf,
     state: tempfile::TempDir,
     _bundle: tempfile::TempDir,
     id: String,
@@ -123,7 +134,7 @@ pub struct Container {
 
 impl Container {
     /// Starts `image` with `args` after its entrypoint and `env` over its
-    /// own, under `security`. crun's output and the container's go to the
+    /// own, under `security`. runc's output and the container's go to the
     /// log.
     pub fn start(
         image: &Image,
@@ -131,12 +142,12 @@ impl Container {
         env: &[(&str, &str)],
         security: &SecurityContext,
     ) -> Result<Container> {
-        let crun = crun()?;
+        let runc = runc()?;
         let bundle = tempfile::tempdir()?;
         image.unpack(&bundle.path().join("rootfs"))?;
         let spec = procs::run_with_timeout(
             {
-                let mut cmd = Command::new(&crun);
+                let mut cmd = Command::new(&runc);
                 cmd.arg("spec").current_dir(bundle.path());
                 cmd
             },
@@ -145,7 +156,7 @@ impl Container {
         )?;
         ensure!(
             spec.status.success(),
-            "crun spec: {}",
+            "runc spec: {}",
             String::from_utf8_lossy(&spec.stderr)
         );
         let path = bundle.path().join("config.json");
@@ -162,7 +173,7 @@ impl Container {
         let log = bundle.path().join("container.log");
         let process = Process::spawn(
             &id,
-            &crun,
+            &runc,
             &[
                 "--root".into(),
                 state.path().display().to_string(),
@@ -174,7 +185,7 @@ impl Container {
             &log,
         )?;
         Ok(Container {
-            crun,
+            runc,
             state,
             _bundle: bundle,
             id,
@@ -182,18 +193,18 @@ impl Container {
         })
     }
 
-    fn crun(&self, args: &[&str]) -> Result<std::process::Output> {
-        let mut cmd = Command::new(&self.crun);
+    fn runc(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut cmd = Command::new(&self.runc);
         cmd.arg("--root").arg(self.state.path()).args(args);
         procs::run_with_timeout(cmd, None, Duration::from_secs(30))
     }
 
     /// The pid of the container's process on this host, once it runs.
     pub fn pid(&self) -> Result<u32> {
-        let out = self.crun(&["state", &self.id])?;
+        let out = self.runc(&["state", &self.id])?;
         ensure!(
             out.status.success(),
-            "crun state {}: {}{}",
+            "runc state {}: {}{}",
             self.id,
             String::from_utf8_lossy(&out.stderr),
             self.log()
@@ -207,10 +218,10 @@ impl Container {
         state["pid"]
             .as_u64()
             .and_then(|p| u32::try_from(p).ok())
-            .context("crun state without a pid")
+            .context("runc state without a pid")
     }
 
-    /// Waits for the container to exit (crun's exit status is the
+    /// Waits for the container to exit (runc's exit status is the
     /// container's).
     pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
         self.process.wait_timeout(timeout)
@@ -221,7 +232,7 @@ impl Container {
         self.process.exited()
     }
 
-    /// What crun and the container printed.
+    /// What runc and the container printed.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.process.log_path()).unwrap_or_default()
     }
@@ -234,23 +245,23 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         if self.process.exited().is_none() {
-            let _ = self.crun(&["kill", &self.id, "KILL"]);
+            let _ = self.runc(&["kill", &self.id, "KILL"]);
             if self.process.wait_timeout(Duration::from_secs(10)).is_none() {
                 self.process.kill();
             }
         }
-        if let Ok(out) = self.crun(&["delete", "--force", &self.id])
+        if let Ok(out) = self.runc(&["delete", "--force", &self.id])
             && !out.status.success()
         {
             let stderr = String::from_utf8_lossy(&out.stderr);
             if !stderr.contains("does not exist") {
-                eprintln!("crun delete {}: {stderr}", self.id);
+                eprintln!("runc delete {}: {stderr}", self.id);
             }
         }
     }
 }
 
-/// The bundle's config: `crun spec`'s defaults with the image's entrypoint
+/// The bundle's config: `runc spec`'s defaults with the image's entrypoint
 /// and environment, the security context, and the host's network.
 fn configure(
     config: &mut Value,
@@ -282,7 +293,8 @@ fn configure(
         "bounding": caps, "effective": caps, "permitted": caps,
         "inheritable": [], "ambient": [],
     });
-    process["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}]);
+    // The test process's own limits, inherited (see the module docs).
+    process["rlimits"] = json!([]);
     config["root"] = json!({"path": "rootfs", "readonly": security.read_only_root});
     config["hostname"] = json!(image.name);
     if let Some(namespaces) = config["linux"]["namespaces"].as_array_mut() {
