@@ -11,6 +11,10 @@
 #                                                   # release: push a multi-arch index per image
 #   bash scripts/build-images.sh rootfs cache-node /rootfs   # the layout alone (the Dockerfiles)
 #
+# --profile picks the cargo profile (default release); the test command
+# uses image-test, the same binaries built without LTO in a fraction of the
+# time.
+#
 # Without --repo the images go through a registry served by crane on
 # 127.0.0.1 for the length of the build, then land as OCI image layouts in
 # --out (default target/images/<image>), which the tests inspect and run.
@@ -48,8 +52,8 @@ build_binaries() {
     local gcc="${triple%%-*}-linux-gnu-gcc"
     export "CARGO_TARGET_${upper}_LINKER=$gcc" "CC_${triple//-/_}=$gcc"
   fi
-  cargo build --release --locked --target "$triple" "${args[@]}" >&2
-  echo "target/$triple/release"
+  cargo build --profile "$PROFILE" --locked --target "$triple" "${args[@]}" >&2
+  echo "target/$triple/$PROFILE"
 }
 
 # strip_of <arch>: binutils' strip for that architecture's binaries.
@@ -73,6 +77,8 @@ make_rootfs() {
   chmod 0644 "$dir/etc/passwd" "$dir/etc/group"
 }
 
+PROFILE=release
+
 if [ "${1:-}" = rootfs ]; then
   [ $# -eq 3 ] || { echo "usage: $0 rootfs <image> <dir>" >&2; exit 2; }
   image=$2
@@ -92,6 +98,7 @@ while [ $# -gt 0 ]; do
     --repo) REPO=$2; shift 2 ;;
     --tag) TAG=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
+    --profile) PROFILE=$2; shift 2 ;;
     *) echo "unknown argument $1; see the comment at the top of $0" >&2; exit 2 ;;
   esac
 done

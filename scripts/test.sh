@@ -43,9 +43,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo build (the binaries the end-to-end tests run as pods)"
 cargo build --workspace --bins --locked
 
-step "building the images without a Docker daemon (static release binaries, crane)"
+step "building the images without a Docker daemon (static binaries, crane)"
 # Into target/images/, where tests/tests/images.rs inspects and runs them.
-bash scripts/build-images.sh
+# The image-test profile skips LTO (the release workflow builds --release).
+bash scripts/build-images.sh --profile image-test
 
 step "cargo test"
 # --nocapture: the multi-node, operator and end-to-end tests print what they

@@ -121,7 +121,7 @@ pub async fn install(cp: &ControlPlane) -> Result<()> {
         Duration::from_secs(60),
         || {
             let client = client.clone();
-            async move { Ok(operator_leader(&client, OPERATOR_NAMESPACE, OPERATOR_LEASE).await?) }
+            async move { operator_leader(&client, OPERATOR_NAMESPACE, OPERATOR_LEASE).await }
         },
     )
     .await?;

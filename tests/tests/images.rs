@@ -52,7 +52,7 @@ fn both_images_are_static_non_root_and_match_their_dockerfiles() -> Result<()> {
         let image = oci::open(want.image, oci::host_arch())?;
         let entrypoint = format!("/usr/local/bin/{}", want.binary);
         assert_eq!(image.user()?, (USER, USER), "{}: User", want.image);
-        assert_eq!(image.entrypoint(), [entrypoint.clone()], "{}", want.image);
+        assert_eq!(image.entrypoint(), [entrypoint.as_str()], "{}", want.image);
         assert!(
             image.config["config"]["Cmd"].is_null(),
             "{}: no Cmd",
@@ -110,7 +110,7 @@ fn both_images_are_static_non_root_and_match_their_dockerfiles() -> Result<()> {
         assert_eq!(stage.exposed_ports, want.ports, "{}", want.dockerfile);
         assert_eq!(
             stage.entrypoint,
-            [entrypoint.clone()],
+            [entrypoint.as_str()],
             "{}",
             want.dockerfile
         );

@@ -732,12 +732,12 @@ async fn restart_operator(cp: &ControlPlane, kubelet: &Kubelet) -> Result<()> {
     let leader = wait::until("an operator replica to lead", READY, || {
         let client = client.clone();
         async move {
-            Ok(distrocache::operator_leader(
+            distrocache::operator_leader(
                 &client,
                 distrocache::OPERATOR_NAMESPACE,
                 distrocache::OPERATOR_LEASE,
             )
-            .await?)
+            .await
         }
     })
     .await?;
