@@ -7,8 +7,8 @@
 //! renews it. Losing it (a pause longer than the Lease, an API server it
 //! could not reach) ends the process: it cannot know what the new leader
 //! has changed since, and the restarted process simply stands by. On a
-//! graceful stop the Lease is released, so a standby takes over at once
-//! rather than after the Lease expires.
+//! graceful stop the Lease is released (a standby finds it free the next
+//! time it looks, at the latest when the last renewal would have expired).
 //!
 //! Each process is its own candidate (`<pod name>-<random suffix>`): a
 //! leader that crashed and was restarted in the same pod must not pass for

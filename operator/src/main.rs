@@ -54,8 +54,8 @@ struct Flags {
     leader_election_lease: String,
 
     /// How long the leader's Lease lasts without renewal: a standby takes
-    /// over at most this long after the leader stops (at once when it
-    /// stops gracefully). At least 3s.
+    /// over at most about this long after the leader stops renewing it.
+    /// At least 3s.
     #[arg(long, env = "DISTROCACHE_OPERATOR_LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = parse_lease_duration)]
     leader_election_lease_duration: Duration,
 
