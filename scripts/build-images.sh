@@ -12,8 +12,7 @@
 #   bash scripts/build-images.sh rootfs cache-node /rootfs   # the layout alone (the Dockerfiles)
 #
 # --profile picks the cargo profile (default release); the test command
-# uses image-test, the same binaries built without LTO in a fraction of the
-# time.
+# uses image-test, the same binaries built without LTO, for less CPU time.
 #
 # Without --repo the images go through a registry served by crane on
 # 127.0.0.1 for the length of the build, then land as OCI image layouts in
