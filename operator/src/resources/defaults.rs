@@ -28,8 +28,8 @@ pub const DEFAULT_MEMORY_REQUEST: &str = "128Mi";
 /// (allocator slack and the per-item structures the byte count does not
 /// see). Measured with `bash bench/headroom.sh` (a static release node,
 /// full and evicting under 64 connections of writes, then reads and
-/// writes): a full 64 MiB node peaked at 96.9 MiB resident, one holding
-/// 178.8 MiB at 244.3 MiB, i.e. about 15 MiB + 1.28 x the bytes held. The
+/// writes): full at 64 MiB it peaked at 97.4 MiB resident, full at 128 MiB
+/// at 175.8 MiB, i.e. about 19 MiB + 1.23 x the bytes held. The
 /// constants keep a margin over that for what a single node under load does
 /// not show: peer connections, rebalancing batches (up to 4 MiB per peer in
 /// flight), replication hints, and allocator variance. The derived budget

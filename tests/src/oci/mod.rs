@@ -180,7 +180,7 @@ fn layer_reader(layer: &Layer) -> Result<Box<dyn Read>> {
     Ok(
         if layer.media_type.ends_with("+gzip") || layer.media_type.ends_with(".gzip") {
             Box::new(flate2::read::GzDecoder::new(file))
-        } else if layer.media_type.ends_with(".tar") || layer.media_type.ends_with("tar") {
+        } else if layer.media_type.ends_with(".tar") {
             Box::new(file)
         } else {
             bail!(
