@@ -19,26 +19,9 @@ CACHE_ROOT=${DISTROCACHE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/distrocache}
 OUT=${DISTROCACHE_K8S_BIN:-$CACHE_ROOT/k8s-$K8S_VERSION}
 mkdir -p "$OUT"
 
-# -mod=readonly: a build uses the committed go.mod and go.sum as they are and
-# fails if they are incomplete, rather than rewriting them.
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=readonly
-
-# build <wrapper dir> <package> <binary name> <version> [ldflags]
-build() {
-  local dir=$1 pkg=$2 name=$3 version=$4 ldflags=${5:-}
-  local stamp="$OUT/.$name.version" want
-  want="$version $(cat "tests/k8s/$dir/go.mod" "tests/k8s/$dir/go.sum" | sha256sum | cut -c1-16)"
-  if [ -x "$OUT/$name" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
-    echo "  $name $version: cached"
-    return
-  fi
-  echo "  $name $version: building (the first build takes several minutes)"
-  local start=$SECONDS
-  (cd "tests/k8s/$dir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$OUT/$name.tmp" "$pkg")
-  mv "$OUT/$name.tmp" "$OUT/$name"
-  echo "$want" >"$stamp"
-  echo "  $name: built in $((SECONDS - start))s"
-}
+source scripts/lib/go-build.sh
+# build <wrapper dir under tests/k8s> <package> <binary name> <version> [ldflags]
+build() { go_build_cached "$OUT" "tests/k8s/$1" "${@:2}"; }
 
 # The version variables `kubectl version` and the API server's /version read;
 # without them both report v0.0.0-master.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test of the repository: formatting, lints, unit, property, HTTP,
-# multi-node and control-plane tests. Installs and builds what the tests need
-# on a fresh machine (Debian packages, the Kubernetes control plane from Go
-# modules), so nothing has to be set up by hand first.
+# Runs every test of the repository: formatting, lints (workflows included),
+# unit, property, HTTP, multi-node, image and control-plane tests. Installs
+# and builds what the tests need on a fresh machine (Debian packages, the
+# Kubernetes control plane and Go tools from Go modules, the container
+# images without a Docker daemon), so nothing has to be set up by hand first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,12 +20,19 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# promtool (package prometheus) lints the /metrics output in the HTTP tests.
-apt_install prometheus
+# promtool (package prometheus) lints the /metrics output in the HTTP tests;
+# runc runs the built images in tests/tests/images.rs.
+apt_install prometheus runc
 
 step "building the test control plane (cached after the first run)"
 DISTROCACHE_K8S_BIN=$(bash scripts/build-control-plane.sh | tail -n 1)
 export DISTROCACHE_K8S_BIN
+
+step "building crane and actionlint (cached after the first run)"
+DISTROCACHE_TOOLS=$(bash scripts/build-tools.sh | tail -n 1)
+
+step "actionlint (.github/workflows)"
+"$DISTROCACHE_TOOLS/actionlint" -color=false .github/workflows/*.yml
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -34,6 +42,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo build (the binaries the end-to-end tests run as pods)"
 cargo build --workspace --bins --locked
+
+step "building the images without a Docker daemon (static binaries, crane)"
+# Into target/images/, where tests/tests/images.rs inspects and runs them.
+# The image-test profile skips LTO (the release workflow builds --release).
+bash scripts/build-images.sh --profile image-test
 
 step "cargo test"
 # --nocapture: the multi-node, operator and end-to-end tests print what they

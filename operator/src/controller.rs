@@ -58,6 +58,8 @@ pub struct Context {
     /// The namespace the operator runs in, which a cache's NetworkPolicy
     /// admits to the nodes' client port unless its spec names another.
     pub operator_namespace: String,
+    /// The cache-node image of caches whose spec names none.
+    pub default_image: String,
     /// Consecutive failures per cache, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<DistroCache>, u32>>,
 }
@@ -69,6 +71,7 @@ impl Context {
         nodes: NodeClient,
         resync: Duration,
         operator_namespace: String,
+        default_image: String,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: "distrocache-operator".into(),
@@ -81,14 +84,60 @@ impl Context {
             nodes,
             resync,
             operator_namespace,
+            default_image,
             failures: Mutex::new(HashMap::new()),
         })
     }
 }
 
-/// Runs the controller over `namespace` (every namespace if `None`) until
-/// SIGTERM/SIGINT.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+/// Which namespaces the operator watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every namespace (a ClusterRole).
+    All,
+    /// Only these (a Role in each is enough).
+    Namespaces(Vec<String>),
+}
+
+impl Scope {
+    /// `All` for an empty list.
+    pub fn from_list(namespaces: &[String]) -> Scope {
+        let list: Vec<String> = namespaces
+            .iter()
+            .map(|ns| ns.trim().to_owned())
+            .filter(|ns| !ns.is_empty())
+            .collect();
+        if list.is_empty() {
+            Scope::All
+        } else {
+            Scope::Namespaces(list)
+        }
+    }
+
+    /// One entry per watch: `None` for every namespace.
+    pub fn watches(&self) -> Vec<Option<String>> {
+        match self {
+            Scope::All => vec![None],
+            Scope::Namespaces(list) => list.iter().cloned().map(Some).collect(),
+        }
+    }
+}
+
+/// Runs the controller over `scope` until SIGTERM/SIGINT: one controller
+/// per watched namespace, each with its own watches (a namespaced watch
+/// needs only that namespace's Role), sharing the context.
+pub async fn run(ctx: Arc<Context>, scope: &Scope) {
+    futures_util::future::join_all(
+        scope
+            .watches()
+            .into_iter()
+            .map(|namespace| run_in(ctx.clone(), namespace)),
+    )
+    .await;
+}
+
+/// Runs one controller over `namespace` (every namespace if `None`).
+async fn run_in(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.client.clone();
     let api = |c: &Client| -> Api<DistroCache> {
         match &namespace {
@@ -353,7 +402,7 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
     let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
     apply(
         &statefulsets,
-        &resources::statefulset(dc, plan.statefulset_replicas),
+        &resources::statefulset(dc, plan.statefulset_replicas, &ctx.default_image),
     )
     .await?;
     if plan.step.changes_ring() {
@@ -705,5 +754,17 @@ mod tests {
         assert!(!is_not_served(&kube::Error::Discovery(
             DiscoveryError::InvalidGroupVersion("x".into())
         )));
+    }
+
+    #[test]
+    fn a_namespace_list_is_one_watch_each_and_empty_is_all() {
+        assert_eq!(Scope::from_list(&[]), Scope::All);
+        assert_eq!(Scope::from_list(&["".into()]), Scope::All);
+        assert_eq!(Scope::All.watches(), vec![None]);
+        let scope = Scope::from_list(&["a".into(), " b ".into()]);
+        assert_eq!(
+            scope.watches(),
+            vec![Some("a".to_string()), Some("b".to_string())]
+        );
     }
 }

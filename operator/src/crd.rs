@@ -4,25 +4,36 @@
 //! `manifests/` and the Helm chart, so the schema the API server enforces is
 //! exactly what this file says.
 //!
-//! Validation lives in the schema where the API server can enforce it
-//! (minimums, maximums, patterns, defaults); what a schema cannot express
-//! (e.g. a PDB that would allow every replica of a key to be down at once) is
-//! checked by [`DistroCacheSpec::validate`] and reported as a condition.
+//! Validation lives in the schema where the API server can enforce it:
+//! minimums, maximums, patterns and defaults, and the cross-field rules as
+//! CEL (`x-kubernetes-validations`, from the `#[x_kube(validation)]`
+//! attributes below), so `kubectl apply` refuses a bad cache at once.
+//! [`DistroCacheSpec::validate`] repeats the rules that matter for safety as
+//! a second line (a CRD applied by an older release has no CEL), and checks
+//! what CEL cannot afford (label syntax over unbounded maps), reporting it
+//! as a condition.
+//!
+//! Defaults that are policy rather than syntax (the cache-node image, pod
+//! placement, resource requests, the byte budget derived from a memory
+//! limit) are not in the schema: the operator fills them in when it builds
+//! the StatefulSet, so they can improve without rewriting stored objects,
+//! and a user's value replaces them whole.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+    Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::validation;
 
-/// Durations as the node reads them: `30s`, `5m`, `1h30m`, `500ms`.
-const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h|d))+$";
+/// Durations as both the node and CEL's `duration()` read them: `30s`,
+/// `5m`, `1h30m`, `500ms` (Go's units; no days, which CEL refuses).
+const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h))+$";
 /// Byte sizes as the node reads them: `1048576`, `512MiB`, `1GB`.
 const BYTES_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?$";
 
@@ -30,13 +41,16 @@ const BYTES_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?$";
 // Clippy reads the repeated `type_ = "integer"` of two printer columns as a
 // duplicated attribute; they are arguments of different columns.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "distrocache.io",
     version = "v1alpha1",
     kind = "DistroCache",
     plural = "distrocaches",
-    shortname = "dc",
+    // Not `dc`, which is OpenShift's DeploymentConfig.
+    shortname = "dcache",
+    // `kubectl get distrocache-all` lists every cache.
+    category = "distrocache-all",
     namespaced,
     status = "DistroCacheStatus",
     scale(
@@ -59,6 +73,15 @@ const BYTES_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?$";
     ),
     doc = "A DistroCache: a ring of cache nodes that any client can read and write through any node"
 )]
+#[x_kube(validation = Rule::new("self.peerPort != self.port")
+    .message("spec.peerPort must differ from spec.port: the peer API needs a port of its own")
+    .field_path(".peerPort"))]
+#[x_kube(validation = Rule::new(
+        "!self.podDisruptionBudget.enabled || self.replicas <= 1 || \
+         self.podDisruptionBudget.maxUnavailable < self.replicationFactor")
+    .message("spec.podDisruptionBudget.maxUnavailable must be below spec.replicationFactor, \
+              or a voluntary disruption could remove every copy of a key")
+    .field_path(".podDisruptionBudget.maxUnavailable"))]
 #[serde(rename_all = "camelCase")]
 pub struct DistroCacheSpec {
     /// Number of cache nodes. Scaling moves data before any pod is removed.
@@ -66,10 +89,16 @@ pub struct DistroCacheSpec {
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
 
-    /// The cache-node container image.
-    #[serde(default = "default_image")]
+    /// The cache-node container image. Unset: the operator's default
+    /// (its `--default-image`, which the Helm chart sets to the cache-node
+    /// image of the same release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
-    pub image: String,
+    pub image: Option<String>,
+
+    /// Secrets for pulling the cache-node image from a private registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
 
     /// Image pull policy of the cache-node container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,19 +111,25 @@ pub struct DistroCacheSpec {
     pub max_size: i64,
 
     /// Most memory each node's items may take, e.g. `512MiB` (keys, values,
-    /// tags and per-item bookkeeping). Unset: no byte cap.
+    /// tags and per-item bookkeeping). Unset: derived from the memory limit
+    /// in `resources` (leaving room for connections and allocator slack, so
+    /// a full node is not OOM-killed), or no byte cap without a limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = BYTES_PATTERN))]
     pub max_memory: Option<String>,
 
     /// TTL of items written without one, e.g. `5m`.
     #[serde(default = "default_ttl", rename = "defaultTTL")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 64))]
+    #[x_kube(validation = Rule::new("!self.matches('^([0-9]+(ns|us|ms|s|m|h))+$') || duration(self) > duration('0s')")
+        .message("spec.defaultTTL must be longer than zero"))]
     pub default_ttl: String,
 
     /// How often expired items are swept in the background, e.g. `1m`.
     #[serde(default = "default_cleanup_interval")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 64))]
+    #[x_kube(validation = Rule::new("!self.matches('^([0-9]+(ns|us|ms|s|m|h))+$') || duration(self) > duration('0s')")
+        .message("spec.cleanupInterval must be longer than zero"))]
     pub cleanup_interval: String,
 
     /// How many nodes hold each key. Changing it moves data like a scale.
@@ -114,8 +149,25 @@ pub struct DistroCacheSpec {
     #[schemars(range(min = 1, max = 65535))]
     pub peer_port: i32,
 
-    /// CPU and memory for each node.
+    /// CPU and memory for each node. Unset: requests of 100m CPU and 128Mi
+    /// memory, no limits. With a memory limit and no `maxMemory`, the
+    /// node's byte budget is derived from the limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bounded_resources")]
+    #[x_kube(validation = Rule::new(
+            "(!has(self.limits) || \
+              ((!('memory' in self.limits) || isQuantity(string(self.limits['memory']))) && \
+               (!('cpu' in self.limits) || isQuantity(string(self.limits['cpu']))))) && \
+             (!has(self.requests) || \
+              ((!('memory' in self.requests) || isQuantity(string(self.requests['memory']))) && \
+               (!('cpu' in self.requests) || isQuantity(string(self.requests['cpu'])))))")
+        .message("spec.resources: cpu and memory must be quantities, e.g. 500m, 256Mi, 2"))]
+    #[x_kube(validation = Rule::new(
+            "!has(self.limits) || !has(self.requests) || \
+             ['cpu', 'memory'].all(k, !(k in self.limits) || !(k in self.requests) || \
+               !isQuantity(string(self.requests[k])) || !isQuantity(string(self.limits[k])) || \
+               quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)")
+        .message("spec.resources.requests must not exceed spec.resources.limits"))]
     pub resources: Option<ResourceRequirements>,
 
     /// Node log filter (tracing EnvFilter syntax), e.g. `info`.
@@ -136,12 +188,17 @@ pub struct DistroCacheSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
 
-    /// Pod placement: affinity and anti-affinity.
+    /// Pod placement: affinity and anti-affinity. Unset: a preferred pod
+    /// anti-affinity on `kubernetes.io/hostname`, so the copies of a key
+    /// land on different Kubernetes nodes where the scheduler can manage.
+    /// A value here replaces it (`{}` for none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
 
     /// Pod placement: topology spread constraints. Their label selectors
-    /// should match the pods' `app.kubernetes.io/instance` label.
+    /// should match the pods' `app.kubernetes.io/instance` label. Unset: a
+    /// spread over `topology.kubernetes.io/zone` (maxSkew 1,
+    /// ScheduleAnyway). A value here replaces it (`[]` for none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
 
@@ -157,6 +214,19 @@ pub struct DistroCacheSpec {
     /// Extra labels on every node pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_labels: Option<BTreeMap<String, String>>,
+
+    /// The user id the node runs as. Unset: the image's own (65532), so a
+    /// platform that assigns ids (OpenShift's restricted SCC) can do so.
+    /// The pods always run as non-root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub run_as_user: Option<i64>,
+
+    /// The group id the node runs as (and owns its volumes with). Unset:
+    /// the image's own, or what the platform assigns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub run_as_group: Option<i64>,
 
     /// The PodDisruptionBudget that keeps voluntary evictions from taking
     /// every copy of a key at once.
@@ -241,6 +311,17 @@ impl Default for PodDisruptionBudgetSpec {
 pub struct MonitoringSpec {
     #[serde(default)]
     pub service_monitor: ServiceMonitorSpec,
+    /// Where Prometheus runs, for the NetworkPolicy: with both the
+    /// ServiceMonitor and `networkPolicy` enabled, pods in these namespaces
+    /// may scrape the client port's `/metrics`. Unset: the namespace named
+    /// `monitoring` (kube-prometheus' and the prometheus-community chart's
+    /// usual home).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus_namespace_selector: Option<LabelSelector>,
+    /// Further restrict the scrapers admitted to pods with these labels.
+    /// Unset: every pod of the selected namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus_pod_selector: Option<LabelSelector>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -309,7 +390,9 @@ pub struct MemberStatus {
 fn default_replicas() -> i32 {
     3
 }
-fn default_image() -> String {
+/// The cache-node image of this release: the operator's `--default-image`
+/// unless told otherwise.
+pub fn default_image() -> String {
     format!(
         "ghcr.io/distrocache/cache-node:{}",
         env!("CARGO_PKG_VERSION")
@@ -344,6 +427,41 @@ fn yes() -> bool {
 }
 fn one() -> i32 {
     1
+}
+
+/// Most entries in `resources.limits` or `.requests`; bounds what the API
+/// server estimates its CEL rules cost.
+const MAX_RESOURCE_NAMES: u64 = 16;
+/// Longest quantity string in `resources`.
+const MAX_QUANTITY_LENGTH: u64 = 64;
+
+/// The schema of `resources` (k8s-openapi's), with its maps and quantity
+/// strings bounded: without bounds the API server estimates the CEL rules
+/// on them to cost more than it allows, and refuses the CRD.
+fn bounded_resources(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <Option<ResourceRequirements>>::json_schema(generator);
+    for map in ["limits", "requests"] {
+        if let Some(map) = schema
+            .get_mut("properties")
+            .and_then(|p| p.get_mut(map))
+            .and_then(|m| m.as_object_mut())
+        {
+            map.insert("maxProperties".into(), MAX_RESOURCE_NAMES.into());
+            if let Some(values) = map
+                .get_mut("additionalProperties")
+                .and_then(|v| v.as_object_mut())
+            {
+                values.insert(
+                    "anyOf".into(),
+                    serde_json::json!([
+                        {"type": "integer"},
+                        {"type": "string", "maxLength": MAX_QUANTITY_LENGTH}
+                    ]),
+                );
+            }
+        }
+    }
+    schema
 }
 
 impl DistroCacheSpec {
@@ -390,6 +508,7 @@ impl DistroCacheSpec {
         if let Some(resources) = &self.resources {
             validation::check_resources("spec.resources", resources)?;
         }
+        crate::resources::defaults::max_memory(self)?;
         Ok(())
     }
 }
@@ -434,14 +553,13 @@ mod tests {
     fn what_the_pod_template_carries_verbatim_is_checked_before_it_is_applied() {
         // Each of these is accepted by the CRD schema and then refused by
         // the API server in the StatefulSet, on every reconcile.
+        // (cpu and memory quantities are the CRD's CEL rules; the
+        // control-plane tests check that the API server refuses them.)
         for (yaml, field) in [
+            ("{resources: {limits: {gpu: 1}}}", "spec.resources.limits"),
             (
-                "{resources: {limits: {memory: lots}}}",
-                "spec.resources.limits.memory",
-            ),
-            (
-                "{resources: {limits: {memory: 1Gi}, requests: {memory: 2Gi}}}",
-                "spec.resources.requests.memory",
+                "{resources: {limits: {ephemeral-storage: lots}}}",
+                "spec.resources.limits.ephemeral-storage",
             ),
             ("{podLabels: {'bad key': x}}", "spec.podLabels"),
             ("{podLabels: {team: 'a b'}}", "spec.podLabels"),

@@ -1,11 +1,12 @@
 //! The DistroCache operator: the `DistroCache` custom resource, the pure
-//! builders of its children, the scale state machine, and the controller
-//! that ties them to the API server. `main.rs` runs it; `bin/crdgen.rs`
-//! writes the CRD YAML from these types.
+//! builders of its children, the scale state machine, the controller that
+//! ties them to the API server, and leader election between replicas.
+//! `main.rs` runs it; `bin/crdgen.rs` writes the CRD YAML from these types.
 
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod leader;
 pub mod metrics;
 pub mod node_client;
 pub mod resources;

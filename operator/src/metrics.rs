@@ -1,7 +1,9 @@
 //! The operator's own Prometheus metrics: reconciles, failures and how long
 //! a reconcile takes, served on `/metrics` with the process metrics.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -10,6 +12,8 @@ pub struct Metrics {
     pub failures: IntCounter,
     pub duration: Histogram,
     pub ring_epoch: IntGaugeVec,
+    /// 1 while this replica holds the leader Lease and reconciles.
+    pub leader: IntGauge,
 }
 
 impl Default for Metrics {
@@ -41,11 +45,17 @@ impl Default for Metrics {
             &["namespace", "name"],
         )
         .expect("valid metric");
+        let leader = IntGauge::new(
+            "distrocache_operator_leader",
+            "1 while this replica holds the leader Lease (only the leader reconciles)",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
             Box::new(duration.clone()),
             Box::new(ring_epoch.clone()),
+            Box::new(leader.clone()),
         ] {
             registry.register(c).expect("registered once");
         }
@@ -55,6 +65,7 @@ impl Default for Metrics {
             failures,
             duration,
             ring_epoch,
+            leader,
         }
     }
 }

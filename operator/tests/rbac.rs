@@ -35,16 +35,25 @@ fn manifest_rules() -> Vec<Rule> {
     rules
 }
 
-fn chart_rules() -> Vec<Rule> {
+/// The rules of one `define` in the chart's helpers.
+fn chart_template_rules(name: &str) -> Vec<Rule> {
     let helpers =
         std::fs::read_to_string(workspace_root().join("charts/distrocache/templates/_helpers.tpl"))
             .unwrap();
     let start = helpers
-        .find(r#"define "distrocache.rules" -}}"#)
-        .expect("the rules template");
+        .find(&format!(r#"define "{name}" -}}}}"#))
+        .unwrap_or_else(|| panic!("the {name} template"));
     let body = &helpers[start..];
     let body = &body[body.find('\n').unwrap()..body.find("{{- end -}}").unwrap()];
     serde_yaml::from_str(body).expect("the rules template is plain YAML")
+}
+
+/// The chart's rules: the caches' (a ClusterRole, or a Role per watched
+/// namespace) and the leader election's (a Role in its own namespace).
+fn chart_rules() -> Vec<Rule> {
+    let mut rules = chart_template_rules("distrocache.rules");
+    rules.extend(chart_template_rules("distrocache.leaseRules"));
+    rules
 }
 
 #[test]
@@ -129,6 +138,9 @@ fn the_operator_is_granted_exactly_the_verbs_it_uses() {
             "servicemonitors",
             &["get", "create", "patch", "delete"],
         ),
+        // Leader election (kube-lease-manager): reads the Lease, creates it
+        // once, takes and renews it with server-side apply and patches.
+        ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
     ];
     let expected: BTreeSet<(String, String, String)> = uses
         .iter()

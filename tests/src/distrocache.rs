@@ -22,6 +22,12 @@ use crate::wait;
 /// The images the manifests and the operator use (any tag).
 pub const NODE_IMAGE: &str = "ghcr.io/distrocache/cache-node";
 pub const OPERATOR_IMAGE: &str = "ghcr.io/distrocache/operator";
+/// Where `manifests/` installs the operator, its replicas (which elect a
+/// leader) and their Lease.
+pub const OPERATOR_NAMESPACE: &str = "distrocache-system";
+pub const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=distrocache-operator";
+pub const OPERATOR_REPLICAS: usize = 2;
+pub const OPERATOR_LEASE: &str = "distrocache-operator";
 
 /// The repository root.
 pub fn workspace_root() -> PathBuf {
@@ -87,8 +93,8 @@ pub fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `kubectl apply -f manifests/`, then waits for the CRD to be established
-/// and the operator's pod to be ready.
+/// `kubectl apply -f manifests/`, then waits for the CRD to be established,
+/// the operator's pods to be ready and one of them to lead.
 pub async fn install(cp: &ControlPlane) -> Result<()> {
     kubectl_apply(cp, &workspace_root().join("manifests"))?;
     kubectl_ok(
@@ -103,14 +109,57 @@ pub async fn install(cp: &ControlPlane) -> Result<()> {
     let client = cp.client().await?;
     wait_pods_ready(
         &client,
-        "distrocache-system",
-        "app.kubernetes.io/name=distrocache-operator",
-        1,
+        OPERATOR_NAMESPACE,
+        OPERATOR_SELECTOR,
+        OPERATOR_REPLICAS,
         Duration::from_secs(90),
     )
     .await
-    .context("the operator's pod did not become ready")?;
+    .context("the operator's pods did not become ready")?;
+    wait::until(
+        "an operator replica to lead",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            async move { operator_leader(&client, OPERATOR_NAMESPACE, OPERATOR_LEASE).await }
+        },
+    )
+    .await?;
     Ok(())
+}
+
+/// Who holds an operator Lease: its pod and the holder identity (a process
+/// of that pod), or `None` while nobody does.
+pub async fn operator_leader(
+    client: &Client,
+    namespace: &str,
+    lease: &str,
+) -> Result<Option<Leader>> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), namespace);
+    let Some(lease) = leases.get_opt(lease).await? else {
+        return Ok(None);
+    };
+    let Some(identity) = lease
+        .spec
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty())
+    else {
+        return Ok(None);
+    };
+    // The operator's identity is `<pod name>-<random suffix>`.
+    let pod = identity
+        .rsplit_once('-')
+        .map(|(pod, _)| pod.to_owned())
+        .with_context(|| format!("holder identity {identity:?} names no pod"))?;
+    Ok(Some(Leader { pod, identity }))
+}
+
+/// The holder of an operator Lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    pub pod: String,
+    pub identity: String,
 }
 
 /// Waits until `n` pods matching `selector` in `ns` are ready.

@@ -24,6 +24,7 @@ pub mod control_plane;
 pub mod distrocache;
 pub mod kubelet;
 pub mod namespace;
+pub mod oci;
 pub mod pki;
 pub mod procs;
 pub mod prometheus;

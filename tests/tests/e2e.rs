@@ -390,21 +390,31 @@ async fn scenarios(kubelet: &'static Kubelet) -> Result<()> {
             .then_some(()))
     })
     .await?;
-    let operator = distrocache::wait_pods_ready(
+    // The leading replica (the other stands by).
+    let leader = distrocache::operator_leader(
         &env.client,
-        "distrocache-system",
-        "app.kubernetes.io/name=distrocache-operator",
-        1,
-        STEP,
+        distrocache::OPERATOR_NAMESPACE,
+        distrocache::OPERATOR_LEASE,
     )
-    .await?;
+    .await?
+    .ok_or_else(|| anyhow::anyhow!("no operator replica leads"))?;
     env.kubelet
-        .crash("distrocache-system", &operator[0].name_any())
+        .crash(distrocache::OPERATOR_NAMESPACE, &leader.pod)
         .await?;
     env.ready(2).await?;
     env.assert_nothing_lost(&written, "7. operator crash during scale-down")
         .await?;
-    report.push("7. operator killed while a member was leaving: it restarted, finished the scale-down; 0 lost".into());
+    let after = distrocache::operator_leader(
+        &env.client,
+        distrocache::OPERATOR_NAMESPACE,
+        distrocache::OPERATOR_LEASE,
+    )
+    .await?;
+    report.push(format!(
+        "7. leading operator ({}) killed while a member was leaving: {} finished the scale-down; 0 lost",
+        leader.identity,
+        after.map_or("?".to_string(), |l| l.identity)
+    ));
 
     eprintln!("\n==== end-to-end report ====\n{}\n", report.join("\n"));
     Ok(())

@@ -4,7 +4,9 @@
 //! Deployment, a DistroCache served by that operator reaching Ready, and
 //! `helm upgrade` bringing the CRD back to the chart's version; then what
 //! the chart's README says about a CRD that already exists (applied from
-//! `manifests/`): `crds.install=false`, and handing it over to the release.
+//! `manifests/`): `crds.install=false`, and handing it over to the release;
+//! values.schema.json refusing bad values; and a release watching a list of
+//! namespaces with a Role in each and nothing cluster-wide.
 
 use std::time::{Duration, Instant};
 
@@ -38,11 +40,56 @@ async fn the_chart_installs_an_operator_that_serves_a_cache() -> Result<()> {
     let chart = distrocache::workspace_root().join("charts/distrocache");
     let chart = chart.to_str().expect("UTF-8 path");
 
-    let lint = helm_ok(cp, &["lint", chart])?;
+    let lint = helm_ok(cp, &["lint", "--strict", chart])?;
     ensure!(lint.contains("0 chart(s) failed"), "{lint}");
+    // values.schema.json: a bad value fails lint and install, naming it.
+    for (value, says) in [
+        ("metricsPort=notaport", "metricsPort"),
+        ("logFormat=xml", "logFormat"),
+        ("replicaCount=0", "replicaCount"),
+        ("watchNamespace=a", "watchNamespace"),
+        ("resync=soon", "resync"),
+    ] {
+        let out = cp.helm(["lint", chart, "--set", value])?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(!out.status.success(), "helm lint accepted {value}: {text}");
+        ensure!(text.contains(says), "helm lint --set {value}: {text}");
+    }
+    let out = cp.helm([
+        "install",
+        "bad",
+        chart,
+        "--namespace",
+        "default",
+        "--set",
+        "logFormat=xml",
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("logFormat") && stderr.contains("json"),
+        "helm install with logFormat=xml: {stderr}"
+    );
 
     // What `helm template` renders is accepted by the API server as is.
-    let rendered = helm_ok(cp, &["template", "dc", chart, "--namespace", "default"])?;
+    // --kube-version: the chart needs 1.30+, and `helm template` assumes
+    // the Kubernetes version helm was built with; this helm is built from
+    // its module without the ldflags that set it, so it would assume 1.20.
+    let rendered = helm_ok(
+        cp,
+        &[
+            "template",
+            "dc",
+            chart,
+            "--namespace",
+            "default",
+            "--kube-version",
+            distrocache_tests::binaries::K8S_VERSION,
+        ],
+    )?;
     let out = cp.kubectl_with_stdin(["apply", "--dry-run=server", "-f", "-"], &rendered)?;
     ensure!(
         out.status.success(),
@@ -92,8 +139,8 @@ async fn the_chart_installs_an_operator_that_serves_a_cache() -> Result<()> {
         .get("dc-distrocache")
         .await?;
     ensure!(
-        deployment.status.and_then(|s| s.ready_replicas) == Some(1),
-        "the operator Deployment is ready"
+        deployment.status.and_then(|s| s.ready_replicas) == Some(2),
+        "the operator Deployment's two replicas are ready"
     );
 
     // A cache in the release's namespace, served by the chart's operator.
@@ -175,7 +222,7 @@ async fn the_chart_installs_an_operator_that_serves_a_cache() -> Result<()> {
         .names
         .short_names;
     ensure!(
-        short == Some(vec!["dc".to_string()]),
+        short == Some(vec!["dcache".to_string()]),
         "helm upgrade restored the CRD: {short:?}"
     );
 
@@ -267,5 +314,111 @@ async fn the_chart_installs_an_operator_that_serves_a_cache() -> Result<()> {
             == Some("keep"),
         "the release now manages the CRD"
     );
+
+    helm_ok(
+        cp,
+        &["uninstall", "dc", "--namespace", &release_ns, "--wait"],
+    )?;
+    scoped_release(cp, kubelet, chart, &release_ns).await
+}
+
+/// A release watching two namespaces: a Role and RoleBinding in each,
+/// nothing cluster-wide, a cache in a watched namespace served (with the
+/// chart's cache-node image as the default), one elsewhere left alone.
+async fn scoped_release(
+    cp: &ControlPlane,
+    kubelet: &Kubelet,
+    chart: &str,
+    release_ns: &str,
+) -> Result<()> {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let a = TestNamespace::create(cp, "helm-a")
+        .await?
+        .with_kubelet(kubelet);
+    let b = TestNamespace::create(cp, "helm-b")
+        .await?
+        .with_kubelet(kubelet);
+    let other = TestNamespace::create(cp, "helm-other")
+        .await?
+        .with_kubelet(kubelet);
+    let watched = format!("watchNamespaces={{{},{}}}", a.name(), b.name());
+    helm_ok(
+        cp,
+        &[
+            "install",
+            "scoped",
+            chart,
+            "--namespace",
+            release_ns,
+            "--set",
+            &watched,
+            "--set",
+            "crds.install=false",
+            "--wait",
+            "--timeout",
+            "120s",
+        ],
+    )?;
+    let client = a.client().await?;
+    for ns in [a.name(), b.name()] {
+        Api::<Role>::namespaced(client.clone(), ns)
+            .get("scoped-distrocache")
+            .await?;
+        Api::<RoleBinding>::namespaced(client.clone(), ns)
+            .get("scoped-distrocache")
+            .await?;
+    }
+    ensure!(
+        Api::<ClusterRole>::all(client.clone())
+            .get_opt("scoped-distrocache")
+            .await?
+            .is_none(),
+        "a scoped release grants nothing cluster-wide"
+    );
+    let cache = |ns: &str| {
+        format!(
+            "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: scoped\n  namespace: {ns}\n\
+             spec:\n  replicas: 1\n  replicationFactor: 1\n"
+        )
+    };
+    for ns in [a.name(), other.name()] {
+        let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &cache(ns))?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_ready(&client, a.name(), "scoped", 1, Duration::from_secs(120)).await?;
+    let sts: StatefulSet = Api::namespaced(client.clone(), a.name())
+        .get("scoped")
+        .await?;
+    let image = sts
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.containers[0].image.clone());
+    ensure!(
+        image.as_deref() == Some("ghcr.io/distrocache/cache-node:0.1.0"),
+        "the chart's cacheNode.image is the operator's default: {image:?}"
+    );
+    // The cache outside the watched namespaces is not served.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let untouched =
+        Api::<distrocache_operator::crd::DistroCache>::namespaced(client.clone(), other.name())
+            .get("scoped")
+            .await?;
+    ensure!(
+        untouched.status.is_none()
+            && Api::<StatefulSet>::namespaced(client.clone(), other.name())
+                .get_opt("scoped")
+                .await?
+                .is_none(),
+        "a cache outside the watched namespaces was reconciled"
+    );
+    helm_ok(
+        cp,
+        &["uninstall", "scoped", "--namespace", release_ns, "--wait"],
+    )?;
     Ok(())
 }

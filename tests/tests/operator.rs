@@ -247,52 +247,151 @@ async fn invalid_specs_are_rejected_or_reported() -> Result<()> {
         .await?
         .with_kubelet(kubelet);
     let n = ns.name();
-    // The schema refuses what it can express.
+    // The schema refuses what it can express, the cross-field rules (CEL)
+    // included, at once and with a message naming the field.
     for (spec, field) in [
         ("  replicationFactor: 0\n", "replicationFactor"),
         ("  replicas: -1\n", "replicas"),
         ("  defaultTTL: soon\n", "defaultTTL"),
+        ("  defaultTTL: 1d\n", "defaultTTL"),
+        (
+            "  defaultTTL: 0s\n",
+            "spec.defaultTTL must be longer than zero",
+        ),
+        (
+            "  cleanupInterval: 0m\n",
+            "spec.cleanupInterval must be longer than zero",
+        ),
         ("  port: 70000\n", "port"),
         ("  maxMemory: lots\n", "maxMemory"),
+        (
+            "  peerPort: 8080\n",
+            "spec.peerPort must differ from spec.port",
+        ),
+        (
+            "  replicas: 3\n  replicationFactor: 1\n  podDisruptionBudget:\n    maxUnavailable: 1\n",
+            "spec.podDisruptionBudget.maxUnavailable must be below spec.replicationFactor",
+        ),
+        (
+            "  resources:\n    limits:\n      memory: lots\n",
+            "spec.resources: cpu and memory must be quantities",
+        ),
+        (
+            "  resources:\n    limits:\n      memory: 1Gi\n    requests:\n      memory: 2Gi\n",
+            "spec.resources.requests must not exceed spec.resources.limits",
+        ),
+        ("  runAsUser: 0\n", "runAsUser"),
     ] {
         let out = apply_yaml(cp, &cache_yaml(n, "bad", spec))?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{spec} was accepted");
         assert!(stderr.contains(field), "{spec}: {stderr}");
     }
-    // What it cannot is reported in a condition, and nothing is created.
-    let out = apply_yaml(
-        cp,
-        &cache_yaml(
-            n,
-            "unsafe",
-            "  replicas: 3\n  replicationFactor: 1\n  podDisruptionBudget:\n    maxUnavailable: 1\n",
-        ),
-    )?;
-    assert!(out.status.success());
+    // What it cannot is reported in a condition, and nothing is created:
+    // label syntax (CEL over unbounded maps would exceed the API server's
+    // cost budget), and a memory limit too small to derive a byte budget from.
     let client = ns.client().await?;
     let caches: Api<DistroCache> = Api::namespaced(client.clone(), n);
-    wait::until("an InvalidSpec condition", READY, || {
-        let caches = caches.clone();
-        async move {
-            let dc = caches.get("unsafe").await?;
-            Ok(condition(&dc, "Degraded").filter(|(s, r, m)| {
-                s == "True" && r == "InvalidSpec" && m.contains("maxUnavailable")
-            }))
-        }
-    })
-    .await?;
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), n);
-    assert!(sts.get_opt("unsafe").await?.is_none());
+    for (name, spec, says) in [
+        (
+            "labelled",
+            "  replicas: 1\n  podLabels:\n    'bad key': x\n",
+            "spec.podLabels",
+        ),
+        (
+            "cramped",
+            "  replicas: 1\n  resources:\n    limits:\n      memory: 32Mi\n",
+            "leaves no room",
+        ),
+    ] {
+        let out = apply_yaml(cp, &cache_yaml(n, name, spec))?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait::until(
+            &format!("an InvalidSpec condition on {name}"),
+            READY,
+            || {
+                let caches = caches.clone();
+                async move {
+                    let dc = caches.get(name).await?;
+                    Ok(condition(&dc, "Degraded")
+                        .filter(|(s, r, m)| s == "True" && r == "InvalidSpec" && m.contains(says)))
+                }
+            },
+        )
+        .await?;
+        assert!(sts.get_opt(name).await?.is_none());
+    }
+    Ok(())
+}
 
-    // A quantity the schema takes as a string but a pod would refuse: said
-    // in a condition, instead of a StatefulSet apply failing forever.
+/// The safe defaults of a cache's pods are in the StatefulSet the operator
+/// writes (the default image from the operator, a preferred anti-affinity
+/// on hostname, a spread over zones, resource requests, a startup probe,
+/// the image's user, Prometheus admitted by the NetworkPolicy), and a
+/// user's value replaces each (a byte budget derived from a memory limit,
+/// an image pull secret).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safe_defaults_are_written_and_a_users_values_replace_them() -> Result<()> {
+    use distrocache_operator::resources::defaults;
+    let (cp, kubelet) = installed().await?;
+    let ns = TestNamespace::create(cp, "op-defaults")
+        .await?
+        .with_kubelet(kubelet);
+    let n = ns.name();
+    let client = ns.client().await?;
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), n);
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        Api::namespaced(client.clone(), n);
+    let statefulset = |name: &'static str| {
+        let sts_api = sts_api.clone();
+        async move {
+            wait::until(&format!("the StatefulSet {name}"), READY, || {
+                let sts_api = sts_api.clone();
+                async move { Ok(sts_api.get_opt(name).await?) }
+            })
+            .await
+        }
+    };
+    let pod_of = |sts: &StatefulSet| {
+        sts.spec
+            .clone()
+            .and_then(|s| s.template.spec)
+            .expect("a pod template")
+    };
+    let env_of = |pod: &k8s_openapi::api::core::v1::PodSpec| -> BTreeMap<String, String> {
+        pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    };
+    let scrape_rule = |name: &'static str| {
+        let policies = policies.clone();
+        async move {
+            let policy = wait::until(&format!("the NetworkPolicy {name}"), READY, || {
+                let policies = policies.clone();
+                async move { Ok(policies.get_opt(name).await?) }
+            })
+            .await?;
+            let rules = policy.spec.and_then(|s| s.ingress).unwrap_or_default();
+            assert_eq!(rules.len(), 3, "peers, clients, Prometheus: {rules:?}");
+            anyhow::Ok(rules[2].from.clone().unwrap_or_default()[0].clone())
+        }
+    };
+
+    let monitored = "  monitoring:\n    serviceMonitor:\n      enabled: true\n  networkPolicy:\n    enabled: true\n";
     let out = apply_yaml(
         cp,
         &cache_yaml(
             n,
-            "greedy",
-            "  replicas: 1\n  resources:\n    limits:\n      memory: lots\n",
+            "plain",
+            &format!("  replicas: 1\n  replicationFactor: 1\n{monitored}"),
         ),
     )?;
     assert!(
@@ -300,17 +399,133 @@ async fn invalid_specs_are_rejected_or_reported() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait::until("an InvalidSpec condition about the quantity", READY, || {
-        let caches = caches.clone();
-        async move {
-            let dc = caches.get("greedy").await?;
-            Ok(condition(&dc, "Degraded").filter(|(s, r, m)| {
-                s == "True" && r == "InvalidSpec" && m.contains("spec.resources.limits.memory")
-            }))
-        }
-    })
-    .await?;
-    assert!(sts.get_opt("greedy").await?.is_none());
+    let pod = pod_of(&statefulset("plain").await?);
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.image.as_deref(),
+        Some("ghcr.io/distrocache/cache-node:0.1.0"),
+        "the operator's --default-image, from manifests/30-operator.yaml"
+    );
+    let anti = pod
+        .affinity
+        .clone()
+        .and_then(|a| a.pod_anti_affinity)
+        .expect("anti-affinity");
+    let term = &anti
+        .preferred_during_scheduling_ignored_during_execution
+        .expect("preferred")[0];
+    assert_eq!(
+        term.pod_affinity_term.topology_key,
+        "kubernetes.io/hostname"
+    );
+    let spread = pod
+        .topology_spread_constraints
+        .clone()
+        .expect("a zone spread");
+    assert_eq!(
+        (
+            spread[0].topology_key.as_str(),
+            spread[0].when_unsatisfiable.as_str()
+        ),
+        ("topology.kubernetes.io/zone", "ScheduleAnyway")
+    );
+    let requests = c
+        .resources
+        .clone()
+        .and_then(|r| r.requests)
+        .expect("requests");
+    assert_eq!(requests["cpu"].0, defaults::DEFAULT_CPU_REQUEST);
+    assert_eq!(requests["memory"].0, defaults::DEFAULT_MEMORY_REQUEST);
+    assert_eq!(
+        c.startup_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.as_deref()),
+        Some("/api/v1/health")
+    );
+    let psc = pod
+        .security_context
+        .clone()
+        .expect("a pod security context");
+    assert_eq!((psc.run_as_user, psc.run_as_non_root), (None, Some(true)));
+    assert!(
+        !env_of(&pod).contains_key("DISTROCACHE_MAX_MEMORY"),
+        "no limit, no byte cap"
+    );
+    let prometheus = scrape_rule("plain").await?;
+    assert_eq!(
+        prometheus
+            .namespace_selector
+            .and_then(|s| s.match_labels)
+            .expect("labels")["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    wait_ready(&client, n, "plain", 1, READY).await?;
+
+    // Every default replaced by the user's value.
+    let custom = "  replicas: 1\n  replicationFactor: 1\n  image: example.com/cache-node:7\n\
+                  \x20 imagePullSecrets:\n  - name: regcred\n  runAsUser: 1000\n  runAsGroup: 3000\n\
+                  \x20 affinity: {}\n\
+                  \x20 topologySpreadConstraints:\n  - maxSkew: 2\n    topologyKey: rack\n    whenUnsatisfiable: DoNotSchedule\n\
+                  \x20 resources:\n    limits:\n      memory: 1Gi\n\
+                  \x20 monitoring:\n    serviceMonitor:\n      enabled: true\n    prometheusNamespaceSelector:\n      matchLabels:\n        team: observability\n\
+                  \x20 networkPolicy:\n    enabled: true\n";
+    let out = apply_yaml(cp, &cache_yaml(n, "custom", custom))?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pod = pod_of(&statefulset("custom").await?);
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("example.com/cache-node:7"));
+    assert_eq!(
+        pod.image_pull_secrets.clone().expect("pull secrets")[0].name,
+        "regcred"
+    );
+    assert!(
+        pod.affinity
+            .as_ref()
+            .is_none_or(|a| a.pod_anti_affinity.is_none()),
+        "{:?}",
+        pod.affinity
+    );
+    let spread = pod
+        .topology_spread_constraints
+        .clone()
+        .expect("the user's spread");
+    assert_eq!((spread.len(), spread[0].topology_key.as_str()), (1, "rack"));
+    let resources = c.resources.clone().expect("resources");
+    assert!(
+        resources.requests.is_none(),
+        "the user's resources, whole: {resources:?}"
+    );
+    let psc = pod
+        .security_context
+        .clone()
+        .expect("a pod security context");
+    assert_eq!(
+        (psc.run_as_user, psc.run_as_group),
+        (Some(1000), Some(3000))
+    );
+    let derived = defaults::budget_under(1024 * 1024 * 1024).expect("1Gi leaves room");
+    assert_eq!(
+        env_of(&pod).get("DISTROCACHE_MAX_MEMORY"),
+        Some(&derived.to_string()),
+        "maxMemory derived from the memory limit"
+    );
+    eprintln!(
+        "a 1Gi memory limit gives --max-memory {} MiB",
+        derived / (1024 * 1024)
+    );
+    let prometheus = scrape_rule("custom").await?;
+    assert_eq!(
+        prometheus
+            .namespace_selector
+            .and_then(|s| s.match_labels)
+            .expect("labels")["team"],
+        "observability"
+    );
     Ok(())
 }
 
@@ -509,36 +724,59 @@ async fn restarting_the_operator_changes_nothing() -> Result<()> {
     Ok(())
 }
 
-/// Kills the operator's process and waits for the kubelet to restart it.
+/// Kills the leading operator's process, waits for the kubelet to restart
+/// it and for a replica to lead again (the standby, or the restarted
+/// process: either carries on).
 async fn restart_operator(cp: &ControlPlane, kubelet: &Kubelet) -> Result<()> {
     let client: Client = cp.client().await?;
-    let pods = distrocache::wait_pods_ready(
-        &client,
-        "distrocache-system",
-        "app.kubernetes.io/name=distrocache-operator",
-        1,
-        READY,
-    )
+    let leader = wait::until("an operator replica to lead", READY, || {
+        let client = client.clone();
+        async move {
+            distrocache::operator_leader(
+                &client,
+                distrocache::OPERATOR_NAMESPACE,
+                distrocache::OPERATOR_LEASE,
+            )
+            .await
+        }
+    })
     .await?;
-    let pod = pods[0].name_any();
+    let api: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(client.clone(), distrocache::OPERATOR_NAMESPACE);
     let restarts = |p: &k8s_openapi::api::core::v1::Pod| {
         p.status
             .as_ref()
             .and_then(|s| s.container_statuses.as_ref())
             .map_or(0, |c| c[0].restart_count)
     };
-    let before = restarts(&pods[0]);
-    kubelet.crash("distrocache-system", &pod).await?;
-    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, "distrocache-system");
+    let before = restarts(&api.get(&leader.pod).await?);
+    kubelet
+        .crash(distrocache::OPERATOR_NAMESPACE, &leader.pod)
+        .await?;
     wait::until("the operator back after a crash", READY, || {
         let api = api.clone();
-        let pod = pod.clone();
+        let pod = leader.pod.clone();
         async move {
             let p = api.get(&pod).await?;
             Ok((restarts(&p) > before && distrocache::is_ready(&p)).then_some(()))
         }
     })
-    .await
+    .await?;
+    wait::until("a new leader", READY, || {
+        let client = client.clone();
+        let old = leader.identity.clone();
+        async move {
+            Ok(distrocache::operator_leader(
+                &client,
+                distrocache::OPERATOR_NAMESPACE,
+                distrocache::OPERATOR_LEASE,
+            )
+            .await?
+            .filter(|l| l.identity != old))
+        }
+    })
+    .await?;
+    Ok(())
 }
 
 /// Hardening as deployed: in a namespace enforcing the `restricted` Pod
@@ -763,7 +1001,7 @@ async fn an_invalid_spec_keeps_the_ring_of_a_running_cache() -> Result<()> {
         .patch(
             "kept",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"peerPort": 8080}})),
+            &Patch::Merge(json!({"spec": {"podLabels": {"bad key": "x"}}})),
         )
         .await?;
     let invalid = wait::until("an InvalidSpec condition", READY, || {
@@ -804,7 +1042,7 @@ async fn an_invalid_spec_keeps_the_ring_of_a_running_cache() -> Result<()> {
         .patch(
             "kept",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"peerPort": null}})),
+            &Patch::Merge(json!({"spec": {"podLabels": null}})),
         )
         .await?;
     let after = wait::until("Ready again on a newer ring epoch", READY, || {

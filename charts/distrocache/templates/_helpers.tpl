@@ -71,3 +71,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["servicemonitors"]
   verbs: ["get", "create", "patch", "delete"]
 {{- end -}}
+
+{{/* The leader election's rules: the Lease, read, created once, renewed
+     with server-side apply. */}}
+{{- define "distrocache.leaseRules" -}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "patch"]
+{{- end -}}

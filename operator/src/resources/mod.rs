@@ -4,6 +4,7 @@
 //! here talks to the API server, so every builder is unit-tested.
 
 mod auth;
+pub mod defaults;
 mod monitoring;
 mod network;
 mod pdb;

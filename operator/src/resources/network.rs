@@ -3,6 +3,11 @@
 //! operator's namespace (it reads the nodes' progress) and the namespaces
 //! (and pods) the spec selects, by default the cache's own namespace only.
 //!
+//! With the ServiceMonitor on as well, Prometheus (the namespaces and pods
+//! `monitoring.prometheus*Selector` name, by default the `monitoring`
+//! namespace) is admitted to the client port, where `/metrics` is served:
+//! turning on both must not silently stop the scraping.
+//!
 //! The operator's namespace is where it really runs (the chart installs it
 //! anywhere), unless the spec names another: admitting the wrong one would
 //! hide every node's progress and stall all scaling.
@@ -19,6 +24,9 @@ use kube::ResourceExt;
 
 use super::{child_meta, selector_labels};
 use crate::crd::DistroCache;
+
+/// Where Prometheus is looked for when the spec does not say.
+pub const DEFAULT_PROMETHEUS_NAMESPACE: &str = "monitoring";
 
 fn port(name: &str) -> NetworkPolicyPort {
     NetworkPolicyPort {
@@ -69,6 +77,32 @@ pub fn network_policy(dc: &DistroCache, operator_namespace: &str) -> Option<Netw
         )),
         ..NetworkPolicyPeer::default()
     };
+    let mut ingress = vec![
+        NetworkPolicyIngressRule {
+            from: Some(vec![own_pods.clone()]),
+            ports: Some(vec![port("peer")]),
+        },
+        NetworkPolicyIngressRule {
+            from: Some(vec![own_pods, clients, operator]),
+            ports: Some(vec![port("http")]),
+        },
+    ];
+    let monitoring = &dc.spec.monitoring;
+    if monitoring.service_monitor.enabled {
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(vec![NetworkPolicyPeer {
+                namespace_selector: Some(
+                    monitoring
+                        .prometheus_namespace_selector
+                        .clone()
+                        .unwrap_or_else(|| namespace_named(DEFAULT_PROMETHEUS_NAMESPACE)),
+                ),
+                pod_selector: monitoring.prometheus_pod_selector.clone(),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(vec![port("http")]),
+        });
+    }
     Some(NetworkPolicy {
         metadata: child_meta(dc, dc.name_any(), "cache-node"),
         spec: Some(NetworkPolicySpec {
@@ -77,16 +111,7 @@ pub fn network_policy(dc: &DistroCache, operator_namespace: &str) -> Option<Netw
                 ..LabelSelector::default()
             }),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![
-                NetworkPolicyIngressRule {
-                    from: Some(vec![own_pods.clone()]),
-                    ports: Some(vec![port("peer")]),
-                },
-                NetworkPolicyIngressRule {
-                    from: Some(vec![own_pods, clients, operator]),
-                    ports: Some(vec![port("http")]),
-                },
-            ]),
+            ingress: Some(ingress),
             ..NetworkPolicySpec::default()
         }),
     })
@@ -174,6 +199,62 @@ mod tests {
                 .as_ref()
                 .unwrap()["role"],
             "api"
+        );
+    }
+
+    #[test]
+    fn prometheus_is_admitted_to_the_metrics_port_when_monitoring_is_on() {
+        let rules = |yaml: &str| {
+            network_policy(&cache(yaml), "ops")
+                .unwrap()
+                .spec
+                .unwrap()
+                .ingress
+                .unwrap()
+        };
+        assert_eq!(rules("{networkPolicy: {enabled: true}}").len(), 2);
+        let on = rules(
+            "{networkPolicy: {enabled: true}, monitoring: {serviceMonitor: {enabled: true}}}",
+        );
+        assert_eq!(on.len(), 3);
+        let scrape = &on[2];
+        assert_eq!(
+            scrape.ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::String("http".into()))
+        );
+        let from = &scrape.from.as_ref().unwrap()[0];
+        assert_eq!(
+            from.namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["kubernetes.io/metadata.name"],
+            DEFAULT_PROMETHEUS_NAMESPACE
+        );
+        let chosen = rules(
+            "{networkPolicy: {enabled: true}, monitoring: {serviceMonitor: {enabled: true}, \
+              prometheusNamespaceSelector: {matchLabels: {team: obs}}, \
+              prometheusPodSelector: {matchLabels: {app: prometheus}}}}",
+        );
+        let from = &chosen[2].from.as_ref().unwrap()[0];
+        assert_eq!(
+            from.namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["team"],
+            "obs"
+        );
+        assert_eq!(
+            from.pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["app"],
+            "prometheus"
         );
     }
 }

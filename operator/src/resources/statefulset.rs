@@ -12,6 +12,11 @@
 //!   replication factor 2 loses nothing.
 //! * The preStop hook waits for a leaving member's handoff (bounded by the
 //!   grace period); for any other pod it returns at once.
+//! * Unset placement, resources and byte budget come from [`super::defaults`];
+//!   the image from the operator's `--default-image`. The pods run as
+//!   non-root with the image's user unless the spec names one, so a
+//!   platform that assigns user ids can.
+//! * A startup probe holds the liveness probe off while a node starts.
 //! * What the ring decides stays out of the pod template. The replication
 //!   factor reaches the nodes in the ring document (a node in cluster mode
 //!   reads it from there, not from its flag); in the template, a change of
@@ -32,15 +37,16 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use super::auth::{AUTH_MOUNT, CLIENT_TOKEN_KEY, PEER_TOKEN_KEY, auth_volume, auth_volume_mount};
+use super::defaults;
 use super::rbac::node_service_account_name;
 use super::{child_meta, labels, peer_service_name, ring_configmap_name, selector_labels};
 use crate::crd::DistroCache;
 
 pub const CONTAINER_NAME: &str = "cache-node";
-/// The non-root user the node runs as (the distroless "nonroot" user).
-const NODE_UID: i64 = 65532;
 
-pub fn statefulset(dc: &DistroCache, replicas: i32) -> StatefulSet {
+/// The StatefulSet of `dc` at `replicas` pods, with `default_image` where
+/// the spec names none.
+pub fn statefulset(dc: &DistroCache, replicas: i32, default_image: &str) -> StatefulSet {
     let mut pod_labels = labels(dc, "cache-node");
     if let Some(extra) = &dc.spec.pod_labels {
         for (k, v) in extra {
@@ -70,7 +76,7 @@ pub fn statefulset(dc: &DistroCache, replicas: i32) -> StatefulSet {
                     annotations: dc.spec.pod_annotations.clone(),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(pod_spec(dc)),
+                spec: Some(pod_spec(dc, default_image)),
             },
             ..StatefulSetSpec::default()
         }),
@@ -78,34 +84,36 @@ pub fn statefulset(dc: &DistroCache, replicas: i32) -> StatefulSet {
     }
 }
 
-fn pod_spec(dc: &DistroCache) -> PodSpec {
+fn pod_spec(dc: &DistroCache, default_image: &str) -> PodSpec {
     let spec = &dc.spec;
+    let spread = defaults::topology_spread(dc);
     PodSpec {
         service_account_name: Some(node_service_account_name(dc)),
         termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
         node_selector: spec.node_selector.clone(),
         tolerations: spec.tolerations.clone(),
-        affinity: spec.affinity.clone(),
-        topology_spread_constraints: spec.topology_spread_constraints.clone(),
+        affinity: Some(defaults::affinity(dc)),
+        topology_spread_constraints: (!spread.is_empty()).then_some(spread),
         priority_class_name: spec.priority_class_name.clone(),
+        image_pull_secrets: spec.image_pull_secrets.clone(),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
-            run_as_user: Some(NODE_UID),
-            run_as_group: Some(NODE_UID),
-            fs_group: Some(NODE_UID),
+            run_as_user: spec.run_as_user,
+            run_as_group: spec.run_as_group,
+            fs_group: spec.run_as_group,
             seccomp_profile: Some(SeccompProfile {
                 type_: "RuntimeDefault".into(),
                 ..SeccompProfile::default()
             }),
             ..PodSecurityContext::default()
         }),
-        containers: vec![container(dc)],
+        containers: vec![container(dc, default_image)],
         volumes: spec.auth.enabled.then(|| vec![auth_volume(dc)]),
         ..PodSpec::default()
     }
 }
 
-fn container(dc: &DistroCache) -> Container {
+fn container(dc: &DistroCache, default_image: &str) -> Container {
     let spec = &dc.spec;
     let http_get = |path: &str| HTTPGetAction {
         path: Some(path.into()),
@@ -116,7 +124,11 @@ fn container(dc: &DistroCache) -> Container {
     let handoff_timeout = (spec.termination_grace_period_seconds - 5).max(1);
     Container {
         name: CONTAINER_NAME.into(),
-        image: Some(spec.image.clone()),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| default_image.to_owned()),
+        ),
         image_pull_policy: spec.image_pull_policy.clone(),
         env: Some(env(dc)),
         ports: Some(vec![
@@ -141,9 +153,16 @@ fn container(dc: &DistroCache) -> Container {
             failure_threshold: Some(3),
             ..Probe::default()
         }),
+        // Up to 2 minutes to start listening before liveness takes over.
+        startup_probe: Some(Probe {
+            http_get: Some(http_get("/api/v1/health")),
+            period_seconds: Some(2),
+            timeout_seconds: Some(2),
+            failure_threshold: Some(60),
+            ..Probe::default()
+        }),
         liveness_probe: Some(Probe {
             http_get: Some(http_get("/api/v1/health")),
-            initial_delay_seconds: Some(5),
             period_seconds: Some(10),
             timeout_seconds: Some(3),
             failure_threshold: Some(6),
@@ -158,7 +177,7 @@ fn container(dc: &DistroCache) -> Container {
             }),
             ..Lifecycle::default()
         }),
-        resources: spec.resources.clone(),
+        resources: Some(defaults::resources(dc)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -235,8 +254,9 @@ fn env(dc: &DistroCache) -> Vec<EnvVar> {
             format!("{AUTH_MOUNT}/{PEER_TOKEN_KEY}"),
         ));
     }
-    if let Some(max_memory) = &spec.max_memory {
-        env.push(literal("DISTROCACHE_MAX_MEMORY", max_memory.clone()));
+    // validate() refused a limit too small to derive a budget from.
+    if let Ok(Some(max_memory)) = defaults::max_memory(spec) {
+        env.push(literal("DISTROCACHE_MAX_MEMORY", max_memory));
     }
     env
 }
@@ -265,7 +285,7 @@ mod tests {
             "{maxSize: 500, maxMemory: 64MiB, defaultTTL: 90s, cleanupInterval: 10s, port: 9000, \
               replicationFactor: 3, image: example/cache:1, terminationGracePeriodSeconds: 40}",
         );
-        let sts = statefulset(&dc, 4);
+        let sts = statefulset(&dc, 4, "default/cache:1");
         assert_owned(&sts.metadata, "orders");
         let spec = sts.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(4));
@@ -339,11 +359,20 @@ mod tests {
     fn ring_settings_do_not_restart_pods() {
         // The replication factor and the replica count are ring changes the
         // operator makes step by step; neither may touch the pod template.
-        let template = |spec: &str| statefulset(&cache(spec), 3).spec.unwrap().template;
+        let template = |spec: &str| {
+            statefulset(&cache(spec), 3, "default/cache:1")
+                .spec
+                .unwrap()
+                .template
+        };
         let base = template("{replicationFactor: 2, replicas: 3}");
         assert_eq!(template("{replicationFactor: 1, replicas: 3}"), base);
         assert_eq!(template("{replicationFactor: 3, replicas: 5}"), base);
-        let env = env_map(&statefulset(&cache("{replicationFactor: 3}"), 3));
+        let env = env_map(&statefulset(
+            &cache("{replicationFactor: 3}"),
+            3,
+            "default/cache:1",
+        ));
         assert!(
             !env.keys().any(|k| k.contains("REPLICATION")),
             "the node takes the factor from the ring: {:?}",
@@ -353,9 +382,13 @@ mod tests {
 
     #[test]
     fn auth_mounts_the_secret_and_points_the_node_at_its_files() {
-        let sts = statefulset(&cache("{}"), 1);
+        let sts = statefulset(&cache("{}"), 1, "default/cache:1");
         assert!(!env_map(&sts).contains_key("DISTROCACHE_AUTH_TOKEN_FILE"));
-        let sts = statefulset(&cache("{auth: {enabled: true}, peerPort: 7000}"), 1);
+        let sts = statefulset(
+            &cache("{auth: {enabled: true}, peerPort: 7000}"),
+            1,
+            "default/cache:1",
+        );
         let env = env_map(&sts);
         assert_eq!(
             env["DISTROCACHE_AUTH_TOKEN_FILE"].value.as_deref(),
@@ -384,7 +417,7 @@ mod tests {
 
     #[test]
     fn pods_pass_the_restricted_pod_security_standard() {
-        let sts = statefulset(&cache("{}"), 3);
+        let sts = statefulset(&cache("{}"), 3, "default/cache:1");
         let pod = sts.spec.unwrap().template.spec.unwrap();
         let psc = pod.security_context.unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
@@ -404,7 +437,7 @@ mod tests {
               affinity: {podAntiAffinity: {preferredDuringSchedulingIgnoredDuringExecution: []}}, \
               resources: {limits: {memory: 1Gi}}}",
         );
-        let sts = statefulset(&dc, 3);
+        let sts = statefulset(&dc, 3, "default/cache:1");
         let template = sts.spec.unwrap().template;
         let meta = template.metadata.unwrap();
         assert_eq!(meta.annotations.unwrap()["restartedAt"], "1");
@@ -428,6 +461,54 @@ mod tests {
                 .unwrap()
                 .limits
                 .is_some()
+        );
+    }
+
+    #[test]
+    fn defaults_fill_what_the_spec_leaves_unset() {
+        let sts = statefulset(&cache("{}"), 3, "registry.example/cache-node:9");
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.example/cache-node:9"));
+        assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+        assert_eq!(
+            pod.topology_spread_constraints.unwrap()[0].topology_key,
+            defaults::ZONE_KEY
+        );
+        let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+        assert_eq!(requests["cpu"].0, defaults::DEFAULT_CPU_REQUEST);
+        let startup = c.startup_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(startup.path.as_deref(), Some("/api/v1/health"));
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_user, None, "the image's user, or the platform's");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert!(pod.image_pull_secrets.is_none());
+        assert!(
+            !env_map(&statefulset(&cache("{}"), 1, "x")).contains_key("DISTROCACHE_MAX_MEMORY")
+        );
+
+        let sts = statefulset(
+            &cache(
+                "{image: mine/cache:2, runAsUser: 1000, runAsGroup: 2000, \
+                  imagePullSecrets: [{name: regcred}], topologySpreadConstraints: [], \
+                  resources: {limits: {memory: 1Gi}}}",
+            ),
+            3,
+            "registry.example/cache-node:9",
+        );
+        let env = env_map(&sts);
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.containers[0].image.as_deref(), Some("mine/cache:2"));
+        let psc = pod.security_context.unwrap();
+        assert_eq!(
+            (psc.run_as_user, psc.run_as_group),
+            (Some(1000), Some(2000))
+        );
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "regcred");
+        assert!(pod.topology_spread_constraints.is_none());
+        assert_eq!(
+            env["DISTROCACHE_MAX_MEMORY"].value,
+            defaults::max_memory(&cache("{resources: {limits: {memory: 1Gi}}}").spec).unwrap()
         );
     }
 }
