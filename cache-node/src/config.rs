@@ -121,6 +121,21 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 
+    /// Length of the kernel's queue of connections not yet accepted (the
+    /// listen backlog), on each listener. A burst of new connections beyond
+    /// it waits on SYN retransmits (seconds), so the default is generous;
+    /// the kernel caps it at `net.core.somaxconn`.
+    #[arg(long, env = "DISTROCACHE_LISTEN_BACKLOG", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub listen_backlog: u32,
+
+    /// Once listening, write the bound addresses here as JSON
+    /// (`{"client": "127.0.0.1:43121", "peer": null}`), replacing the file
+    /// atomically. With `--port 0` this is how a supervisor (or a test)
+    /// learns the port the kernel chose.
+    #[arg(long, env = "DISTROCACHE_ADDRESS_FILE")]
+    pub address_file: Option<PathBuf>,
+
     /// A client must send a request's head (request line and headers) within
     /// this long, or the connection is closed: with a JSON 408 if part of the
     /// head arrived, without an answer if nothing did. The clock

@@ -56,6 +56,9 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 async fn run(config: Config) -> std::io::Result<()> {
     let node = Node::bind(&config).await?;
+    if let Some(path) = &config.address_file {
+        node.bound_addresses()?.write_to(path)?;
+    }
     tracing::info!(
         addr = %node.local_addr()?,
         node_id = %config.node_id,

@@ -28,6 +28,43 @@ use crate::http::{self, HttpSettings};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
+/// The addresses a node is bound to: what `--address-file` holds, so a
+/// supervisor that started it with `--port 0` learns where it listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BoundAddresses {
+    /// The client API (and the peer API, when it has no port of its own).
+    pub client: SocketAddr,
+    /// The peer API's own listener, with `--peer-port`.
+    pub peer: Option<SocketAddr>,
+}
+
+impl BoundAddresses {
+    /// Writes the addresses as JSON to `path`, atomically (a temporary file
+    /// renamed over it), so a reader never sees half a file.
+    pub fn write_to(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+/// A listener on `addr` with a listen backlog of `backlog` (tokio's
+/// `TcpListener::bind` fixes it at 128, which a burst of connections
+/// overflows into seconds of SYN retransmits).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As the standard library and mio do: a restarted node can bind the
+    // port again while connections of its predecessor sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// A bound, not yet serving, node.
 pub struct Node {
     exec: Arc<Executor>,
@@ -46,9 +83,9 @@ impl Node {
     /// Builds the store (and the cluster, if a membership source is
     /// configured) and binds the listener (port 0 picks a free one).
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(config.listen_addr()).await?;
+        let listener = listen(config.listen_addr(), config.listen_backlog)?;
         let peer_listener = match config.peer_listen_addr() {
-            Some(addr) => Some(TcpListener::bind(addr).await?),
+            Some(addr) => Some(listen(addr, config.listen_backlog)?),
             None => None,
         };
         let client_token = config
@@ -129,6 +166,14 @@ impl Node {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where the node listens, as `--address-file` reports it.
+    pub fn bound_addresses(&self) -> std::io::Result<BoundAddresses> {
+        Ok(BoundAddresses {
+            client: self.local_addr()?,
+            peer: self.peer_addr(),
+        })
     }
 
     /// The peer API's address, when it has a listener of its own.

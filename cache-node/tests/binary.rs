@@ -2,44 +2,17 @@
 //! environment, `--help`, and graceful shutdown on SIGTERM that finishes a
 //! request already in flight.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+mod node_proc;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cache-node");
+use node_proc::{BIN, Launch, NodeProc};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the child if the test fails before it exits by itself.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_until_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "node did not start listening on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn http(port: u16, request: &str) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+fn http(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -85,20 +58,15 @@ fn bad_configuration_fails_fast_with_a_message() {
 
 #[test]
 fn sigterm_finishes_the_in_flight_request_then_exits_cleanly() {
-    let port = free_port();
-    let child = Command::new(BIN)
-        .env("DISTROCACHE_PORT", port.to_string())
-        .env("DISTROCACHE_BIND_ADDRESS", "127.0.0.1")
+    let node = Launch::new()
         .env("DISTROCACHE_NODE_ID", "from-env")
         .env("DISTROCACHE_LOG_FORMAT", "json")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut node = Proc(child);
-    wait_until_listening(port);
+        .spawn();
+    let mut node = node;
+    let addr = node.addr;
 
     let stats = http(
-        port,
+        addr,
         "GET /api/v1/stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
     );
     assert!(stats.contains("\"node_id\":\"from-env\""), "{stats}");
@@ -106,7 +74,7 @@ fn sigterm_finishes_the_in_flight_request_then_exits_cleanly() {
     // Start a write and send only half its body.
     let body = r#"{"value": "written during shutdown", "ttl": 60}"#;
     let (head, tail) = body.split_at(body.len() / 2);
-    let mut in_flight = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut in_flight = TcpStream::connect(addr).unwrap();
     in_flight
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -117,37 +85,22 @@ fn sigterm_finishes_the_in_flight_request_then_exits_cleanly() {
     )
     .unwrap();
     in_flight.flush().unwrap();
+    // Give the node the head before the signal: a connection whose request
+    // has not begun when shutdown starts is closed, not served (that is
+    // graceful shutdown's rule), and this test is about one that has.
     std::thread::sleep(Duration::from_millis(200));
 
-    let pid = node.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    node.signal(libc::SIGTERM);
     // Wait until the node logged that it is shutting down, then finish the body.
-    let stderr = node.0.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
+    let line = node.wait_for_log("shutting down", Duration::from_secs(10));
+    assert!(line.starts_with('{'), "JSON log format: {line}");
+    // New connections are refused once shutdown began (the listener closes
+    // right after that line: wait for it, with a deadline).
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        assert!(Instant::now() < deadline, "no shutdown log line");
-        match lines.next() {
-            Some(Ok(line)) if line.contains("shutting down") => {
-                assert!(line.starts_with('{'), "JSON log format: {line}");
-                break;
-            }
-            Some(_) => {}
-            None => panic!("node exited before logging shutdown"),
-        }
+    while TcpStream::connect(addr).is_ok() {
+        assert!(Instant::now() < deadline, "still accepting");
+        std::thread::sleep(Duration::from_millis(20));
     }
-    // New connections are refused once shutdown began.
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "still accepting"
-    );
 
     in_flight.write_all(tail.as_bytes()).unwrap();
     let mut response = String::new();
@@ -155,17 +108,8 @@ fn sigterm_finishes_the_in_flight_request_then_exits_cleanly() {
     assert!(response.starts_with("HTTP/1.1 201"), "{response}");
     assert!(response.contains("written during shutdown"));
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = node.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = node.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
-    // Drain the rest of the log so the pipe never blocks the child.
-    for _ in lines {}
 }
 
 /// The README's configuration table lists every flag `--help` knows, with
@@ -271,19 +215,10 @@ fn zero_cleanup_interval_or_default_ttl_is_refused_at_start() {
 /// read touching them (hits and misses stay 0).
 #[test]
 fn the_sweeper_drops_expired_items_without_reads() {
-    let port = free_port();
-    let child = Command::new(BIN)
-        .args(["--bind-address", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--cleanup-interval", "100ms", "--default-ttl", "1s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _node = Proc(child);
-    wait_until_listening(port);
+    let node = NodeProc::start(&["--cleanup-interval", "100ms", "--default-ttl", "1s"]);
     let stats = || -> serde_json::Value {
         let response = http(
-            port,
+            node.addr,
             "GET /api/v1/stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
         );
         let (_, body) = response.split_once("\r\n\r\n").expect("a response");
@@ -292,7 +227,7 @@ fn the_sweeper_drops_expired_items_without_reads() {
     for i in 0..50 {
         let body = format!(r#"{{"value": {i}}}"#);
         let response = http(
-            port,
+            node.addr,
             &format!(
                 "PUT /api/v1/cache/k{i} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

@@ -4,6 +4,7 @@
 //! keys it cannot read back; the bar is zero.
 
 mod cluster_support;
+mod node_proc;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,41 +108,82 @@ async fn assert_all_readable(c: &ProcCluster, expected: &HashMap<String, Value>,
 }
 
 /// Asks every running node (through the peer protocol) which keys it holds,
-/// and checks each key has exactly `copies` copies: no replica went missing
-/// (reads alone cannot tell, since one owner serves them) and none lingers
-/// where it is no longer owned. Valid once the cluster has settled.
+/// and checks each key has exactly `copies` copies, each with the value
+/// written: no replica went missing or stale (reads alone cannot tell,
+/// since one owner serves them) and none lingers where it is no longer
+/// owned. Valid once the cluster has settled.
 async fn assert_copies(
     c: &ProcCluster,
     expected: &HashMap<String, Value>,
     copies: usize,
     what: &str,
 ) {
-    let mut held: HashMap<&str, usize> = HashMap::new();
-    for i in c.running() {
-        let found: Vec<&str> = futures_util::stream::iter(
-            expected
-                .keys()
-                .map(|k| async move { c.held(i, k).await.is_some().then_some(k.as_str()) }),
-        )
-        .buffer_unordered(256)
-        .filter_map(|k| async move { k })
-        .collect()
-        .await;
-        for k in found {
-            *held.entry(k).or_default() += 1;
-        }
-    }
-    let wrong: Vec<(&str, usize)> = expected
-        .keys()
-        .map(|k| (k.as_str(), held.get(k.as_str()).copied().unwrap_or(0)))
-        .filter(|&(_, n)| n != copies)
-        .collect();
+    let wrong = wrong_copies(c, expected, copies).await;
     assert!(
         wrong.is_empty(),
-        "{what}: {} keys without exactly {copies} copies, e.g. {:?}",
+        "{what}: {} keys without exactly {copies} copies of the value written, e.g. {:?}",
         wrong.len(),
         &wrong[..wrong.len().min(5)]
     );
+}
+
+/// [`assert_copies`] once repairs have had time to run: waits (up to
+/// `SETTLE`) until every key has exactly `copies` copies of its value.
+async fn wait_copies(
+    c: &ProcCluster,
+    expected: &HashMap<String, Value>,
+    copies: usize,
+    what: &str,
+) {
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let wrong = wrong_copies(c, expected, copies).await;
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {} keys still without exactly {copies} copies of the value written after {SETTLE:?}, e.g. {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Keys whose count of copies holding the expected value is not `copies`,
+/// with the (copies of the value, copies in all) found.
+async fn wrong_copies(
+    c: &ProcCluster,
+    expected: &HashMap<String, Value>,
+    copies: usize,
+) -> Vec<(String, usize, usize)> {
+    let mut held: HashMap<&str, (usize, usize)> = HashMap::new();
+    for i in c.running() {
+        let found: Vec<(&str, bool)> =
+            futures_util::stream::iter(expected.iter().map(|(k, v)| async move {
+                c.held(i, k)
+                    .await
+                    .map(|item| (k.as_str(), item["value"] == *v))
+            }))
+            .buffer_unordered(256)
+            .filter_map(|k| async move { k })
+            .collect()
+            .await;
+        for (k, right) in found {
+            let entry = held.entry(k).or_default();
+            entry.0 += usize::from(right);
+            entry.1 += 1;
+        }
+    }
+    expected
+        .keys()
+        .map(|k| {
+            let (right, all) = held.get(k.as_str()).copied().unwrap_or((0, 0));
+            (k.clone(), right, all)
+        })
+        .filter(|&(_, right, all)| right != copies || all != copies)
+        .collect()
 }
 
 async fn cluster_items(c: &ProcCluster, via: usize) -> u64 {
@@ -549,8 +591,7 @@ async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
         .unwrap_or(0.0);
 
     // SIGSTOP: the replica accepts connections (the kernel does) but never answers.
-    let pid = c.pid(1);
-    signal(pid, libc::SIGSTOP);
+    c.signal(1, libc::SIGSTOP);
     let resp = c
         .client
         .put(c.url(0, &format!("/api/v1/cache/{key}")))
@@ -567,7 +608,7 @@ async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    signal(pid, libc::SIGCONT);
+    c.signal(1, libc::SIGCONT);
     assert!(
         resp.status().is_success(),
         "the write is answered with a replica down"
@@ -604,7 +645,10 @@ async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
 /// A node that restarts empty while another member is stalled must not
 /// report ready (nor stop asking other owners about misses) until it has
 /// pulled from that member too: some of its keys have their only other copy
-/// there. Waits past the 15 s for which one pull request is retried.
+/// there. Waits for the event that matters, the node giving up one round of
+/// retries on the stalled member (its "cannot pull from a member yet" log
+/// line, after the 15 s for which one pull request is retried), then checks
+/// it is still not ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_waits_for_a_stalled_peer_before_it_is_ready() {
     let mut c = ProcCluster::new(3, 2).with_flags(&[
@@ -621,15 +665,23 @@ async fn a_restarted_node_waits_for_a_stalled_peer_before_it_is_ready() {
     let written = write_keys(&c, 0..2000, 1).await;
 
     c.kill(0);
-    let stalled = c.pid(1);
-    signal(stalled, libc::SIGSTOP);
+    c.signal(1, libc::SIGSTOP);
     c.start(0);
-    tokio::time::sleep(Duration::from_secs(18)).await;
-    let ready_while_stalled = c.is_ready(0).await;
-    signal(stalled, libc::SIGCONT);
+    c.wait_for_log(0, "cannot pull from a member yet", Duration::from_secs(90))
+        .await;
+    // Asked strictly: an answer, 503, saying why (a failed request is not
+    // "not ready").
+    let (status, readiness) = c.get_json(0, "/api/v1/ready").await;
+    c.signal(1, libc::SIGCONT);
+    assert_eq!(
+        status, 503,
+        "node-0 reported ready without the keys whose other copy is on the stalled node-1: {readiness}"
+    );
     assert!(
-        !ready_while_stalled,
-        "node-0 reported ready without the keys whose other copy is on the stalled node-1"
+        readiness["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("loading")),
+        "{readiness}"
     );
     c.wait_ready(0, SETTLE).await;
     assert_copies(&c, &written, 2, "node-0 back after node-1 stalled").await;
@@ -717,10 +769,102 @@ async fn a_member_removed_and_added_back_pulls_its_keys_again() {
     assert_all_readable(&c, &written, "node-2 added back, node-0 killed").await;
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: sending a signal to a child process we own.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
-    assert_eq!(rc, 0, "kill({pid}, {sig})");
+/// Readiness and the preStop handoff follow the ring the node holds: a node
+/// the ring does not list is not ready and says why; a handoff asked for an
+/// epoch the node does not hold yet is not reported complete (it waits for
+/// that epoch), and an active member has handed nothing off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_and_handoff_follow_the_ring_the_node_holds() {
+    let mut c = ProcCluster::new(3, 2);
+    let first = c.set_ring(&[(0, Active), (1, Active)]);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_ready(0, SETTLE).await;
+    c.wait_ready(1, SETTLE).await;
+    let written = write_keys(&c, 0..500, 1).await;
+
+    // node-2 holds the ring (it reads the same file) but is not in it.
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let (_, view) = c.get_json(2, "/api/v1/cluster").await;
+        if view["epoch"] == first {
+            assert!(view.get("memberState").is_none(), "{view}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-2 never read the ring: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, readiness) = c.get_json(2, "/api/v1/ready").await;
+    assert_eq!(status, 503, "{readiness}");
+    assert!(
+        readiness["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a member")),
+        "{readiness}"
+    );
+
+    // An active member: nothing handed off, answered at once.
+    let (status, handoff) = c.get_json(0, "/api/v1/cluster/handoff?timeout=30s").await;
+    assert_eq!(status, 200, "{handoff}");
+    assert_eq!(handoff["handoffComplete"], false, "{handoff}");
+    // The epoch that will mark node-1 leaving, before node-1 holds it: not
+    // complete, after waiting the whole timeout for it.
+    let leaving = first + 1;
+    let (status, handoff) = c
+        .get_json(
+            1,
+            &format!("/api/v1/cluster/handoff?epoch={leaving}&timeout=1s"),
+        )
+        .await;
+    assert_eq!(status, 200, "{handoff}");
+    assert_eq!(handoff["handoffComplete"], false, "{handoff}");
+    assert_eq!(handoff["progress"]["memberState"], "active", "{handoff}");
+    assert!(handoff["waited"].as_f64().unwrap() >= 1.0, "{handoff}");
+
+    // node-2 joins, then node-1 leaves; its handoff, asked for that epoch,
+    // completes.
+    let joined = c.set_ring(&[(0, Active), (1, Active), (2, Joining)]);
+    c.wait_settled(joined, SETTLE).await;
+    let active = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    c.wait_settled(active, SETTLE).await;
+    assert!(c.is_ready(2).await, "a member that holds its data is ready");
+    let leaving = c.set_ring(&[(0, Active), (1, Leaving), (2, Active)]);
+    let (status, handoff) = c
+        .get_json(
+            1,
+            &format!("/api/v1/cluster/handoff?epoch={leaving}&timeout=60s"),
+        )
+        .await;
+    assert_eq!(status, 200, "{handoff}");
+    assert_eq!(handoff["handoffComplete"], true, "{handoff}");
+    assert_eq!(handoff["progress"]["memberState"], "leaving", "{handoff}");
+    assert!(handoff["progress"]["epoch"].as_u64().unwrap() >= leaving);
+
+    let gone = c.set_ring(&[(0, Active), (2, Active)]);
+    c.wait_settled(gone, SETTLE).await;
+    let (status, _) = c.get_json(1, "/api/v1/ready").await;
+    assert_eq!(status, 503, "a node the ring dropped is not ready");
+    c.kill(1);
+    assert_all_readable(&c, &written, "node-1 handed off and left").await;
+    assert_copies(&c, &written, 2, "node-1 handed off and left").await;
+
+    // Bad handoff parameters are JSON errors.
+    for query in [
+        "epoch=soon",
+        "epoch=1&epoch=2",
+        "timeout=1s&timeout=2s",
+        "when=now",
+    ] {
+        let (status, body) = c
+            .get_json(0, &format!("/api/v1/cluster/handoff?{query}"))
+            .await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body["error"].is_string(), "{query}: {body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -737,8 +881,26 @@ async fn a_node_never_acts_on_a_stale_ring() {
     }
     let gateway_file = c.private_membership_file(3);
     c.start_with_file(3, &gateway_file);
-    for i in 0..4 {
+    for i in 0..3 {
         c.wait_ready(i, SETTLE).await;
+    }
+    // The gateway holds the ring but is not in it: it serves (forwards) yet
+    // is not ready, saying why.
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let (status, readiness) = c.get_json(3, "/api/v1/ready").await;
+        if readiness["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a member"))
+        {
+            assert_eq!(status, 503, "{readiness}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway never said it is not a member: {status} {readiness}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.epoch = 1;
     let written = write_keys(&c, 0..2000, 1).await;
@@ -896,8 +1058,7 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let replica = c.pid(1);
-    signal(replica, libc::SIGSTOP);
+    c.signal(1, libc::SIGSTOP);
     let written = put(0, "new").await.unwrap();
     // The gauge follows the repair queue once a second.
     let mut pending = None;
@@ -908,7 +1069,7 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    signal(replica, libc::SIGCONT);
+    c.signal(1, libc::SIGCONT);
     assert!(
         written.status().is_success(),
         "answered with a replica stalled"
@@ -946,4 +1107,228 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("{via_primary} reads through node-1 went to the primary before it was repaired");
+}
+
+/// Clients writing through some nodes for as long as a fault lasts: every
+/// write either succeeds or fails cleanly with a 503; which keys were
+/// acknowledged is what the test then checks for.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(HashMap<String, Value>, u64)>,
+}
+
+impl Writer {
+    /// Writes fresh keys `writer-<n>` through `via` (round robin), 16 at a
+    /// time, until stopped.
+    fn start(c: &ProcCluster, via: Vec<usize>, label: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let urls: Vec<String> = via.iter().map(|&i| c.url(i, "/api/v1/cache/")).collect();
+        let client = c.client.clone();
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut acknowledged = HashMap::new();
+            let mut refused = 0u64;
+            let mut n = 0usize;
+            while !flag.load(Ordering::Acquire) {
+                let batch: Vec<_> = (n..n + 16)
+                    .map(|i| {
+                        let key = format!("{label}-{i}");
+                        let value = json!({"i": i, "by": label});
+                        let url = format!("{}{}", urls[i % urls.len()], key);
+                        let request = client
+                            .put(url)
+                            .json(&json!({"value": value, "ttl": 3600}))
+                            .send();
+                        async move {
+                            let resp = request
+                                .await
+                                .unwrap_or_else(|e| panic!("write of {key}: {e}"));
+                            (key, value, resp.status().as_u16())
+                        }
+                    })
+                    .collect();
+                n += 16;
+                for (key, value, status) in futures_util::future::join_all(batch).await {
+                    match status {
+                        200 | 201 => {
+                            acknowledged.insert(key, value);
+                        }
+                        503 => refused += 1,
+                        other => panic!("write of {key}: {other}, neither success nor a 503"),
+                    }
+                }
+            }
+            (acknowledged, refused)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops and returns the acknowledged writes and how many got a 503.
+    async fn stop(self) -> (HashMap<String, Value>, u64) {
+        self.stop.store(true, Ordering::Release);
+        self.task.await.expect("the writer did not panic")
+    }
+}
+
+/// A member paused (SIGSTOP) for longer than the peer timeout, first while
+/// clients write, then while a node joins and pulls its share from it:
+/// every write is acknowledged or fails cleanly (a 503), nothing
+/// acknowledged is lost, and once it resumes the paused node catches up
+/// (every key back to exactly two copies of the value written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_loses_no_acknowledged_write_and_catches_up() {
+    let mut c = ProcCluster::new(4, 2).with_flags(&[
+        "--peer-timeout",
+        "1s",
+        "--peer-connect-timeout",
+        "500ms",
+    ]);
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    let before = write_keys(&c, 0..2000, 1).await;
+
+    // During writes: node-1 paused for 3 s (three peer timeouts).
+    let writer = Writer::start(&c, vec![0, 2], "paused-writes");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.signal(1, libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.signal(1, libc::SIGCONT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (during_writes, refused_writes) = writer.stop().await;
+
+    // During a data move: node-3 joins and must pull from node-1, which is
+    // paused while it does; writes go on meanwhile.
+    let writer = Writer::start(&c, vec![0, 2], "paused-move");
+    let joined = c.set_ring(&[(0, Active), (1, Active), (2, Active), (3, Joining)]);
+    c.start(3);
+    c.signal(1, libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.signal(1, libc::SIGCONT);
+    c.wait_settled(joined, SETTLE).await;
+    let active = c.set_ring(&[(0, Active), (1, Active), (2, Active), (3, Active)]);
+    c.wait_settled(active, SETTLE).await;
+    let (during_move, refused_move) = writer.stop().await;
+    eprintln!(
+        "paused node: {} writes acknowledged and {refused_writes} refused during writes; {} and {refused_move} during a move",
+        during_writes.len(),
+        during_move.len()
+    );
+    assert!(
+        !during_writes.is_empty() && !during_move.is_empty(),
+        "writes through the nodes that were not paused went on"
+    );
+
+    let mut expected = before;
+    expected.extend(during_writes);
+    expected.extend(during_move);
+    wait_copies(&c, &expected, 2, "after node-1 was paused twice").await;
+    assert_all_readable(&c, &expected, "after node-1 was paused twice").await;
+}
+
+/// A peer that answers slowly (stopped for 700 ms of every 800, so each
+/// request waits most of the 1 s peer timeout) while another member hands
+/// its data off to it: the handoff completes and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_to_a_slow_peer_completes_and_loses_nothing() {
+    let mut c = ProcCluster::new(3, 2).with_flags(&[
+        "--peer-timeout",
+        "1s",
+        "--peer-connect-timeout",
+        "500ms",
+    ]);
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    let written = write_keys(&c, 0..3000, 1).await;
+
+    let slow = Arc::new(AtomicBool::new(true));
+    let pid = c.pid(2);
+    let slowing = {
+        let slow = slow.clone();
+        tokio::spawn(async move {
+            let node = libc::pid_t::try_from(pid).expect("pid");
+            while slow.load(Ordering::Acquire) {
+                // SAFETY: kill(2) on our own child process.
+                assert_eq!(unsafe { libc::kill(node, libc::SIGSTOP) }, 0);
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                // SAFETY: as above.
+                assert_eq!(unsafe { libc::kill(node, libc::SIGCONT) }, 0);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let leaving = c.set_ring(&[(0, Active), (1, Leaving), (2, Active)]);
+    let handoff = c.wait_handoff(1, Duration::from_secs(180)).await;
+    slow.store(false, Ordering::Release);
+    slowing.await.expect("the slowing task");
+    assert!(
+        handoff.synced_epoch >= leaving && handoff.keys_sent > 0,
+        "{handoff:?}"
+    );
+
+    let gone = c.set_ring(&[(0, Active), (2, Active)]);
+    c.wait_settled(gone, SETTLE).await;
+    c.kill(1);
+    assert_all_readable(&c, &written, "node-1 handed off to a slow node-2").await;
+    assert_copies(&c, &written, 2, "node-1 handed off to a slow node-2").await;
+}
+
+/// Two ring changes in quick succession, the second before the first has
+/// settled: node-2 starts leaving and, at once, node-3 joins. Writes go on
+/// throughout; nothing acknowledged is lost and the ring settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_while_another_leaves_loses_nothing() {
+    let mut c = started(4, 2, false).await;
+    // started() ran all four; make node-3 the newcomer.
+    c.kill(3);
+    let three = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    c.wait_settled(three, SETTLE).await;
+    let before = write_keys(&c, 0..3000, 1).await;
+
+    let writer = Writer::start(&c, vec![0, 1], "two-changes");
+    c.set_ring(&[(0, Active), (1, Active), (2, Leaving)]);
+    c.start(3);
+    let both = c.set_ring(&[(0, Active), (1, Active), (2, Leaving), (3, Joining)]);
+    let handoff = c.wait_handoff(2, SETTLE).await;
+    assert!(handoff.synced_epoch >= both, "{handoff:?}");
+    c.wait_settled(both, SETTLE).await;
+    let after = c.set_ring(&[(0, Active), (1, Active), (3, Active)]);
+    c.wait_settled(after, SETTLE).await;
+    let (during, refused) = writer.stop().await;
+    c.kill(2);
+    eprintln!(
+        "two changes at once: {} writes acknowledged, {refused} refused",
+        during.len()
+    );
+    let mut expected = before;
+    expected.extend(during);
+    assert_all_readable(&c, &expected, "node-3 joined while node-2 left").await;
+    wait_copies(&c, &expected, 2, "node-3 joined while node-2 left").await;
+}
+
+/// Every node killed at once (no persistence): the cluster comes back
+/// empty and healthy on the same ring, every node ready and settled, and
+/// serves writes again. Nothing can survive without a copy anywhere; what
+/// must not happen is a ring stuck waiting for data that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_killed_whole_comes_back_empty_and_healthy() {
+    let mut c = started(3, 2, false).await;
+    let epoch = c.epoch;
+    write_keys(&c, 0..1000, 1).await;
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    assert_eq!(cluster_items(&c, 0).await, 0, "nothing survives in memory");
+    let written = write_keys(&c, 0..1000, 2).await;
+    assert_all_readable(&c, &written, "after a whole-cluster restart").await;
+    assert_copies(&c, &written, 2, "after a whole-cluster restart").await;
 }

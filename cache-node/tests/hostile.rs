@@ -14,12 +14,13 @@
 //! bound on every loop.
 
 mod hostile_support;
+mod node_proc;
 
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use hostile_support::{NodeProc, drip, hang_up, read_response, wait_closed};
+use hostile_support::{Target, drip, hang_up, read_response, wait_closed};
 
 fn write_request(path: &str, body: &[u8]) -> Vec<u8> {
     let mut req = format!(
@@ -62,7 +63,7 @@ fn help_names_the_new_limits_and_their_environment_variables() {
 #[test]
 fn oversized_heads_get_431_and_close() {
     // Set through the environment, to check the variable's name too.
-    let mut node = NodeProc::start(&[], &[("DISTROCACHE_MAX_HEADER_BYTES", "8KiB")]);
+    let mut node = Target::start(&[], &[("DISTROCACHE_MAX_HEADER_BYTES", "8KiB")]);
 
     // A head within the limit is served.
     let ok = format!(
@@ -139,7 +140,7 @@ fn oversized_heads_get_431_and_close() {
     // In volume, at the largest head limit (hyper's read buffer grows to it
     // on each connection): heads just within it served, heads just past it
     // refused. None of them is kept.
-    let mut node = NodeProc::start(&["--max-header-bytes", "256KiB"], &[]);
+    let mut node = Target::start(&["--max-header-bytes", "256KiB"], &[]);
     let limit = 256 * 1024;
     let head = |pad: usize| {
         format!(
@@ -165,7 +166,7 @@ fn oversized_heads_get_431_and_close() {
 /// long key is the node's own 414.
 #[test]
 fn a_uri_over_64kib_gets_a_json_414() {
-    let mut node = NodeProc::start(&["--max-header-bytes", "256KiB"], &[]);
+    let mut node = Target::start(&["--max-header-bytes", "256KiB"], &[]);
     let r = node
         .send_raw(
             format!(
@@ -191,7 +192,7 @@ fn a_uri_over_64kib_gets_a_json_414() {
 
 #[test]
 fn oversized_bodies_keys_and_values_get_json_errors() {
-    let mut node = NodeProc::start(
+    let mut node = Target::start(
         &[
             "--max-body-bytes",
             "64KiB",
@@ -299,7 +300,7 @@ fn oversized_bodies_keys_and_values_get_json_errors() {
 
 #[test]
 fn invalid_utf8_in_path_and_body_is_400() {
-    let mut node = NodeProc::start(&[], &[]);
+    let mut node = Target::start(&[], &[]);
     // Percent-encoded bytes that are not UTF-8: the node's own JSON 400.
     for path in [
         "/api/v1/cache/%FF",
@@ -358,7 +359,7 @@ fn invalid_utf8_in_path_and_body_is_400() {
 
 #[test]
 fn deeply_nested_json_is_400_and_depth_is_configurable() {
-    let mut node = NodeProc::start(&["--max-body-bytes", "4MiB"], &[]);
+    let mut node = Target::start(&["--max-body-bytes", "4MiB"], &[]);
     let r = node
         .send_raw(&write_request("/api/v1/cache/deep", nested(32).as_bytes()))
         .unwrap();
@@ -383,7 +384,7 @@ fn deeply_nested_json_is_400_and_depth_is_configurable() {
     });
     drop(node);
 
-    let mut node = NodeProc::start(&[], &[("DISTROCACHE_MAX_JSON_DEPTH", "4")]);
+    let mut node = Target::start(&[], &[("DISTROCACHE_MAX_JSON_DEPTH", "4")]);
     let r = node
         .send_raw(&write_request("/api/v1/cache/d", nested(4).as_bytes()))
         .unwrap();
@@ -428,12 +429,12 @@ fn short_tags(n: u32) -> String {
 /// stays responsive.
 #[test]
 fn a_flood_of_tags_is_refused_at_the_limit() {
-    let mut node = NodeProc::start(&[], &[]);
+    let mut node = Target::start(&[], &[]);
     let body = format!(r#"{{"value": 1, "tags": {}}}"#, short_tags(300_000));
     assert!(body.len() <= 2 * 1024 * 1024, "{} bytes", body.len());
     let request = write_request("/api/v1/cache/flood", body.as_bytes());
     // Four at once; each answered 400 at the 33rd tag.
-    let flood = |node: &mut NodeProc| {
+    let flood = |node: &mut Target| {
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let mut conn = node.connect();
@@ -473,7 +474,7 @@ fn a_flood_of_tags_is_refused_at_the_limit() {
 
 #[test]
 fn unknown_fields_are_accepted_and_duplicate_fields_refused() {
-    let mut node = NodeProc::start(&[], &[]);
+    let mut node = Target::start(&[], &[]);
     let r = node.request(
         "PUT",
         "/api/v1/cache/u",
@@ -525,41 +526,37 @@ fn unknown_fields_are_accepted_and_duplicate_fields_refused() {
 
 #[test]
 fn a_head_dripped_a_byte_at_a_time_is_cut_off() {
-    let mut node = NodeProc::start(&["--header-read-timeout", "1s"], &[]);
+    let mut node = Target::start(&["--header-read-timeout", "1s"], &[]);
     let head = format!(
         "GET /api/v1/health HTTP/1.1\r\nHost: t\r\nX-Slow: {}\r\n\r\n",
         "s".repeat(100)
     );
-    // 8 connections at once, each taking ~13 s to send its head at 100 ms a
-    // byte: each must be answered 408 and closed about a second in.
+    // 8 connections at once, each taking ~14 s to send its head at 100 ms a
+    // byte: each must be answered 408 and closed long before it is sent (at
+    // about a second; the assertion is on the event, not the clock, so a
+    // slow machine does not fail it).
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let mut conn = node.connect();
             let head = head.clone();
             std::thread::spawn(move || {
-                let start = Instant::now();
                 let (sent, cut_off) = drip(
                     &mut conn,
                     head.as_bytes(),
                     Duration::from_millis(100),
-                    Duration::from_secs(8),
+                    Duration::from_secs(12),
                 );
-                let took = start.elapsed();
                 let answer = read_response(&mut conn);
-                let closed = wait_closed(&mut conn, Duration::from_secs(3)).is_some();
-                (sent, cut_off, took, answer, closed)
+                let closed = wait_closed(&mut conn, Duration::from_secs(10)).is_some();
+                (sent, cut_off, answer, closed)
             })
         })
         .collect();
     for t in threads {
-        let (sent, cut_off, took, answer, closed) = t.join().unwrap();
+        let (sent, cut_off, answer, closed) = t.join().unwrap();
         assert!(
             cut_off,
             "a dripped head was never cut off ({sent} bytes sent)"
-        );
-        assert!(
-            took < Duration::from_secs(4),
-            "cut off only after {took:?} ({sent} bytes sent)"
         );
         assert!(sent < head.len());
         let answer = answer.expect("a 408 answer");
@@ -578,21 +575,20 @@ fn a_head_dripped_a_byte_at_a_time_is_cut_off() {
     let start = Instant::now();
     let mut byte = [0u8; 1];
     silent
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let read = std::io::Read::read(&mut silent, &mut byte);
     let took = start.elapsed();
     assert!(matches!(read, Ok(0)), "{read:?}");
-    assert!(
-        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    // Not before the clock ran out (an upper bound would only measure the
+    // machine's speed; the read's own timeout bounds the wait).
+    assert!(took >= Duration::from_millis(800), "{took:?}");
     node.assert_recovered("dripped heads");
 }
 
 #[test]
 fn a_body_dripped_a_byte_at_a_time_gets_408() {
-    let mut node = NodeProc::start(&[], &[("DISTROCACHE_REQUEST_TIMEOUT", "1s")]);
+    let mut node = Target::start(&[], &[("DISTROCACHE_REQUEST_TIMEOUT", "1s")]);
     let body = format!(r#"{{"value": "{}"}}"#, "d".repeat(100));
     let mut conn = node.connect();
     let start = Instant::now();
@@ -604,19 +600,20 @@ fn a_body_dripped_a_byte_at_a_time_gets_408() {
         .as_bytes(),
     )
     .unwrap();
-    let (sent, _) = drip(
+    // ~11 s to send at 100 ms a byte: the 1 s clock must cut it off first.
+    let (sent, cut_off) = drip(
         &mut conn,
         body.as_bytes(),
         Duration::from_millis(100),
-        Duration::from_secs(2),
+        Duration::from_secs(10),
     );
-    assert!(sent < body.len());
+    assert!(cut_off && sent < body.len(), "{sent} bytes sent");
     let r = read_response(&mut conn).expect("a 408 answer");
     let took = start.elapsed();
     assert!(r.assert_json_error(408).contains("1s"));
     assert_eq!(r.header("connection"), Some("close"));
-    assert!(took < Duration::from_secs(4), "{took:?}");
-    assert!(wait_closed(&mut conn, Duration::from_secs(3)).is_some());
+    assert!(took >= Duration::from_millis(800), "{took:?}");
+    assert!(wait_closed(&mut conn, Duration::from_secs(10)).is_some());
     assert_eq!(node.request("GET", "/api/v1/cache/drip", None).status, 404);
 
     // A complete head with a body that never comes at all: the same.
@@ -630,20 +627,19 @@ fn a_body_dripped_a_byte_at_a_time_gets_408() {
 /// The idle timeout and the header timeout are separate clocks.
 #[test]
 fn idle_keep_alive_connections_close_on_their_own_clock() {
-    // Short idle, long header: an idle keep-alive connection goes after ~1 s.
-    let mut node = NodeProc::start(
-        &["--idle-timeout", "1s", "--header-read-timeout", "6s"],
+    // Short idle, long header: an idle keep-alive connection goes after ~1 s,
+    // long before the 60 s header clock could have closed it (so closing
+    // within the 30 s wait proves which clock did, on any machine).
+    let mut node = Target::start(
+        &["--idle-timeout", "1s", "--header-read-timeout", "60s"],
         &[],
     );
     let mut conn = node.connect();
     conn.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     assert_eq!(read_response(&mut conn).unwrap().status, 200);
-    let took = wait_closed(&mut conn, Duration::from_secs(5)).expect("idle connection closed");
-    assert!(
-        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    let took = wait_closed(&mut conn, Duration::from_secs(30)).expect("idle connection closed");
+    assert!(took >= Duration::from_millis(800), "{took:?}");
     // ...while a head that has started gets the (longer) header clock: still
     // open after 2 s, finished then, served.
     let mut conn = node.connect();
@@ -658,9 +654,10 @@ fn idle_keep_alive_connections_close_on_their_own_clock() {
     drop(node);
 
     // Long idle, short header: idling for 2 s does not trip the 1 s header
-    // clock, the next request is served; a stalled head is closed at ~1 s.
-    let mut node = NodeProc::start(
-        &["--idle-timeout", "6s", "--header-read-timeout", "1s"],
+    // clock, the next request is served; a stalled head is closed at ~1 s,
+    // long before the 60 s idle clock.
+    let mut node = Target::start(
+        &["--idle-timeout", "60s", "--header-read-timeout", "1s"],
         &[],
     );
     let mut conn = node.connect();
@@ -671,15 +668,15 @@ fn idle_keep_alive_connections_close_on_their_own_clock() {
         std::thread::sleep(Duration::from_secs(2));
     }
     conn.write_all(b"GET /api/v1/health HTTP/1.1\r\n").unwrap();
-    let took = wait_closed(&mut conn, Duration::from_secs(5)).expect("stalled head closed");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    let took = wait_closed(&mut conn, Duration::from_secs(30)).expect("stalled head closed");
+    assert!(took >= Duration::from_millis(800), "{took:?}");
     node.assert_recovered("header clock");
 }
 
 /// Opens up to `n` connections, each with a connect timeout of `patience`.
 /// Past the node's accept backlog connects stall, so it stops after three
 /// failures in a row. Returns those that connected.
-fn open_idle(node: &NodeProc, n: usize, patience: Duration) -> Vec<TcpStream> {
+fn open_idle(node: &Target, n: usize, patience: Duration) -> Vec<TcpStream> {
     let start = Instant::now();
     let mut conns = Vec::with_capacity(n);
     let mut failures_in_a_row = 0;
@@ -706,7 +703,7 @@ const PER_CONNECTION_BOUND: u64 = 64 * 1024;
 
 #[test]
 fn a_thousand_idle_connections_do_not_stop_service() {
-    let mut node = NodeProc::start(
+    let mut node = Target::start(
         &["--idle-timeout", "30s", "--header-read-timeout", "30s"],
         &[],
     );
@@ -726,15 +723,10 @@ fn a_thousand_idle_connections_do_not_stop_service() {
                 .unwrap();
             assert_eq!(read_response(conn).unwrap().status, 200);
         }
-        // Other clients are served, promptly.
+        // Other clients are served (each request within the raw client's
+        // I/O timeout).
         for _ in 0..20 {
-            let start = Instant::now();
             node.assert_serves();
-            assert!(
-                start.elapsed() < Duration::from_secs(2),
-                "{:?}",
-                start.elapsed()
-            );
         }
         let growth = node.rss() as i64 - node.baseline_rss as i64;
         eprintln!(
@@ -759,7 +751,7 @@ fn a_thousand_idle_connections_do_not_stop_service() {
 
 #[test]
 fn a_full_connection_table_makes_clients_wait_and_frees_up() {
-    let mut node = NodeProc::start(
+    let mut node = Target::start(
         &["--max-connections", "8", "--header-read-timeout", "2s"],
         &[],
     );
@@ -771,8 +763,7 @@ fn a_full_connection_table_makes_clients_wait_and_frees_up() {
     let mut conn = node.connect();
     conn.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
-    // ...behind it a crowd fills the rest of the backlog, until connects
-    // stall (refused, as far as those clients can tell).
+    // ...behind it a crowd waits in the backlog too.
     let waiting = open_idle(&node, 992, Duration::from_millis(200));
     conn.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
@@ -787,15 +778,9 @@ fn a_full_connection_table_makes_clients_wait_and_frees_up() {
     for c in waiting {
         hang_up(c);
     }
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let start = Instant::now();
     assert_eq!(read_response(&mut conn).unwrap().status, 200);
-    assert!(
-        start.elapsed() < Duration::from_secs(15),
-        "{:?}",
-        start.elapsed()
-    );
     // The holders were cut off.
     for mut c in holders {
         assert!(wait_closed(&mut c, Duration::from_secs(5)).is_some());
@@ -803,9 +788,48 @@ fn a_full_connection_table_makes_clients_wait_and_frees_up() {
     node.assert_recovered("a full connection table");
 }
 
+/// A burst of 2,000 connections against a node that accepts only 8 at a
+/// time: all of them complete their handshake and wait in the listen
+/// backlog (--listen-backlog, 4096 by default). With the former fixed
+/// backlog of 128, every connect past it had its SYN dropped and could not
+/// complete while the table stayed full.
+#[test]
+fn a_burst_of_connections_waits_in_the_listen_backlog() {
+    let mut node = Target::start(
+        &["--max-connections", "8", "--header-read-timeout", "60s"],
+        &[],
+    );
+    let burst = open_idle(&node, 2000, Duration::from_secs(5));
+    assert_eq!(burst.len(), 2000, "connections refused past the backlog");
+    for conn in burst {
+        hang_up(conn);
+    }
+    node.assert_serves();
+
+    // The flag sets it: with a backlog of 16, a burst stalls soon after
+    // the 8 accepted and the 16 queued (the kernel allows one more).
+    let node = Target::start(
+        &[
+            "--max-connections",
+            "8",
+            "--header-read-timeout",
+            "60s",
+            "--listen-backlog",
+            "16",
+        ],
+        &[],
+    );
+    let burst = open_idle(&node, 200, Duration::from_millis(500));
+    assert!(
+        burst.len() < 100,
+        "{} connections completed with a backlog of 16",
+        burst.len()
+    );
+}
+
 #[test]
 fn pipelined_garbage_is_refused_and_fresh_connections_work() {
-    let mut node = NodeProc::start(&["--header-read-timeout", "2s"], &[]);
+    let mut node = Target::start(&["--header-read-timeout", "2s"], &[]);
     let garbage: [&[u8]; 6] = [
         b"GARBAGE\r\n\r\nMORE GARBAGE\r\n\r\n\x00\x01\x02\x03\r\n\r\n",
         b"GET / HTTP/9.9\r\n\r\nGET / HTTP/9.9\r\n\r\n",

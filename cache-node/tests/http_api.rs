@@ -1,6 +1,7 @@
 //! The REST API over real HTTP: every endpoint, the seed's JSON shapes, escaped
 //! keys, every error path, and many concurrent clients.
 
+mod node_proc;
 mod support;
 
 use serde_json::{Value, json};

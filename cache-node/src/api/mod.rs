@@ -248,7 +248,8 @@ impl Api {
     }
 
     /// Executes an operation and encodes its outcome, as `call` does.
-    /// Public for the `key_path` fuzz target.
+    /// For the `key_path` fuzz target (the `test-util` feature).
+    #[cfg(feature = "test-util")]
     pub async fn answer(&self, parsed: Parsed, headers: &HeaderMap, body: Bytes) -> Response {
         let inner = &self.inner;
         let outcome = match parsed {
@@ -313,14 +314,28 @@ impl Inner {
             },
             Route::Rebalance => Operation::Rebalance,
             Route::Handoff => {
-                let query = request::query(uri.query(), &["timeout"])?;
-                let timeout = match query.first() {
-                    Some((_, t)) => humantime::parse_duration(t)
-                        .map_err(|e| Failure::bad_request(format!("invalid timeout {t:?}: {e}")))?,
-                    None => Duration::from_secs(60),
-                };
+                let query = request::query(uri.query(), &["timeout", "epoch"])?;
+                let mut timeout = Duration::from_secs(60);
+                let mut epoch = None;
+                for (name, value) in &query {
+                    match *name {
+                        "timeout" => {
+                            timeout = humantime::parse_duration(value).map_err(|e| {
+                                Failure::bad_request(format!("invalid timeout {value:?}: {e}"))
+                            })?;
+                        }
+                        _ => {
+                            epoch = Some(value.parse::<u64>().map_err(|_| {
+                                Failure::bad_request(format!(
+                                    "invalid epoch {value:?}: a ring epoch (unsigned integer)"
+                                ))
+                            })?);
+                        }
+                    }
+                }
                 Operation::Handoff {
                     timeout: timeout.min(Duration::from_secs(3600)),
+                    epoch,
                 }
             }
             Route::PeerConnect => return Ok(Parsed::PeerConnect),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use distrocache_membership::placement::Placement;
 use distrocache_membership::{MemberState, MembershipDoc};
 
-pub use distrocache_membership::placement::{MemberIdx, Owners, key_hash};
+pub use distrocache_membership::placement::{MemberIdx, Owners};
 
 #[derive(Debug, Clone)]
 pub struct RingMember {

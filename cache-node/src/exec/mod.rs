@@ -108,8 +108,8 @@ impl Executor {
                 Some(cluster) => Outcome::Progress(Box::new(cluster.report())),
                 None => Failure::not_found("this node is not in cluster mode").into(),
             }),
-            Operation::Handoff { timeout } => {
-                self.later(move |ex| async move { ex.handoff(timeout).await })
+            Operation::Handoff { timeout, epoch } => {
+                self.later(move |ex| async move { ex.handoff(timeout, epoch).await })
             }
         }
     }
@@ -393,12 +393,33 @@ impl Executor {
 
     /// Ready once the node holds the data it owns: a single node as soon as
     /// it listens, a cluster node once it has loaded its ring and its keys.
+    /// Ready once the node holds its data, and, in a cluster, only while
+    /// the ring it holds lists it: a node outside the ring owns no keys, so
+    /// a Service must not count it among the cache's endpoints (it would
+    /// only forward) and a supervisor must see that it is not serving as a
+    /// member.
     fn readiness(&self) -> Readiness {
-        let ready = self.ready.load(Ordering::Acquire);
+        let not_a_member = self.cluster.as_ref().and_then(|cluster| {
+            let ring = cluster.rings()?.current.clone();
+            ring.my_state().is_none().then(|| {
+                format!(
+                    "this node is not a member of the ring it holds (epoch {}): it owns no keys until a membership document lists it",
+                    ring.epoch()
+                )
+            })
+        });
+        let error = not_a_member.or_else(|| {
+            (!self.ready.load(Ordering::Acquire))
+                .then(|| "node is still loading the data it owns".to_owned())
+        });
         Readiness {
-            status: if ready { "ready" } else { "not ready" },
+            status: if error.is_none() {
+                "ready"
+            } else {
+                "not ready"
+            },
             node_id: self.node_id.clone(),
-            error: (!ready).then(|| "node is still loading the data it owns".to_owned()),
+            error,
         }
     }
 
@@ -479,9 +500,16 @@ impl Executor {
         }
     }
 
-    /// Returns at once unless this node is a leaving member still handing
-    /// its data off; then waits (up to `timeout`) until it is done.
-    async fn handoff(&self, timeout: Duration) -> Outcome {
+    /// The preStop hook's wait: until this node has handed its data off,
+    /// or `timeout`. With `epoch`, first until the node holds that epoch (the
+    /// ring that marks it leaving), so a node that has not yet seen the ring
+    /// never reports a handoff it has not started.
+    ///
+    /// Complete means: a leaving member whose handoff is done, or a node the
+    /// ring no longer lists (it owns nothing). An active or joining member
+    /// has handed nothing off: it answers at once, not complete (its peers
+    /// hold the other copies, so its pod may still go).
+    async fn handoff(&self, timeout: Duration, epoch: Option<u64>) -> Outcome {
         let Some(cluster) = &self.cluster else {
             return Outcome::Handoff(Box::new(Handoff {
                 handoff_complete: true,
@@ -492,10 +520,17 @@ impl Executor {
         let started = Instant::now();
         loop {
             let report = cluster.report();
-            let leaving = report.member_state == Some(MemberState::Leaving);
-            if !leaving || report.handoff_complete || started.elapsed() >= timeout {
+            let reached = epoch.is_none_or(|e| report.epoch >= e);
+            let settled_answer = match (reached, report.member_state) {
+                (false, _) => None,
+                (true, None) => Some(true),
+                (true, Some(MemberState::Leaving)) => report.handoff_complete.then_some(true),
+                (true, Some(_)) => Some(false),
+            };
+            let timed_out = started.elapsed() >= timeout;
+            if settled_answer.is_some() || timed_out {
                 return Outcome::Handoff(Box::new(Handoff {
-                    handoff_complete: !leaving || report.handoff_complete,
+                    handoff_complete: settled_answer.unwrap_or(false),
                     waited: started.elapsed().as_secs_f64(),
                     progress: Some(report),
                 }));

@@ -51,8 +51,10 @@ pub enum Operation {
     },
     /// This node's data-movement progress.
     Rebalance,
-    /// The preStop hook: wait up to `timeout` for a leaving node's handoff.
+    /// The preStop hook: wait up to `timeout` for a leaving node's handoff
+    /// (having first reached ring `epoch`, when given).
     Handoff {
         timeout: Duration,
+        epoch: Option<u64>,
     },
 }

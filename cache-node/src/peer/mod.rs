@@ -22,9 +22,8 @@ pub mod outbox;
 pub mod protocol;
 pub mod server;
 
-pub use client::{Expect, PeerClient, PeerError, PeerSettings, Reply, expect};
-pub use protocol::{Answer, Request};
-pub use server::Handler;
+pub use client::{Expect, PeerClient, PeerError, PeerSettings, expect};
+pub use protocol::Request;
 
 /// The path a peer connection is opened on.
 pub const CONNECT_PATH: &str = "/internal/v1/connect";

@@ -4,7 +4,9 @@
 //! uses [`SystemClock`]; tests use [`ManualClock`] to move time forward without
 //! sleeping, which makes TTL behaviour exact and the tests fast.
 
+#[cfg(any(test, feature = "test-util"))]
 use std::sync::Arc;
+#[cfg(any(test, feature = "test-util"))]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,9 +32,12 @@ impl Clock for SystemClock {
 }
 
 /// A clock that only moves when told to. Cloning shares the same time.
+/// For tests and benchmarks (the `test-util` feature).
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone)]
 pub struct ManualClock(Arc<AtomicU64>);
 
+#[cfg(any(test, feature = "test-util"))]
 impl ManualClock {
     pub fn new(start: UnixNanos) -> Self {
         Self(Arc::new(AtomicU64::new(start)))
@@ -47,6 +52,7 @@ impl ManualClock {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Clock for ManualClock {
     fn now(&self) -> UnixNanos {
         self.0.load(Ordering::SeqCst)

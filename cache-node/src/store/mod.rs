@@ -44,7 +44,9 @@ use std::time::Duration;
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-pub use clock::{Clock, ManualClock, SystemClock, UnixNanos};
+#[cfg(any(test, feature = "test-util"))]
+pub use clock::ManualClock;
+pub use clock::{Clock, SystemClock, UnixNanos};
 pub use shard::{ITEM_OVERHEAD, ShardCounters, TAG_LIST_OVERHEAD, TAG_OVERHEAD, item_cost};
 
 use shard::{NewItem, Shard, Slot};
@@ -134,7 +136,8 @@ pub enum StoreError {
 }
 
 /// The tags of an item written without any (spelled out, since an empty
-/// `&[]` names no tag type).
+/// `&[]` names no tag type). For tests and benchmarks.
+#[cfg(any(test, feature = "test-util"))]
 pub const NO_TAGS: &[&str] = &[];
 
 /// An item as the encoders see it (the REST answer's JSON, the peer

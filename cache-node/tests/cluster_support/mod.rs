@@ -8,7 +8,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,8 @@ use cache_node::peer::{PeerClient, PeerSettings};
 use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc, NodeProgress};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cache-node");
+use crate::node_proc::{Launch, NodeProc};
+
 const PORT: u16 = 18_400;
 /// The peer port, when a cluster gives the peer API a listener of its own.
 const PEER_PORT: u16 = 18_401;
@@ -28,8 +28,11 @@ pub struct ProcNode {
     pub addr: SocketAddr,
     /// Where peers reach it: `addr`, or its own peer port.
     pub peer_addr: SocketAddr,
-    child: Option<Child>,
+    child: Option<NodeProc>,
     log: PathBuf,
+    /// Where in `log` the running process's lines begin (the file is kept
+    /// across restarts of the slot).
+    log_from: usize,
 }
 
 impl ProcNode {
@@ -186,33 +189,27 @@ impl ProcCluster {
 
     pub fn start_with_file(&mut self, i: usize, membership_file: &Path) {
         assert!(self.nodes[i].child.is_none(), "node {i} already running");
+        self.nodes[i].log_from = std::fs::metadata(&self.nodes[i].log)
+            .map_or(0, |m| usize::try_from(m.len()).unwrap_or(usize::MAX));
         let node = &self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .expect("log file");
-        let child = Command::new(BIN)
-            .args(["--bind-address", &node.addr.ip().to_string()])
-            .args(["--port", &node.addr.port().to_string()])
+        let proc = Launch::new()
+            .at(node.addr)
             .args(["--node-id", &node.id])
             .arg("--membership-file")
             .arg(membership_file)
             .args(["--membership-poll-interval", "100ms"])
             .args(["--log-level", "info"])
             .args(&self.flags)
-            .stdout(Stdio::from(log.try_clone().expect("log file")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start cache-node");
-        self.nodes[i].child = Some(child);
+            .log_file(&node.log)
+            .spawn();
+        assert_eq!(proc.addr, node.addr, "node {i} bound where the ring says");
+        self.nodes[i].child = Some(proc);
     }
 
     /// `kill -9`: the process dies at once, its memory with it.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(node) = self.nodes[i].child.take() {
+            node.kill();
         }
     }
 
@@ -252,16 +249,18 @@ impl ProcCluster {
             .get(self.url(i, "/metrics"))
             .send()
             .await
-            .ok()?
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("scraping node {i}: {e}"))
             .text()
             .await
-            .ok()?;
+            .unwrap_or_else(|e| panic!("scraping node {i}: {e}"));
         text.lines().find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
+            let value = l.strip_prefix(series)?.strip_prefix(' ')?.trim();
+            Some(
+                value
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{series} on node {i}: {value:?}: {e}")),
+            )
         })
     }
 
@@ -278,8 +277,38 @@ impl ProcCluster {
         Some(serde_json::from_slice(&cache_node::item_json::item_to_vec(&record)).expect("JSON"))
     }
 
+    /// Sends node `i` a signal (`SIGSTOP` stalls it: the kernel still
+    /// accepts its connections, nothing answers; `SIGCONT` resumes it).
+    pub fn signal(&self, i: usize, signal: libc::c_int) {
+        self.nodes[i]
+            .child
+            .as_ref()
+            .expect("node is running")
+            .signal(signal);
+    }
+
+    /// Waits until the running process of node `i` logs a line containing
+    /// `needle` (fails the test after `within`).
+    pub async fn wait_for_log(&self, i: usize, needle: &str, within: Duration) {
+        let node = &self.nodes[i];
+        let deadline = Instant::now() + within;
+        loop {
+            let text = std::fs::read(&node.log).unwrap_or_default();
+            let since =
+                String::from_utf8_lossy(&text[node.log_from.min(text.len())..]).into_owned();
+            if since.contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} did not log {needle:?} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn pid(&self, i: usize) -> u32 {
-        self.nodes[i].child.as_ref().expect("node is running").id()
+        self.nodes[i].child.as_ref().expect("node is running").pid()
     }
 
     pub fn url(&self, i: usize, path: &str) -> String {
@@ -300,7 +329,11 @@ impl ProcCluster {
             .await
             .expect("request");
         let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        let text = resp.text().await.expect("a body");
+        let body = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("GET {path} on node {i}: {status}, not JSON ({e}): {text:?}")
+        });
+        (status, body)
     }
 
     pub async fn progress(&self, i: usize) -> Option<NodeProgress> {
@@ -411,6 +444,7 @@ fn slot(block: u8, i: usize, dir: &Path) -> ProcNode {
         peer_addr: addr,
         child: None,
         log: dir.join(format!("node-{i}.log")),
+        log_from: 0,
     }
 }
 

@@ -1,27 +1,25 @@
 //! Support for the hostile-client tests: the real `cache-node` binary as a
-//! process on 127.0.0.1 (so its memory can be read from /proc), raw TCP
-//! clients that can send anything, and a small HTTP/1 response reader.
+//! process on 127.0.0.1 (a [`NodeProc`], so its memory can be read from
+//! /proc), raw TCP clients that can send anything, and a small HTTP/1
+//! response reader.
 //!
 //! Everything is synchronous `std::net` with a timeout on every read and
 //! write: a misbehaving node fails a test, it never hangs it.
 
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cache-node");
+use crate::node_proc::{Launch, NodeProc};
 
 /// How far above its baseline a node's resident memory may be after an
 /// attack. Not byte-exact: the allocator (mimalloc) keeps freed pages for
 /// reuse and the runtime keeps the stacks and buffers it grew, which is why
 /// the attacks whose point is volume take their baseline after a warm-up
 /// round of the same attack (see
-/// [`NodeProc::assert_repeated_attack_leaves_nothing`]): what caches grow to
+/// [`Target::assert_repeated_attack_leaves_nothing`]): what caches grow to
 /// then is in the baseline, and what remains above it is what the node kept.
 /// Measured growth after a warm-up is ~0-2 MiB.
 pub const RSS_SLACK: u64 = 16 * 1024 * 1024;
@@ -35,88 +33,42 @@ pub const RETENTION_VOLUME: u64 = 4 * RSS_SLACK;
 /// Default read timeout of the raw clients.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A `cache-node` process, killed when dropped.
-pub struct NodeProc {
-    child: Child,
+/// A `cache-node` under attack: the process (see [`NodeProc`]) and its
+/// resident memory baseline.
+pub struct Target {
+    pub node: NodeProc,
     pub addr: SocketAddr,
-    /// The last lines the node logged, for failure messages.
-    log: Arc<Mutex<VecDeque<String>>>,
     /// Resident memory after start-up and a first round of requests.
     pub baseline_rss: u64,
 }
 
-impl NodeProc {
+impl Target {
     /// Starts the binary on 127.0.0.1 and a port of the kernel's choosing
     /// with `flags` and environment `env`, and waits until it serves.
     pub fn start(flags: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["--bind-address", "127.0.0.1", "--port", "0"])
+        let mut launch = Launch::new()
             .args(["--log-format", "json", "--log-level", "info"])
-            .args(flags)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start cache-node");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(VecDeque::new()));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            // Drains stderr for the node's whole life, so it never blocks on a
-            // full pipe, keeping the last lines for diagnostics.
-            std::thread::spawn(move || {
-                let mut addr_tx = Some(addr_tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(tx) = &addr_tx
-                        && let Some(addr) = listening_addr(&line)
-                    {
-                        let _ = tx.send(addr);
-                        addr_tx = None;
-                    }
-                    let mut log = log.lock().unwrap();
-                    if log.len() == 200 {
-                        log.pop_front();
-                    }
-                    log.push_back(line);
-                }
-            });
+            .args(flags);
+        for (k, v) in env {
+            launch = launch.env(k, v);
         }
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait();
-                panic!(
-                    "cache-node did not report its address ({status:?}); log:\n{}",
-                    log.lock()
-                        .unwrap()
-                        .iter()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
-            }
-        };
-        let mut node = Self {
-            child,
-            addr,
-            log,
+        let node = launch.spawn();
+        let mut target = Self {
+            addr: node.addr,
+            node,
             baseline_rss: 0,
         };
         // Warm up (first allocations, lazily started runtime threads) before
         // taking the baseline.
         for _ in 0..3 {
-            node.assert_serves();
+            target.assert_serves();
         }
-        node.baseline_rss = node.rss();
-        node
+        target.baseline_rss = target.rss();
+        target
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.node.pid()
     }
 
     /// Resident set size in bytes, from /proc/<pid>/statm.
@@ -134,20 +86,12 @@ impl NodeProc {
     }
 
     pub fn log_tail(&self) -> String {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.node.log_tail(200)
     }
 
     /// The process is still running.
     pub fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("cache-node exited ({status}); log:\n{}", self.log_tail());
-        }
+        self.node.assert_alive();
     }
 
     /// Health answers, and a write then a read of a fresh key work, each on a
@@ -258,22 +202,6 @@ impl NodeProc {
         let _ = conn.write_all(bytes);
         read_response(&mut conn)
     }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The address in the node's "cache-node listening" JSON log line.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    if v["fields"]["message"] != "cache-node listening" {
-        return None;
-    }
-    v["fields"]["addr"].as_str()?.parse().ok()
 }
 
 #[derive(Debug, Clone)]

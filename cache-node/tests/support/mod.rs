@@ -1,41 +1,32 @@
-//! Test support: a real cache node on an ephemeral loopback port, in-process,
-//! and a client for it. The node stops when the handle is dropped.
+//! Test support for the HTTP API tests: a real cache node (a [`NodeProc`]
+//! on 127.0.0.1 and a port the kernel chose) and a JSON client for it. The
+//! node is killed when the handle is dropped.
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 
-use cache_node::config::Config;
-use cache_node::server::Node;
-use clap::Parser;
 use serde_json::Value;
-use tokio::sync::oneshot;
+
+use crate::node_proc::NodeProc;
 
 pub struct TestNode {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
+    pub node: NodeProc,
 }
 
 impl TestNode {
-    /// Starts a node with the given extra flags on 127.0.0.1 and a free port.
+    /// Starts a node with the given extra flags.
     pub async fn start(flags: &[&str]) -> Self {
-        let mut args = vec!["cache-node", "--bind-address", "127.0.0.1", "--port", "0"];
-        args.extend_from_slice(flags);
-        let config = Config::try_parse_from(args).expect("valid test flags");
-        let node = Node::bind(&config).await.expect("bind a loopback port");
-        let addr = node.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(node.serve(async move {
-            let _ = stopped.await;
-        }));
+        let node = NodeProc::start(flags);
         Self {
-            addr,
+            addr: node.addr,
             client: reqwest::Client::builder()
                 .no_proxy()
                 .build()
                 .expect("an HTTP client"),
-            stop: Some(stop),
+            node,
         }
     }
 
@@ -82,14 +73,6 @@ impl TestNode {
 
     pub async fn post_empty(&self, path: &str) -> (u16, Value) {
         read(self.client.post(self.url(path)).send().await.unwrap()).await
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 
