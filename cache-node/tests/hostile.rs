@@ -827,6 +827,77 @@ fn a_burst_of_connections_waits_in_the_listen_backlog() {
     );
 }
 
+/// The peer API answers every refusal as JSON too (an independent check
+/// once found a duplicate query field answered in plain text there): a
+/// query on the connect route, a duplicate one, a missing upgrade, a wrong
+/// method, a route that does not exist, a missing or wrong token.
+#[test]
+fn peer_api_refusals_are_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("ring.json");
+    std::fs::write(
+        &ring,
+        r#"{"epoch": 1, "replicationFactor": 1, "members": [{"id": "node-1", "address": "127.0.0.1:1", "state": "active"}]}"#,
+    )
+    .unwrap();
+    let token = dir.path().join("peer-token");
+    std::fs::write(&token, "peer-secret\n").unwrap();
+    // A NodeProc, not a Target: the node has no ring member address it
+    // can serve writes through, and this test only talks to the peer API.
+    let node = node_proc::NodeProc::start(&[
+        "--membership-file",
+        ring.to_str().unwrap(),
+        "--peer-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let auth = "Authorization: Bearer peer-secret\r\n";
+    let upgrade = "Connection: upgrade\r\nUpgrade: distrocache-peer/1\r\n";
+    for (request, status) in [
+        (
+            format!("GET /internal/v1/connect?x=1 HTTP/1.1\r\nHost: t\r\n{auth}{upgrade}\r\n"),
+            400,
+        ),
+        (
+            format!("GET /internal/v1/connect?x=1&x=2 HTTP/1.1\r\nHost: t\r\n{auth}{upgrade}\r\n"),
+            400,
+        ),
+        (
+            format!("GET /internal/v1/connect HTTP/1.1\r\nHost: t\r\n{auth}\r\n"),
+            426,
+        ),
+        (
+            format!(
+                "POST /internal/v1/connect HTTP/1.1\r\nHost: t\r\n{auth}{upgrade}Content-Length: 0\r\n\r\n"
+            ),
+            405,
+        ),
+        (
+            format!(
+                "POST /internal/v1/replicate?source=a&source=b HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: 0\r\n\r\n"
+            ),
+            404,
+        ),
+        (
+            format!("GET /internal/v1/connect HTTP/1.1\r\nHost: t\r\n{upgrade}\r\n"),
+            401,
+        ),
+        (
+            format!(
+                "GET /internal/v1/connect HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer wrong\r\n{upgrade}\r\n"
+            ),
+            401,
+        ),
+    ] {
+        let mut conn = TcpStream::connect(node.addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        conn.write_all(request.as_bytes()).unwrap();
+        let answer = read_response(&mut conn).unwrap_or_else(|e| panic!("{request:?}: {e}"));
+        let message = answer.assert_json_error(status);
+        assert!(!message.is_empty(), "{request:?}");
+    }
+}
+
 #[test]
 fn pipelined_garbage_is_refused_and_fresh_connections_work() {
     let mut node = Target::start(&["--header-read-timeout", "2s"], &[]);

@@ -338,7 +338,12 @@ impl Inner {
                     epoch,
                 }
             }
-            Route::PeerConnect => return Ok(Parsed::PeerConnect),
+            Route::PeerConnect => {
+                // The route takes no query: refuse one (as JSON, like every
+                // refusal) rather than ignore what a caller meant.
+                request::query(uri.query(), &[])?;
+                return Ok(Parsed::PeerConnect);
+            }
         };
         Ok(Parsed::Op(op))
     }
