@@ -193,6 +193,13 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>) {
 pub async fn reconcile(dc: Arc<DistroCache>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
+    ctx.metrics
+        .cache_reconciles
+        .with_label_values(&[
+            dc.namespace().as_deref().unwrap_or_default(),
+            &dc.name_any(),
+        ])
+        .inc();
     let result = reconcile_inner(&dc, &ctx).await;
     ctx.metrics
         .duration
