@@ -216,7 +216,7 @@ pub async fn reconcile(dc: Arc<DistroCache>, ctx: Arc<Context>) -> Result<Action
 /// Retries with exponential backoff per cache (2 s after the first failure,
 /// doubling up to 5 min), and reports the error as an Event and in the
 /// `Degraded` condition.
-pub fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failures.inc();
     let failures = {
         let mut map = ctx.failures.lock().expect("never poisoned");

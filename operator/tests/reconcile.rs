@@ -524,23 +524,24 @@ async fn a_scale_down_marks_members_leaving_and_shrinks_only_after_their_handoff
     assert_eq!(h.world().ring().unwrap().epoch, 3);
     h.nodes_sync();
     h.reconcile().await.expect("reconcile");
-    let w = h.world();
-    let ring = w.ring().unwrap();
-    assert_eq!(ring.epoch, 4);
-    assert_eq!(
-        ring.members
-            .iter()
-            .map(|m| m.id.as_str())
-            .collect::<Vec<_>>(),
-        ["c-0", "c-1"]
-    );
-    assert_eq!(w.statefulset_replicas(), Some(2));
-    assert!(
-        w.position(Method::PATCH, RING_PATH) < w.position(Method::PATCH, STS_PATH),
-        "the member leaves the ring before its pod goes"
-    );
-    assert_eq!(w.events(), ["MembersRemoved"]);
-    drop(w);
+    {
+        let w = h.world();
+        let ring = w.ring().unwrap();
+        assert_eq!(ring.epoch, 4);
+        assert_eq!(
+            ring.members
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect::<Vec<_>>(),
+            ["c-0", "c-1"]
+        );
+        assert_eq!(w.statefulset_replicas(), Some(2));
+        assert!(
+            w.position(Method::PATCH, RING_PATH) < w.position(Method::PATCH, STS_PATH),
+            "the member leaves the ring before its pod goes"
+        );
+        assert_eq!(w.events(), ["MembersRemoved"]);
+    }
     // Its pod gone, the cache is steady at 2.
     h.remove_pod(2);
     h.nodes_sync();

@@ -20,13 +20,13 @@ use crate::kubelet::{Kubelet, Program};
 use crate::wait;
 
 /// The images the manifests and the operator use (any tag).
-pub const NODE_IMAGE: &str = "ghcr.io/distrocache/cache-node";
-pub const OPERATOR_IMAGE: &str = "ghcr.io/distrocache/operator";
+pub(crate) const NODE_IMAGE: &str = "ghcr.io/distrocache/cache-node";
+pub(crate) const OPERATOR_IMAGE: &str = "ghcr.io/distrocache/operator";
 /// Where `manifests/` installs the operator, its replicas (which elect a
 /// leader) and their Lease.
 pub const OPERATOR_NAMESPACE: &str = "distrocache-system";
-pub const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=distrocache-operator";
-pub const OPERATOR_REPLICAS: usize = 2;
+pub(crate) const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=distrocache-operator";
+pub(crate) const OPERATOR_REPLICAS: usize = 2;
 pub const OPERATOR_LEASE: &str = "distrocache-operator";
 
 /// The repository root.
@@ -164,10 +164,22 @@ pub async fn operator_cache_reconciles(
     ns: &str,
     name: &str,
 ) -> Result<(Leader, u64)> {
-    let leader = operator_leader(client, OPERATOR_NAMESPACE, OPERATOR_LEASE)
+    operator_cache_reconciles_at(client, OPERATOR_NAMESPACE, OPERATOR_LEASE, ns, name).await
+}
+
+/// [`operator_cache_reconciles`] for an operator installed elsewhere (a
+/// Helm release): the namespace it runs in and its Lease.
+pub async fn operator_cache_reconciles_at(
+    client: &Client,
+    operator_namespace: &str,
+    lease: &str,
+    ns: &str,
+    name: &str,
+) -> Result<(Leader, u64)> {
+    let leader = operator_leader(client, operator_namespace, lease)
         .await?
         .context("no operator replica leads")?;
-    let pod = Api::<Pod>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+    let pod = Api::<Pod>::namespaced(client.clone(), operator_namespace)
         .get(&leader.pod)
         .await?;
     let ip: std::net::IpAddr = pod
@@ -198,7 +210,7 @@ pub async fn operator_cache_reconciles(
 }
 
 /// The port of the operator's /metrics (its default).
-pub const OPERATOR_PORT: u16 = 8081;
+pub(crate) const OPERATOR_PORT: u16 = 8081;
 
 /// The holder of an operator Lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +220,7 @@ pub struct Leader {
 }
 
 /// Waits until `n` pods matching `selector` in `ns` are ready.
-pub async fn wait_pods_ready(
+pub(crate) async fn wait_pods_ready(
     client: &Client,
     ns: &str,
     selector: &str,
@@ -449,7 +461,7 @@ pub async fn write_items(
 }
 
 /// Reads every key through `node`; returns the keys missing or wrong.
-pub async fn missing_through(
+pub(crate) async fn missing_through(
     client: &CacheClient,
     node: SocketAddr,
     expected: &Written,

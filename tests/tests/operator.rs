@@ -1125,10 +1125,9 @@ async fn changing_the_replication_factor_restarts_no_pod() -> Result<()> {
                 .get("factor-ring")
                 .await?
                 .data
-                .unwrap_or_default();
-            let doc = distrocache_membership::MembershipDoc::from_json(
-                ring.get("ring.json").map_or(&b""[..], |s| s.as_bytes()),
-            )?;
+                .and_then(|mut d| d.remove(distrocache_membership::CONFIGMAP_KEY))
+                .ok_or_else(|| anyhow::anyhow!("factor-ring holds no ring document"))?;
+            let doc = distrocache_membership::MembershipDoc::from_json(ring.as_bytes())?;
             let moved = doc.replication_factor == 1
                 && dc.status.as_ref().unwrap().ring_epoch == doc.epoch as i64
                 && doc.epoch as i64 > epoch_before;

@@ -42,7 +42,7 @@ const STOP_GRACE: Duration = Duration::from_secs(15);
 /// How long one kubectl or helm invocation may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 /// How many log lines of each component are printed when something fails.
-pub const LOG_TAIL_LINES: usize = 40;
+pub(crate) const LOG_TAIL_LINES: usize = 40;
 
 /// The ports the control plane listens on, all on 127.0.0.1.
 #[derive(Debug, Clone, Copy)]

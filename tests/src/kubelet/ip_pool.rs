@@ -138,7 +138,7 @@ pub fn set_pod_ip_range(range: PodIpRange) -> Result<()> {
 }
 
 /// The range pod addresses come from.
-pub fn pod_ip_range() -> PodIpRange {
+pub(crate) fn pod_ip_range() -> PodIpRange {
     pool().range
 }
 

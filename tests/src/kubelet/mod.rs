@@ -49,7 +49,7 @@ use crate::procs;
 use worker::Command;
 
 /// The Node name of a kubelet started with [`Kubelet::start`].
-pub const DEFAULT_NODE_NAME: &str = "test-kubelet";
+pub(crate) const DEFAULT_NODE_NAME: &str = "test-kubelet";
 /// How long a kubelet may take to register its Node and list the pods.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long shutting down may take before the kubelet's thread is left behind.
