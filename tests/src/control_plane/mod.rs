@@ -29,7 +29,8 @@ use kube::{Api, Client};
 mod components;
 mod kubeconfig;
 
-pub use kubeconfig::{client_from_kubeconfig, write_kubeconfig, write_token_kubeconfig};
+pub use kubeconfig::client_from_kubeconfig;
+pub(crate) use kubeconfig::{write_kubeconfig, write_token_kubeconfig};
 
 use crate::binaries::Binaries;
 use crate::pki::Pki;

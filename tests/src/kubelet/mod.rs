@@ -42,7 +42,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use tokio::sync::{mpsc, oneshot};
 
 pub use images::{ImageTable, Program};
-pub use ip_pool::{PodIpRange, pod_ip_range, set_pod_ip_range};
+pub use ip_pool::{PodIpRange, set_pod_ip_range};
 
 use crate::control_plane::ControlPlane;
 use crate::procs;
