@@ -193,6 +193,13 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>) {
 pub async fn reconcile(dc: Arc<DistroCache>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
+    ctx.metrics
+        .cache_reconciles
+        .with_label_values(&[
+            dc.namespace().as_deref().unwrap_or_default(),
+            &dc.name_any(),
+        ])
+        .inc();
     let result = reconcile_inner(&dc, &ctx).await;
     ctx.metrics
         .duration
@@ -209,7 +216,7 @@ pub async fn reconcile(dc: Arc<DistroCache>, ctx: Arc<Context>) -> Result<Action
 /// Retries with exponential backoff per cache (2 s after the first failure,
 /// doubling up to 5 min), and reports the error as an Event and in the
 /// `Degraded` condition.
-pub fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failures.inc();
     let failures = {
         let mut map = ctx.failures.lock().expect("never poisoned");

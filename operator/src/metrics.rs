@@ -1,14 +1,19 @@
-//! The operator's own Prometheus metrics: reconciles, failures and how long
-//! a reconcile takes, served on `/metrics` with the process metrics.
+//! The operator's own Prometheus metrics: reconciles (in all and per cache),
+//! failures and how long a reconcile takes, served on `/metrics` with the
+//! process metrics.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
     pub reconciles: IntCounter,
+    /// Reconciles of each cache: what tells a cache reconciled in a loop
+    /// from one reconciled once per change (the tests count these).
+    pub cache_reconciles: IntCounterVec,
     pub failures: IntCounter,
     pub duration: Histogram,
     pub ring_epoch: IntGaugeVec,
@@ -22,6 +27,14 @@ impl Default for Metrics {
         let reconciles = IntCounter::new(
             "distrocache_operator_reconciles_total",
             "Reconciles of DistroCache resources",
+        )
+        .expect("valid metric");
+        let cache_reconciles = IntCounterVec::new(
+            Opts::new(
+                "distrocache_operator_cache_reconciles_total",
+                "Reconciles of each DistroCache resource",
+            ),
+            &["namespace", "name"],
         )
         .expect("valid metric");
         let failures = IntCounter::new(
@@ -52,6 +65,7 @@ impl Default for Metrics {
         .expect("valid metric");
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_reconciles.clone()),
             Box::new(failures.clone()),
             Box::new(duration.clone()),
             Box::new(ring_epoch.clone()),
@@ -62,6 +76,7 @@ impl Default for Metrics {
         Self {
             registry,
             reconciles,
+            cache_reconciles,
             failures,
             duration,
             ring_epoch,

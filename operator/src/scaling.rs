@@ -194,7 +194,9 @@ pub fn plan(o: &Observed) -> Plan {
         })
         .collect();
     if !moved.is_empty() || o.ring_recovered {
-        let mut plan = keep(if moved.is_empty() {
+        // A ring rebuilt from the status always gains client addresses
+        // (the status does not record them): the recovery is what happened.
+        let mut plan = keep(if o.ring_recovered {
             Step::Recovered
         } else {
             Step::AddressesUpdated(moved)

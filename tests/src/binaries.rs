@@ -10,8 +10,6 @@ use anyhow::{Result, bail};
 
 /// The Kubernetes version the binaries are built at (kube-apiserver, kubectl...).
 pub const K8S_VERSION: &str = "v1.34.4";
-/// The etcd version.
-pub const ETCD_VERSION: &str = "v3.6.4";
 /// The helm version.
 pub const HELM_VERSION: &str = "v3.19.5";
 

@@ -20,13 +20,13 @@ use crate::kubelet::{Kubelet, Program};
 use crate::wait;
 
 /// The images the manifests and the operator use (any tag).
-pub const NODE_IMAGE: &str = "ghcr.io/distrocache/cache-node";
-pub const OPERATOR_IMAGE: &str = "ghcr.io/distrocache/operator";
+pub(crate) const NODE_IMAGE: &str = "ghcr.io/distrocache/cache-node";
+pub(crate) const OPERATOR_IMAGE: &str = "ghcr.io/distrocache/operator";
 /// Where `manifests/` installs the operator, its replicas (which elect a
 /// leader) and their Lease.
 pub const OPERATOR_NAMESPACE: &str = "distrocache-system";
-pub const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=distrocache-operator";
-pub const OPERATOR_REPLICAS: usize = 2;
+pub(crate) const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=distrocache-operator";
+pub(crate) const OPERATOR_REPLICAS: usize = 2;
 pub const OPERATOR_LEASE: &str = "distrocache-operator";
 
 /// The repository root.
@@ -155,6 +155,63 @@ pub async fn operator_leader(
     Ok(Some(Leader { pod, identity }))
 }
 
+/// How many times the leading operator process has reconciled the cache
+/// `ns/name` (its `distrocache_operator_cache_reconciles_total`; 0 before
+/// the first), and which process that is: the count is per process, so a
+/// change of leader restarts it.
+pub async fn operator_cache_reconciles(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<(Leader, u64)> {
+    operator_cache_reconciles_at(client, OPERATOR_NAMESPACE, OPERATOR_LEASE, ns, name).await
+}
+
+/// [`operator_cache_reconciles`] for an operator installed elsewhere (a
+/// Helm release): the namespace it runs in and its Lease.
+pub async fn operator_cache_reconciles_at(
+    client: &Client,
+    operator_namespace: &str,
+    lease: &str,
+    ns: &str,
+    name: &str,
+) -> Result<(Leader, u64)> {
+    let leader = operator_leader(client, operator_namespace, lease)
+        .await?
+        .context("no operator replica leads")?;
+    let pod = Api::<Pod>::namespaced(client.clone(), operator_namespace)
+        .get(&leader.pod)
+        .await?;
+    let ip: std::net::IpAddr = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .with_context(|| format!("the leading operator pod {} has no IP", leader.pod))?
+        .parse()?;
+    let metrics = CacheClient::default()
+        .text(SocketAddr::new(ip, OPERATOR_PORT), "/metrics")
+        .await?;
+    if !metrics.contains("distrocache_operator_reconciles_total") {
+        bail!("{ip}:{OPERATOR_PORT}/metrics holds no operator metrics: {metrics:.200}");
+    }
+    let (want_ns, want_name) = (format!("namespace=\"{ns}\""), format!("name=\"{name}\""));
+    let count = metrics
+        .lines()
+        .filter(|l| l.starts_with("distrocache_operator_cache_reconciles_total{"))
+        .filter(|l| l.contains(&want_ns) && l.contains(&want_name))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .with_context(|| format!("a sample without a value: {l}"))
+        })
+        .sum::<Result<f64>>()?;
+    Ok((leader, count as u64))
+}
+
+/// The port of the operator's /metrics (its default).
+pub(crate) const OPERATOR_PORT: u16 = 8081;
+
 /// The holder of an operator Lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leader {
@@ -163,7 +220,7 @@ pub struct Leader {
 }
 
 /// Waits until `n` pods matching `selector` in `ns` are ready.
-pub async fn wait_pods_ready(
+pub(crate) async fn wait_pods_ready(
     client: &Client,
     ns: &str,
     selector: &str,
@@ -321,8 +378,22 @@ impl CacheClient {
 
     pub async fn get_json(&self, addr: SocketAddr, path: &str) -> Result<(u16, Value)> {
         let resp = self.http.get(Self::url(addr, path)?).send().await?;
+        Self::json_answer(resp).await
+    }
+
+    /// The status and JSON body of an answer. Every answer of a node is
+    /// JSON, errors included (DESIGN 2.1): a body that is not is an error,
+    /// not a `null` that a check could mistake for "nothing there".
+    async fn json_answer(resp: reqwest::Response) -> Result<(u16, Value)> {
         let status = resp.status().as_u16();
-        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+        let body = resp.bytes().await?;
+        let value = serde_json::from_slice(&body).with_context(|| {
+            format!(
+                "a {status} answer that is not JSON: {:.200}",
+                String::from_utf8_lossy(&body)
+            )
+        })?;
+        Ok((status, value))
     }
 
     pub async fn post_json(
@@ -337,8 +408,7 @@ impl CacheClient {
             .json(body)
             .send()
             .await?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+        Self::json_answer(resp).await
     }
 
     pub async fn text(&self, addr: SocketAddr, path: &str) -> Result<String> {
@@ -391,7 +461,7 @@ pub async fn write_items(
 }
 
 /// Reads every key through `node`; returns the keys missing or wrong.
-pub async fn missing_through(
+pub(crate) async fn missing_through(
     client: &CacheClient,
     node: SocketAddr,
     expected: &Written,

@@ -48,7 +48,7 @@ fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
 /// Works on `std::process::Command`; for `tokio::process::Command` pass
 /// `cmd.as_std_mut()`. Spawn from a thread that lives as long as the child
 /// should (see the module docs).
-pub fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the hook runs in the forked child before exec and calls only
     // async-signal-safe system calls (prctl, getppid, _exit).
@@ -77,7 +77,7 @@ pub fn die_with_parent(cmd: &mut Command) {
 /// Removes the proxy variables from a command's environment: every address
 /// the harness uses is on 127.0.0.0/8 and must be dialled directly (Go
 /// programs such as etcd's and the API server's clients honour them).
-pub fn without_proxy(cmd: &mut Command) -> &mut Command {
+pub(crate) fn without_proxy(cmd: &mut Command) -> &mut Command {
     for var in [
         "HTTP_PROXY",
         "HTTPS_PROXY",
@@ -94,7 +94,7 @@ pub fn without_proxy(cmd: &mut Command) -> &mut Command {
 }
 
 /// Spawns `cmd` from the long-lived spawner thread, with [`die_with_parent`].
-pub fn spawn_tied_to_test_process(mut cmd: Command) -> io::Result<Child> {
+pub(crate) fn spawn_tied_to_test_process(mut cmd: Command) -> io::Result<Child> {
     die_with_parent(&mut cmd);
     let (tx, rx) = mpsc::sync_channel(1);
     let job: Job = Box::new(move || {
@@ -172,7 +172,7 @@ impl Process {
     }
 
     /// Waits up to `timeout` for the process to end.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.exited() {
@@ -202,7 +202,7 @@ impl Process {
     }
 
     /// The last `lines` lines of the process's log.
-    pub fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
     }
 }
@@ -216,7 +216,7 @@ impl Drop for Process {
 /// Sends SIGTERM to every process, waits up to `grace` for all of them
 /// together, then SIGKILLs whichever is left. Returns the names of those that
 /// needed SIGKILL.
-pub fn stop_all(processes: &mut [Process], grace: Duration) -> Vec<String> {
+pub(crate) fn stop_all(processes: &mut [Process], grace: Duration) -> Vec<String> {
     for p in processes.iter_mut() {
         p.signal(libc::SIGTERM);
     }
@@ -233,7 +233,7 @@ pub fn stop_all(processes: &mut [Process], grace: Duration) -> Vec<String> {
 }
 
 /// The last `lines` lines of a text file (or a note saying why there are none).
-pub fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     match std::fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);

@@ -28,7 +28,7 @@ pub struct Prometheus {
 }
 
 /// Where the `prometheus` executable is, or a one-line explanation.
-pub fn executable() -> Result<PathBuf> {
+pub(crate) fn executable() -> Result<PathBuf> {
     procs::find_on_path("prometheus").context(
         "prometheus is not installed: install the Debian package `prometheus` \
          (scripts/test.sh does), or leave Prometheus out",

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 /// How often conditions are polled.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Polls `check` until it returns `Ok(Some(value))`, for at most `timeout`.
 /// `Ok(None)` means "not yet"; `Err` is remembered as the last observation

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use distrocache_tests::distrocache::{self, kubectl_ok, wait_ready};
-use distrocache_tests::{ControlPlane, Kubelet, TestNamespace};
+use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, wait};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -382,7 +382,9 @@ async fn scoped_release(
              spec:\n  replicas: 1\n  replicationFactor: 1\n"
         )
     };
-    for ns in [a.name(), other.name()] {
+    // The one it must leave alone first, so an operator that (wrongly)
+    // watched it would hear of it before the one it serves.
+    for ns in [other.name(), a.name()] {
         let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &cache(ns))?;
         ensure!(
             out.status.success(),
@@ -402,8 +404,48 @@ async fn scoped_release(
         image.as_deref() == Some("ghcr.io/distrocache/cache-node:0.1.0"),
         "the chart's cacheNode.image is the operator's default: {image:?}"
     );
-    // The cache outside the watched namespaces is not served.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The cache outside the watched namespaces is not served. Judged on
+    // events, not after a while: the leader has reconciled the served cache
+    // (created after the other), then once more after a poke of its pod; by
+    // then any event about the other cache has long been handled.
+    let reconciles = |ns: &str| {
+        let (client, ns) = (client.clone(), ns.to_owned());
+        async move {
+            distrocache::operator_cache_reconciles_at(
+                &client,
+                release_ns,
+                "scoped-distrocache",
+                &ns,
+                "scoped",
+            )
+            .await
+        }
+    };
+    let (leader, served) = reconciles(a.name()).await?;
+    ensure!(served >= 1, "the served cache was reconciled ({served})");
+    kubectl_ok(
+        cp,
+        &[
+            "label",
+            "--overwrite",
+            "pod",
+            "-n",
+            a.name(),
+            "scoped-0",
+            "poked=yes",
+        ],
+    )?;
+    wait::until("the poke's reconcile", Duration::from_secs(60), || async {
+        let (now, count) = reconciles(a.name()).await?;
+        ensure!(now == leader, "the leader changed: {leader:?} -> {now:?}");
+        Ok((count > served).then_some(()))
+    })
+    .await?;
+    let (_, count) = reconciles(other.name()).await?;
+    ensure!(
+        count == 0,
+        "the unwatched cache was reconciled {count} times"
+    );
     let untouched =
         Api::<distrocache_operator::crd::DistroCache>::namespaced(client.clone(), other.name())
             .get("scoped")

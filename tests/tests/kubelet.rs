@@ -319,7 +319,8 @@ async fn the_readiness_probe_gates_ready_and_the_statefulset_rollout() {
     .expect("gated-0 runs");
     let ip = pod_ip(&pod);
     wait::until("gated-0 to serve", TIMEOUT, || async {
-        Ok(http_get(ip, "/healthz").await.ok().map(|_| ()))
+        // An error is "not yet", kept as the last observation for the report.
+        http_get(ip, "/healthz").await.map(|_| Some(()))
     })
     .await
     .expect("the program serves");
@@ -679,7 +680,7 @@ async fn a_failing_liveness_probe_restarts_the_process() {
     let alive_file = files.path().join("alive");
     let mut server = container(&["--ready-file", alive_file.to_str().expect("a UTF-8 path")]);
     server["livenessProbe"] = json!({
-        "httpGet": {"path": "/readyz", "port": "http"},
+        "httpGet": {"path": "/livez", "port": "http"},
         "periodSeconds": 1,
         "failureThreshold": 2,
         "terminationGracePeriodSeconds": 1,
@@ -727,12 +728,27 @@ async fn a_failing_liveness_probe_restarts_the_process() {
             .map(|s| s[0].restart_count)
     };
     let count = restarts(&pod);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = kubelet.pod_pid(ns.name(), "unhealthy").expect("a process");
+    // Counted in probes, not seconds: more passing liveness probes than the
+    // failure threshold, plus one (a wrong kill after a pass would land
+    // before the next probe, which then goes to a new process).
+    let passed = |log: &str| log.lines().filter(|l| l.ends_with("livez 200")).count();
+    wait::until("4 passing liveness probes", TIMEOUT, || async {
+        let log = std::fs::read_to_string(&process.log_path)?;
+        Ok((passed(&log) >= 4).then_some(()))
+    })
+    .await
+    .expect("the liveness probe keeps passing");
     let pod = pods.get("unhealthy").await.expect("get the pod");
     assert_eq!(
         restarts(&pod),
         count,
         "a passing liveness probe restarts nothing"
+    );
+    assert_eq!(
+        kubelet.pod_pid(ns.name(), "unhealthy"),
+        Some(pid),
+        "the same process still runs"
     );
     assert!(running_and_ready(&pod));
 }

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use distrocache_membership::{MemberState, MembershipDoc};
 use distrocache_operator::crd::DistroCache;
 use distrocache_tests::distrocache::{
@@ -39,9 +39,8 @@ async fn ring(client: &Client, ns: &str) -> Result<MembershipDoc> {
         .await?;
     let json = cm
         .data
-        .unwrap_or_default()
-        .remove("ring.json")
-        .unwrap_or_default();
+        .and_then(|mut d| d.remove(distrocache_membership::CONFIGMAP_KEY))
+        .context("failover-ring holds no ring document")?;
     Ok(MembershipDoc::from_json(json.as_bytes())?)
 }
 

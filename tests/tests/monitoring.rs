@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use distrocache_operator::crd::DistroCache;
 use distrocache_tests::distrocache::{
     self, CacheClient, kubectl_ok, node_addresses, wait_ready, write_items,
@@ -98,7 +98,7 @@ async fn prometheus_scrapes_every_node_through_the_service_monitors_port() -> Re
     }
     let port = sm.data["spec"]["endpoints"][0]["port"]
         .as_str()
-        .unwrap_or_default()
+        .context("the ServiceMonitor's endpoint names no port")?
         .to_owned();
     let svc_port = svc
         .spec
@@ -142,8 +142,13 @@ async fn prometheus_scrapes_every_node_through_the_service_monitors_port() -> Re
                         .and_then(|v| v.parse::<f64>().ok())
                 };
                 let sum = value(&prometheus.query("sum(distrocache_items_total)").await?);
-                let evicted = value(&prometheus.query("sum(distrocache_evictions_total)").await?)
-                    .unwrap_or(0.0);
+                // Every node exports the counter (0 until it evicts): an
+                // empty answer means Prometheus has not scraped it yet.
+                let Some(evicted) =
+                    value(&prometheus.query("sum(distrocache_evictions_total)").await?)
+                else {
+                    return Ok(None);
+                };
                 Ok(sum
                     .filter(|&s| s == expected - evicted)
                     .map(|s| (s, evicted)))

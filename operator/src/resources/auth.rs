@@ -12,12 +12,12 @@ use super::child_meta;
 use crate::crd::DistroCache;
 
 /// Where the Secret is mounted in the node pods.
-pub const AUTH_MOUNT: &str = "/etc/distrocache/auth";
-pub const CLIENT_TOKEN_KEY: &str = "client-token";
-pub const PEER_TOKEN_KEY: &str = "peer-token";
+pub(crate) const AUTH_MOUNT: &str = "/etc/distrocache/auth";
+pub(crate) const CLIENT_TOKEN_KEY: &str = "client-token";
+pub(crate) const PEER_TOKEN_KEY: &str = "peer-token";
 
 /// The Secret holding the tokens: the user's, or `<name>-auth`.
-pub fn auth_secret_name(dc: &DistroCache) -> String {
+pub(crate) fn auth_secret_name(dc: &DistroCache) -> String {
     dc.spec
         .auth
         .secret_name
@@ -27,7 +27,7 @@ pub fn auth_secret_name(dc: &DistroCache) -> String {
 
 /// A new Secret with two random 256-bit tokens (hex). The controller only
 /// ever creates it, never updates it, so tokens stay stable.
-pub fn generated_auth_secret(dc: &DistroCache, random: impl Fn() -> [u8; 32]) -> Secret {
+pub(crate) fn generated_auth_secret(dc: &DistroCache, random: impl Fn() -> [u8; 32]) -> Secret {
     let hex = |bytes: [u8; 32]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
     Secret {
         metadata: child_meta(dc, auth_secret_name(dc), "auth"),
@@ -46,7 +46,7 @@ pub fn generated_auth_secret(dc: &DistroCache, random: impl Fn() -> [u8; 32]) ->
     }
 }
 
-pub fn auth_volume(dc: &DistroCache) -> Volume {
+pub(crate) fn auth_volume(dc: &DistroCache) -> Volume {
     Volume {
         name: "auth".into(),
         secret: Some(SecretVolumeSource {
@@ -58,7 +58,7 @@ pub fn auth_volume(dc: &DistroCache) -> Volume {
     }
 }
 
-pub fn auth_volume_mount() -> VolumeMount {
+pub(crate) fn auth_volume_mount() -> VolumeMount {
     VolumeMount {
         name: "auth".into(),
         mount_path: AUTH_MOUNT.into(),

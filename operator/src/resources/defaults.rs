@@ -18,8 +18,8 @@ use super::selector_labels;
 use crate::crd::{DistroCache, DistroCacheSpec};
 use crate::validation::parse_quantity;
 
-pub const HOSTNAME_KEY: &str = "kubernetes.io/hostname";
-pub const ZONE_KEY: &str = "topology.kubernetes.io/zone";
+pub(crate) const HOSTNAME_KEY: &str = "kubernetes.io/hostname";
+pub(crate) const ZONE_KEY: &str = "topology.kubernetes.io/zone";
 pub const DEFAULT_CPU_REQUEST: &str = "100m";
 pub const DEFAULT_MEMORY_REQUEST: &str = "128Mi";
 
@@ -34,9 +34,9 @@ pub const DEFAULT_MEMORY_REQUEST: &str = "128Mi";
 /// not show: peer connections, rebalancing batches (up to 4 MiB per peer in
 /// flight), replication hints, and allocator variance. The derived budget
 /// is what fits under the limit with both, rounded down to a MiB.
-pub const HEADROOM_FIXED_BYTES: u64 = 48 * 1024 * 1024;
+pub(crate) const HEADROOM_FIXED_BYTES: u64 = 48 * 1024 * 1024;
 /// Resident bytes per byte of `--max-memory`, as a ratio in thousandths.
-pub const HEADROOM_RATIO_PER_MILLE: u64 = 1_500;
+pub(crate) const HEADROOM_RATIO_PER_MILLE: u64 = 1_500;
 /// The smallest budget worth running a node with.
 const MIN_DERIVED_BYTES: u64 = 16 * 1024 * 1024;
 const MIB: u64 = 1024 * 1024;
@@ -76,7 +76,7 @@ pub fn affinity(dc: &DistroCache) -> Affinity {
 /// The spec's topology spread, or an even spread over zones that never
 /// blocks scheduling (`ScheduleAnyway`): clusters without zone labels, or
 /// with one zone, schedule as if it were absent.
-pub fn topology_spread(dc: &DistroCache) -> Vec<TopologySpreadConstraint> {
+pub(crate) fn topology_spread(dc: &DistroCache) -> Vec<TopologySpreadConstraint> {
     if let Some(constraints) = &dc.spec.topology_spread_constraints {
         return constraints.clone();
     }

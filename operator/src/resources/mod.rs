@@ -13,14 +13,15 @@ mod ring;
 mod services;
 mod statefulset;
 
-pub use auth::{AUTH_MOUNT, auth_secret_name, generated_auth_secret};
-pub use monitoring::{SERVICE_MONITOR_GROUP, service_monitor, service_monitor_resource};
-pub use network::network_policy;
-pub use pdb::pod_disruption_budget;
-pub use rbac::{node_role, node_role_binding, node_service_account};
-pub use ring::{ring_configmap, ring_configmap_name};
-pub use services::{client_service, peer_service, peer_service_name};
-pub use statefulset::{CONTAINER_NAME, statefulset};
+pub(crate) use auth::{auth_secret_name, generated_auth_secret};
+pub(crate) use monitoring::{SERVICE_MONITOR_GROUP, service_monitor, service_monitor_resource};
+pub(crate) use network::network_policy;
+pub(crate) use pdb::pod_disruption_budget;
+pub(crate) use rbac::{node_role, node_role_binding, node_service_account};
+pub(crate) use ring::{ring_configmap, ring_configmap_name};
+pub use services::peer_service;
+pub(crate) use services::{client_service, peer_service_name};
+pub use statefulset::statefulset;
 
 use std::collections::BTreeMap;
 
@@ -30,11 +31,11 @@ use kube::{Resource, ResourceExt};
 use crate::crd::DistroCache;
 
 /// The field manager of every server-side apply the operator makes.
-pub const FIELD_MANAGER: &str = "distrocache-operator";
+pub(crate) const FIELD_MANAGER: &str = "distrocache-operator";
 
 /// Labels that select a cache's node pods. Stable for the life of the cache:
 /// a StatefulSet's selector cannot change.
-pub fn selector_labels(dc: &DistroCache) -> BTreeMap<String, String> {
+pub(crate) fn selector_labels(dc: &DistroCache) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
             "app.kubernetes.io/name".to_owned(),
@@ -45,7 +46,7 @@ pub fn selector_labels(dc: &DistroCache) -> BTreeMap<String, String> {
 }
 
 /// The selector as a label-selector string (`status.selector`, pod lists).
-pub fn selector_string(dc: &DistroCache) -> String {
+pub(crate) fn selector_string(dc: &DistroCache) -> String {
     selector_labels(dc)
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -66,7 +67,7 @@ pub fn labels(dc: &DistroCache, component: &str) -> BTreeMap<String, String> {
 
 /// Metadata of a child: its name, the cache's namespace, labels, and an
 /// owner reference so deleting the cache garbage-collects it.
-pub fn child_meta(dc: &DistroCache, name: String, component: &str) -> ObjectMeta {
+pub(crate) fn child_meta(dc: &DistroCache, name: String, component: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: dc.namespace(),
@@ -76,7 +77,7 @@ pub fn child_meta(dc: &DistroCache, name: String, component: &str) -> ObjectMeta
     }
 }
 
-pub fn owner_reference(dc: &DistroCache) -> OwnerReference {
+pub(crate) fn owner_reference(dc: &DistroCache) -> OwnerReference {
     dc.controller_owner_ref(&())
         .expect("a DistroCache read from the API server has a name and uid")
 }
@@ -87,7 +88,7 @@ pub fn pod_name(dc: &DistroCache, n: i32) -> String {
 }
 
 /// The ordinal of one of this cache's pods, from its name.
-pub fn ordinal(dc: &DistroCache, pod: &str) -> Option<i32> {
+pub(crate) fn ordinal(dc: &DistroCache, pod: &str) -> Option<i32> {
     pod.strip_prefix(&dc.name_any())?
         .strip_prefix('-')?
         .parse()
@@ -115,7 +116,7 @@ pub(crate) mod test_support {
     }
 
     /// Asserts that `meta` belongs to the test cache, with an owner reference.
-    pub fn assert_owned(meta: &kube::core::ObjectMeta, name: &str) {
+    pub(crate) fn assert_owned(meta: &kube::core::ObjectMeta, name: &str) {
         assert_eq!(meta.name.as_deref(), Some(name));
         assert_eq!(meta.namespace.as_deref(), Some("shop"));
         let owner = &meta.owner_references.as_ref().expect("owner references")[0];

@@ -10,9 +10,9 @@ use serde_json::json;
 use super::{child_meta, selector_labels};
 use crate::crd::DistroCache;
 
-pub const SERVICE_MONITOR_GROUP: &str = "monitoring.coreos.com";
+pub(crate) const SERVICE_MONITOR_GROUP: &str = "monitoring.coreos.com";
 
-pub fn service_monitor_resource() -> ApiResource {
+pub(crate) fn service_monitor_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(SERVICE_MONITOR_GROUP, "v1", "ServiceMonitor"),
         "servicemonitors",
@@ -20,7 +20,7 @@ pub fn service_monitor_resource() -> ApiResource {
 }
 
 /// `None` unless the spec asks for one.
-pub fn service_monitor(dc: &DistroCache) -> Option<DynamicObject> {
+pub(crate) fn service_monitor(dc: &DistroCache) -> Option<DynamicObject> {
     let spec = &dc.spec.monitoring.service_monitor;
     if !spec.enabled {
         return None;

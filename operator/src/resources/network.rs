@@ -26,7 +26,7 @@ use super::{child_meta, selector_labels};
 use crate::crd::DistroCache;
 
 /// Where Prometheus is looked for when the spec does not say.
-pub const DEFAULT_PROMETHEUS_NAMESPACE: &str = "monitoring";
+pub(crate) const DEFAULT_PROMETHEUS_NAMESPACE: &str = "monitoring";
 
 fn port(name: &str) -> NetworkPolicyPort {
     NetworkPolicyPort {
@@ -48,7 +48,7 @@ fn namespace_named(name: &str) -> LabelSelector {
 
 /// `None` unless the spec enables it. `operator_namespace` is the namespace
 /// the operator runs in, used unless the spec overrides it.
-pub fn network_policy(dc: &DistroCache, operator_namespace: &str) -> Option<NetworkPolicy> {
+pub(crate) fn network_policy(dc: &DistroCache, operator_namespace: &str) -> Option<NetworkPolicy> {
     let spec = &dc.spec.network_policy;
     if !spec.enabled {
         return None;

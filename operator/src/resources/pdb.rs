@@ -11,7 +11,7 @@ use super::{child_meta, selector_labels};
 use crate::crd::DistroCache;
 
 /// `None` when the spec disables it.
-pub fn pod_disruption_budget(dc: &DistroCache) -> Option<PodDisruptionBudget> {
+pub(crate) fn pod_disruption_budget(dc: &DistroCache) -> Option<PodDisruptionBudget> {
     let spec = &dc.spec.pod_disruption_budget;
     spec.enabled.then(|| PodDisruptionBudget {
         metadata: child_meta(dc, dc.name_any(), "cache-node"),

@@ -10,18 +10,18 @@ use kube::ResourceExt;
 use super::{child_meta, ring_configmap_name};
 use crate::crd::DistroCache;
 
-pub fn node_service_account_name(dc: &DistroCache) -> String {
+pub(crate) fn node_service_account_name(dc: &DistroCache) -> String {
     format!("{}-node", dc.name_any())
 }
 
-pub fn node_service_account(dc: &DistroCache) -> ServiceAccount {
+pub(crate) fn node_service_account(dc: &DistroCache) -> ServiceAccount {
     ServiceAccount {
         metadata: child_meta(dc, node_service_account_name(dc), "cache-node"),
         ..ServiceAccount::default()
     }
 }
 
-pub fn node_role(dc: &DistroCache) -> Role {
+pub(crate) fn node_role(dc: &DistroCache) -> Role {
     Role {
         metadata: child_meta(dc, node_service_account_name(dc), "cache-node"),
         rules: Some(vec![PolicyRule {
@@ -34,7 +34,7 @@ pub fn node_role(dc: &DistroCache) -> Role {
     }
 }
 
-pub fn node_role_binding(dc: &DistroCache) -> RoleBinding {
+pub(crate) fn node_role_binding(dc: &DistroCache) -> RoleBinding {
     let name = node_service_account_name(dc);
     RoleBinding {
         metadata: child_meta(dc, name.clone(), "cache-node"),

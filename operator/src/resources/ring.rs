@@ -10,11 +10,11 @@ use kube::ResourceExt;
 use super::child_meta;
 use crate::crd::DistroCache;
 
-pub fn ring_configmap_name(dc: &DistroCache) -> String {
+pub(crate) fn ring_configmap_name(dc: &DistroCache) -> String {
     format!("{}-ring", dc.name_any())
 }
 
-pub fn ring_configmap(dc: &DistroCache, doc: &MembershipDoc) -> ConfigMap {
+pub(crate) fn ring_configmap(dc: &DistroCache, doc: &MembershipDoc) -> ConfigMap {
     ConfigMap {
         metadata: child_meta(dc, ring_configmap_name(dc), "ring"),
         data: Some(BTreeMap::from([(CONFIGMAP_KEY.to_owned(), doc.to_json())])),

@@ -10,7 +10,7 @@ use kube::ResourceExt;
 use super::{child_meta, selector_labels};
 use crate::crd::DistroCache;
 
-pub fn peer_service_name(dc: &DistroCache) -> String {
+pub(crate) fn peer_service_name(dc: &DistroCache) -> String {
     format!("{}-peers", dc.name_any())
 }
 
@@ -25,7 +25,7 @@ fn http_port(dc: &DistroCache) -> ServicePort {
 }
 
 /// The client Service: REST API and /metrics of the ready nodes.
-pub fn client_service(dc: &DistroCache) -> Service {
+pub(crate) fn client_service(dc: &DistroCache) -> Service {
     Service {
         metadata: child_meta(dc, dc.name_any(), "client"),
         spec: Some(ServiceSpec {

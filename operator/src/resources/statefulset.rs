@@ -42,7 +42,7 @@ use super::rbac::node_service_account_name;
 use super::{child_meta, labels, peer_service_name, ring_configmap_name, selector_labels};
 use crate::crd::DistroCache;
 
-pub const CONTAINER_NAME: &str = "cache-node";
+pub(crate) const CONTAINER_NAME: &str = "cache-node";
 
 /// The StatefulSet of `dc` at `replicas` pods, with `default_image` where
 /// the spec names none.

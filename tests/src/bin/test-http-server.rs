@@ -9,6 +9,9 @@
 //! Endpoints (every answer closes the connection):
 //! - `GET /healthz`: 200 `ok`.
 //! - `GET /readyz`: 200 once `--ready-file` exists (or always, without the flag), 503 before.
+//! - `GET /livez`: the same answer as `/readyz`, and a line `livez <status>` on
+//!   stdout for each, so a test can count the probes it answered (a liveness
+//!   probe on `/livez` is told apart from the readiness probe on `/readyz`).
 //! - `GET /env/NAME`: 200 with the value of the environment variable `NAME`, 404 if unset.
 //! - `GET /pid`: 200 with the process id.
 //! - `GET /prestop`: prints `prestop hook called` to stdout and answers 200.
@@ -127,10 +130,16 @@ async fn serve(mut stream: TcpStream, ready_file: Option<PathBuf>) {
     let path = request.split_whitespace().nth(1).unwrap_or("/");
     let (status, body) = match path {
         "/healthz" => (200, "ok".to_string()),
-        "/readyz" => match &ready_file {
-            Some(file) if !file.exists() => (503, "not ready".to_string()),
-            _ => (200, "ready".to_string()),
-        },
+        "/readyz" | "/livez" => {
+            let answer = match &ready_file {
+                Some(file) if !file.exists() => (503, "not ready".to_string()),
+                _ => (200, "ready".to_string()),
+            };
+            if path == "/livez" {
+                println!("livez {}", answer.0);
+            }
+            answer
+        }
         "/pid" => (200, std::process::id().to_string()),
         "/prestop" => {
             println!("prestop hook called");

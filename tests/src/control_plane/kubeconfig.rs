@@ -20,13 +20,13 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
 }
 
 /// Writes a kubeconfig for `server` with a bearer token and the CA.
-pub fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<()> {
+pub(crate) fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<()> {
     write_token_kubeconfig(path, server, &pki.ca_cert, &pki.admin_token, "admin")
 }
 
 /// Writes a kubeconfig that authenticates with `token` (JSON is valid YAML,
 /// and serde_json escapes every value correctly).
-pub fn write_token_kubeconfig(
+pub(crate) fn write_token_kubeconfig(
     path: &Path,
     server: &str,
     ca_cert: &Path,

@@ -29,7 +29,8 @@ use kube::{Api, Client};
 mod components;
 mod kubeconfig;
 
-pub use kubeconfig::{client_from_kubeconfig, write_kubeconfig, write_token_kubeconfig};
+pub use kubeconfig::client_from_kubeconfig;
+pub(crate) use kubeconfig::{write_kubeconfig, write_token_kubeconfig};
 
 use crate::binaries::Binaries;
 use crate::pki::Pki;
@@ -42,7 +43,7 @@ const STOP_GRACE: Duration = Duration::from_secs(15);
 /// How long one kubectl or helm invocation may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 /// How many log lines of each component are printed when something fails.
-pub const LOG_TAIL_LINES: usize = 40;
+pub(crate) const LOG_TAIL_LINES: usize = 40;
 
 /// The ports the control plane listens on, all on 127.0.0.1.
 #[derive(Debug, Clone, Copy)]

@@ -44,7 +44,7 @@ impl ImageTable {
         self.programs.insert(image.to_string(), program);
     }
 
-    pub fn lookup(&self, image: &str) -> Option<&Program> {
+    pub(crate) fn lookup(&self, image: &str) -> Option<&Program> {
         self.programs
             .get(image)
             .or_else(|| self.programs.get(repository(image)))

@@ -137,11 +137,6 @@ pub fn set_pod_ip_range(range: PodIpRange) -> Result<()> {
     Ok(())
 }
 
-/// The range pod addresses come from.
-pub fn pod_ip_range() -> PodIpRange {
-    pool().range
-}
-
 /// An address taken from the process-wide pool, given back on drop.
 #[derive(Debug)]
 pub(crate) struct IpLease(Ipv4Addr);

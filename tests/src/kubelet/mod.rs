@@ -42,14 +42,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use tokio::sync::{mpsc, oneshot};
 
 pub use images::{ImageTable, Program};
-pub use ip_pool::{PodIpRange, pod_ip_range, set_pod_ip_range};
+pub use ip_pool::{PodIpRange, set_pod_ip_range};
 
 use crate::control_plane::ControlPlane;
 use crate::procs;
 use worker::Command;
 
 /// The Node name of a kubelet started with [`Kubelet::start`].
-pub const DEFAULT_NODE_NAME: &str = "test-kubelet";
+pub(crate) const DEFAULT_NODE_NAME: &str = "test-kubelet";
 /// How long a kubelet may take to register its Node and list the pods.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long shutting down may take before the kubelet's thread is left behind.

@@ -22,7 +22,7 @@ const MAX_JSON_BLOB: u64 = 1024 * 1024;
 
 /// Where the image layouts are: `DISTROCACHE_IMAGES_DIR`, else
 /// `target/images` in the workspace.
-pub fn images_dir() -> PathBuf {
+pub(crate) fn images_dir() -> PathBuf {
     std::env::var_os("DISTROCACHE_IMAGES_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/images"))
