@@ -332,10 +332,24 @@ async fn a_newcomer_session_from_start_to_sigterm_leaves_nothing_behind() -> Res
     };
     read(nodes[1]).await?;
 
-    // Prometheus found every node and the operator through the API server.
+    // Prometheus found every node and every operator replica (the manifest
+    // runs two that elect a leader) through the API server.
+    let operator_pods = kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "distrocache-system",
+        "-l",
+        "app.kubernetes.io/name=distrocache-operator",
+        "-o",
+        "name",
+    ])?
+    .lines()
+    .count();
+    ensure!(operator_pods >= 1, "no operator pod is listed");
     let prometheus_http = reqwest::Client::builder().no_proxy().build()?;
     wait::until(
-        "Prometheus scraping the 3 nodes and the operator",
+        "Prometheus scraping the 3 nodes and every operator replica",
         Duration::from_secs(90),
         || {
             let http = prometheus_http.clone();
@@ -359,7 +373,7 @@ async fn a_newcomer_session_from_start_to_sigterm_leaves_nothing_behind() -> Res
                     .iter()
                     .filter(|p| p.starts_with("distrocache-operator-"))
                     .count();
-                if nodes == 3 && operator == 1 {
+                if nodes == 3 && operator == operator_pods {
                     Ok(Some(()))
                 } else {
                     bail!("up: {pods:?}")
