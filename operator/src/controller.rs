@@ -47,6 +47,24 @@ pub enum Error {
     BadRing(String),
 }
 
+impl Error {
+    /// The `kind` label of the reconcile error metric (one of
+    /// [`crate::metrics::ERROR_KINDS`]): what an alert or a dashboard
+    /// groups by to tell missing RBAC from conflicts from an unreachable API.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => match status.code {
+                401 | 403 => "forbidden",
+                409 => "conflict",
+                400 | 422 => "invalid",
+                _ => "api",
+            },
+            Error::Kube(_) => "transport",
+            Error::BadRing(_) => "bad_ring",
+        }
+    }
+}
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -210,7 +228,10 @@ pub async fn reconcile(dc: Arc<DistroCache>, ctx: Arc<Context>) -> Result<Action
 /// doubling up to 5 min), and reports the error as an Event and in the
 /// `Degraded` condition.
 pub fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failures.inc();
+    ctx.metrics
+        .failures
+        .with_label_values(&[error.kind()])
+        .inc();
     let failures = {
         let mut map = ctx.failures.lock().expect("never poisoned");
         let n = map.entry(ObjectRef::from_obj(dc.as_ref())).or_insert(0);
@@ -242,6 +263,14 @@ pub fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> A
 async fn report_failure(ctx: &Context, dc: &DistroCache, message: &str) {
     let previous = dc.status.as_ref();
     let conditions = status::reconcile_failed(previous, dc.meta().generation, message);
+    ctx.metrics
+        .cache_condition
+        .with_label_values(&[
+            &dc.namespace().unwrap_or_default(),
+            &dc.name_any(),
+            status::DEGRADED,
+        ])
+        .set(1);
     if previous.is_some_and(|s| s.conditions == conditions) {
         return;
     }
@@ -720,6 +749,7 @@ async fn patch_status(
     dc: &DistroCache,
     status: &DistroCacheStatus,
 ) -> Result<(), Error> {
+    observe_conditions(ctx, dc, status);
     if dc.status.as_ref() == Some(status) {
         return Ok(());
     }
@@ -732,6 +762,20 @@ async fn patch_status(
     )
     .await?;
     Ok(())
+}
+
+/// The cache's conditions as the `distrocache_operator_cache_condition`
+/// gauge (1 for True), set on every reconcile so that a restarted or newly
+/// elected operator reports them too.
+fn observe_conditions(ctx: &Context, dc: &DistroCache, status: &DistroCacheStatus) {
+    let ns = dc.namespace().unwrap_or_default();
+    let name = dc.name_any();
+    for c in &status.conditions {
+        ctx.metrics
+            .cache_condition
+            .with_label_values(&[&ns, &name, &c.type_])
+            .set(i64::from(c.status == "True"));
+    }
 }
 
 #[cfg(test)]
