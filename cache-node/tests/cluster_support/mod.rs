@@ -16,12 +16,37 @@ use cache_node::peer::{PeerClient, PeerSettings};
 use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc, NodeProgress};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cache-node");
+/// The cache-node binary. Cargo names it for cache-node's own tests; the
+/// CLI's tests (cli/tests/) include this module too and find it in the
+/// target directory, next to their own `deps/` folder.
+pub fn cache_node_bin() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_cache-node") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary sits in <target>/<profile>/deps")
+        .join("cache-node");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p cache-node`; scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+/// Loopback blocks of other crates' tests start elsewhere, so that they
+/// never meet cache-node's own tests' nodes.
+const FIRST_BLOCK: u8 = match option_env!("CARGO_BIN_EXE_cache-node") {
+    Some(_) => 1,
+    None => 200,
+};
 const PORT: u16 = 18_400;
 /// The peer port, when a cluster gives the peer API a listener of its own.
 const PEER_PORT: u16 = 18_401;
 
-static NEXT_BLOCK: AtomicU8 = AtomicU8::new(1);
+static NEXT_BLOCK: AtomicU8 = AtomicU8::new(FIRST_BLOCK);
 
 pub struct ProcNode {
     pub id: String,
@@ -192,7 +217,7 @@ impl ProcCluster {
             .append(true)
             .open(&node.log)
             .expect("log file");
-        let child = Command::new(BIN)
+        let child = Command::new(cache_node_bin())
             .args(["--bind-address", &node.addr.ip().to_string()])
             .args(["--port", &node.addr.port().to_string()])
             .args(["--node-id", &node.id])
