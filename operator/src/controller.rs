@@ -208,6 +208,20 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>) {
         .await;
 }
 
+/// A fresh trace id (W3C format: 32 hex digits) for one reconcile, recorded
+/// on its span so every log line of that reconcile can be found together.
+fn trace_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[tracing::instrument(
+    skip(dc, ctx),
+    fields(
+        cache = %dc.name_any(),
+        namespace = %dc.namespace().unwrap_or_default(),
+        trace_id = %trace_id(),
+    )
+)]
 pub async fn reconcile(dc: Arc<DistroCache>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
@@ -434,6 +448,32 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
         &resources::statefulset(dc, plan.statefulset_replicas, &ctx.default_image),
     )
     .await?;
+    // A decision that blocks progress (waiting for members to load or hand
+    // off their data, for pods to report, for a lost ring to be rebuilt) is
+    // an Event once per reason, as the Progressing condition shows it.
+    if let Step::Waiting(why) | Step::RingLost(why) = &plan.step
+        && !has_condition(
+            previous.as_ref(),
+            status::PROGRESSING,
+            status::step_reason(&plan.step),
+            why,
+        )
+    {
+        tracing::info!(cache = %name, namespace = %ns, step = ?plan.step, "waiting");
+        let type_ = match plan.step {
+            Step::RingLost(_) => EventType::Warning,
+            _ => EventType::Normal,
+        };
+        publish(
+            ctx,
+            dc,
+            type_,
+            status::step_reason(&plan.step),
+            "Wait",
+            why.clone(),
+        )
+        .await;
+    }
     if plan.step.changes_ring() {
         tracing::info!(cache = %name, namespace = %ns, epoch = plan.ring.as_ref().map(|d| d.epoch), step = ?plan.step, "ring changed");
         publish(
@@ -810,5 +850,18 @@ mod tests {
             scope.watches(),
             vec![Some("a".to_string()), Some("b".to_string())]
         );
+    }
+
+    #[test]
+    fn each_reconcile_gets_its_own_w3c_shaped_trace_id() {
+        let a = trace_id();
+        let b = trace_id();
+        assert_eq!(a.len(), 32, "{a}");
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{a}"
+        );
+        assert_ne!(a, b);
     }
 }
