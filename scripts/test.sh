@@ -22,7 +22,8 @@ apt_install() {
 
 # promtool (package prometheus) lints the /metrics output in the HTTP tests;
 # runc runs the built images in tests/tests/images.rs.
-apt_install prometheus runc
+# python3-venv holds the virtualenv of the OpenAPI tools (scripts/openapi-tools.sh).
+apt_install prometheus runc python3-venv
 
 step "building the test control plane (cached after the first run)"
 DISTROCACHE_K8S_BIN=$(bash scripts/build-control-plane.sh | tail -n 1)
@@ -30,6 +31,12 @@ export DISTROCACHE_K8S_BIN
 
 step "building crane and actionlint (cached after the first run)"
 DISTROCACHE_TOOLS=$(bash scripts/build-tools.sh | tail -n 1)
+
+step "installing openapi-spec-validator and schemathesis (PyPI, cached after the first run)"
+# cache-node/tests/openapi.rs validates cache-node/openapi.json and runs
+# schemathesis against a live node with them.
+DISTROCACHE_OPENAPI_TOOLS=$(bash scripts/openapi-tools.sh | tail -n 1)
+export DISTROCACHE_OPENAPI_TOOLS
 
 step "actionlint (.github/workflows)"
 "$DISTROCACHE_TOOLS/actionlint" -color=false .github/workflows/*.yml

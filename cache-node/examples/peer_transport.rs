@@ -212,11 +212,7 @@ where
         let elapsed = start.elapsed().as_secs_f64();
         let cpu = cpu_seconds() - cpu;
         let n = done.load(Ordering::Relaxed) as f64;
-        println!(
-            "{name:<28} {:>10.0} {:>12.2}",
-            n / elapsed,
-            cpu / n * 1e6
-        );
+        println!("{name:<28} {:>10.0} {:>12.2}", n / elapsed, cpu / n * 1e6);
     });
 }
 
@@ -252,13 +248,12 @@ fn main() {
     measure("HTTP/2 (hyper h2)", callers, seconds, || async move {
         let stream = TcpStream::connect(h2).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(stream),
-            )
-            .await
-            .expect("h2 handshake");
+        let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
         tokio::spawn(conn);
         Arc::new(move || -> CallFuture {
             let mut sender = sender.clone();

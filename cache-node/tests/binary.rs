@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use node_proc::{BIN, Launch, NodeProc};
+use node_proc::{Launch, NodeProc, cache_node_bin};
 
 fn http(addr: SocketAddr, request: &str) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
@@ -24,7 +24,10 @@ fn http(addr: SocketAddr, request: &str) -> String {
 
 #[test]
 fn help_describes_every_setting_and_its_environment_variable() {
-    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let out = Command::new(cache_node_bin())
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
     for env in [
@@ -48,7 +51,7 @@ fn help_describes_every_setting_and_its_environment_variable() {
 
 #[test]
 fn bad_configuration_fails_fast_with_a_message() {
-    let out = Command::new(BIN)
+    let out = Command::new(cache_node_bin())
         .args(["--default-ttl", "forever"])
         .output()
         .unwrap();
@@ -116,7 +119,10 @@ fn sigterm_finishes_the_in_flight_request_then_exits_cleanly() {
 /// its environment variable, so the documentation cannot fall behind.
 #[test]
 fn the_readme_documents_every_setting() {
-    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let out = Command::new(cache_node_bin())
+        .arg("--help")
+        .output()
+        .unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md at the repository root");
@@ -172,7 +178,7 @@ fn zero_cleanup_interval_or_default_ttl_is_refused_at_start() {
         ("--default-ttl", "DISTROCACHE_DEFAULT_TTL"),
     ] {
         for zero in ["0s", "0ms"] {
-            let mut node = Command::new(BIN)
+            let mut node = Command::new(cache_node_bin())
                 .args(["--bind-address", "127.0.0.1", "--port", "0"])
                 .args([flag, zero])
                 .stdout(Stdio::null())
@@ -192,13 +198,13 @@ fn zero_cleanup_interval_or_default_ttl_is_refused_at_start() {
                 "{flag} {zero}: {stderr}"
             );
             // The same through the environment.
-            let out = Command::new(BIN)
+            let out = Command::new(cache_node_bin())
                 .env(env, zero)
                 .args(["--bind-address", "127.0.0.1", "--port", "0", "--help"])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "--help parses no values");
-            let mut node = Command::new(BIN)
+            let mut node = Command::new(cache_node_bin())
                 .env(env, zero)
                 .args(["--bind-address", "127.0.0.1", "--port", "0"])
                 .stdout(Stdio::null())

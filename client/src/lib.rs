@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::http::{HeaderValue, Method, Request, StatusCode, header};
+use hyper::http::{HeaderValue, Request, header};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -40,6 +40,7 @@ use parking_lot::Mutex;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
+pub use hyper::http::{Method, StatusCode};
 pub use ring::{Node, Ring};
 
 /// The answering node's ring epoch, on every answer of a cluster node.
@@ -345,6 +346,19 @@ impl Client {
         serde_json::from_slice::<Invalidated>(&answer.body)
             .map(|i| i.invalidated)
             .map_err(|e| Error::BadAnswer(e.to_string()))
+    }
+
+    /// A request to one node in particular (its own progress, its view):
+    /// the `distrocache` CLI asks every member this way.
+    pub async fn at(
+        &self,
+        node: SocketAddr,
+        method: Method,
+        path: String,
+    ) -> Result<Answer, Error> {
+        self.call(node, method, path, Bytes::new())
+            .await
+            .map_err(|e| Error::Unreachable(format!("{node}: {e}")))
     }
 
     /// A request on no key in particular (stats, views): any node will do.

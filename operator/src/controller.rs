@@ -47,6 +47,24 @@ pub enum Error {
     BadRing(String),
 }
 
+impl Error {
+    /// The `kind` label of the reconcile error metric (one of
+    /// [`crate::metrics::ERROR_KINDS`]): what an alert or a dashboard
+    /// groups by to tell missing RBAC from conflicts from an unreachable API.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => match status.code {
+                401 | 403 => "forbidden",
+                409 => "conflict",
+                400 | 422 => "invalid",
+                _ => "api",
+            },
+            Error::Kube(_) => "transport",
+            Error::BadRing(_) => "bad_ring",
+        }
+    }
+}
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -190,6 +208,20 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>) {
         .await;
 }
 
+/// A fresh trace id (W3C format: 32 hex digits) for one reconcile, recorded
+/// on its span so every log line of that reconcile can be found together.
+fn trace_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[tracing::instrument(
+    skip(dc, ctx),
+    fields(
+        cache = %dc.name_any(),
+        namespace = %dc.namespace().unwrap_or_default(),
+        trace_id = %trace_id(),
+    )
+)]
 pub async fn reconcile(dc: Arc<DistroCache>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
@@ -217,7 +249,10 @@ pub async fn reconcile(dc: Arc<DistroCache>, ctx: Arc<Context>) -> Result<Action
 /// doubling up to 5 min), and reports the error as an Event and in the
 /// `Degraded` condition.
 pub(crate) fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failures.inc();
+    ctx.metrics
+        .failures
+        .with_label_values(&[error.kind()])
+        .inc();
     let failures = {
         let mut map = ctx.failures.lock().expect("never poisoned");
         let n = map.entry(ObjectRef::from_obj(dc.as_ref())).or_insert(0);
@@ -249,6 +284,14 @@ pub(crate) fn error_policy(dc: Arc<DistroCache>, error: &Error, ctx: Arc<Context
 async fn report_failure(ctx: &Context, dc: &DistroCache, message: &str) {
     let previous = dc.status.as_ref();
     let conditions = status::reconcile_failed(previous, dc.meta().generation, message);
+    ctx.metrics
+        .cache_condition
+        .with_label_values(&[
+            &dc.namespace().unwrap_or_default(),
+            &dc.name_any(),
+            status::DEGRADED,
+        ])
+        .set(1);
     if previous.is_some_and(|s| s.conditions == conditions) {
         return;
     }
@@ -412,6 +455,32 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
         &resources::statefulset(dc, plan.statefulset_replicas, &ctx.default_image),
     )
     .await?;
+    // A decision that blocks progress (waiting for members to load or hand
+    // off their data, for pods to report, for a lost ring to be rebuilt) is
+    // an Event once per reason, as the Progressing condition shows it.
+    if let Step::Waiting(why) | Step::RingLost(why) = &plan.step
+        && !has_condition(
+            previous.as_ref(),
+            status::PROGRESSING,
+            status::step_reason(&plan.step),
+            why,
+        )
+    {
+        tracing::info!(cache = %name, namespace = %ns, step = ?plan.step, "waiting");
+        let type_ = match plan.step {
+            Step::RingLost(_) => EventType::Warning,
+            _ => EventType::Normal,
+        };
+        publish(
+            ctx,
+            dc,
+            type_,
+            status::step_reason(&plan.step),
+            "Wait",
+            why.clone(),
+        )
+        .await;
+    }
     if plan.step.changes_ring() {
         tracing::info!(cache = %name, namespace = %ns, epoch = plan.ring.as_ref().map(|d| d.epoch), step = ?plan.step, "ring changed");
         publish(
@@ -727,6 +796,7 @@ async fn patch_status(
     dc: &DistroCache,
     status: &DistroCacheStatus,
 ) -> Result<(), Error> {
+    observe_conditions(ctx, dc, status);
     if dc.status.as_ref() == Some(status) {
         return Ok(());
     }
@@ -739,6 +809,20 @@ async fn patch_status(
     )
     .await?;
     Ok(())
+}
+
+/// The cache's conditions as the `distrocache_operator_cache_condition`
+/// gauge (1 for True), set on every reconcile so that a restarted or newly
+/// elected operator reports them too.
+fn observe_conditions(ctx: &Context, dc: &DistroCache, status: &DistroCacheStatus) {
+    let ns = dc.namespace().unwrap_or_default();
+    let name = dc.name_any();
+    for c in &status.conditions {
+        ctx.metrics
+            .cache_condition
+            .with_label_values(&[&ns, &name, &c.type_])
+            .set(i64::from(c.status == "True"));
+    }
 }
 
 #[cfg(test)]
@@ -773,5 +857,18 @@ mod tests {
             scope.watches(),
             vec![Some("a".to_string()), Some("b".to_string())]
         );
+    }
+
+    #[test]
+    fn each_reconcile_gets_its_own_w3c_shaped_trace_id() {
+        let a = trace_id();
+        let b = trace_id();
+        assert_eq!(a.len(), 32, "{a}");
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{a}"
+        );
+        assert_ne!(a, b);
     }
 }

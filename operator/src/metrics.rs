@@ -1,11 +1,25 @@
-//! The operator's own Prometheus metrics: reconciles (in all and per cache),
-//! failures and how long a reconcile takes, served on `/metrics` with the
-//! process metrics.
+//! The operator's own Prometheus metrics: reconciles (in all and per
+//! cache), failures (by error kind) and how long a reconcile takes, each
+//! cache's ring epoch and conditions, served on `/metrics` with the process
+//! metrics. The alert rules and the dashboard (charts/distrocache/files/)
+//! read these names.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
+
+/// The `kind` label values of `distrocache_operator_reconcile_errors_total`,
+/// created at zero on start so that a rate over them has data before the
+/// first error (and a dashboard shows 0, not "no data").
+pub const ERROR_KINDS: [&str; 6] = [
+    "forbidden",
+    "conflict",
+    "invalid",
+    "api",
+    "transport",
+    "bad_ring",
+];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -14,9 +28,13 @@ pub struct Metrics {
     /// Reconciles of each cache: what tells a cache reconciled in a loop
     /// from one reconciled once per change (the tests count these).
     pub cache_reconciles: IntCounterVec,
-    pub failures: IntCounter,
+    /// Failed reconciles by error kind (one of [`ERROR_KINDS`]).
+    pub failures: IntCounterVec,
     pub duration: Histogram,
     pub ring_epoch: IntGaugeVec,
+    /// 1 when a cache's condition `type` is True, 0 otherwise; the
+    /// `DistroCacheDegraded` alert reads it.
+    pub cache_condition: IntGaugeVec,
     /// 1 while this replica holds the leader Lease and reconciles.
     pub leader: IntGauge,
 }
@@ -37,11 +55,17 @@ impl Default for Metrics {
             &["namespace", "name"],
         )
         .expect("valid metric");
-        let failures = IntCounter::new(
-            "distrocache_operator_reconcile_errors_total",
-            "Reconciles that failed and will be retried",
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "distrocache_operator_reconcile_errors_total",
+                "Reconciles that failed and will be retried, by error kind",
+            ),
+            &["kind"],
         )
         .expect("valid metric");
+        for kind in ERROR_KINDS {
+            failures.with_label_values(&[kind]);
+        }
         let duration = Histogram::with_opts(
             HistogramOpts::new(
                 "distrocache_operator_reconcile_duration_seconds",
@@ -58,6 +82,14 @@ impl Default for Metrics {
             &["namespace", "name"],
         )
         .expect("valid metric");
+        let cache_condition = IntGaugeVec::new(
+            Opts::new(
+                "distrocache_operator_cache_condition",
+                "1 when the condition `type` of a DistroCache is True, 0 otherwise",
+            ),
+            &["namespace", "name", "type"],
+        )
+        .expect("valid metric");
         let leader = IntGauge::new(
             "distrocache_operator_leader",
             "1 while this replica holds the leader Lease (only the leader reconciles)",
@@ -69,6 +101,7 @@ impl Default for Metrics {
             Box::new(failures.clone()),
             Box::new(duration.clone()),
             Box::new(ring_epoch.clone()),
+            Box::new(cache_condition.clone()),
             Box::new(leader.clone()),
         ] {
             registry.register(c).expect("registered once");
@@ -80,6 +113,7 @@ impl Default for Metrics {
             failures,
             duration,
             ring_epoch,
+            cache_condition,
             leader,
         }
     }

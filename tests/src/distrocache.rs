@@ -25,8 +25,8 @@ pub(crate) const OPERATOR_IMAGE: &str = "ghcr.io/distrocache/operator";
 /// Where `manifests/` installs the operator, its replicas (which elect a
 /// leader) and their Lease.
 pub const OPERATOR_NAMESPACE: &str = "distrocache-system";
-pub(crate) const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=distrocache-operator";
-pub(crate) const OPERATOR_REPLICAS: usize = 2;
+pub const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=distrocache-operator";
+pub const OPERATOR_REPLICAS: usize = 2;
 pub const OPERATOR_LEASE: &str = "distrocache-operator";
 
 /// The repository root.

@@ -21,6 +21,7 @@
 
 pub mod binaries;
 pub mod control_plane;
+pub mod dashboards;
 pub mod distrocache;
 pub mod kubelet;
 pub mod namespace;

@@ -104,6 +104,14 @@ pub fn encode(outcome: Outcome, stamp: &Stamp<'_>) -> Response {
             (json(status, &readiness), None)
         }
         Outcome::Metrics(text) => (response(StatusCode::OK, PROMETHEUS_TEXT, text), None),
+        Outcome::OpenApi => (
+            response(
+                StatusCode::OK,
+                JSON,
+                Bytes::from_static(super::openapi::DOCUMENT.as_bytes()),
+            ),
+            None,
+        ),
         Outcome::ClusterView(view) => (json(StatusCode::OK, &view), None),
         Outcome::ClusterStats(stats) => (json(StatusCode::OK, &stats), None),
         Outcome::Copies(copies) => (json(StatusCode::OK, &copies), None),

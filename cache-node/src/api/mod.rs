@@ -16,6 +16,7 @@
 
 pub mod answer;
 pub mod auth;
+pub mod openapi;
 pub mod request;
 
 use std::sync::Arc;
@@ -57,6 +58,7 @@ enum Route {
     ClusterCopies,
     Rebalance,
     Handoff,
+    OpenApi,
     PeerConnect,
 }
 
@@ -93,9 +95,12 @@ impl Route {
 
     fn guard(self) -> Guard {
         match self {
-            Route::Health | Route::Ready | Route::Metrics | Route::Rebalance | Route::Handoff => {
-                Guard::Open
-            }
+            Route::Health
+            | Route::Ready
+            | Route::Metrics
+            | Route::Rebalance
+            | Route::Handoff
+            | Route::OpenApi => Guard::Open,
             Route::PeerConnect => Guard::Peer,
             _ => Guard::Client,
         }
@@ -146,6 +151,7 @@ impl Api {
             ("/api/v1/invalidate/tag/{tag}", Route::InvalidateTag),
             ("/api/v1/stats", Route::Stats),
             ("/api/v1/health", Route::Health),
+            ("/api/v1/openapi.json", Route::OpenApi),
             ("/api/v1/ready", Route::Ready),
             ("/metrics", Route::Metrics),
             ("/api/v1/cluster", Route::Cluster),
@@ -320,8 +326,10 @@ impl Inner {
                 for (name, value) in &query {
                     match *name {
                         "timeout" => {
-                            timeout = humantime::parse_duration(value).map_err(|e| {
-                                Failure::bad_request(format!("invalid timeout {value:?}: {e}"))
+                            timeout = parse_timeout(value).ok_or_else(|| {
+                                Failure::bad_request(format!(
+                                    "invalid timeout {value:?}: a whole number and a unit (ms, s, m or h), e.g. 30s"
+                                ))
                             })?;
                         }
                         _ => {
@@ -338,6 +346,7 @@ impl Inner {
                     epoch,
                 }
             }
+            Route::OpenApi => Operation::OpenApi,
             Route::PeerConnect => {
                 // The route takes no query: refuse one (as JSON, like every
                 // refusal) rather than ignore what a caller meant.
@@ -473,5 +482,56 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Failure> {
         Err(e) => Err(Failure::bad_request(format!(
             "could not read the request body: {e}"
         ))),
+    }
+}
+
+/// The handoff timeout as the OpenAPI document describes it,
+/// `^[0-9]+(ms|s|m|h)$`: exactly that and nothing more lenient, so the
+/// document and the server agree (schemathesis found `timeout=0` accepted).
+fn parse_timeout(text: &str) -> Option<Duration> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    if number.is_empty() {
+        return None;
+    }
+    // Any run of digits is in the grammar; past u64 is past the cap anyway
+    // (schemathesis sent `3483510991944527841670077h`).
+    let n: u64 = number.parse().unwrap_or(u64::MAX);
+    let per: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    // Beyond u64 milliseconds is beyond the 1 h cap anyway.
+    Some(Duration::from_millis(n.saturating_mul(per)))
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+
+    #[test]
+    fn parse_timeout_takes_exactly_the_documented_grammar() {
+        assert_eq!(parse_timeout("35s"), Some(Duration::from_secs(35)));
+        assert_eq!(parse_timeout("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_timeout("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout("0s"), Some(Duration::ZERO));
+        for bad in [
+            "", "0", "s", "1.5s", "1h30m", "1 s", "-1s", "1sec", "1d", " 1s",
+        ] {
+            assert_eq!(parse_timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            parse_timeout("99999999999999999999h"),
+            Some(Duration::from_millis(u64::MAX)),
+            "more digits than u64 holds: past the cap all the same"
+        );
+        assert_eq!(
+            parse_timeout("18446744073709551615h"),
+            Some(Duration::from_millis(u64::MAX))
+        );
     }
 }

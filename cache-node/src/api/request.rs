@@ -86,7 +86,9 @@ pub fn query(
 struct SetBody<'a> {
     #[serde(borrow)]
     value: Option<&'a RawValue>,
-    ttl: Option<i64>,
+    /// A JSON number, not `i64`: JSON Schema (and so the OpenAPI document)
+    /// counts `300.0` as an integer, so it is taken as 300; `300.5` is not.
+    ttl: Option<serde_json::Number>,
     /// Kept raw here and read by [`parse_tags`], which refuses the array at
     /// the first tag past a limit instead of collecting all of it first.
     #[serde(borrow)]
@@ -126,7 +128,7 @@ pub fn write(headers: &HeaderMap, body: Bytes, limits: &Limits) -> Result<Write,
         )));
     }
 
-    let ttl = match parsed.ttl {
+    let ttl = match parsed.ttl.as_ref().map(ttl_seconds).transpose()? {
         None | Some(0) => None,
         Some(s) if s < 0 => {
             return Err(Failure::bad_request(
@@ -153,6 +155,30 @@ pub fn write(headers: &HeaderMap, body: Bytes, limits: &Limits) -> Result<Write,
         ttl,
         tags,
     })
+}
+
+/// `ttl` as whole seconds: an integer, or a number with no fractional part
+/// (`300.0`, `3e2`). Past i64 is clamped to it, which the bound check after
+/// refuses with its own message.
+fn ttl_seconds(n: &serde_json::Number) -> Result<i64, Failure> {
+    if let Some(i) = n.as_i64() {
+        return Ok(i);
+    }
+    if n.is_u64() {
+        return Ok(i64::MAX);
+    }
+    match n.as_f64() {
+        Some(f) if f.is_finite() && f.fract() == 0.0 => Ok(if f >= i64::MAX as f64 {
+            i64::MAX
+        } else if f <= i64::MIN as f64 {
+            i64::MIN
+        } else {
+            f as i64
+        }),
+        _ => Err(Failure::bad_request(
+            "`ttl` must be a whole number of seconds >= 0",
+        )),
+    }
 }
 
 /// Below this many distinct tags a duplicate is found by a linear scan (no
@@ -299,6 +325,35 @@ mod tests {
     fn zero_or_absent_ttl_means_default() {
         assert_eq!(parse(r#"{"value": 1, "ttl": 0}"#).unwrap().ttl, None);
         assert_eq!(parse(r#"{"value": 1}"#).unwrap().ttl, None);
+        assert_eq!(parse(r#"{"value": 1, "ttl": null}"#).unwrap().ttl, None);
+        assert_eq!(parse(r#"{"value": 1, "ttl": 0.0}"#).unwrap().ttl, None);
+    }
+
+    /// JSON Schema's `integer` (the OpenAPI document's type for `ttl`)
+    /// includes numbers written with a zero fraction; schemathesis sent
+    /// `1048576.0` and the node refused it.
+    #[test]
+    fn a_ttl_with_a_zero_fraction_is_a_whole_number() {
+        for (body, secs) in [
+            (r#"{"value": 1, "ttl": 300.0}"#, 300),
+            (r#"{"value": 1, "ttl": 3e2}"#, 300),
+            (r#"{"value": 1, "ttl": 1048576.0}"#, 1_048_576),
+        ] {
+            assert_eq!(
+                parse(body).unwrap().ttl,
+                Some(Duration::from_secs(secs)),
+                "{body}"
+            );
+        }
+        for body in [
+            r#"{"value": 1, "ttl": 1e300}"#,
+            r#"{"value": 1, "ttl": 18446744073709551615}"#,
+            r#"{"value": 1, "ttl": -1.0}"#,
+            r#"{"value": 1, "ttl": 0.5}"#,
+        ] {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "body {body:?}: {err}");
+        }
     }
 
     #[test]

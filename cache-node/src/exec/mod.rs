@@ -75,6 +75,7 @@ impl Executor {
             }
             Operation::Stats => Execution::Now(Outcome::Stats(Box::new(self.stats()))),
             Operation::Health => Execution::Now(Outcome::Health(self.health())),
+            Operation::OpenApi => Execution::Now(Outcome::OpenApi),
             Operation::Ready => Execution::Now(Outcome::Ready(self.readiness())),
             Operation::Metrics => Execution::Now(Outcome::Metrics(
                 self.metrics

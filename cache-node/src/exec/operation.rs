@@ -39,6 +39,8 @@ pub enum Operation {
     Ready,
     /// The Prometheus exposition.
     Metrics,
+    /// The OpenAPI document of the client API.
+    OpenApi,
     /// The ring as this node holds it, and the owners of `key` if given.
     ClusterView {
         key: Option<String>,

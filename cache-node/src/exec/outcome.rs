@@ -85,6 +85,8 @@ pub enum Outcome {
     Health(Health),
     Ready(Readiness),
     Metrics(String),
+    /// The OpenAPI document (static).
+    OpenApi,
     ClusterView(Box<ClusterView>),
     ClusterStats(Box<ClusterStats>),
     Copies(Box<Copies>),

@@ -17,11 +17,17 @@ use serde_json::Value;
 
 use crate::node_proc::{Launch, NodeProc};
 
+/// Loopback blocks of other crates' tests (the CLI's include this module)
+/// start elsewhere, so that they never meet cache-node's own tests' nodes.
+const FIRST_BLOCK: u8 = match option_env!("CARGO_BIN_EXE_cache-node") {
+    Some(_) => 1,
+    None => 200,
+};
 const PORT: u16 = 18_400;
 /// The peer port, when a cluster gives the peer API a listener of its own.
 const PEER_PORT: u16 = 18_401;
 
-static NEXT_BLOCK: AtomicU8 = AtomicU8::new(1);
+static NEXT_BLOCK: AtomicU8 = AtomicU8::new(FIRST_BLOCK);
 
 pub struct ProcNode {
     pub id: String,

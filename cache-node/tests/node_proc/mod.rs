@@ -19,7 +19,26 @@ use std::time::{Duration, Instant};
 
 use cache_node::server::BoundAddresses;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_cache-node");
+/// The cache-node binary. Cargo names it for cache-node's own tests; the
+/// CLI's tests (cli/tests/) include this module too and find it in the
+/// target directory, next to their own `deps/` folder.
+pub fn cache_node_bin() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_cache-node") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary sits in <target>/<profile>/deps")
+        .join("cache-node");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p cache-node`; scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
 
 /// How long a node may take to bind its listeners before the test fails.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -99,7 +118,7 @@ impl Launch {
         // The listen address and the address file go by environment, so
         // every test exercises that path and a test's own flags (or later
         // `env` entries) still override them.
-        let child = Command::new(BIN)
+        let child = Command::new(cache_node_bin())
             .env("DISTROCACHE_BIND_ADDRESS", self.listen.ip().to_string())
             .env("DISTROCACHE_PORT", self.listen.port().to_string())
             .env("DISTROCACHE_ADDRESS_FILE", &address_file)
