@@ -52,6 +52,8 @@ pub struct ProcCluster {
     /// The peer protocol's client, with the peer token when the cluster runs
     /// with authentication: how tests ask a node what it holds.
     pub peers: PeerClient,
+    /// Each node runs with `--data-dir` (see [`Self::data_dir`]).
+    data_dirs: bool,
 }
 
 fn peer_client(token: Option<&str>) -> PeerClient {
@@ -87,6 +89,46 @@ impl ProcCluster {
             flags: Vec::new(),
             client_token: None,
             peers: peer_client(None),
+            data_dirs: false,
+        }
+    }
+
+    /// Every node keeps snapshots in a directory of its own, which outlives
+    /// its process (as a pod's volume does).
+    pub fn with_data_dirs(mut self) -> Self {
+        self.data_dirs = true;
+        self
+    }
+
+    /// Node `i`'s snapshot directory (with [`Self::with_data_dirs`]).
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node-{i}-data"))
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod, and waits for the process to
+    /// exit (it writes its snapshot first, with a data directory).
+    pub fn stop(&mut self, i: usize) {
+        let Some(mut child) = self.nodes[i].child.take() else {
+            return;
+        };
+        // SAFETY: sending a signal to a child process we own.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "SIGTERM to node {i}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match child.try_wait().expect("wait for node") {
+                Some(status) => {
+                    assert!(status.success(), "node {i} exited with {status}");
+                    return;
+                }
+                None => {
+                    if Instant::now() > deadline {
+                        let _ = child.kill();
+                        panic!("node {i} did not stop within 60 s of SIGTERM");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
         }
     }
 
@@ -192,7 +234,11 @@ impl ProcCluster {
             .append(true)
             .open(&node.log)
             .expect("log file");
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        if self.data_dirs {
+            command.arg("--data-dir").arg(self.data_dir(i));
+        }
+        let child = command
             .args(["--bind-address", &node.addr.ip().to_string()])
             .args(["--port", &node.addr.port().to_string()])
             .args(["--node-id", &node.id])
