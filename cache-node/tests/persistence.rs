@@ -21,7 +21,7 @@ fn key(i: usize) -> String {
 }
 
 fn tag(i: usize) -> &'static str {
-    if i % 2 == 0 { "even" } else { "odd" }
+    if i.is_multiple_of(2) { "even" } else { "odd" }
 }
 
 /// Writes keys `range` through node `via`, each with a one-hour TTL and the
@@ -158,7 +158,7 @@ async fn a_whole_cluster_restart_brings_every_item_back_and_deletes_stay_deleted
     write(&c, 0, 0..N).await;
     delete(&c, 1, 0..300).await;
     invalidate(&c, 2, "odd").await;
-    let live: HashSet<usize> = (300..N).filter(|i| i % 2 == 0).collect();
+    let live: HashSet<usize> = (300..N).filter(|i| i.is_multiple_of(2)).collect();
     assert_exactly(&c, N, &live, "before the restart").await;
 
     for i in 0..3 {
@@ -221,7 +221,7 @@ async fn deletes_made_while_a_node_was_down_do_not_come_back_with_its_snapshot()
     c.start(1);
     c.wait_settled(epoch, SETTLE).await;
     let live: HashSet<usize> = (200..N)
-        .filter(|i| i % 2 == 0 || (1001..1003).contains(i))
+        .filter(|i| i.is_multiple_of(2) || (1001..1003).contains(i))
         .collect();
     assert_exactly(&c, N, &live, "after the restarts").await;
     assert_copies(&c, N, &live, 2).await;

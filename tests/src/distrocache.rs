@@ -341,6 +341,12 @@ impl CacheClient {
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
+    /// A DELETE; the status.
+    pub async fn delete(&self, addr: SocketAddr, path: &str) -> Result<u16> {
+        let resp = self.http.delete(Self::url(addr, path)?).send().await?;
+        Ok(resp.status().as_u16())
+    }
+
     pub async fn text(&self, addr: SocketAddr, path: &str) -> Result<String> {
         Ok(self
             .http
