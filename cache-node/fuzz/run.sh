@@ -4,7 +4,7 @@
 # exec rate honest), and prints each one's exec count and findings.
 #
 #   bash cache-node/fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]
-#   bash cache-node/fuzz/run.sh 300                 # 5 minutes each, all four
+#   bash cache-node/fuzz/run.sh 300                 # 5 minutes each, every target
 #   bash cache-node/fuzz/run.sh 60 key_path         # one target
 #
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`).
@@ -18,7 +18,7 @@ cd "$(dirname "$0")"
 SECONDS_PER_TARGET=${1:-300}
 shift || true
 TARGETS=("$@")
-((${#TARGETS[@]})) || TARGETS=(set_request key_path membership_doc peer_frame)
+((${#TARGETS[@]})) || TARGETS=(set_request key_path membership_doc peer_frame snapshot_file)
 # The sanitizer: address (cargo-fuzz's default) also catches memory errors in
 # dependencies' unsafe code; SANITIZER=none runs about twice as fast.
 SANITIZER=${SANITIZER:-address}

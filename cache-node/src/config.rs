@@ -233,6 +233,19 @@ pub struct Config {
     /// at whichever limit it reaches first).
     #[arg(long, env = "DISTROCACHE_REBALANCE_BATCH_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
     pub rebalance_batch_bytes: u64,
+
+    /// Persistence: a directory for snapshots of the node's items. The node
+    /// writes one there on graceful shutdown (and every
+    /// --snapshot-interval), and loads the newest valid one when it starts,
+    /// before serving. Unset: the node keeps nothing across restarts.
+    #[arg(long, env = "DISTROCACHE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// With --data-dir: also write a snapshot this often while serving
+    /// (e.g. 5m), so a crash loses at most this much. 0 writes one only on
+    /// graceful shutdown.
+    #[arg(long, env = "DISTROCACHE_SNAPSHOT_INTERVAL", default_value = "0s", value_parser = parse_duration)]
+    pub snapshot_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

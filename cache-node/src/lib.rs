@@ -17,4 +17,5 @@ pub mod item_json;
 pub mod metrics;
 pub mod peer;
 pub mod server;
+pub mod snapshot;
 pub mod store;

@@ -1,7 +1,10 @@
 //! Wiring a node together: the store, the executor, the cluster (when a
 //! membership source is configured), the background tasks (expiry sweeper;
 //! in a cluster also the membership watcher, the rebalancer, replica repair
-//! and read-lease renewal) and the HTTP listeners, with graceful shutdown.
+//! and read-lease renewal; with --data-dir periodic snapshots) and the HTTP
+//! listeners, with graceful shutdown. With --data-dir the newest snapshot is
+//! loaded before the listeners are bound, and one is written after they
+//! close.
 //!
 //! `main.rs` runs one [`Node`] until a signal; the integration tests run many
 //! in one process, each on an ephemeral loopback port.
@@ -26,6 +29,7 @@ use crate::config::Config;
 use crate::exec::Executor;
 use crate::http::{self, HttpSettings};
 use crate::metrics::Metrics;
+use crate::snapshot::Snapshots;
 use crate::store::Store;
 
 /// The addresses a node is bound to: what `--address-file` holds, so a
@@ -77,17 +81,14 @@ pub struct Node {
     shutdown_delay: Duration,
     http: HttpSettings,
     membership: Option<Source>,
+    snapshots: Option<Arc<Snapshots>>,
+    snapshot_interval: Duration,
 }
 
 impl Node {
     /// Builds the store (and the cluster, if a membership source is
     /// configured) and binds the listener (port 0 picks a free one).
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        let listener = listen(config.listen_addr(), config.listen_backlog)?;
-        let peer_listener = match config.peer_listen_addr() {
-            Some(addr) => Some(listen(addr, config.listen_backlog)?),
-            None => None,
-        };
         let client_token = config
             .auth_token_file
             .as_deref()
@@ -104,7 +105,7 @@ impl Node {
         // send that one to each other (every node of a cluster is given the
         // same client token). On a port of its own it stays as configured:
         // open there means the operator chose a network boundary instead.
-        if peer_token.is_none() && peer_listener.is_none() && client_token.is_some() {
+        if peer_token.is_none() && config.peer_listen_addr().is_none() && client_token.is_some() {
             tracing::info!(
                 "the peer API shares the client port and has no token file: it requires the client token"
             );
@@ -134,6 +135,25 @@ impl Node {
                 "node id must be printable ASCII",
             ));
         }
+        let snapshots = match &config.data_dir {
+            Some(dir) => {
+                let snapshots =
+                    Arc::new(Snapshots::open(dir, metrics.registry()).map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("--data-dir {}: {e}", dir.display()))
+                    })?);
+                load_snapshot(&snapshots, &store, cluster.as_deref()).await?;
+                Some(snapshots)
+            }
+            None => None,
+        };
+        // Bound only now: while the snapshot loads, peers find the node
+        // down (and retry) rather than waiting on a listener that does not
+        // answer.
+        let listener = listen(config.listen_addr(), config.listen_backlog)?;
+        let peer_listener = match config.peer_listen_addr() {
+            Some(addr) => Some(listen(addr, config.listen_backlog)?),
+            None => None,
+        };
         let exec = Arc::new(Executor {
             store,
             limits: config.limits(),
@@ -161,6 +181,8 @@ impl Node {
                 drain_timeout: config.shutdown_timeout,
             },
             membership,
+            snapshots,
+            snapshot_interval: config.snapshot_interval,
         })
     }
 
@@ -200,6 +222,16 @@ impl Node {
             self.cleanup_interval,
             stop_rx.clone(),
         ))];
+        if let Some(snapshots) = &self.snapshots
+            && !self.snapshot_interval.is_zero()
+        {
+            tasks.push(tokio::spawn(periodic_snapshots(
+                self.exec.clone(),
+                snapshots.clone(),
+                self.snapshot_interval,
+                stop_rx.clone(),
+            )));
+        }
         match (&self.exec.cluster, self.membership) {
             (Some(cluster), Some(source)) => {
                 tracing::info!(%source, "cluster mode: waiting for the ring");
@@ -291,7 +323,72 @@ impl Node {
         for task in tasks {
             let _ = task.await;
         }
+        if let Some(snapshots) = self.snapshots {
+            // Nothing is served any more: this snapshot misses no write.
+            // A failure is logged and counted; the previous snapshot stays.
+            let _ = write_snapshot(self.exec.clone(), snapshots, true).await;
+        }
         Ok(())
+    }
+}
+
+/// Loads the newest valid snapshot into `store` (on a blocking thread), and
+/// in a cluster hands its time and tombstones to the restore rule.
+async fn load_snapshot(
+    snapshots: &Arc<Snapshots>,
+    store: &Arc<Store>,
+    cluster: Option<&crate::cluster::Cluster>,
+) -> std::io::Result<()> {
+    let (s, st) = (snapshots.clone(), store.clone());
+    let loaded = tokio::task::spawn_blocking(move || s.load(&st))
+        .await
+        .map_err(std::io::Error::other)??;
+    match loaded {
+        Some(loaded) => {
+            if let Some(cluster) = cluster {
+                cluster.restored(loaded.header.written_at, &loaded.tombstones);
+            }
+        }
+        None => {
+            tracing::info!(dir = %snapshots.dir().display(), "no snapshot to load; starting empty")
+        }
+    }
+    Ok(())
+}
+
+/// Writes a snapshot of the node's store on a blocking thread.
+async fn write_snapshot(
+    exec: Arc<Executor>,
+    snapshots: Arc<Snapshots>,
+    graceful: bool,
+) -> std::io::Result<crate::snapshot::Written> {
+    tokio::task::spawn_blocking(move || {
+        let cluster = exec.cluster.clone();
+        snapshots.write(&exec.store, &exec.node_id, graceful, || {
+            cluster.map_or_else(Default::default, |c| c.tombstone_log())
+        })
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Writes a snapshot every `interval` until told to stop.
+async fn periodic_snapshots(
+    exec: Arc<Executor>,
+    snapshots: Arc<Snapshots>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        // Failures are logged and counted by the writer; try again next time.
+        let _ = write_snapshot(exec.clone(), snapshots.clone(), false).await;
     }
 }
 

@@ -63,3 +63,27 @@ fn membership_doc_corpus() {
 fn peer_frame_corpus() {
     replay("peer_frame", harness::peer_frame);
 }
+
+#[test]
+fn snapshot_file_corpus() {
+    replay("snapshot_file", harness::snapshot_file);
+}
+
+/// The corpus holds real snapshots (written by a node), not only refusals:
+/// the `valid_*` seeds read whole, the others are refused.
+#[test]
+fn snapshot_seeds_are_what_their_names_say() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/snapshot_file");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let data = std::fs::read(&path).unwrap();
+        let read = cache_node::snapshot::format::read(&data[..], |_| ());
+        assert_eq!(
+            read.is_ok(),
+            name.starts_with("valid_"),
+            "{name}: {:?}",
+            read.err()
+        );
+    }
+}

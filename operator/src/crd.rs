@@ -245,6 +245,83 @@ pub struct DistroCacheSpec {
     /// and client traffic only from selected namespaces.
     #[serde(default)]
     pub network_policy: NetworkPolicySpec,
+
+    /// Snapshots on a PersistentVolumeClaim per node, so a restart of every
+    /// pod at once keeps the data (see the README's "Persistence").
+    #[serde(default)]
+    #[x_kube(validation = Rule::new(
+            "self.enabled == oldSelf.enabled && self.size == oldSelf.size && \
+             has(self.storageClassName) == has(oldSelf.storageClassName) && \
+             (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)")
+        .message("spec.persistence.enabled, size and storageClassName cannot change once the cache \
+                  exists: a StatefulSet's claim templates are immutable"))]
+    pub persistence: PersistenceSpec,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PersistenceSpec {
+    /// Give each node a volume (a `volumeClaimTemplate` named `data`) and
+    /// start it with `--data-dir` on it: it writes a snapshot there when it
+    /// stops and loads it when it starts. Set it (and `size` and
+    /// `storageClassName`) when the cache is created: a StatefulSet's claim
+    /// templates cannot change, so the API server refuses the change on an
+    /// existing cache.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Size of each node's claim. A snapshot takes about the bytes the node
+    /// holds (`maxMemory`) plus 30 bytes per item; twice that leaves room for
+    /// the next one while the last is kept.
+    #[serde(default = "default_volume_size")]
+    #[schemars(
+        regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"),
+        length(max = 64)
+    )]
+    pub size: String,
+    /// Storage class of the claims. Unset: the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub storage_class_name: Option<String>,
+    /// Also write a snapshot this often while serving (e.g. `5m`), so a
+    /// crash loses at most this much. Unset: only when a node stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 64))]
+    pub snapshot_interval: Option<String>,
+    /// What happens to the claims when the DistroCache (and so its
+    /// StatefulSet) is deleted: `Retain` (default; a cache created again
+    /// under the same name starts from them) or `Delete`.
+    #[serde(default = "retain")]
+    #[schemars(regex(pattern = r"^(Retain|Delete)$"))]
+    pub when_deleted: String,
+    /// What happens to the claims of the pods a scale-down removes: `Delete`
+    /// (default; those nodes handed their data off before they went, so
+    /// their snapshots are stale) or `Retain`.
+    #[serde(default = "delete")]
+    #[schemars(regex(pattern = r"^(Retain|Delete)$"))]
+    pub when_scaled: String,
+}
+
+impl Default for PersistenceSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            size: default_volume_size(),
+            storage_class_name: None,
+            snapshot_interval: None,
+            when_deleted: retain(),
+            when_scaled: delete(),
+        }
+    }
+}
+
+fn default_volume_size() -> String {
+    "1Gi".into()
+}
+fn retain() -> String {
+    "Retain".into()
+}
+fn delete() -> String {
+    "Delete".into()
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -477,6 +554,11 @@ impl DistroCacheSpec {
             if d.is_zero() {
                 return Err(format!("spec.{field} must be longer than zero"));
             }
+        }
+        if let Some(interval) = &self.persistence.snapshot_interval {
+            humantime::parse_duration(interval).map_err(|e| {
+                format!("spec.persistence.snapshotInterval {interval:?} is not a duration: {e}")
+            })?;
         }
         if self.peer_port == self.port {
             return Err(format!(

@@ -220,7 +220,7 @@ pub struct Leader {
 }
 
 /// Waits until `n` pods matching `selector` in `ns` are ready.
-pub(crate) async fn wait_pods_ready(
+pub async fn wait_pods_ready(
     client: &Client,
     ns: &str,
     selector: &str,
@@ -409,6 +409,12 @@ impl CacheClient {
             .send()
             .await?;
         Self::json_answer(resp).await
+    }
+
+    /// A DELETE; the status.
+    pub async fn delete(&self, addr: SocketAddr, path: &str) -> Result<u16> {
+        let resp = self.http.delete(Self::url(addr, path)?).send().await?;
+        Ok(resp.status().as_u16())
     }
 
     pub async fn text(&self, addr: SocketAddr, path: &str) -> Result<String> {

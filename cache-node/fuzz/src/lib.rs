@@ -12,6 +12,8 @@
 //!   accepts, ring construction and key placement.
 //! * [`peer_frame`]: bytes from a peer connection, through the frame decoder
 //!   and the protocol's message decoders.
+//! * [`snapshot_file`]: bytes as a snapshot file (`--data-dir`), through the
+//!   snapshot reader.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
@@ -24,7 +26,9 @@ use cache_node::cluster::ring::Ring;
 use cache_node::exec::{Executor, Limits};
 use cache_node::metrics::Metrics;
 use cache_node::peer::frame::{self, FrameCodec};
-use cache_node::peer::protocol::{Answer, Request};
+use cache_node::peer::protocol::{Answer, RecordBatch, Request};
+use cache_node::snapshot::format::{self as snapshot_format, SnapshotWriter};
+use cache_node::store::{ItemMeta, ItemView};
 use cache_node::store::{Store, StoreConfig};
 use distrocache_membership::{MemberState, MembershipDoc};
 use hyper::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
@@ -370,4 +374,68 @@ pub fn peer_frame(data: &[u8]) {
             );
         }
     }
+}
+
+/// An item read from a snapshot, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OwnedItem {
+    key: String,
+    value: Vec<u8>,
+    tags: Vec<String>,
+    meta: ItemMeta,
+}
+
+impl ItemView for OwnedItem {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn value(&self) -> &[u8] {
+        &self.value
+    }
+    fn meta(&self) -> ItemMeta {
+        self.meta
+    }
+    fn tags(&self) -> impl Iterator<Item = &str> {
+        self.tags.iter().map(String::as_str)
+    }
+}
+
+fn read_snapshot(data: &[u8]) -> Option<(snapshot_format::Contents, Vec<OwnedItem>)> {
+    let mut items = Vec::new();
+    let contents = snapshot_format::read(data, |records| {
+        items.extend(records.iter().map(|r| OwnedItem {
+            key: r.key().to_owned(),
+            value: r.value().to_vec(),
+            tags: r.tags().map(str::to_owned).collect(),
+            meta: r.meta(),
+        }))
+    })
+    .ok()?;
+    Some((contents, items))
+}
+
+/// Target `snapshot_file`: arbitrary bytes as a snapshot file.
+///
+/// Asserts: the reader refuses or reads any bytes without panicking; a file
+/// it accepts counts exactly the items it handed over and was read to its
+/// last byte; and writing those items back with the same header and
+/// tombstones gives a file that reads back to the same items, header and
+/// tombstones (so nothing in a snapshot is read as something else).
+pub fn snapshot_file(data: &[u8]) {
+    let Some((contents, items)) = read_snapshot(data) else {
+        return;
+    };
+    assert_eq!(contents.items as usize, items.len());
+    assert_eq!(contents.bytes as usize, data.len());
+    let mut writer = SnapshotWriter::new(Vec::new(), &contents.header).expect("in memory");
+    let mut batch = RecordBatch::default();
+    for item in &items {
+        batch.push(item);
+    }
+    writer.records(&batch.freeze()).expect("in memory");
+    let (again, _, _) = writer.finish(&contents.tombstones).expect("in memory");
+    let (reread, reitems) = read_snapshot(&again).expect("a snapshot's own encoding reads");
+    assert_eq!(reread.header, contents.header);
+    assert_eq!(reread.tombstones, contents.tombstones);
+    assert_eq!(reitems, items);
 }

@@ -61,6 +61,10 @@ pub struct ClusterMetrics {
     pub pending_repairs: IntGauge,
     pub dropped_hints: IntCounter,
     pub read_lease: IntGauge,
+    /// Snapshots checked against the peers' deletes, by outcome.
+    pub restores: IntCounterVec,
+    /// Restored items removed by that check.
+    pub restore_removed: IntCounter,
     /// `peer_requests` and `peer_errors` per [`PeerOp`], resolved once:
     /// forwarding counts on every forwarded request.
     by_op: [(IntCounter, IntCounter); PeerOp::ALL.len()],
@@ -152,6 +156,19 @@ impl ClusterMetrics {
                 "Repair hints dropped because a replica's queue was full (that replica is then resynced whole when it answers)",
             )
             .expect("valid metric"),
+            restores: IntCounterVec::new(
+                Opts::new(
+                    "distrocache_snapshot_restores_total",
+                    "Loaded snapshots checked against the peers' deletes: reconciled (kept, minus what was deleted meanwhile) or discarded (the peers no longer remember every delete since it was taken)",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            restore_removed: IntCounter::new(
+                "distrocache_snapshot_restore_removed_items_total",
+                "Items loaded from a snapshot and then removed because they were deleted while the node was down (or the snapshot was discarded)",
+            )
+            .expect("valid metric"),
         };
         for c in [
             Box::new(m.ring_epoch.clone()) as Box<dyn prometheus::core::Collector>,
@@ -167,12 +184,17 @@ impl ClusterMetrics {
             Box::new(m.pending_repairs.clone()),
             Box::new(m.dropped_hints.clone()),
             Box::new(m.read_lease.clone()),
+            Box::new(m.restores.clone()),
+            Box::new(m.restore_removed.clone()),
         ] {
             registry
                 .register(c)
                 .expect("cluster metrics are registered once");
         }
         m.observe_phase(SyncPhase::Idle);
+        for outcome in ["reconciled", "discarded"] {
+            m.restores.with_label_values(&[outcome]);
+        }
         m
     }
 

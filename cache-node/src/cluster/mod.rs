@@ -17,6 +17,7 @@
 //! * [`repair`]: hints for replicas that missed writes, and their repair;
 //! * [`leases`]: when a replica may serve reads itself;
 //! * [`tombstones`]: recent deletes, so copies in flight cannot revive them;
+//! * [`restore`]: the rule for a node that comes back from a snapshot;
 //! * [`membership`]: where the ring documents come from.
 //!
 //! Consistency model, in short (the README has the long form):
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod rebalance;
 pub mod repair;
 pub mod replication;
+pub mod restore;
 pub mod ring;
 pub mod ring_state;
 pub mod routing;
@@ -82,6 +84,9 @@ pub struct Cluster {
     progress: Progress,
     hints: Hints,
     tombstones: Tombstones,
+    /// Set when the node loaded a snapshot it has not yet checked against
+    /// its peers' deletes (see [`restore`]).
+    restore: restore::PendingRestore,
     leases: Leases,
     health: routing::PeerHealth,
     metrics: ClusterMetrics,
@@ -122,6 +127,7 @@ impl Cluster {
             progress: Progress::default(),
             hints: Hints::default(),
             tombstones: Tombstones::default(),
+            restore: restore::PendingRestore::default(),
             leases: Leases::default(),
             health: routing::PeerHealth::default(),
             metrics,

@@ -245,6 +245,11 @@ async fn sync(cluster: &Cluster, synced: Option<&Ring>, ring: &Ring) -> Result<(
         // they serve, and a restarted one must not be counted as a copy.
         cluster.set_ready(false);
         cluster.set_phase(SyncPhase::Pulling);
+        // A node back from a snapshot first learns the deletes it missed.
+        cluster
+            .reconcile_restore(ring, me)
+            .await
+            .map_err(|super::restore::Interrupted::RingChanged| Abort::RingChanged)?;
         pull_all(cluster, ring, me).await?;
         progress.pulled.store(true, Ordering::Release);
         // A leaving member that restarted owns nothing, so it pulled nothing

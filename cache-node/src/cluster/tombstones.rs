@@ -5,6 +5,13 @@
 //! A tombstone only has to outlive the copies in flight, which are bounded
 //! by the peer request timeout, so entries expire after [`TOMBSTONE_TTL`]
 //! and their number is capped; with the cap reached the oldest go first.
+//!
+//! They also carry deletes across restarts (see `cluster::restore`): the
+//! node's snapshot keeps them, and a node that comes back from a snapshot
+//! asks its peers for theirs, so a delete made while it was down does not
+//! come back with its snapshot. For that each node also tracks
+//! `forgotten_before`: the newest delete time it has let go of, so a peer
+//! can tell whether this node's memory reaches back far enough.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -13,8 +20,11 @@ use parking_lot::Mutex;
 
 use crate::store::UnixNanos;
 
-/// How long a delete or invalidation is remembered.
-pub const TOMBSTONE_TTL: Duration = Duration::from_secs(120);
+/// How long a delete or invalidation is remembered: long enough for the
+/// copies in flight (the peer timeout), and for a node restarted from a
+/// snapshot to learn the deletes made while it was down (a node down longer
+/// than this, with deletes made meanwhile, discards its snapshot).
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 /// Most deletes remembered at once.
 const MAX_DELETES: usize = 200_000;
 /// Most tag invalidations remembered at once.
@@ -26,6 +36,18 @@ pub struct Tombstones {
     tags: Mutex<Timed>,
 }
 
+/// Remembered deletes and tag invalidations, as they travel in a snapshot
+/// and between peers: each name with the write time it covers (items
+/// created at or before it are dead).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TombstoneLog {
+    /// The newest time of a delete or invalidation the writer has let go
+    /// of (0: none): its memory is complete only for later ones.
+    pub forgotten_before: UnixNanos,
+    pub deletes: Vec<(String, UnixNanos)>,
+    pub tags: Vec<(String, UnixNanos)>,
+}
+
 /// Entries with the write time they cover (items created at or before it
 /// are dead), queued in the order they were made for expiry. A key entered
 /// twice has two queue entries; `seq` tells which one is current.
@@ -34,6 +56,8 @@ struct Timed {
     at: HashMap<String, (UnixNanos, u64)>,
     order: VecDeque<(Instant, String, u64)>,
     seq: u64,
+    /// The newest time of an entry dropped (expired or pushed out by the cap).
+    forgotten_before: UnixNanos,
 }
 
 impl Timed {
@@ -53,18 +77,35 @@ impl Timed {
                 break;
             }
             let (_, key, seq) = self.order.pop_front().expect("front exists");
-            if self
-                .at
-                .get(&key)
-                .is_some_and(|&(_, current)| current == seq)
+            if let Some(&(at, current)) = self.at.get(&key)
+                && current == seq
             {
                 self.at.remove(&key);
+                self.forgotten_before = self.forgotten_before.max(at);
             }
         }
     }
 
     fn get(&self, key: &str) -> Option<UnixNanos> {
         self.at.get(key).map(|&(at, _)| at)
+    }
+
+    /// Entries at or after `since`, until `max_bytes` of names are taken;
+    /// the flag says whether some were left out.
+    fn since(&self, since: UnixNanos, max_bytes: usize) -> (Vec<(String, UnixNanos)>, bool) {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (name, &(at, _)) in &self.at {
+            if at < since {
+                continue;
+            }
+            bytes += name.len() + 16;
+            if bytes > max_bytes {
+                return (out, true);
+            }
+            out.push((name.clone(), at));
+        }
+        (out, false)
     }
 }
 
@@ -92,6 +133,55 @@ impl Tombstones {
         let invalidated = self.tags.lock();
         !invalidated.at.is_empty() && tags.iter().any(|t| dead(invalidated.get(t.as_ref())))
     }
+
+    /// What is remembered with a time at or after `since`, in at most about
+    /// `max_bytes`; `None` when more than that is remembered (the caller
+    /// then cannot learn every delete, and must act as if it could not).
+    pub fn log_since(&self, since: UnixNanos, max_bytes: usize) -> Option<TombstoneLog> {
+        let deletes = self.deletes.lock();
+        let tags = self.tags.lock();
+        let (tag_list, cut) = tags.since(since, max_bytes);
+        if cut {
+            return None;
+        }
+        let used: usize = tag_list.iter().map(|(t, _)| t.len() + 16).sum();
+        let (delete_list, cut) = deletes.since(since, max_bytes.saturating_sub(used));
+        if cut {
+            return None;
+        }
+        Some(TombstoneLog {
+            forgotten_before: deletes.forgotten_before.max(tags.forgotten_before),
+            deletes: delete_list,
+            tags: tag_list,
+        })
+    }
+
+    /// Everything remembered (for a snapshot; bounded by the caps).
+    pub fn log(&self) -> TombstoneLog {
+        self.log_since(0, usize::MAX)
+            .expect("no byte limit, nothing cut")
+    }
+
+    /// Takes in what another node (or this node's snapshot) remembers.
+    pub fn absorb(&self, log: &TombstoneLog) {
+        {
+            let mut deletes = self.deletes.lock();
+            deletes.forgotten_before = deletes.forgotten_before.max(log.forgotten_before);
+            for (key, at) in &log.deletes {
+                deletes.insert(key, *at, MAX_DELETES);
+            }
+        }
+        let mut tags = self.tags.lock();
+        for (tag, at) in &log.tags {
+            tags.insert(tag, *at, MAX_TAGS);
+        }
+    }
+
+    /// The newest delete or invalidation time this node has let go of.
+    pub fn forgotten_before(&self) -> UnixNanos {
+        let deletes = self.deletes.lock().forgotten_before;
+        deletes.max(self.tags.lock().forgotten_before)
+    }
 }
 
 #[cfg(test)]
@@ -111,6 +201,27 @@ mod tests {
         assert!(t.buries("x", 150, &["blue", "red"]));
         assert!(!t.buries("x", 250, &["red"]));
         assert!(!t.buries("x", 150, &["blue"]));
+    }
+
+    #[test]
+    fn a_log_carries_what_is_remembered_and_what_was_forgotten() {
+        let t = Tombstones::default();
+        t.deleted("k", 100);
+        t.deleted("old", 10);
+        t.invalidated("red", 200);
+        let log = t.log_since(50, 1 << 20).unwrap();
+        assert_eq!(log.deletes, vec![("k".to_string(), 100)]);
+        assert_eq!(log.tags, vec![("red".to_string(), 200)]);
+        assert_eq!(log.forgotten_before, 0);
+        assert!(t.log_since(0, 10).is_none(), "more than fits is refused");
+        let other = Tombstones::default();
+        other.absorb(&t.log());
+        assert!(other.buries("old", 10, &[] as &[&str]));
+        assert!(other.buries("x", 150, &["red"]));
+        for i in 0..(MAX_DELETES + 1) {
+            other.deleted(&format!("k{i}"), 1000 + i as u64);
+        }
+        assert!(other.forgotten_before() >= 10, "the cap forgot entries");
     }
 
     #[test]

@@ -103,6 +103,9 @@ impl Handler for Executor {
             Request::Lease { node } => Reply::Now(Answer::Lease {
                 granted: cluster.grant_lease(&node),
             }),
+            Request::Tombstones { since } => {
+                Reply::Now(Answer::Tombstones(cluster.serve_tombstones(since)))
+            }
         }
     }
 }

@@ -664,6 +664,16 @@ pub mod expect {
             other => Err(other),
         }
     }
+
+    /// `Tombstones`: what the peer remembers, `None` when too much.
+    pub fn tombstones(
+        a: Answer,
+    ) -> Result<Option<crate::cluster::tombstones::TombstoneLog>, Answer> {
+        match a {
+            Answer::Tombstones(log) => Ok(log),
+            other => Err(other),
+        }
+    }
 }
 
 /// An error and its causes on one line (hyper's errors hide the useful part,

@@ -14,6 +14,7 @@
 //! | `Progress`, `Stats` | settling, the cluster views | `Progress`, `Stats` |
 //! | `GetRing`, `PutRing` | nodes reconciling rings of different epochs | `Ring`, `RingAdopted` |
 //! | `Lease` | a replica renewing its right to serve reads | `Lease` |
+//! | `Tombstones` | a node restored from a snapshot, learning the deletes made while it was down | `Tombstones` |
 //!
 //! Any request may also be answered `Misdirected` (the two nodes hold
 //! different rings; the frame's epoch is the answerer's) or `Refused` (an
@@ -34,6 +35,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use distrocache_membership::{MembershipDoc, NodeProgress};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::tombstones::TombstoneLog;
 use crate::exec::Write;
 use crate::store::{ItemMeta, ItemView, UnixNanos};
 
@@ -158,6 +160,18 @@ impl Records {
         }
         reader.finish()?;
         Ok(out)
+    }
+
+    /// Records encoded elsewhere (a snapshot's block), checked whole.
+    pub fn from_encoded(count: u32, bytes: Bytes) -> Result<Self, DecodeError> {
+        let records = Self { count, bytes };
+        records.decode()?;
+        Ok(records)
+    }
+
+    /// The records' encoding, without their count.
+    pub fn encoded(&self) -> &Bytes {
+        &self.bytes
     }
 
     /// The only record of a one-record answer.
@@ -329,6 +343,10 @@ pub enum Request {
     Lease {
         node: String,
     },
+    /// The deletes and tag invalidations remembered here from `since` on.
+    Tombstones {
+        since: UnixNanos,
+    },
 }
 
 /// Every answer.
@@ -360,6 +378,8 @@ pub enum Answer {
     Lease {
         granted: bool,
     },
+    /// What is remembered, or `None` when it is more than one answer holds.
+    Tombstones(Option<TombstoneLog>),
     /// The request was refused or failed, with the HTTP status it stands for.
     Refused {
         status: u16,
@@ -392,6 +412,7 @@ const STATS: u8 = 9;
 const GET_RING: u8 = 10;
 const PUT_RING: u8 = 11;
 const LEASE: u8 = 12;
+const TOMBSTONES: u8 = 13;
 
 const A_ITEM: u8 = 128;
 const A_MISSING: u8 = 129;
@@ -406,6 +427,7 @@ const A_RING_ADOPTED: u8 = 137;
 const A_LEASE: u8 = 138;
 const A_REFUSED: u8 = 139;
 const A_MISDIRECTED: u8 = 140;
+const A_TOMBSTONES: u8 = 141;
 
 impl Request {
     /// Whether the receiver must hold the sender's ring epoch to act on it:
@@ -452,6 +474,7 @@ impl Request {
             Request::GetRing => "get_ring",
             Request::PutRing { .. } => "put_ring",
             Request::Lease { .. } => "lease",
+            Request::Tombstones { .. } => "tombstones",
         }
     }
 
@@ -520,6 +543,10 @@ impl Request {
                 put_str(out, node);
                 LEASE
             }
+            Request::Tombstones { since } => {
+                out.put_u64(*since);
+                TOMBSTONES
+            }
         }
     }
 
@@ -583,6 +610,7 @@ impl Request {
                 Request::PutRing { doc }
             }
             LEASE => Request::Lease { node: r.string()? },
+            TOMBSTONES => Request::Tombstones { since: r.u64()? },
             other => return malformed(format!("unknown request kind {other}")),
         };
         r.finish()?;
@@ -650,6 +678,16 @@ impl Answer {
                 A_REFUSED
             }
             Answer::Misdirected => A_MISDIRECTED,
+            Answer::Tombstones(log) => {
+                match log {
+                    Some(log) => {
+                        out.put_u8(1);
+                        put_tombstone_log(out, log);
+                    }
+                    None => out.put_u8(0),
+                }
+                A_TOMBSTONES
+            }
         }
     }
 
@@ -695,6 +733,11 @@ impl Answer {
                 message: r.string()?,
             },
             A_MISDIRECTED => Answer::Misdirected,
+            A_TOMBSTONES => Answer::Tombstones(if r.flag()? {
+                Some(read_tombstone_log(&mut r)?)
+            } else {
+                None
+            }),
             other => return malformed(format!("unknown answer kind {other}")),
         };
         r.finish()?;
@@ -720,6 +763,48 @@ fn put_strs(out: &mut BytesMut, list: &[String]) {
     for s in list {
         put_str(out, s);
     }
+}
+
+/// A tombstone log: `forgotten_before`, then the deletes and the tags, each
+/// a list of (name, time). Shared by the peer answer and the snapshot file.
+pub fn put_tombstone_log(out: &mut BytesMut, log: &TombstoneLog) {
+    out.put_u64(log.forgotten_before);
+    for list in [&log.deletes, &log.tags] {
+        out.put_u32(len_u32(list.len()));
+        for (name, at) in list {
+            put_str(out, name);
+            out.put_u64(*at);
+        }
+    }
+}
+
+/// Reads a whole body holding one tombstone log (see [`put_tombstone_log`]).
+pub fn decode_tombstone_log(body: &[u8]) -> Result<TombstoneLog, DecodeError> {
+    let mut r = Reader::new(body);
+    let log = read_tombstone_log(&mut r)?;
+    r.finish()?;
+    Ok(log)
+}
+
+fn read_tombstone_log(r: &mut Reader<'_>) -> Result<TombstoneLog, DecodeError> {
+    let forgotten_before = r.u64()?;
+    let mut lists = [Vec::new(), Vec::new()];
+    for list in &mut lists {
+        let count = r.u32()? as usize;
+        if count > r.remaining() / 12 {
+            return malformed(format!("{count} tombstones in {} bytes", r.remaining()));
+        }
+        list.reserve(count);
+        for _ in 0..count {
+            list.push((r.string()?, r.u64()?));
+        }
+    }
+    let [deletes, tags] = lists;
+    Ok(TombstoneLog {
+        forgotten_before,
+        deletes,
+        tags,
+    })
 }
 
 fn put_records(out: &mut BytesMut, records: &Records) {
@@ -983,6 +1068,7 @@ mod tests {
             Request::GetRing,
             Request::PutRing { doc: doc.clone() },
             Request::Lease { node: "b".into() },
+            Request::Tombstones { since: 42 },
         ];
         for r in &requests {
             assert_eq!(&round_trip_request(r), r);
@@ -1011,6 +1097,12 @@ mod tests {
                 adopted: true,
             },
             Answer::Lease { granted: true },
+            Answer::Tombstones(None),
+            Answer::Tombstones(Some(TombstoneLog {
+                forgotten_before: 7,
+                deletes: vec![("k".into(), 9)],
+                tags: vec![("red".into(), 11), ("ü".into(), 12)],
+            })),
             Answer::refused(503, "no owner"),
             Answer::Misdirected,
         ];

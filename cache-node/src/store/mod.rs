@@ -572,6 +572,23 @@ impl Store {
         removed
     }
 
+    /// Like [`Self::retain`], deciding on the whole item (version, tags).
+    pub fn retain_items(&self, mut keep: impl FnMut(ItemRef<'_>) -> bool) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut from = Some(0);
+            while let Some(at) = from {
+                let mut shard = shard.lock();
+                let before = (shard.len(), shard.bytes());
+                let (went, next) = shard.retain_items(at, RETAIN_BATCH, &mut keep);
+                self.account(before, (shard.len(), shard.bytes()));
+                removed += went;
+                from = next;
+            }
+        }
+        removed
+    }
+
     /// Removes every item whose time has passed; returns how many. The cost
     /// grows with the number of expired items, not with the number of items.
     pub fn sweep_expired(&self) -> usize {

@@ -465,6 +465,28 @@ impl<S: BuildHasher> Shard<S> {
         (removed, (end < self.slots.len()).then_some(end as SlotId))
     }
 
+    /// Like [`Self::retain`], deciding on the whole item (its version and
+    /// tags as well as its key).
+    pub fn retain_items(
+        &mut self,
+        from: SlotId,
+        budget: usize,
+        mut keep: impl FnMut(ItemRef<'_>) -> bool,
+    ) -> (usize, Option<SlotId>) {
+        let end = self.slots.len().min(from as usize + budget.max(1));
+        let doomed: Vec<SlotId> = (from as usize..end)
+            .filter(|&slot| self.slots[slot].is_live() && !keep(self.item(slot as SlotId)))
+            .map(|slot| slot as SlotId)
+            .collect();
+        for &slot in &doomed {
+            self.remove_slot(slot);
+        }
+        (
+            doomed.len(),
+            (end < self.slots.len()).then_some(end as SlotId),
+        )
+    }
+
     /// Number of items that carry `tag`, expired or not.
     pub fn tag_count(&self, tag: &str) -> usize {
         self.tags.count(tag)

@@ -61,6 +61,8 @@ pub struct ProcCluster {
     /// The peer protocol's client, with the peer token when the cluster runs
     /// with authentication: how tests ask a node what it holds.
     pub peers: PeerClient,
+    /// Each node runs with `--data-dir` (see [`Self::data_dir`]).
+    data_dirs: bool,
 }
 
 fn peer_client(token: Option<&str>) -> PeerClient {
@@ -96,7 +98,31 @@ impl ProcCluster {
             flags: Vec::new(),
             client_token: None,
             peers: peer_client(None),
+            data_dirs: false,
         }
+    }
+
+    /// Every node keeps snapshots in a directory of its own, which outlives
+    /// its process (as a pod's volume does).
+    pub fn with_data_dirs(mut self) -> Self {
+        self.data_dirs = true;
+        self
+    }
+
+    /// Node `i`'s snapshot directory (with [`Self::with_data_dirs`]).
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node-{i}-data"))
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod, and waits for the process to
+    /// exit (it writes its snapshot first, with a data directory).
+    pub fn stop(&mut self, i: usize) {
+        let Some(mut child) = self.nodes[i].child.take() else {
+            return;
+        };
+        child.signal(libc::SIGTERM);
+        let status = child.wait_exit(Duration::from_secs(60));
+        assert!(status.success(), "node {i} exited with {status}");
     }
 
     /// Every node requires bearer tokens (client and peer, read from files)
@@ -198,8 +224,11 @@ impl ProcCluster {
         self.nodes[i].log_from = std::fs::metadata(&self.nodes[i].log)
             .map_or(0, |m| usize::try_from(m.len()).unwrap_or(usize::MAX));
         let node = &self.nodes[i];
-        let proc = Launch::new()
-            .at(node.addr)
+        let mut launch = Launch::new().at(node.addr);
+        if self.data_dirs {
+            launch = launch.arg("--data-dir").arg(self.data_dir(i));
+        }
+        let proc = launch
             .args(["--node-id", &node.id])
             .arg("--membership-file")
             .arg(membership_file)

@@ -17,6 +17,11 @@
 //!   non-root with the image's user unless the spec names one, so a
 //!   platform that assigns user ids can.
 //! * A startup probe holds the liveness probe off while a node starts.
+//! * With `spec.persistence`, a claim template `data` mounted at
+//!   [`DATA_MOUNT`] holds the node's snapshots (`--data-dir`), with the
+//!   spec's retention policy. The node writes its snapshot after it stops
+//!   serving, so the in-flight drain (`--shutdown-timeout`) gets only part
+//!   of the grace period and the snapshot the rest.
 //! * What the ring decides stays out of the pod template. The replication
 //!   factor reaches the nodes in the ring document (a node in cluster mode
 //!   reads it from there, not from its flag); in the template, a change of
@@ -25,13 +30,16 @@
 //!   other copy of its keys.
 
 use k8s_openapi::api::apps::v1::{
-    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy,
+    StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle,
-    LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecurityContext,
+    LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
+    VolumeMount, VolumeResourceRequirements,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -43,6 +51,13 @@ use super::{child_meta, labels, peer_service_name, ring_configmap_name, selector
 use crate::crd::DistroCache;
 
 pub(crate) const CONTAINER_NAME: &str = "cache-node";
+/// Where a node's persistent volume is mounted (its `--data-dir`).
+pub(crate) const DATA_MOUNT: &str = "/var/lib/distrocache";
+/// The claim template's (and so the volume's) name.
+pub(crate) const DATA_VOLUME: &str = "data";
+/// The group the image runs as; owns the data volume unless the spec
+/// names another.
+const IMAGE_GROUP: i64 = 65532;
 
 /// The StatefulSet of `dc` at `replicas` pods, with `default_image` where
 /// the spec names none.
@@ -78,9 +93,38 @@ pub fn statefulset(dc: &DistroCache, replicas: i32, default_image: &str) -> Stat
                 }),
                 spec: Some(pod_spec(dc, default_image)),
             },
+            volume_claim_templates: dc.spec.persistence.enabled.then(|| vec![data_claim(dc)]),
+            persistent_volume_claim_retention_policy: dc.spec.persistence.enabled.then(|| {
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(dc.spec.persistence.when_deleted.clone()),
+                    when_scaled: Some(dc.spec.persistence.when_scaled.clone()),
+                }
+            }),
             ..StatefulSetSpec::default()
         }),
         ..StatefulSet::default()
+    }
+}
+
+/// The claim template of a node's data volume.
+fn data_claim(dc: &DistroCache) -> PersistentVolumeClaim {
+    let p = &dc.spec.persistence;
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.into()),
+            labels: Some(selector_labels(dc)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: p.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some([("storage".to_string(), Quantity(p.size.clone()))].into()),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
     }
 }
 
@@ -100,7 +144,10 @@ fn pod_spec(dc: &DistroCache, default_image: &str) -> PodSpec {
             run_as_non_root: Some(true),
             run_as_user: spec.run_as_user,
             run_as_group: spec.run_as_group,
-            fs_group: spec.run_as_group,
+            // The data volume must be writable by the node's group.
+            fs_group: spec
+                .run_as_group
+                .or(spec.persistence.enabled.then_some(IMAGE_GROUP)),
             seccomp_profile: Some(SeccompProfile {
                 type_: "RuntimeDefault".into(),
                 ..SeccompProfile::default()
@@ -145,7 +192,20 @@ fn container(dc: &DistroCache, default_image: &str) -> Container {
                 ..ContainerPort::default()
             },
         ]),
-        volume_mounts: spec.auth.enabled.then(|| vec![auth_volume_mount()]),
+        volume_mounts: {
+            let mut mounts = Vec::new();
+            if spec.auth.enabled {
+                mounts.push(auth_volume_mount());
+            }
+            if spec.persistence.enabled {
+                mounts.push(VolumeMount {
+                    name: DATA_VOLUME.into(),
+                    mount_path: DATA_MOUNT.into(),
+                    ..VolumeMount::default()
+                });
+            }
+            (!mounts.is_empty()).then_some(mounts)
+        },
         readiness_probe: Some(Probe {
             http_get: Some(http_get("/api/v1/ready")),
             period_seconds: Some(2),
@@ -238,12 +298,26 @@ fn env(dc: &DistroCache) -> Vec<EnvVar> {
                 (spec.termination_grace_period_seconds / 4).clamp(1, 5)
             ),
         ),
-        // In-flight requests get most of the grace period to finish.
+        // In-flight requests get most of the grace period to finish; with
+        // persistence, a quarter of it, and the snapshot the rest.
         literal(
             "DISTROCACHE_SHUTDOWN_TIMEOUT",
-            format!("{}s", (spec.termination_grace_period_seconds - 2).max(1)),
+            format!(
+                "{}s",
+                if spec.persistence.enabled {
+                    (spec.termination_grace_period_seconds / 4).max(1)
+                } else {
+                    (spec.termination_grace_period_seconds - 2).max(1)
+                }
+            ),
         ),
     ];
+    if spec.persistence.enabled {
+        env.push(literal("DISTROCACHE_DATA_DIR", DATA_MOUNT.into()));
+        if let Some(interval) = &spec.persistence.snapshot_interval {
+            env.push(literal("DISTROCACHE_SNAPSHOT_INTERVAL", interval.clone()));
+        }
+    }
     if spec.auth.enabled {
         env.push(literal(
             "DISTROCACHE_AUTH_TOKEN_FILE",
@@ -509,6 +583,62 @@ mod tests {
         assert_eq!(
             env["DISTROCACHE_MAX_MEMORY"].value,
             defaults::max_memory(&cache("{resources: {limits: {memory: 1Gi}}}").spec).unwrap()
+        );
+    }
+
+    #[test]
+    fn persistence_adds_a_claim_template_its_retention_and_the_data_dir() {
+        let none = statefulset(&cache("{}"), 3, "c:1");
+        let spec = none.spec.as_ref().unwrap();
+        assert!(spec.volume_claim_templates.is_none());
+        assert!(spec.persistent_volume_claim_retention_policy.is_none());
+        assert!(!env_map(&none).contains_key("DISTROCACHE_DATA_DIR"));
+
+        let dc = cache(
+            "{terminationGracePeriodSeconds: 60, persistence: {enabled: true, size: 5Gi, \
+              storageClassName: fast, snapshotInterval: 5m}}",
+        );
+        let sts = statefulset(&dc, 3, "c:1");
+        let spec = sts.spec.as_ref().unwrap();
+        let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
+        assert_eq!(claim.metadata.name.as_deref(), Some(DATA_VOLUME));
+        let claim_spec = claim.spec.as_ref().unwrap();
+        assert_eq!(claim_spec.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(
+            claim_spec
+                .resources
+                .as_ref()
+                .unwrap()
+                .requests
+                .as_ref()
+                .unwrap()["storage"]
+                .0,
+            "5Gi"
+        );
+        let retention = spec
+            .persistent_volume_claim_retention_policy
+            .as_ref()
+            .unwrap();
+        assert_eq!(retention.when_deleted.as_deref(), Some("Retain"));
+        assert_eq!(retention.when_scaled.as_deref(), Some("Delete"));
+        let env = env_map(&sts);
+        let value = |n: &str| env[n].value.clone().unwrap();
+        assert_eq!(value("DISTROCACHE_DATA_DIR"), DATA_MOUNT);
+        assert_eq!(value("DISTROCACHE_SNAPSHOT_INTERVAL"), "5m");
+        assert_eq!(
+            value("DISTROCACHE_SHUTDOWN_TIMEOUT"),
+            "15s",
+            "the rest is the snapshot's"
+        );
+        let pod = spec.template.spec.as_ref().unwrap();
+        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.name.as_str(), mount.mount_path.as_str()),
+            (DATA_VOLUME, DATA_MOUNT)
+        );
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().fs_group,
+            Some(IMAGE_GROUP)
         );
     }
 }

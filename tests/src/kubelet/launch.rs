@@ -12,18 +12,27 @@
 //!   `secretKeyRef`, `configMapKeyRef`), then the image table's variables with
 //!   their placeholders replaced.
 //! - `$(VAR)` in `command` and `args` expands against that environment.
-//! - Secret volumes: a `secret` volume mounted by the container is written
-//!   to `<pod dir>/volumes/<volume>/<key>`. Processes here share one
-//!   filesystem, so the mount path cannot be honoured as such; instead any
-//!   environment value or argument that starts with the mount path is
-//!   rewritten to the materialised directory (e.g. a `--token-file` pointing
-//!   into the mount). Other volume types are ignored.
+//! - Volumes: a `secret` volume mounted by the container is written to
+//!   `<pod dir>/volumes/<volume>/<key>`; an `emptyDir` is the directory
+//!   `<pod dir>/volumes/<volume>` (gone with the pod); a
+//!   `persistentVolumeClaim` is the directory
+//!   `<kubelet dir>/claims/<namespace>/<claim>-<claim uid>`, which outlives
+//!   the pod, so a StatefulSet's pod that comes back finds its claim's files
+//!   as on a real volume, and a claim deleted and created again starts empty
+//!   (no provisioner or binding is involved; the claim must exist, or the
+//!   pod does not start). Processes here
+//!   share one filesystem, so the mount path cannot be honoured as such;
+//!   instead any environment value or argument that starts with the mount
+//!   path is rewritten to the materialised directory (e.g. a `--token-file`
+//!   pointing into the mount). Other volume types are ignored.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVarSource, Pod, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, EnvVarSource, PersistentVolumeClaim, Pod, Secret,
+};
 use kube::{Api, Client};
 
 use super::images::Program;
@@ -118,7 +127,7 @@ pub(crate) async fn resolve(
         env.set(name.clone(), placeholders(value, facts));
     }
 
-    let mounts = secret_volumes(client, facts, container).await?;
+    let mounts = volumes(client, facts, container).await?;
     let remount = |value: String| -> String {
         for (mount_path, dir) in &mounts {
             if let Some(rest) = value.strip_prefix(mount_path.as_str())
@@ -231,9 +240,9 @@ fn field_value(facts: &PodFacts<'_>, path: &str) -> Result<String, String> {
     })
 }
 
-/// Writes the container's secret volumes into the pod's directory; returns
+/// Materialises the container's volumes (see the module's doc); returns
 /// (mount path, directory) pairs, longest mount path first.
-async fn secret_volumes(
+async fn volumes(
     client: &Client,
     facts: &PodFacts<'_>,
     container: &Container,
@@ -245,12 +254,35 @@ async fn secret_volumes(
         .and_then(|s| s.volumes.clone())
         .unwrap_or_default();
     let mut mounts = Vec::new();
+    let create = |dir: &Path| -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))
+    };
     for mount in container.volume_mounts.iter().flatten() {
-        let Some(secret) = volumes
-            .iter()
-            .find(|v| v.name == mount.name)
-            .and_then(|v| v.secret.as_ref())
-        else {
+        let Some(volume) = volumes.iter().find(|v| v.name == mount.name) else {
+            continue;
+        };
+        let mount_path = mount.mount_path.trim_end_matches('/').to_string();
+        if let Some(claim) = &volume.persistent_volume_claim {
+            let root = facts
+                .dir
+                .parent()
+                .ok_or("the pod directory has no parent")?;
+            let uid = claim_uid(client, facts.namespace(), &claim.claim_name).await?;
+            let dir = root
+                .join("claims")
+                .join(facts.namespace())
+                .join(format!("{}-{uid}", claim.claim_name));
+            create(&dir)?;
+            mounts.push((mount_path, dir));
+            continue;
+        }
+        if volume.empty_dir.is_some() {
+            let dir = facts.dir.join("volumes").join(&mount.name);
+            create(&dir)?;
+            mounts.push((mount_path, dir));
+            continue;
+        }
+        let Some(secret) = volume.secret.as_ref() else {
             continue;
         };
         let name = secret.secret_name.clone().unwrap_or_default();
@@ -268,6 +300,21 @@ async fn secret_volumes(
     }
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
     Ok(mounts)
+}
+
+/// The uid of claim `name`: its directory is tied to the claim object, so
+/// a claim deleted (e.g. by the StatefulSet's retention policy) and created
+/// again starts empty, as a newly provisioned volume would.
+async fn claim_uid(client: &Client, namespace: &str, name: &str) -> Result<String, String> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    match claims.get_opt(name).await {
+        Ok(Some(claim)) => claim
+            .metadata
+            .uid
+            .ok_or_else(|| format!("persistentvolumeclaim {name:?} has no uid")),
+        Ok(None) => Err(format!("persistentvolumeclaim {name:?} not found")),
+        Err(e) => Err(format!("get persistentvolumeclaim {name:?}: {e}")),
+    }
 }
 
 async fn secret_data(

@@ -16,10 +16,11 @@
 //! spawns are tied to that thread's life (PDEATHSIG, see [`crate::procs`]).
 //!
 //! Known gaps, on purpose: only the first container of a pod runs (others
-//! report `NotSupported`), init containers and volumes are ignored, node
-//! selectors, affinity and taints are not considered when binding, no node
-//! heartbeats are sent (no node-lifecycle controller runs), and `exec`/`grpc`
-//! probes are not supported.
+//! report `NotSupported`), init containers are ignored, only secret,
+//! emptyDir and persistentVolumeClaim volumes are materialised (as
+//! directories, see `launch`), node selectors, affinity and taints are not
+//! considered when binding, no node heartbeats are sent (no node-lifecycle
+//! controller runs), and `exec`/`grpc` probes are not supported.
 
 mod images;
 mod ip_pool;

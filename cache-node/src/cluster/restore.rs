@@ -1,0 +1,215 @@
+//! The restore rule: what a node that comes back from a snapshot keeps, so
+//! that a delete or tag invalidation made while it was down does not come
+//! back with its snapshot.
+//!
+//! A delete reaches every owner of the key that is up; the ones that are
+//! down miss it, and so do their snapshots. What the owners that were up
+//! know of it is their tombstone (see [`super::tombstones`]), which they
+//! keep for [`super::tombstones::TOMBSTONE_TTL`] (at most 200,000 deletes),
+//! in memory and in their own snapshots, so a tombstone survives a clean
+//! restart of the node that holds it. The rule, for a node that loaded a
+//! snapshot whose scan started at `written_at`:
+//!
+//! 1. Before its first pull it asks every other member of the ring for the
+//!    deletes and invalidations it remembers since `written_at` (minus
+//!    [`CLOCK_MARGIN`]), and for the newest time it has forgotten one. Like
+//!    the pull, every member must answer; the node stays not ready meanwhile.
+//! 2. If every member's memory reaches back to `written_at` (nothing newer
+//!    was forgotten, and the answer fit in one message), the node takes in
+//!    those tombstones and removes every restored item one of them covers
+//!    (written at or before the delete): the snapshot is *reconciled*.
+//! 3. Otherwise the node cannot know what was deleted meanwhile, so it
+//!    removes every item the snapshot brought (written at or before
+//!    `written_at`) and pulls like an empty node: the snapshot is
+//!    *discarded* (a full resync from the replicas).
+//! 4. Then it pulls as usual; the newer version of a key wins, and the
+//!    tombstones taken in keep a deleted key from coming back from a peer's
+//!    stale snapshot too.
+//!
+//! What it cannot cover: a delete whose only witnesses lost their memory of
+//! it, that is every owner that applied it has since restarted without a
+//! valid snapshot (a corrupt file, a crash after its last periodic
+//! snapshot). The README says so under "Persistence".
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use parking_lot::Mutex;
+
+use super::Cluster;
+use super::metrics::PeerOp;
+use super::ring::{MemberIdx, Ring, RingMember};
+use super::tombstones::TombstoneLog;
+use crate::peer::{PeerError, Request, expect};
+use crate::store::UnixNanos;
+
+/// Deletes are asked for from this long before the snapshot was taken, so
+/// the clocks of the node and its peers (which stamp the deletes) may differ
+/// by that much. Asking for more is harmless: a tombstone only removes items
+/// written at or before it.
+pub const CLOCK_MARGIN: Duration = Duration::from_secs(60);
+
+/// The `written_at` of a loaded snapshot not yet reconciled.
+#[derive(Default)]
+pub struct PendingRestore(Mutex<Option<UnixNanos>>);
+
+/// What the check against the peers decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Kept, minus the items deleted meanwhile.
+    Reconciled { removed: u64 },
+    /// Dropped whole: the peers no longer remember every delete since.
+    Discarded { removed: u64, why: String },
+}
+
+/// Why the check stopped before deciding.
+#[derive(Debug)]
+pub enum Interrupted {
+    /// A newer ring arrived: plan again.
+    RingChanged,
+}
+
+impl Cluster {
+    /// The node loaded a snapshot whose scan started at `written_at`,
+    /// remembering the deletes in `log`: keep them, and check the snapshot
+    /// against the peers before the first pull.
+    pub fn restored(&self, written_at: UnixNanos, log: &TombstoneLog) {
+        self.tombstones.absorb(log);
+        *self.restore.0.lock() = Some(written_at);
+    }
+
+    /// What this node remembers of deletes, for its snapshot.
+    pub fn tombstone_log(&self) -> TombstoneLog {
+        self.tombstones.log()
+    }
+
+    /// Answers a peer's `Tombstones` request: what is remembered since
+    /// `since`, or `None` when that is more than one batch holds.
+    pub fn serve_tombstones(&self, since: UnixNanos) -> Option<TombstoneLog> {
+        self.tombstones.log_since(since, self.settings.batch_bytes)
+    }
+
+    /// Whether a loaded snapshot still waits for its check.
+    pub fn restore_pending(&self) -> bool {
+        self.restore.0.lock().is_some()
+    }
+
+    /// Checks a loaded snapshot against every other member of `ring` (see
+    /// the module's doc); a no-op when none is pending. Waits for every
+    /// member to answer, retrying with backoff, until the ring changes.
+    pub(super) async fn reconcile_restore(
+        &self,
+        ring: &Ring,
+        me: MemberIdx,
+    ) -> Result<Option<Verdict>, Interrupted> {
+        let Some(written_at) = *self.restore.0.lock() else {
+            return Ok(None);
+        };
+        let since = written_at.saturating_sub(CLOCK_MARGIN.as_nanos() as u64);
+        let others: Vec<&RingMember> = ring
+            .members
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != me)
+            .map(|(_, m)| m)
+            .collect();
+        let answers = join_all(others.iter().map(|m| self.tombstones_of(ring, m, since))).await;
+        let mut why = None;
+        for (member, answer) in others.iter().zip(answers) {
+            match answer? {
+                None => {
+                    why = Some(format!(
+                        "{} remembers more deletes since the snapshot than one answer holds",
+                        member.id
+                    ));
+                }
+                Some(log) => {
+                    if log.forgotten_before > written_at {
+                        why = Some(format!(
+                            "{} no longer remembers every delete since the snapshot",
+                            member.id
+                        ));
+                    }
+                    self.tombstones.absorb(&log);
+                }
+            }
+        }
+        let verdict = match why {
+            None => Verdict::Reconciled {
+                removed: self.remove_restored(|key, created_at, tags| {
+                    self.tombstones.buries(key, created_at, tags)
+                }),
+            },
+            Some(why) => Verdict::Discarded {
+                removed: self.remove_restored(|_, created_at, _| created_at <= written_at),
+                why,
+            },
+        };
+        *self.restore.0.lock() = None;
+        let (outcome, removed) = match &verdict {
+            Verdict::Reconciled { removed } => {
+                tracing::info!(
+                    removed,
+                    "snapshot reconciled with the peers: removed the items deleted while this node was down"
+                );
+                ("reconciled", *removed)
+            }
+            Verdict::Discarded { removed, why } => {
+                tracing::warn!(
+                    removed, %why,
+                    "snapshot discarded: the peers cannot tell what was deleted since it was taken; pulling everything instead"
+                );
+                ("discarded", *removed)
+            }
+        };
+        self.metrics.restores.with_label_values(&[outcome]).inc();
+        self.metrics.restore_removed.inc_by(removed);
+        Ok(Some(verdict))
+    }
+
+    /// Asks `member` for its tombstones until it answers.
+    async fn tombstones_of(
+        &self,
+        ring: &Ring,
+        member: &RingMember,
+        since: UnixNanos,
+    ) -> Result<Option<TombstoneLog>, Interrupted> {
+        let request = Request::Tombstones { since };
+        let mut epochs = self.subscribe();
+        let mut pause = Duration::from_millis(500);
+        loop {
+            let result = self
+                .call_with_retry(member, ring.epoch(), &request, expect::tombstones)
+                .await;
+            self.metrics.peer_call(PeerOp::Pull, result.is_ok());
+            match result {
+                Ok(log) => return Ok(log),
+                Err(PeerError::RingChanged { .. }) => return Err(Interrupted::RingChanged),
+                Err(e) => {
+                    tracing::warn!(
+                        peer = %member.id, error = %e, retry_in = ?pause,
+                        "cannot ask a member for its deletes yet; staying not ready until it answers"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = epochs.changed() => {}
+                    }
+                    if self.epoch() != ring.epoch() {
+                        return Err(Interrupted::RingChanged);
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Removes every item `doomed` picks. O(items), in batches of slots per
+    /// shard lock; it runs once, before the node is ready.
+    fn remove_restored(&self, doomed: impl Fn(&str, UnixNanos, &[&str]) -> bool) -> u64 {
+        let removed = self.store.retain_items(|item| {
+            let tags: Vec<&str> = item.tags().collect();
+            !doomed(item.key(), item.meta().created_at, &tags)
+        });
+        removed as u64
+    }
+}

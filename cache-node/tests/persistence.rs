@@ -1,0 +1,341 @@
+//! Persistence with real processes: nodes with `--data-dir`, stopped with
+//! SIGTERM (they write a snapshot) or killed, and started again. Every key
+//! written must come back (minus what expired), with its tags and TTL; every
+//! delete and tag invalidation made before or during the restarts must stay
+//! made; a corrupt snapshot must cost nothing but that node's file.
+
+mod cluster_support;
+mod node_proc;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use cluster_support::ProcCluster;
+use distrocache_membership::MemberState::Active;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const SETTLE: Duration = Duration::from_secs(90);
+
+fn key(i: usize) -> String {
+    format!("user:{i}")
+}
+
+fn tag(i: usize) -> &'static str {
+    if i.is_multiple_of(2) { "even" } else { "odd" }
+}
+
+/// Writes keys `range` through node `via`, each with a one-hour TTL and the
+/// tags `[even|odd, all]`.
+async fn write(c: &ProcCluster, via: usize, range: std::ops::Range<usize>) {
+    futures_util::stream::iter(range.map(|i| {
+        let body = json!({"value": {"i": i, "pad": "x".repeat(100)}, "ttl": 3600, "tags": [tag(i), "all"]});
+        let request = c
+            .client
+            .put(c.url(via, &format!("/api/v1/cache/{}", key(i))))
+            .json(&body)
+            .send();
+        async move {
+            let resp = request.await.expect("write");
+            assert!(resp.status().is_success(), "write {i}: {}", resp.status());
+        }
+    }))
+    .buffer_unordered(32)
+    .collect::<Vec<()>>()
+    .await;
+}
+
+async fn delete(c: &ProcCluster, via: usize, range: std::ops::Range<usize>) {
+    futures_util::stream::iter(range.map(|i| {
+        let request = c
+            .client
+            .delete(c.url(via, &format!("/api/v1/cache/{}", key(i))))
+            .send();
+        async move {
+            let status = request.await.expect("delete").status().as_u16();
+            assert!(status == 200 || status == 204, "delete {i}: {status}");
+        }
+    }))
+    .buffer_unordered(32)
+    .collect::<Vec<()>>()
+    .await;
+}
+
+async fn invalidate(c: &ProcCluster, via: usize, tag: &str) {
+    let resp = c
+        .client
+        .post(c.url(via, &format!("/api/v1/invalidate/tag/{tag}")))
+        .send()
+        .await
+        .expect("invalidate");
+    assert_eq!(resp.status().as_u16(), 200);
+}
+
+/// Checks, through every running node's client API, that exactly the keys
+/// in `live` of `0..n` are readable, each with its value, tags and TTL.
+async fn assert_exactly(c: &ProcCluster, n: usize, live: &HashSet<usize>, what: &str) {
+    for via in c.running() {
+        let wrong: Vec<String> = futures_util::stream::iter((0..n).map(|i| {
+            let request = c
+                .client
+                .get(c.url(via, &format!("/api/v1/cache/{}", key(i))))
+                .send();
+            async move {
+                let resp = request.await.expect("read");
+                let status = resp.status().as_u16();
+                let body: Value = resp.json().await.expect("JSON answer");
+                let ok = if live.contains(&i) {
+                    status == 200
+                        && body["value"]["i"] == i
+                        && body["tags"] == json!([tag(i), "all"])
+                        && body["ttl"] == json!(3_600_000_000_000u64)
+                } else {
+                    status == 404
+                };
+                (!ok).then(|| format!("{i}: {status} {body}"))
+            }
+        }))
+        .buffer_unordered(64)
+        .filter_map(|w| async move { w })
+        .collect()
+        .await;
+        assert!(
+            wrong.is_empty(),
+            "{what}: {} of {n} keys wrong through node {via}, e.g. {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+    }
+}
+
+/// Checks that each key of `live` has exactly `copies` copies over the
+/// running nodes and each other key of `0..n` none (asked through the peer
+/// protocol, so a stale copy on a replica cannot hide behind the primary).
+async fn assert_copies(c: &ProcCluster, n: usize, live: &HashSet<usize>, copies: usize) {
+    let mut wrong = Vec::new();
+    for i in 0..n {
+        let mut held = 0;
+        for node in c.running() {
+            held += usize::from(c.held(node, &key(i)).await.is_some());
+        }
+        let want = if live.contains(&i) { copies } else { 0 };
+        if held != want {
+            wrong.push((i, held, want));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} keys with the wrong number of copies (key, held, wanted), e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
+
+async fn metric(c: &ProcCluster, i: usize, series: &str) -> f64 {
+    c.metric(i, series)
+        .await
+        .unwrap_or_else(|| panic!("node {i} exposes no {series}"))
+}
+
+async fn started(n: usize, flags: &[&str]) -> (ProcCluster, u64) {
+    let mut c = ProcCluster::new(n, 2).with_data_dirs().with_flags(flags);
+    let members: Vec<_> = (0..n).map(|i| (i, Active)).collect();
+    let epoch = c.set_ring(&members);
+    for i in 0..n {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    (c, epoch)
+}
+
+/// The whole cache stops at once (SIGTERM to every node) and starts again:
+/// every item comes back, with tags and TTL, from the nodes' own
+/// snapshots (nothing else holds them), and what was deleted or
+/// invalidated before stays gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_cluster_restart_brings_every_item_back_and_deletes_stay_deleted() {
+    const N: usize = 4000;
+    let (mut c, epoch) = started(3, &[]).await;
+    write(&c, 0, 0..N).await;
+    delete(&c, 1, 0..300).await;
+    invalidate(&c, 2, "odd").await;
+    let live: HashSet<usize> = (300..N).filter(|i| i.is_multiple_of(2)).collect();
+    assert_exactly(&c, N, &live, "before the restart").await;
+
+    for i in 0..3 {
+        c.stop(i);
+    }
+    for i in 0..3 {
+        assert_eq!(
+            std::fs::read_dir(c.data_dir(i))
+                .unwrap()
+                .filter(|e| e
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".dcs"))
+                .count(),
+            1,
+            "node {i} wrote one snapshot"
+        );
+    }
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    assert_exactly(&c, N, &live, "after the whole-cluster restart").await;
+    assert_copies(&c, N, &live, 2).await;
+    let mut loaded = 0.0;
+    for i in 0..3 {
+        loaded += metric(&c, i, "distrocache_snapshot_loaded_items").await;
+        assert_eq!(
+            metric(
+                &c,
+                i,
+                "distrocache_snapshot_restores_total{outcome=\"reconciled\"}"
+            )
+            .await,
+            1.0
+        );
+    }
+    assert_eq!(loaded as usize, live.len() * 2, "every copy came from disk");
+}
+
+/// A node stopped while deletes and an invalidation are made: the only
+/// other owner then restarts too (so its repair queue, which would have
+/// told the first node, is gone). The deletes survive in that owner's
+/// snapshot as tombstones, and the first node's snapshot must not bring
+/// the keys back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_made_while_a_node_was_down_do_not_come_back_with_its_snapshot() {
+    const N: usize = 2000;
+    let (mut c, epoch) = started(2, &[]).await;
+    write(&c, 0, 0..N).await;
+    c.stop(0);
+    delete(&c, 1, 0..200).await;
+    invalidate(&c, 1, "odd").await;
+    // Rewritten after the invalidation: must survive it.
+    write(&c, 1, 1001..1003).await;
+    c.stop(1);
+    c.start(0);
+    c.start(1);
+    c.wait_settled(epoch, SETTLE).await;
+    let live: HashSet<usize> = (200..N)
+        .filter(|i| i.is_multiple_of(2) || (1001..1003).contains(i))
+        .collect();
+    assert_exactly(&c, N, &live, "after the restarts").await;
+    assert_copies(&c, N, &live, 2).await;
+    assert_eq!(
+        metric(
+            &c,
+            0,
+            "distrocache_snapshot_restores_total{outcome=\"reconciled\"}"
+        )
+        .await,
+        1.0
+    );
+    let removed = metric(&c, 0, "distrocache_snapshot_restore_removed_items_total").await;
+    assert!(
+        removed >= 200.0 + 900.0,
+        "node-0 removed what was deleted meanwhile: {removed}"
+    );
+}
+
+/// When a peer remembers more deletes since the snapshot than it can tell
+/// (here: more than one small batch), the restarted node cannot know what
+/// was deleted, so it discards its snapshot and pulls everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_the_peers_cannot_vouch_for_is_discarded() {
+    const N: usize = 5000;
+    let (mut c, epoch) = started(2, &["--rebalance-batch-bytes", "64KiB"]).await;
+    write(&c, 0, 0..N).await;
+    c.stop(0);
+    delete(&c, 1, 0..3000).await;
+    c.start(0);
+    c.wait_settled(epoch, SETTLE).await;
+    let live: HashSet<usize> = (3000..N).collect();
+    assert_exactly(&c, N, &live, "after the restart").await;
+    assert_copies(&c, N, &live, 2).await;
+    assert_eq!(
+        metric(
+            &c,
+            0,
+            "distrocache_snapshot_restores_total{outcome=\"discarded\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+/// A corrupt snapshot on one node: that node starts without it (the file
+/// set aside, counted), and every key comes back from its other copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_snapshot_costs_only_its_file() {
+    const N: usize = 3000;
+    let (mut c, epoch) = started(3, &[]).await;
+    write(&c, 0, 0..N).await;
+    for i in 0..3 {
+        c.stop(i);
+    }
+    let file = std::fs::read_dir(c.data_dir(0))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "dcs"))
+        .expect("node-0's snapshot");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&file, &bytes).unwrap();
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    let live: HashSet<usize> = (0..N).collect();
+    assert_exactly(&c, N, &live, "after a restart with a corrupt snapshot").await;
+    assert_copies(&c, N, &live, 2).await;
+    assert_eq!(
+        metric(
+            &c,
+            0,
+            "distrocache_snapshot_load_refused_total{reason=\"checksum\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(&c, 0, "distrocache_snapshot_loaded_items").await,
+        0.0
+    );
+    let aside = std::fs::read_dir(c.data_dir(0).join("corrupt"))
+        .unwrap()
+        .count();
+    assert_eq!(aside, 1, "the bad file is kept for inspection");
+}
+
+/// A single node with periodic snapshots, killed with SIGKILL (no snapshot
+/// at shutdown): it comes back with what its last periodic snapshot held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_single_node_comes_back_from_its_periodic_snapshot() {
+    const N: usize = 1000;
+    let mut c = ProcCluster::new(1, 1)
+        .with_data_dirs()
+        .with_flags(&["--snapshot-interval", "200ms"]);
+    let epoch = c.set_ring(&[(0, Active)]);
+    c.start(0);
+    c.wait_settled(epoch, SETTLE).await;
+    write(&c, 0, 0..N).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.metric(0, "distrocache_snapshot_last_write_items").await != Some(N as f64) {
+        assert!(
+            Instant::now() < deadline,
+            "no periodic snapshot with every item"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.kill(0);
+    c.start(0);
+    c.wait_settled(epoch, SETTLE).await;
+    let live: HashSet<usize> = (0..N).collect();
+    assert_exactly(&c, N, &live, "after kill -9").await;
+}
