@@ -16,5 +16,7 @@ pub mod http;
 pub mod item_json;
 pub mod metrics;
 pub mod peer;
+pub mod reload;
 pub mod server;
 pub mod store;
+pub mod tls;
