@@ -12,6 +12,7 @@ mod rbac;
 mod ring;
 mod services;
 mod statefulset;
+mod tls;
 
 pub use auth::{AUTH_MOUNT, auth_secret_name, generated_auth_secret};
 pub use monitoring::{SERVICE_MONITOR_GROUP, service_monitor, service_monitor_resource};
@@ -21,6 +22,10 @@ pub use rbac::{node_role, node_role_binding, node_service_account};
 pub use ring::{ring_configmap, ring_configmap_name};
 pub use services::{client_service, peer_service, peer_service_name};
 pub use statefulset::{CONTAINER_NAME, statefulset};
+pub use tls::{
+    CERT_MANAGER_GROUP, certificate_resource, certificates, client_tls_secret_name, peer_domain,
+    peer_tls_secret_name,
+};
 
 use std::collections::BTreeMap;
 
