@@ -17,7 +17,9 @@
 //!   filesystem, so the mount path cannot be honoured as such; instead any
 //!   environment value or argument that starts with the mount path is
 //!   rewritten to the materialised directory (e.g. a `--token-file` pointing
-//!   into the mount). Other volume types are ignored.
+//!   into the mount). Other volume types are ignored. While the container
+//!   runs, the files are brought up to date with the Secret every second
+//!   (a real kubelet's periodic sync of mounted Secrets, sped up).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -259,15 +261,49 @@ async fn secret_volumes(
             continue;
         };
         let dir = facts.dir.join("volumes").join(&mount.name);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        for (key, value) in data {
-            let file = dir.join(&key);
-            std::fs::write(&file, value).map_err(|e| format!("write {}: {e}", file.display()))?;
-        }
+        write_volume(&dir, &data)?;
         mounts.push((mount.mount_path.trim_end_matches('/').to_string(), dir));
     }
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
     Ok(mounts)
+}
+
+/// Brings the container's materialised secret volumes up to date with
+/// their Secrets, as a real kubelet does periodically for mounted Secrets
+/// (which is how a rotated Secret reaches a running process without a
+/// restart). A Secret that is gone leaves its files as they are.
+pub(crate) async fn sync_secret_volumes(
+    client: &Client,
+    facts: &PodFacts<'_>,
+    container: &Container,
+) -> Result<(), String> {
+    secret_volumes(client, facts, container).await.map(drop)
+}
+
+/// Writes `data` as one file per key into `dir`: only files whose content
+/// differs, each replaced atomically (written beside it, then renamed), so
+/// a process polling the files never reads half a file. Files of keys no
+/// longer in `data` are removed.
+fn write_volume(dir: &Path, data: &BTreeMap<String, String>) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    for (key, value) in data {
+        let file = dir.join(key);
+        if std::fs::read(&file).is_ok_and(|old| old == value.as_bytes()) {
+            continue;
+        }
+        let staged = dir.join(format!("..{key}.tmp"));
+        std::fs::write(&staged, value)
+            .and_then(|()| std::fs::rename(&staged, &file))
+            .map_err(|e| format!("write {}: {e}", file.display()))?;
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("..") && !data.contains_key(&name) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
 }
 
 async fn secret_data(
