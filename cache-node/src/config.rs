@@ -246,6 +246,76 @@ pub struct Config {
     /// graceful shutdown.
     #[arg(long, env = "DISTROCACHE_SNAPSHOT_INTERVAL", default_value = "0s", value_parser = parse_duration)]
     pub snapshot_interval: Duration,
+
+    // TLS (issue 15). Certificate, key, CA and token files are re-read when
+    // their contents change (see `reload.rs`).
+    /// PEM certificate chain of the client API: with --tls-key-file, the
+    /// client port serves HTTPS only (HTTP/1.1, ALPN `http/1.1`); plain HTTP
+    /// sent to it gets a JSON 400. Re-read when it changes.
+    #[arg(long, env = "DISTROCACHE_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert-file (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "DISTROCACHE_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// PEM CA certificates: clients of the client API must present a
+    /// certificate signed by one of them (mutual TLS). Unset: no client
+    /// certificates asked for.
+    #[arg(
+        long,
+        env = "DISTROCACHE_TLS_CLIENT_CA_FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// PEM certificate chain this node presents to its peers, as server and
+    /// as client (mutual TLS on the peer API). Needs --peer-port,
+    /// --peer-tls-key-file and --peer-tls-ca-file.
+    #[arg(long, env = "DISTROCACHE_PEER_TLS_CERT_FILE",
+          requires_all = ["peer_tls_key_file", "peer_tls_ca_file"])]
+    pub peer_tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --peer-tls-cert-file.
+    #[arg(
+        long,
+        env = "DISTROCACHE_PEER_TLS_KEY_FILE",
+        requires = "peer_tls_cert_file"
+    )]
+    pub peer_tls_key_file: Option<PathBuf>,
+
+    /// PEM CA certificates that peers' certificates must chain to (both
+    /// directions).
+    #[arg(
+        long,
+        env = "DISTROCACHE_PEER_TLS_CA_FILE",
+        requires = "peer_tls_cert_file"
+    )]
+    pub peer_tls_ca_file: Option<PathBuf>,
+
+    /// DNS suffix of members' identities: member `x` must present a
+    /// certificate valid for `x.<domain>` (e.g. the headless Service,
+    /// `cache-peers.default.svc`, covered by `*.cache-peers.default.svc`).
+    /// Unset: the certificate must carry the member id itself as a DNS name.
+    #[arg(
+        long,
+        env = "DISTROCACHE_PEER_TLS_DOMAIN",
+        requires = "peer_tls_cert_file"
+    )]
+    pub peer_tls_domain: Option<String>,
+
+    /// TCP port of a plain-HTTP listener serving only /api/v1/health,
+    /// /api/v1/ready, /metrics and /api/v1/cluster/{rebalance,handoff}
+    /// (what probes, Prometheus and the operator read; never data). 0: none.
+    /// With TLS on, this is how kubelet probes and Prometheus reach the node
+    /// without client certificates.
+    #[arg(long, env = "DISTROCACHE_PROBE_PORT", default_value_t = 0)]
+    pub probe_port: u16,
+
+    /// How often certificate, key, CA and token files are checked for
+    /// changes.
+    #[arg(long, env = "DISTROCACHE_CREDENTIALS_POLL_INTERVAL", default_value = "1s", value_parser = parse_positive_duration)]
+    pub credentials_poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -262,6 +332,11 @@ impl Config {
     /// Where the peer API listens, when not on the client listener.
     pub fn peer_listen_addr(&self) -> Option<SocketAddr> {
         (self.peer_port != 0).then(|| SocketAddr::new(self.bind_address, self.peer_port))
+    }
+
+    /// Where the plain probe listener listens, when there is one.
+    pub fn probe_listen_addr(&self) -> Option<SocketAddr> {
+        (self.probe_port != 0).then(|| SocketAddr::new(self.bind_address, self.probe_port))
     }
 
     pub fn store(&self) -> StoreConfig {

@@ -31,6 +31,16 @@
 //!   which makes the two one setting; it is turned off here in favour of the
 //!   watchdog.
 //!
+//! TLS (the client API with `--tls-cert-file`, the peer API with mutual
+//! TLS): the handshake runs in the connection's task under the header clock
+//! (`header_read_timeout`), so a client that stalls it holds its connection
+//! slot no longer than one that stalls a request head, and never holds up
+//! the accept loop. A connection whose first byte is not a TLS handshake
+//! record (plain HTTP sent to a TLS port) gets a JSON 400 saying so, in
+//! plain text since it speaks no TLS, and is closed. After the handshake
+//! everything above applies unchanged: the bounds sit on the decrypted
+//! stream.
+//!
 //! What still leaves without a JSON answer: a connection that sent nothing
 //! before its header clock ran out, or whose head timed out while an earlier
 //! answer was still stuck in the socket (a client that does not read); a
@@ -55,11 +65,14 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::tls::ServerTls;
 
 /// An answer: always a complete body (cache answers are small and whole).
 pub type Response = hyper::Response<Full<Bytes>>;
@@ -84,6 +97,9 @@ pub trait Service: Clone + Send + Sync + 'static {
 /// What a service may know of the connection a request came on.
 pub struct Conn {
     slot: Arc<OwnedSemaphorePermit>,
+    /// The certificate the client presented in the TLS handshake (already
+    /// verified against the listener's client CA), when it did.
+    peer_certificate: Option<CertificateDer<'static>>,
 }
 
 /// A connection's place among the listener's `max_connections`: held by
@@ -95,11 +111,61 @@ impl Conn {
     pub fn keep_slot(&self) -> ConnectionSlot {
         ConnectionSlot(self.slot.clone())
     }
+
+    pub fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.peer_certificate.as_ref()
+    }
+}
+
+/// A connection's socket: plain TCP, or TLS over it.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 /// The connection of a request answered `101 Switching Protocols`, once
 /// hyper hands it over: the socket, and what was read past the request.
-pub async fn upgraded(request: Request<Incoming>) -> io::Result<(TcpStream, Bytes)> {
+pub async fn upgraded(request: Request<Incoming>) -> io::Result<(Stream, Bytes)> {
     let upgraded = hyper::upgrade::on(request)
         .await
         .map_err(|e| io::Error::other(format!("upgrade failed: {e}")))?;
@@ -137,11 +203,13 @@ pub struct HttpSettings {
 /// Serves `service` on `listener` until `shutdown` fires, then stops
 /// accepting and lets in-flight requests finish (closing idle keep-alive
 /// connections at once). Every connection task, upgraded ones included,
-/// is spawned on `tracker`, which the caller waits on.
+/// is spawned on `tracker`, which the caller waits on. With `tls`, every
+/// connection starts with a handshake under the config current at accept.
 pub async fn serve<S: Service>(
     listener: TcpListener,
     service: S,
     settings: HttpSettings,
+    tls: Option<Arc<ServerTls>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -156,6 +224,7 @@ pub async fn serve<S: Service>(
     if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
         builder.max_headers(settings.max_headers);
     }
+    let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
 
     loop {
@@ -178,28 +247,57 @@ pub async fn serve<S: Service>(
         };
         // Responses are small and written whole; don't let Nagle delay them.
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::new());
-        let io = Watched {
-            stream,
-            activity: activity.clone(),
-            settings,
-            write_backlog: false,
-            replacement: Vec::new(),
-            replacement_sent: 0,
-        };
-        let service = Tracked {
-            inner: service.clone(),
-            conn: Conn {
-                slot: Arc::new(permit),
-            },
-            activity: activity.clone(),
-            request_timeout: settings.request_timeout,
-        };
-        let conn = builder
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
         let shutdown = shutdown.clone();
+        let service = service.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
+            let (stream, peer_certificate) = match tls {
+                None => (Stream::Plain(stream), None),
+                Some(tls) => {
+                    let handshake = tls_handshake(stream, &tls, settings.header_read_timeout);
+                    let accepted = tokio::select! {
+                        accepted = handshake => accepted,
+                        _ = shutdown.cancelled() => return,
+                    };
+                    match accepted {
+                        Ok(stream) => {
+                            let certificate = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .map(|c| c.clone().into_owned());
+                            (Stream::Tls(Box::new(stream)), certificate)
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    }
+                }
+            };
+            let activity = Arc::new(Activity::new());
+            let io = Watched {
+                stream,
+                activity: activity.clone(),
+                settings,
+                write_backlog: false,
+                replacement: Vec::new(),
+                replacement_sent: 0,
+            };
+            let service = Tracked {
+                inner: service,
+                conn: Conn {
+                    slot: Arc::new(permit),
+                    peer_certificate,
+                },
+                activity: activity.clone(),
+                request_timeout: settings.request_timeout,
+            };
+            let conn = builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
             tokio::pin!(conn);
             let mut draining = false;
             loop {
@@ -240,6 +338,59 @@ pub async fn serve<S: Service>(
         });
     }
     drop(listener);
+}
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Accepts TLS on `stream` with the config current now, within `timeout`
+/// (a client that stalls the handshake is dropped). A client that speaks
+/// plain HTTP instead gets a JSON 400 in plain HTTP, and the connection
+/// closes.
+async fn tls_handshake(
+    mut stream: TcpStream,
+    tls: &ServerTls,
+    timeout: Duration,
+) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let handshake = async {
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the handshake",
+            ));
+        }
+        if first[0] != TLS_HANDSHAKE_RECORD {
+            // Take what was sent (so closing does not reset the connection
+            // under the answer), answer, close.
+            let mut sent = vec![0u8; 16 * 1024];
+            let _ = stream.read(&mut sent).await;
+            let answer = error_answer(
+                StatusCode::BAD_REQUEST,
+                "this port serves HTTPS (TLS): plain HTTP is not accepted here; connect with https://",
+            );
+            stream.write_all(&answer).await?;
+            let _ = stream.shutdown().await;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "plain HTTP on a TLS port",
+            ));
+        }
+        tokio_rustls::TlsAcceptor::from(tls.current())
+            .accept(stream)
+            .await
+    };
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "TLS handshake not completed within {}",
+                    humantime::format_duration(timeout)
+                ),
+            )
+        })?
 }
 
 /// What a connection is doing, which decides the clock that applies to it.
@@ -393,7 +544,7 @@ async fn watchdog(activity: &Activity, settings: &HttpSettings) -> Expired {
 /// refusals of a head (see [`hyper_refusal`]) and a head that ran out of
 /// time (see [`Activity::head_timed_out`]).
 struct Watched {
-    stream: TcpStream,
+    stream: Stream,
     activity: Arc<Activity>,
     settings: HttpSettings,
     /// The last write did not take everything it was given: hyper still

@@ -16,6 +16,8 @@ pub mod http;
 pub mod item_json;
 pub mod metrics;
 pub mod peer;
+pub mod reload;
 pub mod server;
 pub mod snapshot;
 pub mod store;
+pub mod tls;

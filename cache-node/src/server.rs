@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::auth::{Tokens, read_token};
+use crate::api::auth::{Tokens, load_tokens};
 use crate::api::{Api, PeerEndpoint, Surface};
 use crate::cluster::membership::{self, Source};
 use crate::cluster::metrics::ClusterMetrics;
@@ -29,8 +29,10 @@ use crate::config::Config;
 use crate::exec::Executor;
 use crate::http::{self, HttpSettings};
 use crate::metrics::Metrics;
+use crate::reload::{self, Check};
 use crate::snapshot::Snapshots;
 use crate::store::Store;
+use crate::tls::{self, PeerTls, ServerTls};
 
 /// The addresses a node is bound to: what `--address-file` holds, so a
 /// supervisor that started it with `--port 0` learns where it listens.
@@ -40,6 +42,9 @@ pub struct BoundAddresses {
     pub client: SocketAddr,
     /// The peer API's own listener, with `--peer-port`.
     pub peer: Option<SocketAddr>,
+    /// The plain-HTTP probe listener, with `--probe-port`.
+    #[serde(default)]
+    pub probe: Option<SocketAddr>,
 }
 
 impl BoundAddresses {
@@ -77,6 +82,15 @@ pub struct Node {
     listener: TcpListener,
     /// The peer API's own listener, when it has a port of its own.
     peer_listener: Option<TcpListener>,
+    /// The plain listener of probes, Prometheus and the operator.
+    probe_listener: Option<TcpListener>,
+    /// The client API's TLS, when on.
+    client_tls: Option<Arc<ServerTls>>,
+    /// The peer API's mutual TLS, when on.
+    peer_tls: Option<Arc<PeerTls>>,
+    /// Every file-backed credential, polled for changes.
+    reloadable: Vec<Arc<dyn Check>>,
+    credentials_poll_interval: Duration,
     cleanup_interval: Duration,
     shutdown_delay: Duration,
     http: HttpSettings,
@@ -89,16 +103,61 @@ impl Node {
     /// Builds the store (and the cluster, if a membership source is
     /// configured) and binds the listener (port 0 picks a free one).
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        let invalid =
+            |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_owned());
+        let client_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert), Some(key)) => Some(tls::load_server(
+                cert.clone(),
+                key.clone(),
+                config.tls_client_ca_file.clone(),
+                "client API TLS",
+            )?),
+            _ => None,
+        };
+        let peer_tls = match (
+            &config.peer_tls_cert_file,
+            &config.peer_tls_key_file,
+            &config.peer_tls_ca_file,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => {
+                if config.peer_listen_addr().is_none() {
+                    return Err(invalid(
+                        "--peer-tls-cert-file needs --peer-port: mutual TLS is served on the peer API's own listener",
+                    ));
+                }
+                Some(PeerTls::load(
+                    cert.clone(),
+                    key.clone(),
+                    ca.clone(),
+                    config.peer_tls_domain.clone(),
+                )?)
+            }
+            _ => None,
+        };
         let client_token = config
             .auth_token_file
             .as_deref()
-            .map(read_token)
+            .map(load_tokens)
             .transpose()?;
         let mut peer_token = config
             .peer_token_file
             .as_deref()
-            .map(read_token)
+            .map(load_tokens)
             .transpose()?;
+        let mut reloadable: Vec<Arc<dyn Check>> = Vec::new();
+        if let Some(t) = &client_tls {
+            reloadable.push(t.clone());
+        }
+        if let Some(t) = &peer_tls {
+            reloadable.push(t.server.clone());
+            reloadable.push(t.client.clone());
+        }
+        if let Some(t) = &client_token {
+            reloadable.push(t.clone());
+        }
+        if let Some(t) = &peer_token {
+            reloadable.push(t.clone());
+        }
         // The peer API reads and writes any key and replaces the ring. On
         // the client port with no token of its own it would be a way around
         // the client token, so there it requires the client token, and nodes
@@ -126,7 +185,8 @@ impl Node {
                 config.cluster(),
                 ClusterMetrics::new(metrics.registry()),
                 ready.clone(),
-                tokens.peer.as_deref(),
+                tokens.peer.clone(),
+                peer_tls.clone(),
             )
         });
         if hyper::http::HeaderValue::from_str(&config.node_id).is_err() {
@@ -154,6 +214,10 @@ impl Node {
             Some(addr) => Some(listen(addr, config.listen_backlog)?),
             None => None,
         };
+        let probe_listener = match config.probe_listen_addr() {
+            Some(addr) => Some(listen(addr, config.listen_backlog)?),
+            None => None,
+        };
         let exec = Arc::new(Executor {
             store,
             limits: config.limits(),
@@ -169,6 +233,11 @@ impl Node {
             max_message_bytes: config.cluster().peer.max_message_bytes,
             listener,
             peer_listener,
+            probe_listener,
+            client_tls,
+            peer_tls,
+            reloadable,
+            credentials_poll_interval: config.credentials_poll_interval,
             cleanup_interval: config.cleanup_interval,
             shutdown_delay: config.shutdown_delay,
             http: HttpSettings {
@@ -195,7 +264,15 @@ impl Node {
         Ok(BoundAddresses {
             client: self.local_addr()?,
             peer: self.peer_addr(),
+            probe: self.probe_addr(),
         })
+    }
+
+    /// The probe listener's address, when there is one.
+    pub fn probe_addr(&self) -> Option<SocketAddr> {
+        self.probe_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The peer API's address, when it has a listener of its own.
@@ -232,6 +309,11 @@ impl Node {
                 stop_rx.clone(),
             )));
         }
+        tasks.push(tokio::spawn(reload::watch(
+            self.reloadable,
+            self.credentials_poll_interval,
+            stop_rx.clone(),
+        )));
         match (&self.exec.cluster, self.membership) {
             (Some(cluster), Some(source)) => {
                 tracing::info!(%source, "cluster mode: waiting for the ring");
@@ -271,6 +353,7 @@ impl Node {
             drain_timeout: self.http.drain_timeout,
             shutdown: closing.clone(),
             tracker: tracker.clone(),
+            tls: self.peer_tls.clone(),
         };
         let api = |surface| {
             Api::new(
@@ -281,36 +364,59 @@ impl Node {
             )
             .map_err(|f| std::io::Error::new(std::io::ErrorKind::InvalidInput, f.message))
         };
-        match self.peer_listener {
-            None => {
+        let probes = async {
+            if let Some(probe_listener) = self.probe_listener {
                 http::serve(
-                    self.listener,
-                    api(Surface::All)?,
+                    probe_listener,
+                    api(Surface::Probe)?,
                     self.http,
+                    None,
                     closing.clone(),
                     tracker.clone(),
                 )
                 .await;
             }
-            Some(peer_listener) => {
-                tokio::join!(
+            Ok::<_, std::io::Error>(())
+        };
+        let apis = async {
+            match self.peer_listener {
+                None => {
                     http::serve(
                         self.listener,
-                        api(Surface::Client)?,
+                        api(Surface::All)?,
                         self.http,
+                        self.client_tls.clone(),
                         closing.clone(),
                         tracker.clone(),
-                    ),
-                    http::serve(
-                        peer_listener,
-                        api(Surface::Peer)?,
-                        self.http,
-                        closing.clone(),
-                        tracker.clone(),
-                    ),
-                );
+                    )
+                    .await;
+                }
+                Some(peer_listener) => {
+                    tokio::join!(
+                        http::serve(
+                            self.listener,
+                            api(Surface::Client)?,
+                            self.http,
+                            self.client_tls.clone(),
+                            closing.clone(),
+                            tracker.clone(),
+                        ),
+                        http::serve(
+                            peer_listener,
+                            api(Surface::Peer)?,
+                            self.http,
+                            self.peer_tls.as_ref().map(|t| t.server.clone()),
+                            closing.clone(),
+                            tracker.clone(),
+                        ),
+                    );
+                }
             }
-        }
+            Ok::<_, std::io::Error>(())
+        };
+        let (probes, apis) = tokio::join!(probes, apis);
+        probes?;
+        apis?;
         tracing::info!("shutting down: finishing in-flight requests");
         tracker.close();
         if tokio::time::timeout(self.http.drain_timeout, tracker.wait())

@@ -5,6 +5,7 @@
 
 mod cluster_support;
 mod node_proc;
+mod tls_support;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -193,12 +194,25 @@ async fn cluster_items(c: &ProcCluster, via: usize) -> u64 {
     stats["totals"]["items"].as_u64().expect("items")
 }
 
-/// Starts nodes 0..n as one active ring and waits for it to settle; with
-/// `auth`, every node requires tokens and serves its peer API on its own port.
-async fn started(n: usize, rf: u32, auth: bool) -> ProcCluster {
+/// How a scenario's cluster is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Security {
+    Open,
+    /// Every node requires tokens and serves its peer API on its own port.
+    Tokens,
+    /// Tokens, and mutual TLS on the peer port.
+    TokensAndPeerMtls,
+}
+
+/// Starts nodes 0..n as one active ring and waits for it to settle, secured
+/// as `security` says.
+async fn started(n: usize, rf: u32, security: Security) -> ProcCluster {
     let mut c = ProcCluster::new(n, rf);
-    if auth {
+    if security != Security::Open {
         c = c.with_auth();
+    }
+    if security == Security::TokensAndPeerMtls {
+        c = c.with_peer_mtls();
     }
     let members: Vec<_> = (0..n).map(|i| (i, Active)).collect();
     let epoch = c.set_ring(&members);
@@ -209,10 +223,16 @@ async fn started(n: usize, rf: u32, auth: bool) -> ProcCluster {
     c
 }
 
-/// With `auth`, a smaller data set keeps the extra run short.
-async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(auth: bool) {
-    let keys = if auth { 3_000 } else { KEYS };
-    let c = started(3, 2, auth).await;
+/// Secured, a smaller data set keeps the extra runs short.
+async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(
+    security: Security,
+) {
+    let keys = if security != Security::Open {
+        3_000
+    } else {
+        KEYS
+    };
+    let c = started(3, 2, security).await;
     let written = write_keys(&c, 0..keys, 1).await;
     assert_all_readable(&c, &written, "3 nodes, rf 2").await;
     assert_copies(&c, &written, 2, "3 nodes, rf 2").await;
@@ -299,17 +319,31 @@ async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scena
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere() {
-    three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(false).await;
+    three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(Security::Open)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_with_auth() {
-    three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(true).await;
+    three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(Security::Tokens)
+        .await;
 }
 
-async fn adding_a_node_moves_its_share_and_loses_nothing_scenario(auth: bool) {
-    let keys = if auth { 3_000 } else { KEYS };
-    let mut c = started(3, 2, auth).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_with_peer_mtls() {
+    three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(
+        Security::TokensAndPeerMtls,
+    )
+    .await;
+}
+
+async fn adding_a_node_moves_its_share_and_loses_nothing_scenario(security: Security) {
+    let keys = if security != Security::Open {
+        3_000
+    } else {
+        KEYS
+    };
+    let mut c = started(3, 2, security).await;
     let written = write_keys(&c, 0..keys, 1).await;
 
     let new = c.add_slot();
@@ -344,17 +378,26 @@ async fn adding_a_node_moves_its_share_and_loses_nothing_scenario(auth: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_a_node_moves_its_share_and_loses_nothing() {
-    adding_a_node_moves_its_share_and_loses_nothing_scenario(false).await;
+    adding_a_node_moves_its_share_and_loses_nothing_scenario(Security::Open).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_a_node_moves_its_share_and_loses_nothing_with_auth() {
-    adding_a_node_moves_its_share_and_loses_nothing_scenario(true).await;
+    adding_a_node_moves_its_share_and_loses_nothing_scenario(Security::Tokens).await;
 }
 
-async fn a_leaving_node_hands_off_before_it_is_removed_scenario(auth: bool) {
-    let keys = if auth { 3_000 } else { KEYS };
-    let mut c = started(4, 2, auth).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_node_moves_its_share_and_loses_nothing_with_peer_mtls() {
+    adding_a_node_moves_its_share_and_loses_nothing_scenario(Security::TokensAndPeerMtls).await;
+}
+
+async fn a_leaving_node_hands_off_before_it_is_removed_scenario(security: Security) {
+    let keys = if security != Security::Open {
+        3_000
+    } else {
+        KEYS
+    };
+    let mut c = started(4, 2, security).await;
     let written = write_keys(&c, 0..keys, 1).await;
     let before = c.progress(1).await.unwrap().items;
 
@@ -380,17 +423,28 @@ async fn a_leaving_node_hands_off_before_it_is_removed_scenario(auth: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_node_hands_off_before_it_is_removed() {
-    a_leaving_node_hands_off_before_it_is_removed_scenario(false).await;
+    a_leaving_node_hands_off_before_it_is_removed_scenario(Security::Open).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_node_hands_off_before_it_is_removed_with_auth() {
-    a_leaving_node_hands_off_before_it_is_removed_scenario(true).await;
+    a_leaving_node_hands_off_before_it_is_removed_scenario(Security::Tokens).await;
 }
 
-async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(auth: bool) {
-    let keys = if auth { 3_000 } else { KEYS };
-    let mut c = started(3, 2, auth).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_hands_off_before_it_is_removed_with_peer_mtls() {
+    a_leaving_node_hands_off_before_it_is_removed_scenario(Security::TokensAndPeerMtls).await;
+}
+
+async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(
+    security: Security,
+) {
+    let keys = if security != Security::Open {
+        3_000
+    } else {
+        KEYS
+    };
+    let mut c = started(3, 2, security).await;
     let mut written = write_keys(&c, 0..keys, 1).await;
 
     c.kill(0);
@@ -416,12 +470,22 @@ async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scen
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back() {
-    killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(false).await;
+    killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(Security::Open)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_with_auth() {
-    killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(true).await;
+    killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(Security::Tokens)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_with_peer_mtls() {
+    killed_nodes_lose_nothing_and_a_restarted_node_pulls_its_keys_back_scenario(
+        Security::TokensAndPeerMtls,
+    )
+    .await;
 }
 
 /// A rolling restart as Kubernetes does it: the pod comes back empty with a
@@ -493,7 +557,7 @@ async fn a_node_back_at_a_new_address_pulls_every_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_required_where_they_should_be_and_only_there() {
-    let c = started(2, 2, true).await;
+    let c = started(2, 2, Security::Tokens).await;
     let bare = reqwest::Client::new();
     let node = c.nodes[0].addr;
     let peer = c.nodes[0].peer_addr;
@@ -735,7 +799,7 @@ async fn large_values_move_in_batches_the_receiver_accepts() {
 /// on), or the operator would wait on it forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_node_that_restarts_still_completes_its_handoff() {
-    let mut c = started(4, 2, false).await;
+    let mut c = started(4, 2, Security::Open).await;
     let written = write_keys(&c, 0..3000, 1).await;
     let epoch = c.set_ring(&[(0, Active), (1, Leaving), (2, Active), (3, Active)]);
     c.kill(1);
@@ -754,7 +818,7 @@ async fn a_leaving_node_that_restarts_still_completes_its_handoff() {
 /// peers treat it as new and push it nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_removed_and_added_back_pulls_its_keys_again() {
-    let mut c = started(3, 2, false).await;
+    let mut c = started(3, 2, Security::Open).await;
     let written = write_keys(&c, 0..3000, 1).await;
     c.set_ring(&[(0, Active), (1, Active), (2, Leaving)]);
     c.wait_handoff(2, SETTLE).await;
@@ -1283,7 +1347,7 @@ async fn a_handoff_to_a_slow_peer_completes_and_loses_nothing() {
 /// throughout; nothing acknowledged is lost and the ring settles.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joining_while_another_leaves_loses_nothing() {
-    let mut c = started(4, 2, false).await;
+    let mut c = started(4, 2, Security::Open).await;
     // started() ran all four; make node-3 the newcomer.
     c.kill(3);
     let three = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
@@ -1317,7 +1381,7 @@ async fn a_node_joining_while_another_leaves_loses_nothing() {
 /// must not happen is a ring stuck waiting for data that is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_killed_whole_comes_back_empty_and_healthy() {
-    let mut c = started(3, 2, false).await;
+    let mut c = started(3, 2, Security::Open).await;
     let epoch = c.epoch;
     write_keys(&c, 0..1000, 1).await;
     for i in 0..3 {
@@ -1331,4 +1395,85 @@ async fn a_cluster_killed_whole_comes_back_empty_and_healthy() {
     let written = write_keys(&c, 0..1000, 2).await;
     assert_all_readable(&c, &written, "after a whole-cluster restart").await;
     assert_copies(&c, &written, 2, "after a whole-cluster restart").await;
+}
+
+/// With peer mutual TLS, only a node holding a certificate from the peer CA
+/// that names the member it claims to be can open a peer connection: one
+/// without TLS, with a certificate of another CA, an expired one, or one
+/// for another name can neither pull (fetch), push (replace the ring) nor
+/// forward (a client's read), even with the right peer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_a_valid_certificate_cannot_pull_push_or_forward() {
+    use cache_node::peer::Request;
+    use cache_node::tls::PeerTls;
+    use cluster_support::{PEER_DOMAIN, peer_client_as};
+    use tls_support::{TestCa, Validity};
+
+    let c = started(2, 2, Security::TokensAndPeerMtls).await;
+    let written = write_keys(&c, 0..20, 1).await;
+    let key = written.keys().next().expect("a key").clone();
+    // The real peer client (the members' certificate) is served.
+    let held = c.peers.fetch(c.nodes[0].peer_addr, &key).await;
+    assert!(held.is_ok(), "a member's certificate: {held:?}");
+
+    let pki = c.peer_pki.as_ref().expect("mTLS cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let other_ca = TestCa::new(&dir.path().join("other"), "other-ca");
+    let wildcard = format!("*.{PEER_DOMAIN}");
+    let foreign = other_ca.issue("foreign", &[&wildcard], Validity::Current);
+    let expired = pki.ca.issue("expired", &[&wildcard], Validity::Expired);
+    let misnamed = pki
+        .ca
+        .issue("misnamed", &["intruder.elsewhere"], Validity::Current);
+    let tls = |issued: &tls_support::Issued| {
+        Some(
+            PeerTls::load(
+                issued.cert.clone(),
+                issued.key.clone(),
+                pki.ca.ca_file.clone(),
+                Some(PEER_DOMAIN.into()),
+            )
+            .expect("intruder TLS config"),
+        )
+    };
+    let token = c.peer_token();
+    let intruders = [
+        ("no TLS", peer_client_as("node-1", token.as_deref(), None)),
+        (
+            "another CA",
+            peer_client_as("node-1", token.as_deref(), tls(&foreign)),
+        ),
+        (
+            "expired",
+            peer_client_as("node-1", token.as_deref(), tls(&expired)),
+        ),
+        (
+            "another name",
+            peer_client_as("node-1", token.as_deref(), tls(&misnamed)),
+        ),
+    ];
+    let target = c.nodes[0].peer_addr;
+    let ring = c.doc(c.epoch + 1, &[(0, Active)]);
+    for (why, intruder) in &intruders {
+        intruder.learn_names(c.nodes.iter().map(|n| (n.peer_addr, n.id.as_str())));
+        let pulled = intruder.fetch(target, &key).await;
+        let refusal = pulled.expect_err(why).to_string();
+        // Refused for the reason meant: plain HTTP on the TLS port gets a
+        // 400, a misnamed certificate a 403, the others fail the handshake.
+        let expected = match *why {
+            "no TLS" => "400",
+            "another name" => "403",
+            _ => "",
+        };
+        assert!(refusal.contains(expected), "{why}: {refusal}");
+        let pushed = intruder.put_ring(target, &ring).await;
+        assert!(pushed.is_err(), "{why}: pushed a ring {pushed:?}");
+        let forwarded = intruder
+            .send(target, c.epoch, &Request::Get { key: key.clone() }, None)
+            .await;
+        assert!(forwarded.is_err(), "{why}: forwarded a read");
+    }
+    // Nothing changed: the ring is the one the test set.
+    let (status, view) = c.get_json(0, "/api/v1/cluster").await;
+    assert_eq!((status, &view["epoch"]), (200, &json!(c.epoch)), "{view}");
 }

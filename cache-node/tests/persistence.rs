@@ -6,6 +6,7 @@
 
 mod cluster_support;
 mod node_proc;
+mod tls_support;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

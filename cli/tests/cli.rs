@@ -11,6 +11,8 @@
 mod cluster_support;
 #[path = "../../cache-node/tests/node_proc/mod.rs"]
 mod node_proc;
+#[path = "../../cache-node/tests/tls_support/mod.rs"]
+mod tls_support;
 
 use std::io::Write;
 

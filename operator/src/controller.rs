@@ -366,6 +366,7 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
             step: &step,
             invalid_spec: Some(&why),
             service_monitor: None,
+            certificates: None,
         };
         let status = status::build(&facts, previous.as_ref());
         if !has_condition(previous.as_ref(), status::DEGRADED, "InvalidSpec", &why) {
@@ -429,6 +430,21 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
             EventType::Warning,
             "ServiceMonitorSkipped",
             "Monitoring",
+            message.clone(),
+        )
+        .await;
+    }
+
+    let certificates = reconcile_certificates(dc, ctx, &ns).await?;
+    if let Some(ServiceMonitorOutcome::Skipped { reason, message }) = &certificates
+        && !has_condition(previous.as_ref(), status::TLS_CERTIFICATES, reason, message)
+    {
+        publish(
+            ctx,
+            dc,
+            EventType::Warning,
+            "CertificatesSkipped",
+            "TLS",
             message.clone(),
         )
         .await;
@@ -508,6 +524,7 @@ async fn reconcile_inner(dc: &DistroCache, ctx: &Context) -> Result<Action, Erro
         step: &plan.step,
         invalid_spec: None,
         service_monitor,
+        certificates,
     };
     let status = status::build(&facts, previous.as_ref());
     patch_status(ctx, dc, &status).await?;
@@ -579,6 +596,20 @@ async fn observe(dc: &DistroCache, ctx: &Context, ns: &str) -> Result<Observed, 
             .iter()
             .filter_map(|(id, pod)| Some((id.clone(), pod.client.clone()?)))
             .collect(),
+    };
+    // Under TLS the client port speaks HTTPS only; progress is read on the
+    // plain probe port, which serves it and nothing of the data.
+    let asked = if dc.spec.tls.enabled() {
+        asked
+            .into_iter()
+            .filter_map(|(id, client)| {
+                // `ip:port` or `[ipv6]:port`: the host part keeps its brackets.
+                let (host, _) = client.rsplit_once(':')?;
+                Some((id, format!("{host}:{}", dc.spec.tls.probe_port)))
+            })
+            .collect()
+    } else {
+        asked
     };
     let progress = ctx.nodes.progress(&asked).await;
     Ok(Observed {
@@ -730,6 +761,58 @@ fn is_not_served(e: &kube::Error) -> bool {
             | kube::error::DiscoveryError::MissingResource(_),
         ) => true,
         _ => false,
+    }
+}
+
+/// Whether the API server serves cert-manager's Certificate kind (as
+/// [`service_monitor_served`]).
+async fn certificates_served(client: &Client) -> Result<bool, kube::Error> {
+    let gvk = kube::api::GroupVersionKind::gvk(resources::CERT_MANAGER_GROUP, "v1", "Certificate");
+    match kube::discovery::pinned_kind(client, &gvk).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_not_served(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Applies the cert-manager Certificates of `spec.tls.certManager`. `None`
+/// when not asked for. Until cert-manager fills their Secrets the pods wait
+/// for the volumes (the kubelet's doing), which is the honest state: a node
+/// must not serve without its certificate.
+async fn reconcile_certificates(
+    dc: &DistroCache,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Option<ServiceMonitorOutcome>, Error> {
+    let wanted = resources::certificates(dc);
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let resource = resources::certificate_resource();
+    match certificates_served(&ctx.client).await {
+        Ok(true) => {
+            let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &resource);
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            for certificate in &wanted {
+                api.patch(&certificate.name_any(), &params, &Patch::Apply(certificate))
+                    .await?;
+            }
+            Ok(Some(ServiceMonitorOutcome::Applied))
+        }
+        Ok(false) => Ok(Some(ServiceMonitorOutcome::Skipped {
+            reason: "CRDNotInstalled",
+            message: "spec.tls.certManager is set, but cert-manager's Certificate CRD \
+                      (cert-manager.io/v1) is not installed in this cluster: install \
+                      cert-manager or name a Secret in spec.tls.secretName"
+                .into(),
+        })),
+        Err(e) => Ok(Some(ServiceMonitorOutcome::Skipped {
+            reason: "DiscoveryFailed",
+            message: format!(
+                "cannot tell whether the API server serves cert-manager Certificates \
+                 (cert-manager.io/v1); will retry: {e}"
+            ),
+        })),
     }
 }
 

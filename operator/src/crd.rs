@@ -82,6 +82,11 @@ const BYTES_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?$";
     .message("spec.podDisruptionBudget.maxUnavailable must be below spec.replicationFactor, \
               or a voluntary disruption could remove every copy of a key")
     .field_path(".podDisruptionBudget.maxUnavailable"))]
+#[x_kube(validation = Rule::new(
+        "!has(self.tls) || !has(self.tls.probePort) || \
+         (self.tls.probePort != self.port && self.tls.probePort != self.peerPort)")
+    .message("spec.tls.probePort must differ from spec.port and spec.peerPort")
+    .field_path(".tls.probePort"))]
 #[serde(rename_all = "camelCase")]
 pub struct DistroCacheSpec {
     /// Number of cache nodes. Scaling moves data before any pod is removed.
@@ -256,6 +261,13 @@ pub struct DistroCacheSpec {
         .message("spec.persistence.enabled, size and storageClassName cannot change once the cache \
                   exists: a StatefulSet's claim templates are immutable"))]
     pub persistence: PersistenceSpec,
+
+    /// TLS on the client API and mutual TLS between the nodes (issue 15).
+    /// Off unless `secretName` or `certManager` is set.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("!has(self.secretName) || !has(self.certManager)")
+        .message("spec.tls: set secretName or certManager, not both"))]
+    pub tls: TlsSpec,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -314,6 +326,41 @@ impl Default for PersistenceSpec {
     }
 }
 
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A `kubernetes.io/tls` Secret in the cache's namespace with `tls.crt`,
+    /// `tls.key` and `ca.crt` (as cert-manager writes it). Its certificate
+    /// serves the client API (names of the client Service) and is each
+    /// node's peer certificate, so it must also carry
+    /// `*.<name>-peers.<namespace>.svc` and the client-auth usage; peers are
+    /// verified against its `ca.crt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// Have cert-manager issue the certificates: the operator creates the
+    /// Certificates `<name>-tls` (client API) and `<name>-peer-tls` (peer
+    /// mutual TLS) from this issuer. Needs cert-manager's CRDs; without them
+    /// the `TLSCertificates` condition says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_manager: Option<CertManagerSpec>,
+    /// Port of the nodes' plain-HTTP probe listener (health, readiness,
+    /// metrics and rebalance progress only, never data), which the kubelet's
+    /// probes, the preStop hook and the operator use while TLS is on.
+    #[serde(default = "default_probe_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub probe_port: i32,
+}
+
+impl Default for TlsSpec {
+    fn default() -> Self {
+        Self {
+            secret_name: None,
+            cert_manager: None,
+            probe_port: default_probe_port(),
+        }
+    }
+}
+
 fn default_volume_size() -> String {
     "1Gi".into()
 }
@@ -322,6 +369,32 @@ fn retain() -> String {
 }
 fn delete() -> String {
     "Delete".into()
+}
+
+impl TlsSpec {
+    pub fn enabled(&self) -> bool {
+        self.secret_name.is_some() || self.cert_manager.is_some()
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertManagerSpec {
+    /// The cert-manager issuer of the certificates.
+    pub issuer_ref: IssuerRef,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// `Issuer` (the default) or `ClusterIssuer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The issuer's API group; `cert-manager.io` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -492,6 +565,9 @@ fn default_port() -> i32 {
 }
 fn default_peer_port() -> i32 {
     8081
+}
+fn default_probe_port() -> i32 {
+    8082
 }
 fn default_log_level() -> String {
     "info".into()

@@ -15,6 +15,8 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 pub const REBALANCING: &str = "Rebalancing";
 pub const SERVICE_MONITOR: &str = "ServiceMonitor";
+/// Whether the cert-manager Certificates of `spec.tls.certManager` exist.
+pub const TLS_CERTIFICATES: &str = "TLSCertificates";
 
 /// What the status is built from.
 pub struct Facts<'a> {
@@ -29,6 +31,9 @@ pub struct Facts<'a> {
     pub invalid_spec: Option<&'a str>,
     /// `None` when the spec asks for no ServiceMonitor.
     pub service_monitor: Option<ServiceMonitorOutcome>,
+    /// What became of the cert-manager Certificates; `None` when
+    /// `spec.tls.certManager` is unset.
+    pub certificates: Option<ServiceMonitorOutcome>,
 }
 
 /// What became of a ServiceMonitor the spec asks for.
@@ -185,6 +190,18 @@ pub fn build(facts: &Facts<'_>, previous: Option<&DistroCacheStatus>) -> DistroC
             format!("every member has synced ring epoch {epoch}")
         },
     );
+    match &facts.certificates {
+        Some(ServiceMonitorOutcome::Applied) => set(
+            TLS_CERTIFICATES,
+            true,
+            "Applied",
+            "the cert-manager Certificates are in place".into(),
+        ),
+        Some(ServiceMonitorOutcome::Skipped { reason, message }) => {
+            set(TLS_CERTIFICATES, false, reason, message.clone())
+        }
+        None => {}
+    }
     match &facts.service_monitor {
         Some(ServiceMonitorOutcome::Applied) => set(
             SERVICE_MONITOR,
@@ -390,6 +407,7 @@ mod tests {
             step,
             invalid_spec: None,
             service_monitor: None,
+            certificates: None,
         }
     }
 

@@ -138,6 +138,9 @@ fn the_operator_is_granted_exactly_the_verbs_it_uses() {
             "servicemonitors",
             &["get", "create", "patch", "delete"],
         ),
+        // reconcile_certificates() applies them (server-side apply: patch,
+        // create on first apply); never read or deleted (owner references).
+        ("cert-manager.io", "certificates", &["create", "patch"]),
         // Leader election (kube-lease-manager): reads the Lease, creates it
         // once, takes and renews it with server-side apply and patches.
         ("coordination.k8s.io", "leases", &["get", "create", "patch"]),

@@ -29,6 +29,7 @@ pub mod oci;
 pub mod pki;
 pub mod procs;
 pub mod prometheus;
+pub mod tls;
 pub mod wait;
 
 pub use binaries::Binaries;

@@ -673,6 +673,70 @@ async fn pods_get_secrets_config_maps_and_a_service_account_kubeconfig() {
 }
 
 #[tokio::test]
+async fn a_mounted_secret_follows_its_updates_while_the_process_runs() {
+    let (_cp, kubelet, ns) = setup("secret-sync").await;
+    let client = ns.client().await.expect("a client");
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns.name());
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "rotating"},
+        "stringData": {"token": "first"},
+    }))
+    .expect("a Secret");
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create the Secret");
+    let mut server = container(&[]);
+    server["volumeMounts"] =
+        json!([{"name": "creds", "mountPath": "/etc/creds", "readOnly": true}]);
+    server["env"]
+        .as_array_mut()
+        .expect("env")
+        .push(json!({"name": "TOKEN_FILE", "value": "/etc/creds/token"}));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "mounted", "labels": {"app": "mounted"}},
+        "spec": {
+            "containers": [server],
+            "volumes": [{"name": "creds", "secret": {"secretName": "rotating"}}],
+        },
+    }))
+    .expect("a Pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create the pod");
+    let ip = pod_ip(&wait_ready_pods(&pods, "mounted", 1).await[0]);
+    // The mount path is rewritten to where the kubelet wrote the volume.
+    let (status, file) = http_get(ip, "/env/TOKEN_FILE").await.expect("GET");
+    assert_eq!(status, 200);
+    assert_ne!(file, "/etc/creds/token");
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("the token file"),
+        "first"
+    );
+    let pid = kubelet.pod(ns.name(), "mounted").expect("the pod").pid;
+
+    secrets
+        .patch(
+            "rotating",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"token": "second"}})),
+        )
+        .await
+        .expect("update the Secret");
+    wait::until("the file follows the Secret", TIMEOUT, || {
+        let file = file.clone();
+        async move { Ok((std::fs::read_to_string(&file)? == "second").then_some(())) }
+    })
+    .await
+    .expect("the update reaches the file");
+    // Without a restart.
+    assert_eq!(kubelet.pod(ns.name(), "mounted").expect("the pod").pid, pid);
+}
+
+#[tokio::test]
 async fn a_failing_liveness_probe_restarts_the_process() {
     let (_cp, kubelet, ns) = setup("liveness").await;
     let pods: Api<Pod> = Api::namespaced(ns.client().await.expect("a client"), ns.name());

@@ -152,6 +152,7 @@ fn node() -> &'static (tokio::runtime::Runtime, Api) {
             drain_timeout: std::time::Duration::from_secs(1),
             shutdown: Default::default(),
             tracker: Default::default(),
+            tls: None,
         };
         let api =
             Api::new(exec, Surface::All, Tokens::default(), endpoint).expect("a valid node id");

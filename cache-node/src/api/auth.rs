@@ -5,60 +5,114 @@
 //!
 //! Tokens are compared in constant time (`subtle`), so the time an answer
 //! takes says nothing about how much of a guess was right.
+//!
+//! Rotation: a token file may hold several tokens, one per line; every one
+//! of them is accepted, and the first is the one a node sends to its peers.
+//! The files are re-read when they change (see `reload.rs`), so a rotation
+//! is three edits of the Secret, none of which restarts anything:
+//! `old` -> `old\nnew` (every node accepts both) -> `new\nold` (nodes send
+//! the new one) -> `new`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hyper::http::{HeaderMap, StatusCode, header};
 use subtle::ConstantTimeEq;
 
 use crate::exec::Failure;
+use crate::reload::Reloadable;
 
 /// Longest token file accepted.
-const MAX_TOKEN_BYTES: u64 = 4096;
+const MAX_TOKEN_BYTES: usize = 4096;
+/// Most tokens in one file (a rotation needs two).
+const MAX_TOKENS: usize = 8;
+
+/// The valid tokens of one API: all accepted, the first one sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSet(Vec<Arc<str>>);
+
+impl TokenSet {
+    pub fn one(token: &str) -> Self {
+        Self(vec![token.into()])
+    }
+
+    /// The token a node sends.
+    pub fn first(&self) -> &str {
+        &self.0[0]
+    }
+
+    /// Parses a token file: one token per line, surrounding whitespace
+    /// (a trailing newline) not part of a token, blank lines skipped; an
+    /// empty or oversized file is an error.
+    pub fn parse(text: &[u8], what: &str) -> std::io::Result<Self> {
+        let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+        if text.len() > MAX_TOKEN_BYTES {
+            return Err(invalid(format!(
+                "{what}: {} bytes; a token file holds at most {MAX_TOKEN_BYTES}",
+                text.len()
+            )));
+        }
+        let text =
+            std::str::from_utf8(text).map_err(|_| invalid(format!("{what} is not UTF-8")))?;
+        let tokens: Vec<Arc<str>> = text
+            .lines()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(Arc::from)
+            .collect();
+        if tokens.is_empty() {
+            return Err(invalid(format!("{what} is empty")));
+        }
+        if tokens.len() > MAX_TOKENS {
+            return Err(invalid(format!(
+                "{what}: {} tokens; at most {MAX_TOKENS}",
+                tokens.len()
+            )));
+        }
+        Ok(Self(tokens))
+    }
+}
+
+/// A token file, re-read when it changes.
+pub type TokenFile = Reloadable<TokenSet>;
 
 /// The tokens a node requires; `None` means that API is open.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Tokens {
-    pub client: Option<Arc<str>>,
-    pub peer: Option<Arc<str>>,
+    pub client: Option<Arc<TokenFile>>,
+    pub peer: Option<Arc<TokenFile>>,
 }
 
-/// Reads a token file: surrounding whitespace (a trailing newline) is not
-/// part of the token; an empty or oversized file is an error.
-pub fn read_token(path: &Path) -> std::io::Result<Arc<str>> {
-    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
-    let len = std::fs::metadata(path)?.len();
-    if len > MAX_TOKEN_BYTES {
-        return Err(invalid(format!(
-            "{}: {len} bytes; a token file holds at most {MAX_TOKEN_BYTES}",
-            path.display()
-        )));
-    }
-    let text = std::fs::read_to_string(path)?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(invalid(format!("{} is empty", path.display())));
-    }
-    Ok(token.into())
+/// Reads a token file (see [`TokenSet::parse`]), to be re-read when it
+/// changes.
+pub fn load_tokens(path: &Path) -> std::io::Result<Arc<TokenFile>> {
+    let what = path.display().to_string();
+    Reloadable::load("token file", vec![PathBuf::from(path)], move |f| {
+        TokenSet::parse(&f[0], &what)
+    })
 }
 
-/// Whether a request with `headers` carries `expected` (if any token is
-/// expected); a refusal is a 401 saying why.
-pub fn check(expected: Option<&str>, headers: &HeaderMap) -> Result<(), Failure> {
-    presented(expected, headers).map_err(|why| Failure::new(StatusCode::UNAUTHORIZED, why))
-}
-
-/// `Err` carries why the request is refused.
-fn presented(expected: Option<&str>, headers: &HeaderMap) -> Result<(), &'static str> {
+/// Whether a request with `headers` carries one of `expected` (if any token
+/// is expected); a refusal is a 401 saying why.
+pub fn check(expected: Option<&TokenFile>, headers: &HeaderMap) -> Result<(), Failure> {
     let Some(expected) = expected else {
         return Ok(());
     };
+    presented(&expected.peek(), headers).map_err(|why| Failure::new(StatusCode::UNAUTHORIZED, why))
+}
+
+/// `Err` carries why the request is refused.
+fn presented(expected: &TokenSet, headers: &HeaderMap) -> Result<(), &'static str> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| bearer_token(v.as_bytes()))
         .unwrap_or_default();
-    if bool::from(presented.ct_eq(expected.as_bytes())) {
+    // Every token compared (no early exit): the time says nothing of which.
+    let mut matched = subtle::Choice::from(0);
+    for token in &expected.0 {
+        matched |= presented.ct_eq(token.as_bytes());
+    }
+    if bool::from(matched) {
         return Ok(());
     }
     Err(if presented.is_empty() {
@@ -92,12 +146,36 @@ mod tests {
         builder.body(()).unwrap()
     }
 
+    fn fixed(tokens: &[&str]) -> Arc<TokenFile> {
+        Reloadable::fixed(
+            "test",
+            TokenSet(tokens.iter().map(|t| Arc::from(*t)).collect()),
+        )
+    }
+
+    #[test]
+    fn every_token_of_a_rotation_passes() {
+        let both = fixed(&["old-token", "new-token"]);
+        for right in ["Bearer old-token", "Bearer new-token"] {
+            assert!(check(Some(&both), request(Some(right)).headers()).is_ok());
+        }
+        for wrong in [
+            "Bearer old",
+            "Bearer new-token2",
+            "Bearer old-tokennew-token",
+        ] {
+            assert!(check(Some(&both), request(Some(wrong)).headers()).is_err());
+        }
+        assert_eq!(both.current().first(), "old-token");
+    }
+
     #[test]
     fn only_the_exact_bearer_token_passes() {
         assert!(
             check(None, request(None).headers()).is_ok(),
             "no token configured: open"
         );
+        let s3cret = fixed(&["s3cret"]);
         for right in [
             "Bearer s3cret",
             "bearer s3cret",
@@ -105,7 +183,7 @@ mod tests {
             "beaRer  s3cret",
         ] {
             assert!(
-                check(Some("s3cret"), request(Some(right)).headers()).is_ok(),
+                check(Some(&s3cret), request(Some(right)).headers()).is_ok(),
                 "{right}"
             );
         }
@@ -122,7 +200,7 @@ mod tests {
             Some("Bearer\ts3cret"),
             Some("Bear s3cret"),
         ] {
-            let refused = check(Some("s3cret"), request(wrong).headers()).unwrap_err();
+            let refused = check(Some(&s3cret), request(wrong).headers()).unwrap_err();
             assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{wrong:?}");
         }
     }
@@ -132,11 +210,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "abc123\n").unwrap();
-        assert_eq!(&*read_token(&path).unwrap(), "abc123");
+        assert_eq!(load_tokens(&path).unwrap().current().first(), "abc123");
+        std::fs::write(&path, " abc \n\n  def\n").unwrap();
+        assert_eq!(
+            *load_tokens(&path).unwrap().current(),
+            TokenSet(vec!["abc".into(), "def".into()])
+        );
         std::fs::write(&path, "  \n").unwrap();
-        assert!(read_token(&path).is_err());
+        assert!(load_tokens(&path).is_err());
         std::fs::write(&path, vec![b'a'; 5000]).unwrap();
-        assert!(read_token(&path).is_err());
-        assert!(read_token(&dir.path().join("missing")).is_err());
+        assert!(load_tokens(&path).is_err());
+        std::fs::write(&path, "a\nb\nc\nd\ne\nf\ng\nh\ni\n").unwrap();
+        assert!(load_tokens(&path).is_err(), "too many tokens");
+        assert!(load_tokens(&dir.path().join("missing")).is_err());
     }
 }

@@ -43,6 +43,10 @@ pub enum Surface {
     Client,
     /// The peer API only.
     Peer,
+    /// What probes, Prometheus and the operator read (health, readiness,
+    /// metrics, rebalance and handoff progress), on the plain
+    /// `--probe-port` listener: never data.
+    Probe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +120,9 @@ pub struct PeerEndpoint {
     pub shutdown: CancellationToken,
     /// Where peer connections are tracked, so shutdown waits for them.
     pub tracker: TaskTracker,
+    /// Peer mutual TLS: the connecting node's certificate must name the
+    /// member it says it is.
+    pub tls: Option<Arc<crate::tls::PeerTls>>,
 }
 
 /// The dispatcher of one listener.
@@ -165,13 +172,17 @@ impl Api {
             Surface::All => client.iter().chain(peers).collect(),
             Surface::Client => client.iter().collect(),
             Surface::Peer => peers.iter().collect(),
+            Surface::Probe => client
+                .iter()
+                .filter(|(_, route)| route.guard() == Guard::Open)
+                .collect(),
         };
         for (path, route) in table {
             routes
                 .insert(*path, *route)
                 .expect("the route table has no conflicts");
         }
-        let serves_peers = surface != Surface::Client;
+        let serves_peers = matches!(surface, Surface::All | Surface::Peer);
         Ok(Self {
             inner: Arc::new(Inner {
                 limits: exec.limits,
@@ -441,23 +452,43 @@ impl Inner {
                 .insert(header::UPGRADE, HeaderValue::from_static(PROTOCOL));
             return refusal;
         }
+        if let Some(tls) = &endpoint.tls {
+            // The handshake verified the certificate against the peer CA;
+            // here, that it is the certificate of the member it claims to be.
+            let from = request
+                .headers()
+                .get(peer::FROM_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let named = match conn.peer_certificate() {
+                Some(cert) => tls.names_member(cert, from),
+                None => Err("no client certificate".to_owned()),
+            };
+            if let Err(why) = named {
+                tracing::warn!(%from, %why, "refused a peer connection");
+                return answer::failure(&Failure::new(
+                    StatusCode::FORBIDDEN,
+                    format!("peer certificate refused: {why}"),
+                ));
+            }
+        }
         let slot = conn.keep_slot();
         let exec = self.exec.clone();
         endpoint.tracker.clone().spawn(async move {
             let _slot = slot;
+            let settings = (
+                endpoint.max_message_bytes,
+                endpoint.drain_timeout,
+                endpoint.shutdown,
+            );
             match http::upgraded(request).await {
-                Ok((stream, read_buf)) => {
+                Ok((http::Stream::Plain(stream), read_buf)) => {
                     let (read, write) = stream.into_split();
-                    peer::server::serve(
-                        read,
-                        write,
-                        read_buf,
-                        exec,
-                        endpoint.max_message_bytes,
-                        endpoint.drain_timeout,
-                        endpoint.shutdown,
-                    )
-                    .await;
+                    serve_peer(read, write, read_buf, exec, settings).await;
+                }
+                Ok((http::Stream::Tls(stream), read_buf)) => {
+                    let (read, write) = tokio::io::split(*stream);
+                    serve_peer(read, write, read_buf, exec, settings).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "a peer connection failed to upgrade"),
             }
@@ -469,6 +500,30 @@ impl Inner {
         headers.insert(header::UPGRADE, HeaderValue::from_static(PROTOCOL));
         switching
     }
+}
+
+/// Serves an upgraded peer connection (plain: TCP's own halves; TLS: a
+/// split of the TLS stream).
+async fn serve_peer<R, W>(
+    read: R,
+    write: W,
+    read_buf: Bytes,
+    exec: Arc<Executor>,
+    (max_message_bytes, drain_timeout, shutdown): (usize, Duration, CancellationToken),
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    peer::server::serve(
+        read,
+        write,
+        read_buf,
+        exec,
+        max_message_bytes,
+        drain_timeout,
+        shutdown,
+    )
+    .await;
 }
 
 /// The whole body, up to `limit` bytes: 413 past the limit, 400 when it

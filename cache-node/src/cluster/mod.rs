@@ -117,10 +117,11 @@ impl Cluster {
         settings: ClusterSettings,
         metrics: ClusterMetrics,
         ready: Arc<AtomicBool>,
-        peer_token: Option<&str>,
+        peer_tokens: Option<Arc<crate::api::auth::TokenFile>>,
+        peer_tls: Option<Arc<crate::tls::PeerTls>>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            peers: PeerClient::new(&node_id, settings.peer, peer_token),
+            peers: PeerClient::with_credentials(&node_id, settings.peer, peer_tokens, peer_tls),
             ring: RingState::new(&node_id),
             node_id,
             store,
@@ -186,6 +187,17 @@ impl Cluster {
         let Some(ring) = self.ring.adopt(doc) else {
             return false;
         };
+        // With peer TLS, the names peers' certificates must carry: the
+        // members of this ring and of the previous one (still reached while
+        // data moves).
+        if let Some(rings) = self.ring.rings() {
+            self.peers.learn_names(
+                rings
+                    .both()
+                    .flat_map(|r| r.members.iter())
+                    .map(|m| (m.address, m.id.as_str())),
+            );
+        }
         // Leases were granted for the epoch held until now.
         self.leases.drop_held();
         self.metrics.read_lease.set(0);

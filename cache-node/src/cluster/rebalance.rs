@@ -582,6 +582,7 @@ mod tests {
             ClusterMetrics::new(&prometheus::Registry::new()),
             Arc::new(AtomicBool::new(true)),
             None,
+            None,
         );
         c.adopt(MembershipDoc {
             epoch: 1,

@@ -38,6 +38,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::http::{HeaderValue, Method, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::codec::FramedRead;
@@ -48,6 +49,9 @@ use super::frame::{self, Frame, FrameCodec};
 use super::outbox::Outbox;
 use super::protocol::{Answer, LocalInvalidation, NodeStats, Records, ReplicateOutcome, Request};
 use super::{CONNECT_PATH, FROM_HEADER, PROTOCOL};
+use crate::api::auth::{TokenFile, TokenSet};
+use crate::reload::Reloadable;
+use crate::tls::PeerTls;
 
 /// A connection with nothing in flight for this long is closed.
 pub const IDLE_CLOSE: Duration = Duration::from_secs(15);
@@ -288,8 +292,11 @@ impl Connection {
 }
 
 /// Runs a connection until it ends, then fails what was in flight on it.
-async fn drive(conn: Arc<Connection>, stream: TcpStream, read_buf: Bytes, max_body: usize) {
-    let (read, mut write) = stream.into_split();
+async fn drive<R, W>(conn: Arc<Connection>, read: R, mut write: W, read_buf: Bytes, max_body: usize)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut frames = FramedRead::new(read, FrameCodec::new(max_body));
     frames.read_buffer_mut().extend_from_slice(&read_buf);
     let reason = tokio::select! {
@@ -306,6 +313,21 @@ async fn drive(conn: Arc<Connection>, stream: TcpStream, read_buf: Bytes, max_bo
     };
     tracing::debug!(peer = %conn.addr, %reason, "peer connection ended");
     conn.fail_all(&reason);
+}
+
+/// The two halves of an upgraded connection, and what was read past the
+/// upgrade: TCP's own halves, or a split TLS stream.
+enum Halves {
+    Plain(
+        tokio::net::tcp::OwnedReadHalf,
+        tokio::net::tcp::OwnedWriteHalf,
+        Bytes,
+    ),
+    Tls(
+        tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>,
+        tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>,
+        Bytes,
+    ),
 }
 
 /// A peer's connection, or the way to one.
@@ -326,25 +348,58 @@ const FAILURE_HOLD: Duration = Duration::from_millis(250);
 /// nodes): one multiplexed connection per peer address.
 pub struct PeerClient {
     from: HeaderValue,
-    /// `Bearer <peer token>`, when the peer API requires one.
-    authorization: Option<HeaderValue>,
+    /// The peer tokens (the first is sent), when the peer API requires one;
+    /// read afresh for every new connection, so a rotation reaches them.
+    tokens: Option<Arc<TokenFile>>,
+    /// Mutual TLS to peers, when the peer API is served over it.
+    tls: Option<Arc<PeerTls>>,
+    /// The member id at each peer address, for checking the certificate a
+    /// peer presents names the member this node meant to reach.
+    names: parking_lot::RwLock<HashMap<SocketAddr, Arc<str>>>,
     settings: PeerSettings,
     slots: parking_lot::RwLock<HashMap<SocketAddr, Arc<Slot>>>,
 }
 
 impl PeerClient {
     pub fn new(node_id: &str, settings: PeerSettings, token: Option<&str>) -> Self {
+        let tokens = token.map(|t| Reloadable::fixed("peer token", TokenSet::one(t)));
+        Self::with_credentials(node_id, settings, tokens, None)
+    }
+
+    /// A client sending the first token of `tokens` (as they are when each
+    /// connection opens) and speaking mutual TLS with `tls`.
+    pub fn with_credentials(
+        node_id: &str,
+        settings: PeerSettings,
+        tokens: Option<Arc<TokenFile>>,
+        tls: Option<Arc<PeerTls>>,
+    ) -> Self {
         Self {
             from: HeaderValue::from_str(node_id)
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid-node-id")),
-            authorization: token.and_then(|t| {
-                let mut value = HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
-                value.set_sensitive(true);
-                Some(value)
-            }),
+            tokens,
+            tls,
+            names: Default::default(),
             settings,
             slots: Default::default(),
         }
+    }
+
+    /// The member ids at the peer addresses (the ring's members): with
+    /// mutual TLS, the name each peer's certificate must carry.
+    pub fn learn_names<'a>(&self, members: impl IntoIterator<Item = (SocketAddr, &'a str)>) {
+        let names = members
+            .into_iter()
+            .map(|(addr, id)| (addr, Arc::from(id)))
+            .collect();
+        *self.names.write() = names;
+    }
+
+    fn authorization(&self) -> Option<HeaderValue> {
+        let tokens = self.tokens.as_ref()?.current();
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", tokens.first())).ok()?;
+        value.set_sensitive(true);
+        Some(value)
     }
 
     pub fn settings(&self) -> PeerSettings {
@@ -434,7 +489,8 @@ impl PeerClient {
         }
     }
 
-    /// Connects and upgrades to the peer protocol.
+    /// Connects and upgrades to the peer protocol (over mutual TLS when
+    /// configured).
     async fn open(&self, addr: SocketAddr) -> Result<Arc<Connection>, PeerError> {
         let refused = |reason: String| PeerError::Refused { addr, reason };
         let handshake = async {
@@ -442,50 +498,26 @@ impl PeerClient {
                 .await
                 .map_err(|e| refused(e.to_string()))?;
             let _ = stream.set_nodelay(true);
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            let Some(tls) = &self.tls else {
+                let (stream, read_buf) = self.upgrade(addr, stream).await?;
+                let (read, write) = stream.into_split();
+                return Ok::<_, PeerError>(Halves::Plain(read, write, read_buf));
+            };
+            let name = self.names.read().get(&addr).cloned().ok_or_else(|| {
+                refused(format!(
+                    "no member id known for {addr}: its certificate cannot be checked"
+                ))
+            })?;
+            let server_name = tls.member_name(&name).map_err(|e| refused(e.to_string()))?;
+            let stream = tokio_rustls::TlsConnector::from(tls.client.current())
+                .connect(server_name, stream)
                 .await
-                .map_err(|e| refused(error_chain(&e)))?;
-            let driving = tokio::spawn(conn.with_upgrades());
-            let mut request = hyper::Request::builder()
-                .method(Method::GET)
-                .uri(CONNECT_PATH)
-                .header(header::HOST, addr.to_string())
-                .header(header::CONNECTION, "upgrade")
-                .header(header::UPGRADE, PROTOCOL)
-                .header(FROM_HEADER, self.from.clone());
-            if let Some(authorization) = &self.authorization {
-                request = request.header(header::AUTHORIZATION, authorization.clone());
-            }
-            let request = request
-                .body(Empty::<Bytes>::new())
-                .map_err(|e| refused(e.to_string()))?;
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| refused(error_chain(&e)))?;
-            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                let status = response.status();
-                let body = Limited::new(response.into_body(), MAX_REFUSAL_BYTES)
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                driving.abort();
-                return Err(PeerError::Status {
-                    addr,
-                    status,
-                    message: error_message(&body),
-                });
-            }
-            let upgraded = hyper::upgrade::on(response)
-                .await
-                .map_err(|e| refused(error_chain(&e)))?;
-            let parts = upgraded
-                .downcast::<TokioIo<TcpStream>>()
-                .map_err(|_| refused("upgraded connection of an unexpected type".into()))?;
-            Ok((parts.io.into_inner(), parts.read_buf))
+                .map_err(|e| refused(format!("TLS handshake: {}", error_chain(&e))))?;
+            let (stream, read_buf) = self.upgrade(addr, stream).await?;
+            let (read, write) = tokio::io::split(stream);
+            Ok(Halves::Tls(read, write, read_buf))
         };
-        let (stream, read_buf) = tokio::time::timeout(self.settings.connect_timeout, handshake)
+        let halves = tokio::time::timeout(self.settings.connect_timeout, handshake)
             .await
             .map_err(|_| {
                 refused(format!(
@@ -502,13 +534,67 @@ impl PeerClient {
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
             last_used: Mutex::new(Instant::now()),
         });
-        tokio::spawn(drive(
-            conn.clone(),
-            stream,
-            read_buf,
-            self.settings.max_message_bytes,
-        ));
+        let max = self.settings.max_message_bytes;
+        match halves {
+            Halves::Plain(read, write, read_buf) => {
+                tokio::spawn(drive(conn.clone(), read, write, read_buf, max));
+            }
+            Halves::Tls(read, write, read_buf) => {
+                tokio::spawn(drive(conn.clone(), read, write, read_buf, max));
+            }
+        }
         Ok(conn)
+    }
+
+    /// The HTTP/1.1 upgrade on an open stream: `GET /internal/v1/connect`,
+    /// answered 101; returns the stream and what was read past the answer.
+    async fn upgrade<S>(&self, addr: SocketAddr, stream: S) -> Result<(S, Bytes), PeerError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let refused = |reason: String| PeerError::Refused { addr, reason };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| refused(error_chain(&e)))?;
+        let driving = tokio::spawn(conn.with_upgrades());
+        let mut request = hyper::Request::builder()
+            .method(Method::GET)
+            .uri(CONNECT_PATH)
+            .header(header::HOST, addr.to_string())
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, PROTOCOL)
+            .header(FROM_HEADER, self.from.clone());
+        if let Some(authorization) = self.authorization() {
+            request = request.header(header::AUTHORIZATION, authorization);
+        }
+        let request = request
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| refused(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| refused(error_chain(&e)))?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_REFUSAL_BYTES)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            driving.abort();
+            return Err(PeerError::Status {
+                addr,
+                status,
+                message: error_message(&body),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|e| refused(error_chain(&e)))?;
+        let parts = upgraded
+            .downcast::<TokioIo<S>>()
+            .map_err(|_| refused("upgraded connection of an unexpected type".into()))?;
+        Ok((parts.io.into_inner(), parts.read_buf))
     }
 
     /// Sends `request` and hands its answer to `expect`, which takes the

@@ -8,10 +8,14 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use cache_node::api::auth::TokenSet;
 use cache_node::peer::{PeerClient, PeerSettings};
+use cache_node::reload::Reloadable;
+use cache_node::tls::PeerTls;
 use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc, NodeProgress};
 use serde_json::Value;
 
@@ -63,17 +67,38 @@ pub struct ProcCluster {
     pub peers: PeerClient,
     /// Each node runs with `--data-dir` (see [`Self::data_dir`]).
     data_dirs: bool,
+    /// The peer CA and the members' certificate, when the peer API runs
+    /// mutual TLS.
+    pub peer_pki: Option<PeerPki>,
 }
 
+/// The peer API's PKI: a CA and one certificate for every member, valid for
+/// `*.`[`PEER_DOMAIN`] (as one Secret mounted in every pod of a
+/// StatefulSet).
+pub struct PeerPki {
+    pub ca: crate::tls_support::TestCa,
+    pub members: crate::tls_support::Issued,
+}
+
+/// The `--peer-tls-domain` of mTLS clusters: member `node-3`'s identity is
+/// `node-3.peers.test`.
+pub const PEER_DOMAIN: &str = "peers.test";
+
 fn peer_client(token: Option<&str>) -> PeerClient {
-    PeerClient::new(
-        "test",
+    peer_client_as("test", token, None)
+}
+
+/// A peer client that says it is `from`, with `token` and `tls`.
+pub fn peer_client_as(from: &str, token: Option<&str>, tls: Option<Arc<PeerTls>>) -> PeerClient {
+    PeerClient::with_credentials(
+        from,
         PeerSettings {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
             max_message_bytes: 8 << 20,
         },
-        token,
+        token.map(|t| Reloadable::fixed("peer token", TokenSet::one(t))),
+        tls,
     )
 }
 
@@ -99,6 +124,7 @@ impl ProcCluster {
             client_token: None,
             peers: peer_client(None),
             data_dirs: false,
+            peer_pki: None,
         }
     }
 
@@ -123,6 +149,58 @@ impl ProcCluster {
         child.signal(libc::SIGTERM);
         let status = child.wait_exit(Duration::from_secs(60));
         assert!(status.success(), "node {i} exited with {status}");
+    }
+
+    /// The peer API on its own port with mutual TLS (on top of
+    /// [`with_auth`](Self::with_auth) when called after it): every node
+    /// presents the members' certificate and checks its peers' against the
+    /// CA and their member names; the test's peer client does the same.
+    pub fn with_peer_mtls(mut self) -> Self {
+        use crate::tls_support::{TestCa, Validity};
+        let ca = TestCa::new(&self.dir.path().join("peer-pki"), "peer-ca");
+        let members = ca.issue("members", &[&format!("*.{PEER_DOMAIN}")], Validity::Current);
+        if self.client_token.is_none() {
+            for node in &mut self.nodes {
+                node.peer_addr.set_port(PEER_PORT);
+            }
+            self.flags
+                .extend(["--peer-port".into(), PEER_PORT.to_string()]);
+        }
+        self.flags.extend([
+            "--peer-tls-cert-file".into(),
+            members.cert.display().to_string(),
+            "--peer-tls-key-file".into(),
+            members.key.display().to_string(),
+            "--peer-tls-ca-file".into(),
+            ca.ca_file.display().to_string(),
+            "--peer-tls-domain".into(),
+            PEER_DOMAIN.into(),
+        ]);
+        let tls = PeerTls::load(
+            members.cert.clone(),
+            members.key.clone(),
+            ca.ca_file.clone(),
+            Some(PEER_DOMAIN.into()),
+        )
+        .expect("the test's peer TLS");
+        self.peers = peer_client_as("test", self.peer_token().as_deref(), Some(tls));
+        self.peer_pki = Some(PeerPki { ca, members });
+        self.learn_peer_names();
+        self
+    }
+
+    /// The peer token, when the cluster runs with authentication.
+    pub fn peer_token(&self) -> Option<String> {
+        self.client_token
+            .as_ref()
+            .map(|_| "peer-secret-token".to_owned())
+    }
+
+    /// Tells the test's peer client which member is at which address (with
+    /// mutual TLS, the name each node's certificate is checked against).
+    pub fn learn_peer_names(&self) {
+        self.peers
+            .learn_names(self.nodes.iter().map(|n| (n.peer_addr, n.id.as_str())));
     }
 
     /// Every node requires bearer tokens (client and peer, read from files)
@@ -170,10 +248,11 @@ impl ProcCluster {
     pub fn add_slot(&mut self) -> usize {
         let i = self.nodes.len();
         let mut node = slot(self.block, i, self.dir.path());
-        if self.client_token.is_some() {
+        if self.client_token.is_some() || self.peer_pki.is_some() {
             node.peer_addr.set_port(PEER_PORT);
         }
         self.nodes.push(node);
+        self.learn_peer_names();
         i
     }
 
@@ -256,6 +335,7 @@ impl ProcCluster {
         let ip = Ipv4Addr::new(127, 1, self.block, last_octet);
         node.addr.set_ip(ip.into());
         node.peer_addr.set_ip(ip.into());
+        self.learn_peer_names();
     }
 
     /// The id of `key`'s primary under the ring the cluster was last given.

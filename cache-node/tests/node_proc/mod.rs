@@ -133,6 +133,7 @@ impl Launch {
             child,
             addr: self.listen,
             peer_addr: None,
+            probe_addr: None,
             log,
             _dir: dir,
         };
@@ -158,6 +159,7 @@ impl Launch {
         };
         node.addr = bound.client;
         node.peer_addr = bound.peer;
+        node.probe_addr = bound.probe;
         node
     }
 }
@@ -169,6 +171,8 @@ pub struct NodeProc {
     pub addr: SocketAddr,
     /// The peer API's own address, when it has a port of its own.
     pub peer_addr: Option<SocketAddr>,
+    /// The plain-HTTP probe listener's address, with `--probe-port`.
+    pub probe_addr: Option<SocketAddr>,
     log: PathBuf,
     /// Holds the address file (and the log, unless one was given).
     _dir: tempfile::TempDir,

@@ -12,6 +12,7 @@ mod rbac;
 mod ring;
 mod services;
 mod statefulset;
+mod tls;
 
 pub(crate) use auth::{auth_secret_name, generated_auth_secret};
 pub(crate) use monitoring::{SERVICE_MONITOR_GROUP, service_monitor, service_monitor_resource};
@@ -22,6 +23,9 @@ pub(crate) use ring::{ring_configmap, ring_configmap_name};
 pub use services::peer_service;
 pub(crate) use services::{client_service, peer_service_name};
 pub use statefulset::statefulset;
+pub(crate) use tls::{
+    CERT_MANAGER_GROUP, certificate_resource, certificates, client_tls_secret_name,
+};
 
 use std::collections::BTreeMap;
 

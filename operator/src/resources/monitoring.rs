@@ -35,6 +35,15 @@ pub(crate) fn service_monitor(dc: &DistroCache) -> Option<DynamicObject> {
     let mut selector = selector_labels(dc);
     selector.insert("app.kubernetes.io/component".into(), "client".into());
     let mut endpoint = json!({"port": "http", "path": "/metrics"});
+    if dc.spec.tls.enabled() {
+        // /metrics on the client port is HTTPS: verified against the CA
+        // of the client certificate's Secret, by the client Service's name.
+        endpoint["scheme"] = json!("https");
+        endpoint["tlsConfig"] = json!({
+            "ca": {"secret": {"name": super::client_tls_secret_name(dc), "key": "ca.crt"}},
+            "serverName": format!("{}.{}.svc", dc.name_any(), dc.namespace().unwrap_or_default()),
+        });
+    }
     if let Some(interval) = &spec.interval {
         endpoint["interval"] = json!(interval);
     }
@@ -86,5 +95,21 @@ mod tests {
             svc.spec.unwrap().ports.unwrap()[0].name.as_deref(),
             Some("http")
         );
+    }
+
+    #[test]
+    fn with_tls_the_scrape_is_https_verified_against_the_secrets_ca() {
+        let sm = service_monitor(&cache(
+            "{monitoring: {serviceMonitor: {enabled: true}}, tls: {secretName: orders-cert}}",
+        ))
+        .unwrap();
+        let endpoint = &sm.data["spec"]["endpoints"][0];
+        assert_eq!(endpoint["scheme"], "https");
+        assert_eq!(endpoint["tlsConfig"]["ca"]["secret"]["name"], "orders-cert");
+        assert_eq!(endpoint["tlsConfig"]["ca"]["secret"]["key"], "ca.crt");
+        assert_eq!(endpoint["tlsConfig"]["serverName"], "orders.shop.svc");
+        let plain =
+            service_monitor(&cache("{monitoring: {serviceMonitor: {enabled: true}}}")).unwrap();
+        assert!(plain.data["spec"]["endpoints"][0].get("scheme").is_none());
     }
 }

@@ -83,10 +83,18 @@ pub(crate) fn network_policy(dc: &DistroCache, operator_namespace: &str) -> Opti
             ports: Some(vec![port("peer")]),
         },
         NetworkPolicyIngressRule {
-            from: Some(vec![own_pods, clients, operator]),
+            from: Some(vec![own_pods, clients, operator.clone()]),
             ports: Some(vec![port("http")]),
         },
     ];
+    if dc.spec.tls.enabled() {
+        // Under TLS the operator reads progress on the plain probe port
+        // (the kubelet's probes come from the node and are not policed).
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(vec![operator]),
+            ports: Some(vec![port("probe")]),
+        });
+    }
     let monitoring = &dc.spec.monitoring;
     if monitoring.service_monitor.enabled {
         ingress.push(NetworkPolicyIngressRule {

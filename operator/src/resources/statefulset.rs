@@ -22,6 +22,10 @@
 //!   spec's retention policy. The node writes its snapshot after it stops
 //!   serving, so the in-flight drain (`--shutdown-timeout`) gets only part
 //!   of the grace period and the snapshot the rest.
+//! * With `spec.tls`, the client and peer ports speak TLS only; the probes
+//!   and the preStop hook go to the plain probe port (`spec.tls.probePort`,
+//!   health, readiness, metrics and handoff only), so the kubelet needs no
+//!   client certificate and no CA.
 //! * What the ring decides stays out of the pod template. The replication
 //!   factor reaches the nodes in the ring document (a node in cluster mode
 //!   reads it from there, not from its flag); in the template, a change of
@@ -36,7 +40,7 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle,
     LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume,
     VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -47,6 +51,7 @@ use kube::ResourceExt;
 use super::auth::{AUTH_MOUNT, CLIENT_TOKEN_KEY, PEER_TOKEN_KEY, auth_volume, auth_volume_mount};
 use super::defaults;
 use super::rbac::node_service_account_name;
+use super::tls::{tls_env, tls_volume_mounts, tls_volumes};
 use super::{child_meta, labels, peer_service_name, ring_configmap_name, selector_labels};
 use crate::crd::DistroCache;
 
@@ -155,18 +160,71 @@ fn pod_spec(dc: &DistroCache, default_image: &str) -> PodSpec {
             ..PodSecurityContext::default()
         }),
         containers: vec![container(dc, default_image)],
-        volumes: spec.auth.enabled.then(|| vec![auth_volume(dc)]),
+        volumes: volumes(dc),
         ..PodSpec::default()
     }
 }
 
+fn volumes(dc: &DistroCache) -> Option<Vec<Volume>> {
+    let mut volumes = Vec::new();
+    if dc.spec.auth.enabled {
+        volumes.push(auth_volume(dc));
+    }
+    if dc.spec.tls.enabled() {
+        volumes.extend(tls_volumes(dc));
+    }
+    (!volumes.is_empty()).then_some(volumes)
+}
+
+fn volume_mounts(dc: &DistroCache) -> Option<Vec<VolumeMount>> {
+    let mut mounts = Vec::new();
+    if dc.spec.auth.enabled {
+        mounts.push(auth_volume_mount());
+    }
+    if dc.spec.tls.enabled() {
+        mounts.extend(tls_volume_mounts());
+    }
+    if dc.spec.persistence.enabled {
+        mounts.push(VolumeMount {
+            name: DATA_VOLUME.into(),
+            mount_path: DATA_MOUNT.into(),
+            ..VolumeMount::default()
+        });
+    }
+    (!mounts.is_empty()).then_some(mounts)
+}
+
 fn container(dc: &DistroCache, default_image: &str) -> Container {
     let spec = &dc.spec;
+    // Probes and the preStop hook: plain HTTP on the probe port under TLS.
+    let probe_port = if spec.tls.enabled() { "probe" } else { "http" };
     let http_get = |path: &str| HTTPGetAction {
         path: Some(path.into()),
-        port: IntOrString::String("http".into()),
+        port: IntOrString::String(probe_port.into()),
         ..HTTPGetAction::default()
     };
+    let mut ports = vec![
+        ContainerPort {
+            name: Some("http".into()),
+            container_port: spec.port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        },
+        ContainerPort {
+            name: Some("peer".into()),
+            container_port: spec.peer_port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        },
+    ];
+    if spec.tls.enabled() {
+        ports.push(ContainerPort {
+            name: Some("probe".into()),
+            container_port: spec.tls.probe_port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        });
+    }
     // The hook must return before the kubelet's grace period ends.
     let handoff_timeout = (spec.termination_grace_period_seconds - 5).max(1);
     Container {
@@ -178,34 +236,8 @@ fn container(dc: &DistroCache, default_image: &str) -> Container {
         ),
         image_pull_policy: spec.image_pull_policy.clone(),
         env: Some(env(dc)),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("http".into()),
-                container_port: spec.port,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("peer".into()),
-                container_port: spec.peer_port,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-        ]),
-        volume_mounts: {
-            let mut mounts = Vec::new();
-            if spec.auth.enabled {
-                mounts.push(auth_volume_mount());
-            }
-            if spec.persistence.enabled {
-                mounts.push(VolumeMount {
-                    name: DATA_VOLUME.into(),
-                    mount_path: DATA_MOUNT.into(),
-                    ..VolumeMount::default()
-                });
-            }
-            (!mounts.is_empty()).then_some(mounts)
-        },
+        ports: Some(ports),
+        volume_mounts: volume_mounts(dc),
         readiness_probe: Some(Probe {
             http_get: Some(http_get("/api/v1/ready")),
             period_seconds: Some(2),
@@ -327,6 +359,11 @@ fn env(dc: &DistroCache) -> Vec<EnvVar> {
             "DISTROCACHE_PEER_TOKEN_FILE",
             format!("{AUTH_MOUNT}/{PEER_TOKEN_KEY}"),
         ));
+    }
+    if spec.tls.enabled() {
+        for (name, value) in tls_env(dc) {
+            env.push(literal(name, value));
+        }
     }
     // validate() refused a limit too small to derive a budget from.
     if let Ok(Some(max_memory)) = defaults::max_memory(spec) {
@@ -639,6 +676,85 @@ mod tests {
         assert_eq!(
             pod.security_context.as_ref().unwrap().fs_group,
             Some(IMAGE_GROUP)
+        );
+    }
+
+    #[test]
+    fn with_tls_the_nodes_get_both_certificates_and_probe_on_the_plain_port() {
+        let plain = statefulset(&cache("{}"), 1, "img");
+        let plain_env = env_map(&plain);
+        assert!(!plain_env.contains_key("DISTROCACHE_TLS_CERT_FILE"));
+        let probe_port = |sts: &StatefulSet| {
+            let pod = sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+            let c = &pod.containers[0];
+            let port =
+                |p: &Option<Probe>| p.as_ref().unwrap().http_get.as_ref().unwrap().port.clone();
+            let pre_stop = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
+            let ports = [
+                port(&c.readiness_probe),
+                port(&c.liveness_probe),
+                port(&c.startup_probe),
+                pre_stop.http_get.as_ref().unwrap().port.clone(),
+            ];
+            assert!(ports.iter().all(|p| p == &ports[0]), "{ports:?}");
+            ports[0].clone()
+        };
+        assert_eq!(probe_port(&plain), IntOrString::String("http".into()));
+
+        let dc = cache("{tls: {secretName: orders-cert, probePort: 9100}, auth: {enabled: true}}");
+        let sts = statefulset(&dc, 1, "img");
+        assert_eq!(probe_port(&sts), IntOrString::String("probe".into()));
+        let env = env_map(&sts);
+        let value = |n: &str| env[n].value.clone().unwrap();
+        assert_eq!(
+            value("DISTROCACHE_TLS_CERT_FILE"),
+            "/etc/distrocache/tls/tls.crt"
+        );
+        assert_eq!(
+            value("DISTROCACHE_TLS_KEY_FILE"),
+            "/etc/distrocache/tls/tls.key"
+        );
+        assert_eq!(
+            value("DISTROCACHE_PEER_TLS_CA_FILE"),
+            "/etc/distrocache/peer-tls/ca.crt"
+        );
+        assert_eq!(
+            value("DISTROCACHE_PEER_TLS_DOMAIN"),
+            "orders-peers.shop.svc"
+        );
+        assert_eq!(value("DISTROCACHE_PROBE_PORT"), "9100");
+        // Tokens stay, alongside.
+        assert!(env.contains_key("DISTROCACHE_AUTH_TOKEN_FILE"));
+        let pod = sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        let ports = c.ports.as_ref().unwrap();
+        assert!(
+            ports
+                .iter()
+                .any(|p| p.name.as_deref() == Some("probe") && p.container_port == 9100)
+        );
+        let secrets: Vec<_> = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.secret.as_ref()?.secret_name.clone())
+            .collect();
+        assert_eq!(secrets, ["orders-auth", "orders-cert", "orders-cert"]);
+        let mounts: Vec<_> = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| (m.mount_path.as_str(), m.read_only))
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("/etc/distrocache/auth", Some(true)),
+                ("/etc/distrocache/tls", Some(true)),
+                ("/etc/distrocache/peer-tls", Some(true)),
+            ]
         );
     }
 }

@@ -24,7 +24,10 @@
 //!   share one filesystem, so the mount path cannot be honoured as such;
 //!   instead any environment value or argument that starts with the mount
 //!   path is rewritten to the materialised directory (e.g. a `--token-file`
-//!   pointing into the mount). Other volume types are ignored.
+//!   pointing into the mount). Other volume types are ignored. While the
+//!   container runs, secret volumes are brought up to date with their
+//!   Secrets every second (a real kubelet's periodic sync of mounted
+//!   Secrets, sped up).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -127,7 +130,7 @@ pub(crate) async fn resolve(
         env.set(name.clone(), placeholders(value, facts));
     }
 
-    let mounts = volumes(client, facts, container).await?;
+    let mounts = volumes(client, facts, container, Materialise::All).await?;
     let remount = |value: String| -> String {
         for (mount_path, dir) in &mounts {
             if let Some(rest) = value.strip_prefix(mount_path.as_str())
@@ -240,12 +243,22 @@ fn field_value(facts: &PodFacts<'_>, path: &str) -> Result<String, String> {
     })
 }
 
+/// Which of a container's volumes [`volumes`] materialises.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Materialise {
+    /// Every volume: when the container starts.
+    All,
+    /// Secret volumes only: the periodic sync of a running container.
+    Secrets,
+}
+
 /// Materialises the container's volumes (see the module's doc); returns
 /// (mount path, directory) pairs, longest mount path first.
 async fn volumes(
     client: &Client,
     facts: &PodFacts<'_>,
     container: &Container,
+    which: Materialise,
 ) -> Result<Vec<(String, PathBuf)>, String> {
     let volumes = facts
         .pod
@@ -262,6 +275,9 @@ async fn volumes(
             continue;
         };
         let mount_path = mount.mount_path.trim_end_matches('/').to_string();
+        if which == Materialise::Secrets && volume.secret.is_none() {
+            continue;
+        }
         if let Some(claim) = &volume.persistent_volume_claim {
             let root = facts
                 .dir
@@ -291,11 +307,7 @@ async fn volumes(
             continue;
         };
         let dir = facts.dir.join("volumes").join(&mount.name);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        for (key, value) in data {
-            let file = dir.join(&key);
-            std::fs::write(&file, value).map_err(|e| format!("write {}: {e}", file.display()))?;
-        }
+        write_volume(&dir, &data)?;
         mounts.push((mount.mount_path.trim_end_matches('/').to_string(), dir));
     }
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
@@ -315,6 +327,46 @@ async fn claim_uid(client: &Client, namespace: &str, name: &str) -> Result<Strin
         Ok(None) => Err(format!("persistentvolumeclaim {name:?} not found")),
         Err(e) => Err(format!("get persistentvolumeclaim {name:?}: {e}")),
     }
+}
+
+/// Brings the container's materialised secret volumes up to date with
+/// their Secrets, as a real kubelet does periodically for mounted Secrets
+/// (which is how a rotated Secret reaches a running process without a
+/// restart). A Secret that is gone leaves its files as they are.
+pub(crate) async fn sync_secret_volumes(
+    client: &Client,
+    facts: &PodFacts<'_>,
+    container: &Container,
+) -> Result<(), String> {
+    volumes(client, facts, container, Materialise::Secrets)
+        .await
+        .map(drop)
+}
+
+/// Writes `data` as one file per key into `dir`: only files whose content
+/// differs, each replaced atomically (written beside it, then renamed), so
+/// a process polling the files never reads half a file. Files of keys no
+/// longer in `data` are removed.
+fn write_volume(dir: &Path, data: &BTreeMap<String, String>) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    for (key, value) in data {
+        let file = dir.join(key);
+        if std::fs::read(&file).is_ok_and(|old| old == value.as_bytes()) {
+            continue;
+        }
+        let staged = dir.join(format!("..{key}.tmp"));
+        std::fs::write(&staged, value)
+            .and_then(|()| std::fs::rename(&staged, &file))
+            .map_err(|e| format!("write {}: {e}", file.display()))?;
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("..") && !data.contains_key(&name) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
 }
 
 async fn secret_data(

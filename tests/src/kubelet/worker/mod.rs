@@ -47,6 +47,9 @@ const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
 /// How often an unknown image or a missing Secret is looked up again.
 const CONFIG_RETRY: Duration = Duration::from_secs(1);
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a running container's secret volumes are synced with their
+/// Secrets (a real kubelet: about a minute; sped up for tests).
+const SECRET_SYNC: Duration = Duration::from_secs(1);
 
 /// What the kubelet or a test asks of a pod's task.
 #[derive(Debug)]
@@ -105,6 +108,8 @@ pub(crate) struct Worker {
     condition_times: Vec<(&'static str, bool, Time)>,
     last_written: Option<serde_json::Value>,
     status_retry_at: Option<Instant>,
+    /// When the running container's secret volumes are synced next.
+    secret_sync_at: Option<Instant>,
 }
 
 /// What a worker starts from.
@@ -182,6 +187,7 @@ impl Worker {
             condition_times: Vec::new(),
             last_written: None,
             status_retry_at: None,
+            secret_sync_at: None,
         }
     }
 
@@ -262,6 +268,7 @@ impl Worker {
         consider(self.kill_at);
         consider(self.status_retry_at);
         if self.running.is_some() {
+            consider(self.secret_sync_at);
             for prober in [&self.startup, &self.liveness, &self.readiness]
                 .into_iter()
                 .flatten()
@@ -286,6 +293,9 @@ impl Worker {
         }
         if self.running.is_some() {
             self.run_due_probes().await;
+        }
+        if self.running.is_some() && self.secret_sync_at.is_some_and(|t| t <= now) {
+            self.sync_secrets().await;
         }
         if self.status_retry_at.is_some_and(|t| t <= now) {
             self.status_retry_at = None;

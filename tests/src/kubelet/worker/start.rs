@@ -118,6 +118,7 @@ impl Worker {
                     started,
                 });
                 self.state = State::Running { started_at };
+                self.secret_sync_at = Some(started + SECRET_SYNC);
                 let probe = |kind, spec: &Option<k8s_openapi::api::core::v1::Probe>| {
                     spec.as_ref().map(|spec| Prober::new(kind, spec, started))
                 };
@@ -139,6 +140,34 @@ impl Worker {
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 self.waiting("RunContainerError", message, retry);
             }
+        }
+    }
+
+    /// Brings the running container's secret volumes up to date with their
+    /// Secrets; a failure is logged and tried again at the next sync.
+    pub(super) async fn sync_secrets(&mut self) {
+        self.secret_sync_at = Some(Instant::now() + SECRET_SYNC);
+        let pod = self.pod.clone();
+        let Some(container) = first_container(&pod) else {
+            return;
+        };
+        let facts = PodFacts {
+            pod: &pod,
+            ip: self.ip(),
+            host_ip: HOST_IP,
+            node_name: &self.ctx.node_name,
+            dir: &self.dir,
+            kubeconfig: self.kubeconfig.as_deref(),
+        };
+        let synced = tokio::time::timeout(
+            API_TIMEOUT,
+            launch::sync_secret_volumes(&self.client, &facts, container),
+        )
+        .await;
+        match synced {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.pod_log(&format!("secret volume sync: {e}")),
+            Err(_) => self.pod_log("secret volume sync timed out"),
         }
     }
 

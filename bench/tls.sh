@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# TLS benchmarks on loopback, in one run (DESIGN 7: GET over TLS at least
+# 0.75x plain). Servers on $SERVER_CORE, wrk on $CLIENT_CORE, one wrk thread:
+#  1. GET with keep-alive, $CONNS connections, ~200-byte values: a plain node
+#     and a TLS node (--tls-cert-file/--tls-key-file), same flags otherwise;
+#     the ratio TLS/plain is the bar;
+#  2. a new connection per request (`Connection: close`): over TLS every
+#     request is a full handshake (ECDSA P-256 certificate, TLS 1.3), so the
+#     request rate is the handshake rate; plain shown for reference;
+#  3. a forwarded GET (two nodes, rf 1, peer API on its own port, GETs sent
+#     to node a for keys node b owns): peer connections plain vs mutual TLS.
+#
+#   bash bench/tls.sh        # DURATION=10s CONNS=64
+#
+# Certificates are made with the openssl CLI into a temporary directory (a CA,
+# one ECDSA certificate for the node addresses and *.peers.bench). Installs
+# wrk from Debian packages if missing. Loopback only. Run on an otherwise idle
+# machine: the figures are ratios of runs made one after the other.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+SERVER_CORE=${SERVER_CORE:-0}
+CLIENT_CORE=${CLIENT_CORE:-1}
+KEYS=${KEYS:-10000}
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+
+cargo build --release -q -p cache-node
+work=$(mktemp -d)
+pids=()
+stop_nodes() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+cleanup() { stop_nodes; rm -rf "$work"; }
+trap cleanup EXIT
+P=127.0.0.61 T=127.0.0.62 A=127.0.0.63 B=127.0.0.64 PORT=18300 PEER_PORT=18301
+
+# --- certificates
+(
+  cd "$work"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout ca.key -out ca.crt -days 2 -subj /CN=bench-ca 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout node.key -out node.csr -subj /CN=bench-node 2>/dev/null
+  printf 'subjectAltName=IP:%s,IP:%s,IP:%s,IP:%s,DNS:localhost,DNS:*.peers.bench\nextendedKeyUsage=serverAuth,clientAuth\n' \
+    "$P" "$T" "$A" "$B" > ext.cnf
+  openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+    -out node.crt -days 2 -extfile ext.cnf 2>/dev/null
+)
+TLS_FLAGS=(--tls-cert-file "$work/node.crt" --tls-key-file "$work/node.key")
+PEER_TLS_FLAGS=(--peer-tls-cert-file "$work/node.crt" --peer-tls-key-file "$work/node.key"
+  --peer-tls-ca-file "$work/ca.crt" --peer-tls-domain peers.bench)
+
+node() { # ip [flags...]
+  local ip=$1; shift
+  taskset -c "$SERVER_CORE" target/release/cache-node --bind-address "$ip" --port $PORT \
+    --max-size 10000000 --log-level warn "$@" &
+  pids+=($!)
+}
+wait_ready() { # scheme ip
+  for _ in $(seq 1 600); do
+    curl -sfk "$1://$2:$PORT/api/v1/ready" >/dev/null && return 0
+    sleep 0.05
+  done
+  echo "$2 never ready" >&2; exit 1
+}
+prefill() { # scheme ip keys
+  python3 - "$1" "$2" "$3" "$work/ca.crt" <<'PY'
+import http.client, ssl, sys
+scheme, ip, keys, ca = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if scheme == "https":
+    conn = http.client.HTTPSConnection(ip, 18300, context=ssl.create_default_context(cafile=ca))
+else:
+    conn = http.client.HTTPConnection(ip, 18300)
+body = '{"value":"%s","ttl":3600}' % ("v" * 200)
+for i in range(1, keys + 1):
+    conn.request("PUT", f"/api/v1/cache/bench:{i}", body, {"Content-Type": "application/json"})
+    r = conn.getresponse(); r.read()
+    if r.status not in (200, 201):
+        sys.exit(f"prefill: bench:{i} answered {r.status}")
+PY
+}
+
+source bench/wrk.sh  # wrk_run (the scripts run from the repository root)
+
+cat > "$work/get.lua" <<LUA
+math.randomseed(42)
+request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $KEYS)) end
+LUA
+
+echo "== 1. GET, keep-alive, $CONNS connections: plain vs TLS" >&2
+node $P
+node $T "${TLS_FLAGS[@]}"
+wait_ready http $P; wait_ready https $T
+prefill http $P "$KEYS"; prefill https $T "$KEYS"
+out=$(wrk_run plain-get -s "$work/get.lua" "http://$P:$PORT"); read -r plain_rps plain_p99 <<<"$out"
+out=$(wrk_run tls-get -s "$work/get.lua" "https://$T:$PORT"); read -r tls_rps tls_p99 <<<"$out"
+
+echo "== 2. a new connection per request (Connection: close)" >&2
+out=$(wrk_run plain-close -s "$work/get.lua" -H "Connection: close" "http://$P:$PORT"); read -r plain_close_rps plain_close_p99 <<<"$out"
+out=$(wrk_run tls-close -s "$work/get.lua" -H "Connection: close" "https://$T:$PORT"); read -r handshakes_rps handshakes_p99 <<<"$out"
+stop_nodes
+
+echo "== 3. forwarded GET (rf 1, 2 nodes, peer port): plain peers vs mutual TLS" >&2
+forwarded() { # label [peer flags...]
+  local label=$1; shift
+  python3 - "$work/ring.json" "$A" "$B" <<'PY'
+import json, sys
+path, a, b = sys.argv[1:]
+members = [{"id": i, "address": f"{ip}:18301", "clientAddress": f"{ip}:18300", "state": "active"}
+           for i, ip in (("a", a), ("b", b))]
+json.dump({"epoch": 1, "replicationFactor": 1, "members": members}, open(path, "w"))
+PY
+  for id_ip in a=$A b=$B; do
+    node "${id_ip#*=}" --node-id "${id_ip%%=*}" --peer-port $PEER_PORT \
+      --membership-file "$work/ring.json" --membership-poll-interval 100ms "$@"
+  done
+  wait_ready http $A; wait_ready http $B
+  python3 - "$A" "$work" <<'PY'
+import json, sys, urllib.request
+a, work = sys.argv[1], sys.argv[2]
+value = json.dumps({"value": "v" * 200, "ttl": 3600}).encode()
+remote = []
+for i in range(1, 2001):
+    key = f"bench:{i}"
+    req = urllib.request.Request(f"http://{a}:18300/api/v1/cache/{key}", data=value, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req).read()
+    owner = json.load(urllib.request.urlopen(f"http://{a}:18300/api/v1/cluster?key={key}"))["owners"]["primary"]
+    if owner == "b":
+        remote.append(key)
+with open(f"{work}/remote.lua", "w") as f:
+    f.write("keys = {" + ",".join(f'"{k}"' for k in remote) + "}\n")
+    f.write("i = 0\nrequest = function() i = i % #keys + 1; return wrk.format('GET', '/api/v1/cache/' .. keys[i]) end\n")
+PY
+  wrk_run "$label" -s "$work/remote.lua" "http://$A:$PORT"
+  stop_nodes
+}
+out=$(forwarded fwd-plain); read -r fwd_plain_rps fwd_plain_p99 <<<"$out"
+out=$(forwarded fwd-mtls "${PEER_TLS_FLAGS[@]}"); read -r fwd_mtls_rps fwd_mtls_p99 <<<"$out"
+
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+cat <<EOF
+TLS benchmarks, $(date -u +%Y-%m-%d), $CONNS connections, $DURATION each, server core $SERVER_CORE, wrk core $CLIENT_CORE
+                                   req/s      p99 ms
+GET keep-alive, plain          ${plain_rps}  ${plain_p99}
+GET keep-alive, TLS            ${tls_rps}  ${tls_p99}   ratio TLS/plain $(ratio "$tls_rps" "$plain_rps") (bar >= 0.75)
+new connection per GET, plain  ${plain_close_rps}  ${plain_close_p99}
+new TLS connection per GET     ${handshakes_rps}  ${handshakes_p99}   = TLS handshakes/s
+forwarded GET, plain peers     ${fwd_plain_rps}  ${fwd_plain_p99}
+forwarded GET, peer mTLS       ${fwd_mtls_rps}  ${fwd_mtls_p99}   ratio mTLS/plain $(ratio "$fwd_mtls_rps" "$fwd_plain_rps")
+EOF
