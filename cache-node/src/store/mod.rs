@@ -30,8 +30,10 @@
 
 mod clock;
 mod expiry;
+mod index;
 mod item;
 mod shard;
+mod slab;
 mod tags;
 
 use std::cmp::Reverse;
@@ -750,7 +752,10 @@ fn default_shard_count(max_items: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let for_cores = (cores * 4).next_power_of_two().max(64);
     let for_capacity = (max_items / 128).max(1).next_power_of_two();
-    for_cores.min(for_capacity)
+    // And at least enough that a shard averages no more than 4 million
+    // items, a quarter of what its index can address (see `index`).
+    let for_index = (max_items >> 22).max(1).next_power_of_two();
+    for_cores.min(for_capacity).max(for_index)
 }
 
 #[cfg(test)]

@@ -24,17 +24,20 @@
 use std::hash::BuildHasher;
 use std::ops::ControlFlow;
 
-use hashbrown::HashTable;
 use smallvec::SmallVec;
 
 use super::clock::UnixNanos;
 use super::expiry::{self, ExpiryWheel, Link, LinkStore};
+use super::index::{self, Index};
 use super::item::{HEADER_BYTES, ItemBox, ItemParts};
+use super::slab::Slab;
 use super::tags::{TagId, TagIndex};
 use super::{ItemRef, SlotId};
 
 /// The "no slot" link value.
 const NIL: SlotId = SlotId::MAX;
+/// Below this capacity a hash table is not worth shrinking.
+pub(super) const SHRINK_FLOOR: usize = 64;
 
 /// Bytes a hash table costs per entry of `entry` bytes: hashbrown keeps one
 /// control byte per bucket and between 8/7 and 16/7 buckets per entry (it
@@ -43,14 +46,17 @@ const fn hashed(entry: usize) -> usize {
     2 * (entry + 1)
 }
 
+/// Index bytes per item: a 4-byte bucket in a table 3/5 to 7/8 full (see
+/// [`super::index`]), charged at its middle.
+const INDEX_BYTES: usize = 6;
+
 /// Bookkeeping bytes charged to every item on top of its key, value and tags:
 /// the slab entry (16 bytes), the item's header with its expiry-wheel links
-/// (43) and its hash-index bucket (~10). Charging them makes `maxMemory` bound
+/// (43) and its hash-index bucket (~6). Charging them makes `maxMemory` bound
 /// the memory really used, not just the payload. Not charged: the allocator's
 /// rounding of the item's allocation to its size class (mimalloc: at most
 /// 1/8) and the slab's unused capacity after a shrink.
-pub const ITEM_OVERHEAD: u64 =
-    (size_of::<Slot>() + HEADER_BYTES + hashed(size_of::<SlotId>())) as u64;
+pub const ITEM_OVERHEAD: u64 = (size_of::<Slot>() + HEADER_BYTES + INDEX_BYTES) as u64;
 /// Bookkeeping bytes per tag an item carries: its id in the item and its entry in
 /// the tag's member set. (The tag's name is charged to every item carrying it,
 /// though a shard keeps it once.)
@@ -78,14 +84,24 @@ pub fn item_cost<'a>(
 #[derive(Debug)]
 pub(super) struct Slot {
     /// `None` on the free list.
-    item: Option<ItemBox>,
+    pub(super) item: Option<ItemBox>,
     /// Towards the most recently used end; on the free list, unused.
     prev: SlotId,
-    /// Towards the least recently used end; on the free list, the next free slot.
-    next: SlotId,
+    /// Towards the least recently used end; on the free list, the next free
+    /// slot of its chunk (see [`super::slab`]).
+    pub(super) next: SlotId,
 }
 
 impl Slot {
+    /// A slot on the free list, followed by `next`.
+    pub(super) fn free(next: SlotId) -> Self {
+        Self {
+            item: None,
+            prev: NIL,
+            next,
+        }
+    }
+
     fn is_live(&self) -> bool {
         self.item.is_some()
     }
@@ -101,7 +117,7 @@ impl Slot {
 }
 
 /// The wheel's links live in the items' headers.
-impl LinkStore for Vec<Slot> {
+impl LinkStore for Slab {
     fn link_of(&self, slot: SlotId) -> Link {
         self[slot as usize].item().header().expiry
     }
@@ -154,9 +170,8 @@ pub struct NewItem<'a, T> {
 #[derive(Debug)]
 pub struct Shard<S> {
     hasher: S,
-    index: HashTable<SlotId>,
-    slots: Vec<Slot>,
-    free_head: SlotId,
+    index: Index,
+    slots: Slab,
     /// Most recently used.
     lru_head: SlotId,
     /// Least recently used: the next to be evicted.
@@ -174,9 +189,8 @@ impl<S: BuildHasher> Shard<S> {
     pub fn new(hasher: S) -> Self {
         Self {
             hasher,
-            index: HashTable::new(),
-            slots: Vec::new(),
-            free_head: NIL,
+            index: Index::new(),
+            slots: Slab::new(expiry::MAX_SLOTS.min(index::MAX_SLOTS)),
             lru_head: NIL,
             lru_tail: NIL,
             len: 0,
@@ -300,10 +314,10 @@ impl<S: BuildHasher> Shard<S> {
             access_count: item.access_count,
         }));
         if existing.is_none() {
-            // Indexed once the slot holds its key, which a resize rehashes.
+            // Indexed once the slot holds its key, which a rebuild rehashes.
             let hasher = &self.hasher;
             let slots = &self.slots;
-            self.index.insert_unique(hash, slot, |&s| {
+            self.index.insert(hash, slot, |s| {
                 hasher.hash_one(slots[s as usize].item().key())
             });
         }
@@ -440,7 +454,9 @@ impl<S: BuildHasher> Shard<S> {
         let from = (from as usize).min(self.slots.len());
         let mut end = self.slots.len().min(from + budget.max(1));
         for slot in from..end {
-            let s = &self.slots[slot];
+            let Some(s) = self.slots.get(slot) else {
+                continue;
+            };
             if s.is_live()
                 && s.item().header().expires_at > now
                 && f(self.item(slot as SlotId)).is_break()
@@ -466,7 +482,9 @@ impl<S: BuildHasher> Shard<S> {
         let end = self.slots.len().min(from as usize + budget.max(1));
         let mut removed = 0;
         for slot in from as usize..end {
-            let s = &self.slots[slot];
+            let Some(s) = self.slots.get(slot) else {
+                continue;
+            };
             if s.is_live() && !keep(s.item().key()) {
                 self.remove_slot(slot as SlotId);
                 removed += 1;
@@ -546,8 +564,7 @@ impl<S: BuildHasher> Shard<S> {
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<SlotId> {
         self.index
-            .find(hash, |&s| self.slots[s as usize].item().key() == key)
-            .copied()
+            .find(hash, |s| self.slots[s as usize].item().key() == key)
     }
 
     fn cost_of(&self, slot: SlotId) -> u64 {
@@ -567,16 +584,18 @@ impl<S: BuildHasher> Shard<S> {
         self.bytes -= self.cost_of(slot);
         self.detach_tags(slot, skip);
         let hash = self.hasher.hash_one(self.slots[slot as usize].item().key());
-        if let Ok(entry) = self.index.find_entry(hash, |&s| s == slot) {
-            entry.remove();
-        }
+        let hasher = &self.hasher;
+        let slots = &self.slots;
+        // The index shrinks by itself once mostly empty.
+        self.index.remove(hash, slot, |s| {
+            hasher.hash_one(slots[s as usize].item().key())
+        });
         self.unlink(slot);
         self.expiry.unlink(&mut self.slots, slot);
         let s = &mut self.slots[slot as usize];
         s.item = None;
-        s.next = self.free_head;
         s.prev = NIL;
-        self.free_head = slot;
+        self.slots.free(slot);
         self.len -= 1;
     }
 
@@ -591,19 +610,7 @@ impl<S: BuildHasher> Shard<S> {
     }
 
     fn alloc_slot(&mut self) -> SlotId {
-        if self.free_head != NIL {
-            let slot = self.free_head;
-            self.free_head = self.slots[slot as usize].next;
-            return slot;
-        }
-        let slot = self.slots.len() as SlotId;
-        assert!(slot < expiry::MAX_SLOTS, "shard slab is full");
-        self.slots.push(Slot {
-            item: None,
-            prev: NIL,
-            next: NIL,
-        });
-        slot
+        self.slots.alloc()
     }
 
     fn push_front(&mut self, slot: SlotId) {

@@ -750,7 +750,7 @@ fn item_overhead_is_what_the_structures_cost() {
     );
     assert_eq!(expiry::PER_ITEM, 8, "inside the item's header");
     assert_eq!(item::HEADER_BYTES, 43);
-    assert_eq!(ITEM_OVERHEAD, 16 + 43 + 10);
+    assert_eq!(ITEM_OVERHEAD, 16 + 43 + 6);
 }
 
 /// A tiny deterministic generator for the randomised tests.
