@@ -70,7 +70,20 @@ pub fn shrank_enough(peak: u64, now: u64) -> bool {
 }
 
 /// Watches the store until told to stop; see the module doc.
-pub async fn follow_data(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
+pub async fn follow_data(store: Arc<Store>, stop: watch::Receiver<bool>) {
+    follow_data_with(store, stop, || {
+        request_release();
+        tokio::task::spawn_blocking(release_on_this_thread)
+    })
+    .await;
+}
+
+/// [`follow_data`] with the release step given (tests count it).
+async fn follow_data_with(
+    store: Arc<Store>,
+    mut stop: watch::Receiver<bool>,
+    release: impl Fn() -> tokio::task::JoinHandle<()>,
+) {
     let mut ticker = tokio::time::interval(CHECK_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut peak = store.bytes();
@@ -82,8 +95,7 @@ pub async fn follow_data(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
         let now = store.bytes();
         if shrank_enough(peak, now) {
             tracing::debug!(peak, now, "store shrank: releasing freed memory");
-            request_release();
-            if let Err(e) = tokio::task::spawn_blocking(release_on_this_thread).await {
+            if let Err(e) = release().await {
                 tracing::error!(error = %e, "memory release failed");
             }
             peak = now;
@@ -112,6 +124,54 @@ mod tests {
         assert!(shrank_enough(100 * mib, 80 * mib));
         assert!(!shrank_enough(2 * mib, 0), "too little to bother");
         assert!(shrank_enough(1000 * mib, 100 * mib));
+    }
+
+    #[tokio::test]
+    async fn a_mass_delete_releases_once_and_growth_does_not() {
+        use std::sync::atomic::AtomicUsize;
+        use std::time::Instant;
+
+        use crate::store::{NO_TAGS, StoreConfig};
+
+        let store = Arc::new(Store::with_config(StoreConfig {
+            max_items: 100_000,
+            max_bytes: 0,
+            default_ttl: Duration::from_secs(3600),
+            shards: 0,
+        }));
+        let releases = Arc::new(AtomicUsize::new(0));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(follow_data_with(store.clone(), stop_rx, {
+            let releases = releases.clone();
+            move || {
+                releases.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async {})
+            }
+        }));
+        let value = [b'v'; 200];
+        let key = |i: u32| format!("key:{i:08}");
+        for i in 0..50_000 {
+            store.set(&key(i), &value, NO_TAGS, None, |_| ()).unwrap();
+        }
+        assert!(store.bytes() > 2 * MIN_DROP_BYTES);
+        // Growth alone: a few checks pass without a release.
+        tokio::time::sleep(CHECK_EVERY * 3).await;
+        assert_eq!(releases.load(Ordering::SeqCst), 0, "growth never releases");
+        for i in 0..45_000 {
+            assert!(store.delete(&key(i)));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while releases.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "no release after a 90% delete");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(CHECK_EVERY * 3).await;
+        assert_eq!(releases.load(Ordering::SeqCst), 1, "one release per drop");
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the task stops when told")
+            .unwrap();
     }
 
     #[test]
