@@ -14,6 +14,7 @@ pub mod config;
 pub mod exec;
 pub mod http;
 pub mod item_json;
+pub mod memory;
 pub mod metrics;
 pub mod peer;
 pub mod reload;

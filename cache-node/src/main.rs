@@ -51,7 +51,11 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         builder.worker_threads(cpus);
         builder
     };
-    builder.enable_all().build()
+    // An idle worker gives back freed memory when asked (src/memory.rs).
+    builder
+        .on_thread_park(cache_node::memory::on_thread_park)
+        .enable_all()
+        .build()
 }
 
 async fn run(config: Config) -> std::io::Result<()> {

@@ -314,6 +314,10 @@ impl Node {
             self.credentials_poll_interval,
             stop_rx.clone(),
         )));
+        tasks.push(tokio::spawn(crate::memory::follow_data(
+            self.exec.store.clone(),
+            stop_rx.clone(),
+        )));
         match (&self.exec.cluster, self.membership) {
             (Some(cluster), Some(source)) => {
                 tracing::info!(%source, "cluster mode: waiting for the ring");

@@ -281,6 +281,10 @@ impl Executor {
         let (mut created, (rendered, record)) = stored.map_err(|e| match e {
             StoreError::TooLarge { .. } => Failure::too_large(e.to_string()),
             StoreError::TtlTooLarge => Failure::bad_request(e.to_string()),
+            StoreError::KeyTooLong { .. } | StoreError::ValueTooLarge { .. } => {
+                Failure::too_large(e.to_string())
+            }
+            StoreError::TooManyTags { .. } => Failure::bad_request(e.to_string()),
         })?;
         if let Some(cluster) = &self.cluster {
             let outcome = cluster.replicate(key, &record.freeze(), &[]).await;

@@ -30,8 +30,9 @@
 //! the sweeper's work is the expired items plus those moves, never the items
 //! merely held. The work is done in budgeted batches so no lock is held long.
 //!
-//! Memory: 8 bytes per slot (two 4-byte links) plus 2.8 KiB of bucket heads
-//! and occupancy bits per shard. The first entry of a bucket marks itself by a
+//! Memory: 8 bytes per item (two 4-byte links, kept in the item's own header,
+//! see [`super::item`], and reached through [`LinkStore`]) plus 2.8 KiB of
+//! bucket heads and occupancy bits per shard. The first entry of a bucket marks itself by a
 //! `prev` of [`HEAD`] plus the bucket number, so unlinking needs no separate
 //! bucket field; the shard keeps its slot ids below [`MAX_SLOTS`] for this.
 //!
@@ -59,23 +60,34 @@ const HEAD: SlotId = NIL - BUCKETS as SlotId;
 pub(super) const MAX_SLOTS: SlotId = HEAD;
 
 /// Bytes per item the wheel costs: its links.
+#[cfg(test)]
 pub(super) const PER_ITEM: usize = size_of::<Link>();
 
+/// An item's place in its bucket's list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Link {
+pub(super) struct Link {
     prev: SlotId,
     next: SlotId,
 }
 
-const UNLINKED: Link = Link {
-    prev: NIL,
-    next: NIL,
-};
+impl Link {
+    /// The links of an item not in the wheel.
+    pub(super) const UNLINKED: Link = Link {
+        prev: NIL,
+        next: NIL,
+    };
+}
+
+const UNLINKED: Link = Link::UNLINKED;
+
+/// Where the wheel keeps each item's [`Link`]: the shard's items, by slot id.
+pub(super) trait LinkStore {
+    fn link_of(&self, slot: SlotId) -> Link;
+    fn set_link(&mut self, slot: SlotId, link: Link);
+}
 
 #[derive(Debug)]
 pub(super) struct ExpiryWheel {
-    /// Indexed by slot id; `UNLINKED` for slots not in the wheel.
-    links: Vec<Link>,
     heads: [SlotId; BUCKETS],
     /// Bit `i` of `occupied[l]`: bucket `i` of level `l` is non-empty.
     occupied: [u64; LEVELS],
@@ -119,7 +131,6 @@ fn bucket_len(level: usize) -> u64 {
 impl Default for ExpiryWheel {
     fn default() -> Self {
         Self {
-            links: Vec::new(),
             heads: [NIL; BUCKETS],
             occupied: [0; LEVELS],
             elapsed: 0,
@@ -146,26 +157,25 @@ impl ExpiryWheel {
     }
 
     /// Adds `slot`, expiring at `when`. O(1).
-    pub(super) fn link(&mut self, slot: SlotId, when: UnixNanos) {
+    pub(super) fn link(&mut self, links: &mut impl LinkStore, slot: SlotId, when: UnixNanos) {
         debug_assert!(slot < MAX_SLOTS);
         let when = when.max(self.elapsed);
         let level = level_for(self.elapsed, when);
         let index = slot_for(when, level);
         let bucket = level * SLOTS + index;
-        if slot as usize >= self.links.len() {
-            self.links.resize(slot as usize + 1, UNLINKED);
-        }
-        debug_assert_eq!(
-            self.links[slot as usize], UNLINKED,
-            "slot {slot} linked twice"
-        );
+        debug_assert_eq!(links.link_of(slot), UNLINKED, "slot {slot} linked twice");
         let head = self.heads[bucket];
-        self.links[slot as usize] = Link {
-            prev: HEAD + bucket as SlotId,
-            next: head,
-        };
+        links.set_link(
+            slot,
+            Link {
+                prev: HEAD + bucket as SlotId,
+                next: head,
+            },
+        );
         if head != NIL {
-            self.links[head as usize].prev = slot;
+            let mut l = links.link_of(head);
+            l.prev = slot;
+            links.set_link(head, l);
         }
         self.heads[bucket] = slot;
         self.occupied[level] |= 1 << index;
@@ -173,8 +183,8 @@ impl ExpiryWheel {
     }
 
     /// Removes `slot`. O(1).
-    pub(super) fn unlink(&mut self, slot: SlotId) {
-        let Link { prev, next } = self.links[slot as usize];
+    pub(super) fn unlink(&mut self, links: &mut impl LinkStore, slot: SlotId) {
+        let Link { prev, next } = links.link_of(slot);
         debug_assert_ne!(prev, NIL, "slot {slot} is not linked");
         if prev >= HEAD {
             let bucket = (prev - HEAD) as usize;
@@ -183,12 +193,16 @@ impl ExpiryWheel {
                 self.occupied[bucket / SLOTS] &= !(1 << (bucket % SLOTS));
             }
         } else {
-            self.links[prev as usize].next = next;
+            let mut l = links.link_of(prev);
+            l.next = next;
+            links.set_link(prev, l);
         }
         if next != NIL {
-            self.links[next as usize].prev = prev;
+            let mut l = links.link_of(next);
+            l.prev = prev;
+            links.set_link(next, l);
         }
-        self.links[slot as usize] = UNLINKED;
+        links.set_link(slot, UNLINKED);
         self.len -= 1;
     }
 
@@ -230,6 +244,7 @@ impl ExpiryWheel {
     /// Returns how many items are linked.
     pub(super) fn assert_consistent(
         &self,
+        links: &impl LinkStore,
         expires_at: impl Fn(SlotId) -> Option<UnixNanos>,
     ) -> usize {
         let mut seen = 0;
@@ -254,7 +269,7 @@ impl ExpiryWheel {
             let mut prev = HEAD + bucket as SlotId;
             let mut at = self.heads[bucket];
             while at != NIL {
-                let link = self.links[at as usize];
+                let link = links.link_of(at);
                 assert_eq!(link.prev, prev, "broken wheel back link at slot {at}");
                 let when = expires_at(at).unwrap_or_else(|| panic!("free slot {at} in the wheel"));
                 let in_range = when >= start && when - start < bucket_len(level);

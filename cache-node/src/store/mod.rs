@@ -30,7 +30,10 @@
 
 mod clock;
 mod expiry;
+mod index;
+mod item;
 mod shard;
+mod slab;
 mod tags;
 
 use std::cmp::Reverse;
@@ -49,7 +52,10 @@ pub use clock::ManualClock;
 pub use clock::{Clock, SystemClock, UnixNanos};
 pub use shard::{ITEM_OVERHEAD, ShardCounters, TAG_LIST_OVERHEAD, TAG_OVERHEAD, item_cost};
 
-use shard::{NewItem, Shard, Slot};
+pub use item::{MAX_KEY_BYTES, MAX_TAGS};
+
+use item::ItemBox;
+use shard::{NewItem, Shard};
 use tags::TagIndex;
 
 /// Index of an entry in a shard's slab.
@@ -133,6 +139,12 @@ pub enum StoreError {
     TooLarge { cost: u64, max_bytes: u64 },
     #[error("ttl is too large")]
     TtlTooLarge,
+    #[error("key is {len} bytes; the store holds keys of at most {MAX_KEY_BYTES}")]
+    KeyTooLong { len: usize },
+    #[error("{count} tags; the store holds at most {MAX_TAGS} per item")]
+    TooManyTags { count: usize },
+    #[error("value is {len} bytes; the store holds values below 4 GiB")]
+    ValueTooLarge { len: usize },
 }
 
 /// The tags of an item written without any (spelled out, since an empty
@@ -173,55 +185,56 @@ impl ItemView for ItemRef<'_> {
 /// A live item, borrowed from its shard while the shard's lock is held.
 #[derive(Clone, Copy)]
 pub struct ItemRef<'a> {
-    slot: &'a Slot,
+    item: &'a ItemBox,
     tags: &'a TagIndex,
 }
 
 impl<'a> ItemRef<'a> {
     pub fn key(&self) -> &'a str {
-        key_str(self.slot.key())
+        key_str(self.item.key())
     }
 
     pub fn meta(&self) -> ItemMeta {
+        let h = self.item.header();
         ItemMeta {
-            created_at: self.slot.created_at,
-            accessed_at: self.slot.accessed_at,
-            expires_at: self.slot.expires_at,
-            access_count: self.access_count(),
+            created_at: h.created_at,
+            accessed_at: h.accessed_at,
+            expires_at: h.expires_at,
+            access_count: u64::from(h.access_count),
         }
     }
 
     /// The value exactly as it was written (the store treats it as opaque bytes).
     pub fn value(&self) -> &'a [u8] {
-        self.slot.value()
+        self.item.value()
     }
 
     pub fn created_at(&self) -> UnixNanos {
-        self.slot.created_at
+        self.item.header().created_at
     }
 
     pub fn accessed_at(&self) -> UnixNanos {
-        self.slot.accessed_at
+        self.item.header().accessed_at
     }
 
     pub fn expires_at(&self) -> UnixNanos {
-        self.slot.expires_at
+        self.item.header().expires_at
     }
 
     /// The item's time to live in nanoseconds, as written (0 for a record
     /// claiming to expire before it was created; the store refuses those from
     /// peers, see [`Store::put_replica`]).
     pub fn ttl_nanos(&self) -> u64 {
-        self.slot.expires_at.saturating_sub(self.slot.created_at)
+        self.expires_at().saturating_sub(self.created_at())
     }
 
     pub fn access_count(&self) -> u64 {
-        u64::from(self.slot.access_count)
+        u64::from(self.item.header().access_count)
     }
 
     pub fn tags(&self) -> impl Iterator<Item = &'a str> + 'a {
         let index = self.tags;
-        self.slot.tags.iter().map(move |&t| index.name(t))
+        self.item.tag_ids().map(move |t| index.name(t))
     }
 }
 
@@ -395,6 +408,15 @@ impl Store {
         kind: WriteKind,
         f: impl FnOnce(ItemRef<'_>) -> R,
     ) -> Result<Option<(bool, R)>, StoreError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(StoreError::KeyTooLong { len: key.len() });
+        }
+        if tags.len() > MAX_TAGS {
+            return Err(StoreError::TooManyTags { count: tags.len() });
+        }
+        if u32::try_from(value.len()).is_err() {
+            return Err(StoreError::ValueTooLarge { len: value.len() });
+        }
         let cost = item_cost(key.len(), value.len(), tags.iter().map(AsRef::as_ref));
         if self.max_bytes > 0 && cost > self.max_bytes {
             return Err(StoreError::TooLarge {
@@ -750,7 +772,10 @@ fn default_shard_count(max_items: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let for_cores = (cores * 4).next_power_of_two().max(64);
     let for_capacity = (max_items / 128).max(1).next_power_of_two();
-    for_cores.min(for_capacity)
+    // And at least enough that a shard averages no more than 4 million
+    // items, a quarter of what its index can address (see `index`).
+    let for_index = (max_items >> 22).max(1).next_power_of_two();
+    for_cores.min(for_capacity).max(for_index)
 }
 
 #[cfg(test)]

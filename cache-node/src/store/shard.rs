@@ -4,9 +4,11 @@
 //!
 //! This is written by hand rather than taken from an LRU crate because it is the
 //! heart of the product and the per-item overhead matters: the index holds a
-//! 4-byte slot id instead of a second copy of the key, the key and value share
-//! one allocation, the LRU and expiry links are 4-byte slab indices instead of
-//! pointers, and nothing is allocated per operation beyond the item's own bytes.
+//! 4-byte slot id instead of a second copy of the key, the slab entry is a
+//! thin pointer and the LRU links (16 bytes), the metadata, key, value and tag
+//! ids share one allocation (see [`super::item`]), the LRU and expiry links
+//! are 4-byte slab indices instead of pointers, and nothing is allocated per
+//! operation beyond the item's own bytes.
 //!
 //! Costs: get, set, delete and evicting the least recently used item are O(1)
 //! plus O(tags of the item) (amortised: the slab, the hash index and the
@@ -22,18 +24,20 @@
 use std::hash::BuildHasher;
 use std::ops::ControlFlow;
 
-use hashbrown::HashTable;
-use thin_vec::ThinVec;
+use smallvec::SmallVec;
 
 use super::clock::UnixNanos;
-use super::expiry::{self, ExpiryWheel};
+use super::expiry::{self, ExpiryWheel, Link, LinkStore};
+use super::index::{self, Index};
+use super::item::{HEADER_BYTES, ItemBox, ItemParts};
+use super::slab::Slab;
 use super::tags::{TagId, TagIndex};
 use super::{ItemRef, SlotId};
 
 /// The "no slot" link value.
 const NIL: SlotId = SlotId::MAX;
-/// `key_len` of a slot that is on the free list.
-const FREE: u32 = u32::MAX;
+/// Below this capacity a hash table is not worth shrinking.
+pub(super) const SHRINK_FLOOR: usize = 64;
 
 /// Bytes a hash table costs per entry of `entry` bytes: hashbrown keeps one
 /// control byte per bucket and between 8/7 and 16/7 buckets per entry (it
@@ -42,21 +46,25 @@ const fn hashed(entry: usize) -> usize {
     2 * (entry + 1)
 }
 
+/// Index bytes per item: a 4-byte bucket in a table 3/5 to 7/8 full (see
+/// [`super::index`]), charged at its middle.
+const INDEX_BYTES: usize = 6;
+
 /// Bookkeeping bytes charged to every item on top of its key, value and tags:
-/// the slab entry (64 bytes), its expiry-wheel links (8) and its hash-index
-/// bucket (~10). Charging them makes `maxMemory` bound the memory really used,
-/// not just the payload. Not charged: the allocator's rounding of the key and
-/// value's allocation to its size class (mimalloc: at most 1/8) and the
-/// slab's unused capacity after a shrink.
-pub const ITEM_OVERHEAD: u64 =
-    (size_of::<Slot>() + expiry::PER_ITEM + hashed(size_of::<SlotId>())) as u64;
+/// the slab entry (16 bytes), the item's header with its expiry-wheel links
+/// (43) and its hash-index bucket (~6). Charging them makes `maxMemory` bound
+/// the memory really used, not just the payload. Not charged: the allocator's
+/// rounding of the item's allocation to its size class (mimalloc: at most
+/// 1/8) and the slab's unused capacity after a shrink.
+pub const ITEM_OVERHEAD: u64 = (size_of::<Slot>() + HEADER_BYTES + INDEX_BYTES) as u64;
 /// Bookkeeping bytes per tag an item carries: its id in the item and its entry in
 /// the tag's member set. (The tag's name is charged to every item carrying it,
 /// though a shard keeps it once.)
 pub const TAG_OVERHEAD: u64 = (size_of::<TagId>() + hashed(size_of::<SlotId>())) as u64;
-/// Bookkeeping bytes of an item with at least one tag: the header (length and
-/// capacity) of its tag list's allocation.
-pub const TAG_LIST_OVERHEAD: u64 = 2 * size_of::<usize>() as u64;
+/// Bookkeeping bytes of an item with at least one tag beyond [`TAG_OVERHEAD`]
+/// per tag: none since the tag ids moved into the item's own allocation (it
+/// was a separate list's 16-byte header).
+pub const TAG_LIST_OVERHEAD: u64 = 0;
 
 /// The bytes an item is charged for against `maxMemory`.
 pub fn item_cost<'a>(
@@ -71,36 +79,51 @@ pub fn item_cost<'a>(
     key_len as u64 + value_len as u64 + tags + list + ITEM_OVERHEAD
 }
 
+/// A slab entry: 16 bytes (the item's thin pointer, niche-optimised, and two
+/// 4-byte LRU links).
 #[derive(Debug)]
 pub(super) struct Slot {
-    /// The key's bytes followed by the value's bytes: one allocation per item.
-    pub(super) data: Box<[u8]>,
-    /// A thin (one-word) vector: most items carry no tags, and an empty one
-    /// allocates nothing.
-    pub(super) tags: ThinVec<TagId>,
-    pub(super) created_at: UnixNanos,
-    pub(super) accessed_at: UnixNanos,
-    pub(super) expires_at: UnixNanos,
-    pub(super) key_len: u32,
+    /// `None` on the free list.
+    pub(super) item: Option<ItemBox>,
     /// Towards the most recently used end; on the free list, unused.
     prev: SlotId,
-    /// Towards the least recently used end; on the free list, the next free slot.
-    next: SlotId,
-    /// Saturates at `u32::MAX` rather than spending 4 more bytes on every item.
-    pub(super) access_count: u32,
+    /// Towards the least recently used end; on the free list, the next free
+    /// slot of its chunk (see [`super::slab`]).
+    pub(super) next: SlotId,
 }
 
 impl Slot {
-    pub(super) fn key(&self) -> &[u8] {
-        &self.data[..self.key_len as usize]
-    }
-
-    pub(super) fn value(&self) -> &[u8] {
-        &self.data[self.key_len as usize..]
+    /// A slot on the free list, followed by `next`.
+    pub(super) fn free(next: SlotId) -> Self {
+        Self {
+            item: None,
+            prev: NIL,
+            next,
+        }
     }
 
     fn is_live(&self) -> bool {
-        self.key_len != FREE
+        self.item.is_some()
+    }
+
+    /// The item of a live slot.
+    pub(super) fn item(&self) -> &ItemBox {
+        self.item.as_ref().expect("a live slot")
+    }
+
+    fn item_mut(&mut self) -> &mut ItemBox {
+        self.item.as_mut().expect("a live slot")
+    }
+}
+
+/// The wheel's links live in the items' headers.
+impl LinkStore for Slab {
+    fn link_of(&self, slot: SlotId) -> Link {
+        self[slot as usize].item().header().expiry
+    }
+
+    fn set_link(&mut self, slot: SlotId, link: Link) {
+        self[slot as usize].item_mut().header_mut().expiry = link;
     }
 }
 
@@ -147,9 +170,8 @@ pub struct NewItem<'a, T> {
 #[derive(Debug)]
 pub struct Shard<S> {
     hasher: S,
-    index: HashTable<SlotId>,
-    slots: Vec<Slot>,
-    free_head: SlotId,
+    index: Index,
+    slots: Slab,
     /// Most recently used.
     lru_head: SlotId,
     /// Least recently used: the next to be evicted.
@@ -167,9 +189,8 @@ impl<S: BuildHasher> Shard<S> {
     pub fn new(hasher: S) -> Self {
         Self {
             hasher,
-            index: HashTable::new(),
-            slots: Vec::new(),
-            free_head: NIL,
+            index: Index::new(),
+            slots: Slab::new(expiry::MAX_SLOTS.min(index::MAX_SLOTS)),
             lru_head: NIL,
             lru_tail: NIL,
             len: 0,
@@ -190,16 +211,20 @@ impl<S: BuildHasher> Shard<S> {
 
     pub fn item(&self, slot: SlotId) -> ItemRef<'_> {
         ItemRef {
-            slot: &self.slots[slot as usize],
+            item: self.slots[slot as usize].item(),
             tags: &self.tags,
         }
+    }
+
+    fn header(&self, slot: SlotId) -> &super::item::Header {
+        self.slots[slot as usize].item().header()
     }
 
     /// Looks a key up without touching its LRU position or metadata. An expired
     /// item is reported absent but left for [`Self::get`] or the sweeper.
     pub fn peek(&self, hash: u64, key: &[u8], now: UnixNanos) -> Option<SlotId> {
         let slot = self.find(hash, key)?;
-        (self.slots[slot as usize].expires_at > now).then_some(slot)
+        (self.header(slot).expires_at > now).then_some(slot)
     }
 
     /// Looks a key up as a client read: counts a hit or a miss, expires the item
@@ -209,16 +234,16 @@ impl<S: BuildHasher> Shard<S> {
             self.counters.misses += 1;
             return None;
         };
-        if self.slots[slot as usize].expires_at <= now {
+        if self.header(slot).expires_at <= now {
             self.remove_slot(slot);
             self.counters.expirations += 1;
             self.counters.misses += 1;
             return None;
         }
         self.counters.hits += 1;
-        let s = &mut self.slots[slot as usize];
-        s.accessed_at = now;
-        s.access_count = s.access_count.saturating_add(1);
+        let h = self.slots[slot as usize].item_mut().header_mut();
+        h.accessed_at = now;
+        h.access_count = h.access_count.saturating_add(1);
         self.move_to_front(slot);
         Some(slot)
     }
@@ -233,11 +258,11 @@ impl<S: BuildHasher> Shard<S> {
     ) -> Stored {
         let existing = self.find(hash, item.key);
         let created = match existing {
-            Some(slot) => self.slots[slot as usize].expires_at <= now,
+            Some(slot) => self.header(slot).expires_at <= now,
             None => true,
         };
         if let Some(slot) = existing.filter(|_| !created && item.newer_than_held) {
-            let held = self.slots[slot as usize].created_at;
+            let held = self.header(slot).created_at;
             if held >= item.created_at {
                 // Creation and expiry move together, so the ttl stays exact;
                 // the access time stays the clock's, as eviction across
@@ -255,18 +280,16 @@ impl<S: BuildHasher> Shard<S> {
         }
         let slot = match existing {
             Some(slot) => {
-                // Rewrite in place: the slot keeps its index entry and its id.
+                // Rewrite in place: the slot keeps its index entry and its id;
+                // its item (and with it its expiry links) is replaced.
                 self.bytes -= self.cost_of(slot);
-                self.detach_tags(slot);
+                self.detach_tags(slot, None);
+                self.expiry.unlink(&mut self.slots, slot);
                 self.move_to_front(slot);
                 slot
             }
             None => {
                 let slot = self.alloc_slot();
-                let hasher = &self.hasher;
-                let slots = &self.slots;
-                self.index
-                    .insert_unique(hash, slot, |&s| hasher.hash_one(slots[s as usize].key()));
                 self.push_front(slot);
                 self.len += 1;
                 slot
@@ -275,32 +298,33 @@ impl<S: BuildHasher> Shard<S> {
 
         // In the order the client sent them, each once (a repeat finds the
         // slot already in the tag's member set).
-        let tag_ids: ThinVec<TagId> = item
+        let tag_ids: SmallVec<[TagId; 8]> = item
             .tags
             .iter()
             .filter_map(|t| self.tags.attach(t.as_ref(), slot))
             .collect();
 
-        let mut data = Vec::with_capacity(item.key.len() + item.value.len());
-        data.extend_from_slice(item.key);
-        data.extend_from_slice(item.value);
-        let s = &mut self.slots[slot as usize];
-        s.data = data.into_boxed_slice();
-        s.key_len = item.key.len() as u32;
-        s.tags = tag_ids;
-        s.created_at = item.created_at;
-        s.accessed_at = item.accessed_at;
-        s.access_count = item.access_count;
-        let expiry_changed = existing.is_none() || s.expires_at != item.expires_at;
-        s.expires_at = item.expires_at;
-        if expiry_changed {
-            if existing.is_some() {
-                self.expiry.unlink(slot);
-            } else if self.expiry.is_empty() {
-                self.expiry.reset(now);
-            }
-            self.expiry.link(slot, item.expires_at);
+        self.slots[slot as usize].item = Some(ItemBox::new(ItemParts {
+            key: item.key,
+            value: item.value,
+            tags: &tag_ids,
+            created_at: item.created_at,
+            accessed_at: item.accessed_at,
+            expires_at: item.expires_at,
+            access_count: item.access_count,
+        }));
+        if existing.is_none() {
+            // Indexed once the slot holds its key, which a rebuild rehashes.
+            let hasher = &self.hasher;
+            let slots = &self.slots;
+            self.index.insert(hash, slot, |s| {
+                hasher.hash_one(slots[s as usize].item().key())
+            });
         }
+        if self.expiry.is_empty() {
+            self.expiry.reset(now);
+        }
+        self.expiry.link(&mut self.slots, slot, item.expires_at);
         self.bytes += self.cost_of(slot);
         Stored { slot, created }
     }
@@ -310,7 +334,7 @@ impl<S: BuildHasher> Shard<S> {
         let Some(slot) = self.find(hash, key) else {
             return false;
         };
-        let live = self.slots[slot as usize].expires_at > now;
+        let live = self.header(slot).expires_at > now;
         self.remove_slot(slot);
         if live {
             self.counters.deletes += 1;
@@ -334,7 +358,7 @@ impl<S: BuildHasher> Shard<S> {
 
     /// When the least recently used item was last read or written.
     pub fn lru_tail_accessed_at(&self) -> Option<UnixNanos> {
-        (self.lru_tail != NIL).then(|| self.slots[self.lru_tail as usize].accessed_at)
+        (self.lru_tail != NIL).then(|| self.header(self.lru_tail).accessed_at)
     }
 
     /// Removes items whose time has passed, looking at no more than `budget`
@@ -356,15 +380,15 @@ impl<S: BuildHasher> Shard<S> {
                     break;
                 };
                 examined += 1;
-                let expires_at = self.slots[slot as usize].expires_at;
+                let expires_at = self.header(slot).expires_at;
                 if expires_at <= now {
                     self.remove_slot(slot);
                     self.counters.expirations += 1;
                 } else {
                     // Lands in a lower level: it differs from the bucket's
                     // start only in bits below this level's.
-                    self.expiry.unlink(slot);
-                    self.expiry.link(slot, expires_at);
+                    self.expiry.unlink(&mut self.slots, slot);
+                    self.expiry.link(&mut self.slots, slot, expires_at);
                 }
             }
         }
@@ -390,19 +414,16 @@ impl<S: BuildHasher> Shard<S> {
         let mut removed = 0;
         let mut counted = 0;
         for slot in members {
-            // The tag's member set is already empty; drop the id from the item so
-            // `remove_slot` does not detach it a second time. The cost was
-            // charged with this tag; account for it before removal.
-            let charged = self.cost_of(slot);
-            self.slots[slot as usize].tags.retain(|&t| t != id);
-            self.bytes -= charged - self.cost_of(slot);
-            if self.slots[slot as usize].expires_at > now {
+            if self.header(slot).expires_at > now {
                 removed += 1;
-                counted += usize::from(counts(self.slots[slot as usize].key()));
+                counted += usize::from(counts(self.slots[slot as usize].item().key()));
             } else {
                 self.counters.expirations += 1;
             }
-            self.remove_slot(slot);
+            // The tag's member set is already empty: its id stays interned
+            // (so the item's cost is still computed with it) until `forget`,
+            // and is not detached a second time.
+            self.remove_slot_except_tag(slot, Some(id));
         }
         self.tags.forget(id);
         self.counters.tag_invalidations += removed as u64;
@@ -413,7 +434,7 @@ impl<S: BuildHasher> Shard<S> {
     /// replicated write is compared against.
     pub fn created_at_of(&self, hash: u64, key: &[u8], now: UnixNanos) -> Option<UnixNanos> {
         self.peek(hash, key, now)
-            .map(|slot| self.slots[slot as usize].created_at)
+            .map(|slot| self.header(slot).created_at)
     }
 
     /// Hands the live items of slots `from..` to `f`, looking at no more than
@@ -433,8 +454,13 @@ impl<S: BuildHasher> Shard<S> {
         let from = (from as usize).min(self.slots.len());
         let mut end = self.slots.len().min(from + budget.max(1));
         for slot in from..end {
-            let s = &self.slots[slot];
-            if s.is_live() && s.expires_at > now && f(self.item(slot as SlotId)).is_break() {
+            let Some(s) = self.slots.get(slot) else {
+                continue;
+            };
+            if s.is_live()
+                && s.item().header().expires_at > now
+                && f(self.item(slot as SlotId)).is_break()
+            {
                 end = slot + 1;
                 break;
             }
@@ -456,8 +482,10 @@ impl<S: BuildHasher> Shard<S> {
         let end = self.slots.len().min(from as usize + budget.max(1));
         let mut removed = 0;
         for slot in from as usize..end {
-            let s = &self.slots[slot];
-            if s.is_live() && !keep(s.key()) {
+            let Some(s) = self.slots.get(slot) else {
+                continue;
+            };
+            if s.is_live() && !keep(s.item().key()) {
                 self.remove_slot(slot as SlotId);
                 removed += 1;
             }
@@ -503,7 +531,7 @@ impl<S: BuildHasher> Shard<S> {
         let mut keys = Vec::with_capacity(self.len);
         let mut at = self.lru_head;
         while at != NIL {
-            keys.push(self.slots[at as usize].key().to_vec());
+            keys.push(self.slots[at as usize].item().key().to_vec());
             at = self.slots[at as usize].next;
         }
         keys
@@ -520,13 +548,13 @@ impl<S: BuildHasher> Shard<S> {
             let s = &self.slots[at as usize];
             assert!(s.is_live(), "free slot {at} on the LRU list");
             assert_eq!(s.prev, prev, "broken back link at slot {at}");
-            let hash = self.hasher.hash_one(s.key());
+            let hash = self.hasher.hash_one(s.item().key());
             assert_eq!(
-                self.find(hash, s.key()),
+                self.find(hash, s.item().key()),
                 Some(at),
                 "slot {at} missing from the index"
             );
-            for &t in s.tags.iter() {
+            for t in s.item().tag_ids() {
                 assert!(
                     self.tags.contains(t, at),
                     "slot {at} carries tag {t} but is not in its member set"
@@ -545,76 +573,66 @@ impl<S: BuildHasher> Shard<S> {
             let s = &self.slots[slot as usize];
             assert!(s.is_live(), "tag {tag} lists free slot {slot}");
             assert!(
-                s.tags.iter().any(|&t| self.tags.name(t) == tag),
+                s.item().tag_ids().any(|t| self.tags.name(t) == tag),
                 "tag {tag} lists slot {slot} which does not carry it"
             );
         }
-        let in_wheel = self.expiry.assert_consistent(|slot| {
+        let in_wheel = self.expiry.assert_consistent(&self.slots, |slot| {
             let s = self.slots.get(slot as usize)?;
-            s.is_live().then_some(s.expires_at)
+            s.item.as_ref().map(|i| i.header().expires_at)
         });
         assert_eq!(in_wheel, self.len, "an item has no expiry entry");
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<SlotId> {
         self.index
-            .find(hash, |&s| self.slots[s as usize].key() == key)
-            .copied()
+            .find(hash, |s| self.slots[s as usize].item().key() == key)
     }
 
     fn cost_of(&self, slot: SlotId) -> u64 {
-        let s = &self.slots[slot as usize];
-        let tags = s.tags.iter().map(|&t| self.tags.name(t));
-        item_cost(s.key_len as usize, s.data.len() - s.key_len as usize, tags)
+        let item = self.slots[slot as usize].item();
+        let tags = item.tag_ids().map(|t| self.tags.name(t));
+        item_cost(item.key_len(), item.value_len(), tags)
     }
 
     /// Unlinks a live slot from the index, the LRU list and its tags, frees its
     /// memory and puts it on the free list.
     fn remove_slot(&mut self, slot: SlotId) {
+        self.remove_slot_except_tag(slot, None);
+    }
+
+    /// [`Self::remove_slot`], leaving tag `skip`'s member set alone.
+    fn remove_slot_except_tag(&mut self, slot: SlotId, skip: Option<TagId>) {
         self.bytes -= self.cost_of(slot);
-        self.detach_tags(slot);
-        let hash = self.hasher.hash_one(self.slots[slot as usize].key());
-        if let Ok(entry) = self.index.find_entry(hash, |&s| s == slot) {
-            entry.remove();
-        }
+        self.detach_tags(slot, skip);
+        let hash = self.hasher.hash_one(self.slots[slot as usize].item().key());
+        let hasher = &self.hasher;
+        let slots = &self.slots;
+        // The index shrinks by itself once mostly empty.
+        self.index.remove(hash, slot, |s| {
+            hasher.hash_one(slots[s as usize].item().key())
+        });
         self.unlink(slot);
-        self.expiry.unlink(slot);
+        self.expiry.unlink(&mut self.slots, slot);
         let s = &mut self.slots[slot as usize];
-        s.data = Box::default();
-        s.key_len = FREE;
-        s.next = self.free_head;
+        s.item = None;
         s.prev = NIL;
-        self.free_head = slot;
+        self.slots.free(slot);
         self.len -= 1;
     }
 
-    fn detach_tags(&mut self, slot: SlotId) {
-        let tags = std::mem::take(&mut self.slots[slot as usize].tags);
-        for &t in tags.iter() {
-            self.tags.detach(t, slot);
+    /// Takes `slot` out of the member sets of its tags (but `skip`'s).
+    fn detach_tags(&mut self, slot: SlotId, skip: Option<TagId>) {
+        let ids: SmallVec<[TagId; 8]> = self.slots[slot as usize].item().tag_ids().collect();
+        for t in ids {
+            if Some(t) != skip {
+                self.tags.detach(t, slot);
+            }
         }
     }
 
     fn alloc_slot(&mut self) -> SlotId {
-        if self.free_head != NIL {
-            let slot = self.free_head;
-            self.free_head = self.slots[slot as usize].next;
-            return slot;
-        }
-        let slot = self.slots.len() as SlotId;
-        assert!(slot < expiry::MAX_SLOTS, "shard slab is full");
-        self.slots.push(Slot {
-            data: Box::default(),
-            tags: ThinVec::new(),
-            created_at: 0,
-            accessed_at: 0,
-            expires_at: 0,
-            key_len: FREE,
-            prev: NIL,
-            next: NIL,
-            access_count: 0,
-        });
-        slot
+        self.slots.alloc()
     }
 
     fn push_front(&mut self, slot: SlotId) {

@@ -45,6 +45,12 @@ impl TagIndex {
         entry.members.remove(&slot);
         if entry.members.is_empty() {
             self.forget(id);
+        } else if entry.members.capacity() > super::shard::SHRINK_FLOOR
+            && entry.members.len() * 4 < entry.members.capacity()
+        {
+            // Memory follows the data: a set never shrinks by itself.
+            let len = entry.members.len();
+            entry.members.shrink_to(len * 2);
         }
     }
 

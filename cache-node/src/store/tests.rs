@@ -745,11 +745,12 @@ fn the_expiry_index_holds_one_entry_per_item_whatever_the_rewrites() {
 fn item_overhead_is_what_the_structures_cost() {
     assert_eq!(
         size_of::<shard::Slot>(),
-        64,
-        "a slab entry is one cache line"
+        16,
+        "a slab entry is a thin pointer and two LRU links"
     );
-    assert_eq!(expiry::PER_ITEM, 8);
-    assert_eq!(ITEM_OVERHEAD, 64 + 8 + 10);
+    assert_eq!(expiry::PER_ITEM, 8, "inside the item's header");
+    assert_eq!(item::HEADER_BYTES, 43);
+    assert_eq!(ITEM_OVERHEAD, 16 + 43 + 6);
 }
 
 /// A tiny deterministic generator for the randomised tests.
