@@ -77,7 +77,16 @@ async fn run(config: Config) -> std::io::Result<()> {
 }
 
 fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
+    // rustls warns once per handshake about things that are the client's
+    // business (an IP address sent as SNI, as wrk and many HTTP libraries
+    // do): thousands of lines a second under load, each one costing the
+    // handshake. Its errors stay; a filter that names rustls is taken as is.
+    let directives = if config.log_level.contains("rustls") {
+        config.log_level.clone()
+    } else {
+        format!("{},rustls=error", config.log_level)
+    };
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
         eprintln!(
             "invalid --log-level {:?} ({e}); using info",
             config.log_level
