@@ -58,5 +58,6 @@ bash scripts/build-images.sh --profile image-test
 step "cargo test"
 # --nocapture: the multi-node, operator and end-to-end tests print what they
 # measured (time to Ready, keys moved, requests failed during a restart),
-# which is worth having in every CI log.
-cargo test --workspace --locked -- --nocapture
+# which is worth having in every CI log. --no-fail-fast: one failing test
+# binary does not hide what the others would have said.
+cargo test --workspace --locked --no-fail-fast -- --nocapture
