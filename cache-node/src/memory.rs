@@ -16,11 +16,21 @@
 //! once on the blocking pool, which also purges the shared arenas. Growth
 //! alone never triggers a collection, so a node whose data only grows pays
 //! nothing.
+//!
+//! Memory the store never held is freed too: connection buffers after a
+//! crowd of clients left, request bodies after a burst of large writes. The
+//! task also reads the process's resident set and tracks what it holds
+//! beyond the store's bytes (the node's overhead). When that overhead is
+//! more than [`MIN_EXCESS_BYTES`] above the lowest it has been, it releases;
+//! if the memory is still in use (the clients are still connected), the
+//! release frees nothing and the next one waits twice as long, up to
+//! [`MAX_RETRY`], so a busy node pays at most one collection per
+//! `MAX_RETRY`.
 
 use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -30,6 +40,11 @@ use crate::store::Store;
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Drops smaller than this are not worth a collection.
 pub const MIN_DROP_BYTES: u64 = 4 << 20;
+/// Overhead (resident memory beyond the store's bytes) this far above its
+/// lowest is worth a collection.
+pub const MIN_EXCESS_BYTES: u64 = 8 << 20;
+/// The longest wait between collections while the overhead stays high.
+pub const MAX_RETRY: Duration = Duration::from_secs(16);
 
 static RELEASE_EPOCH: AtomicU64 = AtomicU64::new(0);
 
@@ -69,38 +84,105 @@ pub fn shrank_enough(peak: u64, now: u64) -> bool {
     drop >= MIN_DROP_BYTES && drop > peak / 8
 }
 
-/// Watches the store until told to stop; see the module doc.
+/// When to release, from what the store holds and what the process holds
+/// (see the module doc). Plain data, so the rule is tested without an
+/// allocator.
+#[derive(Debug)]
+pub struct ReleasePolicy {
+    /// The store's bytes at their highest since the last release.
+    peak: u64,
+    /// The lowest overhead (resident minus store bytes) seen.
+    floor: u64,
+    /// No overhead release before this.
+    next_try: Instant,
+    /// The wait after an overhead release that did not bring it down.
+    retry: Duration,
+}
+
+impl ReleasePolicy {
+    pub fn new(store_bytes: u64, resident: Option<u64>, now: Instant) -> Self {
+        Self {
+            peak: store_bytes,
+            floor: resident.map_or(u64::MAX, |r| r.saturating_sub(store_bytes)),
+            next_try: now,
+            retry: CHECK_EVERY,
+        }
+    }
+
+    /// Whether to release now, given the store's bytes and the process's
+    /// resident bytes (None where the platform does not say).
+    pub fn check(&mut self, store_bytes: u64, resident: Option<u64>, now: Instant) -> bool {
+        let shrank = shrank_enough(self.peak, store_bytes);
+        self.peak = if shrank {
+            store_bytes
+        } else {
+            self.peak.max(store_bytes)
+        };
+        let Some(resident) = resident else {
+            return shrank;
+        };
+        let overhead = resident.saturating_sub(store_bytes);
+        self.floor = self.floor.min(overhead);
+        let excess = overhead - self.floor >= MIN_EXCESS_BYTES;
+        if !excess {
+            // Back near the floor: the next excess is released at once.
+            self.retry = CHECK_EVERY;
+            self.next_try = now;
+            return shrank;
+        }
+        if shrank || now >= self.next_try {
+            // Whatever was freed goes back now; if the overhead is still
+            // high at the next look, it is in use: wait longer each time.
+            self.next_try = now + self.retry;
+            self.retry = (self.retry * 2).min(MAX_RETRY);
+            return true;
+        }
+        false
+    }
+}
+
+/// The process's resident set in bytes, where the platform tells it
+/// (Linux's `/proc/self/statm`).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+/// Watches the store and the process until told to stop; see the module
+/// doc.
 pub async fn follow_data(store: Arc<Store>, stop: watch::Receiver<bool>) {
-    follow_data_with(store, stop, || {
+    follow_data_with(store, stop, resident_bytes, || {
         request_release();
         tokio::task::spawn_blocking(release_on_this_thread)
     })
     .await;
 }
 
-/// [`follow_data`] with the release step given (tests count it).
+/// [`follow_data`] with the resident-set reading and the release step given
+/// (tests drive them).
 async fn follow_data_with(
     store: Arc<Store>,
     mut stop: watch::Receiver<bool>,
+    resident: impl Fn() -> Option<u64>,
     release: impl Fn() -> tokio::task::JoinHandle<()>,
 ) {
     let mut ticker = tokio::time::interval(CHECK_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut peak = store.bytes();
+    let mut policy = ReleasePolicy::new(store.bytes(), resident(), Instant::now());
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
         let now = store.bytes();
-        if shrank_enough(peak, now) {
-            tracing::debug!(peak, now, "store shrank: releasing freed memory");
+        if policy.check(now, resident(), Instant::now()) {
+            tracing::debug!(store_bytes = now, "releasing freed memory");
             if let Err(e) = release().await {
                 tracing::error!(error = %e, "memory release failed");
             }
-            peak = now;
-        } else {
-            peak = peak.max(now);
         }
     }
 }
@@ -141,7 +223,7 @@ mod tests {
         }));
         let releases = Arc::new(AtomicUsize::new(0));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(follow_data_with(store.clone(), stop_rx, {
+        let task = tokio::spawn(follow_data_with(store.clone(), stop_rx, || None, {
             let releases = releases.clone();
             move || {
                 releases.fetch_add(1, Ordering::SeqCst);
@@ -172,6 +254,56 @@ mod tests {
             .await
             .expect("the task stops when told")
             .unwrap();
+    }
+
+    #[test]
+    fn overhead_above_its_floor_releases_with_a_growing_wait_while_it_stays() {
+        let mib = 1 << 20;
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut policy = ReleasePolicy::new(0, Some(20 * mib), t0);
+        // Data growth with its own resident memory: no release.
+        assert!(!policy.check(100 * mib, Some(121 * mib), at(1)));
+        // Clients arrive and hold 30 MiB of buffers: released once, then
+        // (still held) after 1 s, 2 s, 4 s... waits, never more than
+        // MAX_RETRY apart.
+        let held = Some(151 * mib);
+        let mut releases = Vec::new();
+        for s in 2..80 {
+            if policy.check(100 * mib, held, at(s)) {
+                releases.push(s);
+            }
+        }
+        assert_eq!(releases[..5], [2, 3, 5, 9, 17], "{releases:?}");
+        let gaps: Vec<u64> = releases.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|&g| g <= MAX_RETRY.as_secs()), "{gaps:?}");
+        // The clients leave but the allocator keeps their buffers: the next
+        // due check releases, within MAX_RETRY.
+        let last = *releases.last().unwrap();
+        let released_at = (80..80 + MAX_RETRY.as_secs() + 1)
+            .find(|&s| policy.check(100 * mib, held, at(s)))
+            .expect("a release within MAX_RETRY");
+        assert!(released_at - last <= MAX_RETRY.as_secs());
+        // Back near the floor: quiet, and the next excess is released at once.
+        assert!(!policy.check(100 * mib, Some(122 * mib), at(200)));
+        assert!(!policy.check(100 * mib, Some(123 * mib), at(201)));
+        assert!(policy.check(100 * mib, Some(140 * mib), at(202)));
+    }
+
+    #[test]
+    fn without_a_resident_reading_only_the_store_decides() {
+        let mib = 1 << 20;
+        let t0 = Instant::now();
+        let mut policy = ReleasePolicy::new(100 * mib, None, t0);
+        assert!(!policy.check(120 * mib, None, t0));
+        assert!(policy.check(10 * mib, None, t0));
+        assert!(!policy.check(10 * mib, None, t0), "once per drop");
+    }
+
+    #[test]
+    fn this_process_reports_its_resident_set() {
+        let resident = resident_bytes().expect("Linux reports it");
+        assert!(resident > 1 << 20, "{resident}");
     }
 
     #[test]
