@@ -7,8 +7,9 @@
 //! processes on loopback IPs (127.0.x.y), and kube-apiserver refuses both
 //! ways to them: the pods' proxy answers "address not allowed" to an IP
 //! that is not global unicast, and the Services' proxy reads the Service's
-//! Endpoints object, which the endpoints controller cannot write (Endpoints
-//! and EndpointSlice validation refuse loopback addresses). So here the
+//! Endpoints object, which does not exist here (the endpoints controller
+//! does not run) and could not hold the pods' addresses anyway (Endpoints
+//! validation refuses loopback addresses). So here the
 //! plugin's node requests reach the Service's proxy, pass RBAC and get the
 //! API server's 404, and these tests check that the plugin reports that in
 //! one clear line; the round trips through a proxy to a real node are
@@ -160,6 +161,31 @@ async fn kubectl_distrocache_shows_the_status_and_reports_failures_in_one_line()
     let epoch = dc.status.as_ref().map(|s| s.ring_epoch).unwrap_or(0);
     assert!(epoch > 0, "a Ready cache of two has a ring");
 
+    // The premise of the module comment: the client Service has no
+    // Endpoints object, and none can hold its pods' loopback IPs.
+    let out = cp.kubectl(["get", "endpoints", "shop", "-n", n])?;
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("NotFound"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let pod_ip = &dc.status.as_ref().unwrap().members[0].address;
+    let pod_ip = pod_ip
+        .rsplit_once(':')
+        .map_or(pod_ip.as_str(), |(ip, _)| ip);
+    let endpoints = format!(
+        "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: shop\n  namespace: {n}\n\
+         subsets:\n- addresses:\n  - ip: {pod_ip}\n  ports:\n  - name: http\n    port: 8080\n"
+    );
+    let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &endpoints)?;
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("may not be in the loopback range"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
     let plugin = Plugin::install(cp)?;
 
     // As users type it: kubectl finds the plugin on PATH. The resource's
@@ -167,6 +193,7 @@ async fn kubectl_distrocache_shows_the_status_and_reports_failures_in_one_line()
     let out = plugin.kubectl(&["status", "shop", "-n", n])?;
     let warning = text(&out.stderr);
     let table = ok("kubectl distrocache status", out);
+    eprintln!("kubectl distrocache status shop:\n{table}");
     assert!(
         table.contains(&format!("ring epoch {epoch}")),
         "no ring epoch {epoch}:\n{table}"
