@@ -112,8 +112,6 @@ pub enum PluginCommand {
         #[arg(long = "tag")]
         tags: Vec<String>,
     },
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions { shell: clap_complete::Shell },
 }
 
 /// Whether the program was started as the plugin: its file name (argv[0])
@@ -125,11 +123,6 @@ pub fn invoked_as_plugin(argv0: &std::ffi::OsStr) -> bool {
 }
 
 pub async fn run(cli: PluginCli) -> Result<()> {
-    if let PluginCommand::Completions { shell } = cli.command {
-        let mut cmd = <PluginCli as clap::CommandFactory>::command();
-        clap_complete::generate(shell, &mut cmd, PLUGIN_NAME, &mut std::io::stdout());
-        return Ok(());
-    }
     let kube = Kube::connect(&cli).await?;
     let out = cli.output;
     match cli.command {
@@ -169,7 +162,6 @@ pub async fn run(cli: PluginCli) -> Result<()> {
                 .ok_or_else(|| anyhow!("distrocache {name} did not store key {key:?}"))?;
             print_answer(&item, out)
         }
-        PluginCommand::Completions { .. } => unreachable!("handled above"),
     }
 }
 
