@@ -5,10 +5,14 @@
 //! (`/api/v1/namespaces/<ns>/services/<name>:http/proxy/...`), so it works
 //! wherever kubectl does, without a port-forward or a route to the pods.
 //!
-//! Why the Service's proxy and not each pod's: the API server refuses to
-//! proxy to a pod whose IP is not a global unicast address (loopback, link
-//! local), and any node answers any key and describes the whole ring, so
-//! one node behind the Service is enough.
+//! Why the Service's proxy and not each pod's: any node answers any key and
+//! describes the whole ring, so one ready node behind the Service is
+//! enough, and the Service is a stable name while pods come and go. Where
+//! the pods have loopback or link-local IPs neither proxy reaches them (the
+//! pods' proxy refuses such IPs, and the Service's Endpoints cannot hold
+//! them): `status` then prints the resource's part and one line saying
+//! why the nodes were not read, and `get`/`set` fail with the API server's
+//! answer.
 //!
 //! A cache with `spec.auth.enabled` cannot be read or written this way: the
 //! API server removes the `Authorization` header once it has authenticated
