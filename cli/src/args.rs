@@ -131,7 +131,7 @@ pub enum Command {
 }
 
 /// A TTL: a duration of at least one second (the API counts seconds).
-fn parse_ttl(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_ttl(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if d < Duration::from_secs(1) {
         return Err("a TTL is at least 1s".into());

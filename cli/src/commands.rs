@@ -40,14 +40,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             ttl,
             tags,
         } => {
-            let text = read_value(value.as_deref(), file.as_deref())?;
-            let value = if string {
-                Value::String(text)
-            } else {
-                serde_json::from_str(&text).map_err(|e| {
-                    anyhow!("the value is not JSON ({e}); pass --string to store it as text")
-                })?
-            };
+            let value = value_of(value.as_deref(), file.as_deref(), string)?;
             set(&client, &key, &value, ttl, &tags, out).await
         }
         Command::Del { key } => {
@@ -160,6 +153,17 @@ fn explain(e: ClientError) -> anyhow::Error {
     }
 }
 
+/// The value of `set`: the argument, the file or stdin, parsed as JSON
+/// (or taken as a JSON string with `--string`).
+pub(crate) fn value_of(arg: Option<&str>, file: Option<&Path>, string: bool) -> Result<Value> {
+    let text = read_value(arg, file)?;
+    if string {
+        return Ok(Value::String(text));
+    }
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow!("the value is not JSON ({e}); pass --string to store it as text"))
+}
+
 /// The value's text: the argument, the file, or stdin (bounded).
 fn read_value(arg: Option<&str>, file: Option<&Path>) -> Result<String> {
     let mut bytes = Vec::new();
@@ -218,7 +222,7 @@ async fn set(
     }
 }
 
-fn item_json(item: &Item) -> Value {
+pub(crate) fn item_json(item: &Item) -> Value {
     json!({
         "key": item.key,
         "value": item.value,
@@ -231,7 +235,7 @@ fn item_json(item: &Item) -> Value {
     })
 }
 
-fn print_item(item: &Item) {
+pub(crate) fn print_item(item: &Item) {
     let ttl = humantime::format_duration(Duration::from_secs(item.ttl / 1_000_000_000));
     let rows = vec![
         vec!["key".into(), item.key.clone()],
