@@ -1477,3 +1477,72 @@ async fn a_peer_without_a_valid_certificate_cannot_pull_push_or_forward() {
     let (status, view) = c.get_json(0, "/api/v1/cluster").await;
     assert_eq!((status, &view["epoch"]), (200, &json!(c.epoch)), "{view}");
 }
+
+/// The views a user reads to run a cluster by hand (the README's "Running a
+/// cluster from a membership file"): which nodes hold a key, asked through
+/// any node, and each node's capacity beside what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_views_say_who_holds_a_key_and_each_nodes_capacity() {
+    let mut c = ProcCluster::new(3, 2).with_flags(&["--max-size", "5000", "--max-memory", "64MiB"]);
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    let written = write_keys(&c, 0..300, 1).await;
+    for key in written.keys().take(20) {
+        for via in 0..3 {
+            let (status, view) = c
+                .get_json(via, &format!("/api/v1/cluster/copies?key={}", encoded(key)))
+                .await;
+            assert_eq!(status, 200, "{view}");
+            assert_eq!(view["key"], json!(key), "{view}");
+            assert_eq!(view["unreachable"], json!([]), "{view}");
+            let ids = |v: &Value| -> Vec<String> {
+                v.as_array()
+                    .unwrap_or_else(|| panic!("an array: {v}"))
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .unwrap_or_else(|| x["node"].as_str().expect("a node"))
+                            .to_owned()
+                    })
+                    .collect()
+            };
+            let owners = ids(&view["owners"]);
+            assert_eq!(owners.len(), 2, "{view}");
+            assert_eq!(owners[0], c.primary_of(key), "{view}");
+            let mut holders = ids(&view["copies"]);
+            let mut expected = owners.clone();
+            holders.sort();
+            expected.sort();
+            assert_eq!(
+                holders, expected,
+                "the owners and only they hold {key}: {view}"
+            );
+        }
+    }
+    let (status, view) = c
+        .get_json(2, "/api/v1/cluster/copies?key=never-written")
+        .await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["copies"], json!([]), "{view}");
+
+    let (status, stats) = c.get_json(1, "/api/v1/cluster/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    let nodes = stats["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3, "{stats}");
+    let mut held = 0;
+    for node in nodes {
+        assert_eq!(node["capacity"], json!(5000), "{node}");
+        assert_eq!(node["max_memory"], json!(64u64 << 20), "{node}");
+        let items = node["items"].as_u64().expect("items");
+        assert!(items > 0 && items <= 5000, "{node}");
+        held += items;
+    }
+    assert_eq!(
+        held,
+        2 * written.len() as u64,
+        "two copies of every key: {stats}"
+    );
+}
