@@ -32,8 +32,12 @@ for t in "${TARGETS[@]}"; do
   mkdir -p "work/$t" "artifacts/$t"
   echo "== $t for ${SECONDS_PER_TARGET}s" >&2
   set +e
+  # Binary targets (peer_frame, snapshot_file) have no dictionary: their
+  # seeds carry the structure.
+  dict=()
+  [ -s "dicts/$t.dict" ] && dict=(-dict="dicts/$t.dict")
   cargo +nightly fuzz run -O --sanitizer "$SANITIZER" "$t" "work/$t" "corpus/$t" -- \
-    -max_total_time="$SECONDS_PER_TARGET" -dict="dicts/$t.dict" -timeout=10 -rss_limit_mb=2048 \
+    -max_total_time="$SECONDS_PER_TARGET" "${dict[@]}" -timeout=10 -rss_limit_mb=2048 \
     -print_final_stats=1 -artifact_prefix="artifacts/$t/" 2> "logs/$t.log"
   rc=$?
   set -e

@@ -3,10 +3,11 @@
 //! so CI keeps checking them without nightly or libFuzzer. The harness file
 //! is the fuzz crate's own `src/lib.rs`, included here as a module.
 //!
-//! No fuzzing run has found a crash yet, so there are no named crash
-//! regressions below. When one does, its minimised input goes into the
-//! target's corpus under a name saying what it is, and a test named after it
-//! goes here (see `cache-node/fuzz/README.md`). Inputs for problems found by
+//! A crash a fuzzing run finds goes into the target's corpus under a name
+//! saying what it is, with a test named after it here (see
+//! `cache-node/fuzz/README.md`): `peer_frame/answer_record_count_beyond_its_bytes`
+//! (a record count of billions in a 114-byte frame, which made the decoder
+//! reserve memory for them: an abort) is the first. Inputs for problems found by
 //! review rather than by the fuzzer are seeded the same way, e.g.
 //! `set_request/tags_flood_small` (thousands of tags past a small limit, the
 //! shape of a body whose tags were once deduplicated in quadratic time; the
@@ -62,6 +63,16 @@ fn membership_doc_corpus() {
 #[test]
 fn peer_frame_corpus() {
     replay("peer_frame", harness::peer_frame);
+}
+
+/// The first crash the fuzzer found (`peer_frame`, 2026-12-03): replayed on
+/// its own, so its name says what broke if it ever comes back.
+#[test]
+fn peer_frame_record_count_beyond_its_bytes() {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus/peer_frame/answer_record_count_beyond_its_bytes");
+    let data = std::fs::read(&file).expect("the crash input is checked in");
+    harness::peer_frame(&data);
 }
 
 #[test]

@@ -153,6 +153,15 @@ impl Records {
     /// Every record, each checked; the first malformed one fails them all,
     /// so a receiver never applies half of a bad batch.
     pub fn decode(&self) -> Result<Vec<RecordRef<'_>>, DecodeError> {
+        // A count the bytes cannot hold is refused before allocating for it
+        // (the fuzzer sent a count of billions in a 100-byte frame).
+        if self.len() > self.bytes.len() / MIN_RECORD_BYTES {
+            return malformed(format!(
+                "{} records in {} bytes",
+                self.count,
+                self.bytes.len()
+            ));
+        }
         let mut reader = Reader::new(&self.bytes);
         let mut out = Vec::with_capacity(self.len());
         for _ in 0..self.count {
@@ -226,6 +235,10 @@ pub struct RecordRef<'a> {
     tags: Vec<&'a str>,
     meta: ItemMeta,
 }
+
+/// The smallest encoded record: empty key and value (a length each), no
+/// tags (a count) and the four timestamps and counters of [`ItemMeta`].
+const MIN_RECORD_BYTES: usize = 4 + 4 + 4 + 4 * 8;
 
 impl<'a> RecordRef<'a> {
     fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
@@ -997,6 +1010,19 @@ mod tests {
         let mut out = BytesMut::new();
         let kind = answer.encode(&mut out);
         Answer::decode(kind, &out.freeze()).unwrap()
+    }
+
+    /// Found by the `peer_frame` fuzz target: a record count of billions
+    /// in a frame of a hundred bytes made the decoder reserve memory for
+    /// them first (an abort on allocation failure). Such a count is refused
+    /// before anything is allocated.
+    #[test]
+    fn a_record_count_the_bytes_cannot_hold_is_refused_before_allocating() {
+        let err = Records::from_encoded(u32::MAX, Bytes::from_static(&[0u8; 100]))
+            .expect_err("four billion records in 100 bytes");
+        assert!(err.to_string().contains("records in 100 bytes"), "{err}");
+        // As many as the bytes could hold still decode (or fail) by content.
+        assert!(Records::from_encoded(0, Bytes::new()).is_ok());
     }
 
     proptest! {
