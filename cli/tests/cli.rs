@@ -41,7 +41,8 @@ impl Run {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
     }
 
-    fn ok(self) -> Self {
+    /// Asserts the run exited 0 (not `Result::ok`: it fails the test).
+    fn succeeded(self) -> Self {
         assert_eq!(
             self.code, 0,
             "exit {}: {}{}",
@@ -140,28 +141,30 @@ fn every_command_on_a_single_node_and_bad_input_is_one_clear_error() {
         ],
         None,
     )
-    .ok()
+    .succeeded()
     .json();
     assert_eq!(item["value"]["name"], "Ann");
     assert_eq!(item["ttl"], 60_000_000_000u64);
     assert_eq!(item["tags"], serde_json::json!(["user", "x"]));
-    let got = run(&["get", "user:1", "-o", "json"], None).ok().json();
+    let got = run(&["get", "user:1", "-o", "json"], None)
+        .succeeded()
+        .json();
     assert_eq!(got["value"], item["value"]);
-    let table = run(&["get", "user:1"], None).ok().stdout;
+    let table = run(&["get", "user:1"], None).succeeded().stdout;
     assert!(
         table.contains(r#"{"name":"Ann"}"#) && table.contains("user,x"),
         "{table}"
     );
 
     // From stdin (no argument, and `-`), from a file, and as a string.
-    run(&["set", "n"], Some("42\n")).ok();
+    run(&["set", "n"], Some("42\n")).succeeded();
     assert_eq!(
-        run(&["get", "n", "-o", "json"], None).ok().json()["value"],
+        run(&["get", "n", "-o", "json"], None).succeeded().json()["value"],
         42
     );
-    run(&["set", "arr", "-"], Some("[1, 2]")).ok();
+    run(&["set", "arr", "-"], Some("[1, 2]")).succeeded();
     assert_eq!(
-        run(&["get", "arr", "-o", "json"], None).ok().json()["value"],
+        run(&["get", "arr", "-o", "json"], None).succeeded().json()["value"],
         serde_json::json!([1, 2])
     );
     let dir = tempfile::tempdir().unwrap();
@@ -178,38 +181,43 @@ fn every_command_on_a_single_node_and_bad_input_is_one_clear_error() {
         ],
         None,
     )
-    .ok();
+    .succeeded();
     assert_eq!(
-        run(&["get", "f", "-o", "json"], None).ok().json()["value"]["from"],
+        run(&["get", "f", "-o", "json"], None).succeeded().json()["value"]["from"],
         "file"
     );
-    run(&["set", "s", "plain text", "--string"], None).ok();
+    run(&["set", "s", "plain text", "--string"], None).succeeded();
     assert_eq!(
-        run(&["get", "s", "-o", "json"], None).ok().json()["value"],
+        run(&["get", "s", "-o", "json"], None).succeeded().json()["value"],
         "plain text"
     );
 
     // Stats and the cluster view of a single node.
-    let stats = run(&["stats", "-o", "json"], None).ok().json();
+    let stats = run(&["stats", "-o", "json"], None).succeeded().json();
     assert_eq!(stats["totals"]["items"], 5);
-    let table = run(&["stats"], None).ok().stdout;
+    let table = run(&["stats"], None).succeeded().stdout;
     assert!(
         table.starts_with("NODE") && table.contains("TOTAL"),
         "{table}"
     );
-    let view = run(&["cluster", "-o", "json"], None).ok().json();
+    let view = run(&["cluster", "-o", "json"], None).succeeded().json();
     assert_eq!(view["mode"], "single");
     assert_eq!(view["members"][0]["items"], 5);
-    let watched = run(&["watch-rebalance"], None).ok().stdout;
+    let watched = run(&["watch-rebalance"], None).succeeded().stdout;
     assert!(watched.contains("single node"), "{watched}");
 
     // Tag invalidation and delete.
     let inv = run(&["invalidate-tag", "user", "-o", "json"], None)
-        .ok()
+        .succeeded()
         .json();
     assert_eq!(inv["invalidated"], 2);
     run(&["get", "user:1"], None).fails(1, r#"key "user:1" not found"#);
-    assert!(run(&["del", "n"], None).ok().stdout.contains("deleted n"));
+    assert!(
+        run(&["del", "n"], None)
+            .succeeded()
+            .stdout
+            .contains("deleted n")
+    );
 
     // Bad input: one line, exit 1 (or clap's usage error, exit 2).
     run(&["get", "nope"], None).fails(1, r#"key "nope" not found"#);
@@ -233,7 +241,7 @@ fn every_command_on_a_single_node_and_bad_input_is_one_clear_error() {
         ],
         None,
     )
-    .ok()
+    .succeeded()
     .json();
     assert_eq!(report["requests"], 300);
     assert_eq!(report["errors"], 0, "{report}");
@@ -248,7 +256,7 @@ fn every_command_on_a_single_node_and_bad_input_is_one_clear_error() {
 
     // Completions for each shell.
     for shell in ["bash", "zsh", "fish"] {
-        let script = cli(&["completions", shell], None).ok().stdout;
+        let script = cli(&["completions", shell], None).succeeded().stdout;
         assert!(
             script.contains("distrocache") && script.contains("watch-rebalance"),
             "{shell}"
@@ -269,7 +277,7 @@ fn tokens_from_the_flag_or_a_file_and_a_wrong_token_is_refused() {
         &["-s", &s, "--token", "s3cret-token", "set", "k", "1"],
         None,
     )
-    .ok();
+    .succeeded();
     let got = cli(
         &[
             "-s",
@@ -283,7 +291,7 @@ fn tokens_from_the_flag_or_a_file_and_a_wrong_token_is_refused() {
         ],
         None,
     )
-    .ok()
+    .succeeded()
     .json();
     assert_eq!(got["value"], 1);
     let empty = dir.path().join("empty");
@@ -335,15 +343,15 @@ async fn a_three_node_cluster_through_the_cli() {
         if i % 2 == 0 {
             args.extend(["--tag", "even"]);
         }
-        let _ = tokio::task::block_in_place(|| cli(&args, None).ok());
+        let _ = tokio::task::block_in_place(|| cli(&args, None).succeeded());
     }
     let got = tokio::task::block_in_place(|| cli(&["-s", &last, "get", "k7", "-o", "json"], None))
-        .ok()
+        .succeeded()
         .json();
     assert_eq!(got["value"]["i"], 7);
 
     let view = tokio::task::block_in_place(|| cli(&["-s", &last, "cluster", "-o", "json"], None))
-        .ok()
+        .succeeded()
         .json();
     assert_eq!(view["epoch"], epoch);
     assert_eq!(view["replicationFactor"], 2);
@@ -353,14 +361,14 @@ async fn a_three_node_cluster_through_the_cli() {
     assert_eq!(held, 60, "30 keys x replication factor 2: {view}");
     assert!(members.iter().all(|m| m["state"] == "active"));
     let stats = tokio::task::block_in_place(|| cli(&["-s", &first, "stats", "-o", "json"], None))
-        .ok()
+        .succeeded()
         .json();
     assert_eq!(stats["totals"]["items"], 60);
 
     let inv = tokio::task::block_in_place(|| {
         cli(&["-s", &last, "invalidate-tag", "even", "-o", "json"], None)
     })
-    .ok()
+    .succeeded()
     .json();
     assert_eq!(
         inv["invalidated"].as_u64().unwrap(),
@@ -396,7 +404,7 @@ async fn a_three_node_cluster_through_the_cli() {
                 None,
             )
         })
-        .ok()
+        .succeeded()
         .json();
         assert!(watched["epoch"].as_u64().unwrap() >= epoch, "{watched}");
         assert_eq!(watched["nodes"], 4, "{watched}");
@@ -411,7 +419,7 @@ async fn a_three_node_cluster_through_the_cli() {
             None,
         )
     })
-    .ok()
+    .succeeded()
     .json();
     assert_eq!(report["errors"], 0, "{report}");
 
@@ -419,11 +427,11 @@ async fn a_three_node_cluster_through_the_cli() {
     // member did not answer.
     c.kill(1);
     let got = tokio::task::block_in_place(|| cli(&["-s", &first, "get", "k7", "-o", "json"], None))
-        .ok()
+        .succeeded()
         .json();
     assert_eq!(got["value"]["i"], 7);
     let view = tokio::task::block_in_place(|| cli(&["-s", &first, "cluster", "-o", "json"], None))
-        .ok()
+        .succeeded()
         .json();
     assert!(
         view["unreachable"]

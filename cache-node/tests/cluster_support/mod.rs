@@ -408,7 +408,8 @@ impl ProcCluster {
         let node = &self.nodes[i];
         let deadline = Instant::now() + within;
         loop {
-            let text = std::fs::read(&node.log).unwrap_or_default();
+            let text = std::fs::read(&node.log)
+                .unwrap_or_else(|e| panic!("reading node {i}'s log {}: {e}", node.log.display()));
             let since =
                 String::from_utf8_lossy(&text[node.log_from.min(text.len())..]).into_owned();
             if since.contains(needle) {

@@ -192,14 +192,21 @@ impl NodeProc {
         format!("http://{}{}", self.addr, path)
     }
 
-    /// The whole log so far.
+    /// The whole log so far. The file exists from before the process
+    /// starts, so failing to read it fails the test.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_else(|e| panic!("reading the node's log {}: {e}", self.log.display()))
     }
 
     /// The last `lines` lines of the log, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = self.log();
+        // For failure messages: an unreadable log is said, not a panic
+        // inside the panic being reported.
+        let text = match std::fs::read_to_string(&self.log) {
+            Ok(text) => text,
+            Err(e) => return format!("(log {} unreadable: {e})", self.log.display()),
+        };
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
