@@ -214,14 +214,24 @@ async fn started(n: usize, rf: u32, security: Security) -> ProcCluster {
     if security == Security::TokensAndPeerMtls {
         c = c.with_peer_mtls();
     }
-    let members: Vec<_> = (0..n).map(|i| (i, Active)).collect();
-    let epoch = c.set_ring(&members);
-    for i in 0..n {
+    start_members(c, n).await
+}
+
+/// Starts the first `members` slots of `c` as the active members of its
+/// first ring and waits for them to settle (the other slots stay free for
+/// nodes the test adds later).
+async fn start_members(mut c: ProcCluster, members: usize) -> ProcCluster {
+    let ring: Vec<_> = (0..members).map(|i| (i, Active)).collect();
+    let epoch = c.set_ring(&ring);
+    for i in 0..members {
         c.start(i);
     }
     c.wait_settled(epoch, SETTLE).await;
     c
 }
+
+/// Peer timeouts short enough that a fault test outlasts several of them.
+const SHORT_PEER_TIMEOUTS: &[&str] = &["--peer-timeout", "1s", "--peer-connect-timeout", "500ms"];
 
 /// Secured, a smaller data set keeps the extra runs short.
 async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(
@@ -632,12 +642,7 @@ async fn tokens_are_required_where_they_should_be_and_only_there() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
-    let mut c = ProcCluster::new(2, 2).with_flags(&[
-        "--peer-timeout",
-        "1s",
-        "--peer-connect-timeout",
-        "500ms",
-    ]);
+    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
     let epoch = c.set_ring(&[(0, Active), (1, Active)]);
     c.start(0);
     c.start(1);
@@ -715,17 +720,7 @@ async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
 /// it is still not ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_waits_for_a_stalled_peer_before_it_is_ready() {
-    let mut c = ProcCluster::new(3, 2).with_flags(&[
-        "--peer-timeout",
-        "1s",
-        "--peer-connect-timeout",
-        "500ms",
-    ]);
-    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        c.start(i);
-    }
-    c.wait_settled(epoch, SETTLE).await;
+    let mut c = start_members(ProcCluster::new(3, 2).with_flags(SHORT_PEER_TIMEOUTS), 3).await;
     let written = write_keys(&c, 0..2000, 1).await;
 
     c.kill(0);
@@ -758,12 +753,11 @@ async fn a_restarted_node_waits_for_a_stalled_peer_before_it_is_ready() {
 /// data still moves when values are large.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_values_move_in_batches_the_receiver_accepts() {
-    let mut c = ProcCluster::new(4, 2).with_flags(&["--rebalance-batch-bytes", "64KiB"]);
-    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        c.start(i);
-    }
-    c.wait_settled(epoch, SETTLE).await;
+    let mut c = start_members(
+        ProcCluster::new(4, 2).with_flags(&["--rebalance-batch-bytes", "64KiB"]),
+        3,
+    )
+    .await;
     let big = "x".repeat(16 * 1024);
     let written: HashMap<String, Value> = futures_util::stream::iter((0..1500).map(|i| {
         let value = json!({"i": i, "pad": big});
@@ -1085,12 +1079,7 @@ impl cache_node::store::ItemView for Planted {
 /// repair queue is empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
-    let mut c = ProcCluster::new(2, 2).with_flags(&[
-        "--peer-timeout",
-        "1s",
-        "--peer-connect-timeout",
-        "500ms",
-    ]);
+    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
     let epoch = c.set_ring(&[(0, Active), (1, Active)]);
     c.start(0);
     c.start(1);
@@ -1241,17 +1230,7 @@ impl Writer {
 /// (every key back to exactly two copies of the value written).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_node_loses_no_acknowledged_write_and_catches_up() {
-    let mut c = ProcCluster::new(4, 2).with_flags(&[
-        "--peer-timeout",
-        "1s",
-        "--peer-connect-timeout",
-        "500ms",
-    ]);
-    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        c.start(i);
-    }
-    c.wait_settled(epoch, SETTLE).await;
+    let mut c = start_members(ProcCluster::new(4, 2).with_flags(SHORT_PEER_TIMEOUTS), 3).await;
     let before = write_keys(&c, 0..2000, 1).await;
 
     // During writes: node-1 paused for 3 s (three peer timeouts).
@@ -1297,17 +1276,7 @@ async fn a_paused_node_loses_no_acknowledged_write_and_catches_up() {
 /// its data off to it: the handoff completes and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_to_a_slow_peer_completes_and_loses_nothing() {
-    let mut c = ProcCluster::new(3, 2).with_flags(&[
-        "--peer-timeout",
-        "1s",
-        "--peer-connect-timeout",
-        "500ms",
-    ]);
-    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        c.start(i);
-    }
-    c.wait_settled(epoch, SETTLE).await;
+    let mut c = start_members(ProcCluster::new(3, 2).with_flags(SHORT_PEER_TIMEOUTS), 3).await;
     let written = write_keys(&c, 0..3000, 1).await;
 
     let slow = Arc::new(AtomicBool::new(true));
@@ -1483,12 +1452,11 @@ async fn a_peer_without_a_valid_certificate_cannot_pull_push_or_forward() {
 /// any node, and each node's capacity beside what it holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_views_say_who_holds_a_key_and_each_nodes_capacity() {
-    let mut c = ProcCluster::new(3, 2).with_flags(&["--max-size", "5000", "--max-memory", "64MiB"]);
-    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        c.start(i);
-    }
-    c.wait_settled(epoch, SETTLE).await;
+    let c = start_members(
+        ProcCluster::new(3, 2).with_flags(&["--max-size", "5000", "--max-memory", "64MiB"]),
+        3,
+    )
+    .await;
     let written = write_keys(&c, 0..300, 1).await;
     for key in written.keys().take(20) {
         for via in 0..3 {
