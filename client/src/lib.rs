@@ -18,9 +18,10 @@
 //! forwards it); a write goes elsewhere only if it certainly never reached
 //! the owner, so it is never applied twice.
 //!
-//! One connection pool per node (hyper's, keep-alive), no redirects, no
+//! Keep-alive connections per node (`pool.rs`), no redirects, no
 //! decompression: the requests are small and the answers are JSON.
 
+mod pool;
 mod ring;
 
 use std::collections::HashMap;
@@ -33,14 +34,12 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::http::{HeaderValue, Request, header};
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
 pub use hyper::http::{Method, StatusCode};
+use pool::{Failed, Pool};
 pub use ring::{Node, Ring};
 
 /// The answering node's ring epoch, on every answer of a cluster node.
@@ -173,16 +172,9 @@ impl Builder {
             }
             None => None,
         };
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let http = HyperClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
         let client = Client {
             inner: Arc::new(Inner {
-                http,
+                pool: Pool::default(),
                 seeds,
                 ring: ArcSwap::from_pointee(Ring::single("seed", first)),
                 token,
@@ -206,7 +198,7 @@ pub struct Client {
 }
 
 struct Inner {
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    pool: Pool,
     seeds: Vec<SocketAddr>,
     ring: ArcSwap<Ring>,
     token: Option<HeaderValue>,
@@ -448,23 +440,6 @@ impl Client {
     }
 }
 
-/// Why a request got no answer.
-#[derive(Debug)]
-enum Failed {
-    /// It never reached the node (no connection).
-    NotSent(String),
-    /// It may have reached the node.
-    Lost(String),
-}
-
-impl std::fmt::Display for Failed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failed::NotSent(r) | Failed::Lost(r) => f.write_str(r),
-        }
-    }
-}
-
 impl Inner {
     /// The nodes to try, in order: the owners (primary first, or starting
     /// from the next owner in turn for [`ReadFrom::AnyOwner`] reads), then
@@ -512,7 +487,8 @@ impl Inner {
     ) -> Result<Answer, Failed> {
         let mut request = Request::builder()
             .method(method)
-            .uri(format!("http://{addr}{path}"));
+            .uri(path)
+            .header(header::HOST, addr.to_string());
         if !body.is_empty() {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
@@ -523,19 +499,14 @@ impl Inner {
             .body(Full::new(body))
             .map_err(|e| Failed::NotSent(e.to_string()))?;
         let call = async {
-            let response = self.http.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    Failed::NotSent(e.to_string())
-                } else {
-                    Failed::Lost(e.to_string())
-                }
-            })?;
+            let (response, conn) = self.pool.send(addr, request).await?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_ANSWER_BYTES)
                 .collect()
                 .await
                 .map_err(|e| Failed::Lost(format!("answer broke off: {e}")))?
                 .to_bytes();
+            self.pool.put(addr, conn);
             Ok::<_, Failed>((parts, body))
         };
         let (parts, body) = tokio::time::timeout(self.timeout, call)
