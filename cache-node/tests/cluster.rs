@@ -638,6 +638,45 @@ async fn tokens_are_required_where_they_should_be_and_only_there() {
             assert!(body["error"].is_string(), "{text}");
         }
     }
+
+    // The same tokens in X-DistroCache-Token, the header a proxy that
+    // takes Authorization (kube-apiserver's) lets through: a write and a
+    // read with it, and the same refusals as the bearer token.
+    let item = format!("http://{node}/api/v1/cache/through-a-proxy");
+    let with_token = |request: reqwest::RequestBuilder, token: &str| {
+        request
+            .header("x-distrocache-token", token)
+            // What the proxy sends on: its own credentials are not the node's.
+            .header("authorization", "Bearer the-users-kubernetes-token")
+    };
+    let resp = with_token(bare.put(&item), "client-secret-token")
+        .json(&serde_json::json!({"value": 7}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    let resp = with_token(bare.get(&item), "client-secret-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["value"], 7);
+    for token in ["wrong", "peer-secret-token", "Bearer client-secret-token"] {
+        let resp = with_token(bare.get(&item), token).send().await.unwrap();
+        assert_eq!(resp.status(), 401, "client API with {token:?}");
+        let body: Value = resp.json().await.expect("a JSON error");
+        assert_eq!(body["error"], "invalid bearer token");
+    }
+    let resp = bare
+        .get(format!("http://{peer}/internal/v1/connect"))
+        .header("connection", "upgrade")
+        .header("upgrade", "distrocache-peer/1")
+        .header("x-distrocache-token", "client-secret-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "the peer API takes only the peer token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

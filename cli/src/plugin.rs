@@ -14,11 +14,14 @@
 //! why the nodes were not read, and `get`/`set` fail with the API server's
 //! answer.
 //!
-//! A cache with `spec.auth.enabled` cannot be read or written this way: the
-//! API server removes the `Authorization` header once it has authenticated
-//! the user, so the node's bearer token never reaches the node. `status`
-//! still works (the resource, and the nodes' open rebalance-progress
-//! endpoint); `get` and `set` say so and fail.
+//! A cache with `spec.auth.enabled`: the plugin reads the cache's client
+//! token from its auth Secret (`spec.auth.secretName`, else `<name>-auth`,
+//! key `client-token`: what the nodes mount) with the user's credentials,
+//! and sends it in `X-DistroCache-Token`. Not in `Authorization`: the API
+//! server authenticates the user by that header and removes it before
+//! proxying, while other headers pass. So reading an auth cache's items
+//! takes `get` on that Secret too; without it, `get`/`set` fail with the API
+//! server's refusal, and `status` still shows the resource.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +31,7 @@ use clap::{Parser, Subcommand};
 use distrocache_client::Item;
 use distrocache_membership::NodeProgress;
 use http::{Method, Request, StatusCode, header};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -51,6 +55,12 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 
 /// The client Service's port name (operator/src/resources/services.rs).
 const CLIENT_PORT_NAME: &str = "http";
+/// The auth Secret's key holding the client tokens
+/// (operator/src/resources/auth.rs).
+const CLIENT_TOKEN_KEY: &str = "client-token";
+/// The node's header for a token that cannot go in `Authorization`
+/// (cache-node/src/api/auth.rs).
+const TOKEN_HEADER: &str = "x-distrocache-token";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,7 +70,8 @@ const CLIENT_PORT_NAME: &str = "http";
     about = "kubectl plugin of DistroCache: a cache's status, and its items through the API server",
     long_about = "kubectl plugin of DistroCache: a cache's status, and its items through the API \
         server's proxy of the cache's client Service (needs get on distrocaches and get/create on \
-        services/proxy in the cache's namespace). Errors are one line on stderr and a non-zero \
+        services/proxy in the cache's namespace, and get on the cache's auth Secret when it has \
+        spec.auth.enabled). Errors are one line on stderr and a non-zero \
         exit status (1: the operation failed, e.g. an unknown cache or key; 2: bad usage)."
 )]
 pub struct PluginCli {
@@ -132,11 +143,11 @@ pub async fn run(cli: PluginCli) -> Result<()> {
     match cli.command {
         PluginCommand::Status { name } => {
             let cache = kube.cache(&name).await?;
-            status(&kube, &cache, out).await
+            status(&kube, cache, out).await
         }
         PluginCommand::Get { name, key } => {
-            let cache = kube.cache(&name).await?;
-            cache.refuse_auth()?;
+            let mut cache = kube.cache(&name).await?;
+            cache.load_token(&kube).await?;
             let item = item_request(&kube, &cache, Method::GET, &key, Vec::new())
                 .await?
                 .ok_or_else(|| anyhow!("key {key:?} not found in distrocache {name}"))?;
@@ -152,8 +163,8 @@ pub async fn run(cli: PluginCli) -> Result<()> {
             tags,
         } => {
             let value = value_of(value.as_deref(), file.as_deref(), string)?;
-            let cache = kube.cache(&name).await?;
-            cache.refuse_auth()?;
+            let mut cache = kube.cache(&name).await?;
+            cache.load_token(&kube).await?;
             let mut body = json!({"value": value, "tags": tags});
             if let Some(ttl) = ttl {
                 body["ttl"] = json!(ttl.as_secs().max(1));
@@ -238,6 +249,7 @@ impl Kube {
                 name: name.to_owned(),
                 namespace: self.namespace.clone(),
                 object,
+                token: None,
             }),
             Err(kube::Error::Api(status)) if status.code == 404 => {
                 // Either the cache or the resource type is missing.
@@ -249,6 +261,34 @@ impl Kube {
             }
             Err(e) => Err(self.explain(e)),
         }
+    }
+
+    /// The first client token in the auth Secret of `cache`.
+    async fn client_token(&self, cache: &Cache) -> Result<String> {
+        let secret = cache.auth_secret_name();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let found = api.get(&secret).await.map_err(|e| {
+            anyhow!(self.explain(e)).context(format!(
+                "distrocache {} has spec.auth.enabled and its client token is in Secret {}/{secret}",
+                cache.name, self.namespace
+            ))
+        })?;
+        let data = found
+            .data
+            .as_ref()
+            .and_then(|d| d.get(CLIENT_TOKEN_KEY))
+            .ok_or_else(|| {
+                anyhow!(
+                    "Secret {}/{secret} has no {CLIENT_TOKEN_KEY:?} key",
+                    self.namespace
+                )
+            })?;
+        first_token(&data.0).ok_or_else(|| {
+            anyhow!(
+                "Secret {}/{secret}: {CLIENT_TOKEN_KEY:?} holds no token",
+                self.namespace
+            )
+        })
     }
 
     /// A kube error as the user should read it.
@@ -278,6 +318,9 @@ impl Kube {
     ) -> Result<(StatusCode, Value)> {
         let uri = format!("{}{path}", cache.proxy_base());
         let mut request = Request::builder().method(method.clone()).uri(&uri);
+        if let Some(token) = &cache.token {
+            request = request.header(TOKEN_HEADER, token.as_str());
+        }
         if !body.is_empty() {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
@@ -319,11 +362,13 @@ impl Kube {
     }
 }
 
-/// A DistroCache as the API server returned it.
+/// A DistroCache as the API server returned it, and the token its nodes
+/// want (read when they want one).
 struct Cache {
     name: String,
     namespace: String,
     object: DynamicObject,
+    token: Option<String>,
 }
 
 impl Cache {
@@ -353,20 +398,32 @@ impl Cache {
         )
     }
 
-    /// Items cannot be read or written through the API server when the
-    /// nodes want a bearer token (see the module comment).
-    fn refuse_auth(&self) -> Result<()> {
+    /// The Secret holding the tokens: the user's, or `<name>-auth` (as the
+    /// operator names it).
+    fn auth_secret_name(&self) -> String {
+        self.spec()["auth"]["secretName"]
+            .as_str()
+            .map_or_else(|| format!("{}-auth", self.name), str::to_owned)
+    }
+
+    /// Reads the client token, when the nodes want one.
+    async fn load_token(&mut self, kube: &Kube) -> Result<()> {
         if self.auth() {
-            bail!(
-                "distrocache {} has spec.auth.enabled: its nodes want a bearer token, which the API \
-                 server's proxy does not forward (it removes the Authorization header); use \
-                 `kubectl port-forward service/{} 8080` and `distrocache --token-file`",
-                self.name,
-                self.name
-            );
+            self.token = Some(kube.client_token(self).await?);
         }
         Ok(())
     }
+}
+
+/// The token a client sends from a token file's text: the first line that
+/// is not blank (every line is a valid token during a rotation).
+fn first_token(text: &[u8]) -> Option<String> {
+    std::str::from_utf8(text)
+        .ok()?
+        .lines()
+        .map(str::trim)
+        .find(|t| !t.is_empty())
+        .map(str::to_owned)
 }
 
 /// GET or POST of one item through the proxy: the item, or `None` when the
@@ -400,7 +457,8 @@ fn node_error(status: StatusCode, value: &Value) -> anyhow::Error {
         .unwrap_or("no message");
     if status == StatusCode::UNAUTHORIZED {
         return anyhow!(
-            "the node refused the request ({message}): the API server's proxy does not forward bearer tokens"
+            "the node refused the request ({message}): the cache has spec.auth.enabled and the \
+             token sent was not one of its client tokens"
         );
     }
     anyhow!("{message} ({status})")
@@ -415,13 +473,18 @@ async fn node_json(kube: &Kube, cache: &Cache, path: &str) -> Result<Value> {
     Ok(value)
 }
 
-async fn status(kube: &Kube, cache: &Cache, out: Output) -> Result<()> {
-    let status = cache.status();
+async fn status(kube: &Kube, cache: Cache, out: Output) -> Result<()> {
     // What a node says. Without it the resource's status still stands (the
-    // operator writes it from the nodes), so a proxy the API server refuses
-    // (RBAC, no endpoints) is reported, not fatal.
-    let (ring, progress, nodes_error) = match node_view(kube, cache).await {
-        Ok((ring, progress)) => (ring, Some(progress), None),
+    // operator writes it from the nodes), so a proxy or a Secret the API
+    // server refuses (RBAC, no endpoints) is reported, not fatal.
+    let mut cache = cache;
+    let view = match cache.load_token(kube).await {
+        Ok(()) => node_view(kube, &cache).await,
+        Err(e) => Err(e),
+    };
+    let status = cache.status();
+    let (ring, progress, nodes_error) = match view {
+        Ok((ring, progress)) => (Some(ring), Some(progress), None),
         Err(e) => (None, None, Some(format!("{e:#}").replace('\n', " "))),
     };
     let summary = json!({
@@ -487,25 +550,19 @@ async fn status(kube: &Kube, cache: &Cache, out: Output) -> Result<()> {
         println!("nodes: not read through the API server's proxy: {e}");
         return Ok(());
     }
-    match &summary["ring"] {
-        Value::Null => println!(
-            "ring: not read from the nodes (spec.auth.enabled: the API server's proxy does not forward bearer tokens)"
-        ),
-        ring => {
-            let moving = match ring["previousEpoch"].as_u64() {
-                Some(previous) => format!("moving data from epoch {previous}"),
-                None if ring["settled"] == true => "settled".to_owned(),
-                None => "not settled".to_owned(),
-            };
-            println!(
-                "ring seen by node {}: epoch {}, {} member(s), replication factor {}, {moving}",
-                text(&ring["nodeId"]),
-                text(&ring["epoch"]),
-                ring["members"].as_array().map_or(0, Vec::len),
-                text(&ring["replicationFactor"]),
-            );
-        }
-    }
+    let ring = &summary["ring"];
+    let moving = match ring["previousEpoch"].as_u64() {
+        Some(previous) => format!("moving data from epoch {previous}"),
+        None if ring["settled"] == true => "settled".to_owned(),
+        None => "not settled".to_owned(),
+    };
+    println!(
+        "ring seen by node {}: epoch {}, {} member(s), replication factor {}, {moving}",
+        text(&ring["nodeId"]),
+        text(&ring["epoch"]),
+        ring["members"].as_array().map_or(0, Vec::len),
+        text(&ring["replicationFactor"]),
+    );
     println!(
         "rebalance on node {}: phase {}, epoch {}, synced epoch {}, keys sent {}, received {}, last sync {:.2}s",
         progress_field(&summary, "nodeId"),
@@ -521,14 +578,9 @@ async fn status(kube: &Kube, cache: &Cache, out: Output) -> Result<()> {
     Ok(())
 }
 
-/// The ring as a node holds it (the client API: not readable with auth)
-/// and that node's data movement (open, like the probes).
-async fn node_view(kube: &Kube, cache: &Cache) -> Result<(Option<Value>, NodeProgress)> {
-    let ring = if cache.auth() {
-        None
-    } else {
-        Some(node_json(kube, cache, "/api/v1/cluster").await?)
-    };
+/// The ring as a node holds it and that node's data movement.
+async fn node_view(kube: &Kube, cache: &Cache) -> Result<(Value, NodeProgress)> {
+    let ring = node_json(kube, cache, "/api/v1/cluster").await?;
     let progress = node_json(kube, cache, "/api/v1/cluster/rebalance").await?;
     let progress = serde_json::from_value(progress)
         .context("/api/v1/cluster/rebalance: unexpected progress report")?;
@@ -568,6 +620,7 @@ mod tests {
             name: "orders".into(),
             namespace: "shop".into(),
             object: DynamicObject::new("orders", &resource).data(json!({ "spec": spec })),
+            token: None,
         }
     }
 
@@ -584,18 +637,19 @@ mod tests {
     }
 
     #[test]
-    fn items_of_an_auth_cache_are_refused_with_the_reason() {
-        assert!(
-            cache(json!({"auth": {"enabled": false}}))
-                .refuse_auth()
-                .is_ok()
+    fn the_token_comes_from_the_secret_the_nodes_mount() {
+        assert_eq!(
+            cache(json!({"auth": {"enabled": true}})).auth_secret_name(),
+            "orders-auth"
         );
-        let e = cache(json!({"auth": {"enabled": true}}))
-            .refuse_auth()
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("does not forward"), "{e}");
-        assert!(!e.contains('\n'));
+        assert_eq!(
+            cache(json!({"auth": {"enabled": true, "secretName": "mine"}})).auth_secret_name(),
+            "mine"
+        );
+        assert_eq!(first_token(b"abc\n").as_deref(), Some("abc"));
+        assert_eq!(first_token(b"\n  new \nold\n").as_deref(), Some("new"));
+        assert_eq!(first_token(b" \n\n"), None);
+        assert_eq!(first_token(&[0xff, 0xfe]), None);
     }
 
     #[test]

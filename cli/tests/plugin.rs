@@ -3,11 +3,13 @@
 //! through a stand-in API server: it serves the DistroCache object and,
 //! like kube-apiserver's Service proxy, forwards
 //! `/api/v1/namespaces/<ns>/services/<name>:http/proxy/<path>` to a node
-//! (each request to the next node, as a Service spreads them). The real
-//! control plane cannot proxy to its loopback pods (see
-//! tests/tests/plugin.rs), so the round trips through a proxy are proven
-//! here: the paths, verbs, bodies and credentials the plugin sends, and how
-//! it reads the nodes' answers.
+//! (each request to the next node, as a Service spreads them), passing on
+//! every header but `Authorization`, which kube-apiserver keeps for itself;
+//! and it serves Secrets (or refuses them, as RBAC would). The real control
+//! plane cannot proxy to its loopback pods (see tests/tests/plugin.rs), so
+//! the round trips through a proxy are proven here: the paths, verbs,
+//! bodies and credentials the plugin sends, and how it reads the nodes'
+//! answers, for an open cache and for one that wants a token.
 
 #[path = "../../cache-node/tests/cluster_support/mod.rs"]
 mod cluster_support;
@@ -45,14 +47,33 @@ struct Seen {
     method: Method,
     path: String,
     authorization: Option<String>,
+    /// `X-DistroCache-Token`, the node's token where a proxy takes
+    /// `Authorization`.
+    token: Option<String>,
 }
 
 struct State {
     caches: Vec<Value>,
-    nodes: Vec<SocketAddr>,
+    /// The nodes behind each cache's client Service, by cache name.
+    nodes: Vec<(String, Vec<SocketAddr>)>,
+    /// Secrets the user may read; any other is refused (403), as RBAC would.
+    secrets: Vec<Value>,
     next: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
     http: reqwest::Client,
+}
+
+/// An auth Secret as the operator writes it: the client tokens under
+/// `client-token`.
+fn auth_secret(name: &str, client_tokens: &str) -> Value {
+    use base64::Engine;
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "type": "Opaque",
+        "data": {"client-token": base64::engine::general_purpose::STANDARD.encode(client_tokens)},
+    })
 }
 
 fn status_object(code: u16, reason: &str, message: &str) -> Value {
@@ -82,14 +103,19 @@ async fn handle(
     let uri = request.uri().clone();
     let path = uri.path().to_owned();
     let content_type = request.headers().get("content-type").cloned();
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let token = header("x-distrocache-token");
     state.seen.lock().unwrap().push(Seen {
         method: method.clone(),
         path: path.clone(),
-        authorization: request
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        authorization: header("authorization"),
+        token: token.clone(),
     });
     let body = match request.into_body().collect().await {
         Ok(body) => body.to_bytes(),
@@ -116,14 +142,41 @@ async fn handle(
             ),
         });
     }
+    let secrets = format!("/api/v1/namespaces/{NS}/secrets/");
+    if let Some(name) = path.strip_prefix(&secrets) {
+        let found = state
+            .secrets
+            .iter()
+            .find(|s| s["metadata"]["name"] == name && method == Method::GET);
+        return Ok(match found {
+            Some(secret) => json_answer(StatusCode::OK, secret),
+            None => json_answer(
+                StatusCode::FORBIDDEN,
+                &status_object(
+                    403,
+                    "Forbidden",
+                    &format!(
+                        "secrets {name:?} is forbidden: User \"someone\" cannot get resource \"secrets\" in API group \"\" in the namespace \"{NS}\""
+                    ),
+                ),
+            ),
+        });
+    }
     // The Service's proxy of every cache: the rest of the path (still
-    // percent-encoded) and the query go to a node.
+    // percent-encoded) and the query go to a node; `Authorization` (the
+    // user's credential, consumed here) does not.
     let services = format!("/api/v1/namespaces/{NS}/services/");
-    if let Some((_, rest)) = path
+    if let Some((service, rest)) = path
         .strip_prefix(&services)
         .and_then(|p| p.split_once(":http/proxy"))
     {
-        let node = state.nodes[state.next.fetch_add(1, Ordering::Relaxed) % state.nodes.len()];
+        let nodes = &state
+            .nodes
+            .iter()
+            .find(|(cache, _)| cache == service)
+            .unwrap_or_else(|| panic!("no nodes behind service {service}"))
+            .1;
+        let node = nodes[state.next.fetch_add(1, Ordering::Relaxed) % nodes.len()];
         let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let mut forward = state
             .http
@@ -131,6 +184,9 @@ async fn handle(
             .body(body);
         if let Some(ct) = content_type {
             forward = forward.header("content-type", ct);
+        }
+        if let Some(token) = token {
+            forward = forward.header("x-distrocache-token", token);
         }
         return Ok(match forward.send().await {
             Ok(reply) => {
@@ -193,7 +249,7 @@ fn write_kubeconfig(path: &Path, server: SocketAddr) {
     std::fs::write(path, config.to_string()).unwrap();
 }
 
-fn cache_object(name: &str, epoch: u64, ids: &[String], auth: bool) -> Value {
+fn cache_object(name: &str, epoch: u64, ids: &[String], auth: Option<&str>) -> Value {
     let members: Vec<Value> = ids
         .iter()
         .map(|id| json!({"pod": id, "address": format!("{id}.peers:8081"), "state": "active", "ready": true, "items": 0}))
@@ -202,7 +258,14 @@ fn cache_object(name: &str, epoch: u64, ids: &[String], auth: bool) -> Value {
         "apiVersion": "distrocache.io/v1alpha1",
         "kind": "DistroCache",
         "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
-        "spec": {"replicas": ids.len(), "replicationFactor": 2, "auth": {"enabled": auth}},
+        "spec": {
+            "replicas": ids.len(),
+            "replicationFactor": 2,
+            "auth": match auth {
+                None => json!({"enabled": false}),
+                Some(secret) => json!({"enabled": true, "secretName": secret}),
+            },
+        },
         "status": {
             "observedGeneration": 1,
             "replicas": ids.len(),
@@ -312,12 +375,32 @@ async fn the_plugin_reads_status_and_round_trips_items_through_a_service_proxy()
     }
     c.wait_settled(epoch, SETTLE).await;
     let ids: Vec<String> = c.nodes.iter().map(|n| n.id.clone()).collect();
+    // A one-node cluster that wants tokens, behind three caches: one whose
+    // Secret holds the node's client token (first of two lines, as during a
+    // rotation), one whose Secret holds a token the node does not accept,
+    // and one whose Secret the user may not read.
+    let mut guarded = ProcCluster::new(1, 1).with_auth();
+    let guarded_epoch = guarded.set_ring(&[(0, Active)]);
+    guarded.start(0);
+    guarded.wait_settled(guarded_epoch, SETTLE).await;
+    let auth_caches = ["locked", "stale", "sealed"];
+    let mut nodes = vec![(
+        "orders".to_owned(),
+        c.nodes.iter().map(|n| n.addr).collect(),
+    )];
+    nodes.extend(auth_caches.map(|name| (name.to_owned(), vec![guarded.nodes[0].addr])));
     let state = Arc::new(State {
         caches: vec![
-            cache_object("orders", epoch, &ids, false),
-            cache_object("locked", epoch, &ids, true),
+            cache_object("orders", epoch, &ids, None),
+            cache_object("locked", 1, &ids[..1], Some("locked-auth")),
+            cache_object("stale", 1, &ids[..1], Some("stale-auth")),
+            cache_object("sealed", 1, &ids[..1], Some("sealed-auth")),
         ],
-        nodes: c.nodes.iter().map(|n| n.addr).collect(),
+        nodes,
+        secrets: vec![
+            auth_secret("locked-auth", "\nclient-secret-token\nold-client-token\n"),
+            auth_secret("stale-auth", "retired-client-token\n"),
+        ],
         next: AtomicUsize::new(0),
         seen: Mutex::new(Vec::new()),
         http: reqwest::Client::builder().no_proxy().build().unwrap(),
@@ -451,17 +534,50 @@ async fn the_plugin_reads_status_and_round_trips_items_through_a_service_proxy()
         line.contains(r#"not found in namespace "elsewhere""#),
         "{line}"
     );
-    // An auth cache's items are refused before any request to its nodes.
-    let line = failed(plugin.run(&["get", "locked", "k"], None).await);
+    // A cache that wants a token: the plugin reads it from the cache's
+    // Secret and items round-trip through the proxy.
+    let stored = json_of(
+        plugin
+            .run(&["set", "locked", "door", "\"open\"", "-o", "json"], None)
+            .await,
+    );
+    assert_eq!(stored["value"], "open");
+    let read = json_of(
+        plugin
+            .run(&["get", "locked", "door", "-o", "json"], None)
+            .await,
+    );
+    assert_eq!(read["value"], "open");
+    let status = json_of(plugin.run(&["status", "locked", "-o", "json"], None).await);
+    assert!(status["nodesError"].is_null(), "{status}");
+    assert_eq!(status["ring"]["epoch"], guarded_epoch, "{status}");
+    assert_eq!(
+        status["rebalance"]["syncedEpoch"], guarded_epoch,
+        "{status}"
+    );
+    // A token the node no longer accepts: the node's 401, said plainly.
+    let line = failed(plugin.run(&["get", "stale", "door"], None).await);
     assert!(
-        line.contains("spec.auth.enabled") && line.contains("does not forward"),
+        line.contains("invalid bearer token") && line.contains("not one of its client tokens"),
         "{line}"
     );
+    // A Secret the user may not read: the API server's refusal, and no
+    // request to the nodes; status still shows the resource.
+    let line = failed(plugin.run(&["get", "sealed", "door"], None).await);
+    assert!(
+        line.contains("Secret shop/sealed-auth") && line.contains("forbidden"),
+        "{line}"
+    );
+    let status = json_of(plugin.run(&["status", "sealed", "-o", "json"], None).await);
+    assert_eq!(status["ringEpoch"], 1);
+    let nodes_error = status["nodesError"].as_str().unwrap_or_default();
+    assert!(nodes_error.contains("sealed-auth"), "{status}");
 
     // What the stand-in saw: the user's token on every request, the
     // DistroCache read first, items through the client Service's proxy
-    // (POST for set: the `create` verb of services/proxy), none for the
-    // auth cache.
+    // (POST for set: the `create` verb of services/proxy), the node's token
+    // on exactly the auth caches' requests (the first line of the Secret),
+    // nothing sent to the nodes of a cache whose Secret was refused.
     let seen = state.seen.lock().unwrap().clone();
     assert!(!seen.is_empty());
     for s in &seen {
@@ -474,7 +590,11 @@ async fn the_plugin_reads_status_and_round_trips_items_through_a_service_proxy()
     let proxy = format!("/api/v1/namespaces/{NS}/services/orders:http/proxy");
     let sets: Vec<&Seen> = seen
         .iter()
-        .filter(|s| s.path.contains("/api/v1/cache/") && s.method != Method::GET)
+        .filter(|s| {
+            s.path.starts_with(&proxy)
+                && s.path.contains("/api/v1/cache/")
+                && s.method != Method::GET
+        })
         .collect();
     assert_eq!(sets.len(), 3, "{sets:?}");
     assert!(sets.iter().all(|s| s.method == Method::POST), "{sets:?}");
@@ -490,8 +610,22 @@ async fn the_plugin_reads_status_and_round_trips_items_through_a_service_proxy()
         seen.iter()
             .any(|s| s.path == format!("{proxy}/api/v1/cluster/rebalance"))
     );
+    for s in &seen {
+        let expected = if s.path.contains("services/locked:") {
+            Some("client-secret-token")
+        } else if s.path.contains("services/stale:") {
+            Some("retired-client-token")
+        } else {
+            None
+        };
+        assert_eq!(s.token.as_deref(), expected, "{s:?}");
+    }
     assert!(
-        !seen.iter().any(|s| s.path.contains("services/locked")),
+        seen.iter().any(|s| s.path.contains("services/locked:")),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|s| s.path.contains("services/sealed:")),
         "{seen:?}"
     );
 }

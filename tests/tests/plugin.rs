@@ -416,12 +416,13 @@ async fn write_service_account_kubeconfig(
     Ok(())
 }
 
-/// With `spec.auth.enabled`, `status` still reads the resource and asks a
-/// node only for its rebalance progress (open, like the probes), while
-/// `get` and `set` say in one line, before any request to the nodes, why
-/// the API server's proxy cannot carry the node's token.
+/// With `spec.auth.enabled` the plugin reads the client token from the
+/// Secret the operator made (`<name>-auth`) with the user's credentials and
+/// goes on to the nodes (here the proxy's 404, see the module comment); a
+/// user who may not read that Secret gets the API server's refusal in one
+/// line, naming the Secret, and `status` still shows the resource.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_auth_cache_has_a_status_and_items_are_refused_with_the_reason() -> Result<()> {
+async fn an_auth_cache_is_read_with_the_token_from_its_secret() -> Result<()> {
     let (cp, kubelet) = installed().await?;
     let ns = TestNamespace::create(cp, "plugin-auth")
         .await?
@@ -443,11 +444,13 @@ async fn an_auth_cache_has_a_status_and_items_are_refused_with_the_reason() -> R
     );
     assert_eq!(status["ringEpoch"], epoch);
     assert_eq!(status["members"].as_array().map(Vec::len), Some(2));
-    // With auth only the open rebalance endpoint is asked (and, here, the
-    // proxy cannot reach it: see the module comment).
+    // The Secret was read (no refusal), so the nodes were asked: the
+    // proxy's own answer (see the module comment).
     let nodes_error = status["nodesError"].as_str().unwrap_or("");
     assert!(
-        nodes_error.contains("GET /api/v1/cluster/rebalance on distrocache locked"),
+        nodes_error.contains("GET /api/v1/cluster on distrocache locked")
+            && nodes_error.contains("404")
+            && !nodes_error.contains("Secret"),
         "{status}"
     );
     let table = ok(
@@ -455,14 +458,46 @@ async fn an_auth_cache_has_a_status_and_items_are_refused_with_the_reason() -> R
         plugin.kubectl(&["status", "locked", "-n", n])?,
     );
     assert!(table.contains(&format!("ring epoch {epoch}")), "{table}");
-
     for args in [
         &["get", "locked", "k", "-n", n][..],
         &["set", "locked", "k", "1", "-n", n][..],
     ] {
         let line = failed(&args.join(" "), plugin.kubectl(args)?);
-        assert!(line.contains("spec.auth.enabled"), "{line}");
-        assert!(line.contains("does not forward"), "{line}");
+        assert!(line.contains("answered 404"), "{line}");
+        assert!(!line.contains("Secret"), "{line}");
     }
+
+    // A user with the README's rules but no access to Secrets.
+    let rbac = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: no-secrets\n  namespace: {n}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: no-secrets\n  namespace: {n}\n\
+         rules:\n- apiGroups: [distrocache.io]\n  resources: [distrocaches]\n  verbs: [get]\n\
+         - apiGroups: [\"\"]\n  resources: [services/proxy]\n  verbs: [get, create]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: no-secrets\n  namespace: {n}\n\
+         roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: no-secrets\n\
+         subjects:\n- kind: ServiceAccount\n  name: no-secrets\n  namespace: {n}\n"
+    );
+    let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &rbac)?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let user = plugin.dir.path().join("no-secrets-kubeconfig");
+    write_service_account_kubeconfig(cp, &client, n, "no-secrets", &user).await?;
+    let line = failed(
+        "get without access to the Secret",
+        plugin.run_with(&user, &["get", "locked", "k", "-n", n], None)?,
+    );
+    assert!(
+        line.contains(&format!("Secret {n}/locked-auth")) && line.contains("forbidden"),
+        "{line}"
+    );
+    let status = json_of(
+        "status without access to the Secret",
+        plugin.run_with(&user, &["status", "locked", "-n", n, "-o", "json"], None)?,
+    );
+    assert_eq!(status["ringEpoch"], epoch);
+    let nodes_error = status["nodesError"].as_str().unwrap_or("");
+    assert!(
+        nodes_error.contains("locked-auth") && nodes_error.contains("forbidden"),
+        "{status}"
+    );
     Ok(())
 }

@@ -3,6 +3,13 @@
 //! Kubernetes Secret can be mounted). Requests without the right
 //! `Authorization: Bearer <token>` get 401 with a JSON error.
 //!
+//! The token may also come in [`TOKEN_HEADER`] (`X-DistroCache-Token:
+//! <token>`), for the one path where `Authorization` cannot carry it:
+//! kube-apiserver's proxy (`kubectl distrocache`, `kubectl get --raw`)
+//! authenticates the user by that header and removes it before forwarding
+//! (k8s.io/apiserver, filters/authentication.go), while other headers pass.
+//! Either header is accepted; the tokens and their comparison are the same.
+//!
 //! Tokens are compared in constant time (`subtle`), so the time an answer
 //! takes says nothing about how much of a guess was right.
 //!
@@ -21,6 +28,10 @@ use subtle::ConstantTimeEq;
 
 use crate::exec::Failure;
 use crate::reload::Reloadable;
+
+/// The header that carries a token where `Authorization` is taken by a
+/// proxy (see the module comment).
+pub const TOKEN_HEADER: &str = "x-distrocache-token";
 
 /// Longest token file accepted.
 const MAX_TOKEN_BYTES: usize = 4096;
@@ -103,23 +114,27 @@ pub fn check(expected: Option<&TokenFile>, headers: &HeaderMap) -> Result<(), Fa
 
 /// `Err` carries why the request is refused.
 fn presented(expected: &TokenSet, headers: &HeaderMap) -> Result<(), &'static str> {
-    let presented = headers
+    let bearer = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| bearer_token(v.as_bytes()))
-        .unwrap_or_default();
-    // Every token compared (no early exit): the time says nothing of which.
+        .and_then(|v| bearer_token(v.as_bytes()));
+    let plain = headers.get(TOKEN_HEADER).map(|v| v.as_bytes());
+    if bearer.is_none() && plain.is_none() {
+        return Err(
+            "authentication required: send Authorization: Bearer <token> (or X-DistroCache-Token: <token>)",
+        );
+    }
+    // Every token compared with every token presented (no early exit): the
+    // time says nothing of which matched.
     let mut matched = subtle::Choice::from(0);
-    for token in &expected.0 {
-        matched |= presented.ct_eq(token.as_bytes());
+    for presented in [bearer, plain].into_iter().flatten() {
+        for token in &expected.0 {
+            matched |= presented.ct_eq(token.as_bytes());
+        }
     }
     if bool::from(matched) {
         return Ok(());
     }
-    Err(if presented.is_empty() {
-        "authentication required: send Authorization: Bearer <token>"
-    } else {
-        "invalid bearer token"
-    })
+    Err("invalid bearer token")
 }
 
 /// The token of `Bearer <token>`. The scheme name is case-insensitive
@@ -203,6 +218,31 @@ mod tests {
             let refused = check(Some(&s3cret), request(wrong).headers()).unwrap_err();
             assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn the_token_header_is_accepted_where_authorization_is_taken() {
+        let s3cret = fixed(&["s3cret"]);
+        let with = |auth: Option<&str>, plain: &str| {
+            let mut r = request(auth);
+            r.headers_mut().insert(TOKEN_HEADER, plain.parse().unwrap());
+            r
+        };
+        assert!(check(Some(&s3cret), with(None, "s3cret").headers()).is_ok());
+        // Either header may carry it (a proxy may add its own Authorization).
+        assert!(check(Some(&s3cret), with(Some("Bearer user"), "s3cret").headers()).is_ok());
+        assert!(check(Some(&s3cret), with(Some("Bearer s3cret"), "nope").headers()).is_ok());
+        for wrong in ["s3cre", "Bearer s3cret", " s3cret", "S3CRET"] {
+            let refused = check(Some(&s3cret), with(None, wrong).headers()).unwrap_err();
+            assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{wrong:?}");
+            assert_eq!(refused.message, "invalid bearer token");
+        }
+        let refused = check(Some(&s3cret), request(None).headers()).unwrap_err();
+        assert!(
+            refused.message.contains("X-DistroCache-Token"),
+            "{}",
+            refused.message
+        );
     }
 
     #[test]
