@@ -8,6 +8,9 @@
 # the calling script, since every caller assigns the output under set -e) on
 # non-2xx answers, socket errors or no result.
 #
+#   cpu_ticks PID...                          # their CPU time so far, in clock ticks
+#   us_per_request TICKS_BEFORE TICKS_AFTER RPS   # CPU µs per request over a $DURATION run
+#
 # wrk_spread spreads $CONNS connections evenly over the URLs (as a Service
 # spreads clients over pods): one wrk per URL, all at once on $CLIENT_CORE,
 # each with its share of the connections; it prints the summed req/s and the
@@ -55,4 +58,14 @@ wrk_spread() {
     worst=$(python3 -c "print(max($worst, $p99))")
   done
   printf "%s %.3f\n" "$total" "$worst"
+}
+
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
+  echo "$total"
+}
+
+us_per_request() {
+  python3 -c "print(f'{($2 - $1) / $(getconf CLK_TCK) * 1e6 / ($3 * ${DURATION%s}):.2f}')"
 }

@@ -18,7 +18,7 @@ use distrocache_tests::distrocache::{
 use distrocache_tests::tls::{HttpsClient, TestCa};
 use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, wait};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Container, Secret};
+use k8s_openapi::api::core::v1::{Container, Pod, Secret};
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -141,6 +141,27 @@ async fn write_and_read_everywhere(
             ensure!(
                 body["value"] == json!({"n": i}),
                 "read {path} through {node}: {body}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads keys `tls:0..keys` (as written by [`write_and_read_everywhere`])
+/// through every node over HTTPS; any miss or wrong value fails `step`.
+async fn read_everything(
+    https: &HttpsClient,
+    nodes: &[SocketAddr],
+    keys: usize,
+    step: &str,
+) -> Result<()> {
+    for &node in nodes {
+        for i in 0..keys {
+            let path = format!("/api/v1/cache/tls:{i}");
+            let (status, body) = https.request(node, "GET", &path, None, None).await?;
+            ensure!(
+                status == 200 && body["value"] == json!({"n": i}),
+                "{step}, {path} through {node}: {status} {body}"
             );
         }
     }
@@ -356,21 +377,55 @@ async fn a_cache_with_a_tls_secret_serves_https_forwards_over_peer_mtls_and_prob
         .map(|(_, a)| a)
         .collect();
     ensure!(nodes.len() == 4, "{nodes:?}");
-    for &node in &nodes {
-        for i in 0..40 {
-            let path = format!("/api/v1/cache/tls:{i}");
-            let (status, body) = https.request(node, "GET", &path, None, None).await?;
-            ensure!(
-                status == 200 && body["value"] == json!({"n": i}),
-                "after the scale-up, {path} through {node}: {status} {body}"
-            );
-        }
-    }
+    read_everything(&https, &nodes, 40, "after the scale-up").await?;
+
+    // kill -9 of a node: it restarts under its name, pulls its keys back
+    // over mutual TLS, and nothing is lost.
+    let pid = kubelet.crash(n, &format!("{name}-1")).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), n);
+    wait::until(
+        &format!("{name}-1 (pid {pid}) restarted and ready"),
+        READY,
+        || {
+            let pods = pods.clone();
+            let pod = format!("{name}-1");
+            async move {
+                let p = pods.get(&pod).await?;
+                let restarts = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .and_then(|c| c.first())
+                    .map_or(0, |c| c.restart_count);
+                Ok((restarts >= 1 && distrocache::is_ready(&p)).then_some(()))
+            }
+        },
+    )
+    .await?;
+    wait_ready(&client, n, name, 4, READY).await?;
+    read_everything(&https, &nodes, 40, "after a kill -9").await?;
+
+    // Scaling down 4 -> 2: the leaving members hand their keys off over
+    // mutual TLS before their pods go, and nothing is lost.
+    caches
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await?;
+    wait_ready(&client, n, name, 2, READY).await?;
+    let nodes: Vec<SocketAddr> = wait::until("two node pods left", READY, || async {
+        let nodes = node_addresses(&client, n, name, 8080).await?;
+        Ok((nodes.len() == 2).then(|| nodes.into_iter().map(|(_, a)| a).collect()))
+    })
+    .await?;
+    read_everything(&https, &nodes, 40, "after the scale-down").await?;
     // A client that does not trust the Secret's CA cannot talk to a node.
     let stranger = TestCa::new("another-ca")?;
     let untrusting = HttpsClient::new(&stranger.ca_pem, &format!("{name}.{n}.svc"))?;
     let refused = untrusting
-        .request(nodes[2], "GET", "/api/v1/cache/tls:1", None, None)
+        .request(nodes[1], "GET", "/api/v1/cache/tls:1", None, None)
         .await;
     ensure!(
         refused.is_err(),

@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use super::frame::{self, FrameCodec};
+use super::frame::{self, FrameCodec, FrameError};
 use super::outbox::Outbox;
 use super::protocol::{Answer, Request};
 
@@ -95,6 +95,12 @@ pub async fn serve<H, R, W>(
         };
         let frame = match frame {
             Some(Ok(frame)) => frame,
+            // A connection that failed (a peer killed or gone, a TLS
+            // session cut without close_notify) is not a peer misbehaving.
+            Some(Err(FrameError::Io(e))) => {
+                tracing::debug!(error = %e, "a peer connection failed");
+                break false;
+            }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "closing a peer connection that sent a bad frame");
                 break false;
