@@ -502,8 +502,12 @@ impl<S: BuildHasher> Shard<S> {
         mut keep: impl FnMut(ItemRef<'_>) -> bool,
     ) -> (usize, Option<SlotId>) {
         let end = self.slots.len().min(from as usize + budget.max(1));
+        // `get`, not indexing: a chunk freed by deletions is a hole here.
         let doomed: Vec<SlotId> = (from as usize..end)
-            .filter(|&slot| self.slots[slot].is_live() && !keep(self.item(slot as SlotId)))
+            .filter(|&slot| {
+                self.slots.get(slot).is_some_and(|s| s.is_live())
+                    && !keep(self.item(slot as SlotId))
+            })
             .map(|slot| slot as SlotId)
             .collect();
         for &slot in &doomed {

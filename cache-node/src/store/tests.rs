@@ -854,3 +854,22 @@ fn a_clock_that_goes_back_never_expires_an_item_early() {
     assert_eq!(store.sweep_expired(), 1);
     store.assert_consistent();
 }
+
+#[test]
+fn whole_store_walks_skip_the_slab_chunks_freed_by_deletions() {
+    // One shard, four chunks of slots; deleting the first items written
+    // empties and frees the first chunks, leaving holes in the slot ids
+    // that every walk over the slab must step over.
+    let (store, _clock) = store(100_000, 0, 1);
+    for i in 0..4000 {
+        set(&store, &format!("k{i}"), "v", &["t"], 300);
+    }
+    for i in 0..2500 {
+        assert!(store.delete(&format!("k{i}")));
+    }
+    assert_eq!(store.retain_items(|item| item.key() != "k3000"), 1);
+    assert_eq!(store.retain(|key| key != "k3001"), 1);
+    assert_eq!(store.len(), 1498);
+    assert_eq!(get(&store, "k3999").as_deref(), Some("v"));
+    store.assert_consistent();
+}
