@@ -10,7 +10,11 @@
 //!
 //! So a background task watches the bytes the store holds and, after a drop
 //! of more than an eighth since the last release (and at least
-//! [`MIN_DROP_BYTES`]), asks every runtime thread to collect: it bumps a
+//! [`MIN_DROP_BYTES`]), gives memory back ([`give_back`]). Deletions spread
+//! over the keys (nine in ten gone everywhere) leave every slab chunk and
+//! allocator page with a few survivors, so nothing is free to give back:
+//! the store first rebuilds its shards that are mostly empty, packing the
+//! survivors together. Then it asks every runtime thread to collect: it bumps a
 //! release epoch that each worker checks when it parks (idle, so the
 //! collection never delays a request; see [`on_thread_park`]), and collects
 //! once on the blocking pool, which also purges the shared arenas. Growth
@@ -151,12 +155,28 @@ pub fn resident_bytes() -> Option<u64> {
     Some(pages * u64::try_from(page).ok()?)
 }
 
+/// What a drop of the store's bytes sets off, on a blocking thread: the
+/// store rebuilds its sparse shards ([`Store::compact`]), so that memory
+/// held by a few survivors per slab chunk and allocator page is freed;
+/// then this thread collects, and every runtime thread is asked to collect
+/// when it next parks (a block freed here that another thread allocated
+/// goes back to that thread's heap, and only that thread can release it).
+pub fn give_back(store: &Store) {
+    let compacted = store.compact();
+    if compacted > 0 {
+        tracing::debug!(shards = compacted, "compacted sparse shards");
+    }
+    release_on_this_thread();
+    request_release();
+}
+
 /// Watches the store and the process until told to stop; see the module
 /// doc.
 pub async fn follow_data(store: Arc<Store>, stop: watch::Receiver<bool>) {
-    follow_data_with(store, stop, resident_bytes, || {
-        request_release();
-        tokio::task::spawn_blocking(release_on_this_thread)
+    let watched = store.clone();
+    follow_data_with(watched, stop, resident_bytes, move || {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || give_back(&store))
     })
     .await;
 }

@@ -35,6 +35,8 @@ enum Op {
     Invalidate(usize),
     Advance(u64),
     Sweep,
+    /// Rebuilds every shard, as the compactor rebuilds sparse ones.
+    Compact,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -46,6 +48,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..TAGS.len()).prop_map(Op::Invalidate),
         1 => (1..10u64).prop_map(Op::Advance),
         1 => Just(Op::Sweep),
+        1 => Just(Op::Compact),
     ]
 }
 
@@ -152,6 +155,12 @@ proptest! {
                     prop_assert_eq!(store.sweep_expired(), expected);
                     model.items.retain(|i| i.expires_at > now);
                 }
+                Op::Compact => {
+                    // Every item kept, in its order; the expired ones go.
+                    prop_assert_eq!(store.compact_all(), 1);
+                    let now = model.now;
+                    model.items.retain(|i| i.expires_at > now);
+                }
             }
 
             store.assert_consistent();
@@ -184,6 +193,7 @@ fn sharded_op() -> impl Strategy<Value = Op> {
         1 => (0..TAGS.len()).prop_map(Op::Invalidate),
         1 => (1..10u64).prop_map(Op::Advance),
         1 => Just(Op::Sweep),
+        1 => Just(Op::Compact),
     ]
 }
 
@@ -323,6 +333,10 @@ proptest! {
                 Op::Advance(secs) => {
                     clock.advance(Duration::from_secs(secs));
                     now += secs * NANOS;
+                }
+                Op::Compact => {
+                    prop_assert_eq!(store.compact_all(), SHARDS);
+                    held.retain(|i| i.expires_at > now);
                 }
                 Op::Sweep => {
                     let expected = held.iter().filter(|i| i.expires_at <= now).count();

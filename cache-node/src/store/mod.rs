@@ -74,6 +74,20 @@ const RETAIN_BATCH: usize = 4096;
 /// in the low 32.
 pub type ScanCursor = u64;
 
+/// A cursor's shard, that shard's generation when the cursor was made, and
+/// the slot to go on from: bits 48.., 32..48 and ..32.
+fn cursor_parts(cursor: ScanCursor) -> (usize, u16, SlotId) {
+    (
+        ((cursor >> 32) & 0xffff) as usize,
+        (cursor >> 48) as u16,
+        cursor as SlotId,
+    )
+}
+
+fn cursor_of(shard: usize, generation: u16, slot: SlotId) -> ScanCursor {
+    (u64::from(generation) << 48) | ((shard as u64) << 32) | u64::from(slot)
+}
+
 /// An item's metadata, as it travels between nodes with the item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ItemMeta {
@@ -274,7 +288,9 @@ impl Store {
         let shards = match config.shards {
             0 => default_shard_count(config.max_items),
             n => n.next_power_of_two(),
-        };
+        }
+        // A scan cursor holds the shard's index in 16 bits.
+        .min(1 << 16);
         let hasher = Hasher::default();
         Self {
             shards: (0..shards)
@@ -554,15 +570,22 @@ impl Store {
         mut f: impl FnMut(ItemRef<'_>) -> ControlFlow<()>,
     ) -> Option<ScanCursor> {
         let now = self.clock.now();
-        let (mut shard_idx, mut slot) = ((cursor >> 32) as usize, cursor as SlotId);
+        let (mut shard_idx, mut generation, mut slot) = cursor_parts(cursor);
         let mut left = budget.max(1);
         let mut stopped = false;
         while shard_idx < self.shards.len() {
-            let (looked, next) = self.shards[shard_idx].lock().scan(slot, left, now, |item| {
+            let shard = self.shards[shard_idx].lock();
+            if shard.generation != generation {
+                // Compacted since the cursor was made: start it over (the
+                // callers take an item seen twice as they take it once).
+                (generation, slot) = (shard.generation, 0);
+            }
+            let (looked, next) = shard.scan(slot, left, now, |item| {
                 let flow = f(item);
                 stopped = flow.is_break();
                 flow
             });
+            drop(shard);
             match next {
                 Some(next) => slot = next,
                 None => (shard_idx, slot) = (shard_idx + 1, 0),
@@ -573,7 +596,13 @@ impl Store {
                 break;
             }
         }
-        (shard_idx < self.shards.len()).then(|| ((shard_idx as u64) << 32) | u64::from(slot))
+        (shard_idx < self.shards.len()).then(|| {
+            if slot == 0 {
+                // A shard not started yet: any generation will do.
+                generation = self.shards[shard_idx].lock().generation;
+            }
+            cursor_of(shard_idx, generation, slot)
+        })
     }
 
     /// Removes every item whose key `keep` rejects; returns how many. O(n),
@@ -582,8 +611,13 @@ impl Store {
         let mut removed = 0;
         for shard in self.shards.iter() {
             let mut from = Some(0);
-            while let Some(at) = from {
+            let mut generation = shard.lock().generation;
+            while let Some(mut at) = from {
                 let mut shard = shard.lock();
+                if shard.generation != generation {
+                    // Compacted between two batches: start the shard over.
+                    (generation, at) = (shard.generation, 0);
+                }
                 let before = (shard.len(), shard.bytes());
                 let (went, next) = shard.retain(at, RETAIN_BATCH, |key| keep(key_str(key)));
                 self.account(before, (shard.len(), shard.bytes()));
@@ -599,8 +633,13 @@ impl Store {
         let mut removed = 0;
         for shard in self.shards.iter() {
             let mut from = Some(0);
-            while let Some(at) = from {
+            let mut generation = shard.lock().generation;
+            while let Some(mut at) = from {
                 let mut shard = shard.lock();
+                if shard.generation != generation {
+                    // Compacted between two batches: start the shard over.
+                    (generation, at) = (shard.generation, 0);
+                }
                 let before = (shard.len(), shard.bytes());
                 let (went, next) = shard.retain_items(at, RETAIN_BATCH, &mut keep);
                 self.account(before, (shard.len(), shard.bytes()));
@@ -609,6 +648,42 @@ impl Store {
             }
         }
         removed
+    }
+
+    /// Rebuilds every [sparse](Shard::is_sparse) shard (see
+    /// [`Shard::compacted`]), one shard's lock at a time; returns how many
+    /// shards. What the old shards held is freed by the time it returns
+    /// (their items, slab chunks and tables, dropped outside the locks);
+    /// giving the freed pages back to the system is [`crate::memory`]'s.
+    pub fn compact(&self) -> usize {
+        self.compact_where(Shard::is_sparse)
+    }
+
+    /// Rebuilds every shard, sparse or not: what [`Self::compact`] does to
+    /// a sparse one, for the property tests to check on any state.
+    #[doc(hidden)]
+    pub fn compact_all(&self) -> usize {
+        self.compact_where(|_| true)
+    }
+
+    fn compact_where(&self, due: impl Fn(&Shard<Hasher>) -> bool) -> usize {
+        let mut compacted = 0;
+        for shard in self.shards.iter() {
+            let old = {
+                let mut shard = shard.lock();
+                if !due(&shard) {
+                    continue;
+                }
+                let before = (shard.len(), shard.bytes());
+                let fresh = shard.compacted(self.clock.now());
+                let old = std::mem::replace(&mut *shard, fresh);
+                self.account(before, (shard.len(), shard.bytes()));
+                old
+            };
+            drop(old);
+            compacted += 1;
+        }
+        compacted
     }
 
     /// Removes every item whose time has passed; returns how many. The cost
@@ -659,6 +734,12 @@ impl Store {
     /// Number of items carrying `tag` (expired ones not yet swept included).
     pub fn tag_count(&self, tag: &str) -> usize {
         self.shards.iter().map(|s| s.lock().tag_count(tag)).sum()
+    }
+
+    /// Slab slots allocated across the shards, free or not (tests).
+    #[cfg(test)]
+    pub fn allocated_slots(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().allocated_slots()).sum()
     }
 
     /// Keys of each shard from most to least recently used (diagnostics and

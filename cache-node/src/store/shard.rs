@@ -167,6 +167,9 @@ pub struct NewItem<'a, T> {
     pub newer_than_held: bool,
 }
 
+/// A shard that never held more items than this is not worth compacting.
+pub const COMPACT_MIN_PEAK: usize = 256;
+
 #[derive(Debug)]
 pub struct Shard<S> {
     hasher: S,
@@ -177,12 +180,19 @@ pub struct Shard<S> {
     /// Least recently used: the next to be evicted.
     lru_tail: SlotId,
     len: usize,
+    /// The most items held since the shard was built (see [`Self::is_sparse`]).
+    peak_len: usize,
     bytes: u64,
     /// Every live item, by expiry time; exact (an item is unlinked when it is
     /// removed and relinked when its expiry changes).
     expiry: ExpiryWheel,
     tags: TagIndex,
     pub counters: ShardCounters,
+    /// Counts the rebuilds ([`Self::compacted`]), which move every item to
+    /// another slot: a walk that resumes at a slot id (a scan's cursor, a
+    /// batch of `retain`) checks it and starts the shard over when it
+    /// changed, rather than skip what moved below its position.
+    pub generation: u16,
 }
 
 impl<S: BuildHasher> Shard<S> {
@@ -194,10 +204,12 @@ impl<S: BuildHasher> Shard<S> {
             lru_head: NIL,
             lru_tail: NIL,
             len: 0,
+            peak_len: 0,
             bytes: 0,
             expiry: ExpiryWheel::default(),
             tags: TagIndex::default(),
             counters: ShardCounters::default(),
+            generation: 0,
         }
     }
 
@@ -292,6 +304,7 @@ impl<S: BuildHasher> Shard<S> {
                 let slot = self.alloc_slot();
                 self.push_front(slot);
                 self.len += 1;
+                self.peak_len = self.peak_len.max(self.len);
                 slot
             }
         };
@@ -517,6 +530,74 @@ impl<S: BuildHasher> Shard<S> {
             doomed.len(),
             (end < self.slots.len()).then_some(end as SlotId),
         )
+    }
+
+    /// Whether the shard holds less than a quarter of the most items it held
+    /// since it was built (and that most was at least [`COMPACT_MIN_PEAK`]).
+    /// Its slab chunks and the allocator pages of its items were filled at
+    /// that peak; deletions spread over the keys leave a few survivors in
+    /// each, so none empties and nothing can be given back until the shard
+    /// is [compacted](Self::compacted).
+    pub fn is_sparse(&self) -> bool {
+        self.peak_len >= COMPACT_MIN_PEAK && self.len * 4 < self.peak_len
+    }
+
+    /// Slab slots allocated, free or not (tests).
+    #[cfg(test)]
+    pub fn allocated_slots(&self) -> usize {
+        self.slots.allocated_slots()
+    }
+
+    /// A new shard holding this one's live items (expired ones are counted
+    /// as expirations and left out) in the same LRU order, with the same
+    /// metadata and counters, built by inserting them afresh: its slab,
+    /// index and tag index sized to what it holds and every item in a new
+    /// allocation, packed into as few allocator pages as they fill. The
+    /// caller swaps it in and drops this one, which frees the rest.
+    ///
+    /// Written as a rebuild through [`Self::set`], not as slot moves in
+    /// place, so it relies on nothing but the insertion path every write
+    /// takes. It costs O(live items) under the shard's lock, which is why it
+    /// waits for [`Self::is_sparse`]: a shard then holds a quarter of what it
+    /// once did, at most.
+    pub fn compacted(&self, now: UnixNanos) -> Self
+    where
+        S: Clone,
+    {
+        let mut fresh = Self::new(self.hasher.clone());
+        fresh.counters = self.counters;
+        fresh.generation = self.generation.wrapping_add(1);
+        // From the least recently used up: each insertion goes to the front.
+        let mut at = self.lru_tail;
+        while at != NIL {
+            let slot = &self.slots[at as usize];
+            let item = slot.item();
+            let h = item.header();
+            let (created_at, accessed_at, expires_at, access_count) =
+                (h.created_at, h.accessed_at, h.expires_at, h.access_count);
+            if expires_at <= now {
+                fresh.counters.expirations += 1;
+            } else {
+                let tags: SmallVec<[&str; 8]> = item.tag_ids().map(|t| self.tags.name(t)).collect();
+                let hash = self.hasher.hash_one(item.key());
+                fresh.set(
+                    hash,
+                    NewItem {
+                        key: item.key(),
+                        value: item.value(),
+                        tags: &tags,
+                        created_at,
+                        accessed_at,
+                        expires_at,
+                        access_count,
+                        newer_than_held: false,
+                    },
+                    now,
+                );
+            }
+            at = slot.prev;
+        }
+        fresh
     }
 
     /// Number of items that carry `tag`, expired or not.

@@ -75,6 +75,12 @@ impl Slab {
         self.chunks.iter().flatten().count()
     }
 
+    /// Slots in allocated chunks, free or not. O(chunks). (tests)
+    #[cfg(test)]
+    pub(super) fn allocated_slots(&self) -> usize {
+        self.chunks.iter().flatten().count() * CHUNK
+    }
+
     /// Takes a free slot (its item is `None`). O(1), plus a chunk's
     /// initialisation when every chunk is full.
     pub(super) fn alloc(&mut self) -> SlotId {

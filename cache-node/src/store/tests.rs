@@ -873,3 +873,125 @@ fn whole_store_walks_skip_the_slab_chunks_freed_by_deletions() {
     assert_eq!(get(&store, "k3999").as_deref(), Some("v"));
     store.assert_consistent();
 }
+
+/// An item as a test compares it: value, tags, metadata.
+type Held = (Vec<u8>, Vec<String>, ItemMeta);
+
+/// Every key's full item, by key.
+fn snapshot_of(store: &Store, keys: impl Iterator<Item = String>) -> Vec<(String, Option<Held>)> {
+    keys.map(|k| {
+        let item = store.peek(&k, |i| {
+            (
+                i.value().to_vec(),
+                i.tags().map(str::to_owned).collect(),
+                i.meta(),
+            )
+        });
+        (k, item)
+    })
+    .collect()
+}
+
+#[test]
+fn compacting_a_sparse_shard_keeps_every_item_its_order_and_counters() {
+    let (store, clock) = store(1_000_000, 0, 2);
+    let key = |i: u32| format!("k{i:06}");
+    for i in 0..20_000 {
+        let tags: &[&str] = match i % 3 {
+            0 => &[],
+            1 => &["red"],
+            _ => &["red", "blue"],
+        };
+        // Every 50th lives a second only: expired by the time of compaction.
+        let ttl = if i % 50 == 13 { 1 } else { 300 };
+        set(&store, &key(i), &format!("v{i}"), tags, ttl);
+    }
+    // Reads change access counts and the LRU order.
+    for i in (0..20_000).step_by(7) {
+        get(&store, &key(i));
+    }
+    // Nine in ten deleted everywhere: every slab chunk keeps a few.
+    for i in (0..20_000).filter(|i| i % 10 != 3) {
+        store.delete(&key(i));
+    }
+    clock.advance(Duration::from_secs(2));
+    let survivors: Vec<u32> = (0..20_000).filter(|i| i % 10 == 3).collect();
+    let expired = survivors.iter().filter(|&&i| i % 50 == 13).count();
+    assert!(expired > 0);
+    let before = snapshot_of(&store, survivors.iter().map(|&i| key(i)));
+    let order_before = store.keys_by_recency();
+    let stats_before = store.stats();
+    let slots_before = store.allocated_slots();
+
+    assert_eq!(store.compact(), 2, "both shards are sparse");
+
+    store.assert_consistent();
+    assert_eq!(store.len(), survivors.len() - expired);
+    // The same items with the same metadata; the expired ones went.
+    let after = snapshot_of(&store, survivors.iter().map(|&i| key(i)));
+    for ((k, was), (_, now)) in before.iter().zip(&after) {
+        assert_eq!(was, now, "{k}");
+    }
+    // The same LRU order (less what expired), the same counters (plus the
+    // expirations), fewer slots.
+    let live = |keys: &Vec<String>| -> Vec<String> {
+        keys.iter()
+            .filter(|k| store.peek(k, |_| ()).is_some())
+            .cloned()
+            .collect()
+    };
+    let order_after = store.keys_by_recency();
+    for (b, a) in order_before.iter().zip(&order_after) {
+        assert_eq!(&live(b), a);
+    }
+    let mut expected = stats_before.counters;
+    expected.expirations += expired as u64;
+    assert_eq!(store.stats().counters, expected);
+    assert_eq!(
+        store.tag_count("red"),
+        survivors
+            .iter()
+            .filter(|&&i| i % 3 != 0 && i % 50 != 13)
+            .count()
+    );
+    assert!(
+        store.allocated_slots() * 4 <= slots_before,
+        "{} slots after, {slots_before} before",
+        store.allocated_slots()
+    );
+    // Nothing left to compact; the store works on as before.
+    assert_eq!(store.compact(), 0);
+    set(&store, "new", "v", &["red"], 300);
+    assert!(store.delete(&key(3)));
+    store.assert_consistent();
+}
+
+#[test]
+fn a_scan_or_a_retain_across_a_compaction_misses_nothing() {
+    let (store, _clock) = store(1_000_000, 0, 1);
+    let key = |i: u32| format!("k{i:06}");
+    for i in 0..20_000 {
+        set(&store, &key(i), "v", &[], 300);
+    }
+    for i in (0..20_000).filter(|i| i % 10 != 0) {
+        store.delete(&key(i));
+    }
+    // A scan gets halfway (its cursor deep in the slab), the shard is
+    // rebuilt (every item to a lower slot), and the scan goes on.
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor = store.scan(0, 10_000, |item| {
+        seen.insert(item.key().to_owned());
+    });
+    assert!(cursor.is_some() && !seen.is_empty() && seen.len() < 2000);
+    assert_eq!(store.compact(), 1);
+    while let Some(at) = cursor {
+        cursor = store.scan(at, 1000, |item| {
+            seen.insert(item.key().to_owned());
+        });
+    }
+    assert_eq!(seen.len(), 2000, "every survivor seen");
+    // The rebuilt shard walks as any other.
+    assert_eq!(store.retain(|k| k != key(10)), 1);
+    assert_eq!(store.len(), 1999);
+    store.assert_consistent();
+}
