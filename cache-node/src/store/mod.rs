@@ -651,39 +651,53 @@ impl Store {
     }
 
     /// Rebuilds every [sparse](Shard::is_sparse) shard (see
-    /// [`Shard::compacted`]), one shard's lock at a time; returns how many
-    /// shards. What the old shards held is freed by the time it returns
-    /// (their items, slab chunks and tables, dropped outside the locks);
-    /// giving the freed pages back to the system is [`crate::memory`]'s.
+    /// [`Shard::compacted`]), one shard's lock at a time, and then those
+    /// shards once more; returns how many shards. What the old shards held
+    /// is freed by the time it returns (their items, slab chunks and tables,
+    /// dropped outside the locks); giving the freed pages back to the system
+    /// is [`crate::memory`]'s.
+    ///
+    /// Why twice: the first rebuild allocates the survivors while the old
+    /// items still hold their pages, so many land in those pages' holes, and
+    /// those pages stay part-full once the old items go. The second allocates
+    /// them again with those old items gone and packs them. Measured with the
+    /// `memory_per_item` example (1M items, nine in ten deleted everywhere,
+    /// against a fresh process holding the 100k left): 1.21-1.28x after one
+    /// pass, 1.11x after two.
     pub fn compact(&self) -> usize {
-        self.compact_where(Shard::is_sparse)
+        let sparse: Vec<usize> = (0..self.shards.len())
+            .filter(|&i| self.rebuild_if(i, Shard::is_sparse))
+            .collect();
+        for &i in &sparse {
+            self.rebuild_if(i, |_| true);
+        }
+        sparse.len()
     }
 
-    /// Rebuilds every shard, sparse or not: what [`Self::compact`] does to
-    /// a sparse one, for the property tests to check on any state.
+    /// Rebuilds every shard, sparse or not, once: what [`Self::compact`]
+    /// does to a sparse one, for the property tests to check on any state.
     #[doc(hidden)]
     pub fn compact_all(&self) -> usize {
-        self.compact_where(|_| true)
+        (0..self.shards.len())
+            .filter(|&i| self.rebuild_if(i, |_| true))
+            .count()
     }
 
-    fn compact_where(&self, due: impl Fn(&Shard<Hasher>) -> bool) -> usize {
-        let mut compacted = 0;
-        for shard in self.shards.iter() {
-            let old = {
-                let mut shard = shard.lock();
-                if !due(&shard) {
-                    continue;
-                }
-                let before = (shard.len(), shard.bytes());
-                let fresh = shard.compacted(self.clock.now());
-                let old = std::mem::replace(&mut *shard, fresh);
-                self.account(before, (shard.len(), shard.bytes()));
-                old
-            };
-            drop(old);
-            compacted += 1;
-        }
-        compacted
+    /// Rebuilds shard `i` if `due` says so; whether it did.
+    fn rebuild_if(&self, i: usize, due: impl Fn(&Shard<Hasher>) -> bool) -> bool {
+        let old = {
+            let mut shard = self.shards[i].lock();
+            if !due(&shard) {
+                return false;
+            }
+            let before = (shard.len(), shard.bytes());
+            let fresh = shard.compacted(self.clock.now());
+            let old = std::mem::replace(&mut *shard, fresh);
+            self.account(before, (shard.len(), shard.bytes()));
+            old
+        };
+        drop(old);
+        true
     }
 
     /// Removes every item whose time has passed; returns how many. The cost
