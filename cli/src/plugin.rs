@@ -477,15 +477,15 @@ async fn status(kube: &Kube, cache: Cache, out: Output) -> Result<()> {
     // What a node says. Without it the resource's status still stands (the
     // operator writes it from the nodes), so a proxy or a Secret the API
     // server refuses (RBAC, no endpoints) is reported, not fatal.
+    // Without the token (a Secret the user may not read) the ring view is
+    // out of reach, but the rebalance progress is open, like the probes.
     let mut cache = cache;
-    let view = match cache.load_token(kube).await {
-        Ok(()) => node_view(kube, &cache).await,
-        Err(e) => Err(e),
-    };
+    let one_line = |e: anyhow::Error| format!("{e:#}").replace('\n', " ");
+    let token_error = cache.load_token(kube).await.err().map(one_line);
     let status = cache.status();
-    let (ring, progress, nodes_error) = match view {
-        Ok((ring, progress)) => (Some(ring), Some(progress), None),
-        Err(e) => (None, None, Some(format!("{e:#}").replace('\n', " "))),
+    let (ring, progress, nodes_error) = match node_view(kube, &cache).await {
+        Ok((ring, progress)) => (ring, Some(progress), token_error),
+        Err(e) => (None, None, token_error.or(Some(one_line(e)))),
     };
     let summary = json!({
         "name": cache.name,
@@ -548,21 +548,27 @@ async fn status(kube: &Kube, cache: Cache, out: Output) -> Result<()> {
     println!();
     if let Some(e) = &nodes_error {
         println!("nodes: not read through the API server's proxy: {e}");
-        return Ok(());
+        if summary["rebalance"].is_null() {
+            return Ok(());
+        }
     }
     let ring = &summary["ring"];
-    let moving = match ring["previousEpoch"].as_u64() {
-        Some(previous) => format!("moving data from epoch {previous}"),
-        None if ring["settled"] == true => "settled".to_owned(),
-        None => "not settled".to_owned(),
-    };
-    println!(
-        "ring seen by node {}: epoch {}, {} member(s), replication factor {}, {moving}",
-        text(&ring["nodeId"]),
-        text(&ring["epoch"]),
-        ring["members"].as_array().map_or(0, Vec::len),
-        text(&ring["replicationFactor"]),
-    );
+    if ring.is_null() {
+        println!("ring: not read (no client token)");
+    } else {
+        let moving = match ring["previousEpoch"].as_u64() {
+            Some(previous) => format!("moving data from epoch {previous}"),
+            None if ring["settled"] == true => "settled".to_owned(),
+            None => "not settled".to_owned(),
+        };
+        println!(
+            "ring seen by node {}: epoch {}, {} member(s), replication factor {}, {moving}",
+            text(&ring["nodeId"]),
+            text(&ring["epoch"]),
+            ring["members"].as_array().map_or(0, Vec::len),
+            text(&ring["replicationFactor"]),
+        );
+    }
     println!(
         "rebalance on node {}: phase {}, epoch {}, synced epoch {}, keys sent {}, received {}, last sync {:.2}s",
         progress_field(&summary, "nodeId"),
@@ -578,9 +584,14 @@ async fn status(kube: &Kube, cache: Cache, out: Output) -> Result<()> {
     Ok(())
 }
 
-/// The ring as a node holds it and that node's data movement.
-async fn node_view(kube: &Kube, cache: &Cache) -> Result<(Value, NodeProgress)> {
-    let ring = node_json(kube, cache, "/api/v1/cluster").await?;
+/// The ring as a node holds it (which takes the client token on an auth
+/// cache: `None` without it) and that node's data movement (open).
+async fn node_view(kube: &Kube, cache: &Cache) -> Result<(Option<Value>, NodeProgress)> {
+    let ring = if cache.auth() && cache.token.is_none() {
+        None
+    } else {
+        Some(node_json(kube, cache, "/api/v1/cluster").await?)
+    };
     let progress = node_json(kube, cache, "/api/v1/cluster/rebalance").await?;
     let progress = serde_json::from_value(progress)
         .context("/api/v1/cluster/rebalance: unexpected progress report")?;

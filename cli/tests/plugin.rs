@@ -572,12 +572,17 @@ async fn the_plugin_reads_status_and_round_trips_items_through_a_service_proxy()
     assert_eq!(status["ringEpoch"], 1);
     let nodes_error = status["nodesError"].as_str().unwrap_or_default();
     assert!(nodes_error.contains("sealed-auth"), "{status}");
+    // The open rebalance progress is still read; the ring view is not.
+    assert!(status["ring"].is_null(), "{status}");
+    assert_eq!(
+        status["rebalance"]["syncedEpoch"], guarded_epoch,
+        "{status}"
+    );
 
     // What the stand-in saw: the user's token on every request, the
     // DistroCache read first, items through the client Service's proxy
     // (POST for set: the `create` verb of services/proxy), the node's token
-    // on exactly the auth caches' requests (the first line of the Secret),
-    // nothing sent to the nodes of a cache whose Secret was refused.
+    // on exactly the auth caches' requests (the first line of the Secret).
     let seen = state.seen.lock().unwrap().clone();
     assert!(!seen.is_empty());
     for s in &seen {
@@ -624,8 +629,17 @@ async fn the_plugin_reads_status_and_round_trips_items_through_a_service_proxy()
         seen.iter().any(|s| s.path.contains("services/locked:")),
         "{seen:?}"
     );
-    assert!(
-        !seen.iter().any(|s| s.path.contains("services/sealed:")),
-        "{seen:?}"
-    );
+    // The cache whose Secret was refused: only `status`'s read of the open
+    // rebalance progress reached its node, and no item request.
+    let sealed: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.path.contains("services/sealed:"))
+        .collect();
+    assert!(!sealed.is_empty(), "{seen:?}");
+    for s in sealed {
+        assert!(
+            s.method == Method::GET && s.path.ends_with("/api/v1/cluster/rebalance"),
+            "{s:?}"
+        );
+    }
 }

@@ -70,8 +70,8 @@ const SWEEP_BATCH: usize = 512;
 /// How many slots [`Store::retain`] looks at per lock acquisition.
 const RETAIN_BATCH: usize = 4096;
 
-/// Where a [`Store::scan`] continues: the shard in the high 32 bits, the slot
-/// in the low 32.
+/// Where a [`Store::scan`] continues: the shard's generation in bits 48..,
+/// the shard in bits 32..48, the slot in the low 32 (see [`cursor_parts`]).
 pub type ScanCursor = u64;
 
 /// A cursor's shard, that shard's generation when the cursor was made, and

@@ -169,6 +169,11 @@ pub struct NewItem<'a, T> {
 
 /// A shard that never held more items than this is not worth compacting.
 pub const COMPACT_MIN_PEAK: usize = 256;
+/// A shard holding more items than this is not compacted: a rebuild holds
+/// the shard's lock for O(its items), about 0.3 µs each and two passes, so
+/// this bounds that pause to about 20 ms. (At the default shard counts a
+/// shard this big after a drop to a quarter means millions of items left.)
+pub const COMPACT_MAX_LEN: usize = 1 << 15;
 
 #[derive(Debug)]
 pub struct Shard<S> {
@@ -533,13 +538,16 @@ impl<S: BuildHasher> Shard<S> {
     }
 
     /// Whether the shard holds less than a quarter of the most items it held
-    /// since it was built (and that most was at least [`COMPACT_MIN_PEAK`]).
+    /// since it was built (and that most was at least [`COMPACT_MIN_PEAK`],
+    /// and what it holds at most [`COMPACT_MAX_LEN`]).
     /// Its slab chunks and the allocator pages of its items were filled at
     /// that peak; deletions spread over the keys leave a few survivors in
     /// each, so none empties and nothing can be given back until the shard
     /// is [compacted](Self::compacted).
     pub fn is_sparse(&self) -> bool {
-        self.peak_len >= COMPACT_MIN_PEAK && self.len * 4 < self.peak_len
+        self.peak_len >= COMPACT_MIN_PEAK
+            && self.len * 4 < self.peak_len
+            && self.len <= COMPACT_MAX_LEN
     }
 
     /// Slab slots allocated, free or not (tests).
