@@ -14,18 +14,6 @@ const WRITERS: u32 = 32;
 /// How long the watcher (it looks every second) may take to give it back.
 const WITHIN: Duration = Duration::from_secs(30);
 
-fn rss(node: &NodeProc) -> u64 {
-    let statm = std::fs::read_to_string(format!("/proc/{}/statm", node.pid()))
-        .expect("the node is running");
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .expect("statm has a resident field");
-    // SAFETY: sysconf has no preconditions.
-    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
-}
-
 fn key(i: u32) -> String {
     format!("key:{i:012}")
 }
@@ -66,7 +54,7 @@ async fn each(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nine_in_ten_deleted_everywhere_gives_the_memory_back() {
     let node = NodeProc::start(&["--max-size", "1000000"]);
-    let baseline = rss(&node);
+    let baseline = node.rss();
 
     each(
         &node,
@@ -79,7 +67,7 @@ async fn nine_in_ten_deleted_everywhere_gives_the_memory_back() {
         201,
     )
     .await;
-    let peak = rss(&node);
+    let peak = node.rss();
     assert!(
         peak > baseline + (10 << 20),
         "{ITEMS} items should take over 10 MiB: baseline {baseline}, peak {peak}"
@@ -93,7 +81,7 @@ async fn nine_in_ten_deleted_everywhere_gives_the_memory_back() {
     let bound = baseline + (peak - baseline) * 35 / 100;
     let deadline = Instant::now() + WITHIN;
     loop {
-        let now = rss(&node);
+        let now = node.rss();
         if now <= bound {
             break;
         }

@@ -243,6 +243,31 @@ pub async fn wait_pods_ready(
     .await
 }
 
+/// Waits (failing at `timeout`) until pod `name` has restarted its
+/// container at least once and is ready again: the end of a kill -9.
+pub async fn wait_restarted(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    wait::until(&format!("{ns}/{name} restarted and ready"), timeout, || {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get(name).await?;
+            let restarts = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .map_or(0, |c| c.restart_count);
+            Ok((restarts >= 1 && is_ready(&p)).then_some(()))
+        }
+    })
+    .await
+}
+
 pub fn is_ready(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_none()
         && pod

@@ -530,21 +530,7 @@ impl Scenario {
             .map(|m| m.id)
             .collect();
         let pid = env.kubelet.crash(NS, "example-0").await?;
-        let pods: Api<Pod> = Api::namespaced(env.client.clone(), NS);
-        wait::until("example-0 restarted and ready", STEP, || {
-            let pods = pods.clone();
-            async move {
-                let p = pods.get("example-0").await?;
-                let restarts = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .and_then(|c| c.first())
-                    .map_or(0, |c| c.restart_count);
-                Ok((restarts >= 1 && distrocache::is_ready(&p)).then_some(()))
-            }
-        })
-        .await?;
+        distrocache::wait_restarted(&env.client, NS, "example-0", STEP).await?;
         env.ready(2).await?;
         let members_after: Vec<String> = env
             .ring()

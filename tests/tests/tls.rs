@@ -18,7 +18,7 @@ use distrocache_tests::distrocache::{
 use distrocache_tests::tls::{HttpsClient, TestCa};
 use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, wait};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Container, Pod, Secret};
+use k8s_openapi::api::core::v1::{Container, Secret};
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -381,27 +381,8 @@ async fn a_cache_with_a_tls_secret_serves_https_forwards_over_peer_mtls_and_prob
 
     // kill -9 of a node: it restarts under its name, pulls its keys back
     // over mutual TLS, and nothing is lost.
-    let pid = kubelet.crash(n, &format!("{name}-1")).await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), n);
-    wait::until(
-        &format!("{name}-1 (pid {pid}) restarted and ready"),
-        READY,
-        || {
-            let pods = pods.clone();
-            let pod = format!("{name}-1");
-            async move {
-                let p = pods.get(&pod).await?;
-                let restarts = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .and_then(|c| c.first())
-                    .map_or(0, |c| c.restart_count);
-                Ok((restarts >= 1 && distrocache::is_ready(&p)).then_some(()))
-            }
-        },
-    )
-    .await?;
+    kubelet.crash(n, &format!("{name}-1")).await?;
+    distrocache::wait_restarted(&client, n, &format!("{name}-1"), READY).await?;
     wait_ready(&client, n, name, 4, READY).await?;
     read_everything(&https, &nodes, 40, "after a kill -9").await?;
 

@@ -71,18 +71,9 @@ impl Target {
         self.node.pid()
     }
 
-    /// Resident set size in bytes, from /proc/<pid>/statm.
+    /// Resident set size in bytes.
     pub fn rss(&self) -> u64 {
-        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid()))
-            .expect("the node is running");
-        let pages: u64 = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .expect("statm has a resident field");
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        pages * u64::try_from(page).unwrap_or(4096)
+        self.node.rss()
     }
 
     pub fn log_tail(&self) -> String {
