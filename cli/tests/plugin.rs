@@ -570,7 +570,9 @@ async fn the_plugin_reads_status_and_round_trips_items_through_a_service_proxy()
     );
     let status = json_of(plugin.run(&["status", "sealed", "-o", "json"], None).await);
     assert_eq!(status["ringEpoch"], 1);
-    let nodes_error = status["nodesError"].as_str().unwrap_or_default();
+    let nodes_error = status["nodesError"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no nodesError: {status}"));
     assert!(nodes_error.contains("sealed-auth"), "{status}");
     // The open rebalance progress is still read; the ring view is not.
     assert!(status["ring"].is_null(), "{status}");

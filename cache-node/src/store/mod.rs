@@ -596,52 +596,40 @@ impl Store {
                 break;
             }
         }
-        (shard_idx < self.shards.len()).then(|| {
-            if slot == 0 {
-                // A shard not started yet: any generation will do.
-                generation = self.shards[shard_idx].lock().generation;
-            }
-            cursor_of(shard_idx, generation, slot)
-        })
+        // At slot 0 the generation carried is the previous shard's, which
+        // does no harm: a shard not started yet is started from 0 anyway.
+        (shard_idx < self.shards.len()).then(|| cursor_of(shard_idx, generation, slot))
     }
 
     /// Removes every item whose key `keep` rejects; returns how many. O(n),
     /// in batches so no shard lock is held for long.
     pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) -> usize {
-        let mut removed = 0;
-        for shard in self.shards.iter() {
-            let mut from = Some(0);
-            let mut generation = shard.lock().generation;
-            while let Some(mut at) = from {
-                let mut shard = shard.lock();
-                if shard.generation != generation {
-                    // Compacted between two batches: start the shard over.
-                    (generation, at) = (shard.generation, 0);
-                }
-                let before = (shard.len(), shard.bytes());
-                let (went, next) = shard.retain(at, RETAIN_BATCH, |key| keep(key_str(key)));
-                self.account(before, (shard.len(), shard.bytes()));
-                removed += went;
-                from = next;
-            }
-        }
-        removed
+        self.retain_in_batches(|shard, at| shard.retain(at, RETAIN_BATCH, |key| keep(key_str(key))))
     }
 
     /// Like [`Self::retain`], deciding on the whole item (version, tags).
     pub fn retain_items(&self, mut keep: impl FnMut(ItemRef<'_>) -> bool) -> usize {
+        self.retain_in_batches(|shard, at| shard.retain_items(at, RETAIN_BATCH, &mut keep))
+    }
+
+    /// Runs `batch` over every shard from slot 0, one lock per batch, until
+    /// it says where to go on is nowhere; returns how many it removed. A
+    /// shard compacted between two batches is started over.
+    fn retain_in_batches(
+        &self,
+        mut batch: impl FnMut(&mut Shard<Hasher>, SlotId) -> (usize, Option<SlotId>),
+    ) -> usize {
         let mut removed = 0;
         for shard in self.shards.iter() {
-            let mut from = Some(0);
-            let mut generation = shard.lock().generation;
+            let (mut from, mut generation) = (Some(0), None);
             while let Some(mut at) = from {
                 let mut shard = shard.lock();
-                if shard.generation != generation {
-                    // Compacted between two batches: start the shard over.
-                    (generation, at) = (shard.generation, 0);
+                if generation.is_some_and(|g| g != shard.generation) {
+                    at = 0;
                 }
+                generation = Some(shard.generation);
                 let before = (shard.len(), shard.bytes());
-                let (went, next) = shard.retain_items(at, RETAIN_BATCH, &mut keep);
+                let (went, next) = batch(&mut shard, at);
                 self.account(before, (shard.len(), shard.bytes()));
                 removed += went;
                 from = next;
