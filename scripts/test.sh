@@ -29,8 +29,11 @@ step "building the test control plane (cached after the first run)"
 DISTROCACHE_K8S_BIN=$(bash scripts/build-control-plane.sh | tail -n 1)
 export DISTROCACHE_K8S_BIN
 
-step "building crane and actionlint (cached after the first run)"
+step "building crane, actionlint and gofakes3 (cached after the first run)"
+# gofakes3 is the S3-compatible server the backup tests start
+# (cache-node/tests/s3_support).
 DISTROCACHE_TOOLS=$(bash scripts/build-tools.sh | tail -n 1)
+export DISTROCACHE_TOOLS
 
 step "installing openapi-spec-validator and schemathesis (PyPI, cached after the first run)"
 # cache-node/tests/openapi.rs validates cache-node/openapi.json and runs

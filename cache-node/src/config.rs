@@ -247,6 +247,34 @@ pub struct Config {
     #[arg(long, env = "DISTROCACHE_SNAPSHOT_INTERVAL", default_value = "0s", value_parser = parse_duration)]
     pub snapshot_interval: Duration,
 
+    /// Backups (`crate::backup`): where `PUT /api/v1/backups/{id}` uploads
+    /// this node's snapshot and --restore-from reads, `s3://bucket[/prefix]`.
+    /// Credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and
+    /// AWS_SESSION_TOKEN). Unset: no backups.
+    #[arg(long, env = "DISTROCACHE_BACKUP_URL")]
+    pub backup_url: Option<String>,
+
+    /// With --backup-url: the S3 endpoint, for storage other than AWS
+    /// (e.g. http://minio.storage:9000). Plain HTTP only when named here.
+    #[arg(long, env = "DISTROCACHE_BACKUP_ENDPOINT", requires = "backup_url")]
+    pub backup_endpoint: Option<String>,
+
+    /// With --backup-url: the bucket's region.
+    #[arg(
+        long,
+        env = "DISTROCACHE_BACKUP_REGION",
+        default_value = "us-east-1",
+        requires = "backup_url"
+    )]
+    pub backup_region: String,
+
+    /// With --backup-url: when the node starts without a snapshot of its
+    /// own, it first loads the backup with this id (every node's part of
+    /// it, keeping the keys this node owns), then pulls from its peers as
+    /// usual, the newer version winning.
+    #[arg(long, env = "DISTROCACHE_RESTORE_FROM", requires = "backup_url")]
+    pub restore_from: Option<String>,
+
     // TLS (issue 15). Certificate, key, CA and token files are re-read when
     // their contents change (see `reload.rs`).
     /// PEM certificate chain of the client API: with --tls-key-file, the
@@ -359,6 +387,15 @@ impl Config {
                 namespace: self.namespace.clone(),
                 name: name.clone(),
             })
+    }
+
+    /// Where backups go, when --backup-url is set.
+    pub fn backup(&self) -> Option<crate::backup::BackupSettings> {
+        Some(crate::backup::BackupSettings {
+            url: self.backup_url.clone()?,
+            endpoint: self.backup_endpoint.clone(),
+            region: self.backup_region.clone(),
+        })
     }
 
     pub fn cluster(&self) -> ClusterSettings {

@@ -9,6 +9,7 @@
 //! `cluster` -> `peer` to the key's owner -> one encoder of the answer.
 
 pub mod api;
+pub mod backup;
 pub mod cluster;
 pub mod config;
 pub mod exec;

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::auth::{Tokens, load_tokens};
 use crate::api::{Api, PeerEndpoint, Surface};
+use crate::backup::{BackupError, Backups};
 use crate::cluster::membership::{self, Source};
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::{Cluster, leases, rebalance, repair};
@@ -195,17 +196,32 @@ impl Node {
                 "node id must be printable ASCII",
             ));
         }
-        let snapshots = match &config.data_dir {
+        let backups = match config.backup() {
+            Some(settings) => Some(Arc::new(
+                Backups::new(&settings, metrics.registry())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            )),
+            None => None,
+        };
+        let (snapshots, loaded) = match &config.data_dir {
             Some(dir) => {
                 let snapshots =
                     Arc::new(Snapshots::open(dir, metrics.registry()).map_err(|e| {
                         std::io::Error::new(e.kind(), format!("--data-dir {}: {e}", dir.display()))
                     })?);
-                load_snapshot(&snapshots, &store, cluster.as_deref()).await?;
-                Some(snapshots)
+                let loaded = load_snapshot(&snapshots, &store, cluster.as_deref()).await?;
+                (Some(snapshots), loaded)
             }
-            None => None,
+            None => (None, false),
         };
+        if let (Some(id), Some(backups), false) = (&config.restore_from, &backups, loaded) {
+            match &cluster {
+                // Which keys are this node's is known once it has a ring:
+                // the rebalancer loads the backup before its first pull.
+                Some(cluster) => cluster.restore_backup(backups.clone(), id.clone()),
+                None => restore_single(backups, &store, id).await?,
+            }
+        }
         // Bound only now: while the snapshot loads, peers find the node
         // down (and retry) rather than waiting on a listener that does not
         // answer.
@@ -226,6 +242,7 @@ impl Node {
             started: Instant::now(),
             ready,
             cluster,
+            backups,
         });
         Ok(Self {
             exec,
@@ -442,13 +459,29 @@ impl Node {
     }
 }
 
+/// A single node started with --restore-from: loads the whole backup
+/// before it binds its ports. Object storage that cannot be read fails the
+/// start (the node is restarted and tries again); a backup that does not
+/// exist is logged and the node starts empty.
+async fn restore_single(backups: &Backups, store: &Arc<Store>, id: &str) -> std::io::Result<()> {
+    match backups.restore(store, id, Arc::new(|_: &str| true)).await {
+        Ok(_) => Ok(()),
+        Err(e @ (BackupError::NotFound(..) | BackupError::InvalidId(_))) => {
+            tracing::error!(backup = %id, error = %e, "cannot restore: starting without the backup");
+            Ok(())
+        }
+        Err(e) => Err(std::io::Error::other(format!("--restore-from {id}: {e}"))),
+    }
+}
+
 /// Loads the newest valid snapshot into `store` (on a blocking thread), and
-/// in a cluster hands its time and tombstones to the restore rule.
+/// in a cluster hands its time and tombstones to the restore rule. Whether
+/// one was loaded.
 async fn load_snapshot(
     snapshots: &Arc<Snapshots>,
     store: &Arc<Store>,
     cluster: Option<&crate::cluster::Cluster>,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     let (s, st) = (snapshots.clone(), store.clone());
     let loaded = tokio::task::spawn_blocking(move || s.load(&st))
         .await
@@ -458,12 +491,13 @@ async fn load_snapshot(
             if let Some(cluster) = cluster {
                 cluster.restored(loaded.header.written_at, &loaded.tombstones);
             }
+            Ok(true)
         }
         None => {
-            tracing::info!(dir = %snapshots.dir().display(), "no snapshot to load; starting empty")
+            tracing::info!(dir = %snapshots.dir().display(), "no snapshot to load");
+            Ok(false)
         }
     }
-    Ok(())
 }
 
 /// Writes a snapshot of the node's store on a blocking thread.

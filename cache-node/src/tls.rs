@@ -35,7 +35,7 @@ pub type ServerTls = Reloadable<ServerConfig>;
 /// A client config that follows its files.
 pub type ClientTls = Reloadable<ClientConfig>;
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

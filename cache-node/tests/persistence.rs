@@ -3,9 +3,15 @@
 //! written must come back (minus what expired), with its tags and TTL; every
 //! delete and tag invalidation made before or during the restarts must stay
 //! made; a corrupt snapshot must cost nothing but that node's file.
+//!
+//! Backups too (`--backup-url`, `--restore-from`), against an S3-compatible
+//! server process (`s3_support`): a backup restored into a new cluster of
+//! another size brings every item back, deletes made before it stay
+//! deleted, and a corrupt object costs only its copy.
 
 mod cluster_support;
 mod node_proc;
+mod s3_support;
 mod tls_support;
 
 use std::collections::HashSet;
@@ -339,4 +345,269 @@ async fn a_killed_single_node_comes_back_from_its_periodic_snapshot() {
     c.wait_settled(epoch, SETTLE).await;
     let live: HashSet<usize> = (0..N).collect();
     assert_exactly(&c, N, &live, "after kill -9").await;
+}
+
+/// Asks every running node for its part of backup `id`; returns the items
+/// each uploaded.
+async fn backup(c: &ProcCluster, id: &str) -> Vec<u64> {
+    let mut items = Vec::new();
+    for i in c.running() {
+        let resp = c
+            .client
+            .put(c.url(i, &format!("/api/v1/backups/{id}")))
+            .send()
+            .await
+            .expect("backup");
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.expect("JSON answer");
+        assert_eq!(status, 201, "node {i} backed up: {body}");
+        assert_eq!(body["id"], id);
+        items.push(body["items"].as_u64().expect("items"));
+    }
+    items
+}
+
+/// A cache of 3 nodes is backed up (one item in three bigger than a
+/// multipart upload's part, so each node's object goes up in parts), then
+/// gone; a new cache of 2 nodes restores it: every item is back with its
+/// tags and TTL, two copies each, and what was deleted or invalidated
+/// before the backup stays gone. The id cannot be written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_restores_into_a_new_cluster_of_another_size() {
+    const N: usize = 3000;
+    let s3 = s3_support::S3Server::start();
+    let flags = s3.flags("team-a");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut c = ProcCluster::new(3, 2)
+        .with_flags(&flags)
+        .with_env(s3_support::ENV);
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    write(&c, 0, 0..N).await;
+    // 600 items of 24 KiB: about 10 MiB per node, over one 8 MiB part.
+    let big = json!({"value": "b".repeat(24 << 10), "ttl": 3600, "tags": ["big"]});
+    futures_util::stream::iter((0..600).map(|i| {
+        let request = c
+            .client
+            .put(c.url(1, &format!("/api/v1/cache/big:{i}")))
+            .json(&big)
+            .send();
+        async move { assert!(request.await.expect("write").status().is_success()) }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<()>>()
+    .await;
+    delete(&c, 1, 0..300).await;
+    invalidate(&c, 2, "odd").await;
+    let live: HashSet<usize> = (300..N).filter(|i| i.is_multiple_of(2)).collect();
+
+    let uploaded = backup(&c, "nightly-1").await;
+    assert_eq!(
+        uploaded.iter().sum::<u64>() as usize,
+        (live.len() + 600) * 2,
+        "every copy went up: {uploaded:?}"
+    );
+    let again = c
+        .client
+        .put(c.url(0, "/api/v1/backups/nightly-1"))
+        .send()
+        .await
+        .expect("backup again");
+    assert_eq!(again.status().as_u16(), 409, "a backup id is written once");
+    let bad = c
+        .client
+        .put(c.url(0, "/api/v1/backups/.hidden"))
+        .send()
+        .await
+        .expect("bad id");
+    assert_eq!(bad.status().as_u16(), 400);
+    drop(c);
+
+    let mut r = ProcCluster::new(2, 2)
+        .with_flags(&[&flags[..], &["--restore-from", "nightly-1"]].concat())
+        .with_env(s3_support::ENV);
+    let epoch = r.set_ring(&[(0, Active), (1, Active)]);
+    r.start(0);
+    r.start(1);
+    r.wait_settled(epoch, SETTLE).await;
+    assert_exactly(&r, N, &live, "after the restore").await;
+    assert_copies(&r, N, &live, 2).await;
+    for i in 0..600 {
+        for node in 0..2 {
+            let item = r
+                .held(node, &format!("big:{i}"))
+                .await
+                .expect("a big item on both nodes");
+            assert_eq!(item["value"].as_str().map(str::len), Some(24 << 10));
+        }
+    }
+    for i in 0..2 {
+        assert_eq!(
+            metric(&r, i, "distrocache_backup_restores_total{outcome=\"ok\"}").await,
+            1.0
+        );
+        assert_eq!(
+            metric(
+                &r,
+                i,
+                "distrocache_backup_restore_objects_total{outcome=\"ok\"}"
+            )
+            .await,
+            3.0,
+            "node {i} read the three nodes' objects"
+        );
+        assert_eq!(
+            metric(&r, i, "distrocache_backup_restored_items").await as usize,
+            live.len() + 600,
+            "node {i} kept what it owns (rf 2 of 2: everything)"
+        );
+    }
+}
+
+/// One node's object of a backup is corrupt: the restore refuses it (and
+/// counts why), and every key comes back from its other copy, in the other
+/// nodes' objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_backup_object_costs_only_its_copy() {
+    const N: usize = 3000;
+    let s3 = s3_support::S3Server::start();
+    let flags = s3.flags("team-b");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut c = ProcCluster::new(3, 2)
+        .with_flags(&flags)
+        .with_env(s3_support::ENV);
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+    write(&c, 0, 0..N).await;
+    backup(&c, "b").await;
+    let ids: Vec<String> = c.nodes.iter().map(|n| n.id.clone()).collect();
+    drop(c);
+
+    let object = s3.object_url(&format!("team-b/b/{}.dcs", ids[0]));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut bytes = http
+        .get(&object)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    http.put(&object)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+
+    let mut r = ProcCluster::new(3, 2)
+        .with_flags(&[&flags[..], &["--restore-from", "b"]].concat())
+        .with_env(s3_support::ENV);
+    let epoch = r.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        r.start(i);
+    }
+    r.wait_settled(epoch, SETTLE).await;
+    let live: HashSet<usize> = (0..N).collect();
+    assert_exactly(&r, N, &live, "after a restore with a corrupt object").await;
+    assert_copies(&r, N, &live, 2).await;
+    for i in 0..3 {
+        assert_eq!(
+            metric(
+                &r,
+                i,
+                "distrocache_backup_restore_objects_total{outcome=\"checksum\"}"
+            )
+            .await,
+            1.0,
+            "node {i} refused the corrupt object"
+        );
+        assert_eq!(
+            metric(
+                &r,
+                i,
+                "distrocache_backup_restore_objects_total{outcome=\"ok\"}"
+            )
+            .await,
+            2.0
+        );
+    }
+}
+
+/// A single node (no cluster) restores a backup before it listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_restores_a_backup_before_it_serves() {
+    const N: usize = 500;
+    let s3 = s3_support::S3Server::start();
+    let mut flags = s3.flags("single");
+    let mut launch = node_proc::Launch::new().args(&flags);
+    for (k, v) in s3_support::ENV {
+        launch = launch.env(k, v);
+    }
+    let node = launch.spawn();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for i in 0..N {
+        let body = json!({"value": {"i": i}, "ttl": 3600, "tags": [tag(i)]});
+        let resp = http
+            .put(node.url(&format!("/api/v1/cache/{}", key(i))))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+    }
+    let resp = http
+        .put(node.url("/api/v1/backups/one"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    node.kill();
+
+    flags.extend(["--restore-from".to_owned(), "one".to_owned()]);
+    let mut launch = node_proc::Launch::new().args(&flags);
+    for (k, v) in s3_support::ENV {
+        launch = launch.env(k, v);
+    }
+    let node = launch.spawn();
+    for i in 0..N {
+        let resp = http
+            .get(node.url(&format!("/api/v1/cache/{}", key(i))))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{} is back", key(i));
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["value"]["i"], i);
+        assert_eq!(body["tags"], json!([tag(i)]));
+        assert_eq!(body["ttl"], json!(3_600_000_000_000u64));
+    }
+    // A backup id that does not exist: logged, and the node starts empty.
+    let mut launch = node_proc::Launch::new()
+        .args(s3.flags("single"))
+        .args(["--restore-from", "missing"]);
+    for (k, v) in s3_support::ENV {
+        launch = launch.env(k, v);
+    }
+    let empty = launch.spawn();
+    let resp = http.get(empty.url("/api/v1/stats")).send().await.unwrap();
+    let stats: Value = resp.json().await.unwrap();
+    assert_eq!(stats["items"], 0);
+    assert!(
+        empty.log().contains("cannot restore"),
+        "{}",
+        empty.log_tail(5)
+    );
 }

@@ -146,6 +146,7 @@ fn node() -> &'static (tokio::runtime::Runtime, Api) {
             started: Instant::now(),
             ready: Arc::new(AtomicBool::new(true)),
             cluster: None,
+            backups: None,
         });
         let endpoint = PeerEndpoint {
             max_message_bytes: 1 << 20,

@@ -117,6 +117,7 @@ pub fn encode(outcome: Outcome, stamp: &Stamp<'_>) -> Response {
         Outcome::Copies(copies) => (json(StatusCode::OK, &copies), None),
         Outcome::Progress(progress) => (json(StatusCode::OK, &progress), None),
         Outcome::Handoff(handoff) => (json(StatusCode::OK, &handoff), None),
+        Outcome::Backup(uploaded) => (json(StatusCode::CREATED, &uploaded), None),
         Outcome::Failed(f) => (failure(&f), None),
     };
     let headers = answer.headers_mut();

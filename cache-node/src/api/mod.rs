@@ -62,6 +62,7 @@ enum Route {
     ClusterCopies,
     Rebalance,
     Handoff,
+    Backup,
     OpenApi,
     PeerConnect,
 }
@@ -80,6 +81,7 @@ enum Guard {
 
 const GET: &[Method] = &[Method::GET, Method::HEAD];
 const POST: &[Method] = &[Method::POST];
+const PUT: &[Method] = &[Method::PUT];
 const ITEM: &[Method] = &[
     Method::GET,
     Method::HEAD,
@@ -93,6 +95,7 @@ impl Route {
         match self {
             Route::Item => ITEM,
             Route::InvalidateTag => POST,
+            Route::Backup => PUT,
             _ => GET,
         }
     }
@@ -166,6 +169,7 @@ impl Api {
             ("/api/v1/cluster/copies", Route::ClusterCopies),
             ("/api/v1/cluster/rebalance", Route::Rebalance),
             ("/api/v1/cluster/handoff", Route::Handoff),
+            ("/api/v1/backups/{id}", Route::Backup),
         ];
         let peers: &[(&str, Route)] = &[(peer::CONNECT_PATH, Route::PeerConnect)];
         let table: Vec<&(&str, Route)> = match surface {
@@ -356,6 +360,12 @@ impl Inner {
                     timeout: timeout.min(Duration::from_secs(3600)),
                     epoch,
                 }
+            }
+            Route::Backup => {
+                request::query(uri.query(), &[])?;
+                let id = segment("id");
+                crate::backup::check_id(id).map_err(|e| Failure::bad_request(e.to_string()))?;
+                Operation::Backup { id: id.to_owned() }
             }
             Route::OpenApi => Operation::OpenApi,
             Route::PeerConnect => {

@@ -87,6 +87,9 @@ pub struct Cluster {
     /// Set when the node loaded a snapshot it has not yet checked against
     /// its peers' deletes (see [`restore`]).
     restore: restore::PendingRestore,
+    /// Set when the node starts with `--restore-from` and loaded no
+    /// snapshot: the backup it loads, once it knows which keys it owns.
+    backup: restore::PendingBackup,
     leases: Leases,
     health: routing::PeerHealth,
     metrics: ClusterMetrics,
@@ -129,6 +132,7 @@ impl Cluster {
             hints: Hints::default(),
             tombstones: Tombstones::default(),
             restore: restore::PendingRestore::default(),
+            backup: restore::PendingBackup::default(),
             leases: Leases::default(),
             health: routing::PeerHealth::default(),
             metrics,

@@ -245,7 +245,12 @@ async fn sync(cluster: &Cluster, synced: Option<&Ring>, ring: &Ring) -> Result<(
         // they serve, and a restarted one must not be counted as a copy.
         cluster.set_ready(false);
         cluster.set_phase(SyncPhase::Pulling);
-        // A node back from a snapshot first learns the deletes it missed.
+        // A node restoring a backup loads the keys it owns; a node back
+        // from a snapshot or a backup first learns the deletes it missed.
+        cluster
+            .load_backup(ring, me)
+            .await
+            .map_err(|super::restore::Interrupted::RingChanged| Abort::RingChanged)?;
         cluster
             .reconcile_restore(ring, me)
             .await

@@ -26,11 +26,19 @@
 //!    tombstones taken in keep a deleted key from coming back from a peer's
 //!    stale snapshot too.
 //!
+//! A node started with `--restore-from` that loaded no snapshot of its own
+//! first loads the backup (`crate::backup`), keeping the keys it owns in
+//! the first ring it adopts, and the backup is then checked by the same
+//! rule as a snapshot: in a new cache the members remember every delete
+//! (they have seen none), so it is kept; a node restarting in a cache that
+//! has lived longer than its members remember discards it and pulls.
+//!
 //! What it cannot cover: a delete whose only witnesses lost their memory of
 //! it, that is every owner that applied it has since restarted without a
 //! valid snapshot (a corrupt file, a crash after its last periodic
 //! snapshot). The README says so under "Persistence".
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -40,6 +48,7 @@ use super::Cluster;
 use super::metrics::PeerOp;
 use super::ring::{MemberIdx, Ring, RingMember};
 use super::tombstones::TombstoneLog;
+use crate::backup::{BackupError, Backups};
 use crate::peer::{PeerError, Request, expect};
 use crate::store::UnixNanos;
 
@@ -52,6 +61,10 @@ pub const CLOCK_MARGIN: Duration = Duration::from_secs(60);
 /// The `written_at` of a loaded snapshot not yet reconciled.
 #[derive(Default)]
 pub struct PendingRestore(Mutex<Option<UnixNanos>>);
+
+/// A backup to load before the first pull (`--restore-from`).
+#[derive(Default)]
+pub struct PendingBackup(Mutex<Option<(Arc<Backups>, String)>>);
 
 /// What the check against the peers decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +89,67 @@ impl Cluster {
     pub fn restored(&self, written_at: UnixNanos, log: &TombstoneLog) {
         self.tombstones.absorb(log);
         *self.restore.0.lock() = Some(written_at);
+    }
+
+    /// The node starts with no snapshot and `--restore-from id`: load that
+    /// backup before the first pull.
+    pub fn restore_backup(&self, backups: Arc<Backups>, id: String) {
+        *self.backup.0.lock() = Some((backups, id));
+    }
+
+    /// Loads the pending backup, keeping the keys this node owns in
+    /// `ring`, and hands it to the restore rule; a no-op when none is
+    /// pending. Object storage that cannot be read is retried with backoff
+    /// (the node stays not ready) until it can or the ring changes; a
+    /// backup that does not exist is logged and the node starts without it.
+    pub(super) async fn load_backup(&self, ring: &Ring, me: MemberIdx) -> Result<(), Interrupted> {
+        let Some((backups, id)) = self.backup.0.lock().clone() else {
+            return Ok(());
+        };
+        // The ring, shared, for the loader on its blocking thread.
+        let ring = match self.ring.current() {
+            Some(current) if current.epoch() == ring.epoch() => current,
+            _ => return Err(Interrupted::RingChanged),
+        };
+        let mut epochs = self.subscribe();
+        let mut pause = Duration::from_millis(500);
+        loop {
+            let owned = ring.clone();
+            let keep = Arc::new(move |key: &str| owned.is_owner(key.as_bytes(), me));
+            match backups.restore(&self.store, &id, keep).await {
+                Ok(restored) => {
+                    for log in &restored.tombstones {
+                        self.tombstones.absorb(log);
+                    }
+                    if restored.objects > 0 {
+                        let mut pending = self.restore.0.lock();
+                        // With a snapshot pending too, the older time rules.
+                        let at =
+                            pending.map_or(restored.written_at, |p| p.min(restored.written_at));
+                        *pending = Some(at);
+                    }
+                    break;
+                }
+                Err(e @ (BackupError::NotFound(..) | BackupError::InvalidId(_))) => {
+                    tracing::error!(backup = %id, error = %e, "cannot restore: starting without the backup");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(backup = %id, error = %e, retry_in = ?pause,
+                        "cannot read the backup yet; staying not ready until it can be read");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = epochs.changed() => {}
+                    }
+                    if self.epoch() != ring.epoch() {
+                        return Err(Interrupted::RingChanged);
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        *self.backup.0.lock() = None;
+        Ok(())
     }
 
     /// What this node remembers of deletes, for its snapshot.

@@ -60,6 +60,8 @@ pub struct Executor {
     pub started: Instant,
     /// Set once the node may receive traffic (see readiness).
     pub ready: Arc<AtomicBool>,
+    /// Where backups go (`--backup-url`).
+    pub backups: Option<Arc<crate::backup::Backups>>,
 }
 
 impl Executor {
@@ -112,6 +114,28 @@ impl Executor {
             Operation::Handoff { timeout, epoch } => {
                 self.later(move |ex| async move { ex.handoff(timeout, epoch).await })
             }
+            Operation::Backup { id } => self.later(move |ex| async move { ex.backup(&id).await }),
+        }
+    }
+
+    /// Uploads this node's snapshot as its part of backup `id`.
+    async fn backup(&self, id: &str) -> Outcome {
+        use crate::backup::BackupError;
+        let Some(backups) = &self.backups else {
+            return Failure::not_found("this node has no backup destination (--backup-url)").into();
+        };
+        let cluster = self.cluster.clone();
+        let log = move || cluster.map_or_else(Default::default, |c| c.tombstone_log());
+        match backups
+            .upload(self.store.clone(), &self.node_id, id, log)
+            .await
+        {
+            Ok(uploaded) => Outcome::Backup(Box::new(uploaded)),
+            Err(e @ BackupError::InvalidId(_)) => Failure::bad_request(e.to_string()).into(),
+            Err(e @ (BackupError::Exists(..) | BackupError::Busy)) => {
+                Failure::conflict(e.to_string()).into()
+            }
+            Err(e) => Failure::unavailable(e.to_string()).into(),
         }
     }
 

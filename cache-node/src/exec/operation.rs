@@ -59,4 +59,8 @@ pub enum Operation {
         timeout: Duration,
         epoch: Option<u64>,
     },
+    /// Upload this node's snapshot as its part of backup `id`.
+    Backup {
+        id: String,
+    },
 }

@@ -39,6 +39,10 @@ impl Failure {
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
 }
 
 impl std::fmt::Display for Failure {
@@ -92,6 +96,7 @@ pub enum Outcome {
     Copies(Box<Copies>),
     Progress(Box<NodeProgress>),
     Handoff(Box<Handoff>),
+    Backup(Box<crate::backup::Uploaded>),
     Failed(Failure),
 }
 

@@ -22,7 +22,7 @@
 pub mod format;
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -247,23 +247,7 @@ impl Snapshots {
         };
         let outcome = (|| {
             let out = BufWriter::with_capacity(256 << 10, File::create(&tmp)?);
-            let mut writer = SnapshotWriter::new(out, &header)?;
-            let mut cursor = Some(0);
-            let mut batch = RecordBatch::default();
-            while let Some(at) = cursor {
-                cursor = store.scan_while(at, SCAN_SLOTS, |item| {
-                    batch.push(&item);
-                    if batch.size() >= BLOCK_BYTES {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    }
-                });
-                if batch.size() >= BLOCK_BYTES || cursor.is_none() {
-                    writer.records(&std::mem::take(&mut batch).freeze())?;
-                }
-            }
-            let (out, items, bytes) = writer.finish(&log())?;
+            let (out, items, bytes) = write_to(out, store, &header, log)?;
             let out = out.into_inner().map_err(|e| e.into_error())?;
             out.sync_all()?;
             Ok::<_, io::Error>((items, bytes))
@@ -291,14 +275,61 @@ impl Snapshots {
     }
 }
 
+/// Writes a snapshot of `store` under `header` to `out`, a block of about
+/// [`BLOCK_BYTES`] at a time, then the tombstones `log` gives (asked once
+/// the scan is done, so it covers the deletes made during it). Returns
+/// `out` and the items and bytes written. The one writer of the format: a
+/// snapshot on disk and a backup uploaded to object storage (`backup.rs`)
+/// are the same bytes.
+pub fn write_to<W: Write>(
+    out: W,
+    store: &Store,
+    header: &Header,
+    log: impl FnOnce() -> TombstoneLog,
+) -> io::Result<(W, u64, u64)> {
+    let mut writer = SnapshotWriter::new(out, header)?;
+    let mut cursor = Some(0);
+    let mut batch = RecordBatch::default();
+    while let Some(at) = cursor {
+        cursor = store.scan_while(at, SCAN_SLOTS, |item| {
+            batch.push(&item);
+            if batch.size() >= BLOCK_BYTES {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        if batch.size() >= BLOCK_BYTES || cursor.is_none() {
+            writer.records(&std::mem::take(&mut batch).freeze())?;
+        }
+    }
+    writer.finish(&log())
+}
+
 /// Reads one file into `store`; returns what it held and how many items
 /// were stored.
 fn load_file(file: &Path, store: &Store) -> Result<(Contents, u64), FormatError> {
     let input = BufReader::with_capacity(256 << 10, File::open(file)?);
+    load_from(input, store, |_| true)
+}
+
+/// Reads a snapshot from `input` into `store`, each block as soon as it is
+/// checked, keeping the items whose key `keep` accepts; returns what the
+/// snapshot held and how many items were stored (the others were not
+/// kept, had expired, or were older than the copy held). A refusal may
+/// come after some blocks were stored: the caller decides what to undo.
+pub fn load_from<R: Read>(
+    input: R,
+    store: &Store,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(Contents, u64), FormatError> {
     let mut applied = 0u64;
     let mut refused = None;
     let contents = format::read(input, |records| {
         for r in records {
+            if !keep(r.key()) {
+                continue;
+            }
             match store.put_replica(r.key(), r.value(), r.tag_list(), r.meta()) {
                 Ok(crate::store::Applied::Stale) => {}
                 Ok(_) => applied += 1,
@@ -310,7 +341,7 @@ fn load_file(file: &Path, store: &Store) -> Result<(Contents, u64), FormatError>
     })?;
     if let Some(why) = refused {
         // An item over this node's memory budget: the rest is loaded.
-        tracing::warn!(file = %file.display(), %why, "some snapshot items were too large for this node's budget");
+        tracing::warn!(%why, "some snapshot items were too large for this node's budget");
     }
     Ok((contents, applied))
 }

@@ -60,6 +60,8 @@ pub struct ProcCluster {
     pub client: reqwest::Client,
     /// Extra flags for every node.
     flags: Vec<String>,
+    /// Extra environment for every node.
+    env: Vec<(String, String)>,
     /// The client token, when the cluster runs with authentication.
     pub client_token: Option<String>,
     /// The peer protocol's client, with the peer token when the cluster runs
@@ -121,6 +123,7 @@ impl ProcCluster {
                 .build()
                 .expect("client"),
             flags: Vec::new(),
+            env: Vec::new(),
             client_token: None,
             peers: peer_client(None),
             data_dirs: false,
@@ -244,6 +247,14 @@ impl ProcCluster {
         self
     }
 
+    pub fn with_env(mut self, env: &[(&str, &str)]) -> Self {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self
+    }
+
     /// Adds one more node slot; returns its index.
     pub fn add_slot(&mut self) -> usize {
         let i = self.nodes.len();
@@ -306,6 +317,9 @@ impl ProcCluster {
         let mut launch = Launch::new().at(node.addr);
         if self.data_dirs {
             launch = launch.arg("--data-dir").arg(self.data_dir(i));
+        }
+        for (key, value) in &self.env {
+            launch = launch.env(key, value);
         }
         let proc = launch
             .args(["--node-id", &node.id])
