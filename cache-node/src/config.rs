@@ -268,6 +268,19 @@ pub struct Config {
     )]
     pub backup_region: String,
 
+    /// With --backup-url: also back up on a schedule, every this long (e.g.
+    /// 6h), in slots aligned to the Unix epoch so every node of a cache
+    /// uploads under the same id, `scheduled-<slot start, Unix seconds>`.
+    /// 0: only when asked (PUT /api/v1/backups/{id}).
+    #[arg(long, env = "DISTROCACHE_BACKUP_SCHEDULE", default_value = "0s", value_parser = parse_duration, requires = "backup_url")]
+    pub backup_schedule: Duration,
+
+    /// With --backup-schedule: scheduled backups kept; the node deletes its
+    /// part of older ones after each scheduled upload.
+    #[arg(long, env = "DISTROCACHE_BACKUP_KEEP", default_value_t = 7,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub backup_keep: u32,
+
     /// With --backup-url: when the node starts without a snapshot of its
     /// own, it first loads the backup with this id (every node's part of
     /// it, keeping the keys this node owns), then pulls from its peers as

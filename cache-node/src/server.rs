@@ -13,7 +13,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -98,6 +98,9 @@ pub struct Node {
     membership: Option<Source>,
     snapshots: Option<Arc<Snapshots>>,
     snapshot_interval: Duration,
+    /// Scheduled backups: every this long (zero: none), keeping this many.
+    backup_schedule: Duration,
+    backup_keep: usize,
 }
 
 impl Node {
@@ -269,6 +272,8 @@ impl Node {
             membership,
             snapshots,
             snapshot_interval: config.snapshot_interval,
+            backup_schedule: config.backup_schedule,
+            backup_keep: config.backup_keep as usize,
         })
     }
 
@@ -323,6 +328,17 @@ impl Node {
                 self.exec.clone(),
                 snapshots.clone(),
                 self.snapshot_interval,
+                stop_rx.clone(),
+            )));
+        }
+        if let Some(backups) = &self.exec.backups
+            && !self.backup_schedule.is_zero()
+        {
+            tasks.push(tokio::spawn(scheduled_backups(
+                self.exec.clone(),
+                backups.clone(),
+                self.backup_schedule,
+                self.backup_keep,
                 stop_rx.clone(),
             )));
         }
@@ -514,6 +530,45 @@ async fn write_snapshot(
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// Uploads a backup at the start of every slot of `every` (whole multiples
+/// of it since the Unix epoch, so the nodes of a cache agree on the id),
+/// then deletes this node's part of scheduled backups older than the newest
+/// `keep`, until told to stop. A node down for a slot skips it; one that
+/// restarts within a slot it already uploaded finds the id taken and skips
+/// it too. Failures are logged, counted and reported; the next slot tries
+/// again.
+async fn scheduled_backups(
+    exec: Arc<Executor>,
+    backups: Arc<Backups>,
+    every: Duration,
+    keep: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = every.as_secs().max(1);
+    loop {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let slot = (now.as_secs() / every + 1) * every;
+        let wait = Duration::from_secs(slot).saturating_sub(now);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        let cluster = exec.cluster.clone();
+        let log = move || cluster.map_or_else(Default::default, |c| c.tombstone_log());
+        let id = crate::backup::scheduled_id(slot);
+        if backups
+            .upload(exec.store.clone(), &exec.node_id, &id, log)
+            .await
+            .is_ok()
+            && let Err(e) = backups.prune(&exec.node_id, keep).await
+        {
+            tracing::warn!(error = %e, "cannot remove older scheduled backups; trying after the next one");
+        }
+    }
 }
 
 /// Writes a snapshot every `interval` until told to stop.

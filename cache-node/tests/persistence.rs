@@ -611,3 +611,96 @@ async fn a_single_node_restores_a_backup_before_it_serves() {
         empty.log_tail(5)
     );
 }
+
+/// With `--backup-schedule`, every node uploads at each slot under the
+/// same id, reports it in its progress (where the operator reads it), and
+/// keeps only the newest `--backup-keep` of its scheduled backups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_share_an_id_report_it_and_keep_the_newest() {
+    const N: usize = 400;
+    let s3 = s3_support::S3Server::start();
+    let mut flags = s3.flags("sched");
+    flags.extend(["--backup-schedule", "1s", "--backup-keep", "2"].map(String::from));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut c = ProcCluster::new(2, 2)
+        .with_flags(&flags)
+        .with_env(s3_support::ENV);
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start(1);
+    c.wait_settled(epoch, SETTLE).await;
+    write(&c, 0, 0..N).await;
+
+    // Wait for three slots uploaded after the writes, with every item.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen: Vec<String> = Vec::new();
+    while seen.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "three scheduled backups within 60 s: {seen:?}"
+        );
+        let reports: Vec<_> = futures_util::future::join_all((0..2).map(|i| c.progress(i)))
+            .await
+            .into_iter()
+            .map(|p| p.expect("progress").last_backup)
+            .collect();
+        if let [Some(a), Some(b)] = &reports[..]
+            && a.id == b.id
+            && a.items == N as u64
+            && b.items == N as u64
+            && !seen.contains(&a.id)
+        {
+            assert!(a.error.is_none() && b.error.is_none(), "{reports:?}");
+            assert!(a.id.starts_with("scheduled-"), "{}", a.id);
+            assert!(
+                a.object
+                    .ends_with(&format!("/{}/{}.dcs", a.id, c.nodes[0].id)),
+                "{}",
+                a.object
+            );
+            seen.push(a.id.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Each node keeps its part of the newest two.
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let list_url = format!(
+        "{}/{}?list-type=2&prefix=sched/",
+        s3.endpoint,
+        s3_support::BUCKET
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listing = http
+            .get(&list_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let keys: Vec<&str> = listing
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|k| k.split("</Key>").next())
+            .collect();
+        let per_node: Vec<usize> = c
+            .nodes
+            .iter()
+            .map(|n| {
+                keys.iter()
+                    .filter(|k| k.ends_with(&format!("/{}.dcs", n.id)))
+                    .count()
+            })
+            .collect();
+        if per_node == [2, 2] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "each node keeps 2 scheduled backups, found {per_node:?}: {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

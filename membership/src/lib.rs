@@ -237,6 +237,28 @@ pub struct NodeProgress {
     pub keys_received: u64,
     /// How long the last completed sync took.
     pub last_sync_seconds: f64,
+    /// The last backup this node uploaded or failed to (with `--backup-url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<BackupReport>,
+}
+
+/// A node's last backup upload (`lastBackup` of [`NodeProgress`]): the
+/// operator reports the scheduled ones in the cache's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupReport {
+    /// The backup id; scheduled backups are `scheduled-<unix seconds>` of
+    /// their slot, the same on every node.
+    pub id: String,
+    /// Where the node's snapshot went (`s3://bucket/prefix/id/node.dcs`).
+    pub object: String,
+    pub items: u64,
+    pub bytes: u64,
+    /// When the upload ended (Unix seconds).
+    pub finished_at: u64,
+    /// Why it failed; absent when it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -371,9 +393,26 @@ mod tests {
             keys_sent: 5,
             keys_received: 0,
             last_sync_seconds: 0.25,
+            last_backup: Some(BackupReport {
+                id: "scheduled-1764720000".into(),
+                object: "s3://backups/cache/scheduled-1764720000/cache-2.dcs".into(),
+                items: 10,
+                bytes: 2048,
+                finished_at: 1764720003,
+                error: None,
+            }),
         };
         let json = serde_json::to_string(&p).unwrap();
         assert!(json.contains(r#""syncedEpoch":8"#), "{json}");
+        assert!(
+            json.contains(r#""lastBackup":{"id":"scheduled-1764720000""#),
+            "{json}"
+        );
+        assert!(json.contains(r#""finishedAt":1764720003"#), "{json}");
+        assert!(
+            !json.contains("error"),
+            "no error field when it succeeded: {json}"
+        );
         assert!(json.contains(r#""memberState":"leaving""#), "{json}");
         assert_eq!(serde_json::from_str::<NodeProgress>(&json).unwrap(), p);
     }

@@ -363,6 +363,7 @@ mod tests {
                         keys_sent: 0,
                         keys_received: 0,
                         last_sync_seconds: 0.0,
+                        last_backup: None,
                     },
                 )
             })

@@ -346,6 +346,7 @@ fn progress(id: &str, epoch: u64, state: Option<MemberState>) -> NodeProgress {
         keys_sent: 0,
         keys_received: 0,
         last_sync_seconds: 0.0,
+        last_backup: None,
     }
 }
 

@@ -51,6 +51,8 @@ use prometheus::{Gauge, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Serialize;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
+use distrocache_membership::BackupReport;
+
 use crate::cluster::tombstones::TombstoneLog;
 use crate::snapshot::{self, format::Header};
 use crate::store::{Store, UnixNanos};
@@ -130,6 +132,19 @@ pub struct Backups {
     metrics: BackupMetrics,
     /// One upload at a time.
     uploading: tokio::sync::Mutex<()>,
+    /// The last upload's outcome, for the progress report.
+    last: parking_lot::Mutex<Option<BackupReport>>,
+}
+
+/// Scheduled backups are named after their slot: `scheduled-<unix
+/// seconds of the slot's start>`, slots being whole multiples of the
+/// interval since the Unix epoch, so every node of a cache (clocks in sync)
+/// picks the same id, and ids sort by time.
+pub const SCHEDULED_PREFIX: &str = "scheduled-";
+
+/// The id of the scheduled backup whose slot starts at `slot` (seconds).
+pub fn scheduled_id(slot: u64) -> String {
+    format!("{SCHEDULED_PREFIX}{slot:010}")
 }
 
 impl Backups {
@@ -167,6 +182,7 @@ impl Backups {
             url: format!("s3://{bucket}"),
             metrics: BackupMetrics::new(registry),
             uploading: tokio::sync::Mutex::new(()),
+            last: parking_lot::Mutex::new(None),
         })
     }
 
@@ -196,8 +212,19 @@ impl Backups {
         let started = Instant::now();
         let result = self.upload_object(store, node_id, id, log).await;
         let m = &self.metrics;
+        let report = |object: String, items, bytes, error| {
+            *self.last.lock() = Some(BackupReport {
+                id: id.to_owned(),
+                object,
+                items,
+                bytes,
+                finished_at: unix_now_secs() as u64,
+                error,
+            });
+        };
         match &result {
             Ok(up) => {
+                report(up.object.clone(), up.items, up.bytes, None);
                 m.uploads.with_label_values(&["ok"]).inc();
                 m.upload_items.set(up.items as i64);
                 m.upload_bytes.set(up.bytes as i64);
@@ -206,8 +233,15 @@ impl Backups {
                 tracing::info!(id, object = %up.object, items = up.items, bytes = up.bytes,
                     seconds = up.seconds, "uploaded backup");
             }
-            Err(BackupError::Exists(..)) => {}
+            // Not an attempt: nothing to report.
+            Err(BackupError::Exists(..) | BackupError::Busy) => {}
             Err(e) => {
+                report(
+                    self.describe(&self.object(id, node_id)),
+                    0,
+                    0,
+                    Some(e.to_string()),
+                );
                 m.uploads.with_label_values(&["failed"]).inc();
                 tracing::error!(id, error = %e, "uploading a backup failed");
             }
@@ -268,6 +302,41 @@ impl Backups {
             bytes,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// The last upload's outcome.
+    pub fn last(&self) -> Option<BackupReport> {
+        self.last.lock().clone()
+    }
+
+    /// Deletes this node's objects of every scheduled backup but the newest
+    /// `keep` (other nodes prune their own). Returns how many it deleted.
+    pub async fn prune(&self, node_id: &str, keep: usize) -> Result<usize, BackupError> {
+        let listed = self.store.list_with_delimiter(Some(&self.root)).await?;
+        let mut ids: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_owned))
+            .filter(|id| id.starts_with(SCHEDULED_PREFIX))
+            .collect();
+        ids.sort();
+        let old = ids.len().saturating_sub(keep);
+        let mut deleted = 0;
+        for id in &ids[..old] {
+            match self.store.delete(&self.object(id, node_id)).await {
+                Ok(()) => deleted += 1,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(
+                deleted,
+                keep,
+                "removed this node's part of older scheduled backups"
+            );
+        }
+        Ok(deleted)
     }
 
     /// Loads every node's object of backup `id` into `store`, keeping the
@@ -510,6 +579,20 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn scheduled_ids_are_valid_and_sort_by_time() {
+        let ids: Vec<String> = [0, 86_400, 1_764_720_000, 9_999_999_999]
+            .map(scheduled_id)
+            .to_vec();
+        for id in &ids {
+            check_id(id).unwrap();
+        }
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids);
+        assert_eq!(scheduled_id(1_764_720_000), "scheduled-1764720000");
     }
 
     #[test]

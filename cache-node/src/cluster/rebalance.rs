@@ -117,6 +117,7 @@ impl Cluster {
             keys_sent: p.keys_sent.load(Ordering::Relaxed),
             keys_received: p.keys_received.load(Ordering::Relaxed),
             last_sync_seconds: p.last_sync_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            last_backup: None,
         }
     }
 

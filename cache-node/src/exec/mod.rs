@@ -108,7 +108,11 @@ impl Executor {
                 }
             }),
             Operation::Rebalance => Execution::Now(match &self.cluster {
-                Some(cluster) => Outcome::Progress(Box::new(cluster.report())),
+                Some(cluster) => {
+                    let mut report = cluster.report();
+                    report.last_backup = self.backups.as_ref().and_then(|b| b.last());
+                    Outcome::Progress(Box::new(report))
+                }
                 None => Failure::not_found("this node is not in cluster mode").into(),
             }),
             Operation::Handoff { timeout, epoch } => {

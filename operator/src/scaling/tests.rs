@@ -66,6 +66,7 @@ fn settled(o: &mut Observed) {
                 keys_sent: 0,
                 keys_received: 0,
                 last_sync_seconds: 0.0,
+                last_backup: None,
             },
         );
     }
@@ -88,6 +89,7 @@ fn report(o: &mut Observed, id: &str, epoch: u64, state: Option<MemberState>) {
             keys_sent: 0,
             keys_received: 0,
             last_sync_seconds: 0.0,
+            last_backup: None,
         },
     );
 }
