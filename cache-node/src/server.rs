@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::auth::{Tokens, load_tokens};
 use crate::api::{Api, PeerEndpoint, Surface};
-use crate::backup::{BackupError, Backups};
+use crate::backup::Backups;
 use crate::cluster::membership::{self, Source};
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::{Cluster, leases, rebalance, repair};
@@ -476,18 +476,15 @@ impl Node {
 }
 
 /// A single node started with --restore-from: loads the whole backup
-/// before it binds its ports. Object storage that cannot be read fails the
-/// start (the node is restarted and tries again); a backup that does not
-/// exist is logged and the node starts empty.
+/// before it binds its ports. A backup that cannot be read (missing, or the
+/// store unreachable) fails the start: a restore asked for never silently
+/// starts empty.
 async fn restore_single(backups: &Backups, store: &Arc<Store>, id: &str) -> std::io::Result<()> {
-    match backups.restore(store, id, Arc::new(|_: &str| true)).await {
-        Ok(_) => Ok(()),
-        Err(e @ (BackupError::NotFound(..) | BackupError::InvalidId(_))) => {
-            tracing::error!(backup = %id, error = %e, "cannot restore: starting without the backup");
-            Ok(())
-        }
-        Err(e) => Err(std::io::Error::other(format!("--restore-from {id}: {e}"))),
-    }
+    backups
+        .restore(store, id, Arc::new(|_: &str| true))
+        .await
+        .map(|_| ())
+        .map_err(|e| std::io::Error::other(format!("--restore-from {id}: {e}")))
 }
 
 /// Loads the newest valid snapshot into `store` (on a blocking thread), and

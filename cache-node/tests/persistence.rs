@@ -465,6 +465,44 @@ async fn a_backup_restores_into_a_new_cluster_of_another_size() {
             "node {i} kept what it owns (rf 2 of 2: everything)"
         );
     }
+
+    // A node of the restored cache restarts (kill -9, no snapshot): the
+    // cache serves, so it pulls from its peer instead of the backup.
+    r.kill(0);
+    r.start(0);
+    r.wait_settled(epoch, SETTLE).await;
+    r.wait_for_log(0, "the cache already serves", Duration::from_secs(30))
+        .await;
+    assert_exactly(&r, N, &live, "after a restart in the restored cache").await;
+    assert_copies(&r, N, &live, 2).await;
+}
+
+/// A new cache told to restore a backup that does not exist stays not
+/// ready (saying why) rather than starting empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_waits_for_a_backup_that_does_not_exist() {
+    let s3 = s3_support::S3Server::start();
+    let mut flags = s3.flags("nothing");
+    flags.extend(["--restore-from".to_owned(), "missing".to_owned()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut c = ProcCluster::new(2, 2)
+        .with_flags(&flags)
+        .with_env(s3_support::ENV);
+    c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start(1);
+    for i in 0..2 {
+        c.wait_for_log(i, "cannot restore the backup yet", Duration::from_secs(30))
+            .await;
+    }
+    // Twice the first retry pause later, still waiting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..2 {
+        assert!(
+            !c.is_ready(i).await,
+            "node {i} is not ready without its backup"
+        );
+    }
 }
 
 /// One node's object of a backup is corrupt: the restore refuses it (and
@@ -594,21 +632,32 @@ async fn a_single_node_restores_a_backup_before_it_serves() {
         assert_eq!(body["tags"], json!([tag(i)]));
         assert_eq!(body["ttl"], json!(3_600_000_000_000u64));
     }
-    // A backup id that does not exist: logged, and the node starts empty.
-    let mut launch = node_proc::Launch::new()
+    // A backup id that does not exist: the node refuses to start, naming it.
+    let mut missing = std::process::Command::new(node_proc::cache_node_bin())
         .args(s3.flags("single"))
-        .args(["--restore-from", "missing"]);
-    for (k, v) in s3_support::ENV {
-        launch = launch.env(k, v);
-    }
-    let empty = launch.spawn();
-    let resp = http.get(empty.url("/api/v1/stats")).send().await.unwrap();
-    let stats: Value = resp.json().await.unwrap();
-    assert_eq!(stats["items"], 0);
+        .args(["--port", "0", "--restore-from", "missing"])
+        .envs(s3_support::ENV.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = missing.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            missing.kill().unwrap();
+            panic!("a node told to restore a missing backup still runs after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut missing.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
     assert!(
-        empty.log().contains("cannot restore"),
-        "{}",
-        empty.log_tail(5)
+        stderr.contains("--restore-from missing: no backup missing"),
+        "{stderr}"
     );
 }
 

@@ -73,6 +73,9 @@ const BYTES_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?$";
     ),
     doc = "A DistroCache: a ring of cache nodes that any client can read and write through any node"
 )]
+#[x_kube(validation = Rule::new("!has(self.restoreFrom) || has(self.backup)")
+    .message("spec.restoreFrom needs spec.backup: the backup is read from spec.backup.url")
+    .field_path(".restoreFrom"))]
 #[x_kube(validation = Rule::new("self.peerPort != self.port")
     .message("spec.peerPort must differ from spec.port: the peer API needs a port of its own")
     .field_path(".peerPort"))]
@@ -268,6 +271,73 @@ pub struct DistroCacheSpec {
     #[x_kube(validation = Rule::new("!has(self.secretName) || !has(self.certManager)")
         .message("spec.tls: set secretName or certManager, not both"))]
     pub tls: TlsSpec,
+
+    /// Backups to S3-compatible storage (issue 17): where the nodes upload
+    /// their snapshots, on `schedule` (and when asked:
+    /// `PUT /api/v1/backups/{id}` on each node), and read `restoreFrom`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+
+    /// Create this cache from a backup in `spec.backup.url`: each node
+    /// starting without data of its own loads the keys it owns from every
+    /// node's part of the backup before it turns ready (see the README's
+    /// "Backups").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<RestoreFromSpec>,
+}
+
+/// Where and how often a cache backs up.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// `s3://bucket[/prefix]`. Give each cache a prefix of its own: backup
+    /// ids are unique within a URL only.
+    #[schemars(
+        regex(pattern = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"),
+        length(max = 1024)
+    )]
+    pub url: String,
+    /// The S3 endpoint, for storage other than AWS (`http://minio.storage:9000`).
+    /// Plain HTTP only when named here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^\s/]+(/[^\s]*)?$"), length(max = 1024))]
+    pub endpoint: Option<String>,
+    /// The bucket's region.
+    #[serde(default = "default_region")]
+    #[schemars(regex(pattern = r"^[a-z0-9-]{1,64}$"))]
+    pub region: String,
+    /// A Secret in the cache's namespace with the keys `accessKeyId` and
+    /// `secretAccessKey`, given to every node as `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"))]
+    pub credentials_secret: String,
+    /// Back up every this long (e.g. `6h`): every node uploads at each
+    /// slot (whole multiples since the Unix epoch) under the id
+    /// `scheduled-<slot start, Unix seconds>`. Unset: only when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 64))]
+    pub schedule: Option<String>,
+    /// Scheduled backups kept; each node deletes its part of older ones.
+    #[serde(default = "default_backup_keep")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub keep: i32,
+}
+
+/// The backup a new cache starts from.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreFromSpec {
+    /// The backup id (`status.lastBackup.id` of the cache backed up, or
+    /// the id given to `PUT /api/v1/backups/{id}`).
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"))]
+    pub backup_id: String,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_backup_keep() -> i32 {
+    7
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -518,6 +588,40 @@ pub struct DistroCacheStatus {
     /// Label selector of the node pods (for the scale subresource and HPA).
     #[serde(default)]
     pub selector: String,
+    /// The newest backup the nodes reported (with `spec.backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<BackupStatus>,
+}
+
+/// A backup as the nodes reported it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    pub id: String,
+    /// `Completed` (every member uploaded its part), `Failed` (one
+    /// reported an error) or `Running` (not every member has reported).
+    pub phase: String,
+    /// Items and bytes over the parts uploaded.
+    pub items: i64,
+    pub bytes: i64,
+    /// When the last part reported finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Each node's part.
+    #[serde(default)]
+    pub nodes: Vec<NodeBackupStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeBackupStatus {
+    pub pod: String,
+    /// Where its snapshot went.
+    pub object: String,
+    pub items: i64,
+    pub bytes: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -636,6 +740,19 @@ impl DistroCacheSpec {
                 format!("spec.persistence.snapshotInterval {interval:?} is not a duration: {e}")
             })?;
         }
+        if let Some(schedule) = self.backup.as_ref().and_then(|b| b.schedule.as_ref()) {
+            let d = humantime::parse_duration(schedule)
+                .map_err(|e| format!("spec.backup.schedule {schedule:?} is not a duration: {e}"))?;
+            if d < std::time::Duration::from_secs(1) {
+                return Err("spec.backup.schedule must be at least 1s".into());
+            }
+        }
+        if self.restore_from.is_some() && self.backup.is_none() {
+            return Err(
+                "spec.restoreFrom needs spec.backup: the backup is read from spec.backup.url"
+                    .into(),
+            );
+        }
         if self.peer_port == self.port {
             return Err(format!(
                 "spec.peerPort must differ from spec.port ({}): the peer API needs a port of its own",
@@ -678,6 +795,23 @@ mod tests {
 
     fn spec(yaml: &str) -> DistroCacheSpec {
         serde_yaml::from_str(yaml).expect("valid spec")
+    }
+
+    #[test]
+    fn backups_are_checked_and_a_restore_needs_a_destination() {
+        let s = spec(
+            "{backup: {url: s3://b/p, credentialsSecret: s3-creds, schedule: 6h}, \
+              restoreFrom: {backupId: scheduled-1764720000}}",
+        );
+        assert!(s.validate().is_ok());
+        let b = s.backup.as_ref().unwrap();
+        assert_eq!((b.region.as_str(), b.keep), ("us-east-1", 7));
+        let err = spec("{restoreFrom: {backupId: x}}").validate().unwrap_err();
+        assert!(err.contains("needs spec.backup"), "{err}");
+        let err = spec("{backup: {url: s3://b, credentialsSecret: c, schedule: 10ms}}")
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("at least 1s"), "{err}");
     }
 
     #[test]

@@ -3,11 +3,11 @@
 //! construction). Conditions keep their `lastTransitionTime` while their
 //! status does not change.
 
-use distrocache_membership::{MemberState, MembershipDoc, NodeProgress};
+use distrocache_membership::{BackupReport, MemberState, MembershipDoc, NodeProgress};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use std::collections::BTreeMap;
 
-use crate::crd::{DistroCacheStatus, MemberStatus};
+use crate::crd::{BackupStatus, DistroCacheStatus, MemberStatus, NodeBackupStatus};
 use crate::scaling::{PodView, Step};
 
 pub const READY: &str = "Ready";
@@ -49,6 +49,7 @@ pub enum ServiceMonitorOutcome {
 }
 
 pub fn build(facts: &Facts<'_>, previous: Option<&DistroCacheStatus>) -> DistroCacheStatus {
+    let previous_backup = previous.and_then(|s| s.last_backup.as_ref());
     let pod_ready = |id: &str| facts.pods.get(id).is_some_and(|p| p.ready);
     // Ready members, not ready pods: a pod outside the ring serves no keys.
     let ready_replicas = facts.ring.map_or(0, |doc| {
@@ -223,7 +224,75 @@ pub fn build(facts: &Facts<'_>, previous: Option<&DistroCacheStatus>) -> DistroC
         members,
         conditions,
         selector: facts.selector.clone(),
+        last_backup: last_backup(facts, previous_backup),
     }
+}
+
+/// The newest backup the ring's members report (`lastBackup` of their
+/// progress), or the one the status already holds when none reports a
+/// newer one (a restarted node forgets its last upload). A member's part
+/// reported earlier for the same id is kept.
+fn last_backup(facts: &Facts<'_>, previous: Option<&BackupStatus>) -> Option<BackupStatus> {
+    let members: Vec<&str> = facts
+        .ring
+        .map(|doc| doc.members.iter().map(|m| m.id.as_str()).collect())
+        .unwrap_or_default();
+    let reports: Vec<(&str, &BackupReport)> = members
+        .iter()
+        .filter_map(|id| Some((*id, facts.progress.get(*id)?.last_backup.as_ref()?)))
+        .collect();
+    // Newest by finish time; ties (one slot, many nodes) by id.
+    let newest = reports
+        .iter()
+        .max_by(|a, b| (a.1.finished_at, &a.1.id).cmp(&(b.1.finished_at, &b.1.id)))
+        .map(|(_, r)| r.id.clone());
+    let id = match (newest, previous) {
+        (Some(id), _) => id,
+        (None, Some(previous)) => return Some(previous.clone()),
+        (None, None) => return None,
+    };
+    let mut nodes: BTreeMap<String, NodeBackupStatus> = previous
+        .filter(|p| p.id == id)
+        .map(|p| p.nodes.iter().map(|n| (n.pod.clone(), n.clone())).collect())
+        .unwrap_or_default();
+    let mut finished_at = None;
+    for (pod, report) in reports.iter().filter(|(_, r)| r.id == id) {
+        finished_at = finished_at.max(Some(report.finished_at));
+        nodes.insert(
+            pod.to_string(),
+            NodeBackupStatus {
+                pod: pod.to_string(),
+                object: report.object.clone(),
+                items: report.items as i64,
+                bytes: report.bytes as i64,
+                error: report.error.clone(),
+            },
+        );
+    }
+    let phase = if nodes.values().any(|n| n.error.is_some()) {
+        "Failed"
+    } else if members.iter().all(|m| nodes.contains_key(*m)) {
+        "Completed"
+    } else {
+        "Running"
+    };
+    let finished_at = finished_at
+        .and_then(|secs| i64::try_from(secs).ok())
+        .and_then(|secs| k8s_openapi::jiff::Timestamp::from_second(secs).ok())
+        .map(|t| t.to_string())
+        .or_else(|| {
+            previous
+                .filter(|p| p.id == id)
+                .and_then(|p| p.finished_at.clone())
+        });
+    Some(BackupStatus {
+        id,
+        phase: phase.into(),
+        items: nodes.values().map(|n| n.items).sum(),
+        bytes: nodes.values().map(|n| n.bytes).sum(),
+        finished_at,
+        nodes: nodes.into_values().collect(),
+    })
 }
 
 /// The conditions after a failed reconcile: the previous ones, with
@@ -386,6 +455,66 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    fn report(id: &str, items: u64, finished_at: u64, error: Option<&str>) -> Option<BackupReport> {
+        Some(BackupReport {
+            id: id.into(),
+            object: format!("s3://b/{id}/x.dcs"),
+            items,
+            bytes: items * 100,
+            finished_at,
+            error: error.map(Into::into),
+        })
+    }
+
+    #[test]
+    fn the_last_backup_is_the_newest_the_members_report() {
+        let ring = doc(&[MemberState::Active; 3]);
+        let all = pods(&[true, true, true]);
+        let step = Step::Steady;
+        let mut prog = progress(3, 3);
+        assert_eq!(
+            build(&facts(Some(&ring), &all, &prog, &step), None).last_backup,
+            None
+        );
+
+        // Two of three uploaded the newest slot; the third still reports the older one.
+        prog.get_mut("c-0").unwrap().last_backup = report("scheduled-200", 10, 205, None);
+        prog.get_mut("c-1").unwrap().last_backup = report("scheduled-200", 20, 206, None);
+        prog.get_mut("c-2").unwrap().last_backup = report("scheduled-100", 30, 105, None);
+        let s = build(&facts(Some(&ring), &all, &prog, &step), None);
+        let b = s.last_backup.clone().unwrap();
+        assert_eq!(
+            (b.id.as_str(), b.phase.as_str()),
+            ("scheduled-200", "Running")
+        );
+        assert_eq!((b.items, b.bytes, b.nodes.len()), (30, 3000, 2));
+        assert_eq!(b.finished_at.as_deref(), Some("1970-01-01T00:03:26Z"));
+
+        // The third finishes: completed. Then c-0 restarts and forgets its
+        // report: its part stays in the status.
+        prog.get_mut("c-2").unwrap().last_backup = report("scheduled-200", 30, 207, None);
+        prog.get_mut("c-0").unwrap().last_backup = None;
+        let s = build(&facts(Some(&ring), &all, &prog, &step), Some(&s));
+        let b = s.last_backup.clone().unwrap();
+        assert_eq!(
+            (b.phase.as_str(), b.items, b.nodes.len()),
+            ("Completed", 60, 3)
+        );
+
+        // A failed part fails the backup; with no report at all the status keeps the last.
+        prog.get_mut("c-1").unwrap().last_backup = report("scheduled-300", 0, 305, Some("denied"));
+        let failed = build(&facts(Some(&ring), &all, &prog, &step), Some(&s));
+        let b = failed.last_backup.unwrap();
+        assert_eq!(
+            (b.id.as_str(), b.phase.as_str()),
+            ("scheduled-300", "Failed")
+        );
+        assert_eq!(b.nodes[0].error.as_deref(), Some("denied"));
+        let none = progress(3, 3);
+        let kept = build(&facts(Some(&ring), &all, &none, &step), Some(&s));
+        assert_eq!(kept.last_backup, s.last_backup);
     }
 
     fn get<'a>(s: &'a DistroCacheStatus, type_: &str) -> &'a Condition {

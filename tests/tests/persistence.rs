@@ -8,6 +8,11 @@
 //! 2. The cache stopped (operator and StatefulSet scaled to zero), one
 //!    node's snapshot corrupted, started again: every key comes back (the
 //!    other copy), and that node reports the file it refused and kept aside.
+//! 3. Backups (`spec.backup`) to an S3-compatible server the test starts on
+//!    loopback (gofakes3): the cache given a backup schedule reports a
+//!    completed backup in its status; the cache is deleted, and a new one
+//!    of another size created with `spec.restoreFrom` turns Ready with
+//!    every item back (two copies each) and nothing deleted back.
 //!
 //! The cache retains its claims on scale-down (`whenScaled: Retain`): step 2
 //! stops it by scaling the StatefulSet to zero, which with the default
@@ -18,7 +23,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use distrocache_tests::distrocache::{
     self, CacheClient, Written, kubectl_ok, lost_keys, node_addresses, wait_ready, write_items,
 };
@@ -27,6 +32,9 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
+
+#[path = "../../cache-node/tests/s3_support/mod.rs"]
+mod s3_support;
 
 const NS: &str = "default";
 const NAME: &str = "persist";
@@ -82,7 +90,11 @@ async fn pod_uids(client: &kube::Client) -> Result<BTreeMap<String, (String, boo
 }
 
 async fn rest_addrs(client: &kube::Client) -> Result<Vec<SocketAddr>> {
-    Ok(node_addresses(client, NS, NAME, 8080)
+    rest_addrs_of(client, NAME).await
+}
+
+async fn rest_addrs_of(client: &kube::Client, name: &str) -> Result<Vec<SocketAddr>> {
+    Ok(node_addresses(client, NS, name, 8080)
         .await?
         .into_iter()
         .map(|(_, a)| a)
@@ -98,7 +110,18 @@ async fn check(
     gone: &[String],
     step: &str,
 ) -> Result<()> {
-    let nodes = rest_addrs(client).await?;
+    check_cache(http, client, NAME, live, gone, step).await
+}
+
+async fn check_cache(
+    http: &CacheClient,
+    client: &kube::Client,
+    name: &str,
+    live: &Written,
+    gone: &[String],
+    step: &str,
+) -> Result<()> {
+    let nodes = rest_addrs_of(client, name).await?;
     let lost = lost_keys(http, &nodes, live).await;
     ensure!(lost == 0, "{step}: {lost} reads failed");
     for node in &nodes {
@@ -355,13 +378,19 @@ async fn scenarios(kubelet: &'static Kubelet) -> Result<()> {
             "--replicas=0",
         ],
     )?;
-    distrocache::wait_pods_ready(
-        &client,
-        distrocache::OPERATOR_NAMESPACE,
-        distrocache::OPERATOR_SELECTOR,
-        0,
-        STEP,
-    )
+    // Gone, not only unready: an operator still shutting down would set
+    // the StatefulSet back to the cache's replicas.
+    wait::until("every operator pod gone", STEP, || {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), distrocache::OPERATOR_NAMESPACE);
+        async move {
+            let left = pods
+                .list(&ListParams::default().labels(distrocache::OPERATOR_SELECTOR))
+                .await?
+                .items
+                .len();
+            Ok((left == 0).then_some(()))
+        }
+    })
     .await?;
     kubectl_ok(
         cp,
@@ -445,5 +474,149 @@ async fn scenarios(kubelet: &'static Kubelet) -> Result<()> {
     eprintln!(
         "[2] persist-0 refused its corrupt snapshot (kept in corrupt/) and pulled its keys back"
     );
+    backup_and_restore(cp, &client, &http, &live, &gone).await
+}
+
+const RESTORED: &str = "restored";
+
+/// 3. The cache is given a backup schedule, reports a completed backup
+/// taken after its last write, and is deleted; a new cache of 2 nodes
+/// restores that backup and turns Ready with every item.
+async fn backup_and_restore(
+    cp: &ControlPlane,
+    client: &kube::Client,
+    http: &CacheClient,
+    live: &Written,
+    gone: &[String],
+) -> Result<()> {
+    let s3 = s3_support::S3Server::start();
+    let (key_id, secret) = (s3_support::ENV[0].1, s3_support::ENV[1].1);
+    let backup = format!(
+        "backup: {{url: s3://{bucket}/{NAME}, endpoint: \"{endpoint}\", credentialsSecret: s3-creds, schedule: 3s, keep: 100}}",
+        bucket = s3_support::BUCKET,
+        endpoint = s3.endpoint
+    );
+    let file = cp.dir().join("s3-creds.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: s3-creds, namespace: {NS}}}\n\
+             stringData: {{accessKeyId: {key_id}, secretAccessKey: {secret}}}\n"
+        ),
+    )?;
+    distrocache::kubectl_apply(cp, &file)?;
+    kubectl_ok(
+        cp,
+        &[
+            "patch",
+            "distrocache",
+            "-n",
+            NS,
+            NAME,
+            "--type=merge",
+            "-p",
+            &format!("{{\"spec\":{{{}}}}}", yaml_to_json(&backup)?),
+        ],
+    )?;
+    // The pods roll to take the new environment; the first slot after the
+    // rollout holds every item.
+    let caches: Api<distrocache_operator::crd::DistroCache> = Api::namespaced(client.clone(), NS);
+    let rolled_at = std::time::SystemTime::now();
+    wait::until(
+        "a completed backup of every item after the rollout",
+        STEP,
+        || {
+            let caches = caches.clone();
+            let want = live.len() as i64 * 2;
+            async move {
+                let dc = caches.get(NAME).await?;
+                let Some(b) = dc.status.and_then(|s| s.last_backup) else {
+                    bail!("no backup reported yet");
+                };
+                let slot: u64 = b.id.trim_start_matches("scheduled-").parse()?;
+                let after = std::time::UNIX_EPOCH + Duration::from_secs(slot) > rolled_at;
+                if b.phase == "Completed" && after && b.items == want && b.nodes.len() == 3 {
+                    Ok(Some(b))
+                } else {
+                    bail!(
+                        "{} {} items {} of {want}, {} nodes",
+                        b.id,
+                        b.phase,
+                        b.items,
+                        b.nodes.len()
+                    )
+                }
+            }
+        },
+    )
+    .await
+    .map(|b| {
+        eprintln!(
+            "[3] backup {} completed: {} items, {} bytes",
+            b.id, b.items, b.bytes
+        )
+    })?;
+    let id = caches
+        .get(NAME)
+        .await?
+        .status
+        .and_then(|s| s.last_backup)
+        .context("the backup")?
+        .id;
+    kubectl_ok(
+        cp,
+        &["delete", "distrocache", "-n", NS, NAME, "--wait=true"],
+    )?;
+    wait::until("every pod of the backed-up cache gone", STEP, || {
+        let client = client.clone();
+        async move { Ok(pod_uids(&client).await?.is_empty().then_some(())) }
+    })
+    .await?;
+
+    let file = cp.dir().join("restored-cache.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\n\
+             metadata: {{name: {RESTORED}, namespace: {NS}}}\n\
+             spec:\n  replicas: 2\n  replicationFactor: 2\n  maxSize: 100000\n  \
+             {backup}\n  restoreFrom: {{backupId: {id}}}\n"
+        ),
+    )?;
+    distrocache::kubectl_apply(cp, &file)?;
+    wait_ready(client, NS, RESTORED, 2, STEP).await?;
+    check_cache(
+        http,
+        client,
+        RESTORED,
+        live,
+        gone,
+        "3. restored into a new cache of 2 nodes",
+    )
+    .await?;
+    let mut restored = 0.0;
+    for node in rest_addrs_of(client, RESTORED).await? {
+        restored += metric(http, node, "distrocache_backup_restored_items").await?;
+    }
+    ensure!(
+        restored as usize == live.len() * 2,
+        "every copy came from the backup: {restored} restored for {} keys",
+        live.len()
+    );
+    eprintln!(
+        "[3] backup {id} restored into {RESTORED}: {} keys, 2 copies each",
+        live.len()
+    );
+    kubectl_ok(
+        cp,
+        &["delete", "distrocache", "-n", NS, RESTORED, "--wait=true"],
+    )?;
     Ok(())
+}
+
+/// `{a: b, ...}` flow YAML as JSON text, for a merge patch.
+fn yaml_to_json(yaml: &str) -> Result<String> {
+    let value: Value = serde_yaml::from_str(&format!("{{{yaml}}}"))?;
+    let text = serde_json::to_string(&value)?;
+    Ok(text[1..text.len() - 1].to_owned())
 }

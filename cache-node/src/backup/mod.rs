@@ -310,7 +310,8 @@ impl Backups {
     }
 
     /// Deletes this node's objects of every scheduled backup but the newest
-    /// `keep` (other nodes prune their own). Returns how many it deleted.
+    /// `keep` (other nodes prune their own). Returns how many backups it
+    /// pruned (S3 does not say whether an object was there to delete).
     pub async fn prune(&self, node_id: &str, keep: usize) -> Result<usize, BackupError> {
         let listed = self.store.list_with_delimiter(Some(&self.root)).await?;
         let mut ids: Vec<String> = listed

@@ -99,9 +99,16 @@ impl Cluster {
 
     /// Loads the pending backup, keeping the keys this node owns in
     /// `ring`, and hands it to the restore rule; a no-op when none is
-    /// pending. Object storage that cannot be read is retried with backoff
-    /// (the node stays not ready) until it can or the ring changes; a
-    /// backup that does not exist is logged and the node starts without it.
+    /// pending. Waits, not ready, retrying with backoff until the ring
+    /// changes, while the backup cannot be read.
+    ///
+    /// `--restore-from` stays in a pod's environment for the life of the
+    /// cache, so the node first asks whether the cache already serves:
+    /// when every other member is ready, they hold newer data than the
+    /// backup, and the node pulls from them instead (no download on every
+    /// restart). A backup that does not exist keeps a new cache not ready
+    /// (a restore the user asked for never silently starts empty), but not
+    /// a node of a cache that serves: it pulls from the members that do.
     pub(super) async fn load_backup(&self, ring: &Ring, me: MemberIdx) -> Result<(), Interrupted> {
         let Some((backups, id)) = self.backup.0.lock().clone() else {
             return Ok(());
@@ -114,6 +121,12 @@ impl Cluster {
         let mut epochs = self.subscribe();
         let mut pause = Duration::from_millis(500);
         loop {
+            let (ready, others) = self.members_ready(&ring, me).await;
+            if others > 0 && ready == others {
+                tracing::info!(backup = %id,
+                    "the cache already serves: pulling from its members instead of restoring the backup");
+                break;
+            }
             let owned = ring.clone();
             let keep = Arc::new(move |key: &str| owned.is_owner(key.as_bytes(), me));
             match backups.restore(&self.store, &id, keep).await {
@@ -130,13 +143,14 @@ impl Cluster {
                     }
                     break;
                 }
-                Err(e @ (BackupError::NotFound(..) | BackupError::InvalidId(_))) => {
-                    tracing::error!(backup = %id, error = %e, "cannot restore: starting without the backup");
+                Err(e @ (BackupError::NotFound(..) | BackupError::InvalidId(_))) if ready > 0 => {
+                    tracing::error!(backup = %id, error = %e,
+                        "cannot restore the backup; pulling from the members that serve");
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(backup = %id, error = %e, retry_in = ?pause,
-                        "cannot read the backup yet; staying not ready until it can be read");
+                    tracing::error!(backup = %id, error = %e, retry_in = ?pause,
+                        "cannot restore the backup yet; staying not ready until it can be read");
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
                         _ = epochs.changed() => {}
@@ -150,6 +164,29 @@ impl Cluster {
         }
         *self.backup.0.lock() = None;
         Ok(())
+    }
+
+    /// How many of the other members of `ring` say they are ready, of how
+    /// many (one that does not answer within a second counts as not ready).
+    async fn members_ready(&self, ring: &Ring, me: MemberIdx) -> (usize, usize) {
+        let others: Vec<&RingMember> = ring
+            .members
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != me)
+            .map(|(_, m)| m)
+            .collect();
+        let answers = join_all(
+            others
+                .iter()
+                .map(|m| self.peers.progress(m.address, Some(Duration::from_secs(1)))),
+        )
+        .await;
+        let ready = answers
+            .iter()
+            .filter(|a| a.as_ref().is_ok_and(|p| p.ready))
+            .count();
+        (ready, others.len())
     }
 
     /// What this node remembers of deletes, for its snapshot.

@@ -40,8 +40,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle,
     LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -53,7 +53,7 @@ use super::defaults;
 use super::rbac::node_service_account_name;
 use super::tls::{tls_env, tls_volume_mounts, tls_volumes};
 use super::{child_meta, labels, peer_service_name, ring_configmap_name, selector_labels};
-use crate::crd::DistroCache;
+use crate::crd::{BackupSpec, DistroCache};
 
 pub(crate) const CONTAINER_NAME: &str = "cache-node";
 /// Where a node's persistent volume is mounted (its `--data-dir`).
@@ -365,12 +365,61 @@ fn env(dc: &DistroCache) -> Vec<EnvVar> {
             env.push(literal(name, value));
         }
     }
+    if let Some(backup) = &spec.backup {
+        env.extend(backup_env(backup));
+        if let Some(restore) = &spec.restore_from {
+            env.push(literal(
+                "DISTROCACHE_RESTORE_FROM",
+                restore.backup_id.clone(),
+            ));
+        }
+    }
     // validate() refused a limit too small to derive a budget from.
     if let Ok(Some(max_memory)) = defaults::max_memory(spec) {
         env.push(literal("DISTROCACHE_MAX_MEMORY", max_memory));
     }
     env
 }
+
+/// Where the nodes back up to, and the credentials from the Secret the
+/// spec names (read by the node's S3 client as the standard AWS variables).
+fn backup_env(backup: &BackupSpec) -> Vec<EnvVar> {
+    let literal = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..EnvVar::default()
+    };
+    let secret = |name: &str, key: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: backup.credentials_secret.clone(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let mut env = vec![
+        literal("DISTROCACHE_BACKUP_URL", backup.url.clone()),
+        literal("DISTROCACHE_BACKUP_REGION", backup.region.clone()),
+        literal("DISTROCACHE_BACKUP_KEEP", backup.keep.to_string()),
+        secret("AWS_ACCESS_KEY_ID", BACKUP_ACCESS_KEY_ID),
+        secret("AWS_SECRET_ACCESS_KEY", BACKUP_SECRET_ACCESS_KEY),
+    ];
+    if let Some(endpoint) = &backup.endpoint {
+        env.push(literal("DISTROCACHE_BACKUP_ENDPOINT", endpoint.clone()));
+    }
+    if let Some(schedule) = &backup.schedule {
+        env.push(literal("DISTROCACHE_BACKUP_SCHEDULE", schedule.clone()));
+    }
+    env
+}
+
+/// The keys of `spec.backup.credentialsSecret`.
+pub const BACKUP_ACCESS_KEY_ID: &str = "accessKeyId";
+pub const BACKUP_SECRET_ACCESS_KEY: &str = "secretAccessKey";
 
 /// The environment as a map, for tests.
 #[cfg(test)]
@@ -489,6 +538,51 @@ mod tests {
             "the node takes the factor from the ring: {:?}",
             env.keys()
         );
+    }
+
+    #[test]
+    fn backups_point_the_node_at_the_bucket_with_the_secrets_credentials() {
+        let env = env_map(&statefulset(&cache("{}"), 1, "x"));
+        assert!(
+            !env.keys()
+                .any(|k| k.contains("BACKUP") || k.starts_with("AWS_"))
+        );
+        let dc = cache(
+            "{backup: {url: s3://backups/orders, endpoint: http://minio.storage:9000, \
+              credentialsSecret: s3-creds, schedule: 6h, keep: 3}, \
+              restoreFrom: {backupId: scheduled-1764720000}}",
+        );
+        let env = env_map(&statefulset(&dc, 1, "x"));
+        let value = |k: &str| {
+            env[k]
+                .value
+                .clone()
+                .unwrap_or_else(|| panic!("{k} is a value"))
+        };
+        assert_eq!(value("DISTROCACHE_BACKUP_URL"), "s3://backups/orders");
+        assert_eq!(
+            value("DISTROCACHE_BACKUP_ENDPOINT"),
+            "http://minio.storage:9000"
+        );
+        assert_eq!(value("DISTROCACHE_BACKUP_REGION"), "us-east-1");
+        assert_eq!(value("DISTROCACHE_BACKUP_SCHEDULE"), "6h");
+        assert_eq!(value("DISTROCACHE_BACKUP_KEEP"), "3");
+        assert_eq!(value("DISTROCACHE_RESTORE_FROM"), "scheduled-1764720000");
+        for (var, key) in [
+            ("AWS_ACCESS_KEY_ID", "accessKeyId"),
+            ("AWS_SECRET_ACCESS_KEY", "secretAccessKey"),
+        ] {
+            let from = env[var].value_from.as_ref().unwrap();
+            let secret = from.secret_key_ref.as_ref().unwrap();
+            assert_eq!(
+                (secret.name.as_str(), secret.key.as_str()),
+                ("s3-creds", key)
+            );
+            assert!(
+                env[var].value.is_none(),
+                "{var} never in the pod spec as text"
+            );
+        }
     }
 
     #[test]
