@@ -479,9 +479,9 @@ async fn scenarios(kubelet: &'static Kubelet) -> Result<()> {
 
 const RESTORED: &str = "restored";
 
-/// 3. The cache is given a backup schedule, reports a completed backup
-/// taken after its last write, and is deleted; a new cache of 2 nodes
-/// restores that backup and turns Ready with every item.
+/// Step 3: the cache is given a backup schedule, reports a completed
+/// backup taken after its last write, and is deleted; a new cache of 2
+/// nodes restores that backup and turns Ready with every item.
 async fn backup_and_restore(
     cp: &ControlPlane,
     client: &kube::Client,
