@@ -532,10 +532,12 @@ async fn write_snapshot(
 /// Uploads a backup at the start of every slot of `every` (whole multiples
 /// of it since the Unix epoch, so the nodes of a cache agree on the id),
 /// then deletes this node's part of scheduled backups older than the newest
-/// `keep`, until told to stop. A node down for a slot skips it; one that
-/// restarts within a slot it already uploaded finds the id taken and skips
-/// it too. Failures are logged, counted and reported; the next slot tries
-/// again.
+/// `keep`, until told to stop. A node down for a slot, or not ready at it
+/// (still pulling or restoring its data, so its part would be partial),
+/// skips it; so does one still uploading the previous slot. Failures are
+/// logged, counted and reported; the next slot tries again. On shutdown
+/// the loop stops at once: an upload under way goes on in its own task
+/// until the process exits, and, cut short, leaves no object behind.
 async fn scheduled_backups(
     exec: Arc<Executor>,
     backups: Arc<Backups>,
@@ -554,16 +556,30 @@ async fn scheduled_backups(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
+        let id = crate::backup::scheduled_id(slot);
+        if !exec.ready.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::warn!(backup = %id, "skipping a scheduled backup: this node is not ready (its data is still coming)");
+            continue;
+        }
         let cluster = exec.cluster.clone();
         let log = move || cluster.map_or_else(Default::default, |c| c.tombstone_log());
-        let id = crate::backup::scheduled_id(slot);
-        if backups
-            .upload(exec.store.clone(), &exec.node_id, &id, log)
-            .await
-            .is_ok()
-            && let Err(e) = backups.prune(&exec.node_id, keep).await
-        {
-            tracing::warn!(error = %e, "cannot remove older scheduled backups; trying after the next one");
+        let upload = backups.upload(exec.store.clone(), &exec.node_id, &id, log);
+        let uploaded = tokio::select! {
+            result = upload => result,
+            _ = stop.changed() => return,
+        };
+        match uploaded {
+            Ok(_) => {
+                if let Err(e) = backups.prune(&exec.node_id, keep).await {
+                    tracing::warn!(error = %crate::backup::summary(&e),
+                        "cannot remove older scheduled backups; trying after the next one");
+                }
+            }
+            Err(crate::backup::BackupError::Busy) => {
+                tracing::warn!(backup = %id, "skipping a scheduled backup: the previous upload is still running");
+            }
+            // Logged, counted and reported by the upload.
+            Err(_) => {}
         }
     }
 }

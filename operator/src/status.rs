@@ -245,9 +245,18 @@ fn last_backup(facts: &Facts<'_>, previous: Option<&BackupStatus>) -> Option<Bac
     let newest = reports
         .iter()
         .max_by(|a, b| (a.1.finished_at, &a.1.id).cmp(&(b.1.finished_at, &b.1.id)))
-        .map(|(_, r)| r.id.clone());
+        .map(|(_, r)| (r.id.clone(), r.finished_at));
+    let previous_at = previous
+        .and_then(|p| p.finished_at.as_deref())
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map_or(0, |t| t.as_second());
     let id = match (newest, previous) {
-        (Some(id), _) => id,
+        // Members that restarted may report an older backup than the
+        // status holds (or none): the status keeps the newer one.
+        (Some((id, at)), Some(previous)) if id != previous.id && (at as i64) < previous_at => {
+            return Some(previous.clone());
+        }
+        (Some((id, _)), _) => id,
         (None, Some(previous)) => return Some(previous.clone()),
         (None, None) => return None,
     };
@@ -276,8 +285,11 @@ fn last_backup(facts: &Facts<'_>, previous: Option<&BackupStatus>) -> Option<Bac
     } else {
         "Running"
     };
+    // The latest part's time, parts kept from the previous status included.
+    let kept_at = previous.filter(|p| p.id == id).map_or(0, |_| previous_at);
     let finished_at = finished_at
         .and_then(|secs| i64::try_from(secs).ok())
+        .map(|secs| secs.max(kept_at))
         .and_then(|secs| k8s_openapi::jiff::Timestamp::from_second(secs).ok())
         .map(|t| t.to_string())
         .or_else(|| {
@@ -514,6 +526,11 @@ mod tests {
         assert_eq!(b.nodes[0].error.as_deref(), Some("denied"));
         let none = progress(3, 3);
         let kept = build(&facts(Some(&ring), &all, &none, &step), Some(&s));
+        assert_eq!(kept.last_backup, s.last_backup);
+        // Members that restarted report an older backup: the newer stays.
+        let mut older = progress(3, 3);
+        older.get_mut("c-2").unwrap().last_backup = report("scheduled-100", 30, 105, None);
+        let kept = build(&facts(Some(&ring), &all, &older, &step), Some(&s));
         assert_eq!(kept.last_backup, s.last_backup);
     }
 

@@ -57,6 +57,8 @@ use crate::cluster::tombstones::TombstoneLog;
 use crate::snapshot::{self, format::Header};
 use crate::store::{Store, UnixNanos};
 
+/// A download that brings no bytes for this long fails (and is retried).
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Size of one part of a multipart upload (S3 wants at least 5 MiB).
 pub const PART_BYTES: usize = 8 << 20;
 /// Parts uploading at once: bounds the memory an upload holds.
@@ -87,6 +89,8 @@ pub enum BackupError {
     Busy,
     #[error("no backup {0} at {1}")]
     NotFound(String, String),
+    #[error("no object of backup {0} could be read ({1} refused)")]
+    Unreadable(String, usize),
     #[error("object storage: {0}")]
     Store(#[from] object_store::Error),
     #[error("{0}")]
@@ -130,8 +134,8 @@ pub struct Backups {
     root: ObjectPath,
     url: String,
     metrics: BackupMetrics,
-    /// One upload at a time.
-    uploading: tokio::sync::Mutex<()>,
+    /// One upload at a time (held by the upload's own task).
+    uploading: Arc<tokio::sync::Mutex<()>>,
     /// The last upload's outcome, for the progress report.
     last: parking_lot::Mutex<Option<BackupReport>>,
 }
@@ -181,7 +185,7 @@ impl Backups {
             root,
             url: format!("s3://{bucket}"),
             metrics: BackupMetrics::new(registry),
-            uploading: tokio::sync::Mutex::new(()),
+            uploading: Arc::new(tokio::sync::Mutex::new(())),
             last: parking_lot::Mutex::new(None),
         })
     }
@@ -200,15 +204,40 @@ impl Backups {
 
     /// Uploads a snapshot of `store` as this node's part of backup `id`,
     /// with the tombstones `log` gives once the scan is done.
+    ///
+    /// The upload runs in a task of its own, which holds the one-at-a-time
+    /// lock, reports the outcome and aborts what it sent on failure: it
+    /// goes to its end even when the caller stops waiting (a client that
+    /// hangs up, the request timeout, a node shutting down).
     pub async fn upload(
-        &self,
+        self: &Arc<Self>,
         store: Arc<Store>,
         node_id: &str,
         id: &str,
         log: impl FnOnce() -> TombstoneLog + Send + 'static,
     ) -> Result<Uploaded, BackupError> {
         check_id(id)?;
-        let _one = self.uploading.try_lock().map_err(|_| BackupError::Busy)?;
+        let one = self
+            .uploading
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| BackupError::Busy)?;
+        let (this, node_id, id) = (self.clone(), node_id.to_owned(), id.to_owned());
+        tokio::spawn(async move {
+            let _one = one;
+            this.upload_and_report(store, &node_id, &id, log).await
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    async fn upload_and_report(
+        &self,
+        store: Arc<Store>,
+        node_id: &str,
+        id: &str,
+        log: impl FnOnce() -> TombstoneLog + Send + 'static,
+    ) -> Result<Uploaded, BackupError> {
         let started = Instant::now();
         let result = self.upload_object(store, node_id, id, log).await;
         let m = &self.metrics;
@@ -240,10 +269,10 @@ impl Backups {
                     self.describe(&self.object(id, node_id)),
                     0,
                     0,
-                    Some(e.to_string()),
+                    Some(summary(e)),
                 );
                 m.uploads.with_label_values(&["failed"]).inc();
-                tracing::error!(id, error = %e, "uploading a backup failed");
+                tracing::error!(id, error = %summary(e), "uploading a backup failed");
             }
         }
         result
@@ -287,8 +316,13 @@ impl Backups {
         let (items, bytes) = match written {
             Ok(w) => w,
             Err(Failed::Writing(e)) => {
-                // Drop the parts already sent.
-                let _ = bridge.into_inner().abort().await;
+                // Drop the parts already sent (a store that keeps parts
+                // of an upload it could not abort cleans them up by its
+                // lifecycle rule; see the README).
+                if let Err(abort) = bridge.into_inner().abort().await {
+                    tracing::warn!(object = %self.describe(&path), error = %abort,
+                        "could not abort an unfinished upload");
+                }
                 return Err(e.into());
             }
             // A completion that failed has nothing left to abort.
@@ -367,12 +401,10 @@ impl Backups {
         let mut restored = Restored::default();
         for path in objects {
             let name = self.describe(&path);
-            let stream = self
-                .store
-                .get(&path)
-                .await?
-                .into_stream()
-                .map(|chunk| chunk.map_err(io::Error::other));
+            let stream = idle_timeout(
+                self.store.get(&path).await?.into_stream(),
+                BODY_IDLE_TIMEOUT,
+            );
             let reader = SyncIoBridge::new(StreamReader::new(stream));
             let (st, keep) = (store.clone(), keep.clone());
             let loaded = tokio::task::spawn_blocking(move || {
@@ -408,6 +440,14 @@ impl Backups {
                 }
             }
         }
+        if restored.objects == 0 {
+            // Every object refused: nothing to restore from.
+            self.metrics.restores.with_label_values(&["failed"]).inc();
+            return Err(BackupError::Unreadable(
+                id.to_owned(),
+                restored.refused.len(),
+            ));
+        }
         self.metrics.restores.with_label_values(&["ok"]).inc();
         self.metrics.restored_items.set(restored.applied as i64);
         self.metrics
@@ -418,6 +458,47 @@ impl Backups {
             took = ?started.elapsed(), "restored backup");
         Ok(restored)
     }
+}
+
+/// The bytes of `stream`, failing with `TimedOut` when none come for
+/// `idle`: a stalled download must not hold a restore forever.
+fn idle_timeout(
+    stream: futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
+    idle: Duration,
+) -> futures_util::stream::BoxStream<'static, io::Result<bytes::Bytes>> {
+    futures_util::stream::unfold(Some(stream), move |stream| async move {
+        let mut stream = stream?;
+        match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(chunk)) => Some((chunk.map_err(io::Error::other), Some(stream))),
+            Ok(None) => None,
+            // The error ends the stream.
+            Err(_) => Some((
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no bytes for {idle:?}"),
+                )),
+                None,
+            )),
+        }
+    })
+    .boxed()
+}
+
+/// An error as it goes into logs and the progress report: the first line,
+/// without an S3 error document (which may quote the request's signing
+/// details), at most 300 bytes.
+pub fn summary(e: &BackupError) -> String {
+    let text = e.to_string();
+    let text = text
+        .split(['<', '\n'])
+        .next()
+        .unwrap_or_default()
+        .trim_end();
+    let mut end = text.len().min(300);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// Where an upload failed.
@@ -580,6 +661,32 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn error_summaries_leave_out_the_s3_error_document() {
+        let e = BackupError::Io(io::Error::other(
+            "Client error with status 403 Forbidden: <?xml version=\"1.0\"?><Error><AWSAccessKeyId>AKIA</AWSAccessKeyId></Error>",
+        ));
+        assert_eq!(summary(&e), "Client error with status 403 Forbidden:");
+        let long = BackupError::Io(io::Error::other("é".repeat(400)));
+        assert!(summary(&long).len() <= 300);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_download_times_out() {
+        let stalled: futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>> =
+            futures_util::stream::iter([Ok(bytes::Bytes::from_static(b"abc"))])
+                .chain(futures_util::stream::pending())
+                .boxed();
+        let mut s = std::pin::pin!(idle_timeout(stalled, Duration::from_millis(50)));
+        assert_eq!(&s.next().await.unwrap().unwrap()[..], b"abc");
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            s.next().await.is_none(),
+            "the stream ends after the timeout"
+        );
     }
 
     #[test]

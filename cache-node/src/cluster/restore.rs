@@ -62,6 +62,10 @@ pub const CLOCK_MARGIN: Duration = Duration::from_secs(60);
 #[derive(Default)]
 pub struct PendingRestore(Mutex<Option<UnixNanos>>);
 
+/// How long a new cache waits for a backup that does not exist (or cannot
+/// be read at all) before it starts from what its members hold.
+pub const MISSING_BACKUP_WAIT: Duration = Duration::from_secs(600);
+
 /// A backup to load before the first pull (`--restore-from`).
 #[derive(Default)]
 pub struct PendingBackup(Mutex<Option<(Arc<Backups>, String)>>);
@@ -106,9 +110,11 @@ impl Cluster {
     /// cache, so the node first asks whether the cache already serves:
     /// when every other member is ready, they hold newer data than the
     /// backup, and the node pulls from them instead (no download on every
-    /// restart). A backup that does not exist keeps a new cache not ready
-    /// (a restore the user asked for never silently starts empty), but not
-    /// a node of a cache that serves: it pulls from the members that do.
+    /// restart). A backup that does not exist (or of which no object can
+    /// be read) keeps a new cache not ready for up to
+    /// [`MISSING_BACKUP_WAIT`] (a restore the user asked for does not
+    /// quietly start empty), but not a node of a cache that serves: it
+    /// pulls from the members that do.
     pub(super) async fn load_backup(&self, ring: &Ring, me: MemberIdx) -> Result<(), Interrupted> {
         let Some((backups, id)) = self.backup.0.lock().clone() else {
             return Ok(());
@@ -120,6 +126,7 @@ impl Cluster {
         };
         let mut epochs = self.subscribe();
         let mut pause = Duration::from_millis(500);
+        let started = std::time::Instant::now();
         loop {
             let (ready, others) = self.members_ready(&ring, me).await;
             if others > 0 && ready == others {
@@ -129,27 +136,34 @@ impl Cluster {
             }
             let owned = ring.clone();
             let keep = Arc::new(move |key: &str| owned.is_owner(key.as_bytes(), me));
-            match backups.restore(&self.store, &id, keep).await {
+            let result = backups.restore(&self.store, &id, keep).await;
+            if self.epoch() != ring.epoch() {
+                // What it kept followed the old ring: load again for the
+                // new one (loading twice is harmless: the newer version wins).
+                return Err(Interrupted::RingChanged);
+            }
+            match result {
                 Ok(restored) => {
                     for log in &restored.tombstones {
                         self.tombstones.absorb(log);
                     }
-                    if restored.objects > 0 {
-                        let mut pending = self.restore.0.lock();
-                        // With a snapshot pending too, the older time rules.
-                        let at =
-                            pending.map_or(restored.written_at, |p| p.min(restored.written_at));
-                        *pending = Some(at);
-                    }
+                    let mut pending = self.restore.0.lock();
+                    // With a snapshot pending too, the older time rules.
+                    let at = pending.map_or(restored.written_at, |p| p.min(restored.written_at));
+                    *pending = Some(at);
                     break;
                 }
-                Err(e @ (BackupError::NotFound(..) | BackupError::InvalidId(_))) if ready > 0 => {
-                    tracing::error!(backup = %id, error = %e,
-                        "cannot restore the backup; pulling from the members that serve");
+                Err(
+                    e @ (BackupError::NotFound(..)
+                    | BackupError::Unreadable(..)
+                    | BackupError::InvalidId(_)),
+                ) if ready > 0 || started.elapsed() >= MISSING_BACKUP_WAIT => {
+                    tracing::error!(backup = %id, error = %crate::backup::summary(&e),
+                        "cannot restore the backup; starting from what the members hold");
                     break;
                 }
                 Err(e) => {
-                    tracing::error!(backup = %id, error = %e, retry_in = ?pause,
+                    tracing::error!(backup = %id, error = %crate::backup::summary(&e), retry_in = ?pause,
                         "cannot restore the backup yet; staying not ready until it can be read");
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}

@@ -124,10 +124,16 @@ impl Executor {
 
     /// Uploads this node's snapshot as its part of backup `id`.
     async fn backup(&self, id: &str) -> Outcome {
-        use crate::backup::BackupError;
+        use crate::backup::{BackupError, SCHEDULED_PREFIX, summary};
         let Some(backups) = &self.backups else {
             return Failure::not_found("this node has no backup destination (--backup-url)").into();
         };
+        if id.starts_with(SCHEDULED_PREFIX) {
+            return Failure::bad_request(format!(
+                "backup ids starting with {SCHEDULED_PREFIX:?} are the schedule's"
+            ))
+            .into();
+        }
         let cluster = self.cluster.clone();
         let log = move || cluster.map_or_else(Default::default, |c| c.tombstone_log());
         match backups
@@ -139,7 +145,7 @@ impl Executor {
             Err(e @ (BackupError::Exists(..) | BackupError::Busy)) => {
                 Failure::conflict(e.to_string()).into()
             }
-            Err(e) => Failure::unavailable(e.to_string()).into(),
+            Err(e) => Failure::unavailable(summary(&e)).into(),
         }
     }
 
