@@ -408,12 +408,39 @@ impl ProcCluster {
 
     /// Sends node `i` a signal (`SIGSTOP` stalls it: the kernel still
     /// accepts its connections, nothing answers; `SIGCONT` resumes it).
+    /// `kill` returns before the process has stopped, so after a `SIGSTOP`
+    /// this waits until every thread of it has (a request sent in between
+    /// could still be answered).
     pub fn signal(&self, i: usize, signal: libc::c_int) {
         self.nodes[i]
             .child
             .as_ref()
             .expect("node is running")
             .signal(signal);
+        if signal != libc::SIGSTOP {
+            return;
+        }
+        let pid = self.pid(i);
+        let stopped = || {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return false;
+            };
+            tasks.filter_map(Result::ok).all(|task| {
+                std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                    // The state follows the ")" that closes the command name.
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+                })
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !stopped() {
+            assert!(
+                Instant::now() < deadline,
+                "node {i} did not stop within 10 s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Waits until the running process of node `i` logs a line containing
