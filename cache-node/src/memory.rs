@@ -172,11 +172,37 @@ pub fn give_back(store: &Store) {
 
 /// Watches the store and the process until told to stop; see the module
 /// doc.
+///
+/// Releases run on one thread of their own, for the node's life, rather
+/// than on the runtime's blocking pool: a compaction allocates the
+/// survivors anew, from the heap of the thread it runs on, and with a
+/// different pool thread each time (as under load) the survivors of
+/// successive compactions would spread over several heaps, each keeping
+/// pages part full.
 pub async fn follow_data(store: Arc<Store>, stop: watch::Receiver<bool>) {
-    let watched = store.clone();
-    follow_data_with(watched, stop, resident_bytes, move || {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || give_back(&store))
+    let (requests, pending) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>();
+    let compacted = store.clone();
+    let spawned = std::thread::Builder::new()
+        .name("distrocache-compactor".into())
+        .spawn(move || {
+            // Ends when the watcher below drops its sender.
+            for done in pending {
+                give_back(&compacted);
+                let _ = done.send(());
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the compaction thread: freed memory is not given back");
+        return;
+    }
+    follow_data_with(store, stop, resident_bytes, move || {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let sent = requests.send(done).is_ok();
+        tokio::spawn(async move {
+            if sent {
+                let _ = finished.await;
+            }
+        })
     })
     .await;
 }
