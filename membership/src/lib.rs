@@ -254,7 +254,9 @@ pub struct BackupReport {
     pub object: String,
     pub items: u64,
     pub bytes: u64,
-    /// When the upload ended (Unix seconds).
+    /// When the upload started and ended (Unix seconds).
+    #[serde(default)]
+    pub started_at: u64,
     pub finished_at: u64,
     /// Why it failed; absent when it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -398,6 +400,7 @@ mod tests {
                 object: "s3://backups/cache/scheduled-1764720000/cache-2.dcs".into(),
                 items: 10,
                 bytes: 2048,
+                started_at: 1764720000,
                 finished_at: 1764720003,
                 error: None,
             }),

@@ -604,6 +604,9 @@ pub struct BackupStatus {
     /// Items and bytes over the parts uploaded.
     pub items: i64,
     pub bytes: i64,
+    /// When the first part reported started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
     /// When the last part reported finished (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,

@@ -265,8 +265,10 @@ fn last_backup(facts: &Facts<'_>, previous: Option<&BackupStatus>) -> Option<Bac
         .map(|p| p.nodes.iter().map(|n| (n.pod.clone(), n.clone())).collect())
         .unwrap_or_default();
     let mut finished_at = None;
+    let mut started_at: Option<u64> = None;
     for (pod, report) in reports.iter().filter(|(_, r)| r.id == id) {
         finished_at = finished_at.max(Some(report.finished_at));
+        started_at = Some(started_at.map_or(report.started_at, |s| s.min(report.started_at)));
         nodes.insert(
             pod.to_string(),
             NodeBackupStatus {
@@ -297,9 +299,24 @@ fn last_backup(facts: &Facts<'_>, previous: Option<&BackupStatus>) -> Option<Bac
                 .filter(|p| p.id == id)
                 .and_then(|p| p.finished_at.clone())
         });
+    let rfc3339 = |secs: u64| {
+        i64::try_from(secs)
+            .ok()
+            .and_then(|s| k8s_openapi::jiff::Timestamp::from_second(s).ok())
+            .map(|t| t.to_string())
+    };
+    // The earliest part's start, parts kept from the previous status included.
+    let kept_start = previous
+        .filter(|p| p.id == id)
+        .and_then(|p| p.started_at.clone());
+    let started_at = match (started_at.and_then(rfc3339), kept_start) {
+        (Some(now), Some(kept)) => Some(now.min(kept)),
+        (now, kept) => now.or(kept),
+    };
     Some(BackupStatus {
         id,
         phase: phase.into(),
+        started_at,
         items: nodes.values().map(|n| n.items).sum(),
         bytes: nodes.values().map(|n| n.bytes).sum(),
         finished_at,
@@ -475,6 +492,7 @@ mod tests {
             object: format!("s3://b/{id}/x.dcs"),
             items,
             bytes: items * 100,
+            started_at: finished_at - 5,
             finished_at,
             error: error.map(Into::into),
         })
@@ -503,6 +521,7 @@ mod tests {
         );
         assert_eq!((b.items, b.bytes, b.nodes.len()), (30, 3000, 2));
         assert_eq!(b.finished_at.as_deref(), Some("1970-01-01T00:03:26Z"));
+        assert_eq!(b.started_at.as_deref(), Some("1970-01-01T00:03:20Z"));
 
         // The third finishes: completed. Then c-0 restarts and forgets its
         // report: its part stays in the status.

@@ -239,6 +239,7 @@ impl Backups {
         log: impl FnOnce() -> TombstoneLog + Send + 'static,
     ) -> Result<Uploaded, BackupError> {
         let started = Instant::now();
+        let started_at = unix_now_secs() as u64;
         let result = self.upload_object(store, node_id, id, log).await;
         let m = &self.metrics;
         let report = |object: String, items, bytes, error| {
@@ -247,6 +248,7 @@ impl Backups {
                 object,
                 items,
                 bytes,
+                started_at,
                 finished_at: unix_now_secs() as u64,
                 error,
             });
