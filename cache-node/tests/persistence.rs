@@ -347,6 +347,29 @@ async fn a_killed_single_node_comes_back_from_its_periodic_snapshot() {
     assert_exactly(&c, N, &live, "after kill -9").await;
 }
 
+/// `n` nodes (replication factor 2) backing up to `s3` under `prefix`, with
+/// `extra` flags, all members of one ring and started; returns the cluster
+/// and the ring's epoch.
+fn backing_up(
+    s3: &s3_support::S3Server,
+    prefix: &str,
+    n: usize,
+    extra: &[&str],
+) -> (ProcCluster, u64) {
+    let mut flags = s3.flags(prefix);
+    flags.extend(extra.iter().map(|f| f.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut c = ProcCluster::new(n, 2)
+        .with_flags(&flags)
+        .with_env(s3_support::ENV);
+    let members: Vec<_> = (0..n).map(|i| (i, Active)).collect();
+    let epoch = c.set_ring(&members);
+    for i in 0..n {
+        c.start(i);
+    }
+    (c, epoch)
+}
+
 /// Asks every running node for its part of backup `id`; returns the items
 /// each uploaded.
 async fn backup(c: &ProcCluster, id: &str) -> Vec<u64> {
@@ -376,15 +399,7 @@ async fn backup(c: &ProcCluster, id: &str) -> Vec<u64> {
 async fn a_backup_restores_into_a_new_cluster_of_another_size() {
     const N: usize = 3000;
     let s3 = s3_support::S3Server::start();
-    let flags = s3.flags("team-a");
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut c = ProcCluster::new(3, 2)
-        .with_flags(&flags)
-        .with_env(s3_support::ENV);
-    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        c.start(i);
-    }
+    let (c, epoch) = backing_up(&s3, "team-a", 3, &[]);
     c.wait_settled(epoch, SETTLE).await;
     write(&c, 0, 0..N).await;
     // 600 items of 24 KiB: about 10 MiB per node, over one 8 MiB part.
@@ -428,12 +443,7 @@ async fn a_backup_restores_into_a_new_cluster_of_another_size() {
     }
     drop(c);
 
-    let mut r = ProcCluster::new(2, 2)
-        .with_flags(&[&flags[..], &["--restore-from", "nightly-1"]].concat())
-        .with_env(s3_support::ENV);
-    let epoch = r.set_ring(&[(0, Active), (1, Active)]);
-    r.start(0);
-    r.start(1);
+    let (mut r, epoch) = backing_up(&s3, "team-a", 2, &["--restore-from", "nightly-1"]);
     r.wait_settled(epoch, SETTLE).await;
     assert_exactly(&r, N, &live, "after the restore").await;
     assert_copies(&r, N, &live, 2).await;
@@ -484,15 +494,7 @@ async fn a_backup_restores_into_a_new_cluster_of_another_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_cluster_waits_for_a_backup_that_does_not_exist() {
     let s3 = s3_support::S3Server::start();
-    let mut flags = s3.flags("nothing");
-    flags.extend(["--restore-from".to_owned(), "missing".to_owned()]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut c = ProcCluster::new(2, 2)
-        .with_flags(&flags)
-        .with_env(s3_support::ENV);
-    c.set_ring(&[(0, Active), (1, Active)]);
-    c.start(0);
-    c.start(1);
+    let (c, _) = backing_up(&s3, "nothing", 2, &["--restore-from", "missing"]);
     for i in 0..2 {
         c.wait_for_log(i, "cannot restore the backup yet", Duration::from_secs(30))
             .await;
@@ -514,15 +516,7 @@ async fn a_new_cluster_waits_for_a_backup_that_does_not_exist() {
 async fn a_corrupt_backup_object_costs_only_its_copy() {
     const N: usize = 3000;
     let s3 = s3_support::S3Server::start();
-    let flags = s3.flags("team-b");
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut c = ProcCluster::new(3, 2)
-        .with_flags(&flags)
-        .with_env(s3_support::ENV);
-    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        c.start(i);
-    }
+    let (c, epoch) = backing_up(&s3, "team-b", 3, &[]);
     c.wait_settled(epoch, SETTLE).await;
     write(&c, 0, 0..N).await;
     backup(&c, "b").await;
@@ -552,13 +546,7 @@ async fn a_corrupt_backup_object_costs_only_its_copy() {
         .error_for_status()
         .unwrap();
 
-    let mut r = ProcCluster::new(3, 2)
-        .with_flags(&[&flags[..], &["--restore-from", "b"]].concat())
-        .with_env(s3_support::ENV);
-    let epoch = r.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        r.start(i);
-    }
+    let (r, epoch) = backing_up(&s3, "team-b", 3, &["--restore-from", "b"]);
     r.wait_settled(epoch, SETTLE).await;
     let live: HashSet<usize> = (0..N).collect();
     assert_exactly(&r, N, &live, "after a restore with a corrupt object").await;
@@ -670,15 +658,8 @@ async fn a_single_node_restores_a_backup_before_it_serves() {
 async fn scheduled_backups_share_an_id_report_it_and_keep_the_newest() {
     const N: usize = 400;
     let s3 = s3_support::S3Server::start();
-    let mut flags = s3.flags("sched");
-    flags.extend(["--backup-schedule", "1s", "--backup-keep", "2"].map(String::from));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut c = ProcCluster::new(2, 2)
-        .with_flags(&flags)
-        .with_env(s3_support::ENV);
-    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
-    c.start(0);
-    c.start(1);
+    let schedule = ["--backup-schedule", "1s", "--backup-keep", "2"];
+    let (c, epoch) = backing_up(&s3, "sched", 2, &schedule);
     c.wait_settled(epoch, SETTLE).await;
     write(&c, 0, 0..N).await;
 

@@ -276,13 +276,7 @@ async fn sync(cluster: &Cluster, synced: Option<&Ring>, ring: &Ring) -> Result<(
 /// backoff, until it answers or the ring changes, and meanwhile the node
 /// stays not ready and keeps asking the other owners about every local miss.
 async fn pull_all(cluster: &Cluster, ring: &Ring, me: MemberIdx) -> Result<(), Abort> {
-    let others: Vec<&RingMember> = ring
-        .members
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != me)
-        .map(|(_, m)| m)
-        .collect();
+    let others = ring.others(me);
     let results = join_all(others.iter().map(|m| pull_from(cluster, ring, me, m))).await;
     for (member, result) in others.iter().zip(results) {
         let n = result?;

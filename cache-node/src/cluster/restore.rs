@@ -183,13 +183,7 @@ impl Cluster {
     /// How many of the other members of `ring` say they are ready, of how
     /// many (one that does not answer within a second counts as not ready).
     async fn members_ready(&self, ring: &Ring, me: MemberIdx) -> (usize, usize) {
-        let others: Vec<&RingMember> = ring
-            .members
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != me)
-            .map(|(_, m)| m)
-            .collect();
+        let others = ring.others(me);
         let answers = join_all(
             others
                 .iter()
@@ -231,13 +225,7 @@ impl Cluster {
             return Ok(None);
         };
         let since = written_at.saturating_sub(CLOCK_MARGIN.as_nanos() as u64);
-        let others: Vec<&RingMember> = ring
-            .members
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != me)
-            .map(|(_, m)| m)
-            .collect();
+        let others = ring.others(me);
         let answers = join_all(others.iter().map(|m| self.tombstones_of(ring, m, since))).await;
         let mut why = None;
         for (member, answer) in others.iter().zip(answers) {

@@ -86,6 +86,17 @@ impl Ring {
         self.members.iter().position(|m| m.id == id)
     }
 
+    /// The members other than `me`, in ring order: whom a node asks when
+    /// it must hear from every peer (a pull, the restore rule).
+    pub fn others(&self, me: MemberIdx) -> Vec<&RingMember> {
+        self.members
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != me)
+            .map(|(_, m)| m)
+            .collect()
+    }
+
     /// This node's own state in the ring, if it is a member.
     pub fn my_state(&self) -> Option<MemberState> {
         self.me.map(|i| self.members[i].state)
