@@ -165,19 +165,31 @@ impl Cluster {
                 Err(e) => {
                     tracing::error!(backup = %id, error = %crate::backup::summary(&e), retry_in = ?pause,
                         "cannot restore the backup yet; staying not ready until it can be read");
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = epochs.changed() => {}
-                    }
-                    if self.epoch() != ring.epoch() {
-                        return Err(Interrupted::RingChanged);
-                    }
-                    pause = (pause * 2).min(Duration::from_secs(10));
+                    pause = self.back_off(&mut epochs, ring.epoch(), pause).await?;
                 }
             }
         }
         *self.backup.0.lock() = None;
         Ok(())
+    }
+
+    /// Waits `pause`, or less if a new ring arrives; then either the ring
+    /// changed (plan again) or the next pause, doubled up to 10 s. The one
+    /// retry pace of both restore steps.
+    async fn back_off(
+        &self,
+        epochs: &mut tokio::sync::watch::Receiver<u64>,
+        epoch: u64,
+        pause: Duration,
+    ) -> Result<Duration, Interrupted> {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = epochs.changed() => {}
+        }
+        if self.epoch() != epoch {
+            return Err(Interrupted::RingChanged);
+        }
+        Ok((pause * 2).min(Duration::from_secs(10)))
     }
 
     /// How many of the other members of `ring` say they are ready, of how
@@ -303,14 +315,7 @@ impl Cluster {
                         peer = %member.id, error = %e, retry_in = ?pause,
                         "cannot ask a member for its deletes yet; staying not ready until it answers"
                     );
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = epochs.changed() => {}
-                    }
-                    if self.epoch() != ring.epoch() {
-                        return Err(Interrupted::RingChanged);
-                    }
-                    pause = (pause * 2).min(Duration::from_secs(10));
+                    pause = self.back_off(&mut epochs, ring.epoch(), pause).await?;
                 }
             }
         }
