@@ -8,6 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+free_disk() { df -h --output=avail . | tail -n 1 | tr -d ' '; }
+
+# Incremental state only pays for edits between builds; on a fresh clone it
+# added GBs to target/ (a CI machine once ran out of disk while linking the
+# test binaries). Set CARGO_INCREMENTAL=1 to keep it while iterating.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+step "free disk: $(free_disk) (the whole run needs about 5 GB in target/, and 5 GB more while the control plane builds)"
 
 apt_install() {
   local missing=()
@@ -58,7 +65,7 @@ step "building the images without a Docker daemon (static binaries, crane)"
 # The image-test profile skips LTO (the release workflow builds --release).
 bash scripts/build-images.sh --profile image-test
 
-step "cargo test"
+step "cargo test (free disk: $(free_disk))"
 # --nocapture: the multi-node, operator and end-to-end tests print what they
 # measured (time to Ready, keys moved, requests failed during a restart),
 # which is worth having in every CI log. --no-fail-fast: one failing test
