@@ -104,6 +104,15 @@ fn get_and_set(c: &mut Criterion) {
                 black_box(store.set(k, &VALUE, NO_TAGS, None, |_| ()).unwrap())
             })
         });
+        // The same with a tag, as the load scripts write (`"tags":
+        // ["bench"]`): every overwrite keeps the key's tag.
+        group.bench_function("set_overwrite_tagged", |b| {
+            b.iter(|| {
+                clock.advance(Duration::from_micros(1));
+                let k = &keys[rng.next_below(n) as usize];
+                black_box(store.set(k, &VALUE, &["bench"], None, |_| ()).unwrap())
+            })
+        });
         // New keys into a store with room: time the inserts, then delete them
         // untimed so every batch starts from the same n items. The store has
         // room for n more, so batches of up to n never evict.

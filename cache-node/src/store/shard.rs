@@ -295,12 +295,19 @@ impl<S: BuildHasher> Shard<S> {
             // every kind of removal.
             self.counters.expirations += 1;
         }
+        // The tags of a rewrite that keeps them (the usual rewrite: the
+        // same key written again with the same tags); the slot then stays in
+        // their member sets instead of leaving and rejoining each.
+        let mut kept_tags = None;
         let slot = match existing {
             Some(slot) => {
                 // Rewrite in place: the slot keeps its index entry and its id;
                 // its item (and with it its expiry links) is replaced.
                 self.bytes -= self.cost_of(slot);
-                self.detach_tags(slot, None);
+                kept_tags = self.same_tags(slot, item.tags);
+                if kept_tags.is_none() {
+                    self.detach_tags(slot, None);
+                }
                 self.expiry.unlink(&mut self.slots, slot);
                 self.move_to_front(slot);
                 slot
@@ -316,11 +323,12 @@ impl<S: BuildHasher> Shard<S> {
 
         // In the order the client sent them, each once (a repeat finds the
         // slot already in the tag's member set).
-        let tag_ids: SmallVec<[TagId; 8]> = item
-            .tags
-            .iter()
-            .filter_map(|t| self.tags.attach(t.as_ref(), slot))
-            .collect();
+        let tag_ids: SmallVec<[TagId; 8]> = kept_tags.unwrap_or_else(|| {
+            item.tags
+                .iter()
+                .filter_map(|t| self.tags.attach(t.as_ref(), slot))
+                .collect()
+        });
 
         self.slots[slot as usize].item = Some(ItemBox::new(ItemParts {
             key: item.key,
@@ -712,6 +720,21 @@ impl<S: BuildHasher> Shard<S> {
         s.prev = NIL;
         self.slots.free(slot);
         self.len -= 1;
+    }
+
+    /// The tag ids of the item in `slot` if `tags` names exactly them, in
+    /// the same order (a list with a repeat never matches: the item holds
+    /// each tag once).
+    fn same_tags<T: AsRef<str>>(&self, slot: SlotId, tags: &[T]) -> Option<SmallVec<[TagId; 8]>> {
+        let held = self.slots[slot as usize].item().tag_ids();
+        if held.len() != tags.len() {
+            return None;
+        }
+        let ids: SmallVec<[TagId; 8]> = held.collect();
+        ids.iter()
+            .zip(tags)
+            .all(|(&id, name)| self.tags.name(id) == name.as_ref())
+            .then_some(ids)
     }
 
     /// Takes `slot` out of the member sets of its tags (but `skip`'s).

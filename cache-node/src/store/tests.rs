@@ -311,6 +311,43 @@ fn invalidation_counts_only_live_items_and_keeps_other_tags_exact() {
 }
 
 #[test]
+fn a_rewrite_with_the_same_tags_keeps_the_tag_index_exact() {
+    let (store, _clock) = store(10, 0, 1);
+    set(&store, "a", "1", &["x", "y"], 60);
+    set(&store, "b", "1", &["y"], 60);
+    let tags = |key| {
+        store
+            .peek(key, |i| i.tags().map(str::to_owned).collect::<Vec<_>>())
+            .unwrap()
+    };
+    // The same tags (the slot stays in their member sets), then the same
+    // tags reordered, repeated, and a subset (each leaves and rejoins).
+    for list in [
+        &["x", "y"][..],
+        &["x", "y"],
+        &["y", "x"],
+        &["y", "y", "x"],
+        &["x"],
+        &["x"],
+    ] {
+        set(&store, "a", "2", list, 60);
+        let mut want: Vec<&str> = Vec::new();
+        for t in list {
+            if !want.contains(t) {
+                want.push(t);
+            }
+        }
+        assert_eq!(tags("a"), want);
+        store.assert_consistent();
+    }
+    assert_eq!((store.tag_count("x"), store.tag_count("y")), (1, 1));
+    assert_eq!(store.invalidate_tag("x"), 1);
+    assert_eq!(store.invalidate_tag("y"), 1, "b alone carries y");
+    assert_eq!(store.len(), 0);
+    store.assert_consistent();
+}
+
+#[test]
 fn duplicate_tags_are_stored_once() {
     let (store, _clock) = store(10, 0, 1);
     set(&store, "k", "1", &["t", "t", "u"], 60);
