@@ -9,12 +9,18 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::http::{HeaderValue, Method, StatusCode, header};
+use hyper::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use serde::Serialize;
 
 use crate::exec::{Failure, ItemStatus, Outcome, ServedBy};
 use crate::http::Response;
 use crate::peer::{EPOCH_HEADER, SERVED_BY_HEADER};
+
+// The stamp's header names, parsed once: inserting by `&str` parses and
+// validates the name on every answer (a tenth of a microsecond each, seen
+// in a profile of cluster GETs).
+const SERVED_BY: HeaderName = HeaderName::from_static(SERVED_BY_HEADER);
+const EPOCH: HeaderName = HeaderName::from_static(EPOCH_HEADER);
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const PROMETHEUS_TEXT: HeaderValue =
@@ -123,17 +129,17 @@ pub fn encode(outcome: Outcome, stamp: &Stamp<'_>) -> Response {
     let headers = answer.headers_mut();
     match served_by {
         Some(ServedBy::Here) => {
-            headers.insert(SERVED_BY_HEADER, stamp.node.clone());
+            headers.insert(SERVED_BY, stamp.node.clone());
         }
         Some(ServedBy::Peer(id)) => {
             if let Ok(v) = HeaderValue::from_str(&id) {
-                headers.insert(SERVED_BY_HEADER, v);
+                headers.insert(SERVED_BY, v);
             }
         }
         None => {}
     }
     if let Some(epoch) = stamp.epoch {
-        headers.insert(EPOCH_HEADER, HeaderValue::from(epoch));
+        headers.insert(EPOCH, HeaderValue::from(epoch));
     }
     answer
 }
