@@ -103,29 +103,11 @@ print(items, f"{secs:.2f}")
 PY
 }
 
-cat >"$work/fill.lua" <<EOF
-local counter = 0
-function setup(thread)
-  counter = counter + 1
-  thread:set("id", counter)
-end
-function init(args)
-  n = 0
-  pad = string.rep("x", 200 - 2)
-  headers = {["Content-Type"] = "application/json"}
-end
-request = function()
-  local k = (id - 1 + n * 2) % $ITEMS + 1
-  n = n + 1
-  local body = '{"value":"' .. pad .. '","ttl":3600,"tags":["t' .. (k % 16) .. '"]}'
-  return wrk.format("PUT", "/api/v1/cache/key:" .. k, headers, body)
-end
-EOF
 
 echo "== filling $ITEMS items (rf 2) with persistence" >&2
 start p 1
 until_ready "$(date +%s.%N)" >/dev/null
-wrk -t2 -c64 -d"${FILL_SECONDS}s" -s "$work/fill.lua" "http://${IPS[0]}:$PORT" >"$work/fill.out" &
+wrk -t2 -c64 -d"${FILL_SECONDS}s" -s bench/fill.lua "http://${IPS[0]}:$PORT" -- "$ITEMS" >"$work/fill.out" &
 filler=$!
 while [ "$(items)" -lt $((ITEMS * 2)) ]; do
   kill -0 "$filler" 2>/dev/null || { echo "wrk stopped before $ITEMS items (raise FILL_SECONDS)" >&2; exit 1; }

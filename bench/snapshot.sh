@@ -48,28 +48,7 @@ cleanup() {
 trap cleanup EXIT
 URL=http://127.0.0.1:$PORT
 
-# Each wrk thread writes its own share of keys 1..ITEMS.
-cat >"$work/fill.lua" <<EOF
-local counter = 0
-function setup(thread)
-  counter = counter + 1
-  thread:set("id", counter)
-end
-function init(args)
-  n = 0
-  pad = string.rep("x", 200 - 2)
-  headers = {["Content-Type"] = "application/json"}
-end
--- Two threads (-t2): thread 1 writes the odd keys, thread 2 the even ones,
--- round and round (wrk also calls request() once to probe it, so a first
--- key may be skipped the first time round) until the script stops wrk.
-request = function()
-  local k = (id - 1 + n * 2) % $ITEMS + 1
-  n = n + 1
-  local body = '{"value":"' .. pad .. '","ttl":3600,"tags":["t' .. (k % 16) .. '"]}'
-  return wrk.format("PUT", "/api/v1/cache/key:" .. k, headers, body)
-end
-EOF
+# bench/fill.lua writes keys 1..ITEMS; this reads random ones.
 cat >"$work/get.lua" <<EOF
 math.randomseed(os.time())
 request = function()
@@ -107,7 +86,7 @@ PY
 # 1. Node A: fill, baseline GETs, graceful snapshot.
 start
 fill_started=$(date +%s.%N)
-taskset -c 1 wrk -t2 -c64 -d"${FILL_SECONDS}s" -s "$work/fill.lua" "$URL" >"$work/fill.out" &
+taskset -c 1 wrk -t2 -c64 -d"${FILL_SECONDS}s" -s bench/fill.lua "$URL" -- "$ITEMS" >"$work/fill.out" &
 filler=$!
 while [ "$(items)" -lt "$ITEMS" ]; do
   kill -0 "$filler" 2>/dev/null || { echo "wrk stopped before $ITEMS items (raise FILL_SECONDS)" >&2; exit 1; }
