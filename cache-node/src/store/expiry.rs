@@ -182,6 +182,26 @@ impl ExpiryWheel {
         self.len += 1;
     }
 
+    /// Whether an item linked for `old` may stay where it is when its expiry
+    /// becomes `new`, so a rewrite touches no neighbour's links (the usual
+    /// rewrite moves its expiry by less than a bucket of its level: a TTL of
+    /// an hour sits in buckets of 68 s).
+    ///
+    /// The item sits at the level where `old` differed from the wheel's time
+    /// when it was linked, or lower if the sweep has moved it since; never
+    /// below the level where `old` differs from `elapsed` now (as `elapsed`
+    /// rises towards `old`, their highest differing bit only falls). If `new`
+    /// agrees with `old` on every bit from that level up, it lies in the
+    /// bucket the item is in, whichever of those levels that is.
+    pub(super) fn keeps(&self, old: UnixNanos, new: UnixNanos) -> bool {
+        if old < self.elapsed || new < self.elapsed {
+            // Linked clamped to `elapsed`, or due to be: placed afresh.
+            return false;
+        }
+        let level = level_for(self.elapsed, old);
+        (old ^ new) >> (level as u32 * SLOT_BITS) == 0
+    }
+
     /// Removes `slot`. O(1).
     pub(super) fn unlink(&mut self, links: &mut impl LinkStore, slot: SlotId) {
         let Link { prev, next } = links.link_of(slot);
@@ -285,5 +305,33 @@ impl ExpiryWheel {
         }
         assert_eq!(seen, self.len, "wheel length drifted");
         seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_item_stays_in_its_bucket_only_for_an_expiry_that_bucket_covers() {
+        let now: UnixNanos = 1_700_000_000_000_000_000;
+        let mut wheel = ExpiryWheel::default();
+        wheel.reset(now);
+        let old = now + 3_600_000_000_000; // in an hour
+        let level = level_for(now, old);
+        assert!(level >= 6, "an hour ahead is in buckets of at least 68 s");
+        let len = bucket_len(level);
+        let start = old & !(len - 1);
+        assert!(wheel.keeps(old, old));
+        assert!(wheel.keeps(old, start));
+        assert!(wheel.keeps(old, start + len - 1));
+        assert!(!wheel.keeps(old, start + len));
+        assert!(!wheel.keeps(old, start - 1));
+        // At level 0 a bucket is one nanosecond.
+        assert!(wheel.keeps(now, now));
+        assert!(!wheel.keeps(now, now + 1));
+        // Behind the wheel's time (clamped when linked): always placed afresh.
+        assert!(!wheel.keeps(now - 1, now - 1));
+        assert!(!wheel.keeps(old, now - 1));
     }
 }

@@ -118,6 +118,47 @@ impl ItemBox {
         Self(ptr)
     }
 
+    /// Rewrites the item in place when `parts` has the layout it was
+    /// allocated with (the same key, and a value and tag list of the same
+    /// lengths): its times, access count, value and tag ids, keeping its
+    /// expiry links. Returns false, changing nothing, otherwise. A rewrite of
+    /// a key with a value of the same size, the common one, so costs no
+    /// allocation and no free.
+    pub(super) fn overwrite(&mut self, parts: &ItemParts<'_>) -> bool {
+        if parts.key != self.key()
+            || parts.value.len() != self.value_len()
+            || parts.tags.len() != usize::from(self.header().tag_count)
+        {
+            return false;
+        }
+        let h = self.header_mut();
+        h.created_at = parts.created_at;
+        h.accessed_at = parts.accessed_at;
+        h.expires_at = parts.expires_at;
+        h.access_count = parts.access_count;
+        let value_at = HEADER_BYTES + self.key_len();
+        let tags_at = value_at + parts.value.len();
+        // SAFETY: the value and the tag ids lie within the allocation at
+        // these offsets (see `new`; their lengths were just checked to be
+        // the ones it was allocated with), and `&mut self` makes the writes
+        // exclusive; `parts` cannot borrow from this item while `self` is
+        // borrowed mutably, so the copies do not overlap.
+        unsafe {
+            let base = self.0.as_ptr().cast::<u8>();
+            std::ptr::copy_nonoverlapping(
+                parts.value.as_ptr(),
+                base.add(value_at),
+                parts.value.len(),
+            );
+            let mut at = base.add(tags_at);
+            for &id in parts.tags {
+                at.cast::<TagId>().write_unaligned(id);
+                at = at.add(size_of::<TagId>());
+            }
+        }
+        true
+    }
+
     pub(super) fn header(&self) -> &Header {
         // SAFETY: the allocation holds an initialised `Header` for as long as
         // `self` lives (see `new`).

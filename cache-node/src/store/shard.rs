@@ -299,16 +299,29 @@ impl<S: BuildHasher> Shard<S> {
         // same key written again with the same tags); the slot then stays in
         // their member sets instead of leaving and rejoining each.
         let mut kept_tags = None;
+        // A rewrite with the same tags and a value of the same length costs
+        // the same bytes; one whose new expiry falls in the bucket the item
+        // is in stays there (see `ExpiryWheel::keeps`).
+        let mut same_cost = false;
+        let mut keep_expiry = false;
         let slot = match existing {
             Some(slot) => {
-                // Rewrite in place: the slot keeps its index entry and its id;
-                // its item (and with it its expiry links) is replaced.
-                self.bytes -= self.cost_of(slot);
+                // Rewrite: the slot keeps its index entry and its id.
                 kept_tags = self.same_tags(slot, item.tags);
+                same_cost = kept_tags.is_some()
+                    && self.slots[slot as usize].item().value_len() == item.value.len();
+                if !same_cost {
+                    self.bytes -= self.cost_of(slot);
+                }
                 if kept_tags.is_none() {
                     self.detach_tags(slot, None);
                 }
-                self.expiry.unlink(&mut self.slots, slot);
+                keep_expiry = self
+                    .expiry
+                    .keeps(self.header(slot).expires_at, item.expires_at);
+                if !keep_expiry {
+                    self.expiry.unlink(&mut self.slots, slot);
+                }
                 self.move_to_front(slot);
                 slot
             }
@@ -330,7 +343,7 @@ impl<S: BuildHasher> Shard<S> {
                 .collect()
         });
 
-        self.slots[slot as usize].item = Some(ItemBox::new(ItemParts {
+        let parts = ItemParts {
             key: item.key,
             value: item.value,
             tags: &tag_ids,
@@ -338,7 +351,20 @@ impl<S: BuildHasher> Shard<S> {
             accessed_at: item.accessed_at,
             expires_at: item.expires_at,
             access_count: item.access_count,
-        }));
+        };
+        // A rewrite of the same size reuses the item's allocation; any other
+        // gets a new one, which takes over the expiry links if they stay.
+        let rewritten =
+            existing.is_some() && self.slots[slot as usize].item_mut().overwrite(&parts);
+        if !rewritten {
+            let links = match existing {
+                Some(_) if keep_expiry => self.header(slot).expiry,
+                _ => Link::UNLINKED,
+            };
+            let mut new = ItemBox::new(parts);
+            new.header_mut().expiry = links;
+            self.slots[slot as usize].item = Some(new);
+        }
         if existing.is_none() {
             // Indexed once the slot holds its key, which a rebuild rehashes.
             let hasher = &self.hasher;
@@ -347,11 +373,15 @@ impl<S: BuildHasher> Shard<S> {
                 hasher.hash_one(slots[s as usize].item().key())
             });
         }
-        if self.expiry.is_empty() {
-            self.expiry.reset(now);
+        if !keep_expiry {
+            if self.expiry.is_empty() {
+                self.expiry.reset(now);
+            }
+            self.expiry.link(&mut self.slots, slot, item.expires_at);
         }
-        self.expiry.link(&mut self.slots, slot, item.expires_at);
-        self.bytes += self.cost_of(slot);
+        if !same_cost {
+            self.bytes += self.cost_of(slot);
+        }
         Stored { slot, created }
     }
 

@@ -860,6 +860,68 @@ fn sweeping_removes_exactly_the_expired_items_at_any_time_scale() {
 }
 
 #[test]
+fn rewrites_that_keep_their_size_and_bucket_stay_exact() {
+    // The common rewrite: the same key again, a value of the same length or
+    // not, the same tags or not, an expiry moved a little (it stays in its
+    // wheel bucket and its allocation is reused) or a lot (it moves). Against
+    // a model of key -> (value, expiry), with sweeps as time passes, so some
+    // items have been moved down the wheel's levels before they are rewritten.
+    let (store, clock) = store(1_000_000, 0, 2);
+    let mut model: std::collections::HashMap<String, (String, UnixNanos)> = Default::default();
+    let mut rng = Rng(0x9E3779B97F4A7C15);
+    let mut now = T0;
+    let tag_sets: [&[&str]; 4] = [NO_TAGS, &["a"], &["a", "b"], &["b", "a"]];
+    for round in 0..60 {
+        for _ in 0..500 {
+            let key = format!("k{}", rng.below(400));
+            // Mostly around an hour, jittered by up to a minute; now and then
+            // anything from a millisecond to a day.
+            let ttl = if rng.below(8) == 0 {
+                1_000_000 + rng.below(86_400_000_000_000)
+            } else {
+                3_600_000_000_000 + rng.below(60_000_000_000)
+            };
+            let value = "v".repeat(1 + rng.below(3) as usize);
+            let tags: Vec<String> = tag_sets[rng.below(4) as usize]
+                .iter()
+                .map(|t| t.to_string())
+                .collect();
+            store
+                .set(
+                    &key,
+                    value.as_bytes(),
+                    &tags,
+                    Some(Duration::from_nanos(ttl)),
+                    |_| (),
+                )
+                .unwrap();
+            model.insert(key, (value, now + ttl));
+            if rng.below(50) == 0 {
+                let scale = 20 + rng.below(24);
+                let by = 1 + rng.below(1u64 << scale);
+                clock.advance(Duration::from_nanos(by));
+                now += by;
+            }
+        }
+        let expired = model.values().filter(|&&(_, e)| e <= now).count();
+        assert_eq!(store.sweep_expired(), expired, "round {round}");
+        model.retain(|_, &mut (_, e)| e > now);
+        for (key, (value, _)) in &model {
+            assert_eq!(get(&store, key).as_ref(), Some(value), "round {round}");
+        }
+        assert_eq!(store.len(), model.len());
+        assert_eq!(store.expiry_entries(), store.len());
+        store.assert_consistent();
+        // Every few rounds, most of an hour passes.
+        if round % 10 == 9 {
+            let by = 3_000_000_000_000 + rng.below(1_000_000_000_000);
+            clock.advance(Duration::from_nanos(by));
+            now += by;
+        }
+    }
+}
+
+#[test]
 fn a_large_backlog_is_swept_in_batches() {
     // More due items in one shard than one batch; all go, none of the rest.
     let (store, clock) = store(100_000, 0, 1);
