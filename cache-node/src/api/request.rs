@@ -101,19 +101,21 @@ pub fn write(headers: &HeaderMap, body: Bytes, limits: &Limits) -> Result<Write,
     check_json_content_type(headers)?;
     // Both checks run before serde sees the body: a clear message for
     // each, and the depth bound holds whatever serde's own limit is.
-    if let Err(e) = std::str::from_utf8(&body) {
-        return Err(Failure::bad_request(format!(
+    let text = std::str::from_utf8(&body).map_err(|e| {
+        Failure::bad_request(format!(
             "body is not valid UTF-8 (invalid byte at offset {})",
             e.valid_up_to()
-        )));
-    }
+        ))
+    })?;
     if let Some(at) = nesting_exceeds(&body, limits.max_json_depth) {
         return Err(Failure::bad_request(format!(
             "JSON is nested deeper than {} levels (at byte {at})",
             limits.max_json_depth
         )));
     }
-    let parsed: SetBody<'_> = serde_json::from_slice(&body)
+    // From the text just validated: serde's reader for `&str` does not
+    // check the UTF-8 of every string (and of the raw value) again.
+    let parsed: SetBody<'_> = serde_json::from_str(text)
         .map_err(|e| Failure::bad_request(format!("invalid JSON body: {e}")))?;
 
     let value = parsed
