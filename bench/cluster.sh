@@ -10,10 +10,13 @@
 #     prefilled ~200-byte items; req/s, and the nodes' CPU per request;
 #  3. the same through the ring-aware client (distrocache-client's `load`
 #     example on core 1), which sends each request straight to an owner;
+#     2 and 3 in $ROUNDS rounds, the one node and the cluster running side by
+#     side and measured back to back in each round; the bars are judged on
+#     the median of the rounds' ratios, and every round's ratio is printed;
 #  4. rebalancing throughput: 2 nodes (rf 2) holding KEYS items, a third
 #     joins and pulls its share; keys received / pull time.
 #
-#   bash bench/cluster.sh            # DURATION=10s CONNS=63 KEYS=200000 SET_KEYS=10000
+#   bash bench/cluster.sh            # DURATION=10s ROUNDS=3 CONNS=63 KEYS=200000 SET_KEYS=10000
 #
 # Installs wrk from Debian packages if missing. Loopback only.
 set -euo pipefail
@@ -22,6 +25,7 @@ DURATION=${DURATION:-10s}
 CONNS=${CONNS:-63}
 KEYS=${KEYS:-200000}
 SET_KEYS=${SET_KEYS:-10000}
+ROUNDS=${ROUNDS:-3}
 SERVER_CORE=${SERVER_CORE:-0}
 CLIENT_CORE=${CLIENT_CORE:-1}
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
@@ -75,11 +79,11 @@ source bench/wrk.sh  # wrk_run, wrk_spread, cpu_ticks (the scripts run from the 
 # moves with the machine's other tenants from run to run; the CPU each
 # request costs the nodes moves less, and it is what the capacity bars are
 # about.
-cpu_spread() {
+cpu_spread() { # with CPU_PIDS, the nodes whose CPU counts
   local c0 c1 out rps p99
-  c0=$(cpu_ticks "${pids[@]}")
+  c0=$(cpu_ticks $CPU_PIDS)
   out=$(wrk_spread "$@") || return 1
-  c1=$(cpu_ticks "${pids[@]}")
+  c1=$(cpu_ticks $CPU_PIDS)
   read -r rps p99 <<<"$out"
   echo "$rps $p99 $(us_per_request "$c0" "$c1" "$rps")"
 }
@@ -122,24 +126,41 @@ out=$(wrk_run local -s "$work/local.lua" "http://$A:$PORT"); read -r local_rps l
 out=$(wrk_run forwarded -s "$work/remote.lua" "http://$A:$PORT"); read -r fwd_rps fwd_p99 <<<"$out"
 stop_nodes
 
-echo "== 2. one node vs a 3-node cluster (rf 2) on one core, $CONNS connections spread over the nodes" >&2
+echo "== 2 and 3. one node vs a 3-node cluster (rf 2) on one core, $CONNS connections, $ROUNDS rounds" >&2
+# The single node and the cluster run side by side (idle while the other is
+# measured), and each round measures one right after the other: the
+# machine's other tenants move req/s by up to 2x over minutes, and a ratio of
+# two runs taken seconds apart moves far less than one of runs minutes apart.
 node s $S
-wait_ready $S
-prefill $S "$SET_KEYS"
-out=$(cpu_spread single-get "$work/get.lua" "http://$S:$PORT" "http://$S:$PORT" "http://$S:$PORT"); read -r single_get single_get_p99 single_get_us <<<"$out"
-out=$(cpu_spread single-set "$work/set.lua" "http://$S:$PORT" "http://$S:$PORT" "http://$S:$PORT"); read -r single_set single_set_p99 single_set_us <<<"$out"
-out=$(taskset -c "$CLIENT_CORE" target/release/examples/load --duration "$DURATION" --connections "$CONNS" \
-  --keys "$SET_KEYS" --op get "http://$S:$PORT"); read -r single_cget single_cget_p99 <<<"$out"
-stop_nodes
+single=("${pids[@]}")
 ring 1 2 a=$A b=$B c=$C
 member a $A; member b $B; member c $C
-wait_ready $A; wait_ready $B; wait_ready $C
+cluster=("${pids[@]:1}")
+wait_ready $S; wait_ready $A; wait_ready $B; wait_ready $C
+prefill $S "$SET_KEYS"
 prefill $A "$SET_KEYS"
-out=$(cpu_spread cluster-get "$work/get.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT"); read -r cluster_get cluster_get_p99 cluster_get_us <<<"$out"
-out=$(cpu_spread cluster-set "$work/set.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT"); read -r cluster_set cluster_set_p99 cluster_set_us <<<"$out"
-echo "== 3. the same through distrocache-client (ring-aware)" >&2
-out=$(taskset -c "$CLIENT_CORE" target/release/examples/load --duration "$DURATION" --connections "$CONNS" \
-  --keys "$SET_KEYS" --op get "http://$A:$PORT"); read -r cluster_cget cluster_cget_p99 <<<"$out"
+client_load() { # op url: the ring-aware client on the client core; "rps p99_ms"
+  taskset -c "$CLIENT_CORE" target/release/examples/load --duration "$DURATION" --connections "$CONNS" \
+    --keys "$SET_KEYS" --op "$1" "$2"
+}
+rounds="$work/rounds.txt"
+: > "$rounds"
+for round in $(seq 1 "$ROUNDS"); do
+  echo "   round $round" >&2
+  # Assignments, not `read < <(...)`, so a failed run stops the script (set -e).
+  out=$(CPU_PIDS="${single[*]}" cpu_spread single-get "$work/get.lua" "http://$S:$PORT" "http://$S:$PORT" "http://$S:$PORT")
+  echo "single_get $out" >> "$rounds"
+  out=$(CPU_PIDS="${cluster[*]}" cpu_spread cluster-get "$work/get.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT")
+  echo "cluster_get $out" >> "$rounds"
+  out=$(CPU_PIDS="${single[*]}" cpu_spread single-set "$work/set.lua" "http://$S:$PORT" "http://$S:$PORT" "http://$S:$PORT")
+  echo "single_set $out" >> "$rounds"
+  out=$(CPU_PIDS="${cluster[*]}" cpu_spread cluster-set "$work/set.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT")
+  echo "cluster_set $out" >> "$rounds"
+  out=$(client_load get "http://$S:$PORT")
+  echo "single_cget $out 0" >> "$rounds"
+  out=$(client_load get "http://$A:$PORT")
+  echo "cluster_cget $out 0" >> "$rounds"
+done
 stop_nodes
 
 echo "== 4. rebalancing throughput ($KEYS keys, rf 2, a 3rd node joins)" >&2
@@ -162,32 +183,39 @@ member c $C
 wait_ready $C
 progress=$(curl -s "http://$C:$PORT/api/v1/cluster/rebalance")
 
-python3 - "$local_rps" "$local_p99" "$fwd_rps" "$fwd_p99" \
-  "$single_get" "$single_get_p99" "$cluster_get" "$cluster_get_p99" \
-  "$single_set" "$single_set_p99" "$cluster_set" "$cluster_set_p99" \
-  "$single_cget" "$single_cget_p99" "$cluster_cget" "$cluster_cget_p99" \
-  "$progress" "$CONNS" "$DURATION" \
-  "$single_get_us" "$cluster_get_us" "$single_set_us" "$cluster_set_us" <<'PY'
-import json, sys
-f = list(map(float, sys.argv[1:17]))
-lr, lp, fr, fp, sg, sgp, cg, cgp, ss, ssp, cs, csp, scg, scgp, ccg, ccgp = f
-p = json.loads(sys.argv[17])
-conns, duration = sys.argv[18], sys.argv[19]
-sgu, cgu, ssu, csu = map(float, sys.argv[20:24])
-print(f"servers on one core, load on another, {conns} connections, {duration} per run")
-print(f"{'':40}{'req/s':>12}{'p99 ms':>10}")
-rows = [("1. local GET (2 nodes, rf 1)", lr, lp), ("   forwarded GET", fr, fp),
-        ("2. GET, one node", sg, sgp), ("   GET, 3 nodes rf 2", cg, cgp),
-        ("   SET, one node", ss, ssp), ("   SET, 3 nodes rf 2", cs, csp),
-        ("3. GET via client, one node", scg, scgp), ("   GET via client, 3 nodes rf 2", ccg, ccgp)]
-for name, rps, p99 in rows:
-    print(f"{name:40}{rps:12.0f}{p99:10.3f}")
+python3 - "$local_rps" "$local_p99" "$fwd_rps" "$fwd_p99" "$progress" "$CONNS" "$DURATION" "$rounds" <<'PY'
+import json, statistics, sys
+lr, lp, fr, fp = map(float, sys.argv[1:5])
+p = json.loads(sys.argv[5])
+conns, duration = sys.argv[6], sys.argv[7]
+rounds = []  # per round: {name: (rps, p99, us_per_request)}
+for line in open(sys.argv[8]):
+    name, rps, p99, us = line.split()
+    if name == "single_get":
+        rounds.append({})
+    rounds[-1][name] = (float(rps), float(p99), float(us))
+print(f"servers on one core, load on another, {conns} connections, {duration} per run,"
+      f" {len(rounds)} rounds (one node and the cluster measured back to back in each)")
+print(f"{'':36}{'req/s per round':>30}{'p99 ms':>10}")
+rows = [("2. GET, one node", "single_get"), ("   GET, 3 nodes rf 2", "cluster_get"),
+        ("   SET, one node", "single_set"), ("   SET, 3 nodes rf 2", "cluster_set"),
+        ("3. GET via client, one node", "single_cget"), ("   GET via client, 3 nodes rf 2", "cluster_cget")]
+print(f"{'1. local GET (2 nodes, rf 1)':36}{lr:30.0f}{lp:10.3f}")
+print(f"{'   forwarded GET':36}{fr:30.0f}{fp:10.3f}")
+for label, name in rows:
+    figures = " ".join(f"{r[name][0]:8.0f}" for r in rounds)
+    print(f"{label:36}{figures:>30}{max(r[name][1] for r in rounds):10.3f}")
+def ratios(num, den, at=0):
+    return [r[num][at] / r[den][at] for r in rounds]
+def show(rs):
+    return f"{statistics.median(rs):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in rs)})"
 print()
 print(f"1. forwarded GET costs {lr / fr:.2f}x a local one (bar <= 1.5)")
-print(f"2. cluster / single node: GET {cg / sg:.2f}x (bar >= 0.8), SET {cs / ss:.2f}x (bar >= 0.5)")
-print(f"   nodes' CPU per request, single / cluster: GET {sgu:.2f} / {cgu:.2f} us = {sgu / cgu:.2f}x,"
-      f" SET {ssu:.2f} / {csu:.2f} us = {ssu / csu:.2f}x")
-print(f"3. through distrocache-client: GET {ccg / scg:.2f}x (bar >= 0.95)")
+print(f"2. cluster / single node, median of the rounds: GET {show(ratios('cluster_get', 'single_get'))} (bar >= 0.8)")
+print(f"                                                SET {show(ratios('cluster_set', 'single_set'))} (bar >= 0.5)")
+print(f"   nodes' CPU per request, single / cluster: GET {show(ratios('single_get', 'cluster_get', 2))},"
+      f" SET {show(ratios('single_set', 'cluster_set', 2))}")
+print(f"3. through distrocache-client: GET {show(ratios('cluster_cget', 'single_cget'))} (bar >= 0.95)")
 secs = p["lastSyncSeconds"]
 print(f"4. rebalancing: the joining node pulled {p['keysReceived']} keys in {secs:.2f}s = {p['keysReceived'] / secs:,.0f} keys/s")
 PY
