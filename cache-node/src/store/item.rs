@@ -125,7 +125,9 @@ impl ItemBox {
     /// a key with a value of the same size, the common one, so costs no
     /// allocation and no free.
     pub(super) fn overwrite(&mut self, parts: &ItemParts<'_>) -> bool {
-        if parts.key != self.key()
+        // The caller found this item by `parts.key`: only the lengths decide.
+        debug_assert_eq!(parts.key, self.key(), "an item rewritten under another key");
+        if parts.key.len() != self.key_len()
             || parts.value.len() != self.value_len()
             || parts.tags.len() != usize::from(self.header().tag_count)
         {

@@ -189,7 +189,8 @@ pub struct Shard<S> {
     peak_len: usize,
     bytes: u64,
     /// Every live item, by expiry time; exact (an item is unlinked when it is
-    /// removed and relinked when its expiry changes).
+    /// removed, and relinked when its expiry changes unless its bucket
+    /// covers the new one, see `ExpiryWheel::keeps`).
     expiry: ExpiryWheel,
     tags: TagIndex,
     pub counters: ShardCounters,
