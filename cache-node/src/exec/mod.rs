@@ -10,9 +10,10 @@
 //! through the same functions, so a request forwarded to its owner is
 //! carried out exactly as one that arrived there directly.
 //!
-//! What can be answered at once (a read of an item held here) is answered
-//! without a future, so the common GET costs a store lookup and its JSON
-//! encoding; anything that waits (a body, a peer) is a boxed future.
+//! What can be answered at once (a read of an item held here, a single
+//! node's write) is answered without a future, so the common GET costs a
+//! store lookup and its JSON encoding; anything that waits (a peer) is a
+//! boxed future.
 
 pub mod limits;
 pub mod operation;
@@ -68,9 +69,16 @@ impl Executor {
     pub fn execute(self: &Arc<Self>, op: Operation) -> Execution {
         match op {
             Operation::Get { key } => self.get(key),
-            Operation::Set { key, write } => {
-                self.later(move |ex| async move { ex.set(&key, &write).await })
-            }
+            Operation::Set { key, write } => match &self.cluster {
+                // A single node's write waits on nothing (no owner to ask,
+                // no replica to tell): answered at once, like a read of an
+                // item held here, without a boxed future.
+                None => Execution::Now(Self::written(
+                    self.apply_set(&key, &write, |item| item_json::item_to_vec(item))
+                        .map(|(created, json, _)| (created, json)),
+                )),
+                Some(_) => self.later(move |ex| async move { ex.set(&key, &write).await }),
+            },
             Operation::Delete { key } => self.later(move |ex| async move { ex.delete(&key).await }),
             Operation::InvalidateTag { tag } => {
                 self.later(move |ex| async move { ex.invalidate_tag(&tag).await })
@@ -273,10 +281,15 @@ impl Executor {
                 Err(e) => return route_failure(e).into(),
             }
         }
-        match self
-            .coordinate_set(key, write, |item| item_json::item_to_vec(item))
-            .await
-        {
+        Self::written(
+            self.coordinate_set(key, write, |item| item_json::item_to_vec(item))
+                .await,
+        )
+    }
+
+    /// The answer to a write stored here.
+    fn written(stored: Result<(bool, Vec<u8>), Failure>) -> Outcome {
+        match stored {
             Ok((created, json)) => Outcome::Item {
                 json,
                 status: if created {
@@ -300,6 +313,25 @@ impl Executor {
         write: &Write,
         render: impl FnOnce(&ItemRef<'_>) -> R,
     ) -> Result<(bool, R), Failure> {
+        let (mut created, rendered, record) = self.apply_set(key, write, render)?;
+        if let Some(cluster) = &self.cluster {
+            let outcome = cluster.replicate(key, &record.freeze(), &[]).await;
+            // Mid-move this node may not hold the key yet while another owner
+            // does: the write replaced it all the same.
+            created &= outcome.replaced == 0;
+        }
+        Ok((created, rendered))
+    }
+
+    /// The store's part of a write coordinated here: whether it created the
+    /// key, the stored item as `render` encodes it, and (in cluster mode)
+    /// its record for the replicas.
+    fn apply_set<R>(
+        &self,
+        key: &str,
+        write: &Write,
+        render: impl FnOnce(&ItemRef<'_>) -> R,
+    ) -> Result<(bool, R, RecordBatch), Failure> {
         let started = Instant::now();
         let replicate = self.cluster.is_some();
         let stored = self
@@ -312,7 +344,7 @@ impl Executor {
                 (render(&item), record)
             });
         self.metrics.observe(Op::Set, started.elapsed());
-        let (mut created, (rendered, record)) = stored.map_err(|e| match e {
+        let (created, (rendered, record)) = stored.map_err(|e| match e {
             StoreError::TooLarge { .. } => Failure::too_large(e.to_string()),
             StoreError::TtlTooLarge => Failure::bad_request(e.to_string()),
             StoreError::KeyTooLong { .. } | StoreError::ValueTooLarge { .. } => {
@@ -320,13 +352,7 @@ impl Executor {
             }
             StoreError::TooManyTags { .. } => Failure::bad_request(e.to_string()),
         })?;
-        if let Some(cluster) = &self.cluster {
-            let outcome = cluster.replicate(key, &record.freeze(), &[]).await;
-            // Mid-move this node may not hold the key yet while another owner
-            // does: the write replaced it all the same.
-            created &= outcome.replaced == 0;
-        }
-        Ok((created, rendered))
+        Ok((created, rendered, record))
     }
 
     /// A client's delete: coordinated here, or by the key's primary.
