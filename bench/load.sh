@@ -86,7 +86,7 @@ fixed_lua() {  # a request() returning the same GET each time
   echo "$work/fixed.lua"
 }
 
-source bench/wrk.sh  # wrk_run (the scripts run from the repository root)
+source bench/wrk.sh  # wrk_run, cpu_ticks, us_per_request (the scripts run from the repository root)
 
 echo "== cache-node" >&2
 taskset -c "$SERVER_CORE" target/release/cache-node --bind-address 127.0.0.1 --port $CACHE_PORT \
@@ -105,11 +105,18 @@ for i in range(1, keys + 1):
     if r.status not in (200, 201):
         sys.exit(f"prefill: bench:{i} answered {r.status}")
 PY
+# The node's CPU per request beside req/s: on two cores wrk is near its own
+# core's limit too (Lua builds every request, a SET's larger), so req/s
+# carries the load generator's cost as well as the node's.
+c0=$(cpu_ticks "${pids[-1]}")
 out=$(wrk_run cache-set -s "$work/set.lua" "http://127.0.0.1:$CACHE_PORT"); read -r cache_set_rps cache_set_p99 <<<"$out"
+cache_set_us=$(us_per_request "$c0" "$(cpu_ticks "${pids[-1]}")" "$cache_set_rps")
 items=$(curl -sf "http://127.0.0.1:$CACHE_PORT/api/v1/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"])')
 ((items == KEYS)) || { echo "cache-node holds $items of $KEYS keys" >&2; exit 1; }
 out=$(wrk_run cache-get-fixed -s "$(fixed_lua /api/v1/cache/bench:1)" "http://127.0.0.1:$CACHE_PORT"); read -r cache_get_rps cache_get_p99 <<<"$out"
+c0=$(cpu_ticks "${pids[-1]}")
 out=$(wrk_run cache-get-random -s "$work/get.lua" "http://127.0.0.1:$CACHE_PORT"); read -r cache_rget_rps cache_rget_p99 <<<"$out"
+cache_rget_us=$(us_per_request "$c0" "$(cpu_ticks "${pids[-1]}")" "$cache_rget_rps")
 misses=$(curl -sf "http://127.0.0.1:$CACHE_PORT/api/v1/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["misses"])')
 ((misses == 0)) || { echo "GET phases missed $misses times" >&2; exit 1; }
 echo "cache-node holds $items items; the GET phases missed none" >&2
@@ -166,9 +173,11 @@ redis_set_rps=$(redis_field SET rps); redis_set_p99=$(redis_field SET p99_latenc
 redis_get_rps=$(redis_field GET rps); redis_get_p99=$(redis_field GET p99_latency_ms)
 
 python3 - "$cache_get_rps" "$cache_get_p99" "$cache_rget_rps" "$cache_rget_p99" "$cache_set_rps" "$cache_set_p99" \
-  "$nginx_rps" "$nginx_p99" "$redis_get_rps" "$redis_get_p99" "$redis_set_rps" "$redis_set_p99" "$CONNS" "$DURATION" <<'PY'
+  "$nginx_rps" "$nginx_p99" "$redis_get_rps" "$redis_get_p99" "$redis_set_rps" "$redis_set_p99" "$CONNS" "$DURATION" \
+  "$cache_rget_us" "$cache_set_us" <<'PY'
 import sys
 (cg, cgp, cr, crp, cs, csp, ng, ngp, rg, rgp, rs, rsp) = map(float, sys.argv[1:13])
+get_us, set_us = map(float, sys.argv[15:17])
 print(f"single node, server on one core, load on another, {sys.argv[13]} connections, {sys.argv[14]} per run")
 print(f"{'':30}{'req/s':>12}{'p99 ms':>10}")
 for name, rps, p99 in [("cache-node GET (one key)", cg, cgp), ("cache-node GET (random keys)", cr, crp),
@@ -180,6 +189,7 @@ print(f"GET / nginx        {cg / ng:6.2f}x   (bar >= 1.0; one key each)")
 print(f"GET random / nginx {cr / ng:6.2f}x")
 print(f"GET / redis GET    {cr / rg:6.2f}x   (bar >= 1.0; random keys each)")
 print(f"SET / GET          {cs / cr:6.2f}x   (bar >= 0.8; random keys each)")
+print(f"  node CPU per request, GET / SET: {get_us:.2f} / {set_us:.2f} us = {get_us / set_us:.2f}x")
 print(f"SET / redis SET    {cs / rs:6.2f}x")
 print(f"GET p99            {max(cgp, crp):6.3f} ms (bar < 2 ms)")
 PY
