@@ -13,6 +13,9 @@
 #     2 and 3 in $ROUNDS rounds, the one node and the cluster running side by
 #     side and measured back to back in each round; the bars are judged on
 #     the median of the rounds' ratios, and every round's ratio is printed;
+#     a diagnostic (no bar) says where a cluster GET's cost comes from: after
+#     the rounds, the same three nodes with rf 3 (every node owns every key,
+#     so nothing is forwarded) against the one node, once;
 #  4. rebalancing throughput: 2 nodes (rf 2) holding KEYS items, a third
 #     joins and pulls its share; keys received / pull time.
 #
@@ -161,6 +164,23 @@ for round in $(seq 1 "$ROUNDS"); do
   out=$(client_load get "http://$A:$PORT")
   echo "cluster_cget $out 0" >> "$rounds"
 done
+# Diagnostic, no bar: the same three processes with rf 3, where every node
+# owns every key and forwards nothing, against the one node once more.
+ring 2 3 a=$A b=$B c=$C
+wait_settled() { # ip epoch: its ring is at epoch and no data moves
+  for _ in $(seq 1 600); do
+    curl -sf "http://$1:$PORT/api/v1/cluster" | python3 -c '
+import json, sys
+v = json.load(sys.stdin); sys.exit(0 if v["epoch"] == int(sys.argv[1]) and v["settled"] else 1)' "$2" && return 0
+    sleep 0.1
+  done
+  echo "$1 never settled at epoch $2" >&2; exit 1
+}
+wait_settled $A 2; wait_settled $B 2; wait_settled $C 2
+out=$(CPU_PIDS="${single[*]}" cpu_spread single-get-rf3 "$work/get.lua" "http://$S:$PORT" "http://$S:$PORT" "http://$S:$PORT")
+echo "single_get_rf3 $out" > "$work/rf3.txt"
+out=$(CPU_PIDS="${cluster[*]}" cpu_spread cluster-get-rf3 "$work/get.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT")
+echo "cluster_get_rf3 $out" >> "$work/rf3.txt"
 stop_nodes
 
 echo "== 4. rebalancing throughput ($KEYS keys, rf 2, a 3rd node joins)" >&2
@@ -183,7 +203,7 @@ member c $C
 wait_ready $C
 progress=$(curl -s "http://$C:$PORT/api/v1/cluster/rebalance")
 
-python3 - "$local_rps" "$local_p99" "$fwd_rps" "$fwd_p99" "$progress" "$CONNS" "$DURATION" "$rounds" <<'PY'
+python3 - "$local_rps" "$local_p99" "$fwd_rps" "$fwd_p99" "$progress" "$CONNS" "$DURATION" "$rounds" "$work/rf3.txt" <<'PY'
 import json, statistics, sys
 lr, lp, fr, fp = map(float, sys.argv[1:5])
 p = json.loads(sys.argv[5])
@@ -215,6 +235,9 @@ print(f"2. cluster / single node, median of the rounds: GET {show(ratios('cluste
 print(f"                                                SET {show(ratios('cluster_set', 'single_set'))} (bar >= 0.5)")
 print(f"   nodes' CPU per request, single / cluster: GET {show(ratios('single_get', 'cluster_get', 2))},"
       f" SET {show(ratios('single_set', 'cluster_set', 2))}")
+rf3 = {name: (float(rps), float(us)) for name, rps, _, us in (l.split() for l in open(sys.argv[9]))}
+print(f"   diagnostic: rf 3 (nothing forwarded), one run: GET {rf3['cluster_get_rf3'][0] / rf3['single_get_rf3'][0]:.2f}x,"
+      f" CPU per request {rf3['single_get_rf3'][1] / rf3['cluster_get_rf3'][1]:.2f}x")
 print(f"3. through distrocache-client: GET {show(ratios('cluster_cget', 'single_cget'))} (bar >= 0.95)")
 secs = p["lastSyncSeconds"]
 print(f"4. rebalancing: the joining node pulled {p['keysReceived']} keys in {secs:.2f}s = {p['keysReceived'] / secs:,.0f} keys/s")
