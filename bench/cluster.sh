@@ -60,6 +60,15 @@ node() { # id ip [flags...]: a cluster member (membership file)
 }
 member() { node "$1" "$2" --membership-file "$work/ring.json" --membership-poll-interval 100ms; }
 wait_ready() { for _ in $(seq 1 600); do curl -sf "http://$1:$PORT/api/v1/ready" >/dev/null && return 0; sleep 0.05; done; echo "$1 never ready" >&2; exit 1; }
+wait_settled() { # ip epoch: its ring is at epoch and no data moves
+  for _ in $(seq 1 600); do
+    curl -sf "http://$1:$PORT/api/v1/cluster" | python3 -c '
+import json, sys
+v = json.load(sys.stdin); sys.exit(0 if v["epoch"] == int(sys.argv[1]) and v["settled"] else 1)' "$2" && return 0
+    sleep 0.1
+  done
+  echo "$1 never settled at epoch $2" >&2; exit 1
+}
 prefill() { # ip keys: PUT bench:1..keys through one node
   python3 - "$1" "$2" <<'PY'
 import http.client, sys
@@ -167,15 +176,6 @@ done
 # Diagnostic, no bar: the same three processes with rf 3, where every node
 # owns every key and forwards nothing, against the one node once more.
 ring 2 3 a=$A b=$B c=$C
-wait_settled() { # ip epoch: its ring is at epoch and no data moves
-  for _ in $(seq 1 600); do
-    curl -sf "http://$1:$PORT/api/v1/cluster" | python3 -c '
-import json, sys
-v = json.load(sys.stdin); sys.exit(0 if v["epoch"] == int(sys.argv[1]) and v["settled"] else 1)' "$2" && return 0
-    sleep 0.1
-  done
-  echo "$1 never settled at epoch $2" >&2; exit 1
-}
 wait_settled $A 2; wait_settled $B 2; wait_settled $C 2
 out=$(CPU_PIDS="${single[*]}" cpu_spread single-get-rf3 "$work/get.lua" "http://$S:$PORT" "http://$S:$PORT" "http://$S:$PORT")
 echo "single_get_rf3 $out" > "$work/rf3.txt"
