@@ -43,6 +43,8 @@ pub mod restore;
 pub mod ring;
 pub mod ring_state;
 pub mod routing;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tombstones;
 
 use std::sync::Arc;

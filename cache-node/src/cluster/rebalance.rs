@@ -526,15 +526,9 @@ async fn all_synced(cluster: &Cluster, ring: &Ring) -> bool {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
-    use distrocache_membership::{Hashing, Member, MembershipDoc};
-
-    use super::*;
-    use crate::cluster::metrics::ClusterMetrics;
-    use crate::cluster::{Cluster, ClusterSettings};
-    use crate::peer::PeerSettings;
+    use crate::cluster::Cluster;
     use crate::store::{ItemView, Store, StoreConfig};
 
     fn cluster(items: usize, shards: usize, batch_items: usize) -> Arc<Cluster> {
@@ -565,41 +559,7 @@ mod tests {
                 )
                 .unwrap();
         }
-        let settings = ClusterSettings {
-            peer: PeerSettings {
-                connect_timeout: Duration::from_secs(1),
-                request_timeout: Duration::from_secs(1),
-                max_message_bytes: 1 << 24,
-            },
-            batch_items,
-            batch_bytes,
-            file_poll_interval: Duration::from_secs(1),
-        };
-        let c = Cluster::new(
-            "a".into(),
-            store,
-            settings,
-            ClusterMetrics::new(&prometheus::Registry::new()),
-            Arc::new(AtomicBool::new(true)),
-            None,
-            None,
-        );
-        c.adopt(MembershipDoc {
-            epoch: 1,
-            replication_factor: 2,
-            hashing: Hashing::Rendezvous,
-            members: ["a", "b"]
-                .iter()
-                .enumerate()
-                .map(|(i, id)| Member {
-                    id: (*id).into(),
-                    address: format!("127.0.0.{}:1", i + 1),
-                    client_address: None,
-                    state: MemberState::Active,
-                })
-                .collect(),
-        });
-        c
+        crate::cluster::testing::two_members(store, batch_items, batch_bytes)
     }
 
     /// A pull answer stops at the batch byte limit, overshooting it by at
