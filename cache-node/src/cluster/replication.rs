@@ -242,6 +242,10 @@ impl Cluster {
                 Ok(Applied::Stale) => outcome.stale += 1,
                 Err(e) => {
                     tracing::warn!(key = %r.key(), error = %e, "refused an item from a peer");
+                    // An older copy held here must not be served in place
+                    // of the version refused: without it, reads go to the
+                    // owner that holds the newer one.
+                    self.store.delete_replica(r.key(), meta.created_at);
                     outcome.refused += 1;
                 }
             }
@@ -536,5 +540,75 @@ impl Cluster {
             budget -= step;
         }
         (batch, cursor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::cluster::testing;
+    use crate::peer::protocol::RecordBatch;
+    use crate::store::{ItemMeta, ItemView, Store, StoreConfig};
+
+    /// A version of key `k` a peer sends.
+    struct Version {
+        value: Vec<u8>,
+        created_at: u64,
+    }
+
+    impl ItemView for Version {
+        fn key(&self) -> &str {
+            "k"
+        }
+        fn value(&self) -> &[u8] {
+            &self.value
+        }
+        fn meta(&self) -> ItemMeta {
+            ItemMeta {
+                created_at: self.created_at,
+                accessed_at: self.created_at,
+                expires_at: self.created_at + 3_600_000_000_000,
+                access_count: 0,
+            }
+        }
+        fn tags(&self) -> impl Iterator<Item = &str> {
+            std::iter::empty()
+        }
+    }
+
+    /// A version of a key this node cannot store (too large for its byte
+    /// budget) takes an older copy held here with it: reads then go to the
+    /// owner holding the newer one instead of being served the old value.
+    /// A copy newer than the refused version stays.
+    #[tokio::test]
+    async fn a_refused_version_removes_only_an_older_copy() {
+        let store = Arc::new(Store::with_config(StoreConfig {
+            max_items: 100,
+            max_bytes: 4096,
+            default_ttl: Duration::from_secs(3600),
+            shards: 1,
+        }));
+        let c = testing::two_members(store.clone(), 100, 1 << 20);
+        let held = || store.peek("k", |item| item.meta().created_at);
+        let refused_at = |created_at: u64| {
+            let mut batch = RecordBatch::default();
+            batch.push(&Version {
+                value: format!("\"{}\"", "v".repeat(8192)).into_bytes(),
+                created_at,
+            });
+            let records = batch.freeze();
+            c.apply_records(&records.decode().unwrap())
+        };
+
+        store
+            .set("k", b"\"old\"", &[] as &[String], None, |_| ())
+            .unwrap();
+        let old = held().expect("written");
+        assert_eq!(refused_at(old - 1).refused, 1);
+        assert_eq!(held(), Some(old), "a refused older version changes nothing");
+        assert_eq!(refused_at(old + 1).refused, 1);
+        assert_eq!(held(), None, "the copy a newer version replaced is gone");
     }
 }
