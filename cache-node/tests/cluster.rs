@@ -1203,6 +1203,70 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
     eprintln!("{via_primary} reads through node-1 went to the primary before it was repaired");
 }
 
+/// A write that an owner forwards to the key's primary is kept by that
+/// owner from the primary's answer: both copies hold the same version when
+/// the client is answered, the primary sends nothing back to it, and the
+/// answer still tells a created key from a replaced one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_forwarding_a_write_keeps_its_copy_from_the_answer() {
+    const REPLICATES: &str = r#"distrocache_peer_requests_total{operation="replicate"}"#;
+    const FORWARDS: &str = r#"distrocache_peer_requests_total{operation="forward"}"#;
+    let mut c = ProcCluster::new(2, 2);
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start(1);
+    c.wait_settled(epoch, SETTLE).await;
+    let key = (0..)
+        .map(|i| format!("kept-{i}"))
+        .find(|k| c.primary_of(k) == "node-0")
+        .expect("some key");
+    let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
+    let put = |i, value: &'static str| {
+        c.client
+            .put(url(i))
+            .json(&json!({ "value": value, "tags": ["kept"] }))
+            .send()
+    };
+    let counts = || async {
+        (
+            c.metric(0, REPLICATES).await.unwrap_or(0.0),
+            c.metric(1, FORWARDS).await.unwrap_or(0.0),
+        )
+    };
+    async fn both_hold(c: &ProcCluster, key: &str, value: &str) {
+        let (primary, kept) = (c.held(0, key).await, c.held(1, key).await);
+        let (primary, kept) = (primary.expect("on node-0"), kept.expect("on node-1"));
+        assert_eq!(primary["value"], value);
+        for field in ["value", "created_at", "expires_at", "tags"] {
+            assert_eq!(primary[field], kept[field], "{field} of the two copies");
+        }
+    }
+
+    let (replicates, forwards) = counts().await;
+    for (value, status) in [("first", 201), ("second", 200)] {
+        let resp = put(1, value).await.unwrap();
+        assert_eq!(
+            resp.status().as_u16(),
+            status,
+            "writing {value:?} through node-1"
+        );
+        assert_eq!(resp.headers()["x-distrocache-served-by"], "node-0");
+        both_hold(&c, &key, value).await;
+    }
+    assert_eq!(
+        counts().await,
+        (replicates, forwards + 2.0),
+        "both writes were forwarded, and the primary sent no replicate back"
+    );
+
+    // Written through the primary, the same key is replicated as before:
+    // the counter the assertion above relies on counts.
+    let resp = put(0, "third").await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    both_hold(&c, &key, "third").await;
+    assert_eq!(counts().await, (replicates + 1.0, forwards + 2.0));
+}
+
 /// Clients writing through some nodes for as long as a fault lasts: every
 /// write either succeeds or fails cleanly with a 503; which keys were
 /// acknowledged is what the test then checks for.

@@ -508,6 +508,10 @@ impl Inner {
         let headers = switching.headers_mut();
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static(PROTOCOL));
+        headers.insert(
+            peer::FEATURES_HEADER,
+            HeaderValue::from_static(peer::FEATURE_SET_KEEPER),
+        );
         switching
     }
 }

@@ -134,12 +134,15 @@ impl Cluster {
     /// is hinted for repair, and before this returns (and the client is
     /// answered) any read lease this node granted it has run out. If a
     /// replica holds a newer ring, this node adopts it and sends to the
-    /// owners that ring adds. Returns what the replicas did.
+    /// owners that ring adds. `keeper`: an owner that stores the write
+    /// itself (it forwarded the write here, see `Request::Set`), which is
+    /// not sent it. Returns what the replicas did.
     pub async fn replicate(
         &self,
         key: &str,
         items: &Records,
         deletes: &[Deletion],
+        keeper: Option<&str>,
     ) -> ReplicateOutcome {
         let request = Request::Replicate {
             source: Source::Write,
@@ -147,7 +150,7 @@ impl Cluster {
             deletes: deletes.to_vec(),
         };
         let mut total = ReplicateOutcome::default();
-        let mut handled: Vec<String> = Vec::new();
+        let mut handled: Vec<String> = keeper.into_iter().map(str::to_owned).collect();
         let mut hinted: Vec<String> = Vec::new();
         let mut hint = |id: &str| {
             if deletes.is_empty() {
@@ -287,7 +290,7 @@ impl Cluster {
             key: key.to_owned(),
             at,
         }];
-        self.replicate(key, &Records::default(), &deletes)
+        self.replicate(key, &Records::default(), &deletes, None)
             .await
             .deleted
             > 0
@@ -309,6 +312,14 @@ impl Cluster {
         if held() {
             return true;
         }
+        self.fetch_copies(key, held).await;
+        held()
+    }
+
+    /// Asks the other owners of `key` for their copies and applies each
+    /// (a newer version replaces the one held), until `done` says so or
+    /// every owner was asked.
+    async fn fetch_copies(&self, key: &str, done: impl Fn() -> bool) {
         let request = Request::Fetch {
             key: key.to_owned(),
         };
@@ -328,15 +339,46 @@ impl Cluster {
                 if let Ok(record) = record.single() {
                     self.apply_records(std::slice::from_ref(&record));
                 }
-                if held() {
-                    return true;
+                if done() {
+                    return;
                 }
             }
             if !replan {
                 break;
             }
         }
-        held()
+    }
+
+    /// Stores this node's copy of a write it forwarded as the keeper, from
+    /// the coordinator's answer, before its client is answered. `epoch`: the
+    /// ring the write was sent under. If the ring changed since, the
+    /// coordinator may have replicated under a ring this node no longer
+    /// holds, so the write goes on to the owners of this node's ring too
+    /// (those that hold it find it stale).
+    pub async fn keep(&self, key: &str, record: &Records, epoch: u64) -> ReplicateOutcome {
+        let mut outcome = match record.single() {
+            Ok(record) => self.apply_records(std::slice::from_ref(&record)),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "a coordinator answered a kept write with a bad record");
+                ReplicateOutcome {
+                    refused: 1,
+                    ..Default::default()
+                }
+            }
+        };
+        if self.epoch() != epoch {
+            outcome += self.replicate(key, record, &[], None).await;
+        }
+        outcome
+    }
+
+    /// After a kept write's coordinator took it without answering: the
+    /// write may be there and not here, so this node takes the newer of
+    /// the copies the other owners hold, rather than keep serving the one
+    /// it had (best effort: an owner that cannot be asked now is left to
+    /// the next write of the key).
+    pub async fn resync_kept(&self, key: &str) {
+        self.fetch_copies(key, || false).await;
     }
 
     /// Removes the tag's items here, counting those this node is the primary of.

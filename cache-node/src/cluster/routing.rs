@@ -217,6 +217,17 @@ impl Cluster {
         })
     }
 
+    /// Whether this node, forwarding a client's write of `key`, keeps its
+    /// own copy from the answer (see `Request::Set`): when it is one of the
+    /// owners the write must reach.
+    pub fn keeps_copy_of(&self, key: &str) -> bool {
+        let guard = self.ring.load();
+        guard.as_ref().is_some_and(|rings| {
+            self.plan(rings, key, Access::Write)
+                .is_ok_and(|plan| plan.iter().any(|t| member(t).id == self.node_id))
+        })
+    }
+
     /// Sends a client request on `key` to the member that should serve it,
     /// through `op`: `Local` when that is this node, otherwise the answer of
     /// the first owner that could be reached, in plan order. An owner's

@@ -249,12 +249,20 @@ impl Executor {
         }
     }
 
-    /// A client's write: coordinated here, or by the key's primary.
+    /// A client's write: coordinated here, or by the key's primary. An
+    /// owner that forwards it keeps its own copy from the primary's answer
+    /// (see `Request::Set`), so the primary does not send it back.
     async fn set(&self, key: &str, write: &Write) -> Outcome {
         if let Some(cluster) = &self.cluster {
+            let epoch = cluster.epoch();
+            let keeper = cluster
+                .keeps_copy_of(key)
+                .then(|| cluster.node_id().to_owned());
+            let keeps = keeper.is_some();
             let request = Request::Set {
                 key: key.to_owned(),
                 write: write.clone(),
+                keeper,
             };
             let routed = cluster
                 .route(key, Access::Write, &request, expect::written)
@@ -263,8 +271,11 @@ impl Executor {
                 Ok(Routed::Local) => {}
                 Ok(Routed::Remote {
                     served_by,
-                    answer: (created, record),
+                    answer: (mut created, record),
                 }) => {
+                    if keeps {
+                        created &= cluster.keep(key, &record, epoch).await.replaced == 0;
+                    }
                     return match render_record(&record) {
                         Ok(json) => Outcome::Item {
                             json,
@@ -278,11 +289,16 @@ impl Executor {
                         Err(f) => f.into(),
                     };
                 }
-                Err(e) => return route_failure(e).into(),
+                Err(e) => {
+                    if keeps && matches!(e, RouteError::Uncertain { .. }) {
+                        cluster.resync_kept(key).await;
+                    }
+                    return route_failure(e).into();
+                }
             }
         }
         Self::written(
-            self.coordinate_set(key, write, |item| item_json::item_to_vec(item))
+            self.coordinate_set(key, write, None, |item| item_json::item_to_vec(item))
                 .await,
         )
     }
@@ -304,18 +320,20 @@ impl Executor {
     }
 
     /// A write this node applies as the key's coordinator: stored here, then
-    /// replicated to the other owners before it returns. `render` encodes
-    /// the stored item for the answer (JSON for a client, a record for a
-    /// peer), under the store's lock, without a copy of it in between.
+    /// replicated to the other owners (but `keeper`, which stores its own
+    /// copy) before it returns. `render` encodes the stored item for the
+    /// answer (JSON for a client, a record for a peer), under the store's
+    /// lock, without a copy of it in between.
     pub async fn coordinate_set<R>(
         &self,
         key: &str,
         write: &Write,
+        keeper: Option<&str>,
         render: impl FnOnce(&ItemRef<'_>) -> R,
     ) -> Result<(bool, R), Failure> {
         let (mut created, rendered, record) = self.apply_set(key, write, render)?;
         if let Some(cluster) = &self.cluster {
-            let outcome = cluster.replicate(key, &record.freeze(), &[]).await;
+            let outcome = cluster.replicate(key, &record.freeze(), &[], keeper).await;
             // Mid-move this node may not hold the key yet while another owner
             // does: the write replaced it all the same.
             created &= outcome.replaced == 0;

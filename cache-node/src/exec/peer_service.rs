@@ -30,7 +30,7 @@ impl Handler for Executor {
         };
         match request {
             Request::Get { key } => self.serve_get(cluster, key),
-            Request::Set { key, write } => {
+            Request::Set { key, write, keeper } => {
                 let checked = self.limits.check_key(&key).and_then(|()| {
                     self.limits.check_value(&write.value)?;
                     self.limits
@@ -41,7 +41,7 @@ impl Handler for Executor {
                 }
                 Reply::Later(Box::pin(async move {
                     match self
-                        .coordinate_set(&key, &write, |item| record_of(item))
+                        .coordinate_set(&key, &write, keeper.as_deref(), |item| record_of(item))
                         .await
                     {
                         Ok((created, record)) => Answer::Item { created, record },

@@ -48,7 +48,7 @@ use distrocache_membership::{MembershipDoc, NodeProgress};
 use super::frame::{self, Frame, FrameCodec};
 use super::outbox::Outbox;
 use super::protocol::{Answer, LocalInvalidation, NodeStats, Records, ReplicateOutcome, Request};
-use super::{CONNECT_PATH, FROM_HEADER, PROTOCOL};
+use super::{CONNECT_PATH, FEATURE_SET_KEEPER, FEATURES_HEADER, FROM_HEADER, PROTOCOL};
 use crate::api::auth::{TokenFile, TokenSet};
 use crate::reload::Reloadable;
 use crate::tls::PeerTls;
@@ -130,6 +130,8 @@ pub struct Reply {
 /// One multiplexed connection to a peer.
 struct Connection {
     addr: SocketAddr,
+    /// What the peer said it takes beyond the protocol's first version.
+    features: Features,
     outbox: Outbox,
     /// Ids are handed out under the outbox's lock, in the order the frames
     /// enter it: every id below `next_id` is in the outbox or gone.
@@ -139,6 +141,31 @@ struct Connection {
     calls: Mutex<Calls>,
     in_flight: Semaphore,
     last_used: Mutex<Instant>,
+}
+
+/// What a peer takes beyond the protocol's first version, from the
+/// `FEATURES_HEADER` of its `101` answer (absent from nodes that predate it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Features {
+    /// `Set` requests naming a keeper.
+    set_keeper: bool,
+}
+
+impl Features {
+    fn from_header(value: Option<&HeaderValue>) -> Self {
+        let listed = value
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim);
+        let mut features = Features::default();
+        for feature in listed {
+            if feature == FEATURE_SET_KEEPER {
+                features.set_keeper = true;
+            }
+        }
+        features
+    }
 }
 
 type Waiter = oneshot::Sender<Result<Frame, PeerError>>;
@@ -174,6 +201,12 @@ impl Connection {
             .acquire()
             .await
             .map_err(|_| refused("connection closed"))?;
+        // A peer that predates keepers gets the request it can read.
+        let downgraded = match self.features.set_keeper {
+            true => None,
+            false => request.without_keeper(),
+        };
+        let request = downgraded.as_ref().unwrap_or(request);
         let (tx, rx) = oneshot::channel();
         let id = self
             .outbox
@@ -499,9 +532,9 @@ impl PeerClient {
                 .map_err(|e| refused(e.to_string()))?;
             let _ = stream.set_nodelay(true);
             let Some(tls) = &self.tls else {
-                let (stream, read_buf) = self.upgrade(addr, stream).await?;
+                let (stream, read_buf, features) = self.upgrade(addr, stream).await?;
                 let (read, write) = stream.into_split();
-                return Ok::<_, PeerError>(Halves::Plain(read, write, read_buf));
+                return Ok::<_, PeerError>((Halves::Plain(read, write, read_buf), features));
             };
             let name = self.names.read().get(&addr).cloned().ok_or_else(|| {
                 refused(format!(
@@ -513,11 +546,11 @@ impl PeerClient {
                 .connect(server_name, stream)
                 .await
                 .map_err(|e| refused(format!("TLS handshake: {}", error_chain(&e))))?;
-            let (stream, read_buf) = self.upgrade(addr, stream).await?;
+            let (stream, read_buf, features) = self.upgrade(addr, stream).await?;
             let (read, write) = tokio::io::split(stream);
-            Ok(Halves::Tls(read, write, read_buf))
+            Ok((Halves::Tls(read, write, read_buf), features))
         };
-        let halves = tokio::time::timeout(self.settings.connect_timeout, handshake)
+        let (halves, features) = tokio::time::timeout(self.settings.connect_timeout, handshake)
             .await
             .map_err(|_| {
                 refused(format!(
@@ -527,6 +560,7 @@ impl PeerClient {
             })??;
         let conn = Arc::new(Connection {
             addr,
+            features,
             outbox: Outbox::default(),
             next_id: AtomicU64::new(1),
             taken_through: AtomicU64::new(0),
@@ -547,8 +581,13 @@ impl PeerClient {
     }
 
     /// The HTTP/1.1 upgrade on an open stream: `GET /internal/v1/connect`,
-    /// answered 101; returns the stream and what was read past the answer.
-    async fn upgrade<S>(&self, addr: SocketAddr, stream: S) -> Result<(S, Bytes), PeerError>
+    /// answered 101; returns the stream, what was read past the answer, and
+    /// what the peer said it takes.
+    async fn upgrade<S>(
+        &self,
+        addr: SocketAddr,
+        stream: S,
+    ) -> Result<(S, Bytes, Features), PeerError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -588,13 +627,14 @@ impl PeerClient {
                 message: error_message(&body),
             });
         }
+        let features = Features::from_header(response.headers().get(FEATURES_HEADER));
         let upgraded = hyper::upgrade::on(response)
             .await
             .map_err(|e| refused(error_chain(&e)))?;
         let parts = upgraded
             .downcast::<TokioIo<S>>()
             .map_err(|_| refused("upgraded connection of an unexpected type".into()))?;
-        Ok((parts.io.into_inner(), parts.read_buf))
+        Ok((parts.io.into_inner(), parts.read_buf, features))
     }
 
     /// Sends `request` and hands its answer to `expect`, which takes the
@@ -820,10 +860,12 @@ mod tests {
         }
     }
 
-    /// A peer that takes the upgrade, reads `wanted` requests, then does
-    /// what `script` says with them, and closes the connection.
+    /// A peer that takes the upgrade (saying it takes `features`, if any),
+    /// reads `wanted` requests, then does what `script` says with them, and
+    /// closes the connection.
     async fn fake_peer(
         listener: TcpListener,
+        features: Option<&str>,
         wanted: usize,
         script: impl FnOnce(Vec<Frame>, &mut BytesMut),
     ) {
@@ -834,10 +876,13 @@ mod tests {
             socket.read_exact(&mut byte).await.unwrap();
             head.push(byte[0]);
         }
-        socket
-            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: distrocache-peer/1\r\n\r\n")
-            .await
-            .unwrap();
+        let features = features
+            .map(|f| format!("{FEATURES_HEADER}: {f}\r\n"))
+            .unwrap_or_default();
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: distrocache-peer/1\r\n{features}\r\n"
+        );
+        socket.write_all(answer.as_bytes()).await.unwrap();
         let mut codec = FrameCodec::new(1 << 20);
         let mut buf = BytesMut::new();
         let mut frames = Vec::new();
@@ -887,7 +932,7 @@ mod tests {
     async fn a_connection_that_dies_fails_exactly_the_requests_in_flight_on_it() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let peer = tokio::spawn(fake_peer(listener, 10, |frames, out| {
+        let peer = tokio::spawn(fake_peer(listener, None, 10, |frames, out| {
             for i in [7, 3, 1] {
                 answer_item(out, &frames[i]);
             }
@@ -917,7 +962,7 @@ mod tests {
     async fn a_peer_going_away_names_what_it_never_read() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let peer = tokio::spawn(fake_peer(listener, 6, |frames, out| {
+        let peer = tokio::spawn(fake_peer(listener, None, 6, |frames, out| {
             let mut ids: Vec<u64> = frames.iter().map(|f| f.id).collect();
             ids.sort_unstable();
             let last_read = ids[2];
@@ -942,5 +987,47 @@ mod tests {
             }
         }
         assert_eq!((answered, refused), (3, 3));
+    }
+
+    /// The `Set` a peer receives, sent naming a keeper to a peer that says
+    /// it takes `features` (if anything).
+    async fn set_as_received(features: Option<&'static str>) -> Request {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (received, taken) = std::sync::mpsc::channel();
+        let peer = tokio::spawn(fake_peer(listener, features, 1, move |frames, _| {
+            received
+                .send(Request::decode(frames[0].kind, &frames[0].body).unwrap())
+                .unwrap();
+        }));
+        let request = Request::Set {
+            key: "k".into(),
+            write: crate::exec::Write {
+                value: Bytes::from_static(b"1"),
+                ttl: None,
+                tags: vec![],
+            },
+            keeper: Some("node-1".into()),
+        };
+        // The fake peer closes without answering: the error is expected.
+        let _ = client().send(addr, 1, &request, None).await;
+        peer.await.unwrap();
+        taken.recv().unwrap()
+    }
+
+    /// A keeper is named only to a peer that said it takes one; a node that
+    /// predates keepers (a rolling upgrade) gets the plain `Set` it reads,
+    /// and replicates to the sender as it always did.
+    #[tokio::test]
+    async fn a_keeper_is_named_only_to_a_peer_that_takes_one() {
+        let Request::Set { keeper, .. } = set_as_received(None).await else {
+            panic!("a set");
+        };
+        assert_eq!(keeper, None, "sent to a peer that predates keepers");
+        let Request::Set { keeper, .. } = set_as_received(Some("something-else, set-keeper")).await
+        else {
+            panic!("a set");
+        };
+        assert_eq!(keeper.as_deref(), Some("node-1"));
     }
 }

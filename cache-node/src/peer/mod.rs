@@ -29,6 +29,13 @@ pub use protocol::Request;
 pub const CONNECT_PATH: &str = "/internal/v1/connect";
 /// The `Upgrade` token of the protocol (and its version).
 pub const PROTOCOL: &str = "distrocache-peer/1";
+/// On the `101` answer to a peer connection: what this node's side of the
+/// protocol takes beyond what `PROTOCOL` names, comma-separated, so nodes
+/// of different versions (a rolling upgrade) only send each other what
+/// both read.
+pub const FEATURES_HEADER: &str = "x-distrocache-peer-features";
+/// The feature of taking a `Set` that names a keeper (see `Request::Set`).
+pub const FEATURE_SET_KEEPER: &str = "set-keeper";
 /// The id of the node opening a peer connection.
 pub const FROM_HEADER: &str = "x-distrocache-from";
 /// On answers to clients: the ring epoch of the node that answered, so a

@@ -6,7 +6,7 @@
 //!
 //! | request | asked by | answer |
 //! | --- | --- | --- |
-//! | `Get`, `Set`, `Delete` | a node forwarding a client's request to the key's owner | `Item`, `Missing`, `Deleted`, `Refused` |
+//! | `Get`, `Set`, `Delete` | a node forwarding a client's request to the key's owner (a `Set` may name the sender as its *keeper*: see `Request::Set`) | `Item`, `Missing`, `Deleted`, `Refused` |
 //! | `Replicate` | a coordinator (writes and deletes), the rebalancer (pushes), repair | `Replicated` |
 //! | `Pull` | a node loading the keys it owns | `Page` |
 //! | `Fetch` | a node recovering a key mid-move; the copies view | `Item`, `Missing` |
@@ -315,10 +315,15 @@ pub enum Request {
     Get {
         key: String,
     },
-    /// A client's write, forwarded to the key's coordinator.
+    /// A client's write, forwarded to the key's coordinator. `keeper`: the
+    /// sender, itself an owner of the key, stores the written record from
+    /// the answer before it answers its client, so the coordinator does not
+    /// replicate to it (one exchange between the two instead of two). Sent
+    /// only to peers that said they take it (see `peer::FEATURES_HEADER`).
     Set {
         key: String,
         write: Write,
+        keeper: Option<String>,
     },
     /// A client's delete, forwarded to the key's coordinator.
     Delete {
@@ -426,6 +431,9 @@ const GET_RING: u8 = 10;
 const PUT_RING: u8 = 11;
 const LEASE: u8 = 12;
 const TOMBSTONES: u8 = 13;
+/// `Set` with a keeper: a kind of its own, so a node that predates keepers
+/// refuses it rather than reading it as a plain `Set`.
+const SET_KEPT: u8 = 14;
 
 const A_ITEM: u8 = 128;
 const A_MISSING: u8 = 129;
@@ -457,6 +465,25 @@ impl Request {
                 | Request::InvalidateTag { .. }
                 | Request::Lease { .. }
         )
+    }
+
+    /// This request as a peer that predates keepers must get it: a `Set`
+    /// without its keeper, which the coordinator then replicates to like
+    /// any other owner (the keeper's own apply of the answer finds that
+    /// version held and changes nothing). `None`: nothing to change.
+    pub fn without_keeper(&self) -> Option<Request> {
+        match self {
+            Request::Set {
+                key,
+                write,
+                keeper: Some(_),
+            } => Some(Request::Set {
+                key: key.clone(),
+                write: write.clone(),
+                keeper: None,
+            }),
+            _ => None,
+        }
     }
 
     /// Whether a receiver may have changed data acting on this request, so
@@ -498,12 +525,18 @@ impl Request {
                 put_str(out, key);
                 GET
             }
-            Request::Set { key, write } => {
+            Request::Set { key, write, keeper } => {
                 put_str(out, key);
                 put_bytes(out, &write.value);
                 out.put_u64(write.ttl.map_or(0, |t| t.as_secs()));
                 put_strs(out, &write.tags);
-                SET
+                match keeper {
+                    None => SET,
+                    Some(keeper) => {
+                        put_str(out, keeper);
+                        SET_KEPT
+                    }
+                }
             }
             Request::Delete { key } => {
                 put_str(out, key);
@@ -567,7 +600,7 @@ impl Request {
         let mut r = Reader::new(body);
         let request = match kind {
             GET => Request::Get { key: r.string()? },
-            SET => {
+            SET | SET_KEPT => {
                 let key = r.string()?;
                 let value = r.bytes_of(body)?;
                 let ttl = match r.u64()? {
@@ -575,9 +608,14 @@ impl Request {
                     secs => Some(Duration::from_secs(secs)),
                 };
                 let tags = r.strings()?;
+                let keeper = match kind {
+                    SET_KEPT => Some(r.string()?),
+                    _ => None,
+                };
                 Request::Set {
                     key,
                     write: Write { value, ttl, tags },
+                    keeper,
                 }
             }
             DELETE => Request::Delete { key: r.string()? },
@@ -1046,8 +1084,11 @@ mod tests {
         #[test]
         fn writes_round_trip(key in ".{0,30}", value in proptest::collection::vec(any::<u8>(), 0..100),
                              ttl in proptest::option::of(1u64..u64::MAX), tags in proptest::collection::vec(".{0,10}", 0..5)) {
-            let request = Request::Set { key, write: Write { value: value.into(), ttl: ttl.map(Duration::from_secs), tags } };
+            let write = Write { value: value.into(), ttl: ttl.map(Duration::from_secs), tags };
+            let request = Request::Set { key: key.clone(), write: write.clone(), keeper: None };
             prop_assert_eq!(round_trip_request(&request), request);
+            let kept = Request::Set { key, write, keeper: Some("node-1".into()) };
+            prop_assert_eq!(round_trip_request(&kept), kept);
         }
 
         /// Arbitrary bodies under every kind are refused or read, never a panic.
