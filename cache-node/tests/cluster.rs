@@ -1267,6 +1267,103 @@ async fn an_owner_forwarding_a_write_keeps_its_copy_from_the_answer() {
     assert_eq!(counts().await, (replicates + 1.0, forwards + 2.0));
 }
 
+/// A client that gives up on a write it sent through an owner (a client
+/// timeout, a closed connection) does not leave that owner's copy behind:
+/// the primary, stalled while the client waited, applies the write when it
+/// resumes, and the owner keeps its copy from the answer with no client
+/// waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_write_whose_client_gave_up_still_reaches_the_keeper() {
+    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start(1);
+    c.wait_settled(epoch, SETTLE).await;
+    let key = (0..)
+        .map(|i| format!("abandoned-{i}"))
+        .find(|k| c.primary_of(k) == "node-0")
+        .expect("some key");
+    let url = c.url(1, &format!("/api/v1/cache/{key}"));
+    let put = |value: &'static str| c.client.put(&url).json(&json!({ "value": value }));
+    assert!(put("old").send().await.unwrap().status().is_success());
+
+    c.signal(0, libc::SIGSTOP);
+    let gave_up = put("new").timeout(Duration::from_millis(500)).send().await;
+    c.signal(0, libc::SIGCONT);
+    assert!(
+        gave_up.is_err(),
+        "the write was answered with its primary stalled: {gave_up:?}"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let primary = c.held(0, &key).await.expect("on node-0");
+        let kept = c.held(1, &key).await.expect("on node-1");
+        if primary["value"] == "new" && kept["value"] == "new" {
+            assert_eq!(primary["created_at"], kept["created_at"]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "copies apart after the client gave up: node-0 {}, node-1 {}",
+            primary["value"],
+            kept["value"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A write an owner forwarded and its primary took without answering in
+/// time (stalled past the forwarded write's timeout) gets a 503 saying it
+/// may have been applied; once the primary resumes and applies it, the
+/// owner takes the primary's copy, so the two do not stay apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_write_left_unanswered_is_resynced_from_the_primary() {
+    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start(1);
+    c.wait_settled(epoch, SETTLE).await;
+    let key = (0..)
+        .map(|i| format!("unanswered-{i}"))
+        .find(|k| c.primary_of(k) == "node-0")
+        .expect("some key");
+    let url = c.url(1, &format!("/api/v1/cache/{key}"));
+    let put = |value: &'static str| c.client.put(&url).json(&json!({ "value": value })).send();
+    assert!(put("old").await.unwrap().status().is_success());
+
+    c.signal(0, libc::SIGSTOP);
+    let unanswered = put("new").await;
+    c.signal(0, libc::SIGCONT);
+    let unanswered = unanswered.expect("an answer from node-1");
+    assert_eq!(unanswered.status().as_u16(), 503);
+    let body: Value = unanswered.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("may have been applied"),
+        "{body}"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let primary = c.held(0, &key).await.expect("on node-0");
+        let kept = c.held(1, &key).await.expect("on node-1");
+        if primary["value"] == "new" && kept["value"] == "new" {
+            assert_eq!(primary["created_at"], kept["created_at"]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "copies apart after an unanswered write: node-0 {}, node-1 {}",
+            primary["value"],
+            kept["value"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Clients writing through some nodes for as long as a fault lasts: every
 /// write either succeeds or fails cleanly with a 503; which keys were
 /// acknowledged is what the test then checks for.

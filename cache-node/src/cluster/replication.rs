@@ -4,18 +4,27 @@
 //! every member (tag invalidation, stats, copies of a key).
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::Retryable;
 
 use futures_util::future::join_all;
 use serde::Serialize;
 
-use super::Cluster;
 use super::metrics::PeerOp;
 use super::ring::{Ring, RingMember};
+use super::{Cluster, retry_policy};
 use crate::peer::protocol::{
     Deletion, LocalInvalidation, NodeStats, RecordRef, Records, ReplicateOutcome, Source,
 };
 use crate::peer::{PeerError, Request, expect};
 use crate::store::{Applied, ItemView, UnixNanos};
+
+/// How long a node that kept a write its coordinator did not answer for
+/// keeps asking the key's owners for their copies (see
+/// `Cluster::resync_kept`).
+pub const RESYNC_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A tag invalidation, as the client sees it: the seed's `tag` and
 /// `invalidated`, and in a cluster how it went over the members.
@@ -319,7 +328,8 @@ impl Cluster {
     /// Asks the other owners of `key` for their copies and applies each
     /// (a newer version replaces the one held), until `done` says so or
     /// every owner was asked.
-    async fn fetch_copies(&self, key: &str, done: impl Fn() -> bool) {
+    async fn fetch_copies(&self, key: &str, done: impl Fn() -> bool) -> bool {
+        let mut answered = false;
         let request = Request::Fetch {
             key: key.to_owned(),
         };
@@ -328,6 +338,7 @@ impl Cluster {
             for member in self.replicas(key) {
                 let answer = self.call(&member, &request, None, expect::item).await;
                 self.metrics.peer_call(PeerOp::Fetch, answer.is_ok());
+                answered |= answer.is_ok();
                 let record = match answer {
                     Ok(Some(record)) => record,
                     Err(PeerError::RingChanged { .. }) => {
@@ -340,13 +351,14 @@ impl Cluster {
                     self.apply_records(std::slice::from_ref(&record));
                 }
                 if done() {
-                    return;
+                    return answered;
                 }
             }
             if !replan {
                 break;
             }
         }
+        answered
     }
 
     /// Stores this node's copy of a write it forwarded as the keeper, from
@@ -354,10 +366,19 @@ impl Cluster {
     /// ring the write was sent under. If the ring changed since, the
     /// coordinator may have replicated under a ring this node no longer
     /// holds, so the write goes on to the owners of this node's ring too
-    /// (those that hold it find it stale).
+    /// (those that hold it find it stale). A copy older than the write is
+    /// not kept in its place when the write itself is not (it expired on
+    /// its way, or was deleted since): this node may serve reads.
     pub async fn keep(&self, key: &str, record: &Records, epoch: u64) -> ReplicateOutcome {
         let mut outcome = match record.single() {
-            Ok(record) => self.apply_records(std::slice::from_ref(&record)),
+            Ok(record) => {
+                let outcome = self.apply_records(std::slice::from_ref(&record));
+                if outcome.applied == 0 {
+                    let written = record.meta().created_at;
+                    self.store.delete_replica(key, written.saturating_sub(1));
+                }
+                outcome
+            }
             Err(e) => {
                 tracing::warn!(key, error = %e, "a coordinator answered a kept write with a bad record");
                 ReplicateOutcome {
@@ -374,11 +395,30 @@ impl Cluster {
 
     /// After a kept write's coordinator took it without answering: the
     /// write may be there and not here, so this node takes the newer of
-    /// the copies the other owners hold, rather than keep serving the one
-    /// it had (best effort: an owner that cannot be asked now is left to
-    /// the next write of the key).
-    pub async fn resync_kept(&self, key: &str) {
-        self.fetch_copies(key, || false).await;
+    /// the copies the other owners hold, asking until one answers (a
+    /// coordinator applies a write as it reads it, so its answer to a later
+    /// fetch includes the write) for up to [`RESYNC_DEADLINE`]; past that the
+    /// copies may differ until the key's next write, which is logged.
+    pub async fn resync_kept(self: Arc<Self>, key: String) {
+        let resynced = (|| async {
+            match self.fetch_copies(&key, || false).await {
+                true => Ok(()),
+                false => Err(()),
+            }
+        })
+        .retry(
+            retry_policy()
+                .with_max_delay(Duration::from_secs(5))
+                .with_total_delay(Some(RESYNC_DEADLINE)),
+        )
+        .await;
+        if resynced.is_err() {
+            tracing::warn!(
+                key,
+                ?RESYNC_DEADLINE,
+                "no owner answered for a write it may hold: this node's copy may differ until the key is written again"
+            );
+        }
     }
 
     /// Removes the tag's items here, counting those this node is the primary of.
@@ -591,13 +631,31 @@ mod tests {
     use std::time::Duration;
 
     use crate::cluster::testing;
-    use crate::peer::protocol::RecordBatch;
+    use crate::peer::protocol::{RecordBatch, Records};
     use crate::store::{ItemMeta, ItemView, Store, StoreConfig};
 
     /// A version of key `k` a peer sends.
     struct Version {
         value: Vec<u8>,
         created_at: u64,
+        expires_at: u64,
+    }
+
+    impl Version {
+        /// Written at `created_at`, for an hour.
+        fn at(created_at: u64, value: &[u8]) -> Self {
+            Self {
+                value: value.to_vec(),
+                created_at,
+                expires_at: created_at + 3_600_000_000_000,
+            }
+        }
+
+        fn records(&self) -> Records {
+            let mut batch = RecordBatch::default();
+            batch.push(self);
+            batch.freeze()
+        }
     }
 
     impl ItemView for Version {
@@ -611,7 +669,7 @@ mod tests {
             ItemMeta {
                 created_at: self.created_at,
                 accessed_at: self.created_at,
-                expires_at: self.created_at + 3_600_000_000_000,
+                expires_at: self.expires_at,
                 access_count: 0,
             }
         }
@@ -635,12 +693,8 @@ mod tests {
         let c = testing::two_members(store.clone(), 100, 1 << 20);
         let held = || store.peek("k", |item| item.meta().created_at);
         let refused_at = |created_at: u64| {
-            let mut batch = RecordBatch::default();
-            batch.push(&Version {
-                value: format!("\"{}\"", "v".repeat(8192)).into_bytes(),
-                created_at,
-            });
-            let records = batch.freeze();
+            let large = format!("\"{}\"", "v".repeat(8192));
+            let records = Version::at(created_at, large.as_bytes()).records();
             c.apply_records(&records.decode().unwrap())
         };
 
@@ -652,5 +706,37 @@ mod tests {
         assert_eq!(held(), Some(old), "a refused older version changes nothing");
         assert_eq!(refused_at(old + 1).refused, 1);
         assert_eq!(held(), None, "the copy a newer version replaced is gone");
+    }
+
+    /// A write kept from its coordinator's answer that expired on its way
+    /// is not stored, and does not leave the older copy it replaced in its
+    /// place (this node may serve reads of the key); a newer copy stays.
+    #[tokio::test]
+    async fn a_kept_write_that_expired_on_its_way_takes_the_older_copy_with_it() {
+        let store = Arc::new(Store::with_config(StoreConfig {
+            max_items: 100,
+            default_ttl: Duration::from_secs(3600),
+            shards: 1,
+            ..StoreConfig::default()
+        }));
+        let c = testing::two_members(store.clone(), 100, 1 << 20);
+        let held = || store.peek("k", |item| item.meta().created_at);
+        let now = store.now();
+        let expired = |created_at: u64| Version {
+            value: b"\"new\"".to_vec(),
+            created_at,
+            expires_at: now - 1,
+        };
+
+        store
+            .set("k", b"\"old\"", &[] as &[String], None, |_| ())
+            .unwrap();
+        let old = held().expect("written");
+        let kept = c.keep("k", &expired(old - 1).records(), c.epoch()).await;
+        assert_eq!(kept.applied, 0);
+        assert_eq!(held(), Some(old), "a copy newer than the write stays");
+        let kept = c.keep("k", &expired(old + 1).records(), c.epoch()).await;
+        assert_eq!(kept.applied, 0);
+        assert_eq!(held(), None, "the copy the expired write replaced is gone");
     }
 }

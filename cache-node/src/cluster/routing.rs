@@ -217,14 +217,14 @@ impl Cluster {
         })
     }
 
-    /// Whether this node, forwarding a client's write of `key`, keeps its
+    /// Whether this node forwards a client's write of `key` and keeps its
     /// own copy from the answer (see `Request::Set`): when it is one of the
-    /// owners the write must reach.
+    /// owners the write must reach, but not its coordinator.
     pub fn keeps_copy_of(&self, key: &str) -> bool {
         let guard = self.ring.load();
         guard.as_ref().is_some_and(|rings| {
             self.plan(rings, key, Access::Write)
-                .is_ok_and(|plan| plan.iter().any(|t| member(t).id == self.node_id))
+                .is_ok_and(|plan| plan.iter().skip(1).any(|t| member(t).id == self.node_id))
         })
     }
 

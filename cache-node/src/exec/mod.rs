@@ -77,7 +77,27 @@ impl Executor {
                     self.apply_set(&key, &write, |item| item_json::item_to_vec(item))
                         .map(|(created, json, _)| (created, json)),
                 )),
-                Some(_) => self.later(move |ex| async move { ex.set(&key, &write).await }),
+                Some(cluster) => {
+                    let keeps = cluster.keeps_copy_of(&key);
+                    self.later(move |ex| async move {
+                        if !keeps {
+                            return ex.set(&key, &write, false).await;
+                        }
+                        // An owner forwarding the write keeps its copy from
+                        // the primary's answer: once the primary may have
+                        // applied it, that must happen whether or not the
+                        // client still waits, so it runs as a task of its own.
+                        tokio::spawn(async move { ex.set(&key, &write, true).await })
+                            .await
+                            .unwrap_or_else(|e| {
+                                Failure::new(
+                                    hyper::http::StatusCode::INTERNAL_SERVER_ERROR,
+                                    format!("the write's task failed: {e}"),
+                                )
+                                .into()
+                            })
+                    })
+                }
             },
             Operation::Delete { key } => self.later(move |ex| async move { ex.delete(&key).await }),
             Operation::InvalidateTag { tag } => {
@@ -250,15 +270,13 @@ impl Executor {
     }
 
     /// A client's write: coordinated here, or by the key's primary. An
-    /// owner that forwards it keeps its own copy from the primary's answer
-    /// (see `Request::Set`), so the primary does not send it back.
-    async fn set(&self, key: &str, write: &Write) -> Outcome {
+    /// owner that forwards it (`keeps`) keeps its own copy from the
+    /// primary's answer (see `Request::Set`), so the primary does not send
+    /// it back.
+    async fn set(&self, key: &str, write: &Write, keeps: bool) -> Outcome {
         if let Some(cluster) = &self.cluster {
             let epoch = cluster.epoch();
-            let keeper = cluster
-                .keeps_copy_of(key)
-                .then(|| cluster.node_id().to_owned());
-            let keeps = keeper.is_some();
+            let keeper = keeps.then(|| cluster.node_id().to_owned());
             let request = Request::Set {
                 key: key.to_owned(),
                 write: write.clone(),
@@ -291,14 +309,17 @@ impl Executor {
                 }
                 Err(e) => {
                     if keeps && matches!(e, RouteError::Uncertain { .. }) {
-                        cluster.resync_kept(key).await;
+                        // The primary may hold the write and this node not:
+                        // the copies are made equal once the primary answers
+                        // again, while the client gets its 503 now.
+                        tokio::spawn(cluster.clone().resync_kept(key.to_owned()));
                     }
                     return route_failure(e).into();
                 }
             }
         }
         Self::written(
-            self.coordinate_set(key, write, None, |item| item_json::item_to_vec(item))
+            self.coordinate_set(key, write, |item| item_json::item_to_vec(item))
                 .await,
         )
     }
@@ -320,31 +341,46 @@ impl Executor {
     }
 
     /// A write this node applies as the key's coordinator: stored here, then
-    /// replicated to the other owners (but `keeper`, which stores its own
-    /// copy) before it returns. `render` encodes the stored item for the
-    /// answer (JSON for a client, a record for a peer), under the store's
-    /// lock, without a copy of it in between.
-    pub async fn coordinate_set<R>(
+    /// replicated to the other owners before it returns. `render` encodes
+    /// the stored item for the answer (JSON for a client, a record for a
+    /// peer), under the store's lock, without a copy of it in between.
+    async fn coordinate_set<R>(
         &self,
         key: &str,
         write: &Write,
-        keeper: Option<&str>,
         render: impl FnOnce(&ItemRef<'_>) -> R,
     ) -> Result<(bool, R), Failure> {
-        let (mut created, rendered, record) = self.apply_set(key, write, render)?;
-        if let Some(cluster) = &self.cluster {
-            let outcome = cluster.replicate(key, &record.freeze(), &[], keeper).await;
-            // Mid-move this node may not hold the key yet while another owner
-            // does: the write replaced it all the same.
-            created &= outcome.replaced == 0;
-        }
+        let (created, rendered, record) = self.apply_set(key, write, render)?;
+        let created = created & self.replicate_set(key, record, None).await;
         Ok((created, rendered))
+    }
+
+    /// The replicas' part of a write coordinated here: `record` sent to the
+    /// other owners (but `keeper`, which stores its own copy). False when
+    /// a replica held the key: mid-move this node may not hold it yet while
+    /// another owner does, and the write replaced it all the same.
+    pub async fn replicate_set(
+        &self,
+        key: &str,
+        record: RecordBatch,
+        keeper: Option<&str>,
+    ) -> bool {
+        match &self.cluster {
+            Some(cluster) => {
+                cluster
+                    .replicate(key, &record.freeze(), &[], keeper)
+                    .await
+                    .replaced
+                    == 0
+            }
+            None => true,
+        }
     }
 
     /// The store's part of a write coordinated here: whether it created the
     /// key, the stored item as `render` encodes it, and (in cluster mode)
     /// its record for the replicas.
-    fn apply_set<R>(
+    pub fn apply_set<R>(
         &self,
         key: &str,
         write: &Write,

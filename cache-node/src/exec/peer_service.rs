@@ -39,14 +39,18 @@ impl Handler for Executor {
                 if let Err(f) = checked {
                     return Reply::Now(refused(f));
                 }
+                // Applied as it is read, so whatever this connection carries
+                // next (the sender asking for the key's copy after the write
+                // went unanswered) finds it; replicated after.
+                let (created, record, replicas) =
+                    match self.apply_set(&key, &write, |item| record_of(item)) {
+                        Ok(applied) => applied,
+                        Err(f) => return Reply::Now(refused(f)),
+                    };
                 Reply::Later(Box::pin(async move {
-                    match self
-                        .coordinate_set(&key, &write, keeper.as_deref(), |item| record_of(item))
-                        .await
-                    {
-                        Ok((created, record)) => Answer::Item { created, record },
-                        Err(f) => refused(f),
-                    }
+                    let created =
+                        created & self.replicate_set(&key, replicas, keeper.as_deref()).await;
+                    Answer::Item { created, record }
                 }))
             }
             Request::Delete { key } => {
