@@ -233,6 +233,50 @@ async fn start_members(mut c: ProcCluster, members: usize) -> ProcCluster {
 /// Peer timeouts short enough that a fault test outlasts several of them.
 const SHORT_PEER_TIMEOUTS: &[&str] = &["--peer-timeout", "1s", "--peer-connect-timeout", "500ms"];
 
+/// Two settled nodes with replication factor 2 (`flags` on both), and a
+/// key whose primary is node-0: node-0 coordinates its writes, and node-1
+/// is the replica (which keeps its own copy of the writes it forwards, see
+/// `Request::Set`).
+async fn primary_and_replica(flags: &[&str], prefix: &str) -> (ProcCluster, String) {
+    let mut c = ProcCluster::new(2, 2).with_flags(flags);
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start(1);
+    c.wait_settled(epoch, SETTLE).await;
+    let key = (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|k| c.primary_of(k) == "node-0")
+        .expect("some key");
+    (c, key)
+}
+
+/// Whether node-0 and node-1 hold the same version of `key`, of `value`;
+/// the two values held, if not.
+async fn same_copies(c: &ProcCluster, key: &str, value: &str) -> Result<(), (Value, Value)> {
+    let primary = c.held(0, key).await.expect("on node-0");
+    let kept = c.held(1, key).await.expect("on node-1");
+    let same = ["value", "created_at", "expires_at", "tags"]
+        .iter()
+        .all(|field| primary[field] == kept[field]);
+    match same && primary["value"] == value {
+        true => Ok(()),
+        false => Err((primary["value"].clone(), kept["value"].clone())),
+    }
+}
+
+/// Waits (up to 30 s) until node-0 and node-1 hold the same version of
+/// `key`, of `value`.
+async fn wait_same_copies(c: &ProcCluster, key: &str, value: &str, after: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err((primary, kept)) = same_copies(c, key, value).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "copies apart after {after}: node-0 {primary}, node-1 {kept}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Secured, a smaller data set keeps the extra runs short.
 async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scenario(
     security: Security,
@@ -681,18 +725,7 @@ async fn tokens_are_required_where_they_should_be_and_only_there() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
-    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
-    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
-    c.start(0);
-    c.start(1);
-    c.wait_settled(epoch, SETTLE).await;
-
-    // A key node-0 is the primary of, so node-0 coordinates its write and
-    // node-1 is only the replica.
-    let key = (0..)
-        .map(|i| format!("stalled-{i}"))
-        .find(|k| c.primary_of(k) == "node-0")
-        .expect("some key");
+    let (c, key) = primary_and_replica(SHORT_PEER_TIMEOUTS, "stalled").await;
     let repairs_before = c
         .metric(0, r#"distrocache_peer_requests_total{operation="repair"}"#)
         .await
@@ -1119,15 +1152,7 @@ impl cache_node::store::ItemView for Planted {
 /// repair queue is empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
-    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
-    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
-    c.start(0);
-    c.start(1);
-    c.wait_settled(epoch, SETTLE).await;
-    let key = (0..)
-        .map(|i| format!("behind-{i}"))
-        .find(|k| c.primary_of(k) == "node-0")
-        .expect("some key");
+    let (c, key) = primary_and_replica(SHORT_PEER_TIMEOUTS, "behind").await;
     let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
     let put = |i, value: &'static str| c.client.put(url(i)).json(&json!({ "value": value })).send();
     assert!(put(0, "old").await.unwrap().status().is_success());
@@ -1211,15 +1236,7 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
 async fn an_owner_forwarding_a_write_keeps_its_copy_from_the_answer() {
     const REPLICATES: &str = r#"distrocache_peer_requests_total{operation="replicate"}"#;
     const FORWARDS: &str = r#"distrocache_peer_requests_total{operation="forward"}"#;
-    let mut c = ProcCluster::new(2, 2);
-    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
-    c.start(0);
-    c.start(1);
-    c.wait_settled(epoch, SETTLE).await;
-    let key = (0..)
-        .map(|i| format!("kept-{i}"))
-        .find(|k| c.primary_of(k) == "node-0")
-        .expect("some key");
+    let (c, key) = primary_and_replica(&[], "kept").await;
     let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
     let put = |i, value: &'static str| {
         c.client
@@ -1233,14 +1250,6 @@ async fn an_owner_forwarding_a_write_keeps_its_copy_from_the_answer() {
             c.metric(1, FORWARDS).await.unwrap_or(0.0),
         )
     };
-    async fn both_hold(c: &ProcCluster, key: &str, value: &str) {
-        let (primary, kept) = (c.held(0, key).await, c.held(1, key).await);
-        let (primary, kept) = (primary.expect("on node-0"), kept.expect("on node-1"));
-        assert_eq!(primary["value"], value);
-        for field in ["value", "created_at", "expires_at", "tags"] {
-            assert_eq!(primary[field], kept[field], "{field} of the two copies");
-        }
-    }
 
     let (replicates, forwards) = counts().await;
     for (value, status) in [("first", 201), ("second", 200)] {
@@ -1251,7 +1260,8 @@ async fn an_owner_forwarding_a_write_keeps_its_copy_from_the_answer() {
             "writing {value:?} through node-1"
         );
         assert_eq!(resp.headers()["x-distrocache-served-by"], "node-0");
-        both_hold(&c, &key, value).await;
+        // Kept before the client was answered: no waiting.
+        assert_eq!(same_copies(&c, &key, value).await, Ok(()));
     }
     assert_eq!(
         counts().await,
@@ -1263,7 +1273,7 @@ async fn an_owner_forwarding_a_write_keeps_its_copy_from_the_answer() {
     // the counter the assertion above relies on counts.
     let resp = put(0, "third").await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
-    both_hold(&c, &key, "third").await;
+    assert_eq!(same_copies(&c, &key, "third").await, Ok(()));
     assert_eq!(counts().await, (replicates + 1.0, forwards + 2.0));
 }
 
@@ -1274,15 +1284,7 @@ async fn an_owner_forwarding_a_write_keeps_its_copy_from_the_answer() {
 /// waiting for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_write_whose_client_gave_up_still_reaches_the_keeper() {
-    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
-    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
-    c.start(0);
-    c.start(1);
-    c.wait_settled(epoch, SETTLE).await;
-    let key = (0..)
-        .map(|i| format!("abandoned-{i}"))
-        .find(|k| c.primary_of(k) == "node-0")
-        .expect("some key");
+    let (c, key) = primary_and_replica(SHORT_PEER_TIMEOUTS, "abandoned").await;
     let url = c.url(1, &format!("/api/v1/cache/{key}"));
     let put = |value: &'static str| c.client.put(&url).json(&json!({ "value": value }));
     assert!(put("old").send().await.unwrap().status().is_success());
@@ -1294,23 +1296,7 @@ async fn a_kept_write_whose_client_gave_up_still_reaches_the_keeper() {
         gave_up.is_err(),
         "the write was answered with its primary stalled: {gave_up:?}"
     );
-
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let primary = c.held(0, &key).await.expect("on node-0");
-        let kept = c.held(1, &key).await.expect("on node-1");
-        if primary["value"] == "new" && kept["value"] == "new" {
-            assert_eq!(primary["created_at"], kept["created_at"]);
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "copies apart after the client gave up: node-0 {}, node-1 {}",
-            primary["value"],
-            kept["value"]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_same_copies(&c, &key, "new", "the client gave up").await;
 }
 
 /// A write an owner forwarded and its primary took without answering in
@@ -1319,15 +1305,7 @@ async fn a_kept_write_whose_client_gave_up_still_reaches_the_keeper() {
 /// owner takes the primary's copy, so the two do not stay apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_write_left_unanswered_is_resynced_from_the_primary() {
-    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
-    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
-    c.start(0);
-    c.start(1);
-    c.wait_settled(epoch, SETTLE).await;
-    let key = (0..)
-        .map(|i| format!("unanswered-{i}"))
-        .find(|k| c.primary_of(k) == "node-0")
-        .expect("some key");
+    let (c, key) = primary_and_replica(SHORT_PEER_TIMEOUTS, "unanswered").await;
     let url = c.url(1, &format!("/api/v1/cache/{key}"));
     let put = |value: &'static str| c.client.put(&url).json(&json!({ "value": value })).send();
     assert!(put("old").await.unwrap().status().is_success());
@@ -1345,23 +1323,7 @@ async fn a_kept_write_left_unanswered_is_resynced_from_the_primary() {
             .contains("may have been applied"),
         "{body}"
     );
-
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let primary = c.held(0, &key).await.expect("on node-0");
-        let kept = c.held(1, &key).await.expect("on node-1");
-        if primary["value"] == "new" && kept["value"] == "new" {
-            assert_eq!(primary["created_at"], kept["created_at"]);
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "copies apart after an unanswered write: node-0 {}, node-1 {}",
-            primary["value"],
-            kept["value"]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_same_copies(&c, &key, "new", "an unanswered write").await;
 }
 
 /// Clients writing through some nodes for as long as a fault lasts: every
