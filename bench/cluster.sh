@@ -13,6 +13,8 @@
 #     2 and 3 in $ROUNDS rounds, the one node and the cluster running side by
 #     side and measured back to back in each round; the bars are judged on
 #     the median of the rounds' ratios, and every round's ratio is printed;
+#     the cluster's peer requests per SET (forwards and replications, from
+#     the nodes' metrics) are printed beside the SET ratio (no bar);
 #     a diagnostic (no bar) says where a cluster GET's cost comes from: after
 #     the rounds, the same three nodes with rf 3 (every node owns every key,
 #     so nothing is forwarded) against the one node, once;
@@ -68,6 +70,10 @@ v = json.load(sys.stdin); sys.exit(0 if v["epoch"] == int(sys.argv[1]) and v["se
     sleep 0.1
   done
   echo "$1 never settled at epoch $2" >&2; exit 1
+}
+peer_requests() { # ip...: forwards and replications those nodes sent so far
+  for ip in "$@"; do curl -sf "http://$ip:$PORT/metrics"; done |
+    awk '/^distrocache_peer_requests_total\{operation="(forward|replicate)"\}/ { n += $2 } END { printf "%d\n", n }'
 }
 prefill() { # ip keys: PUT bench:1..keys through one node
   python3 - "$1" "$2" <<'PY'
@@ -166,8 +172,10 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "cluster_get $out" >> "$rounds"
   out=$(CPU_PIDS="${single[*]}" cpu_spread single-set "$work/set.lua" "http://$S:$PORT" "http://$S:$PORT" "http://$S:$PORT")
   echo "single_set $out" >> "$rounds"
+  sent=$(peer_requests $A $B $C)
   out=$(CPU_PIDS="${cluster[*]}" cpu_spread cluster-set "$work/set.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT")
   echo "cluster_set $out" >> "$rounds"
+  echo "$(( $(peer_requests $A $B $C) - sent ))" >> "$work/peer.txt"
   out=$(client_load get "http://$S:$PORT")
   echo "single_cget $out 0" >> "$rounds"
   out=$(client_load get "http://$A:$PORT")
@@ -203,8 +211,8 @@ member c $C
 wait_ready $C
 progress=$(curl -s "http://$C:$PORT/api/v1/cluster/rebalance")
 
-python3 - "$local_rps" "$local_p99" "$fwd_rps" "$fwd_p99" "$progress" "$CONNS" "$DURATION" "$rounds" "$work/rf3.txt" <<'PY'
-import json, statistics, sys
+python3 - "$local_rps" "$local_p99" "$fwd_rps" "$fwd_p99" "$progress" "$CONNS" "$DURATION" "$rounds" "$work/rf3.txt" "$work/peer.txt" <<'PY'
+import json, re, statistics, sys
 lr, lp, fr, fp = map(float, sys.argv[1:5])
 p = json.loads(sys.argv[5])
 conns, duration = sys.argv[6], sys.argv[7]
@@ -233,6 +241,12 @@ print()
 print(f"1. forwarded GET costs {lr / fr:.2f}x a local one (bar <= 1.5)")
 print(f"2. cluster / single node, median of the rounds: GET {show(ratios('cluster_get', 'single_get'))} (bar >= 0.8)")
 print(f"                                                SET {show(ratios('cluster_set', 'single_set'))} (bar >= 0.5)")
+amount, unit = re.fullmatch(r"(\d+)([smh]?)", duration).groups()
+seconds = int(amount) * {"": 1, "s": 1, "m": 60, "h": 3600}[unit]
+sent = [int(l) for l in open(sys.argv[10])]
+per_set = [n / (r["cluster_set"][0] * seconds) for n, r in zip(sent, rounds)]
+print(f"   peer requests per cluster SET (forwards and replications): {statistics.median(per_set):.2f}"
+      f" (rounds: {', '.join(f'{x:.2f}' for x in per_set)})")
 print(f"   nodes' CPU per request, single / cluster: GET {show(ratios('single_get', 'cluster_get', 2))},"
       f" SET {show(ratios('single_set', 'cluster_set', 2))}")
 rf3 = {name: (float(rps), float(us)) for name, rps, _, us in (l.split() for l in open(sys.argv[9]))}
