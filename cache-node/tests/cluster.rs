@@ -233,15 +233,17 @@ async fn start_members(mut c: ProcCluster, members: usize) -> ProcCluster {
 /// Peer timeouts short enough that a fault test outlasts several of them.
 const SHORT_PEER_TIMEOUTS: &[&str] = &["--peer-timeout", "1s", "--peer-connect-timeout", "500ms"];
 
-/// Two settled nodes with replication factor 2 (`flags` on both), and a
-/// key whose primary is node-0: node-0 coordinates its writes, and node-1
-/// is the replica (which keeps its own copy of the writes it forwards, see
-/// `Request::Set`).
-async fn primary_and_replica(flags: &[&str], prefix: &str) -> (ProcCluster, String) {
-    let mut c = ProcCluster::new(2, 2).with_flags(flags);
-    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
-    c.start(0);
-    c.start(1);
+/// `n` settled nodes, each owning every key (replication factor `n`,
+/// `flags` on all), and a key whose primary is node-0: node-0 coordinates
+/// its writes, and node-1 is a replica (which keeps its own copy of the
+/// writes it forwards, see `Request::Set`).
+async fn primary_and_replicas(n: usize, flags: &[&str], prefix: &str) -> (ProcCluster, String) {
+    let mut c = ProcCluster::new(n, n as u32).with_flags(flags);
+    let members: Vec<_> = (0..n).map(|i| (i, Active)).collect();
+    let epoch = c.set_ring(&members);
+    for i in 0..n {
+        c.start(i);
+    }
     c.wait_settled(epoch, SETTLE).await;
     let key = (0..)
         .map(|i| format!("{prefix}-{i}"))
@@ -725,7 +727,7 @@ async fn tokens_are_required_where_they_should_be_and_only_there() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_stalls_is_repaired_when_it_answers_again() {
-    let (c, key) = primary_and_replica(SHORT_PEER_TIMEOUTS, "stalled").await;
+    let (c, key) = primary_and_replicas(2, SHORT_PEER_TIMEOUTS, "stalled").await;
     let repairs_before = c
         .metric(0, r#"distrocache_peer_requests_total{operation="repair"}"#)
         .await
@@ -1152,7 +1154,7 @@ impl cache_node::store::ItemView for Planted {
 /// repair queue is empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
-    let (c, key) = primary_and_replica(SHORT_PEER_TIMEOUTS, "behind").await;
+    let (c, key) = primary_and_replicas(2, SHORT_PEER_TIMEOUTS, "behind").await;
     let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
     let put = |i, value: &'static str| c.client.put(url(i)).json(&json!({ "value": value })).send();
     assert!(put(0, "old").await.unwrap().status().is_success());
@@ -1236,7 +1238,7 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
 async fn an_owner_forwarding_a_write_keeps_its_copy_from_the_answer() {
     const REPLICATES: &str = r#"distrocache_peer_requests_total{operation="replicate"}"#;
     const FORWARDS: &str = r#"distrocache_peer_requests_total{operation="forward"}"#;
-    let (c, key) = primary_and_replica(&[], "kept").await;
+    let (c, key) = primary_and_replicas(2, &[], "kept").await;
     let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
     let put = |i, value: &'static str| {
         c.client
@@ -1284,7 +1286,7 @@ async fn an_owner_forwarding_a_write_keeps_its_copy_from_the_answer() {
 /// waiting for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_write_whose_client_gave_up_still_reaches_the_keeper() {
-    let (c, key) = primary_and_replica(SHORT_PEER_TIMEOUTS, "abandoned").await;
+    let (c, key) = primary_and_replicas(2, SHORT_PEER_TIMEOUTS, "abandoned").await;
     let url = c.url(1, &format!("/api/v1/cache/{key}"));
     let put = |value: &'static str| c.client.put(&url).json(&json!({ "value": value }));
     assert!(put("old").send().await.unwrap().status().is_success());
@@ -1305,7 +1307,7 @@ async fn a_kept_write_whose_client_gave_up_still_reaches_the_keeper() {
 /// owner takes the primary's copy, so the two do not stay apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_write_left_unanswered_is_resynced_from_the_primary() {
-    let (c, key) = primary_and_replica(SHORT_PEER_TIMEOUTS, "unanswered").await;
+    let (c, key) = primary_and_replicas(2, SHORT_PEER_TIMEOUTS, "unanswered").await;
     let url = c.url(1, &format!("/api/v1/cache/{key}"));
     let put = |value: &'static str| c.client.put(&url).json(&json!({ "value": value })).send();
     assert!(put("old").await.unwrap().status().is_success());
@@ -1324,6 +1326,27 @@ async fn a_kept_write_left_unanswered_is_resynced_from_the_primary() {
         "{body}"
     );
     wait_same_copies(&c, &key, "new", "an unanswered write").await;
+}
+
+/// The same with a third owner, which answers while the primary is
+/// stalled (and is asked first, the primary being marked down): the
+/// keeper waits for the primary's own copy, which the third owner only
+/// gets from the primary once it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_write_left_unanswered_is_resynced_from_its_coordinator_not_another_owner() {
+    let (c, key) = primary_and_replicas(3, SHORT_PEER_TIMEOUTS, "coordinator").await;
+    let url = c.url(1, &format!("/api/v1/cache/{key}"));
+    let put = |value: &'static str| c.client.put(&url).json(&json!({ "value": value })).send();
+    assert!(put("old").await.unwrap().status().is_success());
+
+    c.signal(0, libc::SIGSTOP);
+    let unanswered = put("new").await.expect("an answer from node-1");
+    // The third owner answers fetches meanwhile, with the old copy.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.signal(0, libc::SIGCONT);
+    assert_eq!(unanswered.status().as_u16(), 503);
+    wait_same_copies(&c, &key, "new", "an unanswered write").await;
+    assert_eq!(c.held(2, &key).await.expect("on node-2")["value"], "new");
 }
 
 /// Clients writing through some nodes for as long as a fault lasts: every

@@ -2,8 +2,10 @@
 //! instead of sending them to the key's primary.
 //!
 //! A replica may answer a read only if it holds every acknowledged write of
-//! the key. Writes reach replicas before the client is answered, except when
-//! a replica cannot be reached: then the coordinator answers anyway and
+//! the key. Writes reach replicas before the client is answered (from the
+//! coordinator, or, for a replica that forwarded the write, in the
+//! coordinator's answer: see `keepers`), except when a replica cannot be
+//! reached: then the coordinator answers anyway and
 //! leaves a *hint* to repair the replica later (see `repair`), and until the
 //! repair lands that replica is behind. It cannot know that on its own (the
 //! hint lives with the coordinator), so it asks: every [`RENEW_EVERY`] it

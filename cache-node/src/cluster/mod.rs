@@ -13,6 +13,8 @@
 //! * [`routing`]: which member serves a request, and forwarding to it;
 //! * [`replication`]: replicating writes, applying what peers send,
 //!   recovering keys mid-move, the fan-outs;
+//! * [`keepers`]: an owner forwarding a write keeps its own copy from the
+//!   coordinator's answer;
 //! * [`rebalance`]: moving data when the ring changes;
 //! * [`repair`]: hints for replicas that missed writes, and their repair;
 //! * [`leases`]: when a replica may serve reads itself;
@@ -22,7 +24,9 @@
 //!
 //! Consistency model, in short (the README has the long form):
 //! * every write and delete goes to the key's primary, which applies it and
-//!   replicates it to the other owners before answering; a replica that
+//!   replicates it to the other owners before answering (an owner that
+//!   forwarded the write stores its copy from the answer, see [`keepers`],
+//!   before its client is answered); a replica that
 //!   cannot be reached gets the write later from the [`repair`] queue, and
 //!   stops serving reads (its lease runs out before the client is answered);
 //! * versions are the coordinator's write time: a replica never lets an
@@ -33,6 +37,7 @@
 //!   newer document before the request is retried, so no node acts on stale
 //!   ownership.
 
+pub mod keepers;
 pub mod leases;
 pub mod membership;
 pub mod metrics;
@@ -93,6 +98,7 @@ pub struct Cluster {
     /// snapshot: the backup it loads, once it knows which keys it owns.
     backup: restore::PendingBackup,
     leases: Leases,
+    keepers: keepers::Keepers,
     health: routing::PeerHealth,
     metrics: ClusterMetrics,
     settings: ClusterSettings,
@@ -136,6 +142,7 @@ impl Cluster {
             restore: restore::PendingRestore::default(),
             backup: restore::PendingBackup::default(),
             leases: Leases::default(),
+            keepers: keepers::Keepers::default(),
             health: routing::PeerHealth::default(),
             metrics,
             settings,

@@ -4,27 +4,18 @@
 //! every member (tag invalidation, stats, copies of a key).
 
 use std::ops::ControlFlow;
-use std::sync::Arc;
-use std::time::Duration;
-
-use backon::Retryable;
 
 use futures_util::future::join_all;
 use serde::Serialize;
 
+use super::Cluster;
 use super::metrics::PeerOp;
 use super::ring::{Ring, RingMember};
-use super::{Cluster, retry_policy};
 use crate::peer::protocol::{
     Deletion, LocalInvalidation, NodeStats, RecordRef, Records, ReplicateOutcome, Source,
 };
 use crate::peer::{PeerError, Request, expect};
 use crate::store::{Applied, ItemView, UnixNanos};
-
-/// How long a node that kept a write its coordinator did not answer for
-/// keeps asking the key's owners for their copies (see
-/// `Cluster::resync_kept`).
-pub const RESYNC_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A tag invalidation, as the client sees it: the seed's `tag` and
 /// `invalidated`, and in a cluster how it went over the members.
@@ -254,15 +245,20 @@ impl Cluster {
                 Ok(Applied::Stale) => outcome.stale += 1,
                 Err(e) => {
                     tracing::warn!(key = %r.key(), error = %e, "refused an item from a peer");
-                    // An older copy held here must not be served in place
-                    // of the version refused: without it, reads go to the
-                    // owner that holds the newer one.
-                    self.store.delete_replica(r.key(), meta.created_at);
+                    self.drop_older(r.key(), meta.created_at);
                     outcome.refused += 1;
                 }
             }
         }
         outcome
+    }
+
+    /// Removes a copy of `key` held here that is older than a version of
+    /// it this node could not store (refused, or expired on its way): the
+    /// older copy must not be served in its place. Without it, reads go to
+    /// an owner holding the newer one (a replica's miss is not believed).
+    pub(super) fn drop_older(&self, key: &str, than: UnixNanos) {
+        self.store.delete_replica(key, than.saturating_sub(1));
     }
 
     /// Applies deletes sent by the key's coordinator.
@@ -321,15 +317,6 @@ impl Cluster {
         if held() {
             return true;
         }
-        self.fetch_copies(key, held).await;
-        held()
-    }
-
-    /// Asks the other owners of `key` for their copies and applies each
-    /// (a newer version replaces the one held), until `done` says so or
-    /// every owner was asked.
-    async fn fetch_copies(&self, key: &str, done: impl Fn() -> bool) -> bool {
-        let mut answered = false;
         let request = Request::Fetch {
             key: key.to_owned(),
         };
@@ -338,7 +325,6 @@ impl Cluster {
             for member in self.replicas(key) {
                 let answer = self.call(&member, &request, None, expect::item).await;
                 self.metrics.peer_call(PeerOp::Fetch, answer.is_ok());
-                answered |= answer.is_ok();
                 let record = match answer {
                     Ok(Some(record)) => record,
                     Err(PeerError::RingChanged { .. }) => {
@@ -350,75 +336,15 @@ impl Cluster {
                 if let Ok(record) = record.single() {
                     self.apply_records(std::slice::from_ref(&record));
                 }
-                if done() {
-                    return answered;
+                if held() {
+                    return true;
                 }
             }
             if !replan {
                 break;
             }
         }
-        answered
-    }
-
-    /// Stores this node's copy of a write it forwarded as the keeper, from
-    /// the coordinator's answer, before its client is answered. `epoch`: the
-    /// ring the write was sent under. If the ring changed since, the
-    /// coordinator may have replicated under a ring this node no longer
-    /// holds, so the write goes on to the owners of this node's ring too
-    /// (those that hold it find it stale). A copy older than the write is
-    /// not kept in its place when the write itself is not (it expired on
-    /// its way, or was deleted since): this node may serve reads.
-    pub async fn keep(&self, key: &str, record: &Records, epoch: u64) -> ReplicateOutcome {
-        let mut outcome = match record.single() {
-            Ok(record) => {
-                let outcome = self.apply_records(std::slice::from_ref(&record));
-                if outcome.applied == 0 {
-                    let written = record.meta().created_at;
-                    self.store.delete_replica(key, written.saturating_sub(1));
-                }
-                outcome
-            }
-            Err(e) => {
-                tracing::warn!(key, error = %e, "a coordinator answered a kept write with a bad record");
-                ReplicateOutcome {
-                    refused: 1,
-                    ..Default::default()
-                }
-            }
-        };
-        if self.epoch() != epoch {
-            outcome += self.replicate(key, record, &[], None).await;
-        }
-        outcome
-    }
-
-    /// After a kept write's coordinator took it without answering: the
-    /// write may be there and not here, so this node takes the newer of
-    /// the copies the other owners hold, asking until one answers (a
-    /// coordinator applies a write as it reads it, so its answer to a later
-    /// fetch includes the write) for up to [`RESYNC_DEADLINE`]; past that the
-    /// copies may differ until the key's next write, which is logged.
-    pub async fn resync_kept(self: Arc<Self>, key: String) {
-        let resynced = (|| async {
-            match self.fetch_copies(&key, || false).await {
-                true => Ok(()),
-                false => Err(()),
-            }
-        })
-        .retry(
-            retry_policy()
-                .with_max_delay(Duration::from_secs(5))
-                .with_total_delay(Some(RESYNC_DEADLINE)),
-        )
-        .await;
-        if resynced.is_err() {
-            tracing::warn!(
-                key,
-                ?RESYNC_DEADLINE,
-                "no owner answered for a write it may hold: this node's copy may differ until the key is written again"
-            );
-        }
+        held()
     }
 
     /// Removes the tag's items here, counting those this node is the primary of.

@@ -217,10 +217,9 @@ impl Cluster {
         })
     }
 
-    /// Whether this node forwards a client's write of `key` and keeps its
-    /// own copy from the answer (see `Request::Set`): when it is one of the
-    /// owners the write must reach, but not its coordinator.
-    pub fn keeps_copy_of(&self, key: &str) -> bool {
+    /// Whether this node is one of the owners a write of `key` must reach,
+    /// but not its coordinator.
+    pub(super) fn is_replica_of(&self, key: &str) -> bool {
         let guard = self.ring.load();
         guard.as_ref().is_some_and(|rings| {
             self.plan(rings, key, Access::Write)
@@ -314,6 +313,15 @@ impl Cluster {
     /// a replica it could not reach to run out.
     pub fn forwarded_write_timeout(&self) -> Duration {
         2 * self.settings.peer.request_timeout + LEASE
+    }
+
+    /// Member `id` of the current ring or, while data moves, the previous
+    /// one.
+    pub(super) fn member_named(&self, id: &str) -> Option<RingMember> {
+        let rings = self.ring.rings()?;
+        rings
+            .both()
+            .find_map(|ring| ring.index_of(id).map(|idx| ring.member(idx).clone()))
     }
 
     /// The other members a write or delete of `key` must reach: every owner

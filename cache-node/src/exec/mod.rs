@@ -40,7 +40,7 @@ use crate::cluster::replication::TagInvalidation;
 use crate::cluster::routing::{Access, ReadRoute, RouteError, Routed};
 use crate::item_json;
 use crate::metrics::{Metrics, Op};
-use crate::peer::protocol::{NodeStats, RecordBatch, Records};
+use crate::peer::protocol::{NodeStats, RecordBatch, Records, ReplicateOutcome};
 use crate::peer::{Request, expect};
 use crate::store::{ItemRef, Store, StoreError};
 
@@ -77,27 +77,7 @@ impl Executor {
                     self.apply_set(&key, &write, |item| item_json::item_to_vec(item))
                         .map(|(created, json, _)| (created, json)),
                 )),
-                Some(cluster) => {
-                    let keeps = cluster.keeps_copy_of(&key);
-                    self.later(move |ex| async move {
-                        if !keeps {
-                            return ex.set(&key, &write, false).await;
-                        }
-                        // An owner forwarding the write keeps its copy from
-                        // the primary's answer: once the primary may have
-                        // applied it, that must happen whether or not the
-                        // client still waits, so it runs as a task of its own.
-                        tokio::spawn(async move { ex.set(&key, &write, true).await })
-                            .await
-                            .unwrap_or_else(|e| {
-                                Failure::new(
-                                    hyper::http::StatusCode::INTERNAL_SERVER_ERROR,
-                                    format!("the write's task failed: {e}"),
-                                )
-                                .into()
-                            })
-                    })
-                }
+                Some(_) => self.later(move |ex| ex.set(key, write)),
             },
             Operation::Delete { key } => self.later(move |ex| async move { ex.delete(&key).await }),
             Operation::InvalidateTag { tag } => {
@@ -269,11 +249,28 @@ impl Executor {
         }
     }
 
-    /// A client's write: coordinated here, or by the key's primary. An
-    /// owner that forwards it (`keeps`) keeps its own copy from the
-    /// primary's answer (see `Request::Set`), so the primary does not send
-    /// it back.
-    async fn set(&self, key: &str, write: &Write, keeps: bool) -> Outcome {
+    /// A client's write in cluster mode: coordinated here, or forwarded to
+    /// the key's primary. An owner that forwards it keeps its own copy from
+    /// the primary's answer (see `cluster::keepers`), in a task of its own:
+    /// once the primary may have applied the write, this node's copy must
+    /// follow whether or not the client still waits.
+    async fn set(self: Arc<Self>, key: String, write: Write) -> Outcome {
+        let keeping = self.cluster.as_ref().and_then(|c| c.keeping(&key));
+        let Some(keeping) = keeping else {
+            return self.route_set(&key, &write, false).await;
+        };
+        let kept = tokio::spawn(async move {
+            let _keeping = keeping;
+            self.route_set(&key, &write, true).await
+        });
+        kept.await.unwrap_or_else(|e| {
+            Failure::unavailable(format!("the write was cut short ({e}); it may have been applied: read the key to find out, or retry (writes are idempotent)")).into()
+        })
+    }
+
+    /// A client's write, sent to its coordinator (`keeps`: this node keeps
+    /// its own copy from the answer) or coordinated here.
+    async fn route_set(&self, key: &str, write: &Write, keeps: bool) -> Outcome {
         if let Some(cluster) = &self.cluster {
             let epoch = cluster.epoch();
             let keeper = keeps.then(|| cluster.node_id().to_owned());
@@ -308,20 +305,25 @@ impl Executor {
                     };
                 }
                 Err(e) => {
-                    if keeps && matches!(e, RouteError::Uncertain { .. }) {
+                    if keeps && let RouteError::Uncertain { owner, .. } = &e {
                         // The primary may hold the write and this node not:
-                        // the copies are made equal once the primary answers
-                        // again, while the client gets its 503 now.
-                        tokio::spawn(cluster.clone().resync_kept(key.to_owned()));
+                        // the copies are made equal once it answers again,
+                        // while the client gets its 503 now.
+                        tokio::spawn(cluster.clone().resync_kept(key.to_owned(), owner.clone()));
                     }
                     return route_failure(e).into();
                 }
             }
         }
-        Self::written(
-            self.coordinate_set(key, write, |item| item_json::item_to_vec(item))
-                .await,
-        )
+        let (created, json, record) =
+            match self.apply_set(key, write, |item| item_json::item_to_vec(item)) {
+                Ok(applied) => applied,
+                Err(f) => return f.into(),
+            };
+        let outcome = self.replicate_set(key, record, None).await;
+        // Mid-move this node may not hold the key yet while another owner
+        // does: the write replaced it all the same.
+        Self::written(Ok((created && outcome.replaced == 0, json)))
     }
 
     /// The answer to a write stored here.
@@ -340,47 +342,24 @@ impl Executor {
         }
     }
 
-    /// A write this node applies as the key's coordinator: stored here, then
-    /// replicated to the other owners before it returns. `render` encodes
-    /// the stored item for the answer (JSON for a client, a record for a
-    /// peer), under the store's lock, without a copy of it in between.
-    async fn coordinate_set<R>(
-        &self,
-        key: &str,
-        write: &Write,
-        render: impl FnOnce(&ItemRef<'_>) -> R,
-    ) -> Result<(bool, R), Failure> {
-        let (created, rendered, record) = self.apply_set(key, write, render)?;
-        let created = created & self.replicate_set(key, record, None).await;
-        Ok((created, rendered))
-    }
-
     /// The replicas' part of a write coordinated here: `record` sent to the
-    /// other owners (but `keeper`, which stores its own copy). False when
-    /// a replica held the key: mid-move this node may not hold it yet while
-    /// another owner does, and the write replaced it all the same.
-    pub async fn replicate_set(
+    /// other owners (but `keeper`, which stores its own copy).
+    async fn replicate_set(
         &self,
         key: &str,
         record: RecordBatch,
         keeper: Option<&str>,
-    ) -> bool {
+    ) -> ReplicateOutcome {
         match &self.cluster {
-            Some(cluster) => {
-                cluster
-                    .replicate(key, &record.freeze(), &[], keeper)
-                    .await
-                    .replaced
-                    == 0
-            }
-            None => true,
+            Some(cluster) => cluster.replicate(key, &record.freeze(), &[], keeper).await,
+            None => ReplicateOutcome::default(),
         }
     }
 
     /// The store's part of a write coordinated here: whether it created the
     /// key, the stored item as `render` encodes it, and (in cluster mode)
     /// its record for the replicas.
-    pub fn apply_set<R>(
+    fn apply_set<R>(
         &self,
         key: &str,
         write: &Write,

@@ -48,9 +48,13 @@ impl Handler for Executor {
                         Err(f) => return Reply::Now(refused(f)),
                     };
                 Reply::Later(Box::pin(async move {
-                    let created =
-                        created & self.replicate_set(&key, replicas, keeper.as_deref()).await;
-                    Answer::Item { created, record }
+                    let replicated = self.replicate_set(&key, replicas, keeper.as_deref()).await;
+                    // Mid-move this node may not hold the key yet while
+                    // another owner does: the write replaced it all the same.
+                    Answer::Item {
+                        created: created && replicated.replaced == 0,
+                        record,
+                    }
                 }))
             }
             Request::Delete { key } => {

@@ -5,7 +5,10 @@
 //! What a handler can answer at once (a read from the store, a progress
 //! report) is answered inline, in the order read; what must wait (a write
 //! that replicates before answering) runs as a task of its own and answers
-//! whenever it is done. Requests that act on ownership are refused with
+//! whenever it is done. The handler does the part it can at once as the
+//! request is read (a write is applied to the store then, so later
+//! requests on the connection see it), which holds up the requests behind
+//! it for that long: at most one value of the message limit. Requests that act on ownership are refused with
 //! `Misdirected` when the sender's ring epoch differs from this node's,
 //! here, in one place, before any handler sees them.
 //!
