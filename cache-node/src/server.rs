@@ -462,6 +462,13 @@ impl Node {
         {
             tracing::warn!(timeout = ?self.http.drain_timeout, "in-flight requests did not finish in time");
         }
+        // Writes kept for clients that went away run on (see
+        // `cluster::keepers`): the snapshot below must not miss them.
+        if let Some(cluster) = &self.exec.cluster
+            && !cluster.wait_keepers(self.http.drain_timeout).await
+        {
+            tracing::warn!(timeout = ?self.http.drain_timeout, "kept writes did not finish in time");
+        }
         let _ = stop_tx.send(true);
         for task in tasks {
             let _ = task.await;

@@ -15,13 +15,19 @@
 //! * a write the coordinator took without answering is *resynced*: the
 //!   keeper asks the coordinator for its copy until it answers. A
 //!   coordinator applies a write as it reads it, so its answer to a fetch
-//!   sent after the write's own exchange failed holds the write if it was
-//!   ever applied.
+//!   sent on the same connection after the write holds the write if it was
+//!   ever applied. (A fetch on a new connection, after the write's own
+//!   broke, could in principle overtake a write frame still unread in the
+//!   coordinator's socket; the new connection's handshake alone takes
+//!   longer than reading a frame that has arrived.)
 //!
 //! Both kinds of task are bounded: past [`MAX_KEEPING`] writes kept at once
 //! a node forwards plainly (the coordinator then replicates back, which a
 //! client giving up cannot cut short), and a key is resynced by one task at
-//! a time, at most [`MAX_RESYNCING`] keys at once.
+//! a time, at most [`MAX_RESYNCING`] keys at once. A node shutting down
+//! waits for the writes it keeps before its last snapshot; resyncs are
+//! left to end with the process (the copies then meet again when the node
+//! restarts and pulls its keys).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -35,34 +41,47 @@ use super::metrics::PeerOp;
 use super::{Cluster, retry_policy};
 use crate::peer::protocol::{Records, ReplicateOutcome};
 use crate::peer::{PeerError, Request, expect};
-use crate::store::ItemView;
 
 /// Most writes this node keeps a copy of at once.
-pub const MAX_KEEPING: usize = 4096;
+pub(crate) const MAX_KEEPING: usize = 4096;
 /// Most keys being resynced at once.
-pub const MAX_RESYNCING: usize = 10_000;
-/// How long a resync keeps asking the coordinator.
-pub const RESYNC_DEADLINE: Duration = Duration::from_secs(120);
+pub(crate) const MAX_RESYNCING: usize = 10_000;
+/// How long a resync keeps asking the coordinator, in pauses between
+/// attempts (each attempt may add up to a peer timeout).
+pub(crate) const RESYNC_DEADLINE: Duration = Duration::from_secs(120);
 
-/// The keeper's bounds.
-pub struct Keepers {
+/// The keepers' bounds.
+pub(crate) struct Keepers {
     keeping: Arc<Semaphore>,
-    resyncing: Mutex<HashSet<String>>,
+    resyncing: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Default for Keepers {
     fn default() -> Self {
         Self {
             keeping: Arc::new(Semaphore::new(MAX_KEEPING)),
-            resyncing: Mutex::default(),
+            resyncing: Arc::default(),
         }
     }
 }
 
 /// A write this node forwards and keeps a copy of: held for as long as its
 /// task runs.
-pub struct Keeping {
+pub(crate) struct KeepPermit {
     _permit: OwnedSemaphorePermit,
+}
+
+/// A key being resynced: off the list when the resync ends, however it
+/// ends.
+pub(crate) struct Resyncing {
+    key: String,
+    list: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for Resyncing {
+    fn drop(&mut self) {
+        self.list.lock().remove(&self.key);
+    }
 }
 
 impl Cluster {
@@ -70,12 +89,44 @@ impl Cluster {
     /// own copy from the answer: when it is one of the owners the write
     /// must reach but not its coordinator, and fewer than [`MAX_KEEPING`]
     /// writes are being kept.
-    pub fn keeping(&self, key: &str) -> Option<Keeping> {
+    pub(crate) fn keeping(&self, key: &str) -> Option<KeepPermit> {
         if !self.is_replica_of(key) {
             return None;
         }
         let permit = self.keepers.keeping.clone().try_acquire_owned().ok()?;
-        Some(Keeping { _permit: permit })
+        Some(KeepPermit { _permit: permit })
+    }
+
+    /// Waits, up to `timeout`, until no write is being kept. False if some
+    /// still were at the deadline.
+    pub(crate) async fn wait_keepers(&self, timeout: Duration) -> bool {
+        let all = u32::try_from(MAX_KEEPING).expect("a small constant");
+        tokio::time::timeout(timeout, self.keepers.keeping.acquire_many(all))
+            .await
+            .is_ok()
+    }
+
+    /// Puts `key` on the list of keys being resynced; `None` if it is on it
+    /// already (that resync fetches the newest copy too) or the list is
+    /// full (logged: the copies may then differ until the key's next write).
+    pub(crate) fn start_resync(&self, key: &str) -> Option<Resyncing> {
+        let mut list = self.keepers.resyncing.lock();
+        if list.contains(key) {
+            return None;
+        }
+        if list.len() >= MAX_RESYNCING {
+            tracing::warn!(
+                key,
+                MAX_RESYNCING,
+                "too many keys being resynced: this node's copy may differ from its coordinator's until the key is written again"
+            );
+            return None;
+        }
+        list.insert(key.to_owned());
+        Some(Resyncing {
+            key: key.to_owned(),
+            list: self.keepers.resyncing.clone(),
+        })
     }
 
     /// Stores this node's copy of a write it forwarded as the keeper, from
@@ -84,21 +135,15 @@ impl Cluster {
     /// coordinator may have replicated under a ring this node no longer
     /// holds, so the write goes on to the owners of this node's ring too
     /// (those that hold it find it stale).
-    pub async fn keep(&self, key: &str, record: &Records, epoch: u64) -> ReplicateOutcome {
+    pub(crate) async fn keep(&self, key: &str, record: &Records, epoch: u64) -> ReplicateOutcome {
         let mut outcome = match record.single() {
-            Ok(record) => {
-                let outcome = self.apply_records(std::slice::from_ref(&record));
-                if outcome.applied == 0 {
-                    self.drop_older(key, record.meta().created_at);
-                }
-                outcome
-            }
+            Ok(record) => self.apply_records(std::slice::from_ref(&record)),
             Err(e) => {
                 tracing::warn!(key, error = %e, "a coordinator answered a kept write with a bad record");
-                ReplicateOutcome {
+                return ReplicateOutcome {
                     refused: 1,
                     ..Default::default()
-                }
+                };
             }
         };
         if self.epoch() != epoch {
@@ -109,19 +154,14 @@ impl Cluster {
 
     /// After `coordinator` took a write of `key` this node keeps without
     /// answering: asks it for its copy (applied here if newer) until it
-    /// answers, for up to [`RESYNC_DEADLINE`], or until it is no longer a
+    /// answers, for about [`RESYNC_DEADLINE`], or until it is no longer a
     /// member. Past the deadline the copies may differ until the key's next
     /// write, which is logged.
-    pub async fn resync_kept(self: Arc<Self>, key: String, coordinator: String) {
-        {
-            let mut resyncing = self.keepers.resyncing.lock();
-            if resyncing.len() >= MAX_RESYNCING || !resyncing.insert(key.clone()) {
-                return;
-            }
-        }
+    pub(crate) async fn resync_kept(self: Arc<Self>, resyncing: Resyncing, coordinator: String) {
+        let key = resyncing.key.clone();
         let request = Request::Fetch { key: key.clone() };
         let fetched = (|| async {
-            let Some(member) = self.member_named(&coordinator) else {
+            let Some(member) = self.member_by_id(&coordinator) else {
                 return Ok(());
             };
             let answer = self.call(&member, &request, None, expect::item).await;
@@ -141,7 +181,7 @@ impl Cluster {
                 .with_total_delay(Some(RESYNC_DEADLINE)),
         )
         .await;
-        self.keepers.resyncing.lock().remove(&key);
+        drop(resyncing);
         if let Err(e) = fetched {
             tracing::warn!(key, %coordinator, error = %e, "the coordinator of a write it may hold never answered: this node's copy may differ until the key is written again");
         }

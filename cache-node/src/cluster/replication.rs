@@ -135,8 +135,9 @@ impl Cluster {
     /// answered) any read lease this node granted it has run out. If a
     /// replica holds a newer ring, this node adopts it and sends to the
     /// owners that ring adds. `keeper`: an owner that stores the write
-    /// itself (it forwarded the write here, see `Request::Set`), which is
-    /// not sent it. Returns what the replicas did.
+    /// itself before its client is answered (it forwarded the write here,
+    /// see `keepers`), which is neither sent it nor hinted, nor waited for.
+    /// Returns what the replicas did.
     pub async fn replicate(
         &self,
         key: &str,
@@ -242,7 +243,12 @@ impl Cluster {
                     outcome.applied += 1;
                     outcome.replaced += 1;
                 }
-                Ok(Applied::Stale) => outcome.stale += 1,
+                Ok(Applied::Stale) => {
+                    if meta.expires_at <= self.store.now() {
+                        self.drop_older(r.key(), meta.created_at);
+                    }
+                    outcome.stale += 1;
+                }
                 Err(e) => {
                     tracing::warn!(key = %r.key(), error = %e, "refused an item from a peer");
                     self.drop_older(r.key(), meta.created_at);

@@ -317,7 +317,7 @@ impl Cluster {
 
     /// Member `id` of the current ring or, while data moves, the previous
     /// one.
-    pub(super) fn member_named(&self, id: &str) -> Option<RingMember> {
+    pub(super) fn member_by_id(&self, id: &str) -> Option<RingMember> {
         let rings = self.ring.rings()?;
         rings
             .both()

@@ -51,6 +51,10 @@ pub enum Execution {
 }
 
 /// Everything operations are carried out with.
+/// The answer to a client whose kept write's task was cut short (the
+/// runtime shutting down under it).
+const CUT_SHORT: &str = "the node stopped while the write was on its way; it may have been applied: read the key to find out, or retry (writes are idempotent)";
+
 pub struct Executor {
     pub store: Arc<Store>,
     /// Present in cluster mode.
@@ -263,9 +267,12 @@ impl Executor {
             let _keeping = keeping;
             self.route_set(&key, &write, true).await
         });
-        kept.await.unwrap_or_else(|e| {
-            Failure::unavailable(format!("the write was cut short ({e}); it may have been applied: read the key to find out, or retry (writes are idempotent)")).into()
-        })
+        match kept.await {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only a runtime shutting down cancels it.
+            Err(_) => Failure::unavailable(CUT_SHORT).into(),
+        }
     }
 
     /// A client's write, sent to its coordinator (`keeps`: this node keeps
@@ -305,11 +312,14 @@ impl Executor {
                     };
                 }
                 Err(e) => {
-                    if keeps && let RouteError::Uncertain { owner, .. } = &e {
+                    if keeps
+                        && let RouteError::Uncertain { owner, .. } = &e
+                        && let Some(resyncing) = cluster.start_resync(key)
+                    {
                         // The primary may hold the write and this node not:
                         // the copies are made equal once it answers again,
                         // while the client gets its 503 now.
-                        tokio::spawn(cluster.clone().resync_kept(key.to_owned(), owner.clone()));
+                        tokio::spawn(cluster.clone().resync_kept(resyncing, owner.clone()));
                     }
                     return route_failure(e).into();
                 }

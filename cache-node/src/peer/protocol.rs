@@ -471,7 +471,7 @@ impl Request {
     /// without its keeper, which the coordinator then replicates to like
     /// any other owner (the keeper's own apply of the answer finds that
     /// version held and changes nothing). `None`: nothing to change.
-    pub fn without_keeper(&self) -> Option<Request> {
+    pub(super) fn without_keeper(&self) -> Option<Request> {
         match self {
             Request::Set {
                 key,
