@@ -5,8 +5,9 @@
 //!
 //! What makes that as safe as replication:
 //! * the client is answered only after the keeper stored its copy, and the
-//!   keeper's part runs as a task of its own, so a client that gives up
-//!   does not cut it short once the coordinator may have applied the write;
+//!   keeper's part is carried to its end if the client gives up (it then
+//!   goes on as a task of its own, see `exec::finishing`), so it is not cut
+//!   short once the coordinator may have applied the write;
 //! * a ring change while the write was on its way sends it on to the owners
 //!   of the ring the keeper now holds (the coordinator replicated under the
 //!   ring it held);
@@ -65,8 +66,8 @@ impl Default for Keepers {
     }
 }
 
-/// A write this node forwards and keeps a copy of: held for as long as its
-/// task runs.
+/// A write this node forwards and keeps a copy of: held until the
+/// keeper's part ends.
 pub(crate) struct KeepPermit {
     _permit: OwnedSemaphorePermit,
 }

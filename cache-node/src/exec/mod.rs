@@ -15,6 +15,7 @@
 //! store lookup and its JSON encoding; anything that waits (a peer) is a
 //! boxed future.
 
+mod finishing;
 pub mod limits;
 pub mod operation;
 pub mod outcome;
@@ -35,6 +36,7 @@ pub use outcome::{
     ServedBy,
 };
 
+use self::finishing::Finishing;
 use crate::cluster::Cluster;
 use crate::cluster::replication::TagInvalidation;
 use crate::cluster::routing::{Access, ReadRoute, RouteError, Routed};
@@ -51,10 +53,6 @@ pub enum Execution {
 }
 
 /// Everything operations are carried out with.
-/// The answer to a client whose kept write's task was cut short (the
-/// runtime shutting down under it).
-const CUT_SHORT: &str = "the node stopped while the write was on its way; it may have been applied: read the key to find out, or retry (writes are idempotent)";
-
 pub struct Executor {
     pub store: Arc<Store>,
     /// Present in cluster mode.
@@ -255,24 +253,19 @@ impl Executor {
 
     /// A client's write in cluster mode: coordinated here, or forwarded to
     /// the key's primary. An owner that forwards it keeps its own copy from
-    /// the primary's answer (see `cluster::keepers`), in a task of its own:
-    /// once the primary may have applied the write, this node's copy must
-    /// follow whether or not the client still waits.
+    /// the primary's answer (see `cluster::keepers`), carried to its end
+    /// even if the client gives up (see [`Finishing`]): once the primary
+    /// may have applied the write, this node's copy must follow.
     async fn set(self: Arc<Self>, key: String, write: Write) -> Outcome {
         let keeping = self.cluster.as_ref().and_then(|c| c.keeping(&key));
         let Some(keeping) = keeping else {
             return self.route_set(&key, &write, false).await;
         };
-        let kept = tokio::spawn(async move {
+        Finishing::new(async move {
             let _keeping = keeping;
             self.route_set(&key, &write, true).await
-        });
-        match kept.await {
-            Ok(outcome) => outcome,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // Only a runtime shutting down cancels it.
-            Err(_) => Failure::unavailable(CUT_SHORT).into(),
-        }
+        })
+        .await
     }
 
     /// A client's write, sent to its coordinator (`keeps`: this node keeps
