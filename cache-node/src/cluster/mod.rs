@@ -248,15 +248,17 @@ impl Cluster {
         for _ in 0..3 {
             let epoch = self.epoch();
             match self.peers.ask(addr, epoch, request, timeout, expect).await {
+                // The ring exchanges below are rare: boxed, so their futures
+                // are not part of every call's.
                 Err(PeerError::Misdirected { theirs, .. }) if theirs > epoch => {
-                    let doc = self.peers.ring(addr).await?;
+                    let doc = Box::pin(self.peers.ring(addr)).await?;
                     tracing::info!(%addr, epoch = doc.epoch, "a peer holds a newer ring; catching up");
                     self.adopt(doc);
                     return Err(PeerError::RingChanged { addr });
                 }
                 Err(PeerError::Misdirected { theirs, .. }) if theirs < epoch => {
                     if let Some(ring) = self.ring.current() {
-                        self.peers.put_ring(addr, &ring.doc).await?;
+                        Box::pin(self.peers.put_ring(addr, &ring.doc)).await?;
                     }
                 }
                 // Equal now: the peer caught up in between; send again.

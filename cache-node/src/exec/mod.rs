@@ -38,6 +38,7 @@ pub use outcome::{
 
 use self::finishing::Finishing;
 use crate::cluster::Cluster;
+use crate::cluster::keepers::KeepPermit;
 use crate::cluster::replication::TagInvalidation;
 use crate::cluster::routing::{Access, ReadRoute, RouteError, Routed};
 use crate::item_json;
@@ -79,7 +80,16 @@ impl Executor {
                     self.apply_set(&key, &write, |item| item_json::item_to_vec(item))
                         .map(|(created, json, _)| (created, json)),
                 )),
-                Some(_) => self.later(move |ex| ex.set(key, write)),
+                Some(cluster) => match cluster.keeping(&key) {
+                    None => {
+                        self.later(move |ex| async move { ex.route_set(&key, &write, false).await })
+                    }
+                    // Carried to its end even if the client gives up (see
+                    // `set_kept`).
+                    Some(keeping) => Execution::Later(Box::pin(Finishing::new(
+                        self.clone().set_kept(key, write, keeping),
+                    ))),
+                },
             },
             Operation::Delete { key } => self.later(move |ex| async move { ex.delete(&key).await }),
             Operation::InvalidateTag { tag } => {
@@ -234,7 +244,9 @@ impl Executor {
         match routed {
             Ok(Routed::Local) => match self.read_json(&key) {
                 Some(json) => Self::found(json, ServedBy::Here),
-                None => self.read_after_miss(key).await,
+                // Boxed: a miss on the owner while data moves is rare, and
+                // its future would otherwise be part of every forward's.
+                None => Box::pin(self.read_after_miss(key)).await,
             },
             Ok(Routed::Remote {
                 served_by,
@@ -251,21 +263,14 @@ impl Executor {
         }
     }
 
-    /// A client's write in cluster mode: coordinated here, or forwarded to
-    /// the key's primary. An owner that forwards it keeps its own copy from
-    /// the primary's answer (see `cluster::keepers`), carried to its end
-    /// even if the client gives up (see [`Finishing`]): once the primary
-    /// may have applied the write, this node's copy must follow.
-    async fn set(self: Arc<Self>, key: String, write: Write) -> Outcome {
-        let keeping = self.cluster.as_ref().and_then(|c| c.keeping(&key));
-        let Some(keeping) = keeping else {
-            return self.route_set(&key, &write, false).await;
-        };
-        Finishing::new(async move {
-            let _keeping = keeping;
-            self.route_set(&key, &write, true).await
-        })
-        .await
+    /// A client's write that this node, an owner of the key but not its
+    /// primary, forwards and keeps its own copy of from the primary's
+    /// answer (see `cluster::keepers`). Run as a [`Finishing`]: once the
+    /// primary may have applied the write, this node's copy must follow
+    /// whether or not the client still waits.
+    async fn set_kept(self: Arc<Self>, key: String, write: Write, keeping: KeepPermit) -> Outcome {
+        let _keeping = keeping;
+        self.route_set(&key, &write, true).await
     }
 
     /// A client's write, sent to its coordinator (`keeps`: this node keeps

@@ -493,6 +493,19 @@ impl PeerClient {
         if let Some(conn) = usable(&slot) {
             return Ok(conn);
         }
+        // Boxed: opening one (TCP, TLS, the upgrade) is rare, and its
+        // future, kilobytes, would otherwise be part of every request's.
+        Box::pin(self.reconnect(addr, slot)).await
+    }
+
+    /// Opens a connection to `addr` for `slot`, one caller at a time (the
+    /// others then take the one it opened).
+    async fn reconnect(
+        &self,
+        addr: SocketAddr,
+        slot: Arc<Slot>,
+    ) -> Result<Arc<Connection>, PeerError> {
+        let usable = |slot: &Slot| slot.conn.load_full().filter(|c| c.is_usable());
         let _connecting = slot.connecting.lock().await;
         if let Some(conn) = usable(&slot) {
             return Ok(conn);
