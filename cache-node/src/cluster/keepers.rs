@@ -22,7 +22,7 @@
 //!   coordinator's socket; the new connection's handshake alone takes
 //!   longer than reading a frame that has arrived.)
 //!
-//! Both kinds of task are bounded: past [`MAX_KEEPING`] writes kept at once
+//! Both are bounded: past [`MAX_KEEPING`] writes kept at once
 //! a node forwards plainly (the coordinator then replicates back, which a
 //! client giving up cannot cut short), and a key is resynced by one task at
 //! a time, at most [`MAX_RESYNCING`] keys at once. A node shutting down

@@ -14,8 +14,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 /// A future that, dropped before it finished, finishes as a task of its
-/// own (its output then goes unread). Outside a runtime (a process ending)
-/// the rest is dropped.
+/// own (its output then goes unread). Dropped outside a runtime, or on one
+/// shutting down (a process ending), the rest is dropped with it.
 pub(crate) struct Finishing<F: Future<Output: Send> + Send + 'static> {
     inner: Option<Pin<Box<F>>>,
 }
@@ -113,10 +113,45 @@ mod tests {
         assert_eq!(polls.load(Ordering::SeqCst), 1);
     }
 
+    /// Panics at its first poll, counting its polls.
+    struct PanicsWhenPolled(Arc<AtomicUsize>);
+
+    impl Future for PanicsWhenPolled {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            panic!("in the work");
+        }
+    }
+
     #[tokio::test]
-    async fn a_panic_in_it_reaches_whoever_awaits_it() {
-        let awaited = tokio::spawn(Finishing::new(async { panic!("in the work") }));
+    async fn a_panic_in_it_reaches_whoever_awaits_it_and_is_not_run_again() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let awaited = tokio::spawn(Finishing::new(PanicsWhenPolled(polls.clone())));
         let error = awaited.await.expect_err("the panic is not swallowed");
         assert!(error.is_panic());
+        // Dropped while unwinding: a half-run future must not be spawned
+        // (and polled) again.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn dropped_outside_a_runtime_it_is_dropped_quietly() {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        struct CountsDrop(Arc<AtomicUsize>);
+        impl Drop for CountsDrop {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let held = CountsDrop(dropped.clone());
+        drop(Finishing::new(async move {
+            let _held = held;
+            std::future::pending::<()>().await;
+        }));
+        assert_eq!(dropped.load(Ordering::SeqCst), 1);
     }
 }

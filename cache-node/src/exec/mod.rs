@@ -234,8 +234,10 @@ impl Executor {
     }
 
     async fn forward_get(&self, key: String) -> Outcome {
+        // Only a cluster forwards; boxed like the miss below, so the future
+        // of every forward does not hold one of `read_after_miss`.
         let Some(cluster) = &self.cluster else {
-            return self.read_after_miss(key).await;
+            return Box::pin(self.read_after_miss(key)).await;
         };
         let request = Request::Get { key: key.clone() };
         let routed = cluster

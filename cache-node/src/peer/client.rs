@@ -374,6 +374,13 @@ struct Slot {
     failed: Mutex<Option<(Instant, String)>>,
 }
 
+impl Slot {
+    /// Its connection, if open and not closing.
+    fn usable(&self) -> Option<Arc<Connection>> {
+        self.conn.load_full().filter(|c| c.is_usable())
+    }
+}
+
 /// How long a failed connection attempt answers for the peer.
 const FAILURE_HOLD: Duration = Duration::from_millis(250);
 
@@ -489,8 +496,7 @@ impl PeerClient {
     /// The open connection to `addr`, opening one if needed.
     async fn connection(&self, addr: SocketAddr) -> Result<Arc<Connection>, PeerError> {
         let slot = self.slot(addr);
-        let usable = |slot: &Slot| slot.conn.load_full().filter(|c| c.is_usable());
-        if let Some(conn) = usable(&slot) {
+        if let Some(conn) = slot.usable() {
             return Ok(conn);
         }
         // Boxed: opening one (TCP, TLS, the upgrade) is rare, and its
@@ -505,9 +511,8 @@ impl PeerClient {
         addr: SocketAddr,
         slot: Arc<Slot>,
     ) -> Result<Arc<Connection>, PeerError> {
-        let usable = |slot: &Slot| slot.conn.load_full().filter(|c| c.is_usable());
         let _connecting = slot.connecting.lock().await;
-        if let Some(conn) = usable(&slot) {
+        if let Some(conn) = slot.usable() {
             return Ok(conn);
         }
         if let Some((at, reason)) = slot.failed.lock().as_ref()
