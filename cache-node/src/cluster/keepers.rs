@@ -22,10 +22,10 @@
 //!   coordinator's socket; the new connection's handshake alone takes
 //!   longer than reading a frame that has arrived.)
 //!
-//! Both are bounded: past [`MAX_KEEPING`] writes kept at once
-//! a node forwards plainly (the coordinator then replicates back, which a
-//! client giving up cannot cut short), and a key is resynced by one task at
-//! a time, at most [`MAX_RESYNCING`] keys at once. A node shutting down
+//! Both are bounded: past [`MAX_KEEPING`] writes kept at once a node
+//! forwards plainly (the coordinator then replicates back, which a client
+//! giving up cannot cut short), and a key is resynced by one task at a
+//! time, at most [`MAX_RESYNCING`] keys at once. A node shutting down
 //! waits for the writes it keeps before its last snapshot; resyncs are
 //! left to end with the process (the copies then meet again when the node
 //! restarts and pulls its keys).
