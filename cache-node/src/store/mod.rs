@@ -55,7 +55,7 @@ pub use shard::{ITEM_OVERHEAD, ShardCounters, TAG_LIST_OVERHEAD, TAG_OVERHEAD, i
 pub use item::{MAX_KEY_BYTES, MAX_TAGS};
 
 use item::ItemBox;
-use shard::{NewItem, Shard};
+use shard::{NewItem, Shard, Version};
 use tags::TagIndex;
 
 /// Index of an entry in a shard's slab.
@@ -448,27 +448,24 @@ impl Store {
             accessed_at: meta.accessed_at,
             expires_at: meta.expires_at,
             access_count: u32::try_from(meta.access_count).unwrap_or(u32::MAX),
-            // A replica's version is the coordinator's, compared below.
-            newer_than_held: kind == WriteKind::Client,
+            version: match kind {
+                WriteKind::Client => Version::Newest,
+                // A replica's version is the coordinator's.
+                WriteKind::Replica => Version::IfNewer,
+            },
         };
 
         let (idx, hash) = self.locate(key);
         let (created, result) = {
             let mut shard = self.shards[idx].lock();
+            let before = (shard.len(), shard.bytes());
+            let Some(stored) = shard.set(hash, item, now) else {
+                return Ok(None);
+            };
             match kind {
                 WriteKind::Client => shard.counters.sets += 1,
-                WriteKind::Replica => {
-                    if shard
-                        .created_at_of(hash, key.as_bytes(), now)
-                        .is_some_and(|held| held >= meta.created_at)
-                    {
-                        return Ok(None);
-                    }
-                    shard.counters.replica_writes += 1;
-                }
+                WriteKind::Replica => shard.counters.replica_writes += 1,
             }
-            let before = (shard.len(), shard.bytes());
-            let stored = shard.set(hash, item, now);
             self.account(before, (shard.len(), shard.bytes()));
             while self.over_capacity() {
                 let before = (shard.len(), shard.bytes());

@@ -160,11 +160,24 @@ pub struct NewItem<'a, T> {
     pub accessed_at: UnixNanos,
     pub expires_at: UnixNanos,
     pub access_count: u32,
-    /// The write's version (creation time) must exceed the live item's it
-    /// replaces: set for a client's write, whose creation time is the
-    /// clock's and could equal (same tick) or precede (the clock stepped
-    /// back) the held one, which replicas would then take as stale and keep.
-    pub newer_than_held: bool,
+    pub version: Version,
+}
+
+/// How a write's version (its creation time) meets the live item's it
+/// would replace. Decided under the shard's lock, with the one lookup the
+/// write makes anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// Applied whatever is held (compaction moving items as they are).
+    Any,
+    /// A client's write: always applied, its version raised past the held
+    /// one's. Its creation time is the clock's and could equal (same tick)
+    /// or precede (the clock stepped back) the held one, which replicas
+    /// would then take as stale and keep.
+    Newest,
+    /// Another node's write (replication, rebalancing): applied only if
+    /// newer than the live item held; last writer wins.
+    IfNewer,
 }
 
 /// A shard that never held more items than this is not worth compacting.
@@ -266,28 +279,35 @@ impl<S: BuildHasher> Shard<S> {
         Some(slot)
     }
 
-    /// Inserts or replaces an item and makes it most recently used. Capacity is
-    /// the caller's concern (see [`Self::evict_lru`]).
+    /// Inserts or replaces an item and makes it most recently used, unless
+    /// its [`Version`] loses to the live item held (`None`: stale). Capacity
+    /// is the caller's concern (see [`Self::evict_lru`]).
     pub fn set<T: AsRef<str>>(
         &mut self,
         hash: u64,
         mut item: NewItem<'_, T>,
         now: UnixNanos,
-    ) -> Stored {
+    ) -> Option<Stored> {
         let existing = self.find(hash, item.key);
         let created = match existing {
             Some(slot) => self.header(slot).expires_at <= now,
             None => true,
         };
-        if let Some(slot) = existing.filter(|_| !created && item.newer_than_held) {
+        if let Some(slot) = existing.filter(|_| !created) {
             let held = self.header(slot).created_at;
-            if held >= item.created_at {
-                // Creation and expiry move together, so the ttl stays exact;
-                // the access time stays the clock's, as eviction across
-                // shards compares it.
-                let shift = held + 1 - item.created_at;
-                item.created_at += shift;
-                item.expires_at = item.expires_at.saturating_add(shift);
+            match item.version {
+                Version::Any => {}
+                Version::IfNewer if held >= item.created_at => return None,
+                Version::IfNewer => {}
+                Version::Newest if held >= item.created_at => {
+                    // Creation and expiry move together, so the ttl stays
+                    // exact; the access time stays the clock's, as eviction
+                    // across shards compares it.
+                    let shift = held + 1 - item.created_at;
+                    item.created_at += shift;
+                    item.expires_at = item.expires_at.saturating_add(shift);
+                }
+                Version::Newest => {}
             }
         }
         if created && existing.is_some() {
@@ -383,7 +403,7 @@ impl<S: BuildHasher> Shard<S> {
         if !same_cost {
             self.bytes += self.cost_of(slot);
         }
-        Stored { slot, created }
+        Some(Stored { slot, created })
     }
 
     /// Deletes a key. Returns false when it was absent or already expired.
@@ -637,7 +657,7 @@ impl<S: BuildHasher> Shard<S> {
                         accessed_at,
                         expires_at,
                         access_count,
-                        newer_than_held: false,
+                        version: Version::Any,
                     },
                     now,
                 );
