@@ -15,6 +15,7 @@ pub mod config;
 pub mod exec;
 pub mod http;
 pub mod item_json;
+pub mod json_text;
 pub mod memory;
 pub mod metrics;
 pub mod peer;

@@ -12,14 +12,11 @@
 
 use std::time::Duration;
 
+use crate::exec::{Failure, Limits, Write};
+use crate::json_text::{JsonError, Scanner};
 use bytes::Bytes;
 use hyper::http::{HeaderMap, StatusCode, header};
 use percent_encoding::percent_decode_str;
-use serde::Deserialize;
-use serde_json::value::RawValue;
-
-use crate::exec::limits::nesting_exceeds;
-use crate::exec::{Failure, Limits, Write};
 
 /// serde_json refuses nesting deeper than this on its own (its recursion
 /// limit), which is why `--max-json-depth` stops there.
@@ -77,60 +74,38 @@ pub fn query(
     Ok(fields)
 }
 
-/// The body as sent. Unknown fields are ignored, not refused: the seed (Go's
-/// `encoding/json`) ignored them and its clients may send extra metadata, so
-/// `deny_unknown_fields` would break them. They still count towards the body
-/// size and nesting limits. A field given twice is refused (serde's derive
-/// reports duplicates), since which one would win is not obvious.
-#[derive(Deserialize)]
-struct SetBody<'a> {
-    #[serde(borrow)]
-    value: Option<&'a RawValue>,
-    /// A JSON number, not `i64`: JSON Schema (and so the OpenAPI document)
-    /// counts `300.0` as an integer, so it is taken as 300; `300.5` is not.
-    ttl: Option<serde_json::Number>,
-    /// Kept raw here and read by [`parse_tags`], which refuses the array at
-    /// the first tag past a limit instead of collecting all of it first.
-    #[serde(borrow)]
-    tags: Option<&'a RawValue>,
-}
-
 /// A write body, `{"value": <any JSON>, "ttl": <seconds>, "tags": [...]}`:
-/// validates the content type and parses and bounds the body.
+/// validates the content type, then reads the body in one pass (see
+/// `json_text`), which checks it is JSON within the nesting bound, finds the
+/// value's text, and reads the tags as it goes.
+///
+/// Unknown fields are ignored, not refused: the seed (Go's `encoding/json`)
+/// ignored them and its clients may send extra metadata. They still count
+/// towards the body size and nesting limits and must be JSON. A known field
+/// given twice is refused, since which one would win is not obvious.
 pub fn write(headers: &HeaderMap, body: Bytes, limits: &Limits) -> Result<Write, Failure> {
     check_json_content_type(headers)?;
-    // Both checks run before serde sees the body: a clear message for
-    // each, and the depth bound holds whatever serde's own limit is.
+    // First, for a clear message; the walk then reads text, not bytes.
     let text = std::str::from_utf8(&body).map_err(|e| {
         Failure::bad_request(format!(
             "body is not valid UTF-8 (invalid byte at offset {})",
             e.valid_up_to()
         ))
     })?;
-    if let Some(at) = nesting_exceeds(&body, limits.max_json_depth) {
-        return Err(Failure::bad_request(format!(
-            "JSON is nested deeper than {} levels (at byte {at})",
-            limits.max_json_depth
-        )));
-    }
-    // From the text just validated: serde's reader for `&str` does not
-    // check the UTF-8 of every string (and of the raw value) again.
-    let parsed: SetBody<'_> = serde_json::from_str(text)
-        .map_err(|e| Failure::bad_request(format!("invalid JSON body: {e}")))?;
+    let fields = set_body(text, limits)?;
 
-    let value = parsed
+    let value = fields
         .value
         .ok_or_else(|| Failure::bad_request("`value` is required and must not be null"))?;
-    let value_text = value.get().as_bytes();
-    if value_text.len() > limits.max_value_bytes {
+    if value.len() > limits.max_value_bytes {
         return Err(Failure::too_large(format!(
             "value is {} bytes; the limit is {}",
-            value_text.len(),
+            value.len(),
             limits.max_value_bytes
         )));
     }
 
-    let ttl = match parsed.ttl.as_ref().map(ttl_seconds).transpose()? {
+    let ttl = match fields.ttl.map(ttl_seconds).transpose()? {
         None | Some(0) => None,
         Some(s) if s < 0 => {
             return Err(Failure::bad_request(
@@ -147,39 +122,108 @@ pub fn write(headers: &HeaderMap, body: Bytes, limits: &Limits) -> Result<Write,
         Some(s) => Some(Duration::from_secs(s as u64)),
     };
 
-    let tags = match parsed.tags {
-        Some(raw) => parse_tags(raw.get(), limits)?,
-        None => Vec::new(),
-    };
-
     Ok(Write {
-        value: body.slice_ref(value_text),
+        value: body.slice_ref(value.as_bytes()),
         ttl,
-        tags,
+        tags: fields.tags,
     })
 }
 
-/// `ttl` as whole seconds: an integer, or a number with no fractional part
-/// (`300.0`, `3e2`). Past i64 is clamped to it, which the bound check after
-/// refuses with its own message.
-fn ttl_seconds(n: &serde_json::Number) -> Result<i64, Failure> {
-    if let Some(i) = n.as_i64() {
+/// A write body's fields as found: the value's text (absent when null),
+/// the ttl's number text (absent when null), the tags read.
+#[derive(Default)]
+struct SetBody<'a> {
+    value: Option<&'a str>,
+    ttl: Option<&'a str>,
+    tags: Vec<String>,
+}
+
+fn invalid_json(e: JsonError) -> Failure {
+    match e {
+        JsonError::TooDeep { .. } => Failure::bad_request(e.to_string()),
+        JsonError::Syntax { .. } => Failure::bad_request(format!("invalid JSON body: {e}")),
+    }
+}
+
+const TTL_RULE: &str = "`ttl` must be a whole number of seconds >= 0";
+
+/// The one pass over a write body.
+fn set_body<'a>(text: &'a str, limits: &Limits) -> Result<SetBody<'a>, Failure> {
+    let mut s = Scanner::new(text, limits.max_json_depth);
+    match s.peek() {
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(Failure::bad_request(
+                "the body must be a JSON object: {\"value\": ..., \"ttl\": ..., \"tags\": [...]}",
+            ));
+        }
+        None => return Err(Failure::bad_request("the body is empty; it must be JSON")),
+    }
+    s.open(b'{', 0).map_err(invalid_json)?;
+    let mut fields = SetBody::default();
+    let mut seen = [false; 3];
+    let mut once = |field: usize, name: &str, at: usize| {
+        if std::mem::replace(&mut seen[field], true) {
+            Err(Failure::bad_request(format!(
+                "invalid JSON body: duplicate field `{name}` at byte {at}"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    if !s.eat(b'}') {
+        loop {
+            let at = s.offset();
+            let name = s.member_name().map_err(invalid_json)?;
+            if name.is("value") {
+                once(0, "value", at)?;
+                let value = s.value(1).map_err(invalid_json)?;
+                fields.value = (value != "null").then_some(value);
+            } else if name.is("ttl") {
+                once(1, "ttl", at)?;
+                match s.peek() {
+                    Some(b'-' | b'0'..=b'9') => {
+                        fields.ttl = Some(s.number().map_err(invalid_json)?)
+                    }
+                    _ => {
+                        if s.value(1).map_err(invalid_json)? != "null" {
+                            return Err(Failure::bad_request(TTL_RULE));
+                        }
+                    }
+                }
+            } else if name.is("tags") {
+                once(2, "tags", at)?;
+                fields.tags = tags(&mut s, limits)?;
+            } else {
+                s.value(1).map_err(invalid_json)?;
+            }
+            if !s.eat(b',') {
+                s.expect(b'}', "expected `,` or `}`")
+                    .map_err(invalid_json)?;
+                break;
+            }
+        }
+    }
+    s.end().map_err(invalid_json)?;
+    Ok(fields)
+}
+
+/// `ttl` as whole seconds: an integer, or a number with no fractional
+/// part (`300.0`, `3e2`); past i64 clamped to it, which the bound check
+/// after refuses with its own message.
+fn ttl_seconds(number: &str) -> Result<i64, Failure> {
+    if let Ok(i) = number.parse::<i64>() {
         return Ok(i);
     }
-    if n.is_u64() {
-        return Ok(i64::MAX);
-    }
-    match n.as_f64() {
-        Some(f) if f.is_finite() && f.fract() == 0.0 => Ok(if f >= i64::MAX as f64 {
+    match number.parse::<f64>() {
+        Ok(f) if f.is_finite() && f.fract() == 0.0 => Ok(if f >= i64::MAX as f64 {
             i64::MAX
         } else if f <= i64::MIN as f64 {
             i64::MIN
         } else {
             f as i64
         }),
-        _ => Err(Failure::bad_request(
-            "`ttl` must be a whole number of seconds >= 0",
-        )),
+        _ => Err(Failure::bad_request(TTL_RULE)),
     }
 }
 
@@ -187,71 +231,65 @@ fn ttl_seconds(n: &serde_json::Number) -> Result<i64, Failure> {
 /// allocation, fastest for the usual handful); from it on, by a hash set.
 const LINEAR_DEDUP_TAGS: usize = 8;
 
-/// The `tags` array: distinct tags in the order first given, each checked as
-/// it is read. Refused at the first tag that breaks a rule, so the cost is
-/// O(elements read) whatever the body holds: a 2 MiB array of 300k short tags
-/// stops at tag `max_tags + 1` instead of being collected and deduplicated
-/// whole (which, with a linear duplicate check, was quadratic).
-fn parse_tags(raw: &str, limits: &Limits) -> Result<Vec<String>, Failure> {
-    let mut refusal = None;
-    let mut de = serde_json::Deserializer::from_str(raw);
-    let parsed = serde::Deserializer::deserialize_seq(
-        &mut de,
-        TagList {
-            limits,
-            refusal: &mut refusal,
-        },
-    );
-    match (parsed, refusal) {
-        // Our own refusal, not serde's rewording of it.
-        (_, Some(refusal)) => Err(refusal),
-        (Ok(tags), None) => Ok(tags),
-        (Err(e), None) => Err(Failure::bad_request(format!("invalid `tags`: {e}"))),
+/// The `tags` array (or null): distinct tags in the order first given, each
+/// checked as it is read. Refused at the first tag that breaks a rule, so
+/// the cost is O(elements read) whatever the body holds: a 2 MiB array of
+/// 300k short tags stops at tag `max_tags + 1` instead of being collected
+/// and deduplicated whole (which, with a linear duplicate check, was
+/// quadratic).
+fn tags(s: &mut Scanner<'_>, limits: &Limits) -> Result<Vec<String>, Failure> {
+    let not_strings = |at: usize| {
+        Failure::bad_request(format!(
+            "invalid `tags`: expected an array of strings (at byte {at})"
+        ))
+    };
+    match s.peek() {
+        Some(b'[') => {}
+        Some(b'n') if s.value(1).map_err(invalid_json)? == "null" => return Ok(Vec::new()),
+        _ => return Err(not_strings(s.offset())),
     }
-}
-
-/// Reads the tags array for [`parse_tags`]; a limit broken is left in
-/// `refusal` (the visitor can only return serde's error type).
-struct TagList<'a> {
-    limits: &'a Limits,
-    refusal: &'a mut Option<Failure>,
-}
-
-impl<'de> serde::de::Visitor<'de> for TagList<'_> {
-    type Value = Vec<String>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an array of strings")
+    // Inside the body's object: one level down.
+    s.open(b'[', 1).map_err(invalid_json)?;
+    let mut tags: Vec<String> = Vec::new();
+    if s.eat(b']') {
+        return Ok(tags);
     }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
-        let mut tags: Vec<String> = Vec::new();
-        let mut seen: Option<std::collections::HashSet<String>> = None;
-        while let Some(tag) = seq.next_element::<String>()? {
-            if let Err(e) = self.limits.check_tag(&tag) {
-                *self.refusal = Some(e);
-                return Err(serde::de::Error::custom("refused"));
-            }
-            let new = match &mut seen {
-                Some(seen) => seen.insert(tag.clone()),
-                None => !tags.contains(&tag),
-            };
-            if !new {
-                continue;
-            }
-            if tags.len() == self.limits.max_tags {
-                *self.refusal = Some(Failure::bad_request(format!(
+    let mut seen: Option<std::collections::HashSet<String>> = None;
+    loop {
+        if s.peek() != Some(b'"') {
+            return Err(not_strings(s.offset()));
+        }
+        let tag = s
+            .string()
+            .map_err(invalid_json)?
+            .decode()
+            .map_err(|e| Failure::bad_request(format!("invalid `tags`: {e}")))?;
+        limits.check_tag(&tag)?;
+        let new = match &mut seen {
+            Some(seen) => !seen.contains(tag.as_ref()),
+            None => !tags.iter().any(|t| *t == tag),
+        };
+        if new {
+            if tags.len() == limits.max_tags {
+                return Err(Failure::bad_request(format!(
                     "more than {0} distinct tags given; the limit is {0}",
-                    self.limits.max_tags
+                    limits.max_tags
                 )));
-                return Err(serde::de::Error::custom("refused"));
+            }
+            let tag = tag.into_owned();
+            if let Some(seen) = &mut seen {
+                seen.insert(tag.clone());
             }
             tags.push(tag);
             if seen.is_none() && tags.len() == LINEAR_DEDUP_TAGS {
                 seen = Some(tags.iter().cloned().collect());
             }
         }
-        Ok(tags)
+        if !s.eat(b',') {
+            s.expect(b']', "expected `,` or `]`")
+                .map_err(invalid_json)?;
+            return Ok(tags);
+        }
     }
 }
 
@@ -303,6 +341,7 @@ fn check_json_content_type(headers: &HeaderMap) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn parse(body: &str) -> Result<Write, Failure> {
         parse_with(body, &Limits::default())
@@ -420,6 +459,17 @@ mod tests {
         assert!(err.message.contains("invalid `tags`"), "{err}");
         let r = parse_with(r#"{"value": 1, "tags": null}"#, &limits).unwrap();
         assert!(r.tags.is_empty());
+    }
+
+    #[test]
+    fn fields_and_tags_are_compared_decoded() {
+        let r = parse(r#"{"v\u0061lue": 1, "tags": ["\u0061", "a", "b\n"]}"#).unwrap();
+        assert_eq!(&r.value[..], b"1");
+        assert_eq!(r.tags, ["a", "b\n"]);
+        let err = parse(r#"{"value": 1, "tags": ["\ud800"]}"#).unwrap_err();
+        assert!(err.message.contains("invalid `tags`"), "{err}");
+        let err = parse(r#"{"value": 1, "v\u0061lue": 2}"#).unwrap_err();
+        assert!(err.message.contains("duplicate field `value`"), "{err}");
     }
 
     #[test]
@@ -551,6 +601,147 @@ mod tests {
             let err = parse(body).unwrap_err();
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{body}");
             assert!(err.message.contains("duplicate field"), "{err}");
+        }
+    }
+
+    /// The parser this one replaced, kept as the reference: serde's derive
+    /// over the body, a raw value, and the tags read again. It takes a
+    /// top-level array as the struct's fields in order (serde's sequence
+    /// form), which the seed's Go never did, so bodies compared are objects.
+    mod reference {
+        use super::*;
+        use serde::Deserialize;
+        use serde_json::value::RawValue;
+
+        #[derive(Deserialize)]
+        struct Body<'a> {
+            #[serde(borrow)]
+            value: Option<&'a RawValue>,
+            ttl: Option<serde_json::Number>,
+            #[serde(borrow)]
+            tags: Option<&'a RawValue>,
+        }
+
+        /// `(value, ttl, tags)`, or whether it was refused.
+        pub fn write(
+            body: &str,
+            limits: &Limits,
+        ) -> Option<(String, Option<Duration>, Vec<String>)> {
+            let nesting = crate::json_text::validate(body, limits.max_json_depth);
+            if matches!(nesting, Err(JsonError::TooDeep { .. })) {
+                return None;
+            }
+            let parsed: Body<'_> = serde_json::from_str(body).ok()?;
+            let value = parsed.value?.get().to_owned();
+            if value.len() > limits.max_value_bytes {
+                return None;
+            }
+            let ttl = match parsed.ttl {
+                None => None,
+                Some(n) => {
+                    let s = if let Some(i) = n.as_i64() {
+                        i
+                    } else if n.is_u64() {
+                        i64::MAX
+                    } else {
+                        let f = n.as_f64()?;
+                        if f.fract() != 0.0 {
+                            return None;
+                        }
+                        f.clamp(i64::MIN as f64, i64::MAX as f64) as i64
+                    };
+                    if !(0..=i64::MAX / 1_000_000_000).contains(&s) {
+                        return None;
+                    }
+                    (s > 0).then(|| Duration::from_secs(s as u64))
+                }
+            };
+            let tags = match parsed.tags {
+                None => Vec::new(),
+                Some(raw) => {
+                    let all: Vec<String> = serde_json::from_str(raw.get()).ok()?;
+                    let mut tags: Vec<String> = Vec::new();
+                    for tag in all {
+                        limits.check_tag(&tag).ok()?;
+                        if !tags.contains(&tag) {
+                            tags.push(tag);
+                        }
+                    }
+                    if tags.len() > limits.max_tags {
+                        return None;
+                    }
+                    tags
+                }
+            };
+            Some((value, ttl, tags))
+        }
+    }
+
+    /// Write bodies: the fields in any order, sometimes twice, with values
+    /// of any shape (right or wrong for the field) and unknown fields.
+    fn bodies() -> impl Strategy<Value = String> {
+        use crate::json_text::strategies::json_text;
+        let tag = prop_oneof![
+            6 => "[a-d]{1,2}".prop_map(|t| serde_json::to_string(&t).unwrap()),
+            1 => Just(r#""\u0061""#.to_owned()),
+            1 => Just(r#""""#.to_owned()),
+            1 => Just(r#""\ud800""#.to_owned()),
+            1 => json_text(),
+        ];
+        let tags = prop_oneof![
+            6 => prop::collection::vec(tag, 0..8).prop_map(|t| format!("[{}]", t.join(","))),
+            1 => Just("null".to_owned()),
+            1 => json_text(),
+        ];
+        let ttl = prop_oneof![
+            4 => prop::sample::select(vec![
+                "0", "30", "-1", "1.0", "1.5", "3e2", "1e300", "18446744073709551616",
+                "9223372036854775807", "-0", "null", "\"5\"",
+            ])
+            .prop_map(str::to_owned),
+            1 => json_text(),
+        ];
+        let field = prop_oneof![
+            4 => json_text().prop_map(|v| format!(r#""value": {v}"#)),
+            1 => json_text().prop_map(|v| format!(r#""v\u0061lue":{v}"#)),
+            3 => ttl.prop_map(|t| format!(r#""ttl": {t}"#)),
+            3 => tags.prop_map(|t| format!(r#""tags":{t}"#)),
+            2 => json_text().prop_map(|v| format!(r#""other": {v}"#)),
+        ];
+        // Most carry a value, so most are taken and their fields compared.
+        let value = json_text().prop_map(|v| vec![format!(r#""value": {v}"#)]);
+        (
+            prop::option::weighted(0.9, value),
+            prop::collection::vec(field, 0..4),
+        )
+            .prop_map(|(value, mut fields)| {
+                fields.extend(value.into_iter().flatten());
+                fields
+            })
+            .prop_shuffle()
+            .prop_map(|f| format!("{{{}}}", f.join(", ")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// The one-pass parser takes exactly the bodies the serde-based one
+        /// took, with the same value text, ttl and tags; damaged bodies
+        /// too (refusals may differ in which rule they name first).
+        #[test]
+        fn parses_as_the_serde_reference_did(
+            body in prop_oneof![bodies(), crate::json_text::strategies::mutated(bodies())]
+        ) {
+            let limits = Limits { max_tags: 3, max_tag_bytes: 2, max_json_depth: 5, ..Limits::default() };
+            let ours = parse_with(&body, &limits)
+                .map(|w| (String::from_utf8(w.value.to_vec()).unwrap(), w.ttl, w.tags))
+                .ok();
+            let expected = if body.trim_start().starts_with('{') {
+                reference::write(&body, &limits)
+            } else {
+                None
+            };
+            prop_assert_eq!(ours, expected, "{}", body);
         }
     }
 }

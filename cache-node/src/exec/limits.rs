@@ -7,6 +7,7 @@
 use hyper::http::StatusCode;
 
 use super::Failure;
+use crate::json_text::{self, JsonError};
 
 /// Bounds on what a client may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,119 +97,24 @@ impl Limits {
                 self.max_value_bytes
             )));
         }
-        if let Some(at) = nesting_exceeds(value, self.max_json_depth) {
-            return Err(Failure::bad_request(format!(
-                "JSON is nested deeper than {} levels (at byte {at})",
-                self.max_json_depth
-            )));
-        }
-        serde_json::from_slice::<serde::de::IgnoredAny>(value)
-            .map(|_| ())
-            .map_err(|e| Failure::bad_request(format!("value is not valid JSON: {e}")))
-    }
-}
-
-/// Where nesting of objects and arrays in `json` first goes deeper than
-/// `max` levels, as a byte offset; `None` if it never does.
-///
-/// A single pass over the bytes that skips strings (a bracket inside a string,
-/// or an escaped quote, counts for nothing), so it costs O(n) with no
-/// allocation and no recursion whatever the input. It does not validate: for
-/// valid JSON it measures exactly what the parser would, and invalid JSON is
-/// refused by the parser afterwards anyway.
-pub fn nesting_exceeds(json: &[u8], max: usize) -> Option<usize> {
-    // Nesting never exceeds the number of opening brackets, which a loop
-    // the compiler vectorises counts several times faster than the walk
-    // below: most bodies (a string or a flat object as the value) stop here.
-    let opening = json.iter().filter(|&&b| b == b'{' || b == b'[').count();
-    if opening <= max {
-        return None;
-    }
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for (at, &b) in json.iter().enumerate() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+        let text = std::str::from_utf8(value).map_err(|e| {
+            Failure::bad_request(format!(
+                "value is not valid UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            ))
+        })?;
+        json_text::validate(text, self.max_json_depth).map_err(|e| match e {
+            JsonError::TooDeep { .. } => Failure::bad_request(e.to_string()),
+            JsonError::Syntax { .. } => {
+                Failure::bad_request(format!("value is not valid JSON: {e}"))
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > max {
-                    return Some(at);
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+        })
     }
-    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nesting_is_measured_outside_strings_only() {
-        assert_eq!(nesting_exceeds(b"{}", 1), None);
-        assert_eq!(nesting_exceeds(b"{\"a\": []}", 1), Some(6));
-        assert_eq!(nesting_exceeds(b"[[1], [2], [3]]", 2), None);
-        // Brackets in strings, escaped quotes and escaped backslashes.
-        assert_eq!(nesting_exceeds(br#"{"a": "[[[{{{"}"#, 1), None);
-        assert_eq!(nesting_exceeds(br#"{"a": "\"[[[", "b": 1}"#, 1), None);
-        assert_eq!(nesting_exceeds(br#"{"a": "\\", "b": [[1]]}"#, 2), Some(18));
-        // Unbalanced closers never underflow.
-        assert_eq!(nesting_exceeds(b"]]]]}}}}[", 1), None);
-        // Exactly as many opening brackets as the limit: within it.
-        assert_eq!(nesting_exceeds(b"[[[]]]", 3), None);
-        assert_eq!(nesting_exceeds(b"[[[]]]", 2), Some(2));
-    }
-
-    proptest::proptest! {
-        /// The bracket count that answers most inputs early never changes
-        /// the answer: it matches a plain walk over the bytes, on inputs
-        /// made of the bytes that matter (brackets, quotes, backslashes).
-        #[test]
-        fn the_early_answer_agrees_with_the_walk(
-            json in proptest::collection::vec(
-                proptest::sample::select(b"{}[]\"\\a ".to_vec()), 0..64),
-            max in 0usize..8,
-        ) {
-            proptest::prop_assert_eq!(nesting_exceeds(&json, max), walk(&json, max));
-        }
-    }
-
-    /// Where the nesting first exceeds `max`, by walking every byte.
-    fn walk(json: &[u8], max: usize) -> Option<usize> {
-        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-        for (at, &b) in json.iter().enumerate() {
-            match (in_string, escaped, b) {
-                (true, true, _) => escaped = false,
-                (true, false, b'\\') => escaped = true,
-                (true, false, b'"') => in_string = false,
-                (true, ..) => {}
-                (false, _, b'"') => in_string = true,
-                (false, _, b'{' | b'[') => {
-                    depth += 1;
-                    if depth > max {
-                        return Some(at);
-                    }
-                }
-                (false, _, b'}' | b']') => depth = depth.saturating_sub(1),
-                _ => {}
-            }
-        }
-        None
-    }
 
     #[test]
     fn values_keys_and_tags_meet_their_limits() {
