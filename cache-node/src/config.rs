@@ -88,8 +88,8 @@ pub struct Config {
     pub max_tag_bytes: u64,
 
     /// Deepest nesting of JSON objects and arrays in a write body, the body's
-    /// own object counting as level 1 (deeper: 400). Measured before parsing;
-    /// at most 128, the JSON parser's own limit.
+    /// own object counting as level 1 (deeper: 400). Checked in the same pass
+    /// that reads the body; at most 128.
     #[arg(long, env = "DISTROCACHE_MAX_JSON_DEPTH", default_value_t = 32,
           value_parser = clap::value_parser!(u16).range(2..=128))]
     pub max_json_depth: u16,

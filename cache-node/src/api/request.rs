@@ -18,10 +18,9 @@ use bytes::Bytes;
 use hyper::http::{HeaderMap, StatusCode, header};
 use percent_encoding::percent_decode_str;
 
-/// serde_json refuses nesting deeper than this on its own (its recursion
-/// limit), which is why `--max-json-depth` stops there.
+/// The deepest `--max-json-depth` allows.
 #[cfg(test)]
-const SERDE_JSON_DEPTH_LIMIT: usize = 128;
+const MAX_JSON_DEPTH_CAP: usize = 128;
 
 /// A path segment percent-decoded into a key, within limits (the key of
 /// `/api/v1/cache/{key}`: `user%3A1` is `user:1`, `a%2Fb` is `a/b`).
@@ -82,7 +81,10 @@ pub fn query(
 /// Unknown fields are ignored, not refused: the seed (Go's `encoding/json`)
 /// ignored them and its clients may send extra metadata. They still count
 /// towards the body size and nesting limits and must be JSON. A known field
-/// given twice is refused, since which one would win is not obvious.
+/// given twice is refused, since which one would win is not obvious. The
+/// body must be an object (serde's derive also took an array as the fields
+/// in order; Go never did). A body that breaks two rules is refused for the
+/// first one met in its text.
 pub fn write(headers: &HeaderMap, body: Bytes, limits: &Limits) -> Result<Write, Failure> {
     check_json_content_type(headers)?;
     // First, for a clear message; the walk then reads text, not bytes.
@@ -97,14 +99,6 @@ pub fn write(headers: &HeaderMap, body: Bytes, limits: &Limits) -> Result<Write,
     let value = fields
         .value
         .ok_or_else(|| Failure::bad_request("`value` is required and must not be null"))?;
-    if value.len() > limits.max_value_bytes {
-        return Err(Failure::too_large(format!(
-            "value is {} bytes; the limit is {}",
-            value.len(),
-            limits.max_value_bytes
-        )));
-    }
-
     let ttl = match fields.ttl.map(ttl_seconds).transpose()? {
         None | Some(0) => None,
         Some(s) if s < 0 => {
@@ -145,6 +139,14 @@ fn invalid_json(e: JsonError) -> Failure {
     }
 }
 
+fn too_large_value(value: &str, limits: &Limits) -> Failure {
+    Failure::too_large(format!(
+        "value is {} bytes; the limit is {}",
+        value.len(),
+        limits.max_value_bytes
+    ))
+}
+
 const TTL_RULE: &str = "`ttl` must be a whole number of seconds >= 0";
 
 /// The one pass over a write body.
@@ -173,13 +175,26 @@ fn set_body<'a>(text: &'a str, limits: &Limits) -> Result<SetBody<'a>, Failure> 
     };
     if !s.eat(b'}') {
         loop {
+            s.peek();
             let at = s.offset();
-            let name = s.member_name().map_err(invalid_json)?;
-            if name.is("value") {
+            // Decoded as serde's derive decoded them: `"v\u0061lue"` is
+            // `value`, and a name that is no string (a lone surrogate) is
+            // refused.
+            let name = s
+                .member_name()
+                .map_err(invalid_json)?
+                .decode()
+                .map_err(|e| {
+                    Failure::bad_request(format!("invalid JSON body: field name at byte {at}: {e}"))
+                })?;
+            if name == "value" {
                 once(0, "value", at)?;
                 let value = s.value(1).map_err(invalid_json)?;
+                if value.len() > limits.max_value_bytes {
+                    return Err(too_large_value(value, limits));
+                }
                 fields.value = (value != "null").then_some(value);
-            } else if name.is("ttl") {
+            } else if name == "ttl" {
                 once(1, "ttl", at)?;
                 match s.peek() {
                     Some(b'-' | b'0'..=b'9') => {
@@ -191,7 +206,7 @@ fn set_body<'a>(text: &'a str, limits: &Limits) -> Result<SetBody<'a>, Failure> 
                         }
                     }
                 }
-            } else if name.is("tags") {
+            } else if name == "tags" {
                 once(2, "tags", at)?;
                 fields.tags = tags(&mut s, limits)?;
             } else {
@@ -470,6 +485,27 @@ mod tests {
         assert!(err.message.contains("invalid `tags`"), "{err}");
         let err = parse(r#"{"value": 1, "v\u0061lue": 2}"#).unwrap_err();
         assert!(err.message.contains("duplicate field `value`"), "{err}");
+        // A name that is no string, as serde's derive refused it.
+        let err = parse(r#"{"value": 1, "\ud800": 2}"#).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("field name"), "{err}");
+    }
+
+    #[test]
+    fn a_value_too_large_is_413_whatever_follows_it() {
+        let limits = Limits {
+            max_value_bytes: 10,
+            max_tags: 1,
+            ..Limits::default()
+        };
+        for body in [
+            r#"{"value": "0123456789", "tags": ["a", "b"]}"#,
+            r#"{"value": "0123456789", "tags": 5}"#,
+            r#"{"value": "0123456789", "ttl": -1}"#,
+        ] {
+            let err = parse_with(body, &limits).unwrap_err();
+            assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE, "{body}: {err}");
+        }
     }
 
     #[test]
@@ -552,10 +588,10 @@ mod tests {
         let err = parse_with(&nested(9), &limits).unwrap_err();
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
         assert!(err.message.contains("nested deeper than 8"), "{err}");
-        // The default, and far beyond serde's own recursion limit: our
-        // message, no stack overflow.
+        // The default, and far beyond the cap: our message, no stack
+        // overflow.
         assert!(parse(&nested(32)).is_ok());
-        for levels in [33, SERDE_JSON_DEPTH_LIMIT + 1, 1_000_000] {
+        for levels in [33, MAX_JSON_DEPTH_CAP + 1, 1_000_000] {
             let err = parse(&nested(levels)).unwrap_err();
             assert_eq!(err.status, StatusCode::BAD_REQUEST);
             assert!(err.message.contains("nested deeper than 32"), "{err}");
@@ -707,6 +743,7 @@ mod tests {
             3 => ttl.prop_map(|t| format!(r#""ttl": {t}"#)),
             3 => tags.prop_map(|t| format!(r#""tags":{t}"#)),
             2 => json_text().prop_map(|v| format!(r#""other": {v}"#)),
+            1 => json_text().prop_map(|v| format!(r#""\ud800": {v}"#)),
         ];
         // Most carry a value, so most are taken and their fields compared.
         let value = json_text().prop_map(|v| vec![format!(r#""value": {v}"#)]);

@@ -55,7 +55,7 @@ pub use shard::{ITEM_OVERHEAD, ShardCounters, TAG_LIST_OVERHEAD, TAG_OVERHEAD, i
 pub use item::{MAX_KEY_BYTES, MAX_TAGS};
 
 use item::ItemBox;
-use shard::{NewItem, Shard, Version};
+use shard::{NewItem, Shard, VersionRule};
 use tags::TagIndex;
 
 /// Index of an entry in a shard's slab.
@@ -449,9 +449,9 @@ impl Store {
             expires_at: meta.expires_at,
             access_count: u32::try_from(meta.access_count).unwrap_or(u32::MAX),
             version: match kind {
-                WriteKind::Client => Version::Newest,
+                WriteKind::Client => VersionRule::Newest,
                 // A replica's version is the coordinator's.
-                WriteKind::Replica => Version::IfNewer,
+                WriteKind::Replica => VersionRule::IfNewer,
             },
         };
 

@@ -160,14 +160,14 @@ pub struct NewItem<'a, T> {
     pub accessed_at: UnixNanos,
     pub expires_at: UnixNanos,
     pub access_count: u32,
-    pub version: Version,
+    pub version: VersionRule,
 }
 
 /// How a write's version (its creation time) meets the live item's it
 /// would replace. Decided under the shard's lock, with the one lookup the
 /// write makes anyway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
+pub enum VersionRule {
     /// Applied whatever is held (compaction moving items as they are).
     Any,
     /// A client's write: always applied, its version raised past the held
@@ -280,7 +280,7 @@ impl<S: BuildHasher> Shard<S> {
     }
 
     /// Inserts or replaces an item and makes it most recently used, unless
-    /// its [`Version`] loses to the live item held (`None`: stale). Capacity
+    /// its [`VersionRule`] loses to the live item held (`None`: stale). Capacity
     /// is the caller's concern (see [`Self::evict_lru`]).
     pub fn set<T: AsRef<str>>(
         &mut self,
@@ -296,10 +296,10 @@ impl<S: BuildHasher> Shard<S> {
         if let Some(slot) = existing.filter(|_| !created) {
             let held = self.header(slot).created_at;
             match item.version {
-                Version::Any => {}
-                Version::IfNewer if held >= item.created_at => return None,
-                Version::IfNewer => {}
-                Version::Newest if held >= item.created_at => {
+                VersionRule::Any => {}
+                VersionRule::IfNewer if held >= item.created_at => return None,
+                VersionRule::IfNewer => {}
+                VersionRule::Newest if held >= item.created_at => {
                     // Creation and expiry move together, so the ttl stays
                     // exact; the access time stays the clock's, as eviction
                     // across shards compares it.
@@ -307,7 +307,7 @@ impl<S: BuildHasher> Shard<S> {
                     item.created_at += shift;
                     item.expires_at = item.expires_at.saturating_add(shift);
                 }
-                Version::Newest => {}
+                VersionRule::Newest => {}
             }
         }
         if created && existing.is_some() {
@@ -657,7 +657,7 @@ impl<S: BuildHasher> Shard<S> {
                         accessed_at,
                         expires_at,
                         access_count,
-                        version: Version::Any,
+                        version: VersionRule::Any,
                     },
                     now,
                 );
