@@ -1,21 +1,21 @@
 //! JSON text checked in one pass, without building it: the grammar of
 //! RFC 8259 (as strict as serde_json: no trailing commas, no leading zeros,
-//! no control characters in strings), and the nesting bound, in the same
-//! walk. Its callers require UTF-8 first, which serde_json checks only in
-//! the strings it decodes. It hands back spans of the text, so a write's value is stored as the
-//! bytes the client sent and a field is found without a tree or a second
-//! parse.
+//! no control characters in strings) and the nesting bound, in the same
+//! walk. It hands back spans of the text, so a write's value is stored as
+//! the bytes the client sent and a field is found without a tree or a
+//! second parse.
 //!
 //! Written by hand because it is the write path's parser: serde_json took
 //! three passes over a SET's body (nesting, parse, then the tags again),
 //! 283 ns for `bench/load.sh`'s body against 193 ns in this one pass, and
 //! 114 against 46 ns to check a peer's 200-byte string value (`cargo bench
 //! -p cache-node --bench request`; structure-heavy values cost about what
-//! serde_json's took). The walk is iterative (a stack of
-//! the open brackets, on the stack up to 16 levels), so depth costs no
-//! recursion whatever the input; strings are skipped a word at a time, as
-//! serde_json does. The text is `&str`: callers check UTF-8 first (one
-//! vectorised pass) and name the offending byte in their error.
+//! serde_json's took). The walk is iterative (a stack of the open
+//! brackets, on the stack up to 16 levels), so depth costs no recursion
+//! whatever the input; strings are skipped a word at a time, as serde_json
+//! does. The text is `&str`: callers check UTF-8 first (one vectorised
+//! pass, naming the offending byte), which serde_json checked only in the
+//! strings it decoded.
 
 use std::borrow::Cow;
 use std::fmt;
