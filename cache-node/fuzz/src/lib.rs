@@ -4,8 +4,8 @@
 //! to replay every checked-in corpus file on the stable toolchain, so the
 //! two can never drift apart.
 //!
-//! * [`set_request`]: the write body parser, `SetRequest::parse`, with
-//!   arbitrary bytes, content types and limits.
+//! * [`set_request`]: the write body parser, `api::request::write` (its one
+//!   pass is `json_text`), with arbitrary bytes, content types and limits.
 //! * [`key_path`]: a key (or tag) as a raw URL path segment, through the
 //!   node's real dispatcher and executor, in process.
 //! * [`membership_doc`]: the ring document parser and, for documents it
