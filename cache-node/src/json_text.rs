@@ -145,6 +145,12 @@ impl<'a> Scanner<'a> {
                 "expected `[`"
             },
         )?;
+        self.within_depth(at, depth)
+    }
+
+    /// A bracket at `at` opens one more level inside `depth` open ones:
+    /// refused past the bound.
+    fn within_depth(&self, at: usize, depth: usize) -> Result<(), JsonError> {
         if depth + 1 > self.max_depth {
             return Err(JsonError::TooDeep {
                 at,
@@ -256,12 +262,7 @@ impl<'a> Scanner<'a> {
             // A value is expected here, at the cursor (whitespace skipped).
             match self.bytes().get(self.at) {
                 Some(&bracket @ (b'{' | b'[')) => {
-                    if depth + open.len() + 1 > self.max_depth {
-                        return Err(JsonError::TooDeep {
-                            at: self.at,
-                            max: self.max_depth,
-                        });
-                    }
+                    self.within_depth(self.at, depth + open.len())?;
                     self.at += 1;
                     let close = if bracket == b'{' { b'}' } else { b']' };
                     if !self.eat(close) {

@@ -139,14 +139,6 @@ fn invalid_json(e: JsonError) -> Failure {
     }
 }
 
-fn too_large_value(value: &str, limits: &Limits) -> Failure {
-    Failure::too_large(format!(
-        "value is {} bytes; the limit is {}",
-        value.len(),
-        limits.max_value_bytes
-    ))
-}
-
 const TTL_RULE: &str = "`ttl` must be a whole number of seconds >= 0";
 
 /// The one pass over a write body.
@@ -190,9 +182,7 @@ fn set_body<'a>(text: &'a str, limits: &Limits) -> Result<SetBody<'a>, Failure> 
             if name == "value" {
                 once(0, "value", at)?;
                 let value = s.value(1).map_err(invalid_json)?;
-                if value.len() > limits.max_value_bytes {
-                    return Err(too_large_value(value, limits));
-                }
+                limits.check_value_size(value.len())?;
                 fields.value = (value != "null").then_some(value);
             } else if name == "ttl" {
                 once(1, "ttl", at)?;

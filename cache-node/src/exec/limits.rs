@@ -87,16 +87,21 @@ impl Limits {
         Ok(())
     }
 
-    /// A value's JSON text: within `max_value_bytes` (413 beyond), nested no
-    /// deeper than `max_json_depth`, and valid JSON.
-    pub fn check_value(&self, value: &[u8]) -> Result<(), Failure> {
-        if value.len() > self.max_value_bytes {
+    /// A value of `len` bytes of JSON text: 413 past `max_value_bytes`.
+    pub fn check_value_size(&self, len: usize) -> Result<(), Failure> {
+        if len > self.max_value_bytes {
             return Err(Failure::too_large(format!(
-                "value is {} bytes; the limit is {}",
-                value.len(),
+                "value is {len} bytes; the limit is {}",
                 self.max_value_bytes
             )));
         }
+        Ok(())
+    }
+
+    /// A value's JSON text: within `max_value_bytes` (413 beyond), nested no
+    /// deeper than `max_json_depth`, and valid JSON.
+    pub fn check_value(&self, value: &[u8]) -> Result<(), Failure> {
+        self.check_value_size(value.len())?;
         let text = std::str::from_utf8(value).map_err(|e| {
             Failure::bad_request(format!(
                 "value is not valid UTF-8 (invalid byte at offset {})",
