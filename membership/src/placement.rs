@@ -102,7 +102,11 @@ impl Placement {
         Self {
             members,
             algorithm,
-            want: (doc.replication_factor as usize).min(owning),
+            // A valid document's factor is at most MAX_REPLICATION_FACTOR
+            // (`MembershipDoc::validate`); rendezvous keeps that many at most.
+            want: (doc.replication_factor as usize)
+                .min(owning)
+                .min(crate::MAX_REPLICATION_FACTOR as usize),
         }
     }
 
@@ -120,27 +124,39 @@ impl Placement {
         self.owners(key).contains(&idx)
     }
 
-    /// The top `want` scores, kept sorted in a tiny array: insertion into a
-    /// handful of slots beats a heap or a full sort at these sizes.
+    /// The top `want` scores, kept sorted in a fixed array on the stack:
+    /// insertion into a handful of slots beats a heap or a full sort at
+    /// these sizes, and a plain array (rather than a growable small vector,
+    /// whose insert and truncate are calls with their own checks) keeps a
+    /// 3-member lookup at a third of the time
+    /// (`cargo bench -p distrocache-membership --bench placement`).
     fn rendezvous(&self, h: u64) -> Owners {
         let want = self.want;
-        let mut best: smallvec::SmallVec<[(u64, MemberIdx); 4]> = smallvec::SmallVec::new();
+        // (score, member), best first; ties keep the earlier member first.
+        let mut best = [(0u64, 0 as MemberIdx); crate::MAX_REPLICATION_FACTOR as usize];
+        let mut len = 0;
+        if want == 0 {
+            return Owners::new();
+        }
         for (idx, &(id_hash, owns)) in self.members.iter().enumerate() {
             if !owns {
                 continue;
             }
             let score = mix(h ^ id_hash);
-            if best.len() == want && best.last().is_some_and(|&(s, _)| s >= score) {
+            if len == want && best[len - 1].0 >= score {
                 continue;
             }
-            let at = best
-                .iter()
-                .position(|&(s, _)| s < score)
-                .unwrap_or(best.len());
-            best.insert(at, (score, idx));
-            best.truncate(want);
+            // Shift the lower scores down a slot (the last falls off when
+            // full) and put this one above them.
+            let mut at = len.min(want - 1);
+            while at > 0 && best[at - 1].0 < score {
+                best[at] = best[at - 1];
+                at -= 1;
+            }
+            best[at] = (score, idx);
+            len = (len + 1).min(want);
         }
-        best.into_iter().map(|(_, idx)| idx).collect()
+        best[..len].iter().map(|&(_, idx)| idx).collect()
     }
 }
 
@@ -236,6 +252,49 @@ mod tests {
                 n1 += usize::from(o.contains(&1));
             }
             assert_eq!(n1, 1000, "with two owning members and rf 2 both own all");
+        }
+    }
+
+    /// Rendezvous against its definition: every owning member scored, the
+    /// `want` highest first (ties: the earlier member first).
+    #[test]
+    fn rendezvous_picks_the_highest_scores() {
+        for n in 0..20 {
+            for rf in 1..=5 {
+                let members: Vec<(String, MemberState)> = (0..n)
+                    .map(|i| {
+                        let state = if i % 7 == 3 {
+                            MemberState::Leaving
+                        } else {
+                            MemberState::Active
+                        };
+                        (format!("m{i}"), state)
+                    })
+                    .collect();
+                let named: Vec<(&str, MemberState)> =
+                    members.iter().map(|(id, s)| (id.as_str(), *s)).collect();
+                let d = doc(rf, Hashing::Rendezvous, &named);
+                let p = Placement::new(&d);
+                for k in 0..200 {
+                    let key = format!("key:{k}");
+                    let h = key_hash(key.as_bytes());
+                    let mut scored: Vec<(u64, MemberIdx)> = d
+                        .members
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, m)| m.state != MemberState::Leaving)
+                        .map(|(i, m)| (mix(h ^ key_hash(m.id.as_bytes())), i))
+                        .collect();
+                    scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+                    let expected: Vec<MemberIdx> =
+                        scored.iter().take(rf as usize).map(|&(_, i)| i).collect();
+                    assert_eq!(
+                        p.owners(key.as_bytes()).as_slice(),
+                        expected,
+                        "{n} members, rf {rf}, {key}"
+                    );
+                }
+            }
         }
     }
 
