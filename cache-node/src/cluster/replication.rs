@@ -151,7 +151,10 @@ impl Cluster {
             deletes: deletes.to_vec(),
         };
         let mut total = ReplicateOutcome::default();
-        let mut handled: Vec<String> = keeper.into_iter().map(str::to_owned).collect();
+        // Inline: a write has a replica or two, and these lists are built
+        // for every one.
+        let mut handled: smallvec::SmallVec<[String; 4]> =
+            keeper.into_iter().map(str::to_owned).collect();
         let mut hinted: Vec<String> = Vec::new();
         let mut hint = |id: &str| {
             if deletes.is_empty() {
