@@ -197,10 +197,16 @@ impl Cluster {
                 recover: self.is_moving(),
             };
         }
+        // The plan holds the current ring's owners (a member of it named by
+        // its index in that ring): whether this node is one needs no second
+        // placement of the key.
         let current = &rings.current;
-        let replica = current
-            .me
-            .is_some_and(|me| current.member(me).serves() && current.is_owner(key.as_bytes(), me));
+        let replica = current.me.is_some_and(|me| {
+            current.member(me).serves()
+                && plan
+                    .iter()
+                    .any(|&(ring, idx)| Arc::ptr_eq(ring, current) && idx == me)
+        });
         if replica && self.holds_read_lease() {
             ReadRoute::Replica
         } else {
