@@ -151,8 +151,8 @@ impl Cluster {
             deletes: deletes.to_vec(),
         };
         let mut total = ReplicateOutcome::default();
-        // Inline: a write has a replica or two, and these lists are built
-        // for every one.
+        // Inline: a write has a replica or two, and this list is built for
+        // every one.
         let mut handled: smallvec::SmallVec<[String; 4]> =
             keeper.into_iter().map(str::to_owned).collect();
         let mut hinted: Vec<String> = Vec::new();

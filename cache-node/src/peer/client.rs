@@ -58,6 +58,8 @@ pub const IDLE_CLOSE: Duration = Duration::from_secs(15);
 /// How often a connection with calls in flight looks for those past their
 /// deadline: a call's timeout fires up to this late.
 const SWEEP: Duration = Duration::from_millis(20);
+/// A deadline beyond any timeout given (a year).
+const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Most requests in flight on one connection; further callers wait.
 const MAX_IN_FLIGHT: usize = 4096;
 /// Largest error body read from a refused upgrade.
@@ -243,7 +245,9 @@ impl Connection {
                     id,
                     Pending {
                         waiter: tx,
-                        deadline: now + timeout,
+                        // A timeout too large to add waits for ever
+                        // (as `tokio::time::timeout` does).
+                        deadline: now.checked_add(timeout).unwrap_or(now + FOREVER),
                         timeout,
                     },
                 );
@@ -382,12 +386,25 @@ impl Connection {
     }
 }
 
+/// Fails what is in flight on a connection however its driver ends:
+/// returning, panicking, or dropped with the runtime. Its callers have no
+/// timer of their own, so nothing else would end their wait, and the
+/// connection must stop taking calls.
+struct FailOnStop(Arc<Connection>);
+
+impl Drop for FailOnStop {
+    fn drop(&mut self) {
+        self.0.fail_all("the connection stopped");
+    }
+}
+
 /// Runs a connection until it ends, then fails what was in flight on it.
 async fn drive<R, W>(conn: Arc<Connection>, read: R, mut write: W, read_buf: Bytes, max_body: usize)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let _stop = FailOnStop(conn.clone());
     let mut frames = FramedRead::new(read, FrameCodec::new(max_body));
     frames.read_buffer_mut().extend_from_slice(&read_buf);
     let reason = tokio::select! {
