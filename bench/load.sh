@@ -54,6 +54,7 @@ seconds() {
 }
 DURATION_S=$(seconds "$DURATION")
 ((DURATION_S > 0)) || { echo "DURATION must be longer than zero" >&2; exit 1; }
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS=$ROUNDS: use a whole number of rounds, 1 or more" >&2; exit 1; }
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)
