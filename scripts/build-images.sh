@@ -13,6 +13,8 @@
 #
 # --profile picks the cargo profile (default release); the test command
 # uses image-test, the same binaries built without LTO, for less CPU time.
+# A release build's cache node for the host's architecture is the
+# profile-guided one (scripts/build-pgo.sh, which trains it on loopback).
 #
 # Without --repo the images go through a registry served by crane on
 # 127.0.0.1 for the length of the build, then land as OCI image layouts in
@@ -55,6 +57,19 @@ build_binaries() {
   echo "target/$triple/$PROFILE"
 }
 
+# shipped_binary <arch> <image> <bin_dir>: the binary the image holds. For
+# the cache node of a release build for the build host's architecture, the
+# profile-guided build (scripts/build-pgo.sh: its profile comes from running
+# the instrumented binary, which a cross build cannot, so other
+# architectures ship the plain release build).
+shipped_binary() {
+  if [ "$2" = cache-node ] && [ "$PROFILE" = release ] && [ "$1" = "$(host_arch)" ]; then
+    bash scripts/build-pgo.sh | tail -n 1
+  else
+    echo "$3/$(binary_of "$2")"
+  fi
+}
+
 # strip_of <arch>: binutils' strip for that architecture's binaries.
 strip_of() {
   if [ "$1" = "$(host_arch)" ]; then echo strip; else echo "$(triple_of "$1" | cut -d- -f1)-linux-gnu-strip"; fi
@@ -83,7 +98,8 @@ if [ "${1:-}" = rootfs ]; then
   image=$2
   package_of "$image" >/dev/null || { echo "unknown image $image (${IMAGES[*]})" >&2; exit 2; }
   dir=$(build_binaries "$(host_arch)" "$image")
-  make_rootfs "$dir/$(binary_of "$image")" "$image" "$(host_arch)" "$3"
+  binary=$(shipped_binary "$(host_arch)" "$image" "$dir")
+  make_rootfs "$binary" "$image" "$(host_arch)" "$3"
   exit 0
 fi
 
@@ -133,7 +149,8 @@ for arch in ${ARCHES//,/ }; do
   bin_dir=$(build_binaries "$arch" "${IMAGES[@]}")
   for image in "${IMAGES[@]}"; do
     ref="$REPO/$image:$TAG-$arch"
-    make_rootfs "$bin_dir/$(binary_of "$image")" "$image" "$arch" "$WORK/rootfs-$image-$arch"
+    binary=$(shipped_binary "$arch" "$image" "$bin_dir")
+    make_rootfs "$binary" "$image" "$arch" "$WORK/rootfs-$image-$arch"
     # Root-owned, fixed times and order: the same sources give the same layer.
     tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 --format=gnu \
       -C "$WORK/rootfs-$image-$arch" -cf "$WORK/layer-$image-$arch.tar" etc usr
