@@ -35,7 +35,8 @@ SERVER_CORE=${SERVER_CORE:-0}
 CLIENT_CORE=${CLIENT_CORE:-1}
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 
-cargo build --release -q -p cache-node
+# The binary the images ship: the profile-guided release build.
+NODE_BIN=$(bash scripts/build-pgo.sh | tail -n 1)
 cargo build --release -q -p distrocache-client --example load
 work=$(mktemp -d)
 pids=()
@@ -56,7 +57,7 @@ PY
 }
 node() { # id ip [flags...]: a cluster member (membership file)
   local id=$1 ip=$2; shift 2
-  taskset -c "$SERVER_CORE" target/release/cache-node --node-id "$id" --bind-address "$ip" --port $PORT \
+  taskset -c "$SERVER_CORE" "$NODE_BIN" --node-id "$id" --bind-address "$ip" --port $PORT \
     --max-size 10000000 --log-level warn "$@" &
   pids+=($!)
 }

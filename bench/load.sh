@@ -66,7 +66,8 @@ if ((${#need[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo build --release -q -p cache-node
+# The binary the images ship: the profile-guided release build.
+NODE_BIN=$(bash scripts/build-pgo.sh | tail -n 1)
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -96,7 +97,7 @@ fixed_lua() {  # a request() returning the same GET each time
 source bench/wrk.sh  # wrk_run, cpu_ticks, us_per_request (the scripts run from the repository root)
 
 echo "== cache-node" >&2
-taskset -c "$SERVER_CORE" target/release/cache-node --bind-address 127.0.0.1 --port $CACHE_PORT \
+taskset -c "$SERVER_CORE" "$NODE_BIN" --bind-address 127.0.0.1 --port $CACHE_PORT \
   --max-size 1000000 --log-level warn &
 pids+=($!)
 wait_port $CACHE_PORT
