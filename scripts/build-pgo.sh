@@ -137,7 +137,7 @@ LUA
 # and a new profile gets a new file name, which is what makes cargo rebuild
 # with it (a changed file under unchanged flags would not).
 trainee_sum=$(cat "$TRAINEE" "$SELF" | sha256sum | cut -c1-16)
-if [ -f "$PGO/trained-$trainee_sum" ]; then
+if [ -f "$PGO/trained-$trainee_sum" ] && [ -f "$(cat "$PGO/trained-$trainee_sum")" ]; then
   MERGED=$(cat "$PGO/trained-$trainee_sum")
   echo "==> PGO 2/3: this build was trained before ($MERGED)" >&2
 else
