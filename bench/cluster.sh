@@ -35,8 +35,9 @@ SERVER_CORE=${SERVER_CORE:-0}
 CLIENT_CORE=${CLIENT_CORE:-1}
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 
-# The binary the images ship: the profile-guided release build.
-NODE_BIN=$(bash scripts/build-pgo.sh | tail -n 1)
+# The binary the images ship, the profile-guided release build, unless
+# NODE_BIN names another (e.g. target/release/cache-node, the plain build).
+NODE_BIN=${NODE_BIN:-$(bash scripts/build-pgo.sh | tail -n 1)}
 cargo build --release -q -p distrocache-client --example load
 work=$(mktemp -d)
 pids=()

@@ -66,8 +66,9 @@ if ((${#need[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# The binary the images ship: the profile-guided release build.
-NODE_BIN=$(bash scripts/build-pgo.sh | tail -n 1)
+# The binary the images ship, the profile-guided release build, unless
+# NODE_BIN names another (e.g. target/release/cache-node, the plain build).
+NODE_BIN=${NODE_BIN:-$(bash scripts/build-pgo.sh | tail -n 1)}
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

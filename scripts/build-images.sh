@@ -44,7 +44,10 @@ build_binaries() {
   local arch=$1 triple args=()
   shift
   triple=$(triple_of "$arch") || { echo "unknown architecture $arch (amd64 or arm64)" >&2; return 1; }
-  for image in "$@"; do args+=(-p "$(package_of "$image")" --bin "$(binary_of "$image")"); done
+  for image in "$@"; do
+    uses_pgo "$arch" "$image" && continue
+    args+=(-p "$(package_of "$image")" --bin "$(binary_of "$image")")
+  done
   local upper=${triple^^}
   upper=${upper//-/_}
   # --target keeps +crt-static away from build scripts and proc macros.
@@ -53,17 +56,22 @@ build_binaries() {
     local gcc="${triple%%-*}-linux-gnu-gcc"
     export "CARGO_TARGET_${upper}_LINKER=$gcc" "CC_${triple//-/_}=$gcc"
   fi
-  cargo build --profile "$PROFILE" --locked --target "$triple" "${args[@]}" >&2
+  if [ ${#args[@]} -gt 0 ]; then
+    cargo build --profile "$PROFILE" --locked --target "$triple" "${args[@]}" >&2
+  fi
   echo "target/$triple/$PROFILE"
 }
 
-# shipped_binary <arch> <image> <bin_dir>: the binary the image holds. For
+# uses_pgo <arch> <image> / shipped_binary <arch> <image> <bin_dir>: the
+# binary the image holds (build_binaries leaves out the ones built here). For
 # the cache node of a release build for the build host's architecture, the
 # profile-guided build (scripts/build-pgo.sh: its profile comes from running
 # the instrumented binary, which a cross build cannot, so other
 # architectures ship the plain release build).
+uses_pgo() { [ "$2" = cache-node ] && [ "$PROFILE" = release ] && [ "$1" = "$(host_arch)" ]; }
+
 shipped_binary() {
-  if [ "$2" = cache-node ] && [ "$PROFILE" = release ] && [ "$1" = "$(host_arch)" ]; then
+  if uses_pgo "$1" "$2"; then
     bash scripts/build-pgo.sh | tail -n 1
   else
     echo "$3/$(binary_of "$2")"

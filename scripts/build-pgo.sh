@@ -9,8 +9,8 @@
 # the instruction caches, and a profile of where requests go lets LLVM lay
 # the hot paths out together, inline along them and move cold code
 # (errors, rare operations) aside. Measured on the benchmarks' loopback
-# set-up (one core for the nodes): 13% less node CPU per cluster SET, 8% per
-# single-node SET, 3-7% per GET (README, "Profile-guided build").
+# set-up (one core for the nodes): 6-13% less node CPU per cluster SET,
+# 8-16% per single-node SET, 2-7% per GET (README, "Profile-guided build").
 #
 # How, in three steps:
 #  1. build cache-node instrumented (-Cprofile-generate), in its own target
