@@ -30,14 +30,9 @@ MIX_SECONDS=${MIX_SECONDS:-30}
 if ! command -v wrk >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
 fi
-TRIPLE=$(uname -m)-unknown-linux-gnu
-UPPER=${TRIPLE^^}
-export "CARGO_TARGET_${UPPER//-/_}_RUSTFLAGS=-C target-feature=+crt-static"
-# The same build as scripts/build-images.sh's (the same packages, so the
-# same features): the binary the cache-node image carries.
-cargo build --release -q --locked --target "$TRIPLE" -p cache-node --bin cache-node \
-  -p distrocache-operator --bin distrocache-operator
-BIN=target/$TRIPLE/release/cache-node
+# The binary the cache-node image carries: the static, profile-guided
+# release build.
+BIN=$(bash scripts/build-pgo.sh | tail -n 1)
 
 work=$(mktemp -d)
 node=""
