@@ -5,7 +5,7 @@
 # 64 keep-alive connections; ~200-byte values. Prints requests/s and p99 for
 # each, then the ratios DESIGN section 7 sets bars on.
 #
-#   bash bench/load.sh            # DURATION=15s CONNS=64 KEYS=10000 ROUNDS=3 by default
+#   bash bench/load.sh            # DURATION=15s CONNS=64 KEYS=10000 ROUNDS=5 by default
 #
 # The load generator does the same work for every HTTP server: each wrk run
 # builds its requests in a Lua request() function (wrk's static request is
@@ -35,7 +35,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-15s}
 CONNS=${CONNS:-64}
 KEYS=${KEYS:-10000}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 SERVER_CORE=${SERVER_CORE:-0}
 CLIENT_CORE=${CLIENT_CORE:-1}
 CACHE_PORT=18080 NGINX_PORT=18081 REDIS_PORT=18082
