@@ -1,8 +1,9 @@
 //! A small load generator on `distrocache-client`, for `bench/cluster.sh`:
 //! `--connections` tasks each send requests back to back (GET or SET of
 //! random keys `bench:1..=keys`, ~200-byte values) for `--duration`, on one
-//! thread. Prints `requests_per_second p99_ms` on one line; any failed
-//! request, or a GET that misses, fails the run (exit 1).
+//! thread, reads going where `--read-from` says (the client's default, the
+//! primary, unless given). Prints `requests_per_second p99_ms` on one line;
+//! any failed request, or a GET that misses, fails the run (exit 1).
 //!
 //!   cargo run --release -p distrocache-client --example load -- \
 //!       --duration 10s --connections 63 --keys 10000 --op get 127.0.0.1:8080
@@ -10,13 +11,14 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use distrocache_client::Client;
+use distrocache_client::{Client, ReadFrom};
 
 struct Args {
     duration: Duration,
     connections: usize,
     keys: u64,
     set: bool,
+    read_from: ReadFrom,
     seeds: Vec<String>,
 }
 
@@ -26,6 +28,7 @@ fn parse_args() -> Result<Args, String> {
         connections: 64,
         keys: 10_000,
         set: false,
+        read_from: ReadFrom::default(),
         seeds: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -53,12 +56,25 @@ fn parse_args() -> Result<Args, String> {
                     other => return Err(format!("--op {other}: get or set")),
                 }
             }
+            "--read-from" => {
+                args.read_from = match value()?.as_str() {
+                    "primary" => ReadFrom::Primary,
+                    "any-owner" => ReadFrom::AnyOwner,
+                    "least-busy" => ReadFrom::LeastBusy,
+                    other => {
+                        return Err(format!(
+                            "--read-from {other}: primary, any-owner or least-busy"
+                        ));
+                    }
+                }
+            }
             seed => args.seeds.push(seed.to_owned()),
         }
     }
     if args.seeds.is_empty() || args.keys == 0 || args.connections == 0 {
         return Err(
-            "usage: load [--duration 10s] [--connections 64] [--keys 10000] [--op get|set] SEED..."
+            "usage: load [--duration 10s] [--connections 64] [--keys 10000] [--op get|set] \
+             [--read-from primary|any-owner|least-busy] SEED..."
                 .into(),
         );
     }
@@ -97,6 +113,7 @@ fn main() {
 
 async fn run(args: Args) -> Result<(f64, f64), String> {
     let client = Client::builder(args.seeds.clone())
+        .read_from(args.read_from)
         .connect()
         .await
         .map_err(|e| e.to_string())?;

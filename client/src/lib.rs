@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use distrocache_membership::MemberState;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::http::{HeaderValue, Request, header};
 use parking_lot::Mutex;
@@ -85,6 +86,10 @@ pub enum ReadFrom {
     Primary,
     /// Every owner in turn: spreads the reads of a hot key over its copies.
     AnyOwner,
+    /// The owner with the fewest of this client's requests in flight (the
+    /// primary among equals): reads go where they wait least, and a busy
+    /// owner's share moves to its idle copies.
+    LeastBusy,
 }
 
 /// An item as the cache returns it (the seed's shape).
@@ -115,6 +120,9 @@ pub struct Answer {
     /// The ring epoch of the node that answered, in a cluster.
     pub epoch: Option<u64>,
 }
+
+/// The nodes one request may try, by index in the ring: a few at most.
+type Plan = smallvec::SmallVec<[usize; 8]>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {
@@ -384,7 +392,9 @@ impl Client {
         let ring = self.ring();
         let plan = self.inner.plan(&ring, key, access);
         let mut last = String::from("no node");
-        for addr in plan {
+        for i in plan {
+            let addr = ring.nodes[i].address;
+            let _in_flight = ring.start(i);
             match self
                 .call(addr, method.clone(), path.clone(), body.clone())
                 .await
@@ -441,28 +451,43 @@ impl Client {
 }
 
 impl Inner {
-    /// The nodes to try, in order: the owners (primary first, or starting
-    /// from the next owner in turn for [`ReadFrom::AnyOwner`] reads), then
-    /// every other member; recently unreachable nodes last.
-    fn plan(&self, ring: &Ring, key: &str, access: Access) -> Vec<SocketAddr> {
+    /// The nodes to try (indices into `ring.nodes`), in order: the owners
+    /// (primary first, or for reads the owner [`ReadFrom`] picks first),
+    /// then every other member; recently unreachable nodes last.
+    fn plan(&self, ring: &Ring, key: &str, access: Access) -> Plan {
         let mut owners = ring.owners(key);
         if access == Access::Read {
-            owners.retain(|&i| ring.nodes[i].state == distrocache_membership::MemberState::Active);
-            if self.read_from == ReadFrom::AnyOwner && owners.len() > 1 {
-                let k = self.next.fetch_add(1, Ordering::Relaxed) % owners.len();
-                owners.rotate_left(k);
+            owners.retain(|i| ring.nodes[*i].state == MemberState::Active);
+            if owners.len() > 1 {
+                match self.read_from {
+                    ReadFrom::Primary => {}
+                    ReadFrom::AnyOwner => {
+                        let k = self.next.fetch_add(1, Ordering::Relaxed) % owners.len();
+                        owners.rotate_left(k);
+                    }
+                    ReadFrom::LeastBusy => {
+                        // `min_by_key` keeps the first of equals: the primary.
+                        let k = (0..owners.len())
+                            .min_by_key(|&k| ring.in_flight(owners[k]))
+                            .unwrap_or(0);
+                        owners[..=k].rotate_right(1);
+                    }
+                }
             }
         }
-        let mut plan: Vec<SocketAddr> = owners.iter().map(|&i| ring.nodes[i].address).collect();
-        for node in &ring.nodes {
-            if !plan.contains(&node.address) {
-                plan.push(node.address);
+        let mut plan: Plan = owners.iter().copied().collect();
+        for i in 0..ring.nodes.len() {
+            if !plan.contains(&i) {
+                plan.push(i);
             }
         }
         let down = self.down.lock();
         if !down.is_empty() {
             let now = Instant::now();
-            plan.sort_by_key(|a| down.get(a).is_some_and(|until| *until > now));
+            plan.sort_by_key(|&i| {
+                down.get(&ring.nodes[i].address)
+                    .is_some_and(|until| *until > now)
+            });
         }
         plan
     }
@@ -546,4 +571,131 @@ fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<ErrorBody>(body)
         .map(|e| e.error)
         .unwrap_or_else(|_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three active members, replication factor 2.
+    fn ring() -> Ring {
+        let view = serde_json::from_str(
+            r#"{"mode": "cluster", "epoch": 3, "replicationFactor": 2, "members": [
+                {"id": "a", "address": "127.0.0.1:7001", "state": "active"},
+                {"id": "b", "address": "127.0.0.1:7002", "state": "active"},
+                {"id": "c", "address": "127.0.0.1:7003", "state": "active"}]}"#,
+        )
+        .unwrap();
+        Ring::from_view(view, "127.0.0.1:7001".parse().unwrap()).unwrap()
+    }
+
+    fn inner(read_from: ReadFrom) -> Inner {
+        let seed: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        Inner {
+            pool: Pool::default(),
+            seeds: vec![seed],
+            ring: ArcSwap::from_pointee(Ring::single("seed", seed)),
+            token: None,
+            read_from,
+            timeout: Duration::from_secs(1),
+            refreshing: AtomicBool::new(false),
+            next: AtomicUsize::new(0),
+            down: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The key's owners (primary first) and the member that owns nothing.
+    fn owners_of(ring: &Ring, key: &str) -> (usize, usize, usize) {
+        let owners = ring.owners(key);
+        assert_eq!(owners.len(), 2);
+        let other = (0..3).find(|i| !owners.contains(i)).unwrap();
+        (owners[0], owners[1], other)
+    }
+
+    #[test]
+    fn reads_and_writes_go_to_the_primary_then_the_other_owner_then_anyone() {
+        let ring = ring();
+        let inner = inner(ReadFrom::Primary);
+        for key in ["k1", "k2", "k3", "k4"] {
+            let (primary, replica, other) = owners_of(&ring, key);
+            for access in [Access::Read, Access::Write] {
+                let plan = inner.plan(&ring, key, access);
+                assert_eq!(plan.as_slice(), [primary, replica, other], "{key}");
+            }
+        }
+    }
+
+    #[test]
+    fn least_busy_reads_go_to_the_owner_with_fewer_requests_in_flight() {
+        let ring = ring();
+        let inner = inner(ReadFrom::LeastBusy);
+        let (primary, replica, other) = owners_of(&ring, "k1");
+        // Equals: the primary.
+        assert_eq!(
+            inner.plan(&ring, "k1", Access::Read).as_slice(),
+            [primary, replica, other]
+        );
+        // A busier primary: its copy first, the primary next.
+        let busy = [ring.start(primary), ring.start(primary)];
+        let one_on_replica = ring.start(replica);
+        assert_eq!(
+            inner.plan(&ring, "k1", Access::Read).as_slice(),
+            [replica, primary, other]
+        );
+        // Writes still go to the primary, which coordinates them.
+        assert_eq!(
+            inner.plan(&ring, "k1", Access::Write).as_slice(),
+            [primary, replica, other]
+        );
+        // Requests that ended are no longer counted: equals again.
+        drop(busy);
+        assert_eq!(ring.in_flight(primary), 0);
+        let _one_on_primary = ring.start(primary);
+        assert_eq!(
+            inner.plan(&ring, "k1", Access::Read).as_slice(),
+            [primary, replica, other]
+        );
+        drop(one_on_replica);
+        // A node with nothing in flight that owns nothing is never chosen
+        // over an owner.
+        assert_eq!(ring.in_flight(other), 0);
+        assert_eq!(
+            inner.plan(&ring, "k1", Access::Read).as_slice(),
+            [replica, primary, other]
+        );
+    }
+
+    #[test]
+    fn any_owner_reads_take_the_owners_in_turn() {
+        let ring = ring();
+        let inner = inner(ReadFrom::AnyOwner);
+        let (primary, replica, other) = owners_of(&ring, "k3");
+        let firsts: Vec<usize> = (0..4)
+            .map(|_| inner.plan(&ring, "k3", Access::Read)[0])
+            .collect();
+        assert_eq!(firsts, [primary, replica, primary, replica]);
+        assert_eq!(
+            inner.plan(&ring, "k3", Access::Write).as_slice(),
+            [primary, replica, other]
+        );
+    }
+
+    #[test]
+    fn a_node_recently_unreachable_is_tried_last() {
+        let ring = ring();
+        let inner = inner(ReadFrom::LeastBusy);
+        let (primary, replica, other) = owners_of(&ring, "k2");
+        inner.mark_down(ring.nodes[primary].address);
+        for access in [Access::Read, Access::Write] {
+            assert_eq!(
+                inner.plan(&ring, "k2", access).as_slice(),
+                [replica, other, primary]
+            );
+        }
+        inner.up(ring.nodes[primary].address);
+        assert_eq!(
+            inner.plan(&ring, "k2", Access::Read).as_slice(),
+            [primary, replica, other]
+        );
+    }
 }

@@ -3,8 +3,9 @@
 //! keys (the membership crate's, the very code the nodes run).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use distrocache_membership::placement::Placement;
+use distrocache_membership::placement::{Owners, Placement};
 use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc};
 use serde::Deserialize;
 
@@ -48,6 +49,19 @@ pub struct Ring {
     pub nodes: Vec<Node>,
     /// `None` for a single node: it owns everything.
     placement: Option<Placement>,
+    /// This client's requests in flight to each node (by index in
+    /// `nodes`), for [`crate::ReadFrom::LeastBusy`]. Counted in the ring a
+    /// request was planned with, so a refresh starts from zero.
+    in_flight: Vec<AtomicUsize>,
+}
+
+/// One request in flight to a node: counted while it lives.
+pub(crate) struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Ring {
@@ -62,6 +76,7 @@ impl Ring {
                 state: MemberState::Active,
             }],
             placement: None,
+            in_flight: vec![AtomicUsize::new(0)],
         }
     }
 
@@ -103,6 +118,7 @@ impl Ring {
         };
         Ok(Self {
             epoch: view.epoch,
+            in_flight: nodes.iter().map(|_| AtomicUsize::new(0)).collect(),
             nodes,
             placement: Some(Placement::new(&doc)),
         })
@@ -110,10 +126,21 @@ impl Ring {
 
     /// The members that own `key`, primary first (every member of a single
     /// node's ring).
-    pub fn owners(&self, key: &str) -> Vec<usize> {
+    pub fn owners(&self, key: &str) -> Owners {
         match &self.placement {
-            Some(p) => p.owners(key.as_bytes()).to_vec(),
-            None => vec![0],
+            Some(p) => p.owners(key.as_bytes()),
+            None => Owners::from_elem(0, 1),
         }
+    }
+
+    /// How many of this client's requests node `i` has in flight.
+    pub(crate) fn in_flight(&self, i: usize) -> usize {
+        self.in_flight[i].load(Ordering::Relaxed)
+    }
+
+    /// Counts a request to node `i` until the guard is dropped.
+    pub(crate) fn start(&self, i: usize) -> InFlight<'_> {
+        self.in_flight[i].fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight[i])
     }
 }
