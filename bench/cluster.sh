@@ -10,8 +10,8 @@
 #     prefilled ~200-byte items; req/s, and the nodes' CPU per request;
 #  3. the same through the ring-aware client (distrocache-client's `load`
 #     example on core 1), which sends each request straight to an owner
-#     (the primary, the client's default; and, a diagnostic with no bar,
-#     the owner with the fewest of its requests in flight);
+#     (reads to the owner with the fewest of its requests in flight, the
+#     client's default; and, a diagnostic with no bar, to the primary);
 #     2 and 3 in $ROUNDS rounds, the one node and the cluster running side by
 #     side and measured back to back in each round; the bars are judged on
 #     the median of the rounds' ratios, and every round's ratio is printed
@@ -186,8 +186,8 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "single_cget $out 0" >> "$rounds"
   out=$(client_load get "http://$A:$PORT")
   echo "cluster_cget $out 0" >> "$rounds"
-  out=$(client_load get "http://$A:$PORT" --read-from least-busy)
-  echo "cluster_cget_busy $out 0" >> "$rounds"
+  out=$(client_load get "http://$A:$PORT" --read-from primary)
+  echo "cluster_cget_primary $out 0" >> "$rounds"
 done
 # Diagnostic, no bar: the same three processes with rf 3, where every node
 # owns every key and forwards nothing, against the one node once more.
@@ -236,7 +236,7 @@ print(f"{'':36}{'req/s per round':>30}{'p99 ms':>10}")
 rows = [("2. GET, one node", "single_get"), ("   GET, 3 nodes rf 2", "cluster_get"),
         ("   SET, one node", "single_set"), ("   SET, 3 nodes rf 2", "cluster_set"),
         ("3. GET via client, one node", "single_cget"), ("   GET via client, 3 nodes rf 2", "cluster_cget"),
-        ("   same, reads to least busy owner", "cluster_cget_busy")]
+        ("   same, reads to the primary", "cluster_cget_primary")]
 print(f"{'1. local GET (2 nodes, rf 1)':36}{lr:30.0f}{lp:10.3f}")
 print(f"{'   forwarded GET':36}{fr:30.0f}{fp:10.3f}")
 for label, name in rows:
@@ -262,7 +262,7 @@ rf3 = {name: (float(rps), float(us)) for name, rps, _, us in (l.split() for l in
 print(f"   diagnostic: rf 3 (nothing forwarded), one run: GET {rf3['cluster_get_rf3'][0] / rf3['single_get_rf3'][0]:.2f}x,"
       f" CPU per request {rf3['single_get_rf3'][1] / rf3['cluster_get_rf3'][1]:.2f}x")
 print(f"3. through distrocache-client: GET {show(ratios('cluster_cget', 'single_cget'))} (bar >= 0.95)")
-print(f"   diagnostic: reads to the least busy owner (ReadFrom::LeastBusy): GET {show(ratios('cluster_cget_busy', 'single_cget'))}")
+print(f"   diagnostic: reads to the primary (ReadFrom::Primary): GET {show(ratios('cluster_cget_primary', 'single_cget'))}")
 secs = p["lastSyncSeconds"]
 print(f"4. rebalancing: the joining node pulled {p['keysReceived']} keys in {secs:.2f}s = {p['keysReceived'] / secs:,.0f} keys/s")
 PY

@@ -1,8 +1,8 @@
 //! A small load generator on `distrocache-client`, for `bench/cluster.sh`:
 //! `--connections` tasks each send requests back to back (GET or SET of
 //! random keys `bench:1..=keys`, ~200-byte values) for `--duration`, on one
-//! thread, reads going where `--read-from` says (the client's default, the
-//! primary, unless given). Prints `requests_per_second p99_ms` on one line;
+//! thread, reads going where `--read-from` says (the client's default
+//! unless given). Prints `requests_per_second p99_ms` on one line;
 //! any failed request, or a GET that misses, fails the run (exit 1).
 //!
 //!   cargo run --release -p distrocache-client --example load -- \
