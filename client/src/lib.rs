@@ -400,7 +400,7 @@ impl Client {
         let mut last = String::from("no node");
         for i in plan {
             let addr = ring.nodes[i].address;
-            let _in_flight = ring.start(i);
+            let _in_flight = ring.count_request(i);
             match self
                 .call(addr, method.clone(), path.clone(), body.clone())
                 .await
@@ -642,8 +642,8 @@ mod tests {
             [primary, replica, other]
         );
         // A busier primary: its copy first, the primary next.
-        let busy = [ring.start(primary), ring.start(primary)];
-        let one_on_replica = ring.start(replica);
+        let busy = [ring.count_request(primary), ring.count_request(primary)];
+        let one_on_replica = ring.count_request(replica);
         assert_eq!(
             inner.plan(&ring, "k1", Access::Read).as_slice(),
             [replica, primary, other]
@@ -656,7 +656,7 @@ mod tests {
         // Requests that ended are no longer counted: equals again.
         drop(busy);
         assert_eq!(ring.in_flight(primary), 0);
-        let _one_on_primary = ring.start(primary);
+        let _one_on_primary = ring.count_request(primary);
         assert_eq!(
             inner.plan(&ring, "k1", Access::Read).as_slice(),
             [primary, replica, other]

@@ -139,7 +139,7 @@ impl Ring {
     }
 
     /// Counts a request to node `i` until the guard is dropped.
-    pub(crate) fn start(&self, i: usize) -> InFlight<'_> {
+    pub(crate) fn count_request(&self, i: usize) -> InFlight<'_> {
         self.in_flight[i].fetch_add(1, Ordering::Relaxed);
         InFlight(&self.in_flight[i])
     }
