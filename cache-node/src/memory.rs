@@ -10,11 +10,15 @@
 //!
 //! So a background task watches the bytes the store holds and, after a drop
 //! of more than an eighth since the last release (and at least
-//! [`MIN_DROP_BYTES`]), gives memory back ([`give_back`]). Deletions spread
-//! over the keys (nine in ten gone everywhere) leave every slab chunk and
-//! allocator page with a few survivors, so nothing is free to give back:
-//! the store first rebuilds its shards that are mostly empty, packing the
-//! survivors together. Then it asks every runtime thread to collect: it bumps a
+//! [`MIN_DROP_BYTES`]), gives memory back ([`give_back`]). The end of a
+//! drop counts too: once the store stops falling, a drop of more than an
+//! eighth since the last release is given back if it is at least
+//! [`MIN_TAIL_BYTES`], so the last part of a mass delete (after the release
+//! in its middle) is not kept for good. Deletions spread over the keys
+//! (nine in ten gone everywhere) leave every slab chunk and allocator page
+//! with a few survivors, so nothing is free to give back: the store first
+//! rebuilds its shards that lost a quarter of their items or more, packing
+//! the survivors together. Then it asks every runtime thread to collect: it bumps a
 //! release epoch that each worker checks when it parks (idle, so the
 //! collection never delays a request; see [`on_thread_park`]), and collects
 //! once on the blocking pool, which also purges the shared arenas. Growth
@@ -42,8 +46,12 @@ use crate::store::Store;
 
 /// How often the task looks at the store's size.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Drops smaller than this are not worth a collection.
+/// Drops smaller than this are not worth a collection while the store is
+/// still falling.
 pub const MIN_DROP_BYTES: u64 = 4 << 20;
+/// Once the store stopped falling, a drop this big since the last release
+/// is worth one.
+pub const MIN_TAIL_BYTES: u64 = 1 << 20;
 /// Overhead (resident memory beyond the store's bytes) this far above its
 /// lowest is worth a collection.
 pub const MIN_EXCESS_BYTES: u64 = 8 << 20;
@@ -82,10 +90,17 @@ pub fn on_thread_park() {
 }
 
 /// Whether a store that held `peak` bytes and now holds `now` shrank enough
-/// to release.
+/// to release while it is still falling.
 pub fn shrank_enough(peak: u64, now: u64) -> bool {
     let drop = peak.saturating_sub(now);
     drop >= MIN_DROP_BYTES && drop > peak / 8
+}
+
+/// Whether a store that held `peak` bytes, and stopped falling at `now`,
+/// shrank enough to release.
+pub fn tail_enough(peak: u64, now: u64) -> bool {
+    let drop = peak.saturating_sub(now);
+    drop >= MIN_TAIL_BYTES && drop > peak / 8
 }
 
 /// When to release, from what the store holds and what the process holds
@@ -95,6 +110,8 @@ pub fn shrank_enough(peak: u64, now: u64) -> bool {
 pub struct ReleasePolicy {
     /// The store's bytes at their highest since the last release.
     peak: u64,
+    /// The store's bytes at the last check.
+    last: u64,
     /// The lowest overhead (resident minus store bytes) seen.
     floor: u64,
     /// No overhead release before this.
@@ -107,6 +124,7 @@ impl ReleasePolicy {
     pub fn new(store_bytes: u64, resident: Option<u64>, now: Instant) -> Self {
         Self {
             peak: store_bytes,
+            last: store_bytes,
             floor: resident.map_or(u64::MAX, |r| r.saturating_sub(store_bytes)),
             next_try: now,
             retry: CHECK_EVERY,
@@ -116,7 +134,10 @@ impl ReleasePolicy {
     /// Whether to release now, given the store's bytes and the process's
     /// resident bytes (None where the platform does not say).
     pub fn check(&mut self, store_bytes: u64, resident: Option<u64>, now: Instant) -> bool {
-        let shrank = shrank_enough(self.peak, store_bytes);
+        let stopped_falling = store_bytes >= self.last;
+        self.last = store_bytes;
+        let shrank = shrank_enough(self.peak, store_bytes)
+            || (stopped_falling && tail_enough(self.peak, store_bytes));
         self.peak = if shrank {
             store_bytes
         } else {
@@ -156,7 +177,7 @@ pub fn resident_bytes() -> Option<u64> {
 }
 
 /// What a drop of the store's bytes sets off, on a blocking thread: the
-/// store rebuilds its sparse shards ([`Store::compact`]), so that memory
+/// store rebuilds its thinned shards ([`Store::compact`]), so that memory
 /// held by a few survivors per slab chunk and allocator page is freed;
 /// then this thread collects, and every runtime thread is asked to collect
 /// when it next parks (a block freed here that another thread allocated
@@ -164,7 +185,7 @@ pub fn resident_bytes() -> Option<u64> {
 pub fn give_back(store: &Store) {
     let compacted = store.compact();
     if compacted > 0 {
-        tracing::debug!(shards = compacted, "compacted sparse shards");
+        tracing::debug!(shards = compacted, "compacted thinned shards");
     }
     release_on_this_thread();
     request_release();
@@ -334,6 +355,29 @@ mod tests {
         assert!(!policy.check(100 * mib, Some(122 * mib), at(200)));
         assert!(!policy.check(100 * mib, Some(123 * mib), at(201)));
         assert!(policy.check(100 * mib, Some(140 * mib), at(202)));
+    }
+
+    #[test]
+    fn the_tail_of_a_drop_is_released_once_the_store_stops_falling() {
+        let mib = 1 << 20;
+        let t0 = Instant::now();
+        let mut policy = ReleasePolicy::new(40 * mib, None, t0);
+        // A mass delete: released in its middle, at 20 MiB.
+        assert!(!policy.check(38 * mib, None, t0), "within the noise");
+        assert!(policy.check(20 * mib, None, t0));
+        // It goes on by less than MIN_DROP_BYTES: nothing while it falls...
+        assert!(!policy.check(18 * mib, None, t0));
+        assert!(!policy.check(17 * mib, None, t0));
+        // ...and one release once it stopped (3 MiB is over an eighth).
+        assert!(policy.check(17 * mib, None, t0));
+        assert!(!policy.check(17 * mib, None, t0), "once per drop");
+        // A small drop that stops (an eighth at most) is not worth one.
+        assert!(!policy.check(16 * mib, None, t0));
+        assert!(!policy.check(16 * mib, None, t0));
+        // Nor a tail under MIN_TAIL_BYTES, however large a share it is.
+        let mut small = ReleasePolicy::new(2 * mib, None, t0);
+        assert!(!small.check(mib + mib / 2, None, t0));
+        assert!(!small.check(mib + mib / 2, None, t0));
     }
 
     #[test]

@@ -635,7 +635,7 @@ impl Store {
         removed
     }
 
-    /// Rebuilds every [sparse](Shard::is_sparse) shard (see
+    /// Rebuilds every shard [worth rebuilding](Shard::worth_rebuilding) (see
     /// [`Shard::compacted`]), one shard's lock at a time, and then those
     /// shards once more; returns how many shards. What the old shards held
     /// is freed by the time it returns (their items, slab chunks and tables,
@@ -650,17 +650,17 @@ impl Store {
     /// against a fresh process holding the 100k left): 1.21-1.28x after one
     /// pass, 1.11x after two.
     pub fn compact(&self) -> usize {
-        let sparse: Vec<usize> = (0..self.shards.len())
-            .filter(|&i| self.rebuild_if(i, Shard::is_sparse))
+        let rebuilt: Vec<usize> = (0..self.shards.len())
+            .filter(|&i| self.rebuild_if(i, Shard::worth_rebuilding))
             .collect();
-        for &i in &sparse {
+        for &i in &rebuilt {
             self.rebuild_if(i, |_| true);
         }
-        sparse.len()
+        rebuilt.len()
     }
 
-    /// Rebuilds every shard, sparse or not, once: what [`Self::compact`]
-    /// does to a sparse one, for the property tests to check on any state.
+    /// Rebuilds every shard, worth it or not, once: what [`Self::compact`]
+    /// does to a thinned one, for the property tests to check on any state.
     #[doc(hidden)]
     pub fn compact_all(&self) -> usize {
         (0..self.shards.len())

@@ -185,7 +185,7 @@ pub const COMPACT_MIN_PEAK: usize = 256;
 /// A shard holding more items than this is not compacted: a rebuild holds
 /// the shard's lock for O(its items), about 0.3 µs each and two passes, so
 /// this bounds that pause to about 20 ms. (At the default shard counts a
-/// shard this big after a drop to a quarter means millions of items left.)
+/// shard this big means millions of items left.)
 pub const COMPACT_MAX_LEN: usize = 1 << 15;
 
 #[derive(Debug)]
@@ -198,7 +198,7 @@ pub struct Shard<S> {
     /// Least recently used: the next to be evicted.
     lru_tail: SlotId,
     len: usize,
-    /// The most items held since the shard was built (see [`Self::is_sparse`]).
+    /// The most items held since the shard was built (see [`Self::worth_rebuilding`]).
     peak_len: usize,
     bytes: u64,
     /// Every live item, by expiry time; exact (an item is unlinked when it is
@@ -596,16 +596,26 @@ impl<S: BuildHasher> Shard<S> {
         )
     }
 
-    /// Whether the shard holds less than a quarter of the most items it held
+    /// Whether the shard lost more than a quarter of the most items it held
     /// since it was built (and that most was at least [`COMPACT_MIN_PEAK`],
-    /// and what it holds at most [`COMPACT_MAX_LEN`]).
+    /// and what it holds now at most [`COMPACT_MAX_LEN`]).
     /// Its slab chunks and the allocator pages of its items were filled at
     /// that peak; deletions spread over the keys leave a few survivors in
     /// each, so none empties and nothing can be given back until the shard
-    /// is [compacted](Self::compacted).
-    pub fn is_sparse(&self) -> bool {
+    /// is [compacted](Self::compacted). So what a shard wastes is bounded by
+    /// this rule: at most a third more than its live items take.
+    ///
+    /// Why a quarter and not more: deletions come in stages (a release in
+    /// the middle of a mass delete rebuilds the shards at, say, a fifth of
+    /// their items; the delete goes on to a tenth). A rebuilt shard's peak is
+    /// what it held when rebuilt, so with a rule of "less than a quarter
+    /// left" the second stage (half of a fifth) would never rebuild it, and
+    /// it kept twice the pages its survivors need for good. Rebuilding costs
+    /// O(live items), and a shard must lose a quarter between rebuilds, so
+    /// the work stays within three times the deletions that called for it.
+    pub fn worth_rebuilding(&self) -> bool {
         self.peak_len >= COMPACT_MIN_PEAK
-            && self.len * 4 < self.peak_len
+            && self.len * 4 < self.peak_len * 3
             && self.len <= COMPACT_MAX_LEN
     }
 
@@ -625,8 +635,7 @@ impl<S: BuildHasher> Shard<S> {
     /// Written as a rebuild through [`Self::set`], not as slot moves in
     /// place, so it relies on nothing but the insertion path every write
     /// takes. It costs O(live items) under the shard's lock, which is why it
-    /// waits for [`Self::is_sparse`]: a shard then holds a quarter of what it
-    /// once did, at most.
+    /// waits for [`Self::worth_rebuilding`] and for [`COMPACT_MAX_LEN`].
     pub fn compacted(&self, now: UnixNanos) -> Self
     where
         S: Clone,

@@ -1074,6 +1074,42 @@ fn compacting_a_sparse_shard_keeps_every_item_its_order_and_counters() {
 }
 
 #[test]
+fn a_shard_rebuilt_midway_through_a_mass_delete_is_rebuilt_again_as_it_goes_on() {
+    let (store, _clock) = store(1_000_000, 0, 2);
+    let key = |i: u32| format!("k{i:06}");
+    for i in 0..20_000 {
+        set(&store, &key(i), "v", &[], 300);
+    }
+    // A release in the middle of the delete: eight in ten gone.
+    for i in (0..20_000).filter(|i| i % 10 > 1) {
+        store.delete(&key(i));
+    }
+    assert_eq!(store.compact(), 2);
+    let midway = store.allocated_slots();
+    // The delete goes on to nine in ten: each shard has lost half of what it
+    // was rebuilt with, and is rebuilt again (its slab had kept room for
+    // twice its survivors).
+    for i in (0..20_000).filter(|i| i % 10 == 1) {
+        store.delete(&key(i));
+    }
+    assert_eq!(store.compact(), 2, "both shards lost half since rebuilt");
+    assert!(
+        store.allocated_slots() * 3 <= midway * 2,
+        "{} slots after, {midway} midway",
+        store.allocated_slots()
+    );
+    assert_eq!(store.len(), 2000);
+    store.assert_consistent();
+    // Less than a quarter more gone: not worth a rebuild.
+    for i in (0..20_000).filter(|i| i % 50 == 0) {
+        store.delete(&key(i));
+    }
+    assert_eq!(store.len(), 1600);
+    assert_eq!(store.compact(), 0, "a fifth gone since the rebuild");
+    store.assert_consistent();
+}
+
+#[test]
 fn a_scan_or_a_retain_across_a_compaction_misses_nothing() {
     let (store, _clock) = store(1_000_000, 0, 1);
     let key = |i: u32| format!("k{i:06}");
