@@ -17,13 +17,13 @@
 //! in its middle) is not kept for good. Deletions spread over the keys
 //! (nine in ten gone everywhere) leave every slab chunk and allocator page
 //! with a few survivors, so nothing is free to give back: the store first
-//! rebuilds its shards that lost a quarter of their items or more, packing
-//! the survivors together. Then it asks every runtime thread to collect: it bumps a
-//! release epoch that each worker checks when it parks (idle, so the
-//! collection never delays a request; see [`on_thread_park`]), and collects
-//! once on the blocking pool, which also purges the shared arenas. Growth
-//! alone never triggers a collection, so a node whose data only grows pays
-//! nothing.
+//! rebuilds its shards that lost more than a quarter of their items,
+//! packing the survivors together. Then it asks every runtime thread to
+//! collect: it bumps a release epoch that each worker checks when it parks
+//! (idle, so the collection never delays a request; see
+//! [`on_thread_park`]), and collects once on the compaction thread, which
+//! also purges the shared arenas. Growth alone never triggers a
+//! collection, so a node whose data only grows pays nothing.
 //!
 //! Memory the store never held is freed too: connection buffers after a
 //! crowd of clients left, request bodies after a burst of large writes. The
