@@ -602,8 +602,8 @@ impl<S: BuildHasher> Shard<S> {
     /// Its slab chunks and the allocator pages of its items were filled at
     /// that peak; deletions spread over the keys leave a few survivors in
     /// each, so none empties and nothing can be given back until the shard
-    /// is [compacted](Self::compacted). So what a shard wastes is bounded by
-    /// this rule: at most a third more than its live items take.
+    /// is [compacted](Self::compacted). So after a compaction no shard
+    /// keeps room for more than a third over what its live items take.
     ///
     /// Why a quarter and not more: deletions come in stages (a release in
     /// the middle of a mass delete rebuilds the shards at, say, a fifth of
