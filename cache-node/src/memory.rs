@@ -90,17 +90,16 @@ pub fn on_thread_park() {
 }
 
 /// Whether a store that held `peak` bytes and now holds `now` shrank enough
-/// to release while it is still falling.
-pub fn shrank_enough(peak: u64, now: u64) -> bool {
+/// to release: by more than an eighth, and by at least [`MIN_DROP_BYTES`]
+/// while it is still falling or [`MIN_TAIL_BYTES`] once it stopped.
+pub fn shrank_enough(peak: u64, now: u64, still_falling: bool) -> bool {
     let drop = peak.saturating_sub(now);
-    drop >= MIN_DROP_BYTES && drop > peak / 8
-}
-
-/// Whether a store that held `peak` bytes, and stopped falling at `now`,
-/// shrank enough to release.
-pub fn tail_enough(peak: u64, now: u64) -> bool {
-    let drop = peak.saturating_sub(now);
-    drop >= MIN_TAIL_BYTES && drop > peak / 8
+    let at_least = if still_falling {
+        MIN_DROP_BYTES
+    } else {
+        MIN_TAIL_BYTES
+    };
+    drop >= at_least && drop > peak / 8
 }
 
 /// When to release, from what the store holds and what the process holds
@@ -134,10 +133,9 @@ impl ReleasePolicy {
     /// Whether to release now, given the store's bytes and the process's
     /// resident bytes (None where the platform does not say).
     pub fn check(&mut self, store_bytes: u64, resident: Option<u64>, now: Instant) -> bool {
-        let stopped_falling = store_bytes >= self.last;
+        let still_falling = store_bytes < self.last;
         self.last = store_bytes;
-        let shrank = shrank_enough(self.peak, store_bytes)
-            || (stopped_falling && tail_enough(self.peak, store_bytes));
+        let shrank = shrank_enough(self.peak, store_bytes, still_falling);
         self.peak = if shrank {
             store_bytes
         } else {
@@ -261,18 +259,18 @@ mod tests {
     #[test]
     fn only_a_real_drop_releases() {
         let mib = 1 << 20;
-        assert!(!shrank_enough(100 * mib, 100 * mib));
+        assert!(!shrank_enough(100 * mib, 100 * mib, true));
         assert!(
-            !shrank_enough(100 * mib, 120 * mib),
+            !shrank_enough(100 * mib, 120 * mib, true),
             "growth never releases"
         );
         assert!(
-            !shrank_enough(100 * mib, 90 * mib),
+            !shrank_enough(100 * mib, 90 * mib, true),
             "a tenth is within the noise"
         );
-        assert!(shrank_enough(100 * mib, 80 * mib));
-        assert!(!shrank_enough(2 * mib, 0), "too little to bother");
-        assert!(shrank_enough(1000 * mib, 100 * mib));
+        assert!(shrank_enough(100 * mib, 80 * mib, true));
+        assert!(!shrank_enough(2 * mib, 0, true), "too little to bother");
+        assert!(shrank_enough(1000 * mib, 100 * mib, true));
     }
 
     #[tokio::test]
