@@ -110,7 +110,7 @@ impl Placement {
         }
     }
 
-    /// The members that own `key`, primary first.
+    /// The members that own `key`, primary first, each once.
     pub fn owners(&self, key: &[u8]) -> Owners {
         let h = key_hash(key);
         match &self.algorithm {

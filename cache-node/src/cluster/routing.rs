@@ -147,33 +147,29 @@ impl Cluster {
         if owners.is_empty() {
             return Err(RouteError::NoOwners);
         }
+        // A key's owners in one ring are distinct members, so the current
+        // ring's go in as they are; only the previous ring's are checked
+        // against them, by id (a member has its own index in each ring).
+        // Every client request plans, and this keeps string comparisons off
+        // the settled ring's path.
         let mut plan = Plan::new();
-        let push = |plan: &mut Plan<'a>, ring: &'a Arc<Ring>, idx: MemberIdx| {
-            let id = &ring.member(idx).id;
-            if !plan.iter().any(|t| &member(t).id == id) {
-                plan.push((ring, idx));
-            }
-        };
+        let in_current = |&i: &MemberIdx| (current, i);
         match access {
             // Joining members own their keys but may not hold them yet: they
             // serve reads only when no active owner can.
             Access::Read => {
-                for &i in owners.iter().filter(|&&i| current.member(i).serves()) {
-                    push(&mut plan, current, i);
-                }
-                for &i in &owners {
-                    push(&mut plan, current, i);
-                }
+                let serves = |&&i: &&MemberIdx| current.member(i).serves();
+                plan.extend(owners.iter().filter(serves).map(in_current));
+                plan.extend(owners.iter().filter(|i| !serves(i)).map(in_current));
             }
-            Access::Write => {
-                for &i in &owners {
-                    push(&mut plan, current, i);
-                }
-            }
+            Access::Write => plan.extend(owners.iter().map(in_current)),
         }
         if let Some(previous) = &rings.previous {
             for i in previous.owners(key.as_bytes()) {
-                push(&mut plan, previous, i);
+                let id = &previous.member(i).id;
+                if !plan.iter().any(|t| &member(t).id == id) {
+                    plan.push((previous, i));
+                }
             }
         }
         // Recently unreachable members last (stable among themselves).
