@@ -342,3 +342,96 @@ impl Cluster {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc};
+
+    use super::*;
+    use crate::cluster::testing;
+    use crate::store::Store;
+
+    /// A ring of `members` as node "a" sees it, rf 2.
+    fn ring(epoch: u64, members: &[(&str, MemberState)]) -> Arc<Ring> {
+        let doc = MembershipDoc {
+            epoch,
+            replication_factor: 2,
+            hashing: Hashing::Rendezvous,
+            members: members
+                .iter()
+                .enumerate()
+                .map(|(i, &(id, state))| Member {
+                    id: id.into(),
+                    address: format!("127.0.0.{}:1", i + 1),
+                    client_address: None,
+                    state,
+                })
+                .collect(),
+        };
+        Arc::new(Ring::new(Arc::new(doc), "a"))
+    }
+
+    fn ids(ring: &Ring, idx: &[MemberIdx]) -> Vec<String> {
+        idx.iter().map(|&i| ring.member(i).id.clone()).collect()
+    }
+
+    fn plan_ids(cluster: &Cluster, rings: &Rings, key: &str, access: Access) -> Vec<String> {
+        let plan = cluster.plan(rings, key, access).expect("owners");
+        plan.iter().map(|t| member(t).id.clone()).collect()
+    }
+
+    /// The plan holds every candidate once: for a read the current ring's
+    /// active owners, then its joining ones; for a write its owners in
+    /// placement order; then, while data moves, the previous ring's owners
+    /// that are not already in it.
+    #[tokio::test]
+    async fn a_plan_lists_each_candidate_once_in_the_order_to_try_them() {
+        use MemberState::{Active, Joining};
+        let cluster = testing::two_members(
+            Arc::new(Store::with_config(Default::default())),
+            100,
+            1 << 20,
+        );
+        let current = ring(3, &[("a", Active), ("b", Joining), ("c", Active)]);
+        let previous = ring(2, &[("a", Active), ("c", Active), ("d", Active)]);
+        let settled = Rings {
+            current: current.clone(),
+            previous: None,
+        };
+        let moving = Rings {
+            current: current.clone(),
+            previous: Some(previous.clone()),
+        };
+        let (mut joining_owned, mut added, mut already_in) = (0, 0, 0);
+        for i in 0..200 {
+            let key = format!("key:{i}");
+            let owners = current.owners(key.as_bytes());
+            let (active, joining): (Vec<MemberIdx>, Vec<MemberIdx>) =
+                owners.iter().partition(|&&o| current.member(o).serves());
+            joining_owned += joining.len();
+            let read = [ids(&current, &active), ids(&current, &joining)].concat();
+            let write = ids(&current, &owners);
+            assert_eq!(plan_ids(&cluster, &settled, &key, Access::Read), read);
+            assert_eq!(plan_ids(&cluster, &settled, &key, Access::Write), write);
+
+            let (already, earlier): (Vec<String>, Vec<String>) =
+                ids(&previous, &previous.owners(key.as_bytes()))
+                    .into_iter()
+                    .partition(|id| write.contains(id));
+            (added, already_in) = (added + earlier.len(), already_in + already.len());
+            assert_eq!(
+                plan_ids(&cluster, &moving, &key, Access::Read),
+                [read, earlier.clone()].concat()
+            );
+            let plan = plan_ids(&cluster, &moving, &key, Access::Write);
+            assert_eq!(plan, [write, earlier].concat());
+            let mut unique = plan.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), plan.len(), "{key}: {plan:?}");
+        }
+        // Every case came up: a joining owner (read order), and previous
+        // owners both added and already planned.
+        assert!(joining_owned > 0 && added > 0 && already_in > 0);
+    }
+}
