@@ -345,7 +345,7 @@ impl Cluster {
 
 #[cfg(test)]
 mod tests {
-    use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc};
+    use distrocache_membership::MemberState;
 
     use super::*;
     use crate::cluster::testing;
@@ -353,22 +353,10 @@ mod tests {
 
     /// A ring of `members` as node "a" sees it, rf 2.
     fn ring(epoch: u64, members: &[(&str, MemberState)]) -> Arc<Ring> {
-        let doc = MembershipDoc {
-            epoch,
-            replication_factor: 2,
-            hashing: Hashing::Rendezvous,
-            members: members
-                .iter()
-                .enumerate()
-                .map(|(i, &(id, state))| Member {
-                    id: id.into(),
-                    address: format!("127.0.0.{}:1", i + 1),
-                    client_address: None,
-                    state,
-                })
-                .collect(),
-        };
-        Arc::new(Ring::new(Arc::new(doc), "a"))
+        Arc::new(Ring::new(
+            Arc::new(testing::membership(epoch, members)),
+            "a",
+        ))
     }
 
     fn ids(ring: &Ring, idx: &[MemberIdx]) -> Vec<String> {

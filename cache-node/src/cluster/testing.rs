@@ -36,20 +36,29 @@ pub fn two_members(store: Arc<Store>, batch_items: usize, batch_bytes: usize) ->
         None,
         None,
     );
-    c.adopt(MembershipDoc {
-        epoch: 1,
+    c.adopt(membership(
+        1,
+        &[("a", MemberState::Active), ("b", MemberState::Active)],
+    ));
+    c
+}
+
+/// A ring document at `epoch` with replication factor 2 and `members` in
+/// their states, member `i` at the unreachable address 127.0.0.`i+1`:1.
+pub fn membership(epoch: u64, members: &[(&str, MemberState)]) -> MembershipDoc {
+    MembershipDoc {
+        epoch,
         replication_factor: 2,
         hashing: Hashing::Rendezvous,
-        members: ["a", "b"]
+        members: members
             .iter()
             .enumerate()
-            .map(|(i, id)| Member {
-                id: (*id).into(),
+            .map(|(i, &(id, state))| Member {
+                id: id.into(),
                 address: format!("127.0.0.{}:1", i + 1),
                 client_address: None,
-                state: MemberState::Active,
+                state,
             })
             .collect(),
-    });
-    c
+    }
 }
