@@ -43,6 +43,7 @@ use tokio::sync::watch;
 
 use super::Cluster;
 use super::metrics::PeerOp;
+use super::ring_state::Rings;
 use crate::peer::{Request, expect};
 
 /// How long a lease lasts.
@@ -91,7 +92,7 @@ impl Leases {
     }
 
     /// Records leases from every member for `epoch`, counted from `asked`.
-    fn hold(&self, epoch: u64, asked: Instant) {
+    pub(super) fn hold(&self, epoch: u64, asked: Instant) {
         // Epoch first: a reader that sees the new end sees its epoch.
         self.held_until.store(0, Ordering::Release);
         self.held_epoch.store(epoch, Ordering::Release);
@@ -153,7 +154,17 @@ impl Cluster {
 
     /// Whether this node may serve reads of keys it holds as a replica.
     pub fn holds_read_lease(&self) -> bool {
-        self.leases.held(self.ring.epoch()) && self.ring.is_settled()
+        self.ring
+            .load()
+            .as_ref()
+            .is_some_and(|rings| self.holds_read_lease_in(rings))
+    }
+
+    /// [`Self::holds_read_lease`], for the rings of a snapshot already
+    /// loaded: a read decided on one snapshot checks its lease against that
+    /// snapshot's epoch, not against a ring adopted since.
+    pub(super) fn holds_read_lease_in(&self, rings: &Rings) -> bool {
+        rings.previous.is_none() && self.leases.held(rings.current.epoch())
     }
 
     /// Asks every other member for a lease; holds them if all grant one.

@@ -229,7 +229,15 @@ impl Cluster {
     /// moving (a previous ring is kept) or this node has not finished pulling
     /// its keys.
     pub fn is_moving(&self) -> bool {
-        !self.ring.is_settled() || !self.progress.pulled()
+        self.ring
+            .load()
+            .as_ref()
+            .is_none_or(|rings| self.is_moving_in(rings))
+    }
+
+    /// [`Self::is_moving`], for the rings of a snapshot already loaded.
+    fn is_moving_in(&self, rings: &Rings) -> bool {
+        rings.previous.is_some() || !self.progress.pulled()
     }
 
     /// Sends `request` to `member` with this node's epoch and takes its

@@ -77,6 +77,12 @@ impl Progress {
         self.pulled.load(Ordering::Acquire)
     }
 
+    /// As if this node had pulled its keys, for tests of what depends on it.
+    #[cfg(test)]
+    pub(super) fn mark_pulled(&self) {
+        self.pulled.store(true, Ordering::Release);
+    }
+
     fn set_phase(&self, phase: SyncPhase) {
         let n = match phase {
             SyncPhase::Idle => 0,

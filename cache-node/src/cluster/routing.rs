@@ -181,16 +181,21 @@ impl Cluster {
 
     /// Where a read of `key` is served.
     pub fn read_route(&self, key: &str) -> ReadRoute {
-        let guard = self.ring.load();
-        let Some(rings) = guard.as_ref() else {
-            return ReadRoute::Forward;
-        };
+        match self.ring.load().as_ref() {
+            Some(rings) => self.read_route_in(rings, key),
+            None => ReadRoute::Forward,
+        }
+    }
+
+    /// [`Self::read_route`] in one snapshot of the rings: the plan, whether
+    /// data moves and the lease's epoch all come from `rings`.
+    fn read_route_in(&self, rings: &Rings, key: &str) -> ReadRoute {
         let Ok(plan) = self.plan(rings, key, Access::Read) else {
             return ReadRoute::Forward;
         };
         if member(&plan[0]).id == self.node_id {
             return ReadRoute::Primary {
-                recover: self.is_moving(),
+                recover: self.is_moving_in(rings),
             };
         }
         // The plan holds the current ring's owners (a member of it named by
@@ -203,7 +208,7 @@ impl Cluster {
                     .iter()
                     .any(|&(ring, idx)| Arc::ptr_eq(ring, current) && idx == me)
         });
-        if replica && self.holds_read_lease() {
+        if replica && self.holds_read_lease_in(rings) {
             ReadRoute::Replica
         } else {
             ReadRoute::Forward
@@ -421,5 +426,58 @@ mod tests {
         // Every case came up: a joining owner (read order), and previous
         // owners both added and already planned.
         assert!(joining_owned > 0 && added > 0 && already_in > 0);
+    }
+
+    /// A replica serves a read itself only while it holds a lease for the
+    /// epoch of the rings the read was planned in, and no data moves; a
+    /// primary always serves, and while data moves its misses recover.
+    #[tokio::test]
+    async fn a_replica_serves_reads_only_under_a_lease_for_the_planned_epoch() {
+        use MemberState::Active;
+        let cluster = testing::two_members(
+            Arc::new(Store::with_config(Default::default())),
+            100,
+            1 << 20,
+        );
+        let current = ring(3, &[("a", Active), ("b", Active), ("c", Active)]);
+        let settled = Rings {
+            current: current.clone(),
+            previous: None,
+        };
+        let moving = Rings {
+            current: current.clone(),
+            previous: Some(ring(2, &[("a", Active), ("b", Active)])),
+        };
+        // This node has pulled its keys: only a previous ring means data moves.
+        cluster.progress.mark_pulled();
+        let route = |rings: &Rings, key: &str| cluster.read_route_in(rings, key);
+        let (mut primary, mut replica, mut other) = (0, 0, 0);
+        for i in 0..200 {
+            let key = format!("key:{i}");
+            let owners = ids(&current, &current.owners(key.as_bytes()));
+            cluster.leases.drop_held();
+            if owners[0] == "a" {
+                primary += 1;
+                assert_eq!(route(&settled, &key), ReadRoute::Primary { recover: false });
+                assert_eq!(route(&moving, &key), ReadRoute::Primary { recover: true });
+            } else if owners.contains(&"a".to_owned()) {
+                replica += 1;
+                assert_eq!(route(&settled, &key), ReadRoute::Forward, "no lease");
+                cluster.leases.hold(2, Instant::now());
+                assert_eq!(
+                    route(&settled, &key),
+                    ReadRoute::Forward,
+                    "a lease for another epoch"
+                );
+                cluster.leases.hold(3, Instant::now());
+                assert_eq!(route(&settled, &key), ReadRoute::Replica);
+                assert_eq!(route(&moving, &key), ReadRoute::Forward, "data moves");
+            } else {
+                other += 1;
+                cluster.leases.hold(3, Instant::now());
+                assert_eq!(route(&settled, &key), ReadRoute::Forward);
+            }
+        }
+        assert!(primary > 0 && replica > 0 && other > 0);
     }
 }
