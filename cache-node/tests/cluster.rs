@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use cache_node::cluster::leases::{LEASE, RENEW_EVERY};
 use cluster_support::ProcCluster;
 use distrocache_membership::MemberState::{Active, Joining, Leaving};
 use futures_util::StreamExt;
@@ -1147,27 +1148,46 @@ impl cache_node::store::ItemView for Planted {
     }
 }
 
-/// A replica that missed a write (it was stalled, so its primary holds a
-/// hint for it) must not serve reads of its own copy until it is repaired:
-/// no read through it ever returns the value the write replaced, and it
-/// serves reads itself again (read lease regained) only once its primary's
-/// repair queue is empty.
+/// A replica that missed a write must not serve reads of its own copy
+/// until it is repaired. Node-1, the replica, keeps running, but what
+/// node-0 (the primary) sends it is lost (a relay in front of its peer
+/// address is cut), so node-0 answers the write with a hint for node-1,
+/// and node-1's copy stays the replaced value. No read through node-1 may
+/// return that value: node-1 holds no read lease while a hint for it is
+/// pending (it asks node-0, which refuses), so it sends its reads to the
+/// primary. Once the relay is restored, the repair lands and node-1 serves
+/// reads itself again, of the new value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
-    let (c, key) = primary_and_replicas(2, SHORT_PEER_TIMEOUTS, "behind").await;
+    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
+    let relay = c.relay_peer_traffic(1).await;
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start(1);
+    c.wait_settled(epoch, SETTLE).await;
+    let key = (0..)
+        .map(|i| format!("behind-{i}"))
+        .find(|k| c.primary_of(k) == "node-0")
+        .expect("some key");
     let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
     let put = |i, value: &'static str| c.client.put(url(i)).json(&json!({ "value": value })).send();
-    assert!(put(0, "old").await.unwrap().status().is_success());
-    // Both copies hold "old", and node-1 serves it itself once its lease is held.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    // A read through node-1: the value, and who served it.
+    let read_via_1 = || async {
         let resp = c.client.get(url(1)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "a read through node-1");
         let by = resp.headers()["x-distrocache-served-by"]
             .to_str()
             .unwrap()
             .to_owned();
         let item: Value = resp.json().await.unwrap();
-        assert_eq!(item["value"], "old");
+        (item["value"].clone(), by)
+    };
+    assert!(put(0, "old").await.unwrap().status().is_success());
+    // Both copies hold "old", and node-1 serves it itself once its lease is held.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (value, by) = read_via_1().await;
+        assert_eq!(value, "old");
         if by == "node-1" {
             break;
         }
@@ -1178,8 +1198,35 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    c.signal(1, libc::SIGSTOP);
+    relay.cut();
     let written = put(0, "new").await.unwrap();
+    assert!(
+        written.status().is_success(),
+        "answered with a replica cut off"
+    );
+    // From the moment the write is acknowledged, for longer than a lease
+    // and its renewals: node-1 would have served its stale copy by now if
+    // it still held a lease, or could get one.
+    let until = std::time::Instant::now() + LEASE + RENEW_EVERY * 4;
+    let mut reads = 0;
+    while std::time::Instant::now() < until {
+        let (value, by) = read_via_1().await;
+        assert_eq!(
+            value, "new",
+            "a read through the replica returned the value an acknowledged write replaced"
+        );
+        assert_eq!(by, "node-0", "node-1 served a read while behind");
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reads > 0);
+    // It was behind all along: its copy is the replaced one, and node-0
+    // holds the hint that will repair it.
+    assert_eq!(
+        c.held(1, &key).await.expect("node-1 keeps its copy")["value"],
+        "old",
+        "node-1 missed the write"
+    );
     // The gauge follows the repair queue once a second; the deadline is
     // generous because the suite runs many clusters at once on two cores.
     let mut pending = None;
@@ -1190,26 +1237,13 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    c.signal(1, libc::SIGCONT);
-    assert!(
-        written.status().is_success(),
-        "answered with a replica stalled"
-    );
     assert_eq!(pending, Some(1.0), "the missed write is hinted");
 
+    relay.restore();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut via_primary = 0;
     loop {
-        let resp = c.client.get(url(1)).send().await.unwrap();
-        let by = resp.headers()["x-distrocache-served-by"]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        let item: Value = resp.json().await.unwrap();
-        assert_eq!(
-            item["value"], "new",
-            "a read through the replica returned the value an acknowledged write replaced"
-        );
+        let (value, by) = read_via_1().await;
+        assert_eq!(value, "new");
         if by == "node-1" {
             // Serving its own copy again: it was granted a lease, which the
             // primary only does with nothing waiting to be repaired on it.
@@ -1220,14 +1254,12 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
             assert_eq!(c.held(1, &key).await.unwrap()["value"], "new");
             break;
         }
-        via_primary += 1;
         assert!(
             std::time::Instant::now() < deadline,
             "node-1 never served its own copy again"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!("{via_primary} reads through node-1 went to the primary before it was repaired");
 }
 
 /// A write that an owner forwards to the key's primary is kept by that

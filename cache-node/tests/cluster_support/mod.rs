@@ -38,6 +38,9 @@ pub struct ProcNode {
     pub addr: SocketAddr,
     /// Where peers reach it: `addr`, or its own peer port.
     pub peer_addr: SocketAddr,
+    /// Where the ring tells peers to reach it, when a [`PeerRelay`] stands
+    /// in front of `peer_addr`.
+    ring_addr: Option<SocketAddr>,
     child: Option<NodeProc>,
     log: PathBuf,
     /// Where in `log` the running process's lines begin (the file is kept
@@ -284,12 +287,15 @@ impl ProcCluster {
             hashing: Hashing::Rendezvous,
             members: members
                 .iter()
-                .map(|&(i, state)| Member {
-                    id: self.nodes[i].id.clone(),
-                    address: self.nodes[i].peer_addr.to_string(),
-                    client_address: (self.nodes[i].peer_addr != self.nodes[i].addr)
-                        .then(|| self.nodes[i].addr.to_string()),
-                    state,
+                .map(|&(i, state)| {
+                    let node = &self.nodes[i];
+                    let reached_at = node.ring_addr.unwrap_or(node.peer_addr);
+                    Member {
+                        id: node.id.clone(),
+                        address: reached_at.to_string(),
+                        client_address: (reached_at != node.addr).then(|| node.addr.to_string()),
+                        state,
+                    }
                 })
                 .collect(),
         }
@@ -350,6 +356,16 @@ impl ProcCluster {
         node.addr.set_ip(ip.into());
         node.peer_addr.set_ip(ip.into());
         self.learn_peer_names();
+    }
+
+    /// Puts a [`PeerRelay`] in front of node `i`'s peer address: rings
+    /// written from now on tell the other members to reach it through the
+    /// relay (clients and [`Self::held`] still reach it directly).
+    pub async fn relay_peer_traffic(&mut self, i: usize) -> PeerRelay {
+        let ip = Ipv4Addr::new(127, 1, self.block, 200 + i as u8);
+        let relay = PeerRelay::start(SocketAddr::from((ip, 0)), self.nodes[i].peer_addr).await;
+        self.nodes[i].ring_addr = Some(relay.addr);
+        relay
     }
 
     /// The id of `key`'s primary under the ring the cluster was last given.
@@ -599,9 +615,70 @@ fn slot(block: u8, i: usize, dir: &Path) -> ProcNode {
         id: format!("node-{i}"),
         addr,
         peer_addr: addr,
+        ring_addr: None,
         child: None,
         log: dir.join(format!("node-{i}.log")),
         log_from: 0,
+    }
+}
+
+/// A TCP relay on loopback in front of one node's peer address, which a
+/// test cuts and restores: while cut, every relayed connection is closed
+/// and new ones are closed as soon as they are accepted, so what the other
+/// members send that node is lost (the node itself keeps running, and its
+/// own requests to them, which do not pass here, still arrive).
+pub struct PeerRelay {
+    pub addr: SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl PeerRelay {
+    async fn start(bind: SocketAddr, target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .unwrap_or_else(|e| panic!("relay on {bind}: {e}"));
+        let addr = listener.local_addr().expect("relay address");
+        let (open, _) = tokio::sync::watch::channel(true);
+        let gate = open.subscribe();
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut gate = gate.clone();
+                if !*gate.borrow() {
+                    continue; // closed on drop
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = gate.wait_for(|open| !open) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            open,
+            accepting,
+        }
+    }
+
+    /// Closes every relayed connection and every new one until [`Self::restore`].
+    pub fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for PeerRelay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accepting.abort();
     }
 }
 
