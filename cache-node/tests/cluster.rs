@@ -1262,6 +1262,49 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
     }
 }
 
+/// Every answer of the API in cluster mode names the ring epoch the
+/// answering node holds, refusals included, so a ring-aware client learns
+/// of a new ring from whichever answer comes first.
+#[tokio::test]
+async fn every_answer_carries_the_ring_epoch() {
+    use reqwest::Method;
+    let mut c = ProcCluster::new(1, 1);
+    c.set_ring(&[(0, Active)]);
+    c.start(0);
+    c.wait_settled(1, SETTLE).await;
+    let epoch = c.set_ring(&[(0, Active)]);
+    c.wait_settled(epoch, SETTLE).await;
+    let long_key = "k".repeat(600);
+    let cases: &[(Method, &str, u16)] = &[
+        (Method::PUT, "/api/v1/cache/here", 201),
+        (Method::GET, "/api/v1/cache/here", 200),
+        (Method::GET, "/api/v1/cache/absent", 404),
+        (Method::DELETE, "/api/v1/cache/here", 200),
+        (Method::GET, "/api/v1/stats", 200),
+        (Method::GET, "/api/v1/nowhere", 404),
+        (Method::PATCH, "/api/v1/cache/here", 405),
+        (Method::GET, &format!("/api/v1/cache/{long_key}"), 414),
+        (Method::GET, "/api/v1/cache/%FF", 400),
+    ];
+    for (method, path, status) in cases {
+        let resp = c
+            .client
+            .request(method.clone(), c.url(0, path))
+            .json(&json!({ "value": 1 }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), *status, "{method} {path}");
+        assert_eq!(
+            resp.headers()
+                .get("x-distrocache-epoch")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            Some(epoch.to_string()),
+            "{method} {path}"
+        );
+    }
+}
+
 /// A write that an owner forwards to the key's primary is kept by that
 /// owner from the primary's answer: both copies hold the same version when
 /// the client is answered, the primary sends nothing back to it, and the

@@ -138,8 +138,17 @@ pub fn encode(outcome: Outcome, stamp: &Stamp<'_>) -> Response {
         }
         None => {}
     }
-    if let Some(epoch) = stamp.epoch {
-        headers.insert(EPOCH, HeaderValue::from(epoch));
+    stamp.epoch_on(answer)
+}
+
+impl Stamp<'_> {
+    /// `answer` with the ring epoch held, in cluster mode: every answer of
+    /// the API carries it, refusals included, so a ring-aware client learns
+    /// of a new ring from whichever answer comes first.
+    pub fn epoch_on(&self, mut answer: Response) -> Response {
+        if let Some(epoch) = self.epoch {
+            answer.headers_mut().insert(EPOCH, HeaderValue::from(epoch));
+        }
+        answer
     }
-    answer
 }

@@ -249,7 +249,7 @@ impl http::Service for Api {
             Ok(Parsed::Op(op)) => self.inner.run(op),
             Ok(Parsed::Write { key }) => self.inner.write(key, request),
             Ok(Parsed::PeerConnect) => Dispatch::Now(self.inner.connect(request, conn)),
-            Err(refusal) => Dispatch::Now(refusal.answer()),
+            Err(refusal) => Dispatch::Now(self.inner.stamp().epoch_on(refusal.answer())),
         }
     }
 }
