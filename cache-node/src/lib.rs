@@ -24,3 +24,4 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod tls;
+pub mod tokens;

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::auth::{Tokens, load_tokens};
+use crate::api::auth::Tokens;
 use crate::api::{Api, PeerEndpoint, Surface};
 use crate::backup::Backups;
 use crate::cluster::membership::{self, Source};
@@ -34,6 +34,7 @@ use crate::reload::{self, Check};
 use crate::snapshot::Snapshots;
 use crate::store::Store;
 use crate::tls::{self, PeerTls, ServerTls};
+use crate::tokens::load_tokens;
 
 /// The addresses a node is bound to: what `--address-file` holds, so a
 /// supervisor that started it with `--port 0` learns where it listens.

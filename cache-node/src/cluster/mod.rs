@@ -128,7 +128,7 @@ impl Cluster {
         settings: ClusterSettings,
         metrics: ClusterMetrics,
         ready: Arc<AtomicBool>,
-        peer_tokens: Option<Arc<crate::api::auth::TokenFile>>,
+        peer_tokens: Option<Arc<crate::tokens::TokenFile>>,
         peer_tls: Option<Arc<crate::tls::PeerTls>>,
     ) -> Arc<Self> {
         Arc::new(Self {

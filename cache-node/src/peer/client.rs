@@ -49,9 +49,9 @@ use super::frame::{self, Frame, FrameCodec};
 use super::outbox::Outbox;
 use super::protocol::{Answer, LocalInvalidation, NodeStats, Records, ReplicateOutcome, Request};
 use super::{CONNECT_PATH, FEATURE_SET_KEEPER, FEATURES_HEADER, FROM_HEADER, PROTOCOL};
-use crate::api::auth::{TokenFile, TokenSet};
 use crate::reload::Reloadable;
 use crate::tls::PeerTls;
+use crate::tokens::{TokenFile, TokenSet};
 
 /// A connection with nothing in flight for this long is closed.
 pub const IDLE_CLOSE: Duration = Duration::from_secs(15);

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_node::api::auth::TokenSet;
 use cache_node::peer::{PeerClient, PeerSettings};
 use cache_node::reload::Reloadable;
 use cache_node::tls::PeerTls;
+use cache_node::tokens::TokenSet;
 use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc, NodeProgress};
 use serde_json::Value;
 
