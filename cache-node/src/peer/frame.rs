@@ -173,11 +173,75 @@ mod tests {
             prop_assert_eq!(got, expected);
         }
 
-        /// Arbitrary bytes never panic the decoder: they are frames, a
-        /// refusal, or a wait for more.
+        /// Arbitrary bytes never panic the decoder: they are frames, each
+        /// of which encodes back to exactly the bytes it was read from,
+        /// then a refusal of a bad length or a wait for the rest of a frame;
+        /// and at the end of the stream, bytes left over are an error.
         #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = frames(&mut FrameCodec::new(64), &bytes);
+        fn arbitrary_bytes_are_frames_then_a_refusal_or_a_wait(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut codec = FrameCodec::new(64);
+            let mut src = BytesMut::from(&bytes[..]);
+            let mut read = BytesMut::new();
+            let outcome = loop {
+                match codec.decode(&mut src) {
+                    Ok(Some(frame)) => encode(&mut read, frame.id, frame.epoch, |out| {
+                        out.extend_from_slice(&frame.body);
+                        frame.kind
+                    }),
+                    other => break other,
+                }
+            };
+            let rest = bytes.len() - read.len();
+            prop_assert_eq!(&read[..], &bytes[..read.len()]);
+            match outcome {
+                Err(FrameError::TooShort(length)) => prop_assert!(length < MIN_LENGTH),
+                Err(FrameError::TooLarge { length, .. }) => prop_assert!(length > 64 + MIN_LENGTH),
+                Err(FrameError::Io(e)) => prop_assert!(false, "no I/O here: {}", e),
+                Ok(Some(_)) => unreachable!("the loop reads every frame"),
+                Ok(None) => {
+                    // Waiting: what is left is less than one whole frame.
+                    prop_assert_eq!(src.len(), rest);
+                    if rest >= 4 {
+                        let length = u32::from_be_bytes(src[..4].try_into().unwrap()) as usize;
+                        prop_assert!(rest < 4 + length);
+                    }
+                    if rest > 0 {
+                        prop_assert!(codec.decode_eof(&mut src).is_err(), "bytes left at the end");
+                    }
+                }
+            }
+        }
+
+        /// A stream that ends inside a frame is an error, after the frames
+        /// before it, wherever it ends.
+        #[test]
+        fn a_stream_ending_inside_a_frame_is_an_error(
+            bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..50), 1..5),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut wire = BytesMut::new();
+            let mut ends = Vec::new();
+            for (i, body) in bodies.iter().enumerate() {
+                encode(&mut wire, i as u64, 1, |out| {
+                    out.extend_from_slice(body);
+                    1
+                });
+                ends.push(wire.len());
+            }
+            let cut = cut.index(wire.len());
+            let whole_frames = ends.iter().filter(|&&end| end <= cut).count();
+            let mut codec = FrameCodec::new(64);
+            let mut src = BytesMut::from(&wire[..cut]);
+            let mut got = 0;
+            let ended = loop {
+                match codec.decode_eof(&mut src) {
+                    Ok(Some(_)) => got += 1,
+                    other => break other,
+                }
+            };
+            prop_assert_eq!(got, whole_frames);
+            let at_a_boundary = cut == 0 || ends.contains(&cut);
+            prop_assert_eq!(ended.is_err(), !at_a_boundary, "{:?}", ended);
         }
     }
 
