@@ -245,8 +245,7 @@ pub async fn serve<S: Service>(
             },
             _ = shutdown.cancelled() => break,
         };
-        // Responses are small and written whole; don't let Nagle delay them.
-        let _ = stream.set_nodelay(true);
+        crate::tcp::tune(&stream);
         let shutdown = shutdown.clone();
         let service = service.clone();
         let builder = builder.clone();

@@ -23,5 +23,6 @@ pub mod reload;
 pub mod server;
 pub mod snapshot;
 pub mod store;
+pub mod tcp;
 pub mod tls;
 pub mod tokens;

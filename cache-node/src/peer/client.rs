@@ -623,7 +623,7 @@ impl PeerClient {
             let stream = TcpStream::connect(addr)
                 .await
                 .map_err(|e| refused(e.to_string()))?;
-            let _ = stream.set_nodelay(true);
+            crate::tcp::tune(&stream);
             let Some(tls) = &self.tls else {
                 let (stream, read_buf, features) = self.upgrade(addr, stream).await?;
                 let (read, write) = stream.into_split();

@@ -22,6 +22,14 @@
 //! the last request it read, answers everything up to it (within the drain
 //! time) and closes. The client fails the requests it sent after that one
 //! as never read, so they may safely go elsewhere.
+//!
+//! Idle connections: the client closes a connection it has not used for
+//! `client::IDLE_CLOSE`. A client that stops using one without closing it
+//! (its process stalled, or gone behind a partition that TCP keepalive has
+//! not yet found out, see `crate::tcp`) would hold it here for good, so the
+//! server closes a connection too, the same way as on shutdown, once it
+//! has read nothing and owed nothing for [`IDLE_CLOSE`] (checked every half
+//! of it, so after one to one and a half times that).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,6 +51,9 @@ use super::protocol::{Answer, Request};
 pub const MAX_IN_FLIGHT: usize = 4096;
 /// Most bytes of answers waiting to be written on one connection.
 pub const MAX_OUTBOX_BYTES: usize = 16 * 1024 * 1024;
+/// How long a connection may carry nothing before this side closes it:
+/// well past the client's own idle close, so a client in use never meets it.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
 
 /// An answer, now or later.
 pub enum Reply {
@@ -88,6 +99,11 @@ pub async fn serve<H, R, W>(
     frames.read_buffer_mut().extend_from_slice(&read_buf);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut last_read = 0;
+    // Counted rather than timed, so a frame costs no clock read.
+    let (mut frames_read, mut frames_at_check, mut quiet_checks) = (0u64, 0u64, 0u32);
+    let mut idle_check =
+        tokio::time::interval_at(tokio::time::Instant::now() + IDLE_CLOSE / 2, IDLE_CLOSE / 2);
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let going_away = loop {
         if outbox.pending_bytes() >= MAX_OUTBOX_BYTES {
             outbox.wait_below(MAX_OUTBOX_BYTES).await;
@@ -95,7 +111,20 @@ pub async fn serve<H, R, W>(
         let frame = tokio::select! {
             frame = frames.next() => frame,
             _ = shutdown.cancelled() => break true,
+            _ = idle_check.tick() => {
+                let owes_nothing = in_flight.available_permits() == MAX_IN_FLIGHT
+                    && outbox.pending_bytes() == 0;
+                let quiet = frames_read == frames_at_check && owes_nothing;
+                frames_at_check = frames_read;
+                quiet_checks = if quiet { quiet_checks + 1 } else { 0 };
+                if quiet_checks >= 2 {
+                    tracing::debug!("closing a peer connection idle for {IDLE_CLOSE:?}");
+                    break true;
+                }
+                continue;
+            }
         };
+        frames_read += 1;
         let frame = match frame {
             Some(Ok(frame)) => frame,
             // A connection that failed (a peer killed or gone, a TLS
@@ -154,4 +183,106 @@ pub async fn serve<H, R, W>(
     }
     outbox.close();
     let _ = tokio::time::timeout(drain_timeout, writer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::Instant;
+    use tokio_util::codec::Decoder;
+
+    use super::*;
+    use crate::peer::frame::Frame;
+
+    /// Answers every request at once: the key is not held here.
+    struct NothingHeld;
+
+    impl Handler for NothingHeld {
+        fn epoch(&self) -> u64 {
+            1
+        }
+        fn handle(self: Arc<Self>, _: Request) -> Reply {
+            Reply::Now(Answer::Missing)
+        }
+    }
+
+    /// A connection to a server of [`NothingHeld`], from the client's end.
+    fn connect() -> DuplexStream {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (read, write) = tokio::io::split(server);
+        tokio::spawn(serve(
+            read,
+            write,
+            Bytes::new(),
+            Arc::new(NothingHeld),
+            1 << 20,
+            Duration::from_secs(1),
+            CancellationToken::new(),
+        ));
+        client
+    }
+
+    async fn send_fetch(conn: &mut DuplexStream, id: u64) {
+        let mut out = BytesMut::new();
+        frame::encode(&mut out, id, 1, |body| {
+            Request::Fetch { key: "k".into() }.encode(body)
+        });
+        conn.write_all(&out).await.unwrap();
+    }
+
+    /// The next frame, or `None` once the server has closed.
+    async fn next_frame(conn: &mut DuplexStream, buf: &mut BytesMut) -> Option<Frame> {
+        let mut codec = FrameCodec::new(1 << 20);
+        loop {
+            if let Some(frame) = codec.decode(buf).unwrap() {
+                return Some(frame);
+            }
+            if conn.read_buf(buf).await.unwrap() == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// A connection that carries nothing is closed, with a `GOING_AWAY`
+    /// naming the last request read, once it has been idle for
+    /// [`IDLE_CLOSE`] and no later than half as long again, whenever in
+    /// the server's checks its last request came.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_after_the_idle_time() {
+        for last_request_at in [Duration::ZERO, IDLE_CLOSE / 2 + Duration::from_secs(1)] {
+            let mut conn = connect();
+            let mut buf = BytesMut::new();
+            tokio::time::sleep(last_request_at).await;
+            send_fetch(&mut conn, 7).await;
+            let answer = next_frame(&mut conn, &mut buf).await.expect("an answer");
+            assert_eq!(answer.id, 7);
+            let idle_since = Instant::now();
+            let going_away = tokio::time::timeout(IDLE_CLOSE * 3, next_frame(&mut conn, &mut buf))
+                .await
+                .expect("closed within three times the idle time")
+                .expect("going away");
+            assert_eq!((going_away.kind, going_away.id), (frame::GOING_AWAY, 7));
+            let idle = idle_since.elapsed();
+            assert!(
+                idle >= IDLE_CLOSE && idle <= IDLE_CLOSE * 3 / 2 + Duration::from_secs(1),
+                "last request at {last_request_at:?}: closed after {idle:?} idle"
+            );
+            assert!(next_frame(&mut conn, &mut buf).await.is_none(), "closed");
+        }
+    }
+
+    /// A connection used more often than [`IDLE_CLOSE`] stays open however
+    /// long it lives.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_in_use_stays_open() {
+        let mut conn = connect();
+        let mut buf = BytesMut::new();
+        for id in 1..=12 {
+            send_fetch(&mut conn, id).await;
+            let answer = next_frame(&mut conn, &mut buf).await.expect("open");
+            assert_eq!((answer.kind == frame::GOING_AWAY, answer.id), (false, id));
+            tokio::time::sleep(IDLE_CLOSE / 2 - Duration::from_secs(1)).await;
+        }
+    }
 }
