@@ -30,9 +30,9 @@ use distrocache_membership::{MemberState, NodeProgress, SyncPhase};
 use futures_util::future::join_all;
 use tokio::sync::watch;
 
-use super::Cluster;
 use super::metrics::PeerOp;
 use super::ring::{MemberIdx, Ring, RingMember};
+use super::{Cluster, UntilDone};
 use crate::peer::protocol::{RecordBatch, Records, Source};
 use crate::peer::{Expect, PeerError, Request, expect};
 
@@ -178,7 +178,7 @@ pub async fn run(cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
     let mut epochs = cluster.subscribe();
     // The ring whose data this node holds: the one it last finished syncing.
     let mut synced: Option<Arc<Ring>> = None;
-    let mut backoff = Duration::from_millis(500);
+    let mut pace = UntilDone::new();
     loop {
         let ring = cluster.ring.current();
         let pending = match &ring {
@@ -213,7 +213,7 @@ pub async fn run(cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
                 cluster.set_ready(true);
                 tracing::info!(epoch = ring.epoch(), took = ?took, "synced ring");
                 synced = Some(ring.clone());
-                backoff = Duration::from_millis(500);
+                pace = UntilDone::new();
                 tokio::select! {
                     _ = settle(&cluster, &ring) => {}
                     _ = stop.changed() => return,
@@ -221,13 +221,13 @@ pub async fn run(cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
             }
             Err(Abort::RingChanged) => {}
             Err(Abort::Failed(reason)) => {
-                tracing::warn!(epoch = ring.epoch(), %reason, retry_in = ?backoff, "data movement failed; retrying");
+                let pause = pace.next_pause();
+                tracing::warn!(epoch = ring.epoch(), %reason, retry_in = ?pause, "data movement failed; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = epochs.changed() => {}
                     _ = stop.changed() => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }
@@ -304,7 +304,7 @@ async fn pull_from(
     let mut cursor = 0;
     let mut received = 0;
     let mut epochs = cluster.subscribe();
-    let mut pause = Duration::from_millis(500);
+    let mut pace = UntilDone::new();
     loop {
         let request = Request::Pull {
             node: node.clone(),
@@ -319,6 +319,7 @@ async fn pull_from(
             Err(Abort::Failed(reason)) => {
                 // Every member must answer (it may hold the only other copy
                 // of some keys): wait longer, with the node not ready.
+                let pause = pace.next_pause();
                 tracing::warn!(
                     peer = %member.id, %reason, retry_in = ?pause,
                     "cannot pull from a member yet; staying not ready until it answers"
@@ -327,11 +328,10 @@ async fn pull_from(
                     _ = tokio::time::sleep(pause) => {}
                     _ = epochs.changed() => {}
                 }
-                pause = (pause * 2).min(Duration::from_secs(10));
                 continue;
             }
         };
-        pause = Duration::from_millis(500);
+        pace = UntilDone::new();
         let records = items.decode().map_err(|e| {
             Abort::Failed(format!("unreadable pull answer from {}: {e}", member.id))
         })?;

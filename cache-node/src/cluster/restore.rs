@@ -44,10 +44,10 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use parking_lot::Mutex;
 
-use super::Cluster;
 use super::metrics::PeerOp;
 use super::ring::{MemberIdx, Ring, RingMember};
 use super::tombstones::TombstoneLog;
+use super::{Cluster, UntilDone};
 use crate::backup::{BackupError, Backups};
 use crate::peer::{PeerError, Request, expect};
 use crate::store::UnixNanos;
@@ -125,7 +125,7 @@ impl Cluster {
             _ => return Err(Interrupted::RingChanged),
         };
         let mut epochs = self.subscribe();
-        let mut pause = Duration::from_millis(500);
+        let mut pace = UntilDone::new();
         let started = std::time::Instant::now();
         loop {
             let (ready, others) = self.members_ready(&ring, me).await;
@@ -163,9 +163,10 @@ impl Cluster {
                     break;
                 }
                 Err(e) => {
+                    let pause = pace.next_pause();
                     tracing::error!(backup = %id, error = %crate::backup::summary(&e), retry_in = ?pause,
                         "cannot restore the backup yet; staying not ready until it can be read");
-                    pause = self.back_off(&mut epochs, ring.epoch(), pause).await?;
+                    self.back_off(&mut epochs, ring.epoch(), pause).await?;
                 }
             }
         }
@@ -173,15 +174,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits `pause`, or less if a new ring arrives; then either the ring
-    /// changed (plan again) or the next pause, doubled up to 10 s. The one
-    /// retry pace of both restore steps.
+    /// Waits `pause` (one of an [`UntilDone`]'s), or less if a new ring
+    /// arrives; `Err` when the ring changed (plan again). Both restore
+    /// steps wait this way.
     async fn back_off(
         &self,
         epochs: &mut tokio::sync::watch::Receiver<u64>,
         epoch: u64,
         pause: Duration,
-    ) -> Result<Duration, Interrupted> {
+    ) -> Result<(), Interrupted> {
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = epochs.changed() => {}
@@ -189,7 +190,7 @@ impl Cluster {
         if self.epoch() != epoch {
             return Err(Interrupted::RingChanged);
         }
-        Ok((pause * 2).min(Duration::from_secs(10)))
+        Ok(())
     }
 
     /// How many of the other members of `ring` say they are ready, of how
@@ -301,7 +302,7 @@ impl Cluster {
     ) -> Result<Option<TombstoneLog>, Interrupted> {
         let request = Request::Tombstones { since };
         let mut epochs = self.subscribe();
-        let mut pause = Duration::from_millis(500);
+        let mut pace = UntilDone::new();
         loop {
             let result = self
                 .call_with_retry(member, ring.epoch(), &request, expect::tombstones)
@@ -311,11 +312,12 @@ impl Cluster {
                 Ok(log) => return Ok(log),
                 Err(PeerError::RingChanged { .. }) => return Err(Interrupted::RingChanged),
                 Err(e) => {
+                    let pause = pace.next_pause();
                     tracing::warn!(
                         peer = %member.id, error = %e, retry_in = ?pause,
                         "cannot ask a member for its deletes yet; staying not ready until it answers"
                     );
-                    pause = self.back_off(&mut epochs, ring.epoch(), pause).await?;
+                    self.back_off(&mut epochs, ring.epoch(), pause).await?;
                 }
             }
         }
