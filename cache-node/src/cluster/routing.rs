@@ -364,6 +364,29 @@ mod tests {
         ))
     }
 
+    /// Node "a" (see `testing::two_members`), whose routing the tests call
+    /// with rings of their own.
+    fn node_a() -> Arc<Cluster> {
+        testing::two_members(
+            Arc::new(Store::with_config(Default::default())),
+            100,
+            1 << 20,
+        )
+    }
+
+    /// `current` alone (settled), and with `previous` (data moving).
+    fn settled_and_moving(current: &Arc<Ring>, previous: &Arc<Ring>) -> (Rings, Rings) {
+        let settled = Rings {
+            current: current.clone(),
+            previous: None,
+        };
+        let moving = Rings {
+            current: current.clone(),
+            previous: Some(previous.clone()),
+        };
+        (settled, moving)
+    }
+
     fn ids(ring: &Ring, idx: &[MemberIdx]) -> Vec<String> {
         idx.iter().map(|&i| ring.member(i).id.clone()).collect()
     }
@@ -380,21 +403,10 @@ mod tests {
     #[tokio::test]
     async fn a_plan_lists_each_candidate_once_in_the_order_to_try_them() {
         use MemberState::{Active, Joining};
-        let cluster = testing::two_members(
-            Arc::new(Store::with_config(Default::default())),
-            100,
-            1 << 20,
-        );
+        let cluster = node_a();
         let current = ring(3, &[("a", Active), ("b", Joining), ("c", Active)]);
         let previous = ring(2, &[("a", Active), ("c", Active), ("d", Active)]);
-        let settled = Rings {
-            current: current.clone(),
-            previous: None,
-        };
-        let moving = Rings {
-            current: current.clone(),
-            previous: Some(previous.clone()),
-        };
+        let (settled, moving) = settled_and_moving(&current, &previous);
         let (mut joining_owned, mut added, mut already_in) = (0, 0, 0);
         for i in 0..200 {
             let key = format!("key:{i}");
@@ -434,20 +446,10 @@ mod tests {
     #[tokio::test]
     async fn a_replica_serves_reads_only_under_a_lease_for_the_planned_epoch() {
         use MemberState::Active;
-        let cluster = testing::two_members(
-            Arc::new(Store::with_config(Default::default())),
-            100,
-            1 << 20,
-        );
+        let cluster = node_a();
         let current = ring(3, &[("a", Active), ("b", Active), ("c", Active)]);
-        let settled = Rings {
-            current: current.clone(),
-            previous: None,
-        };
-        let moving = Rings {
-            current: current.clone(),
-            previous: Some(ring(2, &[("a", Active), ("b", Active)])),
-        };
+        let previous = ring(2, &[("a", Active), ("b", Active)]);
+        let (settled, moving) = settled_and_moving(&current, &previous);
         // This node has pulled its keys: only a previous ring means data moves.
         cluster.progress.mark_pulled();
         let route = |rings: &Rings, key: &str| cluster.read_route_in(rings, key);
