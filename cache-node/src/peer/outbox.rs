@@ -14,6 +14,7 @@
 //! buffer that keeps its capacity); nothing allocates per frame.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -44,6 +45,8 @@ pub struct Outbox {
     wake: Notify,
     /// Wakes those waiting for the buffer to shrink (backpressure).
     drained: Notify,
+    /// Batches written in full so far: whether the connection moves.
+    written: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +90,13 @@ impl Outbox {
     /// Bytes waiting to be written.
     pub fn pending_bytes(&self) -> usize {
         self.state.lock().buf.len()
+    }
+
+    /// How many batches have been written in full so far. One that stays
+    /// the same while frames wait, or while a batch is being written, says
+    /// the other end is not reading.
+    pub fn batches_written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// Waits until fewer than `limit` bytes are waiting.
@@ -145,6 +155,7 @@ impl Outbox {
             }
             out.write_all(&batch).await?;
             batch.clear();
+            self.written.fetch_add(1, Ordering::Relaxed);
             self.drained.notify_waiters();
         }
     }

@@ -25,11 +25,15 @@
 //!
 //! Idle connections: the client closes a connection it has not used for
 //! `client::IDLE_CLOSE`. A client that stops using one without closing it
-//! (its process stalled, or gone behind a partition that TCP keepalive has
-//! not yet found out, see `crate::tcp`) would hold it here for good, so the
-//! server closes a connection too, the same way as on shutdown, once it
-//! has read nothing and owed nothing for [`IDLE_CLOSE`] (checked every half
-//! of it, so after one to one and a half times that).
+//! (its process stalled, or it stopped reading, or it is gone behind a
+//! partition that TCP has not yet found out, see `crate::tcp`) would hold
+//! it here for good. So the server closes a connection too, the same way as
+//! on shutdown, once it has moved nothing (no byte read, no batch of
+//! answers written) for [`IDLE_CLOSE`] with no request being handled. It
+//! checks every half of [`IDLE_CLOSE`], so it closes between one and one
+//! and a half times that after the last movement. A writer stuck on a peer
+//! that never reads is then stopped after the drain time rather than left
+//! waiting.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -99,8 +103,11 @@ pub async fn serve<H, R, W>(
     frames.read_buffer_mut().extend_from_slice(&read_buf);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut last_read = 0;
-    // Counted rather than timed, so a frame costs no clock read.
-    let (mut frames_read, mut frames_at_check, mut quiet_checks) = (0u64, 0u64, 0u32);
+    // Movement is counted rather than timed, so a frame costs no clock
+    // read: frames read, bytes of a frame still arriving, batches written.
+    let mut frames_read = 0u64;
+    let mut moved_at_check = (0u64, 0usize, 0u64);
+    let mut quiet_checks = 0u32;
     let mut idle_check =
         tokio::time::interval_at(tokio::time::Instant::now() + IDLE_CLOSE / 2, IDLE_CLOSE / 2);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -112,10 +119,13 @@ pub async fn serve<H, R, W>(
             frame = frames.next() => frame,
             _ = shutdown.cancelled() => break true,
             _ = idle_check.tick() => {
-                let owes_nothing = in_flight.available_permits() == MAX_IN_FLIGHT
-                    && outbox.pending_bytes() == 0;
-                let quiet = frames_read == frames_at_check && owes_nothing;
-                frames_at_check = frames_read;
+                let moved = (frames_read, frames.read_buffer().len(), outbox.batches_written());
+                // A request being handled keeps the connection. Answers
+                // waiting to be written do not by themselves: with no batch
+                // written for a whole check, the peer stopped reading.
+                let handling = in_flight.available_permits() < MAX_IN_FLIGHT;
+                let quiet = moved == moved_at_check && !handling;
+                moved_at_check = moved;
                 quiet_checks = if quiet { quiet_checks + 1 } else { 0 };
                 if quiet_checks >= 2 {
                     tracing::debug!("closing a peer connection idle for {IDLE_CLOSE:?}");
@@ -182,7 +192,15 @@ pub async fn serve<H, R, W>(
         );
     }
     outbox.close();
-    let _ = tokio::time::timeout(drain_timeout, writer).await;
+    // A writer still blocked after the drain time writes to a peer that
+    // does not read: stopped, so the connection is freed.
+    let mut writer = writer;
+    if tokio::time::timeout(drain_timeout, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 #[cfg(test)]
@@ -195,23 +213,35 @@ mod tests {
     use super::*;
     use crate::peer::frame::Frame;
 
-    /// Answers every request at once: the key is not held here.
+    /// The key a request asks for when it should take two idle times to
+    /// answer.
+    const SLOW: &str = "slow";
+
+    /// Answers that the key is not held here: at once, or for [`SLOW`]
+    /// after twice [`IDLE_CLOSE`].
     struct NothingHeld;
 
     impl Handler for NothingHeld {
         fn epoch(&self) -> u64 {
             1
         }
-        fn handle(self: Arc<Self>, _: Request) -> Reply {
-            Reply::Now(Answer::Missing)
+        fn handle(self: Arc<Self>, request: Request) -> Reply {
+            match request {
+                Request::Fetch { key } if key == SLOW => Reply::Later(Box::pin(async {
+                    tokio::time::sleep(IDLE_CLOSE * 2).await;
+                    Answer::Missing
+                })),
+                _ => Reply::Now(Answer::Missing),
+            }
         }
     }
 
-    /// A connection to a server of [`NothingHeld`], from the client's end.
-    fn connect() -> DuplexStream {
-        let (client, server) = tokio::io::duplex(1 << 16);
+    /// A connection to a server of [`NothingHeld`], from the client's end,
+    /// through a pipe that holds `buffer` bytes each way; and the server.
+    fn connect_with(buffer: usize) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(buffer);
         let (read, write) = tokio::io::split(server);
-        tokio::spawn(serve(
+        let server = tokio::spawn(serve(
             read,
             write,
             Bytes::new(),
@@ -220,15 +250,23 @@ mod tests {
             Duration::from_secs(1),
             CancellationToken::new(),
         ));
-        client
+        (client, server)
+    }
+
+    fn connect() -> DuplexStream {
+        connect_with(1 << 16).0
+    }
+
+    async fn send_fetch_of(conn: &mut DuplexStream, id: u64, key: &str) {
+        let mut out = BytesMut::new();
+        frame::encode(&mut out, id, 1, |body| {
+            Request::Fetch { key: key.into() }.encode(body)
+        });
+        conn.write_all(&out).await.unwrap();
     }
 
     async fn send_fetch(conn: &mut DuplexStream, id: u64) {
-        let mut out = BytesMut::new();
-        frame::encode(&mut out, id, 1, |body| {
-            Request::Fetch { key: "k".into() }.encode(body)
-        });
-        conn.write_all(&out).await.unwrap();
+        send_fetch_of(conn, id, "k").await;
     }
 
     /// The next frame, or `None` once the server has closed.
@@ -278,11 +316,55 @@ mod tests {
     async fn a_connection_in_use_stays_open() {
         let mut conn = connect();
         let mut buf = BytesMut::new();
-        for id in 1..=12 {
+        for id in 1..=6 {
             send_fetch(&mut conn, id).await;
             let answer = next_frame(&mut conn, &mut buf).await.expect("open");
             assert_eq!((answer.kind == frame::GOING_AWAY, answer.id), (false, id));
-            tokio::time::sleep(IDLE_CLOSE / 2 - Duration::from_secs(1)).await;
+            tokio::time::sleep(IDLE_CLOSE - Duration::from_secs(1)).await;
         }
+    }
+
+    /// A request still being handled keeps its connection open, however
+    /// long it takes: its answer comes, not a `GOING_AWAY`.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_waiting_for_an_answer_stays_open() {
+        let mut conn = connect();
+        let mut buf = BytesMut::new();
+        send_fetch_of(&mut conn, 1, SLOW).await;
+        let asked = Instant::now();
+        let answer = next_frame(&mut conn, &mut buf).await.expect("open");
+        assert_eq!((answer.kind == frame::GOING_AWAY, answer.id), (false, 1));
+        assert!(asked.elapsed() >= IDLE_CLOSE * 2);
+    }
+
+    /// A peer that stops reading (its answers fill the pipe, so the
+    /// server's writer blocks) loses the connection: the server closes it
+    /// as idle and stops its writer, so the pipe's other end is dropped.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_loses_the_connection() {
+        let (mut conn, server) = connect_with(1024);
+        let mut requests = BytesMut::new();
+        for id in 1..=200 {
+            frame::encode(&mut requests, id, 1, |body| {
+                Request::Fetch { key: "k".into() }.encode(body)
+            });
+        }
+        // 200 answers are four times what the pipe holds.
+        conn.write_all(&requests).await.unwrap();
+        tokio::time::timeout(IDLE_CLOSE * 3, server)
+            .await
+            .expect("the server gave up the connection")
+            .unwrap();
+        // Its end is gone (a writer left blocked would keep it, and would
+        // finish writing as soon as the peer read again).
+        let write = conn.write_all(&requests[..1]).await;
+        assert_eq!(
+            write.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::BrokenPipe),
+            "the server's end of the connection is dropped"
+        );
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).await.unwrap();
+        assert!(!rest.is_empty(), "the answers the pipe held");
     }
 }
