@@ -239,7 +239,15 @@ const SHORT_PEER_TIMEOUTS: &[&str] = &["--peer-timeout", "1s", "--peer-connect-t
 /// its writes, and node-1 is a replica (which keeps its own copy of the
 /// writes it forwards, see `Request::Set`).
 async fn primary_and_replicas(n: usize, flags: &[&str], prefix: &str) -> (ProcCluster, String) {
-    let mut c = ProcCluster::new(n, n as u32).with_flags(flags);
+    let c = ProcCluster::new(n, n as u32).with_flags(flags);
+    every_node_an_owner(c, prefix).await
+}
+
+/// [`primary_and_replicas`] from a cluster already set up (its slots not
+/// started): a ring of every slot as an active member, each started and
+/// settled, and a key whose primary is node-0.
+async fn every_node_an_owner(mut c: ProcCluster, prefix: &str) -> (ProcCluster, String) {
+    let n = c.nodes.len();
     let members: Vec<_> = (0..n).map(|i| (i, Active)).collect();
     let epoch = c.set_ring(&members);
     for i in 0..n {
@@ -1161,14 +1169,7 @@ impl cache_node::store::ItemView for Planted {
 async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
     let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
     let relay = c.relay_peer_traffic(1).await;
-    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
-    c.start(0);
-    c.start(1);
-    c.wait_settled(epoch, SETTLE).await;
-    let key = (0..)
-        .map(|i| format!("behind-{i}"))
-        .find(|k| c.primary_of(k) == "node-0")
-        .expect("some key");
+    let (c, key) = every_node_an_owner(c, "behind").await;
     let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
     let put = |i, value: &'static str| c.client.put(url(i)).json(&json!({ "value": value })).send();
     // A read through node-1: the value, and who served it.
@@ -1198,7 +1199,7 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    relay.cut();
+    relay.cut().await;
     let written = put(0, "new").await.unwrap();
     assert!(
         written.status().is_success(),

@@ -630,6 +630,8 @@ fn slot(block: u8, i: usize, dir: &Path) -> ProcNode {
 pub struct PeerRelay {
     pub addr: SocketAddr,
     open: tokio::sync::watch::Sender<bool>,
+    /// Connections being relayed now.
+    relaying: Arc<std::sync::atomic::AtomicUsize>,
     accepting: tokio::task::JoinHandle<()>,
 }
 
@@ -640,34 +642,53 @@ impl PeerRelay {
             .unwrap_or_else(|e| panic!("relay on {bind}: {e}"));
         let addr = listener.local_addr().expect("relay address");
         let (open, _) = tokio::sync::watch::channel(true);
+        let relaying = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let gate = open.subscribe();
+        let count = relaying.clone();
         let accepting = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let mut gate = gate.clone();
                 if !*gate.borrow() {
                     continue; // closed on drop
                 }
+                // Counted before the cut can be checked again, uncounted
+                // once both sockets are closed.
+                count.fetch_add(1, Ordering::SeqCst);
+                let count = count.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = gate.wait_for(|open| !open) => {}
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        tokio::select! {
+                            biased;
+                            _ = gate.wait_for(|open| !open) => {}
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        }
                     }
+                    drop(inbound);
+                    count.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         Self {
             addr,
             open,
+            relaying,
             accepting,
         }
     }
 
-    /// Closes every relayed connection and every new one until [`Self::restore`].
-    pub fn cut(&self) {
+    /// Closes every relayed connection, and every new one until
+    /// [`Self::restore`]; returns once none is relayed any more, so nothing
+    /// sent after it passes.
+    pub async fn cut(&self) {
         self.open.send_replace(false);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.relaying.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "relayed connections still open 10 s after the cut"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     pub fn restore(&self) {
@@ -677,7 +698,7 @@ impl PeerRelay {
 
 impl Drop for PeerRelay {
     fn drop(&mut self) {
-        self.cut();
+        self.open.send_replace(false);
         self.accepting.abort();
     }
 }
