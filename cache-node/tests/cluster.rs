@@ -1286,6 +1286,8 @@ async fn every_answer_carries_the_ring_epoch() {
         (Method::PATCH, "/api/v1/cache/here", 405),
         (Method::GET, &format!("/api/v1/cache/{long_key}"), 414),
         (Method::GET, "/api/v1/cache/%FF", 400),
+        // A peer connection asked for without the upgrade.
+        (Method::GET, "/internal/v1/connect", 426),
     ];
     for (method, path, status) in cases {
         let resp = c
@@ -1304,6 +1306,28 @@ async fn every_answer_carries_the_ring_epoch() {
             "{method} {path}"
         );
     }
+
+    // A request without the client token, to a cluster that requires one.
+    let mut authed = ProcCluster::new(1, 1).with_auth();
+    let epoch = authed.set_ring(&[(0, Active)]);
+    authed.start(0);
+    authed.wait_settled(epoch, SETTLE).await;
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(authed.url(0, "/api/v1/cache/here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.headers()
+            .get("x-distrocache-epoch")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        Some(epoch.to_string()),
+        "a request without the token"
+    );
 }
 
 /// A write that an owner forwards to the key's primary is kept by that

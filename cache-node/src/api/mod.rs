@@ -248,7 +248,11 @@ impl http::Service for Api {
         match parsed {
             Ok(Parsed::Op(op)) => self.inner.run(op),
             Ok(Parsed::Write { key }) => self.inner.write(key, request),
-            Ok(Parsed::PeerConnect) => Dispatch::Now(self.inner.connect(request, conn)),
+            Ok(Parsed::PeerConnect) => Dispatch::Now(
+                self.inner
+                    .stamp()
+                    .epoch_on(self.inner.connect(request, conn)),
+            ),
             Err(refusal) => Dispatch::Now(self.inner.stamp().epoch_on(refusal.answer())),
         }
     }
