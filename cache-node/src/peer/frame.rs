@@ -178,7 +178,25 @@ mod tests {
         /// then a refusal of a bad length or a wait for the rest of a frame;
         /// and at the end of the stream, bytes left over are an error.
         #[test]
-        fn arbitrary_bytes_are_frames_then_a_refusal_or_a_wait(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn arbitrary_bytes_are_frames_then_a_refusal_or_a_wait(
+            frames_first in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..3),
+            tail_length in 0u32..100,
+            tail in proptest::collection::vec(any::<u8>(), 0..120),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            // Uniformly random bytes would almost always claim a frame of
+            // gigabytes; so: whole frames, then a length near the bounds
+            // (too short, fitting, too long) and any bytes, cut anywhere.
+            let mut wire = BytesMut::new();
+            for (i, body) in frames_first.iter().enumerate() {
+                encode(&mut wire, i as u64, 9, |out| {
+                    out.extend_from_slice(body);
+                    3
+                });
+            }
+            wire.put_u32(tail_length);
+            wire.extend_from_slice(&tail);
+            let bytes = wire[..cut.index(wire.len() + 1)].to_vec();
             let mut codec = FrameCodec::new(64);
             let mut src = BytesMut::from(&bytes[..]);
             let mut read = BytesMut::new();
