@@ -38,8 +38,9 @@ use backon::Retryable;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::Cluster;
 use super::metrics::PeerOp;
-use super::{Cluster, retry_policy};
+use super::pace::retry_policy;
 use crate::peer::protocol::{Records, ReplicateOutcome};
 use crate::peer::{PeerError, Request, expect};
 

@@ -92,12 +92,19 @@ impl Leases {
     }
 
     /// Records leases from every member for `epoch`, counted from `asked`.
-    pub(super) fn hold(&self, epoch: u64, asked: Instant) {
+    fn hold(&self, epoch: u64, asked: Instant) {
         // Epoch first: a reader that sees the new end sees its epoch.
         self.held_until.store(0, Ordering::Release);
         self.held_epoch.store(epoch, Ordering::Release);
         self.held_until
             .store(self.nanos(asked + LEASE), Ordering::Release);
+    }
+
+    /// As if every member had just granted leases for `epoch`, for tests
+    /// of what depends on them.
+    #[cfg(test)]
+    pub(super) fn hold_as_granted(&self, epoch: u64) {
+        self.hold(epoch, Instant::now());
     }
 
     /// Ends the leases this node holds (the ring changed).

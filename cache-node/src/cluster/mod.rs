@@ -20,7 +20,8 @@
 //! * [`leases`]: when a replica may serve reads itself;
 //! * [`tombstones`]: recent deletes, so copies in flight cannot revive them;
 //! * [`restore`]: the rule for a node that comes back from a snapshot;
-//! * [`membership`]: where the ring documents come from.
+//! * [`membership`]: where the ring documents come from;
+//! * [`pace`]: how long peer work waits between attempts.
 //!
 //! Consistency model, in short (the README has the long form):
 //! * every write and delete goes to the key's primary, which applies it and
@@ -41,6 +42,7 @@ pub mod keepers;
 pub mod leases;
 pub mod membership;
 pub mod metrics;
+pub mod pace;
 pub mod rebalance;
 pub mod repair;
 pub mod replication;
@@ -56,7 +58,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use backon::Retryable;
 use distrocache_membership::{MemberState, MembershipDoc};
 use hyper::http::StatusCode;
 use tokio::sync::watch;
@@ -65,6 +67,7 @@ use crate::peer::{Expect, PeerClient, PeerError, PeerSettings, Request};
 use crate::store::Store;
 use leases::Leases;
 use metrics::ClusterMetrics;
+use pace::retry_policy;
 use rebalance::Progress;
 use repair::Hints;
 use ring::RingMember;
@@ -104,57 +107,6 @@ pub struct Cluster {
     settings: ClusterSettings,
     /// The node's readiness flag, shared with the API.
     ready: Arc<AtomicBool>,
-}
-
-/// How long a peer operation that must get through (a data move, a repair)
-/// keeps retrying an unreachable member before giving up for now.
-pub const PEER_RETRY_DEADLINE: Duration = Duration::from_secs(15);
-
-/// The one retry policy of peer operations that must get through: backoff
-/// from 100 ms doubling to 2 s, for up to [`PEER_RETRY_DEADLINE`] in all.
-pub fn retry_policy() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_factor(2.0)
-        .without_max_times()
-        .with_total_delay(Some(PEER_RETRY_DEADLINE))
-}
-
-/// Shortest and longest pause of [`UntilDone`].
-const UNTIL_DONE_FIRST_PAUSE: Duration = Duration::from_millis(500);
-const UNTIL_DONE_LONGEST_PAUSE: Duration = Duration::from_secs(10);
-
-/// The pace of work a node never gives up on, because it stays not ready
-/// until it succeeds (its data movement, its restore): pauses between
-/// attempts from 500 ms doubling to 10 s, for as long as it takes. Each
-/// attempt's own peer calls retry under [`retry_policy`]; both paces are
-/// backon's exponential backoff. A new one starts from the shortest pause.
-pub struct UntilDone(backon::ExponentialBackoff);
-
-impl UntilDone {
-    pub fn new() -> Self {
-        Self(
-            ExponentialBuilder::default()
-                .with_min_delay(UNTIL_DONE_FIRST_PAUSE)
-                .with_max_delay(UNTIL_DONE_LONGEST_PAUSE)
-                .with_factor(2.0)
-                .without_max_times()
-                .build(),
-        )
-    }
-
-    /// How long to wait before the next attempt.
-    pub fn next_pause(&mut self) -> Duration {
-        // The backoff has no last attempt; the longest pause, should it end.
-        self.0.next().unwrap_or(UNTIL_DONE_LONGEST_PAUSE)
-    }
-}
-
-impl Default for UntilDone {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 impl Cluster {
@@ -340,26 +292,5 @@ impl Cluster {
             .when(|e| !matches!(e, PeerError::RingChanged { .. }))
             .notify(|e, pause| tracing::debug!(peer = %member.id, error = %e, ?pause, "retrying"))
             .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn work_that_is_never_given_up_waits_longer_each_time_up_to_ten_seconds() {
-        let ms = Duration::from_millis;
-        let mut pace = UntilDone::new();
-        let pauses: Vec<Duration> = (0..8).map(|_| pace.next_pause()).collect();
-        assert_eq!(
-            pauses,
-            [500, 1000, 2000, 4000, 8000, 10_000, 10_000, 10_000].map(ms)
-        );
-        assert_eq!(
-            UntilDone::new().next_pause(),
-            ms(500),
-            "a new one starts over"
-        );
     }
 }

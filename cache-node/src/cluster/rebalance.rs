@@ -30,9 +30,10 @@ use distrocache_membership::{MemberState, NodeProgress, SyncPhase};
 use futures_util::future::join_all;
 use tokio::sync::watch;
 
+use super::Cluster;
 use super::metrics::PeerOp;
+use super::pace::UntilDone;
 use super::ring::{MemberIdx, Ring, RingMember};
-use super::{Cluster, UntilDone};
 use crate::peer::protocol::{RecordBatch, Records, Source};
 use crate::peer::{Expect, PeerError, Request, expect};
 

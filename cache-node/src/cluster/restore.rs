@@ -44,10 +44,11 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use parking_lot::Mutex;
 
+use super::Cluster;
 use super::metrics::PeerOp;
+use super::pace::UntilDone;
 use super::ring::{MemberIdx, Ring, RingMember};
 use super::tombstones::TombstoneLog;
-use super::{Cluster, UntilDone};
 use crate::backup::{BackupError, Backups};
 use crate::peer::{PeerError, Request, expect};
 use crate::store::UnixNanos;

@@ -465,18 +465,18 @@ mod tests {
             } else if owners.contains(&"a".to_owned()) {
                 replica += 1;
                 assert_eq!(route(&settled, &key), ReadRoute::Forward, "no lease");
-                cluster.leases.hold(2, Instant::now());
+                cluster.leases.hold_as_granted(2);
                 assert_eq!(
                     route(&settled, &key),
                     ReadRoute::Forward,
                     "a lease for another epoch"
                 );
-                cluster.leases.hold(3, Instant::now());
+                cluster.leases.hold_as_granted(3);
                 assert_eq!(route(&settled, &key), ReadRoute::Replica);
                 assert_eq!(route(&moving, &key), ReadRoute::Forward, "data moves");
             } else {
                 other += 1;
-                cluster.leases.hold(3, Instant::now());
+                cluster.leases.hold_as_granted(3);
                 assert_eq!(route(&settled, &key), ReadRoute::Forward);
             }
         }
