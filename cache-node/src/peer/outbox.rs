@@ -99,14 +99,19 @@ impl Outbox {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// Waits until fewer than `limit` bytes are waiting.
+    /// Waits until fewer than `limit` bytes are waiting, or the outbox is
+    /// closed (its writer may have stopped on an error, and nothing would
+    /// drain it any more).
     pub async fn wait_below(&self, limit: usize) {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            if self.pending_bytes() < limit {
-                return;
+            {
+                let state = self.state.lock();
+                if state.buf.len() < limit || state.closed {
+                    return;
+                }
             }
             drained.await;
         }
@@ -117,6 +122,7 @@ impl Outbox {
     pub fn close(&self) {
         self.state.lock().closed = true;
         self.wake.notify_one();
+        self.drained.notify_waiters();
     }
 
     pub fn is_closed(&self) -> bool {
@@ -236,6 +242,25 @@ mod tests {
         });
         tokio::task::yield_now().await;
         (recorder, writer)
+    }
+
+    /// A sender held back by a full outbox is let go when the outbox is
+    /// closed (say, its writer failed), rather than waiting for good.
+    #[tokio::test(flavor = "current_thread")]
+    async fn closing_lets_go_of_whoever_waits_for_room() {
+        let outbox = Arc::new(Outbox::default());
+        push(&outbox, 1);
+        let waiting = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.wait_below(1).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the frame is still waiting");
+        outbox.close();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("let go on close")
+            .unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]
