@@ -922,14 +922,16 @@ fn error_message(body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use bytes::BytesMut;
     use futures_util::future::join_all;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
-    use tokio_util::codec::Decoder;
 
     use super::*;
     use crate::peer::protocol::RecordBatch;
+    use crate::peer::testing::{read_frame, take_upgrade};
     use crate::store::{ItemMeta, ItemView};
 
     struct Copy(String);
@@ -975,29 +977,12 @@ mod tests {
         hold: impl std::future::Future<Output = ()>,
     ) {
         let (mut socket, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8];
-            socket.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
-        let features = features
-            .map(|f| format!("{FEATURES_HEADER}: {f}\r\n"))
-            .unwrap_or_default();
-        let answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: distrocache-peer/1\r\n{features}\r\n"
-        );
-        socket.write_all(answer.as_bytes()).await.unwrap();
-        let mut codec = FrameCodec::new(1 << 20);
+        take_upgrade(&mut socket, features).await;
         let mut buf = BytesMut::new();
         let mut frames = Vec::new();
         while frames.len() < wanted {
-            while let Some(frame) = codec.decode(&mut buf).unwrap() {
-                frames.push(frame);
-            }
-            if frames.len() < wanted {
-                socket.read_buf(&mut buf).await.unwrap();
-            }
+            let frame = read_frame(&mut socket, &mut buf).await;
+            frames.push(frame.expect("the client sent every request"));
         }
         let mut out = BytesMut::new();
         script(frames, &mut out);
@@ -1029,6 +1014,67 @@ mod tests {
             },
             None,
         )
+    }
+
+    /// Calls made one after another, each waiting for its answer, share one
+    /// connection: the peer sees one connection however many calls it
+    /// answers.
+    #[tokio::test]
+    async fn calls_one_after_another_share_one_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    take_upgrade(&mut socket, None).await;
+                    let mut buf = BytesMut::new();
+                    while let Some(frame) = read_frame(&mut socket, &mut buf).await {
+                        let mut out = BytesMut::new();
+                        answer_item(&mut out, &frame);
+                        socket.write_all(&out).await.unwrap();
+                    }
+                });
+            }
+        });
+        let client = client();
+        for i in 0..5 {
+            let key = format!("k{i}");
+            let record = client.fetch(addr, &key).await.unwrap().expect("answered");
+            assert_eq!(record.single().unwrap().key(), key);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// Calls made together leave together: a hundred calls started at once
+    /// reach the socket in a batch or two, not a write each.
+    #[tokio::test]
+    async fn calls_made_together_are_written_together() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(fake_peer(listener, None, 100, |frames, out| {
+            for frame in &frames {
+                answer_item(out, frame);
+            }
+        }));
+        let client = client();
+        let conn = client.connection(addr).await.unwrap();
+        let before = conn.outbox.batches_written();
+        let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
+        let results = join_all(keys.iter().map(|k| client.fetch(addr, k))).await;
+        peer.await.unwrap();
+        for (key, result) in keys.iter().zip(results) {
+            let record = result.unwrap().expect("answered");
+            assert_eq!(record.single().unwrap().key(), key);
+        }
+        let batches = conn.outbox.batches_written() - before;
+        assert!(
+            (1..=2).contains(&batches),
+            "{batches} batches for 100 calls"
+        );
     }
 
     /// Requests in flight on a connection that dies each get their own

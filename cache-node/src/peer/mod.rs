@@ -21,6 +21,8 @@ pub mod frame;
 pub mod outbox;
 pub mod protocol;
 pub mod server;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use client::{Expect, PeerClient, PeerError, PeerSettings, expect};
 pub use protocol::Request;

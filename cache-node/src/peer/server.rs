@@ -208,10 +208,9 @@ mod tests {
     use bytes::BytesMut;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::time::Instant;
-    use tokio_util::codec::Decoder;
 
     use super::*;
-    use crate::peer::frame::Frame;
+    use crate::peer::testing::read_frame;
 
     /// The key a request asks for when it should take two idle times to
     /// answer.
@@ -269,19 +268,6 @@ mod tests {
         send_fetch_of(conn, id, "k").await;
     }
 
-    /// The next frame, or `None` once the server has closed.
-    async fn next_frame(conn: &mut DuplexStream, buf: &mut BytesMut) -> Option<Frame> {
-        let mut codec = FrameCodec::new(1 << 20);
-        loop {
-            if let Some(frame) = codec.decode(buf).unwrap() {
-                return Some(frame);
-            }
-            if conn.read_buf(buf).await.unwrap() == 0 {
-                return None;
-            }
-        }
-    }
-
     /// A connection that carries nothing is closed, with a `GOING_AWAY`
     /// naming the last request read, once it has been idle for
     /// [`IDLE_CLOSE`] and no later than half as long again, whenever in
@@ -293,10 +279,10 @@ mod tests {
             let mut buf = BytesMut::new();
             tokio::time::sleep(last_request_at).await;
             send_fetch(&mut conn, 7).await;
-            let answer = next_frame(&mut conn, &mut buf).await.expect("an answer");
+            let answer = read_frame(&mut conn, &mut buf).await.expect("an answer");
             assert_eq!(answer.id, 7);
             let idle_since = Instant::now();
-            let going_away = tokio::time::timeout(IDLE_CLOSE * 3, next_frame(&mut conn, &mut buf))
+            let going_away = tokio::time::timeout(IDLE_CLOSE * 3, read_frame(&mut conn, &mut buf))
                 .await
                 .expect("closed within three times the idle time")
                 .expect("going away");
@@ -306,7 +292,7 @@ mod tests {
                 idle >= IDLE_CLOSE && idle <= IDLE_CLOSE * 3 / 2 + Duration::from_secs(1),
                 "last request at {last_request_at:?}: closed after {idle:?} idle"
             );
-            assert!(next_frame(&mut conn, &mut buf).await.is_none(), "closed");
+            assert!(read_frame(&mut conn, &mut buf).await.is_none(), "closed");
         }
     }
 
@@ -318,7 +304,7 @@ mod tests {
         let mut buf = BytesMut::new();
         for id in 1..=6 {
             send_fetch(&mut conn, id).await;
-            let answer = next_frame(&mut conn, &mut buf).await.expect("open");
+            let answer = read_frame(&mut conn, &mut buf).await.expect("open");
             assert_eq!((answer.kind == frame::GOING_AWAY, answer.id), (false, id));
             tokio::time::sleep(IDLE_CLOSE - Duration::from_secs(1)).await;
         }
@@ -332,8 +318,29 @@ mod tests {
         let mut buf = BytesMut::new();
         send_fetch_of(&mut conn, 1, SLOW).await;
         let asked = Instant::now();
-        let answer = next_frame(&mut conn, &mut buf).await.expect("open");
+        let answer = read_frame(&mut conn, &mut buf).await.expect("open");
         assert_eq!((answer.kind == frame::GOING_AWAY, answer.id), (false, 1));
+        assert!(asked.elapsed() >= IDLE_CLOSE * 2);
+    }
+
+    /// Requests on one connection are handled side by side, each answered
+    /// when it is ready: a quick request sent after a slow one is answered
+    /// first, while the slow one is still being handled.
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_request_is_answered_before_a_slow_one_sent_earlier() {
+        let mut conn = connect();
+        let mut buf = BytesMut::new();
+        let asked = Instant::now();
+        send_fetch_of(&mut conn, 1, SLOW).await;
+        send_fetch(&mut conn, 2).await;
+        let first = read_frame(&mut conn, &mut buf).await.expect("open");
+        assert_eq!((first.kind == frame::GOING_AWAY, first.id), (false, 2));
+        assert!(
+            asked.elapsed() < IDLE_CLOSE,
+            "answered while the slow one waits"
+        );
+        let second = read_frame(&mut conn, &mut buf).await.expect("open");
+        assert_eq!((second.kind == frame::GOING_AWAY, second.id), (false, 1));
         assert!(asked.elapsed() >= IDLE_CLOSE * 2);
     }
 
