@@ -254,6 +254,35 @@ mod tests {
         assert!(!leases.held(1), "run out");
     }
 
+    /// A node grants a lease only to an active member of the ring it holds
+    /// for which it holds no hint: a joining member may not hold its keys
+    /// yet, a hinted one has missed writes, and a stranger owns nothing.
+    #[tokio::test]
+    async fn a_lease_goes_only_to_an_active_member_with_no_hint_pending() {
+        use crate::cluster::testing;
+        let cluster = testing::two_members(
+            std::sync::Arc::new(crate::store::Store::with_config(Default::default())),
+            100,
+            1 << 20,
+        );
+        assert!(cluster.grant_lease("b"));
+        assert!(!cluster.grant_lease("z"), "not a member");
+        for (epoch, state) in [(2, MemberState::Joining), (3, MemberState::Leaving)] {
+            cluster.adopt(testing::membership(
+                epoch,
+                &[("a", MemberState::Active), ("b", state)],
+            ));
+            assert!(!cluster.grant_lease("b"), "{state:?}");
+        }
+        cluster.adopt(testing::membership(
+            4,
+            &[("a", MemberState::Active), ("b", MemberState::Active)],
+        ));
+        assert!(cluster.grant_lease("b"));
+        cluster.hints.write("b", "k");
+        assert!(!cluster.grant_lease("b"), "a hint pending");
+    }
+
     #[test]
     fn a_grant_is_refused_when_not_allowed_and_a_restart_counts_as_granted() {
         let leases = Leases::default();

@@ -440,12 +440,13 @@ mod tests {
         assert!(joining_owned > 0 && added > 0 && already_in > 0);
     }
 
-    /// A replica serves a read itself only while it holds a lease for the
-    /// epoch of the rings the read was planned in, and no data moves; a
-    /// primary always serves, and while data moves its misses recover.
+    /// A replica serves a read itself only while it is active and holds a
+    /// lease for the epoch of the rings the read was planned in, and no data
+    /// moves; a primary always serves, and while data moves its misses
+    /// recover.
     #[tokio::test]
     async fn a_replica_serves_reads_only_under_a_lease_for_the_planned_epoch() {
-        use MemberState::Active;
+        use MemberState::{Active, Joining};
         let cluster = node_a();
         let current = ring(3, &[("a", Active), ("b", Active), ("c", Active)]);
         let previous = ring(2, &[("a", Active), ("b", Active)]);
@@ -481,5 +482,111 @@ mod tests {
             }
         }
         assert!(primary > 0 && replica > 0 && other > 0);
+
+        // A joining owner may not hold a key yet: it serves none of its
+        // reads itself, whatever lease it holds.
+        let joining = ring(3, &[("a", Joining), ("b", Active), ("c", Active)]);
+        let joining = Rings {
+            current: joining,
+            previous: None,
+        };
+        cluster.leases.hold_as_granted(3);
+        let mut owned = 0;
+        for i in 0..200 {
+            let key = format!("key:{i}");
+            let ring = &joining.current;
+            if ids(ring, &ring.owners(key.as_bytes())).contains(&"a".to_owned()) {
+                owned += 1;
+                assert_eq!(route(&joining, &key), ReadRoute::Forward, "{key}");
+            }
+        }
+        assert!(owned > 0);
+    }
+
+    /// A forwarded write whose owner took it and then went silent (the
+    /// connection closed before an answer) is not sent on to the next
+    /// owner, which would apply it a second time: it is uncertain. A read in
+    /// the same situation goes on, and so does a write the owner certainly
+    /// never got (nothing listens where it should be).
+    #[tokio::test]
+    async fn a_write_an_owner_took_without_answering_is_not_sent_on() {
+        use std::sync::atomic::AtomicUsize;
+
+        use bytes::Bytes;
+        use tokio::net::TcpListener;
+
+        use crate::peer::expect;
+        use crate::peer::testing::{read_frame, take_upgrade};
+        use MemberState::Active;
+
+        // "b" takes peer connections, reads one request on each (counting
+        // them), and hangs up without answering it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = listener.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let counted = received.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    take_upgrade(&mut socket, None).await;
+                    if read_frame(&mut socket, &mut Default::default())
+                        .await
+                        .is_some()
+                    {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        let cluster = node_a();
+        let mut doc = testing::membership(2, &[("a", Active), ("b", Active)]);
+        let unreachable = doc.members[1].address.clone();
+        doc.members[1].address = silent.to_string();
+        cluster.adopt(doc.clone());
+        let rings = cluster.rings().unwrap();
+        let key = (0..1000)
+            .map(|i| format!("key:{i}"))
+            .find(|k| plan_ids(&cluster, &rings, k, Access::Write)[0] == "b")
+            .expect("b is the primary of some key");
+        let set = Request::Set {
+            key: key.clone(),
+            write: crate::exec::Write {
+                value: Bytes::from_static(b"1"),
+                ttl: None,
+                tags: Vec::new(),
+            },
+            keeper: None,
+        };
+        match cluster
+            .route(&key, Access::Write, &set, expect::written)
+            .await
+        {
+            Err(RouteError::Uncertain { owner, .. }) => assert_eq!(owner, "b"),
+            Err(e) => panic!("a write b took without answering: {e}"),
+            Ok(_) => panic!("a write b took without answering was served"),
+        }
+        assert_eq!(received.load(Ordering::SeqCst), 1, "b got the write");
+
+        // "b" failed, so it is tried last for a while: forget that, so that
+        // each request below goes to "b" first.
+        cluster.health.mark_up("b");
+        let get = Request::Get { key: key.clone() };
+        let read = cluster.route(&key, Access::Read, &get, expect::item).await;
+        assert!(matches!(read, Ok(Routed::Local)), "{read:?}");
+        assert_eq!(received.load(Ordering::SeqCst), 2, "b got the read first");
+
+        // Nothing listens where "b" is now: the write never left, and this
+        // node, the next owner, serves it.
+        doc.members[1].address = unreachable;
+        doc.epoch = 3;
+        cluster.adopt(doc);
+        cluster.health.mark_up("b");
+        let write = cluster
+            .route(&key, Access::Write, &set, expect::written)
+            .await;
+        assert!(matches!(write, Ok(Routed::Local)), "{write:?}");
+        assert!(cluster.health.is_down("b"), "b was tried first");
     }
 }
