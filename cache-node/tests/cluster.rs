@@ -1068,7 +1068,10 @@ async fn a_node_never_acts_on_a_stale_ring() {
     // A peer request made with an older ring is refused, naming the newer
     // epoch, and changes nothing.
     let mut batch = cache_node::peer::protocol::RecordBatch::default();
-    batch.push(&Planted);
+    batch.push(&Planted {
+        key: "stale-write",
+        value: b"1",
+    });
     let stale = cache_node::peer::Request::Replicate {
         source: cache_node::peer::protocol::Source::Write,
         items: batch.freeze(),
@@ -1133,15 +1136,18 @@ async fn a_node_never_acts_on_a_stale_ring() {
 }
 
 /// An item written straight into a peer request, as a stale coordinator
-/// would send it.
-struct Planted;
+/// (or a peer ignoring the limits) would send it.
+struct Planted<'a> {
+    key: &'a str,
+    value: &'a [u8],
+}
 
-impl cache_node::store::ItemView for Planted {
+impl cache_node::store::ItemView for Planted<'_> {
     fn key(&self) -> &str {
-        "stale-write"
+        self.key
     }
     fn value(&self) -> &[u8] {
-        b"1"
+        self.value
     }
     fn meta(&self) -> cache_node::store::ItemMeta {
         cache_node::store::ItemMeta {
@@ -1788,4 +1794,226 @@ async fn the_cluster_views_say_who_holds_a_key_and_each_nodes_capacity() {
         2 * written.len() as u64,
         "two copies of every key: {stats}"
     );
+}
+
+/// Every limit a client's request meets, a peer's request meets too, on
+/// the node that receives it (the peer API may be reachable by more than
+/// the cache's own nodes), and an owner's refusal of a forwarded request
+/// reaches the client as the owner gave it: its status and its JSON error.
+/// Node-1 runs with smaller limits than node-0 (as during a rolling change
+/// of them), so node-0 accepts and forwards requests that node-1, their
+/// owner, refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_requests_meet_the_limits_and_an_owners_refusal_reaches_the_client() {
+    use cache_node::exec::Write;
+    use cache_node::peer::protocol::{RecordBatch, Source};
+    use cache_node::peer::{PeerError, Request, expect};
+
+    let mut c = ProcCluster::new(2, 1);
+    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
+    c.start(0);
+    c.start_with_flags(
+        1,
+        &[
+            "--max-key-bytes",
+            "64",
+            "--max-value-bytes",
+            "100",
+            "--max-tags",
+            "2",
+            "--max-tag-bytes",
+            "16",
+        ],
+    );
+    c.wait_settled(epoch, SETTLE).await;
+    let owned_by_1 = |prefix: &str| {
+        (0..1000)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|k| c.primary_of(k) == "node-1")
+            .expect("node-1 owns some key")
+    };
+    let long_key = owned_by_1(&"k".repeat(80));
+    let key = owned_by_1("small-");
+    let big_value = format!(r#""{}""#, "v".repeat(200));
+    let long_tag = "a-tag-of-twenty-bytes";
+    let key_too_long = format!("key is {} bytes; the limit is 64", long_key.len());
+
+    // Through node-0, within its limits and beyond its owner's.
+    let writes = [
+        (
+            &long_key,
+            r#"{"value":1}"#.to_owned(),
+            414,
+            key_too_long.as_str(),
+        ),
+        (
+            &key,
+            format!(r#"{{"value":{big_value}}}"#),
+            413,
+            "value is 202 bytes; the limit is 100",
+        ),
+        (
+            &key,
+            r#"{"value":1,"tags":["a","b","c"]}"#.to_owned(),
+            400,
+            "3 tags given; the limit is 2",
+        ),
+        (
+            &key,
+            format!(r#"{{"value":1,"tags":["{long_tag}"]}}"#),
+            400,
+            "tag is 21 bytes; the limit is 16",
+        ),
+    ];
+    for (k, body, status, says) in &writes {
+        let resp = c
+            .client
+            .put(c.url(0, &format!("/api/v1/cache/{}", encoded(k))))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), *status, "PUT {k} {body}");
+        let error: Value = resp.json().await.unwrap();
+        assert_eq!(error["error"], *says, "PUT {k} {body}");
+    }
+    for (method, path) in [
+        (
+            reqwest::Method::GET,
+            format!("/api/v1/cache/{}", encoded(&long_key)),
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/api/v1/cache/{}", encoded(&long_key)),
+        ),
+    ] {
+        let resp = c
+            .client
+            .request(method.clone(), c.url(0, &path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 414, "{method} {path}");
+        let error: Value = resp.json().await.unwrap();
+        assert_eq!(error["error"], key_too_long.as_str(), "{method} {path}");
+    }
+    for i in 0..2 {
+        assert!(
+            c.held(i, &long_key).await.is_none(),
+            "node {i} holds {long_key}"
+        );
+        assert!(c.held(i, &key).await.is_none(), "node {i} holds {key}");
+    }
+
+    // Straight to node-1 over the peer protocol: each request refused with
+    // the status a client would get, and nothing applied.
+    let at = c.nodes[1].peer_addr;
+    let set = |key: &str, value: &str, tags: &[&str]| Request::Set {
+        key: key.to_owned(),
+        write: Write {
+            value: bytes::Bytes::from(value.to_owned()),
+            ttl: None,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        },
+        keeper: None,
+    };
+    let refusals = [
+        (set(&long_key, "1", &[]), 414, key_too_long.as_str()),
+        (
+            set(&key, &big_value, &[]),
+            413,
+            "value is 202 bytes; the limit is 100",
+        ),
+        (set(&key, "{", &[]), 400, "value is not valid JSON"),
+        (
+            set(&key, "1", &["a", "b", "c"]),
+            400,
+            "3 tags given; the limit is 2",
+        ),
+        (
+            set(&key, "1", &[long_tag]),
+            400,
+            "tag is 21 bytes; the limit is 16",
+        ),
+        (set("", "1", &[]), 400, "key must not be empty"),
+        (
+            Request::Get {
+                key: long_key.clone(),
+            },
+            414,
+            key_too_long.as_str(),
+        ),
+        (
+            Request::Delete {
+                key: long_key.clone(),
+            },
+            414,
+            key_too_long.as_str(),
+        ),
+        (
+            Request::InvalidateTag {
+                tag: long_tag.to_owned(),
+            },
+            400,
+            "tag is 21 bytes; the limit is 16",
+        ),
+    ];
+    for (request, status, says) in &refusals {
+        // Any answer but a refusal is taken as unexpected (`Err`).
+        let refused = c
+            .peers
+            .ask(at, epoch, request, None, Err::<(), _>)
+            .await
+            .unwrap_err();
+        match refused {
+            PeerError::Status {
+                status: got,
+                message,
+                ..
+            } => {
+                assert_eq!(got.as_u16(), *status, "{request:?}");
+                assert!(message.starts_with(says), "{request:?}: {message}");
+            }
+            other => panic!("{request:?}: {other}"),
+        }
+    }
+    assert!(c.held(1, &key).await.is_none(), "a refused set was applied");
+    // A replicated batch: the records within the limits are applied, the
+    // others refused one by one.
+    let mut batch = RecordBatch::default();
+    batch.push(&Planted {
+        key: &long_key,
+        value: b"1",
+    });
+    batch.push(&Planted {
+        key: &key,
+        value: big_value.as_bytes(),
+    });
+    batch.push(&Planted {
+        key: &key,
+        value: b"{",
+    });
+    batch.push(&Planted {
+        key: &key,
+        value: b"\"fits\"",
+    });
+    let outcome = c
+        .peers
+        .ask(
+            at,
+            epoch,
+            &Request::Replicate {
+                source: Source::Write,
+                items: batch.freeze(),
+                deletes: Vec::new(),
+            },
+            None,
+            expect::replicated,
+        )
+        .await
+        .unwrap();
+    assert_eq!((outcome.applied, outcome.refused), (1, 3), "{outcome:?}");
+    assert!(c.held(1, &long_key).await.is_none());
+    assert_eq!(c.held(1, &key).await.unwrap()["value"], "fits");
 }

@@ -21,11 +21,14 @@ use serde_json::Value;
 
 use crate::node_proc::{Launch, NodeProc};
 
-/// Loopback blocks of other crates' tests (the CLI's include this module)
-/// start elsewhere, so that they never meet cache-node's own tests' nodes.
-const FIRST_BLOCK: u8 = match option_env!("CARGO_BIN_EXE_cache-node") {
-    Some(_) => 1,
-    None => 200,
+/// Loopback blocks of other crates' tests (the CLI's and the client's
+/// include this module) start elsewhere, each crate at its own, so that they
+/// never meet cache-node's own tests' nodes or each other's.
+const FIRST_BLOCK: u8 = match env!("CARGO_PKG_NAME").as_bytes() {
+    b"cache-node" => 1,
+    b"distrocache-cli" => 200,
+    b"distrocache-client" => 230,
+    _ => panic!("give this crate loopback blocks of its own in cluster_support"),
 };
 const PORT: u16 = 18_400;
 /// The peer port, when a cluster gives the peer API a listener of its own.
@@ -315,7 +318,19 @@ impl ProcCluster {
         self.start_with_file(i, &file);
     }
 
+    /// Starts node `i` with `flags` besides the cluster's own (which they
+    /// must not repeat: a flag given twice is refused), e.g. limits of its
+    /// own, as during a rolling change.
+    pub fn start_with_flags(&mut self, i: usize, flags: &[&str]) {
+        let file = self.membership_file();
+        self.launch(i, &file, flags);
+    }
+
     pub fn start_with_file(&mut self, i: usize, membership_file: &Path) {
+        self.launch(i, membership_file, &[]);
+    }
+
+    fn launch(&mut self, i: usize, membership_file: &Path, flags: &[&str]) {
         assert!(self.nodes[i].child.is_none(), "node {i} already running");
         self.nodes[i].log_from = std::fs::metadata(&self.nodes[i].log)
             .map_or(0, |m| usize::try_from(m.len()).unwrap_or(usize::MAX));
@@ -334,6 +349,7 @@ impl ProcCluster {
             .args(["--membership-poll-interval", "100ms"])
             .args(["--log-level", "info"])
             .args(&self.flags)
+            .args(flags)
             .log_file(&node.log)
             .spawn();
         assert_eq!(proc.addr, node.addr, "node {i} bound where the ring says");
@@ -370,10 +386,19 @@ impl ProcCluster {
 
     /// The id of `key`'s primary under the ring the cluster was last given.
     pub fn primary_of(&self, key: &str) -> String {
+        self.owners_of(key).swap_remove(0)
+    }
+
+    /// The ids of `key`'s owners under the ring the cluster was last given,
+    /// primary first.
+    pub fn owners_of(&self, key: &str) -> Vec<String> {
         let text = std::fs::read_to_string(self.membership_file()).expect("a ring was written");
         let doc = MembershipDoc::from_json(text.as_bytes()).expect("a valid ring");
         let ring = cache_node::cluster::ring::Ring::new(std::sync::Arc::new(doc), "test");
-        ring.member(ring.owners(key.as_bytes())[0]).id.clone()
+        ring.owners(key.as_bytes())
+            .iter()
+            .map(|&i| ring.member(i).id.clone())
+            .collect()
     }
 
     /// Whether node `i` answers its readiness probe with success now.
@@ -548,6 +573,26 @@ impl ProcCluster {
             assert!(
                 Instant::now() < deadline,
                 "cluster did not settle at epoch {epoch} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every running node shows `series` at `value` in its
+    /// `/metrics`.
+    pub async fn wait_metric(&self, series: &str, value: f64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut all = true;
+            for i in self.running() {
+                all &= self.metric(i, series).await == Some(value);
+            }
+            if all {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the nodes did not all show {series} {value} within {within:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
