@@ -91,9 +91,9 @@ pub enum ReadFrom {
     /// The owner with the fewest of this client's requests in flight (the
     /// primary among equals), as a least-request load balancer picks: a
     /// busy or slow owner's share moves to its copies. The default: in
-    /// `bench/cluster.sh` (three nodes sharing one core) it serves more GETs
-    /// than `Primary` in the same runs, and costs the nodes less CPU per
-    /// GET (the README's benchmark table has the figures).
+    /// `bench/cluster.sh` (three nodes sharing one core) it served more GETs
+    /// than `Primary` in eight runs of fourteen, fewer in five (the README
+    /// has the figures).
     #[default]
     LeastBusy,
 }

@@ -2,16 +2,23 @@
 //! loopback: connections are reused, one the node closed while it sat idle
 //! is replaced without failing the request (a write included: it never left,
 //! so it is not "uncertain"), many requests at once each get their own
-//! answer, and a node that is gone is reported unreachable. (Linux: the
-//! first test reads the kernel's TCP table.)
+//! answer, and a node that is gone is reported unreachable. Then, against
+//! stand-ins for two members that script their answers: a write whose
+//! connection breaks after it was sent is uncertain. (Linux: the first test
+//! reads the kernel's TCP table.)
 
 #[path = "../../cache-node/tests/node_proc/mod.rs"]
 mod node_proc;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use distrocache_client::{Client, Error};
+use distrocache_client::{Client, Error, ReadFrom};
 use node_proc::NodeProc;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 async fn client_of(node: &NodeProc) -> Client {
     Client::builder([node.addr.to_string()])
@@ -124,4 +131,143 @@ async fn a_node_that_is_gone_is_unreachable_and_a_write_to_it_never_left() {
         Err(Error::Unreachable(_)) => {}
         other => panic!("a write to a node that is gone: {other:?}"),
     }
+}
+
+/// A stand-in for a cluster member on loopback: it answers `view` to a
+/// request for the ring, records the request line of every other request,
+/// and then either hangs up without answering (`hang_up`) or answers with
+/// an item.
+struct FakeNode {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeNode {
+    /// Its listener (so that its address can go into the ring view before
+    /// it serves), and itself.
+    async fn start() -> (TcpListener, Self) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Default::default();
+        (listener, Self { addr, seen })
+    }
+
+    fn serve(&self, listener: TcpListener, hang_up: bool, view: String) {
+        let seen = self.seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let seen = seen.clone();
+                let view = view.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some(line) = read_request(&mut conn, &mut buf).await {
+                        let body = if line.starts_with("get /api/v1/cluster ") {
+                            view.clone()
+                        } else {
+                            seen.lock().push(line);
+                            if hang_up {
+                                return;
+                            }
+                            r#"{"key":"k","value":"from the other owner","ttl":0,"created_at":"2026-01-01T00:00:00Z","accessed_at":"2026-01-01T00:00:00Z","access_count":1,"tags":[]}"#.to_owned()
+                        };
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if conn.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// Reads one request from `conn` (its head, then a body of its
+/// content-length), keeping bytes past it in `buf`; its request line,
+/// lowercased, or `None` once the client has closed.
+async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut need = None;
+    loop {
+        if need.is_none()
+            && let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n")
+        {
+            let head = String::from_utf8_lossy(&buf[..i + 4]).to_lowercase();
+            let body_len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            let line = head.lines().next().expect("a request line").to_owned();
+            need = Some((i + 4 + body_len, line));
+        }
+        if let Some((len, line)) = &need
+            && buf.len() >= *len
+        {
+            buf.drain(..*len);
+            return Some(line.clone());
+        }
+        let mut chunk = [0u8; 4096];
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A write whose connection breaks after it was sent may have been applied:
+/// the client says so (`Error::Uncertain`) and does not send it to another
+/// node, where it could be applied a second time. A read in the same
+/// situation goes on to the key's other owner.
+#[tokio::test]
+async fn a_write_cut_off_after_it_was_sent_is_uncertain_and_not_sent_again() {
+    let (listener_a, a) = FakeNode::start().await;
+    let (listener_b, b) = FakeNode::start().await;
+    let view = serde_json::json!({
+        "mode": "cluster",
+        "epoch": 1,
+        "replicationFactor": 2,
+        "members": [
+            {"id": "a", "clientAddress": a.addr.to_string(), "state": "active"},
+            {"id": "b", "clientAddress": b.addr.to_string(), "state": "active"},
+        ],
+    })
+    .to_string();
+    a.serve(listener_a, true, view.clone());
+    b.serve(listener_b, false, view);
+    let client = Client::builder([a.addr.to_string()])
+        .read_from(ReadFrom::Primary)
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("the client learns the ring");
+    // A key whose primary is `a`, the node that hangs up.
+    let ring = client.ring();
+    let key = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| ring.nodes[ring.owners(k)[0]].id == "a")
+        .expect("a is the primary of some key");
+
+    match client.set_raw(&key, r#"{"value":1}"#.into()).await {
+        Err(Error::Uncertain { node, .. }) => assert_eq!(node, a.addr),
+        other => panic!("a write cut off after it was sent: {other:?}"),
+    }
+    assert_eq!(
+        *a.seen.lock(),
+        [format!("put /api/v1/cache/{key} http/1.1")]
+    );
+    assert!(
+        b.seen.lock().is_empty(),
+        "the write went on to b: {:?}",
+        b.seen.lock()
+    );
+
+    let got = client.get(&key).await.unwrap().expect("b answers");
+    assert_eq!(got.value, serde_json::json!("from the other owner"));
+    assert_eq!(a.seen.lock().len(), 2, "the read went to the primary first");
+    assert_eq!(
+        *b.seen.lock(),
+        [format!("get /api/v1/cache/{key} http/1.1")]
+    );
 }

@@ -1,0 +1,269 @@
+//! The ring-aware client against a real cluster (cache-node processes on
+//! loopback, replication factor 2): it learns the ring from one seed, sends
+//! every request straight to an owner of its key (no node forwards any of
+//! them, replicas' reads included), learns a changed ring from the epoch an
+//! answer carries, and when an owner is gone, reads and writes go to the
+//! key's other owner.
+//!
+//! "Straight to an owner" is judged by what the nodes did, not by the
+//! client's plan: a request that reaches a member which may not serve it is
+//! forwarded, and every node counts its forwards in
+//! `distrocache_peer_requests_total{operation="forward"}`. (A replica whose
+//! read lease lapsed forwards reads too, as it must: reads that meet a
+//! forward are read again, in at most three rounds in all.)
+
+#[path = "../../cache-node/tests/cluster_support/mod.rs"]
+mod cluster_support;
+#[path = "../../cache-node/tests/node_proc/mod.rs"]
+mod node_proc;
+#[path = "../../cache-node/tests/tls_support/mod.rs"]
+mod tls_support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cluster_support::ProcCluster;
+use distrocache_client::{Client, Error, Method, ReadFrom};
+use distrocache_membership::MemberState::{Active, Joining};
+
+const SETTLE: Duration = Duration::from_secs(60);
+const KEYS: usize = 60;
+const FORWARDS: &str = r#"distrocache_peer_requests_total{operation="forward"}"#;
+const LEASE_ERRORS: &str = r#"distrocache_peer_errors_total{operation="lease"}"#;
+
+fn key(i: usize) -> String {
+    format!("ring-key-{i}")
+}
+
+fn body(value: &str) -> Bytes {
+    Bytes::from(format!(r#"{{"value":"{value}"}}"#))
+}
+
+/// Requests the running nodes have forwarded so far (each node shows the
+/// series from its start, so a missing one fails the test rather than
+/// reading as none).
+async fn forwards(c: &ProcCluster) -> f64 {
+    let mut total = 0.0;
+    for i in c.running() {
+        total += c
+            .metric(i, FORWARDS)
+            .await
+            .unwrap_or_else(|| panic!("node {i} shows no {FORWARDS}"));
+    }
+    total
+}
+
+/// Node `i`'s failed lease requests so far (the series is shown from the
+/// node's start).
+async fn lease_errors_of(c: &ProcCluster, i: usize) -> f64 {
+    c.metric(i, LEASE_ERRORS)
+        .await
+        .unwrap_or_else(|| panic!("node {i} shows no {LEASE_ERRORS}"))
+}
+
+/// Each running node's GET hits so far, by node id.
+async fn hits(c: &ProcCluster) -> HashMap<String, f64> {
+    let mut hits = HashMap::new();
+    for i in c.running() {
+        let n = c.metric(i, "distrocache_hits_total").await;
+        hits.insert(c.nodes[i].id.clone(), n.expect("a hit counter"));
+    }
+    hits
+}
+
+/// Writes every key through the client, each answered by the key's primary
+/// itself, then reads each twice (the client takes the owners in turn, so
+/// both copies are read): the values written, each node serving one read
+/// of every key it owns, and not one forward.
+async fn every_request_goes_straight_to_an_owner(c: &ProcCluster, client: &Client, round: &str) {
+    let before = forwards(c).await;
+    for i in 0..KEYS {
+        let key = key(i);
+        let answer = client
+            .set_raw(&key, body(&format!("{round}-{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("SET {key}: {e}"));
+        let primary = c.primary_of(&key);
+        assert_eq!(
+            answer.served_by.as_deref(),
+            Some(primary.as_str()),
+            "{key} was written by another node than its primary"
+        );
+    }
+    assert_eq!(
+        forwards(c).await,
+        before,
+        "a node forwarded writes of the ring-aware client ({round})"
+    );
+
+    let mut owned: HashMap<String, f64> = HashMap::new();
+    for i in 0..KEYS {
+        for owner in c.owners_of(&key(i)) {
+            *owned.entry(owner).or_default() += 1.0;
+        }
+    }
+    // A replica serves its own copies only while it holds read leases
+    // (renewed every half second, each good for two), and forwards reads to
+    // the primary otherwise, as it must. A node stalled for over a second on
+    // a loaded machine can let its leases lapse in the middle of the reads,
+    // so reads that met a forward are read again, in at most three rounds
+    // in all: a client that sends reads anywhere but to owners fails every
+    // one.
+    for attempt in 1.. {
+        c.wait_metric("distrocache_read_lease_valid", 1.0, SETTLE)
+            .await;
+        let before = forwards(c).await;
+        let hits_before = hits(c).await;
+        for i in 0..KEYS {
+            for _ in 0..2 {
+                let got = client
+                    .get(&key(i))
+                    .await
+                    .unwrap_or_else(|e| panic!("GET {}: {e}", key(i)))
+                    .unwrap_or_else(|| panic!("{} is missing", key(i)));
+                assert_eq!(got.value, serde_json::json!(format!("{round}-{i}")));
+            }
+        }
+        let forwarded = forwards(c).await - before;
+        let served: HashMap<String, f64> = hits(c)
+            .await
+            .into_iter()
+            .map(|(id, n)| (id.clone(), n - hits_before[&id]))
+            .filter(|(_, n)| *n > 0.0)
+            .collect();
+        if forwarded == 0.0 {
+            assert_eq!(served, owned, "reads served per node ({round})");
+            return;
+        }
+        assert!(
+            attempt < 3,
+            "nodes forwarded {forwarded} reads of the ring-aware client in each of {attempt} \
+             rounds ({round}); reads served per node {served:?}, keys owned {owned:?}"
+        );
+        eprintln!("{round}: {forwarded} read(s) forwarded (a lease lapsed?); reading again");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_follows_the_ring_and_goes_around_a_lost_owner() {
+    let mut c = ProcCluster::new(3, 2);
+    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(epoch, SETTLE).await;
+
+    // One seed is enough to learn every member.
+    let client = Client::builder([c.nodes[0].addr.to_string()])
+        .read_from(ReadFrom::AnyOwner)
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("the client learns the ring");
+    let ring = client.ring();
+    assert_eq!(ring.epoch, epoch);
+    let mut learned: Vec<_> = ring
+        .nodes
+        .iter()
+        .map(|n| (n.id.clone(), n.address))
+        .collect();
+    learned.sort();
+    let members: Vec<_> = c.nodes.iter().map(|n| (n.id.clone(), n.addr)).collect();
+    assert_eq!(learned, members);
+    every_request_goes_straight_to_an_owner(&c, &client, "three").await;
+
+    // A fourth member joins, then becomes active. The client is not told:
+    // an answer's epoch makes it learn the new ring.
+    let joined = c.add_slot();
+    let joining = c.set_ring(&[(0, Active), (1, Active), (2, Active), (joined, Joining)]);
+    c.start(joined);
+    c.wait_settled(joining, SETTLE).await;
+    let active = c.set_ring(&[(0, Active), (1, Active), (2, Active), (joined, Active)]);
+    c.wait_settled(active, SETTLE).await;
+    assert!(client.ring().epoch < active);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.ring().epoch < active {
+        assert!(
+            Instant::now() < deadline,
+            "the client still holds epoch {} after answers of epoch {active}",
+            client.ring().epoch
+        );
+        client
+            .get(&key(0))
+            .await
+            .expect("a read while the ring changes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(client.ring().nodes.len(), 4);
+    every_request_goes_straight_to_an_owner(&c, &client, "four").await;
+
+    // An owner dies (the ring still lists it): every key keeps an owner
+    // that answers, and the client goes to it for reads and for writes.
+    let lost = 1;
+    let lost_id = c.nodes[lost].id.clone();
+    let lost_addr = c.nodes[lost].addr;
+    let mut lease_errors = Vec::new();
+    for i in c.running().into_iter().filter(|&i| i != lost) {
+        lease_errors.push((i, lease_errors_of(&c, i).await));
+    }
+    c.kill(lost);
+    // The kernel closed every connection to it. A write sent on one before
+    // its sender noticed may have arrived, and is rightly reported uncertain
+    // rather than sent elsewhere; the writes below must meet none. So wait
+    // until the client has let go of its own (a request to the node is
+    // refused when it connects), and until every other node has found the
+    // node gone (one of its lease requests to it failed, which ends the
+    // connection it went on).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client
+            .at(lost_addr, Method::GET, "/api/v1/health".into())
+            .await
+        {
+            Err(Error::Unreachable(reason)) if reason.contains("cannot connect") => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "{lost_id} still answers after it was killed: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (i, before) in lease_errors {
+        while lease_errors_of(&c, i).await <= before {
+            assert!(
+                Instant::now() < deadline,
+                "node {i} did not find {lost_id} gone"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut primaries_lost = 0;
+    for i in 0..KEYS {
+        let key = key(i);
+        let got = client
+            .get(&key)
+            .await
+            .unwrap_or_else(|e| panic!("GET {key} with {lost_id} gone: {e}"))
+            .unwrap_or_else(|| panic!("{key} is missing with {lost_id} gone"));
+        assert_eq!(got.value, serde_json::json!(format!("four-{i}")));
+        let answer = client
+            .set_raw(&key, body(&format!("after-{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("SET {key} with {lost_id} gone: {e}"));
+        // Answered, so by a node that is up: for a key whose primary is
+        // gone, the next owner coordinated the write.
+        assert!(answer.status.is_success());
+        if c.primary_of(&key) == lost_id {
+            primaries_lost += 1;
+        }
+    }
+    assert!(
+        primaries_lost > 0,
+        "no key of the test had {lost_id} as its primary"
+    );
+    for i in 0..KEYS {
+        let got = client.get(&key(i)).await.unwrap().unwrap();
+        assert_eq!(got.value, serde_json::json!(format!("after-{i}")));
+    }
+}
