@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use distrocache_client::{Client, Error as ClientError, Item, Method, StatusCode};
-use distrocache_membership::{NodeProgress, SyncPhase};
+use distrocache_membership::{CLUSTER_PATH, ClusterView, NodeProgress, PROGRESS_PATH, SyncPhase};
 use serde_json::{Value, json};
 
 use crate::args::{Cli, Command, Output};
@@ -317,7 +317,8 @@ async fn stats(client: &Client, out: Output) -> Result<()> {
 async fn cluster(client: &Client, out: Output) -> Result<()> {
     client.refresh().await.map_err(explain)?;
     let ring = client.ring();
-    let view = any_json(client, "/api/v1/cluster").await?;
+    let view: ClusterView = serde_json::from_value(any_json(client, CLUSTER_PATH).await?)
+        .with_context(|| format!("{CLUSTER_PATH}: unexpected view of the ring"))?;
     let stats = any_json(client, "/api/v1/cluster/stats").await?;
     let items: BTreeMap<String, u64> = stats["nodes"]
         .as_array()
@@ -343,10 +344,10 @@ async fn cluster(client: &Client, out: Output) -> Result<()> {
         })
         .collect();
     let summary = json!({
-        "mode": view["mode"],
+        "mode": view.mode,
         "epoch": ring.epoch,
-        "replicationFactor": view["replicationFactor"],
-        "settled": view["settled"],
+        "replicationFactor": view.replication_factor,
+        "settled": view.settled,
         "members": members,
         "unreachable": stats["unreachable"],
     });
@@ -355,10 +356,10 @@ async fn cluster(client: &Client, out: Output) -> Result<()> {
     }
     println!(
         "mode {}, ring epoch {}, replication factor {}, settled {}",
-        view["mode"].as_str().unwrap_or("?"),
+        summary["mode"].as_str().unwrap_or("?"),
         ring.epoch,
-        view["replicationFactor"].as_u64().unwrap_or(1),
-        view["settled"]
+        view.replication_factor.unwrap_or(1),
+        view.settled
     );
     let rows: Vec<Vec<String>> = members
         .iter()
@@ -385,12 +386,11 @@ async fn progress(client: &Client) -> Result<Vec<NodeProgress>> {
     let ring = client.ring();
     let mut all = Vec::with_capacity(ring.nodes.len());
     for node in &ring.nodes {
-        let path = "/api/v1/cluster/rebalance";
         let answer = client
-            .at(node.address, Method::GET, path.to_owned())
+            .at(node.address, Method::GET, PROGRESS_PATH.to_owned())
             .await
             .map_err(explain)?;
-        let value = json_answer(answer.status, &answer.body, path)
+        let value = json_answer(answer.status, &answer.body, PROGRESS_PATH)
             .with_context(|| format!("node {}", node.id))?;
         all.push(
             serde_json::from_value(value)

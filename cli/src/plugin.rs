@@ -29,7 +29,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use distrocache_client::Item;
-use distrocache_membership::NodeProgress;
+use distrocache_membership::{CLUSTER_PATH, NodeProgress, PROGRESS_PATH};
 use http::{Method, Request, StatusCode, header};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
@@ -590,11 +590,11 @@ async fn node_view(kube: &Kube, cache: &Cache) -> Result<(Option<Value>, NodePro
     let ring = if cache.auth() && cache.token.is_none() {
         None
     } else {
-        Some(node_json(kube, cache, "/api/v1/cluster").await?)
+        Some(node_json(kube, cache, CLUSTER_PATH).await?)
     };
-    let progress = node_json(kube, cache, "/api/v1/cluster/rebalance").await?;
+    let progress = node_json(kube, cache, PROGRESS_PATH).await?;
     let progress = serde_json::from_value(progress)
-        .context("/api/v1/cluster/rebalance: unexpected progress report")?;
+        .with_context(|| format!("{PROGRESS_PATH}: unexpected progress report"))?;
     Ok((ring, progress))
 }
 

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use distrocache_membership::MemberState;
+use distrocache_membership::{CLUSTER_PATH, MemberState};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::http::{HeaderValue, Request, header};
 use parking_lot::Mutex;
@@ -248,12 +248,12 @@ impl Client {
         for addr in asked {
             let answer = self
                 .inner
-                .request(addr, Method::GET, "/api/v1/cluster".into(), Bytes::new())
+                .request(addr, Method::GET, CLUSTER_PATH.into(), Bytes::new())
                 .await;
             match answer {
                 Ok(a) if a.status == StatusCode::OK => {
                     let view = serde_json::from_slice(&a.body)
-                        .map_err(|e| Error::BadAnswer(format!("/api/v1/cluster: {e}")))?;
+                        .map_err(|e| Error::BadAnswer(format!("{CLUSTER_PATH}: {e}")))?;
                     let ring = Ring::from_view(view, addr).map_err(Error::BadAnswer)?;
                     tracing::debug!(
                         epoch = ring.epoch,
@@ -581,17 +581,32 @@ fn error_message(body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use distrocache_membership::{ClusterView, MemberView, Mode};
+
     use super::*;
 
     /// Three active members, replication factor 2.
     fn ring() -> Ring {
-        let view = serde_json::from_str(
-            r#"{"mode": "cluster", "epoch": 3, "replicationFactor": 2, "members": [
-                {"id": "a", "address": "127.0.0.1:7001", "state": "active"},
-                {"id": "b", "address": "127.0.0.1:7002", "state": "active"},
-                {"id": "c", "address": "127.0.0.1:7003", "state": "active"}]}"#,
-        )
-        .unwrap();
+        let member = |id: &str, port: u16| MemberView {
+            id: id.into(),
+            address: Some(format!("127.0.0.1:{port}")),
+            client_address: None,
+            state: MemberState::Active,
+        };
+        let view = ClusterView {
+            node_id: "a".into(),
+            mode: Mode::Cluster,
+            epoch: 3,
+            replication_factor: Some(2),
+            hashing: None,
+            member_state: Some(MemberState::Active),
+            members: vec![member("a", 7001), member("b", 7002), member("c", 7003)],
+            previous_epoch: None,
+            settled: true,
+            ready: true,
+            read_lease: true,
+            owners: None,
+        };
         Ring::from_view(view, "127.0.0.1:7001".parse().unwrap()).unwrap()
     }
 

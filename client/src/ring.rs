@@ -6,32 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use distrocache_membership::placement::{Owners, Placement};
-use distrocache_membership::{Hashing, Member, MemberState, MembershipDoc};
-use serde::Deserialize;
-
-/// `/api/v1/cluster` as a node answers it (the fields a client needs).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct ClusterView {
-    pub mode: String,
-    pub epoch: u64,
-    #[serde(default)]
-    pub replication_factor: Option<u32>,
-    #[serde(default)]
-    pub hashing: Option<Hashing>,
-    pub members: Vec<MemberView>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct MemberView {
-    pub id: String,
-    #[serde(default)]
-    pub address: Option<String>,
-    #[serde(default)]
-    pub client_address: Option<String>,
-    pub state: MemberState,
-}
+use distrocache_membership::{ClusterView, Member, MemberState, MembershipDoc, Mode};
 
 /// One member as the client sees it.
 #[derive(Debug, Clone)]
@@ -83,7 +58,7 @@ impl Ring {
     /// The ring a node described, `asked` being the address that answered
     /// (a single node's view carries no address).
     pub(crate) fn from_view(view: ClusterView, asked: SocketAddr) -> Result<Self, String> {
-        if view.mode == "single" {
+        if view.mode == Mode::Single {
             let id = view.members.first().map_or("node", |m| m.id.as_str());
             return Ok(Self::single(id, asked));
         }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distrocache_client::{Client, Error, ReadFrom};
+use distrocache_membership::{ClusterView, MemberState, MemberView, Mode};
 use node_proc::NodeProc;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -224,16 +225,27 @@ async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String>
 async fn a_write_cut_off_after_it_was_sent_is_uncertain_and_not_sent_again() {
     let (listener_a, a) = FakeNode::start().await;
     let (listener_b, b) = FakeNode::start().await;
-    let view = serde_json::json!({
-        "mode": "cluster",
-        "epoch": 1,
-        "replicationFactor": 2,
-        "members": [
-            {"id": "a", "clientAddress": a.addr.to_string(), "state": "active"},
-            {"id": "b", "clientAddress": b.addr.to_string(), "state": "active"},
-        ],
-    })
-    .to_string();
+    let member = |id: &str, node: &FakeNode| MemberView {
+        id: id.into(),
+        address: None,
+        client_address: Some(node.addr.to_string()),
+        state: MemberState::Active,
+    };
+    let view = ClusterView {
+        node_id: "a".into(),
+        mode: Mode::Cluster,
+        epoch: 1,
+        replication_factor: Some(2),
+        hashing: None,
+        member_state: Some(MemberState::Active),
+        members: vec![member("a", &a), member("b", &b)],
+        previous_epoch: None,
+        settled: true,
+        ready: true,
+        read_lease: true,
+        owners: None,
+    };
+    let view = serde_json::to_string(&view).unwrap();
     a.serve(listener_a, true, view.clone());
     b.serve(listener_b, false, view);
     let client = Client::builder([a.addr.to_string()])

@@ -5,17 +5,22 @@
 //!   watches (DESIGN 3.2). Nodes also exchange it among themselves when one
 //!   holds an older epoch than a peer.
 //! * [`NodeProgress`]: what a node reports about its data movement on
-//!   `GET /api/v1/cluster/rebalance`; the operator reads it to decide when a
-//!   joining member holds its data and when a leaving one has handed off.
+//!   [`PROGRESS_PATH`]; the operator reads it to decide when a joining
+//!   member holds its data and when a leaving one has handed off.
+//! * [`ClusterView`] ([`view`]): the ring as a node holds it, on
+//!   [`CLUSTER_PATH`]; ring-aware clients learn the ring from it.
 //!
 //! * [`placement`]: which members own a key under a document, shared by
 //!   the nodes and ring-aware clients so they place keys exactly alike.
 //!
 //! One crate defines them so the sides cannot drift: the operator,
-//! `cache-node` and `distrocache-client` all depend on it, and the
-//! round-trip tests below pin the JSON.
+//! `cache-node`, `distrocache-client` and the CLI all depend on it, and the
+//! round-trip tests pin the JSON.
 
 pub mod placement;
+pub mod view;
+
+pub use view::{CLUSTER_PATH, ClusterView, KeyOwners, MemberView, Mode};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -208,6 +213,9 @@ impl MembershipDoc {
         self.members.iter().find(|m| m.id == id)
     }
 }
+
+/// Where a node answers with its [`NodeProgress`].
+pub const PROGRESS_PATH: &str = "/api/v1/cluster/rebalance";
 
 /// A node's report on its data movement (`GET /api/v1/cluster/rebalance`).
 ///

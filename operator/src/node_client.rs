@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use distrocache_membership::NodeProgress;
+use distrocache_membership::{NodeProgress, PROGRESS_PATH};
 use futures_util::future::join_all;
 
 #[derive(Clone)]
@@ -35,7 +35,7 @@ impl NodeClient {
             .with_min_delay(Duration::from_millis(100))
             .with_max_times(2);
         let calls = members.iter().map(|(pod, address)| async move {
-            let url = format!("http://{address}/api/v1/cluster/rebalance");
+            let url = format!("http://{address}{PROGRESS_PATH}");
             let ask = || async {
                 let resp = self.http.get(&url).send().await?.error_for_status()?;
                 resp.json::<NodeProgress>().await

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use distrocache_membership::{CLUSTER_PATH, PROGRESS_PATH};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
@@ -164,10 +165,10 @@ impl Api {
             ("/api/v1/openapi.json", Route::OpenApi),
             ("/api/v1/ready", Route::Ready),
             ("/metrics", Route::Metrics),
-            ("/api/v1/cluster", Route::Cluster),
+            (CLUSTER_PATH, Route::Cluster),
             ("/api/v1/cluster/stats", Route::ClusterStats),
             ("/api/v1/cluster/copies", Route::ClusterCopies),
-            ("/api/v1/cluster/rebalance", Route::Rebalance),
+            (PROGRESS_PATH, Route::Rebalance),
             ("/api/v1/cluster/handoff", Route::Handoff),
             ("/api/v1/backups/{id}", Route::Backup),
         ];

@@ -27,14 +27,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use distrocache_membership::MemberState;
+use distrocache_membership::{ClusterView, KeyOwners, MemberState, MemberView, Mode};
 
 pub use limits::Limits;
 pub use operation::{Operation, Write};
-pub use outcome::{
-    ClusterView, Failure, Handoff, Health, ItemStatus, KeyOwners, MemberView, Outcome, Readiness,
-    ServedBy,
-};
+pub use outcome::{Failure, Handoff, Health, ItemStatus, Outcome, Readiness, ServedBy};
 
 use self::finishing::Finishing;
 use crate::cluster::Cluster;
@@ -534,7 +531,7 @@ impl Executor {
     fn cluster_view(&self, key: Option<String>) -> ClusterView {
         let single = || ClusterView {
             node_id: self.node_id.clone(),
-            mode: "single",
+            mode: Mode::Single,
             epoch: 0,
             replication_factor: None,
             hashing: None,
@@ -560,7 +557,7 @@ impl Executor {
         };
         let Some(rings) = cluster.rings() else {
             return ClusterView {
-                mode: "cluster",
+                mode: Mode::Cluster,
                 members: Vec::new(),
                 member_state: None,
                 settled: false,
@@ -584,9 +581,9 @@ impl Executor {
         });
         ClusterView {
             node_id: self.node_id.clone(),
-            mode: "cluster",
+            mode: Mode::Cluster,
             epoch: ring.epoch(),
-            replication_factor: Some(ring.replication_factor()),
+            replication_factor: Some(ring.doc.replication_factor),
             hashing: Some(ring.doc.hashing),
             member_state: ring.my_state(),
             members: ring

@@ -2,7 +2,7 @@
 //! its answer in one place (`api::answer`), and the peer server encodes the
 //! ones a peer asks for in the protocol's terms.
 
-use distrocache_membership::{Hashing, MemberState, NodeProgress};
+use distrocache_membership::{ClusterView, NodeProgress};
 use hyper::http::StatusCode;
 use serde::Serialize;
 
@@ -120,53 +120,6 @@ pub struct Readiness {
     /// Why the node is not ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-}
-
-/// `/api/v1/cluster`: the ring as this node holds it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterView {
-    pub node_id: String,
-    /// `single` or `cluster`.
-    pub mode: &'static str,
-    pub epoch: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub replication_factor: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hashing: Option<Hashing>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub member_state: Option<MemberState>,
-    pub members: Vec<MemberView>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub previous_epoch: Option<u64>,
-    /// No data is moving: every member has synced the epoch, this node has
-    /// forgotten the previous ring and dropped the keys it no longer owns.
-    pub settled: bool,
-    pub ready: bool,
-    /// This node may serve reads of the keys it holds as a replica.
-    pub read_lease: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub owners: Option<KeyOwners>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MemberView {
-    pub id: String,
-    /// The peer API's address.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub address: Option<String>,
-    /// Where clients reach the member (ring-aware clients send here).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_address: Option<String>,
-    pub state: MemberState,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct KeyOwners {
-    pub key: String,
-    pub primary: Option<String>,
-    pub owners: Vec<String>,
 }
 
 /// The answer of the preStop hook.
