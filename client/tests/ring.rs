@@ -20,12 +20,13 @@ mod node_proc;
 mod tls_support;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cluster_support::ProcCluster;
 use distrocache_client::{Client, Error, Method, ReadFrom};
-use distrocache_membership::MemberState::{Active, Joining};
+use distrocache_membership::MemberState::{Active, Joining, Leaving};
 
 const SETTLE: Duration = Duration::from_secs(60);
 const KEYS: usize = 60;
@@ -70,6 +71,24 @@ async fn hits(c: &ProcCluster) -> HashMap<String, f64> {
         hits.insert(c.nodes[i].id.clone(), n.expect("a hit counter"));
     }
     hits
+}
+
+/// Waits until `client` has let go of its connections to the node at
+/// `addr`, which has stopped: a request to it is refused when it connects.
+/// (A write sent on a connection the client still held may have arrived,
+/// and is rightly reported uncertain rather than sent elsewhere.)
+async fn refused(client: &Client, addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.at(addr, Method::GET, "/api/v1/health".into()).await {
+            Err(Error::Unreachable(reason)) if reason.contains("cannot connect") => return,
+            other => assert!(
+                Instant::now() < deadline,
+                "{addr} still answers after it stopped: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Writes every key through the client, each answered by the key's primary
@@ -215,20 +234,8 @@ async fn the_client_follows_the_ring_and_goes_around_a_lost_owner() {
     // refused when it connects), and until every other node has found the
     // node gone (one of its lease requests to it failed, which ends the
     // connection it went on).
+    refused(&client, lost_addr).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match client
-            .at(lost_addr, Method::GET, "/api/v1/health".into())
-            .await
-        {
-            Err(Error::Unreachable(reason)) if reason.contains("cannot connect") => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "{lost_id} still answers after it was killed: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     for (i, before) in lease_errors {
         while lease_errors_of(&c, i).await <= before {
             assert!(
@@ -265,5 +272,106 @@ async fn the_client_follows_the_ring_and_goes_around_a_lost_owner() {
     for i in 0..KEYS {
         let got = client.get(&key(i)).await.unwrap().unwrap();
         assert_eq!(got.value, serde_json::json!(format!("after-{i}")));
+    }
+}
+
+/// A client that was not told of a ring change still reaches every key: a
+/// node leaves (handing its keys off) and stops, and for the keys it alone
+/// owned in the ring the client holds, the client finds that owner gone and
+/// sends reads and writes to another member, which serves them from the new
+/// ring; the answers' epoch then brings the client that ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_an_old_ring_reaches_keys_whose_owner_left_through_another_member() {
+    let mut c = ProcCluster::new(3, 1);
+    let first = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(first, SETTLE).await;
+    let connect = || async {
+        Client::builder([c.nodes[0].addr.to_string()])
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("the client learns the ring")
+    };
+    // One client reads and one writes, so that neither learns the new ring
+    // from the other's answers before its own request is sent.
+    let (reader, writer) = (connect().await, connect().await);
+    for i in 0..KEYS {
+        let answer = writer.set_raw(&key(i), body(&format!("before-{i}"))).await;
+        assert!(
+            answer
+                .unwrap_or_else(|e| panic!("SET {}: {e}", key(i)))
+                .status
+                .is_success()
+        );
+    }
+    let left = 2;
+    let left_id = c.nodes[left].id.clone();
+    let left_addr = c.nodes[left].addr;
+    let moved: Vec<usize> = (0..KEYS)
+        .filter(|&i| c.primary_of(&key(i)) == left_id)
+        .collect();
+    assert!(!moved.is_empty(), "{left_id} owns none of the test's keys");
+
+    let leaving = c.set_ring(&[(0, Active), (1, Active), (left, Leaving)]);
+    c.wait_handoff(left, SETTLE).await;
+    let removed = c.set_ring(&[(0, Active), (1, Active)]);
+    c.wait_settled(removed, SETTLE).await;
+    c.stop(left);
+    assert!(removed > leaving);
+    for client in [&reader, &writer] {
+        refused(client, left_addr).await;
+        assert_eq!(
+            client.ring().epoch,
+            first,
+            "the client was told of the change"
+        );
+        assert!(client.ring().nodes.iter().any(|n| n.address == left_addr));
+    }
+
+    // The client's ring names only the node that left for these keys.
+    let got = reader
+        .get(&key(moved[0]))
+        .await
+        .unwrap_or_else(|e| panic!("GET {} with its owner gone: {e}", key(moved[0])))
+        .unwrap_or_else(|| panic!("{} is missing with its owner gone", key(moved[0])));
+    assert_eq!(got.value, serde_json::json!(format!("before-{}", moved[0])));
+    assert_eq!(writer.ring().epoch, first, "the writer learned the ring");
+    let answer = writer
+        .set_raw(&key(moved[0]), body("after"))
+        .await
+        .unwrap_or_else(|e| panic!("SET {} with its owner gone: {e}", key(moved[0])));
+    assert!(answer.status.is_success(), "{answer:?}");
+    // Whichever member the client fell back to, the new primary wrote it.
+    let owner = c.primary_of(&key(moved[0]));
+    assert_eq!(answer.served_by.as_deref(), Some(owner.as_str()));
+    assert_eq!(answer.epoch, Some(removed));
+
+    // Every key, moved or not, is read and written; the answers' epoch
+    // brings both clients the ring without the node that left.
+    for client in [&reader, &writer] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.ring().epoch < removed {
+            assert!(
+                Instant::now() < deadline,
+                "the client still holds epoch {} after answers of epoch {removed}",
+                client.ring().epoch
+            );
+            client.get(&key(moved[0])).await.expect("a read");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(client.ring().epoch, removed);
+        assert!(client.ring().nodes.iter().all(|n| n.address != left_addr));
+    }
+    for i in 0..KEYS {
+        let expected = if i == moved[0] {
+            "after".to_string()
+        } else {
+            format!("before-{i}")
+        };
+        let got = reader.get(&key(i)).await.unwrap().unwrap();
+        assert_eq!(got.value, serde_json::json!(expected), "{}", key(i));
     }
 }
