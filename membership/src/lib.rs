@@ -1,4 +1,5 @@
-//! The contract between the operator and the cache nodes, as plain types.
+//! The contracts between the cache nodes and what talks to them (the
+//! operator, ring-aware clients, the CLI), as plain types.
 //!
 //! * [`MembershipDoc`]: the ring membership the operator writes to the
 //!   ConfigMap `<name>-ring` under the key [`CONFIGMAP_KEY`] and every node
