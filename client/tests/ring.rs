@@ -331,7 +331,8 @@ async fn a_client_with_an_old_ring_reaches_keys_whose_owner_left_through_another
         assert!(client.ring().nodes.iter().any(|n| n.address == left_addr));
     }
 
-    // The client's ring names only the node that left for these keys.
+    // In the clients' ring, the node that left is the only owner of
+    // `moved`'s keys: each request first meets a refused connection.
     let got = reader
         .get(&key(moved[0]))
         .await
@@ -349,8 +350,9 @@ async fn a_client_with_an_old_ring_reaches_keys_whose_owner_left_through_another
     assert_eq!(answer.served_by.as_deref(), Some(owner.as_str()));
     assert_eq!(answer.epoch, Some(removed));
 
-    // Every key, moved or not, is read and written; the answers' epoch
-    // brings both clients the ring without the node that left.
+    // The answers' epoch brings both clients the ring without the node
+    // that left; then every key reads back, the one rewritten with its new
+    // value.
     for client in [&reader, &writer] {
         let deadline = Instant::now() + Duration::from_secs(10);
         while client.ring().epoch < removed {
