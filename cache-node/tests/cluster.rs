@@ -222,12 +222,7 @@ async fn started(n: usize, rf: u32, security: Security) -> ProcCluster {
 /// first ring and waits for them to settle (the other slots stay free for
 /// nodes the test adds later).
 async fn start_members(mut c: ProcCluster, members: usize) -> ProcCluster {
-    let ring: Vec<_> = (0..members).map(|i| (i, Active)).collect();
-    let epoch = c.set_ring(&ring);
-    for i in 0..members {
-        c.start(i);
-    }
-    c.wait_settled(epoch, SETTLE).await;
+    c.start_members(members, SETTLE).await;
     c
 }
 

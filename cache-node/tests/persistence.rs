@@ -146,12 +146,7 @@ async fn metric(c: &ProcCluster, i: usize, series: &str) -> f64 {
 
 async fn started(n: usize, flags: &[&str]) -> (ProcCluster, u64) {
     let mut c = ProcCluster::new(n, 2).with_data_dirs().with_flags(flags);
-    let members: Vec<_> = (0..n).map(|i| (i, Active)).collect();
-    let epoch = c.set_ring(&members);
-    for i in 0..n {
-        c.start(i);
-    }
-    c.wait_settled(epoch, SETTLE).await;
+    let epoch = c.start_members(n, SETTLE).await;
     (c, epoch)
 }
 

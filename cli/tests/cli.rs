@@ -327,11 +327,7 @@ fn tokens_from_the_flag_or_a_file_and_a_wrong_token_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_through_the_cli() {
     let mut c = ProcCluster::new(3, 2);
-    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        c.start(i);
-    }
-    c.wait_settled(epoch, SETTLE).await;
+    let epoch = c.start_members(3, SETTLE).await;
     let first = c.nodes[0].addr.to_string();
     let last = c.nodes[2].addr.to_string();
 

@@ -167,11 +167,7 @@ async fn every_request_goes_straight_to_an_owner(c: &ProcCluster, client: &Clien
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_follows_the_ring_and_goes_around_a_lost_owner() {
     let mut c = ProcCluster::new(3, 2);
-    let epoch = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        c.start(i);
-    }
-    c.wait_settled(epoch, SETTLE).await;
+    let epoch = c.start_members(3, SETTLE).await;
 
     // One seed is enough to learn every member.
     let client = Client::builder([c.nodes[0].addr.to_string()])
@@ -283,11 +279,7 @@ async fn the_client_follows_the_ring_and_goes_around_a_lost_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_with_an_old_ring_reaches_keys_whose_owner_left_through_another_member() {
     let mut c = ProcCluster::new(3, 1);
-    let first = c.set_ring(&[(0, Active), (1, Active), (2, Active)]);
-    for i in 0..3 {
-        c.start(i);
-    }
-    c.wait_settled(first, SETTLE).await;
+    let first = c.start_members(3, SETTLE).await;
     let connect = || async {
         Client::builder([c.nodes[0].addr.to_string()])
             .timeout(Duration::from_secs(10))

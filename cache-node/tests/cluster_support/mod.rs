@@ -545,6 +545,19 @@ impl ProcCluster {
         resp.json().await.ok()
     }
 
+    /// Starts the first `members` slots as the active members of a new ring
+    /// and waits, up to `within`, for it to settle (the other slots stay
+    /// free for nodes a test adds later); returns the ring's epoch.
+    pub async fn start_members(&mut self, members: usize, within: Duration) -> u64 {
+        let ring: Vec<_> = (0..members).map(|i| (i, MemberState::Active)).collect();
+        let epoch = self.set_ring(&ring);
+        for i in 0..members {
+            self.start(i);
+        }
+        self.wait_settled(epoch, within).await;
+        epoch
+    }
+
     /// Waits until every running node holds `epoch`, has synced it, is ready
     /// and sees the cluster settled (data moved, old copies dropped).
     pub async fn wait_settled(&self, epoch: u64, within: Duration) {
