@@ -138,6 +138,9 @@ trap cleanup EXIT
 if [ -z "$REPO" ]; then
   # A registry on loopback for this build only; it picks its own port.
   mkdir -p "$WORK/registry"
+  # The log exists before crane starts: the child opens it only after the
+  # fork, and reading a file not there yet would end this script (set -e).
+  : >"$WORK/registry.log"
   "$CRANE" registry serve --address 127.0.0.1:0 --disk "$WORK/registry" 2>"$WORK/registry.log" &
   registry_pid=$!
   port=""
