@@ -513,33 +513,27 @@ mod tests {
         use std::sync::atomic::AtomicUsize;
 
         use bytes::Bytes;
-        use tokio::net::TcpListener;
 
         use crate::peer::expect;
-        use crate::peer::testing::{read_frame, take_upgrade};
+        use crate::peer::testing::{fake_peer_for_each, read_frame};
         use MemberState::Active;
 
         // "b" takes peer connections, reads one request on each (counting
         // them), and hangs up without answering it.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let silent = listener.local_addr().unwrap();
         let received = Arc::new(AtomicUsize::new(0));
         let counted = received.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    take_upgrade(&mut socket, None).await;
-                    if read_frame(&mut socket, &mut Default::default())
-                        .await
-                        .is_some()
-                    {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                    }
-                });
+        let (silent, _) = fake_peer_for_each(move |mut socket| {
+            let counted = counted.clone();
+            async move {
+                if read_frame(&mut socket, &mut Default::default())
+                    .await
+                    .is_some()
+                {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
             }
-        });
+        })
+        .await;
         let cluster = node_a();
         let mut doc = testing::membership(2, &[("a", Active), ("b", Active)]);
         let unreachable = doc.members[1].address.clone();

@@ -922,8 +922,6 @@ fn error_message(body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-
     use bytes::BytesMut;
     use futures_util::future::join_all;
     use tokio::io::AsyncWriteExt;
@@ -931,7 +929,7 @@ mod tests {
 
     use super::*;
     use crate::peer::protocol::RecordBatch;
-    use crate::peer::testing::{read_frame, take_upgrade};
+    use crate::peer::testing::{fake_peer_for_each, read_frame, take_upgrade};
     use crate::store::{ItemMeta, ItemView};
 
     struct Copy(String);
@@ -1021,25 +1019,15 @@ mod tests {
     /// answers.
     #[tokio::test]
     async fn calls_one_after_another_share_one_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counted = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    take_upgrade(&mut socket, None).await;
-                    let mut buf = BytesMut::new();
-                    while let Some(frame) = read_frame(&mut socket, &mut buf).await {
-                        let mut out = BytesMut::new();
-                        answer_item(&mut out, &frame);
-                        socket.write_all(&out).await.unwrap();
-                    }
-                });
+        let (addr, accepted) = fake_peer_for_each(|mut socket| async move {
+            let mut buf = BytesMut::new();
+            while let Some(frame) = read_frame(&mut socket, &mut buf).await {
+                let mut out = BytesMut::new();
+                answer_item(&mut out, &frame);
+                socket.write_all(&out).await.unwrap();
             }
-        });
+        })
+        .await;
         let client = client();
         for i in 0..5 {
             let key = format!("k{i}");
