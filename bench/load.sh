@@ -14,11 +14,15 @@
 # against nginx's one file. Random keys over a 10,000-key space (every key
 # written before the runs, so no GET misses) are reported beside it, and are
 # what the Redis and SET ratios use, as redis-benchmark draws random keys.
-# SET and random GET run in $ROUNDS rounds, a SET run and a GET run back to
-# back in each: the machine's other tenants move req/s by tens of percent
-# over a minute, and a ratio of two runs taken seconds apart moves far less.
-# The SET / GET bar is judged on the median of the rounds' ratios (each
-# round's is printed); the table shows the median req/s and p99 of each.
+# SET and random GET run in $ROUNDS rounds, cache-node's SET and GET then
+# Redis' SET and GET back to back in each (both servers stay up, the idle
+# one costs nothing): the machine's other tenants move req/s by tens of
+# percent over a minute, and a ratio of runs taken seconds apart moves far
+# less. The SET / GET and Redis bars are judged on the medians of the
+# rounds' ratios (each round's is printed); the table shows the median
+# req/s and p99 of each. Beside req/s, each server's CPU per request: the
+# load generators differ (wrk, redis-benchmark), and CPU per request is the
+# capacity of the server's one core whichever generator is cheaper.
 #
 # nginx is tuned as a fair static-file baseline: one worker on the server
 # core, sendfile, tcp_nopush/tcp_nodelay, open_file_cache (no open/stat per
@@ -114,10 +118,39 @@ for i in range(1, keys + 1):
     if r.status not in (200, 201):
         sys.exit(f"prefill: bench:{i} answered {r.status}")
 PY
-# The node's CPU per request beside req/s: on two cores wrk is near its own
-# core's limit too (Lua builds every request, a SET's larger), so req/s
-# carries the load generator's cost as well as the node's.
 node=${pids[-1]}
+
+echo "== redis" >&2
+taskset -c "$SERVER_CORE" redis-server --bind 127.0.0.1 --port $REDIS_PORT --save '' --appendonly no \
+  --protected-mode yes --logfile "$work/redis.log" &
+pids+=($!)
+redis=${pids[-1]}
+wait_port $REDIS_PORT
+# About DURATION per run at Redis' usual single-core rate on loopback.
+requests=$((DURATION_S * 60000))
+# redis_run LABEL TEST: one redis-benchmark run of TEST (set or get) on
+# random keys; prints "rps p99_ms cpu_us_per_request".
+redis_run() {
+  local c0
+  c0=$(cpu_ticks "$redis")
+  taskset -c "$CLIENT_CORE" redis-benchmark -h 127.0.0.1 -p $REDIS_PORT -c "$CONNS" -n "$requests" \
+    -d 200 -r "$KEYS" -t "$2" --csv > "$work/redis-$1.csv"
+  python3 - "$work/redis-$1.csv" "${2^^}" "$c0" "$(cpu_ticks "$redis")" "$(getconf CLK_TCK)" "$requests" <<'PY'
+import csv, sys
+rows = {r["test"]: r for r in csv.DictReader(open(sys.argv[1]))}
+row = rows[sys.argv[2]]
+c0, c1, tck, n = map(float, sys.argv[3:7])
+print(row["rps"], row["p99_latency_ms"], f"{(c1 - c0) / tck * 1e6 / n:.2f}")
+PY
+}
+# Every key first, as for cache-node (20 draws per key leave none unset).
+taskset -c "$CLIENT_CORE" redis-benchmark -h 127.0.0.1 -p $REDIS_PORT -c "$CONNS" -n $((KEYS * 20)) \
+  -d 200 -r "$KEYS" -t set -q > /dev/null
+
+# The servers' CPU per request beside req/s: on two cores the load
+# generator is near its own core's limit too (wrk's Lua builds every
+# request, a SET's larger), so req/s carries its cost as well as the
+# server's.
 rounds="$work/rounds.txt"
 : > "$rounds"
 for round in $(seq 1 "$ROUNDS"); do
@@ -127,7 +160,9 @@ for round in $(seq 1 "$ROUNDS"); do
   c0=$(cpu_ticks "$node")
   out=$(wrk_run "cache-get-random-$round" -s "$work/get.lua" "http://127.0.0.1:$CACHE_PORT"); read -r get_rps get_p99 <<<"$out"
   get_us=$(us_per_request "$c0" "$(cpu_ticks "$node")" "$get_rps")
-  echo "$set_rps $set_p99 $set_us $get_rps $get_p99 $get_us" >> "$rounds"
+  out=$(redis_run "set-$round" set); read -r rset_rps rset_p99 rset_us <<<"$out"
+  out=$(redis_run "get-$round" get); read -r rget_rps rget_p99 rget_us <<<"$out"
+  echo "$set_rps $set_p99 $set_us $get_rps $get_p99 $get_us $rset_rps $rset_p99 $rset_us $rget_rps $rget_p99 $rget_us" >> "$rounds"
 done
 items=$(curl -sf "http://127.0.0.1:$CACHE_PORT/api/v1/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"])')
 ((items == KEYS)) || { echo "cache-node holds $items of $KEYS keys" >&2; exit 1; }
@@ -136,7 +171,7 @@ misses=$(curl -sf "http://127.0.0.1:$CACHE_PORT/api/v1/stats" | python3 -c 'impo
 ((misses == 0)) || { echo "GET phases missed $misses times" >&2; exit 1; }
 echo "cache-node holds $items items; the GET phases missed none" >&2
 curl -sf "http://127.0.0.1:$CACHE_PORT/api/v1/cache/bench:1" > "$work/item.json"
-kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+kill "$node" "$redis"; wait "$node" "$redis" 2>/dev/null || true
 
 echo "== nginx (static $(wc -c < "$work/item.json")-byte item JSON)" >&2
 mkdir -p "$work/www" "$work/nginx"
@@ -169,38 +204,24 @@ wait_port $NGINX_PORT
 out=$(wrk_run nginx -s "$(fixed_lua /item.json)" "http://127.0.0.1:$NGINX_PORT"); read -r nginx_rps nginx_p99 <<<"$out"
 kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 
-echo "== redis" >&2
-taskset -c "$SERVER_CORE" redis-server --bind 127.0.0.1 --port $REDIS_PORT --save '' --appendonly no \
-  --protected-mode yes --logfile "$work/redis.log" &
-pids+=($!)
-wait_port $REDIS_PORT
-# About DURATION per test at Redis' usual single-core rate on loopback.
-requests=$((DURATION_S * 60000))
-taskset -c "$CLIENT_CORE" redis-benchmark -h 127.0.0.1 -p $REDIS_PORT -c "$CONNS" -n "$requests" \
-  -d 200 -r "$KEYS" -t set,get --csv > "$work/redis.csv"
-redis_field() { python3 - "$work/redis.csv" "$1" "$2" <<'PY'
-import csv, sys
-rows = {r["test"]: r for r in csv.DictReader(open(sys.argv[1]))}
-print(rows[sys.argv[2]][sys.argv[3]])
-PY
-}
-redis_set_rps=$(redis_field SET rps); redis_set_p99=$(redis_field SET p99_latency_ms)
-redis_get_rps=$(redis_field GET rps); redis_get_p99=$(redis_field GET p99_latency_ms)
-
-python3 - "$cache_get_rps" "$cache_get_p99" "$nginx_rps" "$nginx_p99" "$redis_get_rps" "$redis_get_p99" \
-  "$redis_set_rps" "$redis_set_p99" "$CONNS" "$DURATION" "$rounds" <<'PY'
+python3 - "$cache_get_rps" "$cache_get_p99" "$nginx_rps" "$nginx_p99" "$CONNS" "$DURATION" "$rounds" <<'PY'
 import statistics, sys
-(cg, cgp, ng, ngp, rg, rgp, rs, rsp) = map(float, sys.argv[1:9])
-rounds = [tuple(map(float, line.split())) for line in open(sys.argv[11])]
+(cg, cgp, ng, ngp) = map(float, sys.argv[1:5])
+rounds = [tuple(map(float, line.split())) for line in open(sys.argv[7])]
 median = lambda i: statistics.median(r[i] for r in rounds)
-cs, cr = median(0), median(3)
+cs, cr, rs, rg = median(0), median(3), median(6), median(9)
 # Each p99 the median of its rounds', like the ratios.
-csp, crp = median(1), median(4)
+csp, crp, rsp, rgp = median(1), median(4), median(7), median(10)
 set_get = [r[0] / r[3] for r in rounds]
 cpu = [r[5] / r[2] for r in rounds]
+get_redis = [r[3] / r[9] for r in rounds]
+set_redis = [r[0] / r[6] for r in rounds]
+# Capacity of one core: the other server's CPU per request over ours.
+get_redis_cpu = [r[11] / r[5] for r in rounds]
+set_redis_cpu = [r[8] / r[2] for r in rounds]
 show = lambda xs: f"{statistics.median(xs):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in xs)})"
-print(f"single node, server on one core, load on another, {sys.argv[9]} connections, {sys.argv[10]} per run,"
-      f" {len(rounds)} rounds of SET then random GET")
+print(f"single node, server on one core, load on another, {sys.argv[5]} connections, {sys.argv[6]} per run,"
+      f" {len(rounds)} rounds of SET then random GET, cache-node then Redis")
 print(f"{'':30}{'req/s':>12}{'p99 ms':>10}")
 for name, rps, p99 in [("cache-node GET (one key)", cg, cgp), ("cache-node GET (random keys)", cr, crp),
                        ("cache-node SET (random keys)", cs, csp), ("nginx static GET", ng, ngp),
@@ -209,10 +230,14 @@ for name, rps, p99 in [("cache-node GET (one key)", cg, cgp), ("cache-node GET (
 print()
 print(f"GET / nginx        {cg / ng:6.2f}x   (bar >= 1.0; one key each)")
 print(f"GET random / nginx {cr / ng:6.2f}x")
-print(f"GET / redis GET    {cr / rg:6.2f}x   (bar >= 1.0; random keys each)")
+print(f"GET / redis GET    {show(get_redis)}   (bar >= 1.0; random keys each, median of the rounds)")
+print(f"  server CPU per GET, redis / cache-node: {show(get_redis_cpu)}"
+      f" ({median(11):.2f} / {median(5):.2f} us, medians)")
 print(f"SET / GET          {show(set_get)}   (bar >= 0.9; random keys, median of the rounds)")
 print(f"  node CPU per request, GET / SET: {median(5):.2f} / {median(2):.2f} us (medians); per round {show(cpu)}")
-print(f"SET / redis SET    {cs / rs:6.2f}x")
+print(f"SET / redis SET    {show(set_redis)}")
+print(f"  server CPU per SET, redis / cache-node: {show(set_redis_cpu)}"
+      f" ({median(8):.2f} / {median(2):.2f} us, medians)")
 print(f"GET p99            {max(cgp, crp):6.3f} ms (bar < 2 ms; the worse of one key and the random keys' median;"
       f" random keys per round: {', '.join(f'{r[4]:.2f}' for r in rounds)})")
 PY
