@@ -243,12 +243,7 @@ async fn primary_and_replicas(n: usize, flags: &[&str], prefix: &str) -> (ProcCl
 /// settled, and a key whose primary is node-0.
 async fn every_node_an_owner(mut c: ProcCluster, prefix: &str) -> (ProcCluster, String) {
     let n = c.nodes.len();
-    let members: Vec<_> = (0..n).map(|i| (i, Active)).collect();
-    let epoch = c.set_ring(&members);
-    for i in 0..n {
-        c.start(i);
-    }
-    c.wait_settled(epoch, SETTLE).await;
+    c.start_members(n, SETTLE).await;
     let key = (0..)
         .map(|i| format!("{prefix}-{i}"))
         .find(|k| c.primary_of(k) == "node-0")
@@ -558,10 +553,7 @@ async fn a_node_back_at_a_new_address_pulls_every_key() {
     // Small pull batches stretch each pull over many requests, so reads
     // really do land on a node while it is still pulling.
     let mut c = ProcCluster::new(2, 2).with_flags(&["--rebalance-batch-items", "50"]);
-    let epoch = c.set_ring(&[(0, Active), (1, Active)]);
-    c.start(0);
-    c.start(1);
-    c.wait_settled(epoch, SETTLE).await;
+    c.start_members(2, SETTLE).await;
     let written = write_keys(&c, 0..KEYS, 1).await;
     assert_copies(&c, &written, 2, "before the restarts").await;
     let keys: Arc<Vec<String>> = Arc::new(written.keys().map(|k| encoded(k)).collect());
@@ -1304,9 +1296,7 @@ async fn every_answer_carries_the_ring_epoch() {
 
     // A request without the client token, to a cluster that requires one.
     let mut authed = ProcCluster::new(1, 1).with_auth();
-    let epoch = authed.set_ring(&[(0, Active)]);
-    authed.start(0);
-    authed.wait_settled(epoch, SETTLE).await;
+    let epoch = authed.start_members(1, SETTLE).await;
     let resp = reqwest::Client::builder()
         .no_proxy()
         .build()

@@ -323,9 +323,7 @@ async fn a_killed_single_node_comes_back_from_its_periodic_snapshot() {
     let mut c = ProcCluster::new(1, 1)
         .with_data_dirs()
         .with_flags(&["--snapshot-interval", "200ms"]);
-    let epoch = c.set_ring(&[(0, Active)]);
-    c.start(0);
-    c.wait_settled(epoch, SETTLE).await;
+    let epoch = c.start_members(1, SETTLE).await;
     write(&c, 0, 0..N).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.metric(0, "distrocache_snapshot_last_write_items").await != Some(N as f64) {
