@@ -92,7 +92,7 @@ pub enum ReadFrom {
     /// primary among equals), as a least-request load balancer picks: a
     /// busy or slow owner's share moves to its copies. The default: in
     /// `bench/cluster.sh` (three nodes sharing one core) it served more GETs
-    /// than `Primary` in eleven runs of nineteen, fewer in seven (the README
+    /// than `Primary` in twelve runs of twenty-one, fewer in eight (the README
     /// has the figures).
     #[default]
     LeastBusy,
