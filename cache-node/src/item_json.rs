@@ -197,6 +197,7 @@ mod tests {
             "tab\there",
             "nul\u{0}",
             "\u{1f}\u{7f}",
+            "del\u{7f}",
             "</script>",
         ] {
             let mut out = Vec::new();
