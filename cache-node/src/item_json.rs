@@ -215,5 +215,9 @@ mod tests {
             format(951_782_400_000_000_123),
             "2000-02-29T00:00:00.000000123Z"
         );
+        // The last instant a u64 holds (beyond chrono's range): four-digit
+        // year, a full fraction.
+        assert_eq!(format(u64::MAX), "2554-07-21T23:34:33.709551615Z");
+        assert_eq!(format(10_000_000_000), "1970-01-01T00:00:10Z");
     }
 }

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# What the load generators themselves cost: wrk and distrocache-client's
+# `load` example (the generator of bench/cluster.sh's section 3) in turn
+# against the same single node (core 0), each on core 1 with $CONNS
+# connections, GETs of random keys of $SET_KEYS prefilled ~200-byte items,
+# $ROUNDS rounds. Prints each run's req/s and the generator's CPU per GET
+# (user + system, and user alone, from bash's `times` for the run's
+# subshell). Both generators run their core near its limit, so req/s is
+# bounded by whichever costs more per request; this says how much of bar
+# 3's gap is the client's own cost (README, the benchmark table).
+#
+#   bash bench/loadgen.sh            # DURATION=6s ROUNDS=3 CONNS=63 SET_KEYS=10000
+#
+# Installs wrk from Debian packages if missing. Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-6s}
+CONNS=${CONNS:-63}
+SET_KEYS=${SET_KEYS:-10000}
+ROUNDS=${ROUNDS:-3}
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+
+NODE_BIN=${NODE_BIN:-$(bash scripts/build-pgo.sh | tail -n 1)}
+cargo build --release -q -p distrocache-client --example load
+LOAD=target/release/examples/load
+work=$(mktemp -d)
+S=127.0.0.54 PORT=18300
+taskset -c 0 "$NODE_BIN" --node-id s --bind-address $S --port $PORT --max-size 10000000 --log-level warn &
+node=$!
+trap 'kill $node 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 1 600); do curl -sf "http://$S:$PORT/api/v1/ready" >/dev/null && break; sleep 0.05; done
+curl -sf "http://$S:$PORT/api/v1/ready" >/dev/null || { echo "the node never got ready" >&2; exit 1; }
+python3 - "$S" "$SET_KEYS" <<'PY'
+import http.client, sys
+ip, keys = sys.argv[1], int(sys.argv[2])
+conn = http.client.HTTPConnection(ip, 18300)
+body = '{"value":"%s","ttl":3600,"tags":["bench"]}' % ("v" * 200)
+for i in range(1, keys + 1):
+    conn.request("PUT", f"/api/v1/cache/bench:{i}", body, {"Content-Type": "application/json"})
+    r = conn.getresponse(); r.read()
+    if r.status not in (200, 201):
+        sys.exit(f"prefill: bench:{i} answered {r.status}")
+PY
+cat > "$work/get.lua" <<LUA
+math.randomseed(42)
+request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS)) end
+LUA
+
+# generator_cpu LABEL RPS TIMES: "label req/s cpu-us/GET user-us/GET", from
+# the children's line of `times` (e.g. "0m4.123s 0m3.456s").
+generator_cpu() {
+  python3 - "$1" "$2" "${DURATION%s}" "$3" <<'PY'
+import re, sys
+label, rps, secs, times = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+if rps <= 0:
+    sys.exit(f"{label}: no requests")
+user, system = (int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", times.splitlines()[-1]))
+per = 1e6 / (rps * secs)
+print(f"{label:<24} {rps:>9.0f} {(user + system) * per:>12.2f} {user * per:>12.2f}")
+PY
+}
+
+printf "%-24s %9s %12s %12s\n" "generator, one node" "req/s" "CPU us/GET" "user us/GET"
+for _ in $(seq 1 "$ROUNDS"); do
+  # Each run in a subshell of its own, whose `times` is that run alone.
+  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" -s "$work/get.lua" "http://$S:$PORT" > "$work/wrk.out"; times)
+  rps=$(awk '/^Requests\/sec:/ { print $2 }' "$work/wrk.out")
+  grep -q "Non-2xx\|Socket errors" "$work/wrk.out" && { echo "wrk: errors" >&2; cat "$work/wrk.out" >&2; exit 1; }
+  generator_cpu wrk "${rps:-0}" "$out"
+  out=$(taskset -c 1 "$LOAD" --duration "$DURATION" --connections "$CONNS" --keys "$SET_KEYS" \
+    --op get "http://$S:$PORT" > "$work/load.out"; times)
+  read -r rps _ < "$work/load.out"
+  generator_cpu "distrocache-client load" "${rps:-0}" "$out"
+done
