@@ -92,6 +92,7 @@ fn item_answer(c: &mut Criterion) {
     group.bench_function("item as JSON (200-byte value, one tag)", |b| {
         b.iter(|| item_json::item_to_vec(black_box(&item)))
     });
+    group.throughput(Throughput::Elements(1));
     group.bench_function("one RFC 3339 timestamp", |b| {
         let mut out = Vec::with_capacity(64);
         b.iter(|| {
