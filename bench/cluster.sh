@@ -80,19 +80,7 @@ peer_requests() { # ip...: forwards and replications those nodes sent so far
   for ip in "$@"; do curl -sf "http://$ip:$PORT/metrics"; done |
     awk '/^distrocache_peer_requests_total\{operation="(forward|replicate)"\}/ { n += $2 } END { printf "%d\n", n }'
 }
-prefill() { # ip keys: PUT bench:1..keys through one node
-  python3 - "$1" "$2" <<'PY'
-import http.client, sys
-ip, keys = sys.argv[1], int(sys.argv[2])
-conn = http.client.HTTPConnection(ip, 18300)
-body = '{"value":"%s","ttl":3600,"tags":["bench"]}' % ("v" * 200)
-for i in range(1, keys + 1):
-    conn.request("PUT", f"/api/v1/cache/bench:{i}", body, {"Content-Type": "application/json"})
-    r = conn.getresponse(); r.read()
-    if r.status not in (200, 201):
-        sys.exit(f"prefill: bench:{i} answered {r.status}")
-PY
-}
+prefill() { python3 bench/prefill.py "http://$1:$PORT" "$2"; }  # ip keys
 
 source bench/wrk.sh  # wrk_run, wrk_spread, cpu_ticks (the scripts run from the repository root)
 

@@ -107,17 +107,7 @@ taskset -c "$SERVER_CORE" "$NODE_BIN" --bind-address 127.0.0.1 --port $CACHE_POR
 pids+=($!)
 wait_port $CACHE_PORT
 # Every key first, so the GET phases can never miss, whatever DURATION is.
-python3 - "$CACHE_PORT" "$KEYS" "$value" <<'PY'
-import http.client, sys
-port, keys, value = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-conn = http.client.HTTPConnection("127.0.0.1", port)
-body = '{"value":"%s","ttl":3600,"tags":["bench"]}' % value
-for i in range(1, keys + 1):
-    conn.request("PUT", f"/api/v1/cache/bench:{i}", body, {"Content-Type": "application/json"})
-    r = conn.getresponse(); r.read()
-    if r.status not in (200, 201):
-        sys.exit(f"prefill: bench:{i} answered {r.status}")
-PY
+python3 bench/prefill.py "http://127.0.0.1:$CACHE_PORT" "$KEYS"
 node=${pids[-1]}
 
 echo "== redis" >&2

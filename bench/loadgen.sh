@@ -30,17 +30,7 @@ node=$!
 trap 'kill $node 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 1 600); do curl -sf "http://$S:$PORT/api/v1/ready" >/dev/null && break; sleep 0.05; done
 curl -sf "http://$S:$PORT/api/v1/ready" >/dev/null || { echo "the node never got ready" >&2; exit 1; }
-python3 - "$S" "$SET_KEYS" <<'PY'
-import http.client, sys
-ip, keys = sys.argv[1], int(sys.argv[2])
-conn = http.client.HTTPConnection(ip, 18300)
-body = '{"value":"%s","ttl":3600,"tags":["bench"]}' % ("v" * 200)
-for i in range(1, keys + 1):
-    conn.request("PUT", f"/api/v1/cache/bench:{i}", body, {"Content-Type": "application/json"})
-    r = conn.getresponse(); r.read()
-    if r.status not in (200, 201):
-        sys.exit(f"prefill: bench:{i} answered {r.status}")
-PY
+python3 bench/prefill.py "http://$S:$PORT" "$SET_KEYS"
 cat > "$work/get.lua" <<LUA
 math.randomseed(42)
 request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS)) end

@@ -66,22 +66,7 @@ wait_ready() { # scheme ip
   done
   echo "$2 never ready" >&2; exit 1
 }
-prefill() { # scheme ip keys
-  python3 - "$1" "$2" "$3" "$work/ca.crt" <<'PY'
-import http.client, ssl, sys
-scheme, ip, keys, ca = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-if scheme == "https":
-    conn = http.client.HTTPSConnection(ip, 18300, context=ssl.create_default_context(cafile=ca))
-else:
-    conn = http.client.HTTPConnection(ip, 18300)
-body = '{"value":"%s","ttl":3600}' % ("v" * 200)
-for i in range(1, keys + 1):
-    conn.request("PUT", f"/api/v1/cache/bench:{i}", body, {"Content-Type": "application/json"})
-    r = conn.getresponse(); r.read()
-    if r.status not in (200, 201):
-        sys.exit(f"prefill: bench:{i} answered {r.status}")
-PY
-}
+prefill() { python3 bench/prefill.py "$1://$2:$PORT" "$3" --ca "$work/ca.crt" --no-tags; }  # scheme ip keys
 
 source bench/wrk.sh  # wrk_run (the scripts run from the repository root)
 
