@@ -11,7 +11,9 @@
 #  3. the same through the ring-aware client (distrocache-client's `load`
 #     example on core 1), which sends each request straight to an owner
 #     (reads to the owner with the fewest of its requests in flight, the
-#     client's default; and, a diagnostic with no bar, to the primary);
+#     client's default; and, a diagnostic with no bar, to the primary),
+#     with the client's CPU per GET and the nodes' (no bar): how busy the
+#     client's core was says whether the client itself bounded req/s;
 #     2 and 3 in $ROUNDS rounds, the one node and the cluster running side by
 #     side and measured back to back in each round; the bars are judged on
 #     the median of the rounds' ratios, and every round's ratio is printed
@@ -82,7 +84,7 @@ peer_requests() { # ip...: forwards and replications those nodes sent so far
 }
 prefill() { python3 bench/prefill.py "http://$1:$PORT" "$2"; }  # ip keys
 
-source bench/wrk.sh  # wrk_run, wrk_spread, cpu_ticks (the scripts run from the repository root)
+source bench/wrk.sh  # wrk_run, wrk_spread, cpu_ticks, generator_us (the scripts run from the repository root)
 
 # wrk_spread, plus the nodes' CPU per request (user + system time of every
 # running node over the run; softirq time, which the kernel accounts
@@ -150,10 +152,22 @@ cluster=("${pids[@]:1}")
 wait_ready $S; wait_ready $A; wait_ready $B; wait_ready $C
 prefill $S "$SET_KEYS"
 prefill $A "$SET_KEYS"
-client_load() { # op url [flags...]: the ring-aware client on the client core; "rps p99_ms"
-  local op=$1 url=$2; shift 2
-  taskset -c "$CLIENT_CORE" target/release/examples/load --duration "$DURATION" --connections "$CONNS" \
-    --keys "$SET_KEYS" --op "$op" "$@" "$url"
+# The ring-aware client on the client core, with CPU_PIDS the nodes whose
+# CPU counts: "rps p99_ms nodes_us_per_request client_us_per_request" (the
+# client's CPU from `times` in the run's own subshell). A client busy all
+# its run (its CPU per request times req/s near one second a second) bounds
+# req/s itself, and the bar then compares what it costs the client to
+# drive one node and three.
+client_load() { # op url [flags...]
+  local op=$1 url=$2 c0 c1 out rps p99 all
+  shift 2
+  c0=$(cpu_ticks $CPU_PIDS)
+  out=$(taskset -c "$CLIENT_CORE" target/release/examples/load --duration "$DURATION" --connections "$CONNS" \
+    --keys "$SET_KEYS" --op "$op" "$@" "$url" > "$work/load.out" && times)
+  c1=$(cpu_ticks $CPU_PIDS)
+  read -r rps p99 < "$work/load.out"
+  read -r all _ <<<"$(generator_us "$out" "$rps")"
+  echo "$rps $p99 $(us_per_request "$c0" "$c1" "$rps") $all"
 }
 rounds="$work/rounds.txt"
 : > "$rounds"
@@ -170,12 +184,12 @@ for round in $(seq 1 "$ROUNDS"); do
   out=$(CPU_PIDS="${cluster[*]}" cpu_spread cluster-set "$work/set.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT")
   echo "cluster_set $out" >> "$rounds"
   echo "$(( $(peer_requests $A $B $C) - sent ))" >> "$work/peer.txt"
-  out=$(client_load get "http://$S:$PORT")
-  echo "single_cget $out 0" >> "$rounds"
-  out=$(client_load get "http://$A:$PORT")
-  echo "cluster_cget $out 0" >> "$rounds"
-  out=$(client_load get "http://$A:$PORT" --read-from primary)
-  echo "cluster_cget_primary $out 0" >> "$rounds"
+  out=$(CPU_PIDS="${single[*]}" client_load get "http://$S:$PORT")
+  echo "single_cget $out" >> "$rounds"
+  out=$(CPU_PIDS="${cluster[*]}" client_load get "http://$A:$PORT")
+  echo "cluster_cget $out" >> "$rounds"
+  out=$(CPU_PIDS="${cluster[*]}" client_load get "http://$A:$PORT" --read-from primary)
+  echo "cluster_cget_primary $out" >> "$rounds"
 done
 # Diagnostic, no bar: the same three processes with rf 3, where every node
 # owns every key and forwards nothing, against the one node once more.
@@ -212,12 +226,12 @@ import json, re, statistics, sys
 lr, lp, fr, fp = map(float, sys.argv[1:5])
 p = json.loads(sys.argv[5])
 conns, duration = sys.argv[6], sys.argv[7]
-rounds = []  # per round: {name: (rps, p99, us_per_request)}
+rounds = []  # per round: {name: (rps, p99, nodes' us per request[, the client's])}
 for line in open(sys.argv[8]):
-    name, rps, p99, us = line.split()
+    name, *figures = line.split()
     if name == "single_get":
         rounds.append({})
-    rounds[-1][name] = (float(rps), float(p99), float(us))
+    rounds[-1][name] = tuple(map(float, figures))
 print(f"servers on one core, load on another, {conns} connections, {duration} per run,"
       f" {len(rounds)} rounds (one node and the cluster measured back to back in each)")
 print(f"{'':36}{'req/s per round':>30}{'p99 ms':>10}")
@@ -250,6 +264,10 @@ rf3 = {name: (float(rps), float(us)) for name, rps, _, us in (l.split() for l in
 print(f"   diagnostic: rf 3 (nothing forwarded), one run: GET {rf3['cluster_get_rf3'][0] / rf3['single_get_rf3'][0]:.2f}x,"
       f" CPU per request {rf3['single_get_rf3'][1] / rf3['cluster_get_rf3'][1]:.2f}x")
 print(f"3. through distrocache-client: GET {show(ratios('cluster_cget', 'single_cget'))} (bar >= 0.95)")
+print(f"   the client's CPU per GET, one node / 3 nodes: {show(ratios('single_cget', 'cluster_cget', 3))};"
+      f" its core busy {statistics.median(r['single_cget'][0] * r['single_cget'][3] / 1e6 for r in rounds):.0%}"
+      f" / {statistics.median(r['cluster_cget'][0] * r['cluster_cget'][3] / 1e6 for r in rounds):.0%} (medians)")
+print(f"   the nodes' CPU per GET, one node / 3 nodes: {show(ratios('single_cget', 'cluster_cget', 2))}")
 print(f"   diagnostic: reads to the primary (ReadFrom::Primary): GET {show(ratios('cluster_cget_primary', 'single_cget'))}")
 secs = p["lastSyncSeconds"]
 print(f"4. rebalancing: the joining node pulled {p['keysReceived']} keys in {secs:.2f}s = {p['keysReceived'] / secs:,.0f} keys/s")

@@ -36,29 +36,24 @@ math.randomseed(42)
 request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS)) end
 LUA
 
-# generator_cpu LABEL RPS TIMES: "label req/s cpu-us/GET user-us/GET", from
-# the children's line of `times` (e.g. "0m4.123s 0m3.456s").
-generator_cpu() {
-  python3 - "$1" "$2" "${DURATION%s}" "$3" <<'PY'
-import re, sys
-label, rps, secs, times = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-if rps <= 0:
-    sys.exit(f"{label}: no requests")
-user, system = (int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", times.splitlines()[-1]))
-per = 1e6 / (rps * secs)
-print(f"{label:<24} {rps:>9.0f} {(user + system) * per:>12.2f} {user * per:>12.2f}")
-PY
+source bench/wrk.sh  # wrk_run, generator_us (the scripts run from the repository root)
+CLIENT_CORE=1
+row() { # label rps times
+  local us all user
+  us=$(generator_us "$3" "$2")
+  read -r all user <<<"$us"
+  printf "%-24s %9.0f %12s %12s\n" "$1" "$2" "$all" "$user"
 }
 
 printf "%-24s %9s %12s %12s\n" "generator, one node" "req/s" "CPU us/GET" "user us/GET"
 for _ in $(seq 1 "$ROUNDS"); do
-  # Each run in a subshell of its own, whose `times` is that run alone.
-  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" -s "$work/get.lua" "http://$S:$PORT" > "$work/wrk.out"; times)
-  rps=$(awk '/^Requests\/sec:/ { print $2 }' "$work/wrk.out")
-  grep -q "Non-2xx\|Socket errors" "$work/wrk.out" && { echo "wrk: errors" >&2; cat "$work/wrk.out" >&2; exit 1; }
-  generator_cpu wrk "${rps:-0}" "$out"
-  out=$(taskset -c 1 "$LOAD" --duration "$DURATION" --connections "$CONNS" --keys "$SET_KEYS" \
-    --op get "http://$S:$PORT" > "$work/load.out"; times)
+  # Each run in a subshell of its own, whose `times` is that run alone; a
+  # failed run fails the subshell, which stops the script (set -e).
+  out=$(wrk_run wrk -s "$work/get.lua" "http://$S:$PORT" > "$work/wrk.figures" && times)
+  read -r rps _ < "$work/wrk.figures"
+  row wrk "$rps" "$out"
+  out=$(taskset -c "$CLIENT_CORE" "$LOAD" --duration "$DURATION" --connections "$CONNS" --keys "$SET_KEYS" \
+    --op get "http://$S:$PORT" > "$work/load.out" && times)
   read -r rps _ < "$work/load.out"
-  generator_cpu "distrocache-client load" "${rps:-0}" "$out"
+  row "distrocache-client load" "$rps" "$out"
 done

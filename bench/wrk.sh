@@ -10,6 +10,8 @@
 #
 #   cpu_ticks PID...                          # their CPU time so far, in clock ticks
 #   us_per_request TICKS_BEFORE TICKS_AFTER RPS   # CPU µs per request over a $DURATION run
+#   out=$(GENERATOR... > FILE && times)       # a load generator's run, in a subshell of its own
+#   generator_us "$out" RPS                   # its CPU µs per request over a $DURATION run: "all user"
 #
 # wrk_spread spreads $CONNS connections evenly over the URLs (as a Service
 # spreads clients over pods): one wrk per URL, all at once on $CLIENT_CORE,
@@ -68,4 +70,18 @@ cpu_ticks() {
 
 us_per_request() {
   python3 -c "print(f'{($2 - $1) / $(getconf CLK_TCK) * 1e6 / ($3 * ${DURATION%s}):.2f}')"
+}
+
+# From the children's line of `times` (e.g. "0m4.123s 0m3.456s") in the
+# run's own subshell, so the figure is that run alone; fails on no requests.
+generator_us() {
+  python3 - "$1" "$2" "${DURATION%s}" <<'PY'
+import re, sys
+times, rps, secs = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+if rps <= 0:
+    sys.exit("the load generator made no requests")
+user, system = (int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", times.splitlines()[-1]))
+per = 1e6 / (rps * secs)
+print(f"{(user + system) * per:.2f} {user * per:.2f}")
+PY
 }
