@@ -161,13 +161,15 @@ prefill $A "$SET_KEYS"
 client_load() { # op url [flags...]
   local op=$1 url=$2 c0 c1 out rps p99 all
   shift 2
+  # Called in `$(...)`, where set -e does not hold: each step fails the
+  # function itself, so a failed run stops the script at its caller.
   c0=$(cpu_ticks $CPU_PIDS)
   out=$(taskset -c "$CLIENT_CORE" target/release/examples/load --duration "$DURATION" --connections "$CONNS" \
-    --keys "$SET_KEYS" --op "$op" "$@" "$url" > "$work/load.out" && times)
+    --keys "$SET_KEYS" --op "$op" "$@" "$url" > "$work/load.out" && times) || return 1
   c1=$(cpu_ticks $CPU_PIDS)
-  read -r rps p99 < "$work/load.out"
-  read -r all _ <<<"$(generator_us "$out" "$rps")"
-  echo "$rps $p99 $(us_per_request "$c0" "$c1" "$rps") $all"
+  read -r rps p99 < "$work/load.out" || return 1
+  all=$(generator_us "$out" "$rps") || return 1
+  echo "$rps $p99 $(us_per_request "$c0" "$c1" "$rps") ${all%% *}"
 }
 rounds="$work/rounds.txt"
 : > "$rounds"

@@ -7,7 +7,7 @@
 //! frame appended meanwhile waits in the buffer, and the next `write` takes
 //! them all; and a writer woken by a frame lets the other ready tasks run
 //! (and append theirs) before it takes the buffer, for as long as they keep
-//! appending (some scheduler rounds at most, see [`MAX_ROUNDS`]). Under
+//! appending (up to sixteen scheduler rounds, see [`MAX_ROUNDS`]). Under
 //! load one syscall carries many requests or answers; idle, a lone frame
 //! leaves after one round.
 //! Appending is a short critical section (the encoding itself, into a
@@ -40,7 +40,7 @@ use super::frame;
 /// node's busiest moments, when every round brings more, and sending then
 /// would mostly hand the peer a frame or two and a wake-up. The bound
 /// keeps a node that is never idle from holding its frames back: its
-/// writer still writes at least every sixteen rounds.
+/// writer writes at most sixteen rounds after it was woken.
 const MAX_ROUNDS: usize = 16;
 /// A writer that holds this much writes without waiting for more.
 const FULL_BATCH: usize = 64 * 1024;
