@@ -31,6 +31,7 @@
 # Installs wrk from Debian packages if missing. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/setup.sh  # need, wait_ready (the scripts run from the repository root)
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-63}
 KEYS=${KEYS:-200000}
@@ -38,7 +39,7 @@ SET_KEYS=${SET_KEYS:-10000}
 ROUNDS=${ROUNDS:-5}
 SERVER_CORE=${SERVER_CORE:-0}
 CLIENT_CORE=${CLIENT_CORE:-1}
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+need wrk
 
 # The binary the images ship, the profile-guided release build, unless
 # NODE_BIN names another (e.g. target/release/cache-node, the plain build).
@@ -68,7 +69,6 @@ node() { # id ip [flags...]: a cluster member (membership file)
   pids+=($!)
 }
 member() { node "$1" "$2" --membership-file "$work/ring.json" --membership-poll-interval 100ms; }
-wait_ready() { for _ in $(seq 1 600); do curl -sf "http://$1:$PORT/api/v1/ready" >/dev/null && return 0; sleep 0.05; done; echo "$1 never ready" >&2; exit 1; }
 wait_settled() { # ip epoch: its ring is at epoch and no data moves
   for _ in $(seq 1 600); do
     curl -sf "http://$1:$PORT/api/v1/cluster" | python3 -c '
@@ -115,7 +115,7 @@ LUA
 echo "== 1. forwarded vs local GET (rf 1, 2 nodes)" >&2
 ring 1 1 a=$A b=$B
 member a $A; member b $B
-wait_ready $A; wait_ready $B
+wait_ready "http://$A:$PORT"; wait_ready "http://$B:$PORT"
 python3 - "$A" "$work" <<'PY'
 import json, sys, urllib.request
 a, work = sys.argv[1], sys.argv[2]
@@ -149,7 +149,7 @@ single=("${pids[@]}")
 ring 1 2 a=$A b=$B c=$C
 member a $A; member b $B; member c $C
 cluster=("${pids[@]:1}")
-wait_ready $S; wait_ready $A; wait_ready $B; wait_ready $C
+wait_ready "http://$S:$PORT"; wait_ready "http://$A:$PORT"; wait_ready "http://$B:$PORT"; wait_ready "http://$C:$PORT"
 prefill $S "$SET_KEYS"
 prefill $A "$SET_KEYS"
 # The ring-aware client on the client core, with CPU_PIDS the nodes whose
@@ -206,7 +206,7 @@ stop_nodes
 echo "== 4. rebalancing throughput ($KEYS keys, rf 2, a 3rd node joins)" >&2
 ring 1 2 a=$A b=$B
 member a $A; member b $B
-wait_ready $A; wait_ready $B
+wait_ready "http://$A:$PORT"; wait_ready "http://$B:$PORT"
 python3 - "$A" "$KEYS" <<'PY'
 import json, sys, urllib.request, concurrent.futures
 a, n = sys.argv[1], int(sys.argv[2])
@@ -220,7 +220,7 @@ with concurrent.futures.ThreadPoolExecutor(16) as pool:
 PY
 ring 2 2 a=$A b=$B c=$C
 member c $C
-wait_ready $C
+wait_ready "http://$C:$PORT"
 progress=$(curl -s "http://$C:$PORT/api/v1/cluster/rebalance")
 
 python3 - "$local_rps" "$local_p99" "$fwd_rps" "$fwd_p99" "$progress" "$CONNS" "$DURATION" "$rounds" "$work/rf3.txt" "$work/peer.txt" <<'PY'

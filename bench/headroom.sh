@@ -21,15 +21,14 @@
 # Installs wrk from Debian packages if missing. Listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/setup.sh  # need (the scripts run from the repository root)
 
 BUDGETS=("$@")
 [ ${#BUDGETS[@]} -gt 0 ] || BUDGETS=(64MiB 128MiB)
 PORT=${PORT:-18091}
 FILL_SECONDS=${FILL_SECONDS:-60}
 MIX_SECONDS=${MIX_SECONDS:-30}
-if ! command -v wrk >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-fi
+need wrk
 # The binary the cache-node image carries: the static, profile-guided
 # release build.
 BIN=$(bash scripts/build-pgo.sh | tail -n 1)

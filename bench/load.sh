@@ -35,6 +35,7 @@
 # redis-tools). Everything listens on 127.0.0.1 only and stops when the script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/setup.sh  # need (the scripts run from the repository root)
 
 DURATION=${DURATION:-15s}
 CONNS=${CONNS:-64}
@@ -60,15 +61,7 @@ DURATION_S=$(seconds "$DURATION")
 ((DURATION_S > 0)) || { echo "DURATION must be longer than zero" >&2; exit 1; }
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS=$ROUNDS: use a whole number of rounds, 1 or more" >&2; exit 1; }
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v redis-server >/dev/null || need+=(redis-server)
-command -v redis-benchmark >/dev/null || need+=(redis-tools)
-if ((${#need[@]})); then
-  echo "installing ${need[*]}" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+need wrk nginx=nginx-light redis-server redis-benchmark=redis-tools
 
 # The binary the images ship, the profile-guided release build, unless
 # NODE_BIN names another (e.g. target/release/cache-node, the plain build).

@@ -14,11 +14,12 @@
 # Installs wrk from Debian packages if missing. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/setup.sh  # need, wait_ready (the scripts run from the repository root)
 DURATION=${DURATION:-6s}
 CONNS=${CONNS:-63}
 SET_KEYS=${SET_KEYS:-10000}
 ROUNDS=${ROUNDS:-3}
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+need wrk
 
 NODE_BIN=${NODE_BIN:-$(bash scripts/build-pgo.sh | tail -n 1)}
 cargo build --release -q -p distrocache-client --example load
@@ -28,8 +29,7 @@ S=127.0.0.54 PORT=18300
 taskset -c 0 "$NODE_BIN" --node-id s --bind-address $S --port $PORT --max-size 10000000 --log-level warn &
 node=$!
 trap 'kill $node 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 1 600); do curl -sf "http://$S:$PORT/api/v1/ready" >/dev/null && break; sleep 0.05; done
-curl -sf "http://$S:$PORT/api/v1/ready" >/dev/null || { echo "the node never got ready" >&2; exit 1; }
+wait_ready "http://$S:$PORT"
 python3 bench/prefill.py "http://$S:$PORT" "$SET_KEYS"
 cat > "$work/get.lua" <<LUA
 math.randomseed(42)

@@ -20,15 +20,12 @@
 # missing. One run each; ratios are within the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/setup.sh  # need (the scripts run from the repository root)
 ITEMS=${1:-1000000}
 RPORT=18090
 MPORT=18091
 
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null ||
-  ! command -v memcached >/dev/null; then
-  apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools memcached >/dev/null
-fi
+need redis-server redis-cli=redis-tools memcached
 
 # PROFILE=dev skips the long release build: the store's allocations and so
 # the resident figures are the same, only the filling is slower.

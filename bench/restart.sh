@@ -20,11 +20,12 @@
 # Installs wrk from Debian packages if missing. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/setup.sh  # need (the scripts run from the repository root)
 
 ITEMS=${ITEMS:-1000000}
 FILL_SECONDS=${FILL_SECONDS:-300}
 PORT=18400
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+need wrk
 cargo build --release -q --locked -p cache-node
 BIN=target/release/cache-node
 TOOLS=$(bash scripts/build-tools.sh 2>/dev/null | tail -n 1)

@@ -20,6 +20,7 @@
 # 127.0.0.1 only and stops when the script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/setup.sh  # need, wait_ready (the scripts run from the repository root)
 
 DURATION=${DURATION:-15s}
 CONNS=${CONNS:-64}
@@ -29,9 +30,7 @@ SERVER_CORE=${SERVER_CORE:-0}
 CLIENT_CORE=${CLIENT_CORE:-1}
 PORT=18085
 
-command -v wrk >/dev/null || {
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-}
+need wrk
 cargo build --release -q -p cache-node
 work=$(mktemp -d)
 node=""
@@ -43,8 +42,7 @@ start_node() {  # max_items
   taskset -c "$SERVER_CORE" target/release/cache-node --bind-address 127.0.0.1 --port $PORT \
     --max-size "$1" --max-memory 0 --log-level warn &
   node=$!
-  for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$PORT/api/v1/health" >/dev/null && return 0; sleep 0.05; done
-  echo "cache-node never answered" >&2; exit 1
+  wait_ready "http://127.0.0.1:$PORT" 200  # a single node: ready once it serves
 }
 stat() { curl -sf "http://127.0.0.1:$PORT/api/v1/stats" | python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 

@@ -20,15 +20,14 @@
 # Prints one table. Installs wrk from Debian packages if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/setup.sh  # need, wait_ready (the scripts run from the repository root)
 
 ITEMS=${ITEMS:-1000000}
 GET_SECONDS=${GET_SECONDS:-20}
 INTERVAL=${INTERVAL:-3s}
 FILL_SECONDS=${FILL_SECONDS:-120}
 PORT=${PORT:-18092}
-if ! command -v wrk >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-fi
+need wrk
 if [ -z "${BIN:-}" ]; then
   # BIN=... runs another build (e.g. a debug one, for a quick check of the script).
   TRIPLE=$(uname -m)-unknown-linux-gnu
@@ -60,12 +59,7 @@ start() {
   taskset -c 0 "$BIN" --bind-address 127.0.0.1 --port "$PORT" --max-size $((ITEMS * 2)) \
     --default-ttl 1h --data-dir "$work/data" --log-format json --log-level info "$@" 2>>"$work/node.log" &
   node=$!
-  for _ in $(seq 1 1200); do
-    curl -sf "$URL/api/v1/health" >/dev/null && return 0
-    sleep 0.05
-  done
-  echo "the node did not start; its log: $work/node.log" >&2
-  exit 1
+  wait_ready "$URL" 1200  # a single node: ready once it serves (its snapshot loads before it listens)
 }
 items() { curl -sf "$URL/api/v1/stats" | python3 -c 'import json,sys;print(json.load(sys.stdin)["items"])'; }
 metric() { curl -sf "$URL/metrics" | awk -v m="$1" '$1 == m {print $2}'; }

@@ -22,12 +22,13 @@
 # machine: the figures are ratios of runs made one after the other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/setup.sh  # need, wait_ready (the scripts run from the repository root)
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 SERVER_CORE=${SERVER_CORE:-0}
 CLIENT_CORE=${CLIENT_CORE:-1}
 KEYS=${KEYS:-10000}
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+need wrk
 
 cargo build --release -q -p cache-node
 work=$(mktemp -d)
@@ -59,13 +60,6 @@ node() { # ip [flags...]
     --max-size 10000000 --log-level warn "$@" &
   pids+=($!)
 }
-wait_ready() { # scheme ip
-  for _ in $(seq 1 600); do
-    curl -sfk "$1://$2:$PORT/api/v1/ready" >/dev/null && return 0
-    sleep 0.05
-  done
-  echo "$2 never ready" >&2; exit 1
-}
 prefill() { python3 bench/prefill.py "$1://$2:$PORT" "$3" --ca "$work/ca.crt" --no-tags; }  # scheme ip keys
 
 source bench/wrk.sh  # wrk_run (the scripts run from the repository root)
@@ -78,7 +72,7 @@ LUA
 echo "== 1. GET, keep-alive, $CONNS connections: plain vs TLS" >&2
 node $P
 node $T "${TLS_FLAGS[@]}"
-wait_ready http $P; wait_ready https $T
+wait_ready "http://$P:$PORT"; wait_ready "https://$T:$PORT"
 prefill http $P "$KEYS"; prefill https $T "$KEYS"
 core_idle() { awk -v c="cpu$SERVER_CORE" '$1 == c {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
 measured_get() { # label url pid: "rps p99 cpu_us_per_request idle_percent"
@@ -110,7 +104,7 @@ PY
     node "${id_ip#*=}" --node-id "${id_ip%%=*}" --peer-port $PEER_PORT \
       --membership-file "$work/ring.json" --membership-poll-interval 100ms "$@"
   done
-  wait_ready http $A; wait_ready http $B
+  wait_ready "http://$A:$PORT"; wait_ready "http://$B:$PORT"
   python3 - "$A" "$work" <<'PY'
 import json, sys, urllib.request
 a, work = sys.argv[1], sys.argv[2]
