@@ -86,7 +86,7 @@ impl Leases {
     }
 
     /// Whether this node holds leases from every member for `epoch` now.
-    pub fn held(&self, epoch: u64) -> bool {
+    pub(super) fn held(&self, epoch: u64) -> bool {
         self.held_epoch.load(Ordering::Acquire) == epoch
             && self.nanos(Instant::now()) < self.held_until.load(Ordering::Acquire)
     }
@@ -108,14 +108,14 @@ impl Leases {
     }
 
     /// Ends the leases this node holds (the ring changed).
-    pub fn drop_held(&self) {
+    pub(super) fn drop_held(&self) {
         self.held_until.store(0, Ordering::Release);
     }
 
     /// Grants `member` a lease if `allowed` says it may have one, checked
     /// under the same lock [`Self::granted_until`] reads, so a hint recorded
     /// before `granted_until` is asked can never be followed by a grant.
-    pub fn grant_if(&self, member: &str, allowed: impl FnOnce() -> bool) -> bool {
+    pub(super) fn grant_if(&self, member: &str, allowed: impl FnOnce() -> bool) -> bool {
         let mut granted = self.granted.lock();
         if !allowed() {
             return false;
@@ -126,7 +126,7 @@ impl Leases {
     }
 
     /// Until when `member` may hold a lease granted by this node.
-    pub fn granted_until(&self, member: &str) -> Instant {
+    pub(super) fn granted_until(&self, member: &str) -> Instant {
         let granted = self.granted.lock().get(member).copied();
         granted.map_or(self.granted_before_start, |g| {
             g.max(self.granted_before_start)
@@ -135,7 +135,7 @@ impl Leases {
 
     /// Waits until none of `members` can hold a lease from this node any
     /// more. Called after hinting them, before answering the client.
-    pub async fn wait_out(&self, members: &[String]) {
+    pub(super) async fn wait_out(&self, members: &[String]) {
         let until = members.iter().map(|m| self.granted_until(m)).max();
         if let Some(until) = until
             && until > Instant::now()

@@ -32,7 +32,7 @@ impl PeerOp {
         PeerOp::Lease,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             PeerOp::Forward => "forward",
             PeerOp::Replicate => "replicate",
@@ -198,7 +198,7 @@ impl ClusterMetrics {
         m
     }
 
-    pub fn observe_phase(&self, phase: SyncPhase) {
+    pub(super) fn observe_phase(&self, phase: SyncPhase) {
         for p in [SyncPhase::Idle, SyncPhase::Pulling, SyncPhase::Pushing] {
             self.rebalance_phase
                 .with_label_values(&[p.as_str()])
@@ -206,7 +206,7 @@ impl ClusterMetrics {
         }
     }
 
-    pub fn observe_ring(&self, ring: &Ring) {
+    pub(super) fn observe_ring(&self, ring: &Ring) {
         self.ring_epoch.set(ring.epoch() as i64);
         for state in ["joining", "active", "leaving"] {
             let n = ring
@@ -218,7 +218,7 @@ impl ClusterMetrics {
         }
     }
 
-    pub fn peer_call(&self, op: PeerOp, ok: bool) {
+    pub(super) fn peer_call(&self, op: PeerOp, ok: bool) {
         let (requests, errors) = &self.by_op[op as usize];
         requests.inc();
         if !ok {

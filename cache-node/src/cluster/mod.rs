@@ -110,7 +110,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(
+    pub(crate) fn new(
         node_id: String,
         store: Arc<Store>,
         settings: ClusterSettings,
@@ -138,53 +138,43 @@ impl Cluster {
         })
     }
 
-    pub fn node_id(&self) -> &str {
+    pub(crate) fn node_id(&self) -> &str {
         &self.node_id
     }
 
-    pub fn settings(&self) -> &ClusterSettings {
+    pub(crate) fn settings(&self) -> &ClusterSettings {
         &self.settings
     }
 
-    pub fn progress(&self) -> &Progress {
+    pub(crate) fn progress(&self) -> &Progress {
         &self.progress
     }
 
-    /// Hints waiting for repair, over every peer.
-    pub fn pending_hints(&self) -> usize {
-        self.hints.pending()
-    }
-
-    /// The peer client (the node's, with its token).
-    pub fn peers(&self) -> &PeerClient {
-        &self.peers
-    }
-
     /// The rings held now, if a membership document has arrived.
-    pub fn rings(&self) -> Option<Arc<Rings>> {
+    pub(crate) fn rings(&self) -> Option<Arc<Rings>> {
         self.ring.rings()
     }
 
     /// The current ring's epoch (0 before the first document).
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.ring.epoch()
     }
 
     /// Changes of the epoch.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    fn subscribe(&self) -> watch::Receiver<u64> {
         self.ring.subscribe()
     }
 
-    pub fn set_ready(&self, ready: bool) {
+    fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 
     /// Adopts `doc` if it is newer than the ring held; returns whether it did.
-    pub fn adopt(&self, doc: MembershipDoc) -> bool {
+    pub(crate) fn adopt(&self, doc: MembershipDoc) -> bool {
         let Some(ring) = self.ring.adopt(doc) else {
             return false;
         };
@@ -216,7 +206,7 @@ impl Cluster {
     /// Whether a read that misses here should ask other owners: data is still
     /// moving (a previous ring is kept) or this node has not finished pulling
     /// its keys.
-    pub fn is_moving(&self) -> bool {
+    pub(crate) fn is_moving(&self) -> bool {
         self.ring
             .load()
             .as_ref()
@@ -233,7 +223,7 @@ impl Cluster {
     /// older ring is sent ours and the request sent again; a peer with a
     /// newer one is asked for it, which is adopted, and the caller gets
     /// [`PeerError::RingChanged`] so it plans again.
-    pub async fn call<T>(
+    async fn call<T>(
         &self,
         member: &RingMember,
         request: &Request,
@@ -272,7 +262,7 @@ impl Cluster {
     /// Like [`Self::call`], retrying with [`retry_policy`] while the member
     /// cannot be reached or fails, for as long as this node holds ring
     /// `epoch`; a ring change is never retried (the caller must plan again).
-    pub async fn call_with_retry<T>(
+    async fn call_with_retry<T>(
         &self,
         member: &RingMember,
         epoch: u64,

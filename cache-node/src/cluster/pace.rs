@@ -20,7 +20,7 @@ pub const PEER_RETRY_DEADLINE: Duration = Duration::from_secs(15);
 
 /// The one retry policy of peer operations that must get through: backoff
 /// from 100 ms doubling to 2 s, for up to [`PEER_RETRY_DEADLINE`] in all.
-pub fn retry_policy() -> ExponentialBuilder {
+pub(super) fn retry_policy() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(2))
@@ -39,7 +39,7 @@ const UNTIL_DONE_LONGEST_PAUSE: Duration = Duration::from_secs(10);
 pub struct UntilDone(backon::ExponentialBackoff);
 
 impl UntilDone {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self(
             ExponentialBuilder::default()
                 .with_min_delay(UNTIL_DONE_FIRST_PAUSE)
@@ -51,7 +51,7 @@ impl UntilDone {
     }
 
     /// How long to wait before the next attempt.
-    pub fn next_pause(&mut self) -> Duration {
+    pub(super) fn next_pause(&mut self) -> Duration {
         // The backoff has no last attempt; the longest pause, should it end.
         self.0.next().unwrap_or(UNTIL_DONE_LONGEST_PAUSE)
     }

@@ -64,7 +64,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn synced_epoch(&self) -> u64 {
+    pub(super) fn synced_epoch(&self) -> u64 {
         self.synced_epoch.load(Ordering::Acquire)
     }
 
@@ -74,7 +74,7 @@ impl Progress {
         self.settled_epoch.load(Ordering::Acquire)
     }
 
-    pub fn pulled(&self) -> bool {
+    pub(super) fn pulled(&self) -> bool {
         self.pulled.load(Ordering::Acquire)
     }
 
@@ -93,7 +93,7 @@ impl Progress {
         self.phase.store(n, Ordering::Release);
     }
 
-    pub fn phase(&self) -> SyncPhase {
+    pub(super) fn phase(&self) -> SyncPhase {
         match self.phase.load(Ordering::Acquire) {
             1 => SyncPhase::Pulling,
             2 => SyncPhase::Pushing,
@@ -134,7 +134,7 @@ impl Cluster {
     }
 
     /// Counts keys another node pushed here while moving data.
-    pub fn count_received(&self, keys: u64) {
+    pub(super) fn count_received(&self, keys: u64) {
         self.progress
             .keys_received
             .fetch_add(keys, Ordering::Relaxed);

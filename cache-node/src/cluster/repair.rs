@@ -70,17 +70,17 @@ pub struct Hints {
 }
 
 impl Hints {
-    pub fn write(&self, peer: &str, key: &str) {
+    pub(super) fn write(&self, peer: &str, key: &str) {
         self.add_key(peer, key, KeyHint::Write);
     }
 
-    pub fn delete(&self, peer: &str, key: &str, at: UnixNanos) {
+    pub(super) fn delete(&self, peer: &str, key: &str, at: UnixNanos) {
         self.add_key(peer, key, KeyHint::Delete(at));
     }
 
     /// Tag invalidations are few and each may stand for many deletes, so they
     /// are kept even past the cap, displacing a write hint like a delete.
-    pub fn invalidate(&self, peer: &str, tag: &str, at: UnixNanos) {
+    pub(super) fn invalidate(&self, peer: &str, tag: &str, at: UnixNanos) {
         let mut peers = self.peers.lock();
         let hints = peers.entry(peer.to_owned()).or_default();
         if hints.len() >= MAX_HINTS_PER_PEER
@@ -94,7 +94,7 @@ impl Hints {
 
     /// Whether anything waits to be repaired on `peer` (a read lease is
     /// then refused to it).
-    pub fn has_pending(&self, peer: &str) -> bool {
+    pub(super) fn has_pending(&self, peer: &str) -> bool {
         self.peers
             .lock()
             .get(peer)
@@ -102,12 +102,12 @@ impl Hints {
     }
 
     /// Hints waiting, over every peer.
-    pub fn pending(&self) -> usize {
+    pub(super) fn pending(&self) -> usize {
         self.peers.lock().values().map(PeerHints::len).sum()
     }
 
     /// Hints dropped since the last call, for the metric.
-    pub fn take_dropped(&self) -> u64 {
+    pub(super) fn take_dropped(&self) -> u64 {
         self.dropped.swap(0, Ordering::Relaxed)
     }
 

@@ -218,7 +218,7 @@ impl Cluster {
     /// drops what it no longer owns, and must not take such keys back from
     /// a coordinator that has not settled yet (the key's current owners get
     /// the same write), or the copy would linger unowned.
-    pub fn apply_records(&self, records: &[RecordRef<'_>]) -> ReplicateOutcome {
+    pub(super) fn apply_records(&self, records: &[RecordRef<'_>]) -> ReplicateOutcome {
         let mut outcome = ReplicateOutcome::default();
         let guard = self.ring.load();
         let owned = |key: &str| {
@@ -271,7 +271,7 @@ impl Cluster {
     }
 
     /// Applies deletes sent by the key's coordinator.
-    pub fn apply_deletes(&self, deletes: &[Deletion]) -> u64 {
+    pub(super) fn apply_deletes(&self, deletes: &[Deletion]) -> u64 {
         let mut deleted = 0;
         for d in deletes {
             self.tombstones.deleted(&d.key, d.at);

@@ -222,11 +222,6 @@ impl Cluster {
         self.tombstones.log_since(since, self.settings.batch_bytes)
     }
 
-    /// Whether a loaded snapshot still waits for its check.
-    pub fn restore_pending(&self) -> bool {
-        self.restore.0.lock().is_some()
-    }
-
     /// Checks a loaded snapshot against every other member of `ring` (see
     /// the module's doc); a no-op when none is pending. Waits for every
     /// member to answer, retrying with backoff, until the ring changes.

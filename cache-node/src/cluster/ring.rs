@@ -31,7 +31,7 @@ impl RingMember {
     }
 
     /// Serves reads of the keys it owns.
-    pub fn serves(&self) -> bool {
+    pub(super) fn serves(&self) -> bool {
         self.state == MemberState::Active
     }
 }
@@ -74,7 +74,7 @@ impl Ring {
         self.doc.epoch
     }
 
-    pub fn replication_factor(&self) -> usize {
+    pub(super) fn replication_factor(&self) -> usize {
         self.doc.replication_factor as usize
     }
 
@@ -82,13 +82,13 @@ impl Ring {
         &self.members[idx]
     }
 
-    pub fn index_of(&self, id: &str) -> Option<MemberIdx> {
+    pub(super) fn index_of(&self, id: &str) -> Option<MemberIdx> {
         self.members.iter().position(|m| m.id == id)
     }
 
     /// The members other than `me`, in ring order: whom a node asks when
     /// it must hear from every peer (a pull, the restore rule).
-    pub fn others(&self, me: MemberIdx) -> Vec<&RingMember> {
+    pub(super) fn others(&self, me: MemberIdx) -> Vec<&RingMember> {
         self.members
             .iter()
             .enumerate()

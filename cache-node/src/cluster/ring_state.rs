@@ -22,7 +22,7 @@ pub struct Rings {
 
 impl Rings {
     /// Both rings, current first.
-    pub fn both(&self) -> impl Iterator<Item = &Arc<Ring>> {
+    pub(super) fn both(&self) -> impl Iterator<Item = &Arc<Ring>> {
         std::iter::once(&self.current).chain(self.previous.as_ref())
     }
 }
@@ -41,7 +41,7 @@ pub struct RingState {
 }
 
 impl RingState {
-    pub fn new(node_id: &str) -> Self {
+    pub(super) fn new(node_id: &str) -> Self {
         Self {
             node_id: node_id.to_owned(),
             rings: ArcSwapOption::empty(),
@@ -53,31 +53,31 @@ impl RingState {
     }
 
     /// The rings held now, if a membership document has arrived.
-    pub fn rings(&self) -> Option<Arc<Rings>> {
+    pub(super) fn rings(&self) -> Option<Arc<Rings>> {
         self.rings.load_full()
     }
 
     /// The rings held now, without taking a reference count (the request
     /// paths' view).
-    pub fn load(&self) -> arc_swap::Guard<Option<Arc<Rings>>> {
+    pub(super) fn load(&self) -> arc_swap::Guard<Option<Arc<Rings>>> {
         self.rings.load()
     }
 
     /// The current ring, if any.
-    pub fn current(&self) -> Option<Arc<Ring>> {
+    pub(super) fn current(&self) -> Option<Arc<Ring>> {
         self.rings.load().as_ref().map(|r| r.current.clone())
     }
 
-    pub fn epoch(&self) -> u64 {
+    pub(super) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
 
-    pub fn settled_epoch(&self) -> u64 {
+    pub(super) fn settled_epoch(&self) -> u64 {
         self.settled_epoch.load(Ordering::Acquire)
     }
 
     /// No data is moving: the current ring is the only one held.
-    pub fn is_settled(&self) -> bool {
+    pub(super) fn is_settled(&self) -> bool {
         self.rings
             .load()
             .as_ref()
@@ -85,14 +85,14 @@ impl RingState {
     }
 
     /// Changes of the epoch.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(super) fn subscribe(&self) -> watch::Receiver<u64> {
         self.epoch_tx.subscribe()
     }
 
     /// Adopts `doc` if it is newer than the ring held, returning the new
     /// ring. An older or equal epoch is ignored, so documents may arrive
     /// from the membership source and from peers in any order.
-    pub fn adopt(&self, doc: MembershipDoc) -> Option<Arc<Ring>> {
+    pub(super) fn adopt(&self, doc: MembershipDoc) -> Option<Arc<Ring>> {
         let _change = self.change.lock();
         let held = self.rings.load_full();
         if held
@@ -123,7 +123,7 @@ impl RingState {
 
     /// Forgets the previous ring once every member has finished moving data
     /// for `epoch`; returns the current ring if it did.
-    pub fn settle(&self, epoch: u64) -> Option<Arc<Ring>> {
+    pub(super) fn settle(&self, epoch: u64) -> Option<Arc<Ring>> {
         let _change = self.change.lock();
         let rings = self.rings.load_full()?;
         if rings.current.epoch() != epoch {

@@ -215,15 +215,6 @@ impl Cluster {
         }
     }
 
-    /// Whether this node coordinates writes of `key`.
-    pub fn coordinates(&self, key: &str) -> bool {
-        let guard = self.ring.load();
-        guard.as_ref().is_some_and(|rings| {
-            self.plan(rings, key, Access::Write)
-                .is_ok_and(|plan| member(&plan[0]).id == self.node_id)
-        })
-    }
-
     /// Whether this node is one of the owners a write of `key` must reach,
     /// but not its coordinator.
     pub(super) fn is_replica_of(&self, key: &str) -> bool {
@@ -318,7 +309,7 @@ impl Cluster {
     /// How long a forwarded write may take: the owner replicates before it
     /// answers (up to one peer timeout), and may wait for a lease it granted
     /// a replica it could not reach to run out.
-    pub fn forwarded_write_timeout(&self) -> Duration {
+    pub(super) fn forwarded_write_timeout(&self) -> Duration {
         2 * self.settings.peer.request_timeout + LEASE
     }
 

@@ -16,7 +16,11 @@ use crate::store::Store;
 
 /// Node "a" around `store`, moving data in batches of `batch_items` items
 /// or `batch_bytes` bytes.
-pub fn two_members(store: Arc<Store>, batch_items: usize, batch_bytes: usize) -> Arc<Cluster> {
+pub(super) fn two_members(
+    store: Arc<Store>,
+    batch_items: usize,
+    batch_bytes: usize,
+) -> Arc<Cluster> {
     let settings = ClusterSettings {
         peer: PeerSettings {
             connect_timeout: Duration::from_secs(1),
@@ -45,7 +49,7 @@ pub fn two_members(store: Arc<Store>, batch_items: usize, batch_bytes: usize) ->
 
 /// A ring document at `epoch` with replication factor 2 and `members` in
 /// their states, member `i` at the unreachable address 127.0.0.`i+1`:1.
-pub fn membership(epoch: u64, members: &[(&str, MemberState)]) -> MembershipDoc {
+pub(super) fn membership(epoch: u64, members: &[(&str, MemberState)]) -> MembershipDoc {
     MembershipDoc {
         epoch,
         replication_factor: 2,

@@ -111,18 +111,23 @@ impl Timed {
 
 impl Tombstones {
     /// Remembers that `key` was deleted at `at` (the deleting node's clock).
-    pub fn deleted(&self, key: &str, at: UnixNanos) {
+    pub(super) fn deleted(&self, key: &str, at: UnixNanos) {
         self.deletes.lock().insert(key, at, MAX_DELETES);
     }
 
     /// Remembers that `tag` was invalidated at `at`.
-    pub fn invalidated(&self, tag: &str, at: UnixNanos) {
+    pub(super) fn invalidated(&self, tag: &str, at: UnixNanos) {
         self.tags.lock().insert(tag, at, MAX_TAGS);
     }
 
     /// Whether a copy of `key` written at `created_at` and carrying `tags` was
     /// deleted or invalidated since.
-    pub fn buries(&self, key: &str, created_at: UnixNanos, tags: &[impl AsRef<str>]) -> bool {
+    pub(super) fn buries(
+        &self,
+        key: &str,
+        created_at: UnixNanos,
+        tags: &[impl AsRef<str>],
+    ) -> bool {
         let dead = |at: Option<UnixNanos>| at.is_some_and(|at| created_at <= at);
         if dead(self.deletes.lock().get(key)) {
             return true;
@@ -137,7 +142,7 @@ impl Tombstones {
     /// What is remembered with a time at or after `since`, in at most about
     /// `max_bytes`; `None` when more than that is remembered (the caller
     /// then cannot learn every delete, and must act as if it could not).
-    pub fn log_since(&self, since: UnixNanos, max_bytes: usize) -> Option<TombstoneLog> {
+    pub(super) fn log_since(&self, since: UnixNanos, max_bytes: usize) -> Option<TombstoneLog> {
         let deletes = self.deletes.lock();
         let tags = self.tags.lock();
         let (tag_list, cut) = tags.since(since, max_bytes);
@@ -157,13 +162,13 @@ impl Tombstones {
     }
 
     /// Everything remembered (for a snapshot; bounded by the caps).
-    pub fn log(&self) -> TombstoneLog {
+    pub(super) fn log(&self) -> TombstoneLog {
         self.log_since(0, usize::MAX)
             .expect("no byte limit, nothing cut")
     }
 
     /// Takes in what another node (or this node's snapshot) remembers.
-    pub fn absorb(&self, log: &TombstoneLog) {
+    pub(super) fn absorb(&self, log: &TombstoneLog) {
         {
             let mut deletes = self.deletes.lock();
             deletes.forgotten_before = deletes.forgotten_before.max(log.forgotten_before);
@@ -178,7 +183,8 @@ impl Tombstones {
     }
 
     /// The newest delete or invalidation time this node has let go of.
-    pub fn forgotten_before(&self) -> UnixNanos {
+    #[cfg(test)]
+    fn forgotten_before(&self) -> UnixNanos {
         let deletes = self.deletes.lock().forgotten_before;
         deletes.max(self.tags.lock().forgotten_before)
     }
