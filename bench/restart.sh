@@ -33,7 +33,14 @@ TOOLS=$(bash scripts/build-tools.sh 2>/dev/null | tail -n 1)
 work=$(mktemp -d)
 pids=()
 s3=""
-stop_nodes() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
+# With no nodes left, `wait` must not run: with no arguments it would wait
+# for every child, gofakes3 too, for ever.
+stop_nodes() {
+  ((${#pids[@]})) || return 0
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait "${pids[@]}" 2>/dev/null || true
+  pids=()
+}
 cleanup() { stop_nodes; [ -z "$s3" ] || kill "$s3" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 IPS=(127.0.0.61 127.0.0.62 127.0.0.63)

@@ -41,7 +41,12 @@ fi
 work=$(mktemp -d)
 node=""
 cleanup() {
-  [ -z "$node" ] || kill "$node" 2>/dev/null || true
+  # Waited for: a node stopped by SIGTERM writes its last snapshot into
+  # $work/data on the way out, which would race the rm.
+  if [ -n "$node" ]; then
+    kill "$node" 2>/dev/null || true
+    wait "$node" 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
