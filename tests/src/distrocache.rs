@@ -6,14 +6,15 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use distrocache_operator::crd::DistroCache;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde_json::Value;
+use tokio::sync::OnceCell;
 
 use crate::control_plane::ControlPlane;
 use crate::kubelet::{Kubelet, Program};
@@ -125,6 +126,50 @@ pub async fn install(cp: &ControlPlane) -> Result<()> {
         },
     )
     .await?;
+    Ok(())
+}
+
+/// The shared control plane and kubelet with DistroCache installed once per
+/// test binary: the first caller registers the images ([`register_images`])
+/// and installs `manifests/` ([`install`]), later callers get the same pair.
+/// An install that failed is tried again by the next caller.
+pub async fn installed() -> Result<(&'static ControlPlane, &'static Kubelet)> {
+    static INSTALLED: OnceCell<()> = OnceCell::const_new();
+    let cp = ControlPlane::shared().await?;
+    let kubelet = Kubelet::shared().await?;
+    INSTALLED
+        .get_or_try_init(|| async {
+            register_images(kubelet)?;
+            let started = Instant::now();
+            install(cp).await?;
+            eprintln!(
+                "kubectl apply -f manifests/ to a ready operator: {:.1?}",
+                started.elapsed()
+            );
+            anyhow::Ok(())
+        })
+        .await?;
+    Ok((cp, kubelet))
+}
+
+/// The YAML of the DistroCache `ns/name`; `spec` is its spec's lines, each
+/// indented two spaces (under `spec:`) and ending in a newline.
+pub fn cache_yaml(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}"
+    )
+}
+
+/// `kubectl apply -f -` of [`cache_yaml`], failing with kubectl's stderr.
+/// (A test expecting the apply to fail runs kubectl itself, to look at
+/// that stderr.)
+pub fn apply_cache(cp: &ControlPlane, ns: &str, name: &str, spec: &str) -> Result<()> {
+    let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &cache_yaml(ns, name, spec))?;
+    ensure!(
+        out.status.success(),
+        "kubectl apply of DistroCache {ns}/{name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use distrocache_tests::distrocache::{self, kubectl_ok, wait_ready};
+use distrocache_tests::distrocache::{self, apply_cache, kubectl_ok, wait_ready};
 use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, wait};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -144,17 +144,13 @@ async fn the_chart_installs_an_operator_that_serves_a_cache() -> Result<()> {
     );
 
     // A cache in the release's namespace, served by the chart's operator.
-    let cache = format!(
-        "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: charted\n  namespace: {release_ns}\n\
-         spec:\n  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n\
-         \x20 networkPolicy:\n    enabled: true\n"
-    );
-    let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &cache)?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_cache(
+        cp,
+        &release_ns,
+        "charted",
+        "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n\
+         \x20 networkPolicy:\n    enabled: true\n",
+    )?;
     let started = Instant::now();
     wait_ready(&client, &release_ns, "charted", 2, Duration::from_secs(120)).await?;
     eprintln!(
@@ -376,21 +372,10 @@ async fn scoped_release(
             .is_none(),
         "a scoped release grants nothing cluster-wide"
     );
-    let cache = |ns: &str| {
-        format!(
-            "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: scoped\n  namespace: {ns}\n\
-             spec:\n  replicas: 1\n  replicationFactor: 1\n"
-        )
-    };
     // The one it must leave alone first, so an operator that (wrongly)
     // watched it would hear of it before the one it serves.
     for ns in [other.name(), a.name()] {
-        let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &cache(ns))?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        apply_cache(cp, ns, "scoped", "  replicas: 1\n  replicationFactor: 1\n")?;
     }
     wait_ready(&client, a.name(), "scoped", 1, Duration::from_secs(120)).await?;
     let sts: StatefulSet = Api::namespaced(client.clone(), a.name())

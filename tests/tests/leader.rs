@@ -14,10 +14,10 @@ use anyhow::{Context, Result, ensure};
 use distrocache_membership::{MemberState, MembershipDoc};
 use distrocache_operator::crd::DistroCache;
 use distrocache_tests::distrocache::{
-    self, CacheClient, Leader, OPERATOR_LEASE, OPERATOR_NAMESPACE, kubectl_ok, lost_keys,
-    node_addresses, wait_ready, write_items,
+    self, CacheClient, Leader, OPERATOR_LEASE, OPERATOR_NAMESPACE, apply_cache, installed,
+    kubectl_ok, lost_keys, node_addresses, wait_ready, write_items,
 };
-use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, wait};
+use distrocache_tests::{ControlPlane, TestNamespace, wait};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::{Api, Client};
@@ -58,25 +58,14 @@ fn signal(pid: u32, signal: libc::c_int) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_finishes_a_scale_down_when_the_leader_dies() -> Result<()> {
     let cp = ControlPlane::shared().await?;
-    let kubelet = Kubelet::shared().await?;
     let _logs = cp.logs_on_panic();
-    distrocache::register_images(kubelet)?;
-    distrocache::install(cp).await?;
+    let (_, kubelet) = installed().await?;
     let ns = TestNamespace::create(cp, "leader")
         .await?
         .with_kubelet(kubelet);
     let n = ns.name();
     let client = ns.client().await?;
-    let cache = format!(
-        "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: failover\n  namespace: {n}\n\
-         spec:\n  replicas: 3\n  replicationFactor: 2\n"
-    );
-    let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &cache)?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_cache(cp, n, "failover", "  replicas: 3\n  replicationFactor: 2\n")?;
     wait_ready(&client, n, "failover", 3, STEP).await?;
     let http = CacheClient::default();
     let nodes: Vec<_> = node_addresses(&client, n, "failover", 8080)

@@ -15,10 +15,10 @@ use anyhow::{Context, Result, ensure};
 use distrocache_operator::crd::DistroCache;
 use distrocache_tests::dashboards;
 use distrocache_tests::distrocache::{
-    self, CacheClient, kubectl_ok, node_addresses, wait_ready, write_items,
+    self, CacheClient, apply_cache, installed, kubectl_ok, node_addresses, wait_ready, write_items,
 };
 use distrocache_tests::prometheus::Prometheus;
-use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, procs, wait};
+use distrocache_tests::{ControlPlane, TestNamespace, procs, wait};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
@@ -64,10 +64,8 @@ fn static_config(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_every_node_through_the_service_monitors_port() -> Result<()> {
     let cp = ControlPlane::shared().await?;
-    let kubelet = Kubelet::shared().await?;
     let _logs = cp.logs_on_panic();
-    distrocache::register_images(kubelet)?;
-    distrocache::install(cp).await?;
+    let (_, kubelet) = installed().await?;
     distrocache::kubectl_apply(
         cp,
         &distrocache::workspace_root().join("tests/fixtures/servicemonitor-crd.yaml"),
@@ -87,16 +85,12 @@ async fn prometheus_scrapes_every_node_through_the_service_monitors_port() -> Re
         .with_kubelet(kubelet);
     let n = ns.name();
     let client = ns.client().await?;
-    let cache = format!(
-        "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: scraped\n  namespace: {n}\n\
-         spec:\n  replicas: 3\n  replicationFactor: 2\n  monitoring:\n    serviceMonitor:\n      enabled: true\n      interval: 5s\n"
-    );
-    let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &cache)?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_cache(
+        cp,
+        n,
+        "scraped",
+        "  replicas: 3\n  replicationFactor: 2\n  monitoring:\n    serviceMonitor:\n      enabled: true\n      interval: 5s\n",
+    )?;
     let dc: DistroCache = wait_ready(&client, n, "scraped", 3, Duration::from_secs(120)).await?;
 
     // The ServiceMonitor selects the client Service and its metrics port.

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use distrocache_operator::crd::DistroCache;
-use distrocache_tests::distrocache::{self, condition, kubectl_ok, wait_ready};
+use distrocache_tests::distrocache::{
+    self, apply_cache, cache_yaml, condition, installed, kubectl_ok, wait_ready,
+};
 use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, wait};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
@@ -18,39 +20,8 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use tokio::sync::OnceCell;
 
 const READY: Duration = Duration::from_secs(120);
-
-/// The shared control plane with DistroCache installed once per test binary.
-async fn installed() -> Result<(&'static ControlPlane, &'static Kubelet)> {
-    static INSTALLED: OnceCell<()> = OnceCell::const_new();
-    let cp = ControlPlane::shared().await?;
-    let kubelet = Kubelet::shared().await?;
-    INSTALLED
-        .get_or_try_init(|| async {
-            distrocache::register_images(kubelet)?;
-            let started = Instant::now();
-            distrocache::install(cp).await?;
-            eprintln!(
-                "kubectl apply -f manifests/ to a ready operator: {:.1?}",
-                started.elapsed()
-            );
-            anyhow::Ok(())
-        })
-        .await?;
-    Ok((cp, kubelet))
-}
-
-fn cache_yaml(ns: &str, name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}"
-    )
-}
-
-fn apply_yaml(cp: &ControlPlane, yaml: &str) -> Result<std::process::Output> {
-    cp.kubectl_with_stdin(["apply", "-f", "-"], yaml)
-}
 
 fn assert_owned_by(meta: &kube::core::ObjectMeta, dc: &DistroCache) {
     let owner = meta
@@ -73,19 +44,12 @@ async fn a_cache_gets_every_child_follows_spec_edits_scales_and_is_collected() -
     let n = ns.name();
 
     let started = Instant::now();
-    let out = apply_yaml(
+    apply_cache(
         cp,
-        &cache_yaml(
-            n,
-            "shop",
-            "  replicas: 3\n  maxSize: 5000\n  replicationFactor: 2\n",
-        ),
+        n,
+        "shop",
+        "  replicas: 3\n  maxSize: 5000\n  replicationFactor: 2\n",
     )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let caches: Api<DistroCache> = Api::namespaced(client.clone(), n);
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), n);
     let services: Api<Service> = Api::namespaced(client.clone(), n);
@@ -282,7 +246,7 @@ async fn invalid_specs_are_rejected_or_reported() -> Result<()> {
         ),
         ("  runAsUser: 0\n", "runAsUser"),
     ] {
-        let out = apply_yaml(cp, &cache_yaml(n, "bad", spec))?;
+        let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &cache_yaml(n, "bad", spec))?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{spec} was accepted");
         assert!(stderr.contains(field), "{spec}: {stderr}");
@@ -305,12 +269,7 @@ async fn invalid_specs_are_rejected_or_reported() -> Result<()> {
             "leaves no room",
         ),
     ] {
-        let out = apply_yaml(cp, &cache_yaml(n, name, spec))?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        apply_cache(cp, n, name, spec)?;
         wait::until(
             &format!("an InvalidSpec condition on {name}"),
             READY,
@@ -386,19 +345,12 @@ async fn safe_defaults_are_written_and_a_users_values_replace_them() -> Result<(
     };
 
     let monitored = "  monitoring:\n    serviceMonitor:\n      enabled: true\n  networkPolicy:\n    enabled: true\n";
-    let out = apply_yaml(
+    apply_cache(
         cp,
-        &cache_yaml(
-            n,
-            "plain",
-            &format!("  replicas: 1\n  replicationFactor: 1\n{monitored}"),
-        ),
+        n,
+        "plain",
+        &format!("  replicas: 1\n  replicationFactor: 1\n{monitored}"),
     )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let pod = pod_of(&statefulset("plain").await?);
     let c = &pod.containers[0];
     assert_eq!(
@@ -470,12 +422,7 @@ async fn safe_defaults_are_written_and_a_users_values_replace_them() -> Result<(
                   \x20 resources:\n    limits:\n      memory: 1Gi\n\
                   \x20 monitoring:\n    serviceMonitor:\n      enabled: true\n    prometheusNamespaceSelector:\n      matchLabels:\n        team: observability\n\
                   \x20 networkPolicy:\n    enabled: true\n";
-    let out = apply_yaml(cp, &cache_yaml(n, "custom", custom))?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_cache(cp, n, "custom", custom)?;
     let pod = pod_of(&statefulset("custom").await?);
     let c = &pod.containers[0];
     assert_eq!(c.image.as_deref(), Some("example.com/cache-node:7"));
@@ -537,19 +484,12 @@ async fn a_service_monitor_appears_once_its_crd_exists() -> Result<()> {
         .with_kubelet(kubelet);
     let n = ns.name();
     let client = ns.client().await?;
-    let out = apply_yaml(
+    apply_cache(
         cp,
-        &cache_yaml(
-            n,
-            "watched",
-            "  replicas: 1\n  replicationFactor: 1\n  monitoring:\n    serviceMonitor:\n      enabled: true\n",
-        ),
+        n,
+        "watched",
+        "  replicas: 1\n  replicationFactor: 1\n  monitoring:\n    serviceMonitor:\n      enabled: true\n",
     )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let caches: Api<DistroCache> = Api::namespaced(client.clone(), n);
     wait::until(
         "a condition explaining the skipped ServiceMonitor",
@@ -686,19 +626,12 @@ async fn restarting_the_operator_changes_nothing() -> Result<()> {
         .with_kubelet(kubelet);
     let n = ns.name();
     let client = ns.client().await?;
-    let out = apply_yaml(
+    apply_cache(
         cp,
-        &cache_yaml(
-            n,
-            "calm",
-            "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
-        ),
+        n,
+        "calm",
+        "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
     )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let before = wait_ready(&client, n, "calm", 2, READY).await?;
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), n);
     let sts_before = sts_api.get("calm").await?;
@@ -815,23 +748,16 @@ async fn a_restricted_namespace_runs_a_cache_with_auth_and_a_network_policy() ->
     let privileged = format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: root\n  namespace: {n}\nspec:\n  containers:\n  - name: c\n    image: x\n    securityContext:\n      privileged: true\n"
     );
-    let out = apply_yaml(cp, &privileged)?;
+    let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &privileged)?;
     assert!(!out.status.success(), "a privileged pod was admitted");
     assert!(String::from_utf8_lossy(&out.stderr).contains("restricted"));
 
-    let out = apply_yaml(
+    apply_cache(
         cp,
-        &cache_yaml(
-            n,
-            "locked",
-            "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n  auth:\n    enabled: true\n  networkPolicy:\n    enabled: true\n",
-        ),
+        n,
+        "locked",
+        "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n  auth:\n    enabled: true\n  networkPolicy:\n    enabled: true\n",
     )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let client = ns.client().await?;
     wait_ready(&client, n, "locked", 2, READY).await?;
 
@@ -918,15 +844,7 @@ async fn kubectl_scale_up_and_down_with_one_event_per_step() -> Result<()> {
         .with_kubelet(kubelet);
     let n = ns.name();
     let client = ns.client().await?;
-    let out = apply_yaml(
-        cp,
-        &cache_yaml(n, "steps", "  replicas: 1\n  replicationFactor: 2\n"),
-    )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_cache(cp, n, "steps", "  replicas: 1\n  replicationFactor: 2\n")?;
     wait_ready(&client, n, "steps", 1, READY).await?;
     kubectl_ok(cp, &["scale", "-n", n, "distrocache/steps", "--replicas=2"])?;
     wait_ready(&client, n, "steps", 2, READY).await?;
@@ -989,19 +907,12 @@ async fn an_invalid_spec_keeps_the_ring_of_a_running_cache() -> Result<()> {
         .with_kubelet(kubelet);
     let n = ns.name();
     let client = ns.client().await?;
-    let out = apply_yaml(
+    apply_cache(
         cp,
-        &cache_yaml(
-            n,
-            "kept",
-            "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
-        ),
+        n,
+        "kept",
+        "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
     )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let before = wait_ready(&client, n, "kept", 2, READY).await?;
     let before = before.status.unwrap();
     let pods_before = distrocache::node_addresses(&client, n, "kept", 8080).await?;
@@ -1089,19 +1000,12 @@ async fn changing_the_replication_factor_restarts_no_pod() -> Result<()> {
         .with_kubelet(kubelet);
     let n = ns.name();
     let client = ns.client().await?;
-    let out = apply_yaml(
+    apply_cache(
         cp,
-        &cache_yaml(
-            n,
-            "factor",
-            "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
-        ),
+        n,
+        "factor",
+        "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
     )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let before = wait_ready(&client, n, "factor", 2, READY).await?;
     let epoch_before = before.status.unwrap().ring_epoch;
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), n);
@@ -1169,19 +1073,12 @@ async fn a_busy_steady_cache_is_not_reconciled_in_a_loop() -> Result<()> {
         .with_kubelet(kubelet);
     let n = ns.name();
     let client = ns.client().await?;
-    let out = apply_yaml(
+    apply_cache(
         cp,
-        &cache_yaml(
-            n,
-            "busy",
-            "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
-        ),
+        n,
+        "busy",
+        "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
     )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     wait_ready(&client, n, "busy", 2, READY).await?;
     let nodes = distrocache::node_addresses(&client, n, "busy", 8080).await?;
 

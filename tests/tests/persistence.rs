@@ -214,10 +214,9 @@ async fn metric(http: &CacheClient, node: SocketAddr, series: &str) -> Result<f6
 async fn scenarios(kubelet: &'static Kubelet) -> Result<()> {
     let cp = ControlPlane::shared().await?;
     let _logs = cp.logs_on_panic();
-    distrocache::register_images(kubelet)?;
     let client = cp.client().await?;
     let http = CacheClient::default();
-    distrocache::install(cp).await?;
+    distrocache::installed().await?;
     let file = cp.dir().join("persist-cache.yaml");
     std::fs::write(&file, CACHE)?;
     distrocache::kubectl_apply(cp, &file)?;

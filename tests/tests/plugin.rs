@@ -17,39 +17,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use distrocache_operator::crd::DistroCache;
-use distrocache_tests::distrocache::{self, wait_ready};
-use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, procs};
+use distrocache_tests::distrocache::{self, apply_cache, installed, wait_ready};
+use distrocache_tests::{ControlPlane, TestNamespace, procs};
 use kube::Api;
 use serde_json::{Value, json};
-use tokio::sync::OnceCell;
 
 const READY: Duration = Duration::from_secs(120);
 /// One plugin run (a few requests to the API server).
 const RUN: Duration = Duration::from_secs(60);
-
-/// The shared control plane with DistroCache installed once per test binary.
-async fn installed() -> Result<(&'static ControlPlane, &'static Kubelet)> {
-    static INSTALLED: OnceCell<()> = OnceCell::const_new();
-    let cp = ControlPlane::shared().await?;
-    let kubelet = Kubelet::shared().await?;
-    INSTALLED
-        .get_or_try_init(|| async {
-            distrocache::register_images(kubelet)?;
-            let started = Instant::now();
-            distrocache::install(cp).await?;
-            eprintln!(
-                "kubectl apply -f manifests/ to a ready operator: {:.1?}",
-                started.elapsed()
-            );
-            anyhow::Ok(())
-        })
-        .await?;
-    Ok((cp, kubelet))
-}
 
 /// The plugin installed as the README says: the `distrocache` binary
 /// linked as `kubectl-distrocache` in a directory of its own.
@@ -148,11 +127,12 @@ async fn kubectl_distrocache_shows_the_status_and_reports_failures_in_one_line()
         .await?
         .with_kubelet(kubelet);
     let n = ns.name();
-    let yaml = format!(
-        "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: shop\n  namespace: {n}\nspec:\n  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n"
-    );
-    let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &yaml)?;
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    apply_cache(
+        cp,
+        n,
+        "shop",
+        "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n",
+    )?;
     let client = ns.client().await?;
     wait_ready(&client, n, "shop", 2, READY).await?;
     let dc = Api::<DistroCache>::namespaced(client.clone(), n)
@@ -428,11 +408,12 @@ async fn an_auth_cache_is_read_with_the_token_from_its_secret() -> Result<()> {
         .await?
         .with_kubelet(kubelet);
     let n = ns.name();
-    let yaml = format!(
-        "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: locked\n  namespace: {n}\nspec:\n  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n  auth:\n    enabled: true\n"
-    );
-    let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &yaml)?;
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    apply_cache(
+        cp,
+        n,
+        "locked",
+        "  replicas: 2\n  replicationFactor: 2\n  podDisruptionBudget:\n    enabled: false\n  auth:\n    enabled: true\n",
+    )?;
     let client = ns.client().await?;
     let dc = wait_ready(&client, n, "locked", 2, READY).await?;
     let epoch = dc.status.as_ref().map(|s| s.ring_epoch).unwrap_or(0);

@@ -13,10 +13,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use distrocache_operator::crd::DistroCache;
 use distrocache_tests::distrocache::{
-    self, CacheClient, condition, kubectl_ok, node_addresses, wait_ready,
+    self, CacheClient, apply_cache, condition, installed, kubectl_ok, node_addresses, wait_ready,
 };
 use distrocache_tests::tls::{HttpsClient, TestCa};
-use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, wait};
+use distrocache_tests::{ControlPlane, TestNamespace, wait};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, Secret};
 use kube::api::{
@@ -24,36 +24,8 @@ use kube::api::{
 };
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use tokio::sync::OnceCell;
 
 const READY: Duration = Duration::from_secs(180);
-
-/// The shared control plane with DistroCache installed once per test binary.
-async fn installed() -> Result<(&'static ControlPlane, &'static Kubelet)> {
-    static INSTALLED: OnceCell<()> = OnceCell::const_new();
-    let cp = ControlPlane::shared().await?;
-    let kubelet = Kubelet::shared().await?;
-    INSTALLED
-        .get_or_try_init(|| async {
-            distrocache::register_images(kubelet)?;
-            distrocache::install(cp).await
-        })
-        .await?;
-    Ok((cp, kubelet))
-}
-
-fn apply_cache(cp: &ControlPlane, ns: &str, name: &str, spec: &str) -> Result<()> {
-    let yaml = format!(
-        "apiVersion: distrocache.io/v1alpha1\nkind: DistroCache\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}"
-    );
-    let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &yaml)?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
 
 fn apply_crd_fixture(cp: &ControlPlane, file: &str, crd: &str) -> Result<()> {
     distrocache::kubectl_apply(
