@@ -231,11 +231,15 @@ impl Cluster {
     /// refusal of a client error (4xx) is the answer; a server error or no
     /// answer sends a read to the next owner, and a write too if the owner
     /// certainly never received it.
+    ///
+    /// `request` builds the peer request, and runs only if one is sent
+    /// (once, whichever owners are tried): a request served here costs no
+    /// copy of its key, value and tags.
     pub async fn route<T>(
         &self,
         key: &str,
         access: Access,
-        request: &Request,
+        request: impl Fn() -> Request,
         expect: Expect<T>,
     ) -> Result<Routed<T>, RouteError> {
         // The owner of a write replicates it before answering: the forward
@@ -245,6 +249,7 @@ impl Cluster {
             Access::Write => Some(self.forwarded_write_timeout()),
         };
         let mut tried = Vec::new();
+        let mut built = None;
         // A peer with a newer ring makes us adopt it and plan again; bound
         // the replanning so two flapping rings cannot loop forever.
         for _ in 0..3 {
@@ -256,6 +261,7 @@ impl Cluster {
                 if member.id == self.node_id {
                     return Ok(Routed::Local);
                 }
+                let request = built.get_or_insert_with(&request);
                 match self.call(member, request, timeout, expect).await {
                     Ok(answer) => {
                         self.health.mark_up(&member.id);
@@ -545,7 +551,7 @@ mod tests {
             keeper: None,
         };
         match cluster
-            .route(&key, Access::Write, &set, expect::written)
+            .route(&key, Access::Write, || set.clone(), expect::written)
             .await
         {
             Err(RouteError::Uncertain { owner, .. }) => assert_eq!(owner, "b"),
@@ -558,7 +564,9 @@ mod tests {
         // each request below goes to "b" first.
         cluster.health.mark_up("b");
         let get = Request::Get { key: key.clone() };
-        let read = cluster.route(&key, Access::Read, &get, expect::item).await;
+        let read = cluster
+            .route(&key, Access::Read, || get.clone(), expect::item)
+            .await;
         assert!(matches!(read, Ok(Routed::Local)), "{read:?}");
         assert_eq!(received.load(Ordering::SeqCst), 2, "b got the read first");
 
@@ -569,7 +577,7 @@ mod tests {
         cluster.adopt(doc);
         cluster.health.mark_up("b");
         let write = cluster
-            .route(&key, Access::Write, &set, expect::written)
+            .route(&key, Access::Write, || set.clone(), expect::written)
             .await;
         assert!(matches!(write, Ok(Routed::Local)), "{write:?}");
         assert!(cluster.health.is_down("b"), "b was tried first");

@@ -236,9 +236,9 @@ impl Executor {
         let Some(cluster) = &self.cluster else {
             return Box::pin(self.read_after_miss(key)).await;
         };
-        let request = Request::Get { key: key.clone() };
+        let request = || Request::Get { key: key.clone() };
         let routed = cluster
-            .route(&key, Access::Read, &request, expect::item)
+            .route(&key, Access::Read, request, expect::item)
             .await;
         match routed {
             Ok(Routed::Local) => match self.read_json(&key) {
@@ -277,14 +277,13 @@ impl Executor {
     async fn route_set(&self, key: &str, write: &Write, keeps: bool) -> Outcome {
         if let Some(cluster) = &self.cluster {
             let epoch = cluster.epoch();
-            let keeper = keeps.then(|| cluster.node_id().to_owned());
-            let request = Request::Set {
+            let request = || Request::Set {
                 key: key.to_owned(),
                 write: write.clone(),
-                keeper,
+                keeper: keeps.then(|| cluster.node_id().to_owned()),
             };
             let routed = cluster
-                .route(key, Access::Write, &request, expect::written)
+                .route(key, Access::Write, request, expect::written)
                 .await;
             match routed {
                 Ok(Routed::Local) => {}
@@ -400,11 +399,11 @@ impl Executor {
         let mut served_by = ServedBy::Here;
         let deleted = match &self.cluster {
             Some(cluster) => {
-                let request = Request::Delete {
+                let request = || Request::Delete {
                     key: key.to_owned(),
                 };
                 let routed = cluster
-                    .route(key, Access::Write, &request, expect::deleted)
+                    .route(key, Access::Write, request, expect::deleted)
                     .await;
                 match routed {
                     Ok(Routed::Local) => self.coordinate_delete(key).await,

@@ -5,12 +5,14 @@
 //! What a handler can answer at once (a read from the store, a progress
 //! report) is answered inline, in the order read; what must wait (a write
 //! that replicates before answering) runs as a task of its own and answers
-//! whenever it is done. The handler does the part it can at once as the
-//! request is read (a write is applied to the store then, so later
-//! requests on the connection see it), which holds up the requests behind
-//! it for that long: at most one value of the message limit. Requests that act on ownership are refused with
-//! `Misdirected` when the sender's ring epoch differs from this node's,
-//! here, in one place, before any handler sees them.
+//! whenever it is done, unless its first poll, made inline, finishes it.
+//! The handler does the part it can at once as the request is read (a
+//! write is applied to the store then, so later requests on the
+//! connection see it), which holds up the requests behind it for that
+//! long: at most one value of the message limit. Requests that act on
+//! ownership are refused with `Misdirected` when the sender's ring epoch
+//! differs from this node's, here, in one place, before any handler sees
+//! them.
 //!
 //! Bounds: frames above the message limit end the connection (nothing past
 //! a bad length can be trusted); at most [`MAX_IN_FLIGHT`] requests are
@@ -41,7 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio_util::codec::FramedRead;
@@ -161,20 +163,28 @@ pub async fn serve<H, R, W>(
             }
             Ok(request) => match handler.clone().handle(request) {
                 Reply::Now(answer) => answer,
-                Reply::Later(handling) => {
-                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                        break false;
-                    };
-                    let outbox = outbox.clone();
-                    let handler = handler.clone();
-                    let id = frame.id;
-                    tokio::spawn(async move {
-                        let answer = handling.await;
-                        outbox.push(id, handler.epoch(), |out| answer.encode(out));
-                        drop(permit);
-                    });
-                    continue;
-                }
+                // Polled once here first: what may wait often does not (a
+                // write whose only other owner is the keeper that sent it
+                // has nothing to replicate), and then costs no task. What
+                // does wait goes on in a task of its own, polled again
+                // there with that task's waker.
+                Reply::Later(mut handling) => match (&mut handling).now_or_never() {
+                    Some(answer) => answer,
+                    None => {
+                        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                            break false;
+                        };
+                        let outbox = outbox.clone();
+                        let handler = handler.clone();
+                        let id = frame.id;
+                        tokio::spawn(async move {
+                            let answer = handling.await;
+                            outbox.push(id, handler.epoch(), |out| answer.encode(out));
+                            drop(permit);
+                        });
+                        continue;
+                    }
+                },
             },
         };
         outbox.push(frame.id, epoch, |out| answer.encode(out));
@@ -215,9 +225,12 @@ mod tests {
     /// The key a request asks for when it should take two idle times to
     /// answer.
     const SLOW: &str = "slow";
+    /// The key a request asks for when its answer may wait but does not.
+    const LATER_AT_ONCE: &str = "later-at-once";
 
     /// Answers that the key is not held here: at once, or for [`SLOW`]
-    /// after twice [`IDLE_CLOSE`].
+    /// after twice [`IDLE_CLOSE`], or for [`LATER_AT_ONCE`] as an answer
+    /// that may wait, ready on its first poll.
     struct NothingHeld;
 
     impl Handler for NothingHeld {
@@ -230,6 +243,9 @@ mod tests {
                     tokio::time::sleep(IDLE_CLOSE * 2).await;
                     Answer::Missing
                 })),
+                Request::Fetch { key } if key == LATER_AT_ONCE => {
+                    Reply::Later(Box::pin(async { Answer::Missing }))
+                }
                 _ => Reply::Now(Answer::Missing),
             }
         }
@@ -266,6 +282,32 @@ mod tests {
 
     async fn send_fetch(conn: &mut DuplexStream, id: u64) {
         send_fetch_of(conn, id, "k").await;
+    }
+
+    /// An answer that may wait but is ready on its first poll is answered
+    /// inline, in the order the requests were read (no task of its own that
+    /// would answer after the requests read with it).
+    #[tokio::test]
+    async fn a_later_answer_ready_at_once_keeps_the_order_read() {
+        let mut conn = connect();
+        let mut out = BytesMut::new();
+        for (id, key) in [(1, LATER_AT_ONCE), (2, "k"), (3, LATER_AT_ONCE), (4, "k")] {
+            frame::encode(&mut out, id, 1, |body| {
+                Request::Fetch { key: key.into() }.encode(body)
+            });
+        }
+        conn.write_all(&out).await.unwrap();
+        let mut buf = BytesMut::new();
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let answer = read_frame(&mut conn, &mut buf).await.expect("an answer");
+            assert!(matches!(
+                Answer::decode(answer.kind, &answer.body),
+                Ok(Answer::Missing)
+            ));
+            ids.push(answer.id);
+        }
+        assert_eq!(ids, [1, 2, 3, 4]);
     }
 
     /// A connection that carries nothing is closed, with a `GOING_AWAY`
