@@ -51,7 +51,7 @@ pub mod ring;
 pub mod ring_state;
 pub mod routing;
 #[cfg(test)]
-pub(crate) mod testing;
+mod testing;
 pub mod tombstones;
 
 use std::sync::Arc;

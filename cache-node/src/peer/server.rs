@@ -8,8 +8,9 @@
 //! whenever it is done, unless its first poll, made inline, finishes it.
 //! The handler does the part it can at once as the request is read (a
 //! write is applied to the store then, so later requests on the
-//! connection see it), which holds up the requests behind it for that
-//! long: at most one value of the message limit. Requests that act on
+//! connection see it; the first poll then encodes its replications, and a
+//! delete is applied), which holds up the requests behind it for that
+//! long: at most one value of the message limit, copied a few times. Requests that act on
 //! ownership are refused with `Misdirected` when the sender's ring epoch
 //! differs from this node's, here, in one place, before any handler sees
 //! them.
@@ -64,6 +65,11 @@ pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
 /// An answer, now or later.
 pub enum Reply {
     Now(Answer),
+    /// An answer that may have to wait. The connection's reader polls it
+    /// once itself, with a waker that does nothing, and moves it to a task
+    /// of its own only if it is not ready: so it must register its waker
+    /// on every poll (as tokio's primitives do), and do no more than brief
+    /// work before it first waits.
     Later(Pin<Box<dyn Future<Output = Answer> + Send>>),
 }
 
@@ -163,28 +169,38 @@ pub async fn serve<H, R, W>(
             }
             Ok(request) => match handler.clone().handle(request) {
                 Reply::Now(answer) => answer,
-                // Polled once here first: what may wait often does not (a
-                // write whose only other owner is the keeper that sent it
-                // has nothing to replicate), and then costs no task. What
-                // does wait goes on in a task of its own, polled again
-                // there with that task's waker.
-                Reply::Later(mut handling) => match (&mut handling).now_or_never() {
-                    Some(answer) => answer,
-                    None => {
-                        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                            break false;
-                        };
-                        let outbox = outbox.clone();
-                        let handler = handler.clone();
-                        let id = frame.id;
-                        tokio::spawn(async move {
-                            let answer = handling.await;
-                            outbox.push(id, handler.epoch(), |out| answer.encode(out));
-                            drop(permit);
-                        });
-                        continue;
+                // Polled once here first, when a permit is free: what may
+                // wait often does not (a write whose only other owner is
+                // the keeper that sent it has nothing to replicate), and
+                // then costs no task. What does wait goes on in a task of
+                // its own with that permit (free still: only this loop
+                // takes permits), polled again there with the task's waker.
+                // With no permit free nothing is started here: a started
+                // future left waiting for one could hold what the requests
+                // being handled need (a connection being opened to a peer).
+                Reply::Later(mut handling) => {
+                    let ready = match in_flight.available_permits() {
+                        0 => None,
+                        _ => (&mut handling).now_or_never(),
+                    };
+                    match ready {
+                        Some(answer) => answer,
+                        None => {
+                            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                                break false;
+                            };
+                            let outbox = outbox.clone();
+                            let handler = handler.clone();
+                            let id = frame.id;
+                            tokio::spawn(async move {
+                                let answer = handling.await;
+                                outbox.push(id, handler.epoch(), |out| answer.encode(out));
+                                drop(permit);
+                            });
+                            continue;
+                        }
                     }
-                },
+                }
             },
         };
         outbox.push(frame.id, epoch, |out| answer.encode(out));
@@ -227,6 +243,10 @@ mod tests {
     const SLOW: &str = "slow";
     /// The key a request asks for when its answer may wait but does not.
     const LATER_AT_ONCE: &str = "later-at-once";
+    /// The key a request asks for when its answer waits a little, counting
+    /// in [`STARTED`] when its handling starts.
+    const COUNTED: &str = "counted";
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     /// Answers that the key is not held here: at once, or for [`SLOW`]
     /// after twice [`IDLE_CLOSE`], or for [`LATER_AT_ONCE`] as an answer
@@ -246,6 +266,11 @@ mod tests {
                 Request::Fetch { key } if key == LATER_AT_ONCE => {
                     Reply::Later(Box::pin(async { Answer::Missing }))
                 }
+                Request::Fetch { key } if key == COUNTED => Reply::Later(Box::pin(async {
+                    STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Answer::Missing
+                })),
                 _ => Reply::Now(Answer::Missing),
             }
         }
@@ -308,6 +333,43 @@ mod tests {
             ids.push(answer.id);
         }
         assert_eq!(ids, [1, 2, 3, 4]);
+    }
+
+    /// With [`MAX_IN_FLIGHT`] requests being handled, the next one that may
+    /// wait is not started (not even polled once) until one of them ends.
+    #[tokio::test(start_paused = true)]
+    async fn no_request_starts_past_the_in_flight_bound() {
+        let (mut conn, _server) = connect_with(1 << 20);
+        let mut out = BytesMut::new();
+        for id in 1..=MAX_IN_FLIGHT as u64 {
+            frame::encode(&mut out, id, 1, |body| {
+                Request::Fetch { key: SLOW.into() }.encode(body)
+            });
+        }
+        let last = MAX_IN_FLIGHT as u64 + 1;
+        frame::encode(&mut out, last, 1, |body| {
+            Request::Fetch {
+                key: COUNTED.into(),
+            }
+            .encode(body)
+        });
+        let asked = Instant::now();
+        conn.write_all(&out).await.unwrap();
+        tokio::time::sleep(IDLE_CLOSE / 2).await;
+        assert_eq!(STARTED.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let mut buf = BytesMut::new();
+        let mut answered = 0;
+        loop {
+            let answer = read_frame(&mut conn, &mut buf).await.expect("an answer");
+            assert_ne!(answer.kind, frame::GOING_AWAY);
+            answered += 1;
+            if answer.id == last {
+                break;
+            }
+        }
+        assert!(answered > 1, "answered before the slow ones");
+        assert!(asked.elapsed() >= IDLE_CLOSE * 2);
+        assert_eq!(STARTED.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     /// A connection that carries nothing is closed, with a `GOING_AWAY`
