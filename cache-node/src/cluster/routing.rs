@@ -228,10 +228,9 @@ impl Cluster {
     /// Sends a client request on `key` to the member that should serve it,
     /// reading its answer with `expect`: `Local` when that is this node,
     /// otherwise the answer of the first owner that could be reached, in
-    /// plan order. An owner's
-    /// refusal of a client error (4xx) is the answer; a server error or no
-    /// answer sends a read to the next owner, and a write too if the owner
-    /// certainly never received it.
+    /// plan order. An owner's refusal of a client error (4xx) is the
+    /// answer; a server error or no answer sends a read to the next owner,
+    /// and a write too if the owner certainly never received it.
     ///
     /// `request` builds the peer request, and runs only if one is sent
     /// (once, whichever owners are tried): a request served here costs no

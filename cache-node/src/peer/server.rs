@@ -10,10 +10,10 @@
 //! write is applied to the store then, so later requests on the
 //! connection see it; the first poll then encodes its replications, and a
 //! delete is applied), which holds up the requests behind it for that
-//! long: at most one value of the message limit, copied a few times. Requests that act on
-//! ownership are refused with `Misdirected` when the sender's ring epoch
-//! differs from this node's, here, in one place, before any handler sees
-//! them.
+//! long: at most one value of the message limit, copied a few times.
+//! Requests that act on ownership are refused with `Misdirected` when the
+//! sender's ring epoch differs from this node's, here, in one place, before
+//! any handler sees them.
 //!
 //! Bounds: frames above the message limit end the connection (nothing past
 //! a bad length can be trusted); at most [`MAX_IN_FLIGHT`] requests are
@@ -246,11 +246,13 @@ mod tests {
     /// The key a request asks for when its answer waits a little, counting
     /// in [`STARTED`] when its handling starts.
     const COUNTED: &str = "counted";
+    /// How many [`COUNTED`] requests have started being handled.
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     /// Answers that the key is not held here: at once, or for [`SLOW`]
     /// after twice [`IDLE_CLOSE`], or for [`LATER_AT_ONCE`] as an answer
-    /// that may wait, ready on its first poll.
+    /// that may wait, ready on its first poll, or for [`COUNTED`] after a
+    /// second.
     struct NothingHeld;
 
     impl Handler for NothingHeld {
