@@ -20,8 +20,8 @@
 //!   answers on their way out and sends a JSON `{"error": ...}` answer with
 //!   the same status in their place (see [`hyper_refusal`]); hyper stays
 //!   the one that bounds the bytes buffered;
-//! * time, in three separate clocks, kept by a per-connection watchdog and a
-//!   per-request deadline (see [`Phase`]): the head must arrive within
+//! * time, in three separate clocks, all kept by a per-connection watchdog
+//!   (see [`Phase`]; no timer per request): the head must arrive within
 //!   `header_read_timeout` (else a JSON 408 if any of it arrived, and the
 //!   connection closes), a request must be answered within `request_timeout`
 //!   of its head (else a JSON 408 and the connection closes), and a
@@ -329,7 +329,8 @@ pub async fn serve<S: Service>(
                             .await;
                         }
                         // Dropping the connection closes the socket. Nothing is
-                        // in flight (a request in flight is the deadline's).
+                        // in flight (a request in flight keeps the phase busy,
+                        // and its clock ends in a 408, not here).
                         break;
                     }
                 }
@@ -399,11 +400,12 @@ enum Phase {
     /// request, the first byte for later ones. `header_read_timeout` applies.
     /// `started`: some of it has arrived (always so after the first request).
     Head { since: Instant, started: bool },
-    /// This many requests are being served (their heads have arrived and the
+    /// `count` requests are being served (their heads have arrived and the
     /// router has not answered yet; hyper serves one at a time, but counting
-    /// keeps the phase right whatever order it drops and starts them in).
-    /// Each request's own deadline applies.
-    Busy(usize),
+    /// keeps the phase right whatever order it drops and starts them in),
+    /// the latest since `since`. `request_timeout` applies, counted from
+    /// `since`: no request is cut off before its own deadline.
+    Busy { count: usize, since: Instant },
     /// Between requests, with no bytes read or written since this instant.
     /// `idle_timeout` applies.
     Idle(Instant),
@@ -412,12 +414,38 @@ enum Phase {
 /// A connection's [`Phase`], shared by its socket (bytes moving), its
 /// service (requests starting and finishing) and its watchdog. Uncontended:
 /// only one connection's tasks touch it.
+///
+/// The watchdog keeps the request clock too, rather than a timer per
+/// request: a request that waits (for its body, for a peer's answer) would
+/// register a timer in tokio's wheel and remove it again, and every poll
+/// would poll it; the watchdog's one timer per connection is there anyway.
+/// A request past its deadline learns it from a flag the watchdog sets.
+/// That flag needs no waker: the requests' futures are polled by hyper
+/// inside the connection, in the connection's task, the watchdog's own,
+/// so the watchdog wakes its own task and the request answers 408 when
+/// hyper polls it next.
 #[derive(Debug)]
 struct Activity {
     phase: Mutex<Phase>,
     /// Set by the watchdog when a head ran out of time, for the socket to
     /// answer 408 on hyper's next read.
     head_timed_out: AtomicBool,
+    /// Set by the watchdog when the requests being served ran out of time,
+    /// for each to answer 408 when next polled; cleared by the next request.
+    request_overdue: AtomicBool,
+}
+
+/// What the watchdog found when it looked at a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// The connection overstayed this clock: it closes.
+    Expired(Expired),
+    /// The requests being served just became overdue.
+    Overdue,
+    /// Nothing is due before this instant.
+    Until(Instant),
+    /// Nothing is due (the requests, overdue, are being answered).
+    Nothing,
 }
 
 impl Activity {
@@ -428,6 +456,7 @@ impl Activity {
                 started: false,
             }),
             head_timed_out: AtomicBool::new(false),
+            request_overdue: AtomicBool::new(false),
         }
     }
 
@@ -445,7 +474,7 @@ impl Activity {
             Phase::Head {
                 ref mut started, ..
             } => *started = true,
-            Phase::Busy(_) => {}
+            Phase::Busy { .. } => {}
         }
     }
 
@@ -464,17 +493,22 @@ impl Activity {
 
     fn request_started(&self) {
         let mut phase = self.phase.lock();
-        *phase = match *phase {
-            Phase::Busy(n) => Phase::Busy(n + 1),
-            _ => Phase::Busy(1),
+        let count = match *phase {
+            Phase::Busy { count, .. } => count + 1,
+            _ => 1,
         };
+        *phase = Phase::Busy {
+            count,
+            since: Instant::now(),
+        };
+        self.request_overdue.store(false, Ordering::Relaxed);
     }
 
     /// A request answered as soon as its head arrived: the connection is
     /// idle again (unless an earlier request is still being served).
     fn request_answered(&self) {
         let mut phase = self.phase.lock();
-        if !matches!(*phase, Phase::Busy(_)) {
+        if !matches!(*phase, Phase::Busy { .. }) {
             *phase = Phase::Idle(Instant::now());
         }
     }
@@ -482,13 +516,36 @@ impl Activity {
     fn request_finished(&self) {
         let mut phase = self.phase.lock();
         *phase = match *phase {
-            Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
+            Phase::Busy { count, since } if count > 1 => Phase::Busy {
+                count: count - 1,
+                since,
+            },
             _ => Phase::Idle(Instant::now()),
         };
     }
 
-    fn phase(&self) -> Phase {
-        *self.phase.lock()
+    /// What is due at `now` by the clock of the connection's phase. Requests
+    /// past their deadline are marked overdue (their 408 answer closes the
+    /// connection), once.
+    fn check(&self, now: Instant, settings: &HttpSettings) -> Found {
+        let (deadline, expired) = match *self.phase.lock() {
+            Phase::Head { since, .. } => (since + settings.header_read_timeout, Expired::Head),
+            Phase::Idle(since) => (since + settings.idle_timeout, Expired::Idle),
+            Phase::Busy { since, .. } => {
+                let deadline = since + settings.request_timeout;
+                if deadline > now {
+                    return Found::Until(deadline);
+                }
+                return match self.request_overdue.swap(true, Ordering::Relaxed) {
+                    false => Found::Overdue,
+                    true => Found::Nothing,
+                };
+            }
+        };
+        if deadline <= now {
+            return Found::Expired(expired);
+        }
+        Found::Until(deadline)
     }
 }
 
@@ -508,32 +565,32 @@ impl Expired {
     }
 }
 
-/// Completes when the connection has overstayed the clock of its phase,
-/// naming which. Activity only updates the shared phase and never touches a
-/// timer; the watchdog reads the phase when it wakes. It wakes at the current
-/// phase's deadline or after the shorter of the two clocks, whichever comes
-/// first, so a phase change to a shorter clock (a long header clock giving
-/// way to a short idle one) is noticed in time, at the cost of one wake-up per
-/// clock period at most.
+/// Completes when the connection has overstayed the head or idle clock,
+/// naming which; requests that overstay theirs are told so on the way (see
+/// [`Activity`]). Activity only updates the shared phase and never
+/// touches a timer; the watchdog reads the phase when it wakes. It wakes at
+/// the current phase's deadline or after the shortest of the three clocks,
+/// whichever comes first, so a phase change to a shorter clock (a long
+/// header clock giving way to a short idle one, or a request starting) is
+/// noticed in time, at the cost of one wake-up per clock period at most.
 async fn watchdog(activity: &Activity, settings: &HttpSettings) -> Expired {
-    let recheck = settings.header_read_timeout.min(settings.idle_timeout);
+    let recheck = settings
+        .header_read_timeout
+        .min(settings.idle_timeout)
+        .min(settings.request_timeout);
     loop {
         let now = Instant::now();
-        let expiry = match activity.phase() {
-            Phase::Head { since, .. } => {
-                Some((since + settings.header_read_timeout, Expired::Head))
+        let wake = match activity.check(now, settings) {
+            Found::Expired(why) => return why,
+            Found::Until(deadline) => deadline.min(now + recheck),
+            Found::Overdue => {
+                // This task polls the requests: woken, it lets hyper poll
+                // them again, and they answer 408.
+                tokio::task::yield_now().await;
+                now + recheck
             }
-            Phase::Idle(since) => Some((since + settings.idle_timeout, Expired::Idle)),
-            // The request's deadline bounds it.
-            Phase::Busy(_) => None,
+            Found::Nothing => now + recheck,
         };
-        let mut wake = now + recheck;
-        if let Some((deadline, why)) = expiry {
-            if deadline <= now {
-                return why;
-            }
-            wake = wake.min(deadline);
-        }
         tokio::time::sleep_until(wake.into()).await;
     }
 }
@@ -725,7 +782,7 @@ fn error_answer(status: StatusCode, message: &str) -> Vec<u8> {
 }
 
 /// The service as a connection's hyper service: marks the connection busy
-/// while a request is served and gives each request its deadline.
+/// while a request is served, which starts its clock (kept by the watchdog).
 struct Tracked<S> {
     inner: S,
     conn: Conn,
@@ -749,9 +806,8 @@ impl<S: Service> hyper::service::Service<Request<Incoming>> for Tracked<S> {
                 self.activity.request_started();
                 Either::Right(Deadline {
                     inner: pending,
-                    sleep: tokio::time::sleep(self.request_timeout),
                     timeout: self.request_timeout,
-                    _busy: Busy(self.activity.clone()),
+                    busy: Busy(self.activity.clone()),
                 })
             }
         }
@@ -770,14 +826,13 @@ impl Drop for Busy {
 
 pin_project! {
     /// A request's handling (body reading included: the handlers read the
-    /// body themselves), cut off at its deadline with a JSON 408.
+    /// body themselves), cut off with a JSON 408 once the watchdog finds it
+    /// overdue.
     struct Deadline<F> {
         #[pin]
         inner: F,
-        #[pin]
-        sleep: tokio::time::Sleep,
         timeout: Duration,
-        _busy: Busy,
+        busy: Busy,
     }
 }
 
@@ -792,8 +847,11 @@ where
         if let Poll::Ready(response) = this.inner.poll(cx) {
             return Poll::Ready(Ok(response));
         }
-        ready!(this.sleep.poll(cx));
-        Poll::Ready(Ok(timed_out(*this.timeout)))
+        // No waker to register: see `Activity`.
+        if this.busy.0.request_overdue.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(timed_out(*this.timeout)));
+        }
+        Poll::Pending
     }
 }
 
@@ -823,6 +881,96 @@ mod tests {
     use super::*;
 
     const REFUSAL_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 21:42:10 GMT\r\n\r\n";
+
+    fn settings(request_timeout: Duration) -> HttpSettings {
+        HttpSettings {
+            max_connections: 1,
+            max_header_bytes: 1024,
+            max_headers: 10,
+            header_read_timeout: Duration::from_secs(5),
+            request_timeout,
+            idle_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn busy_since(activity: &Activity) -> Instant {
+        match *activity.phase.lock() {
+            Phase::Busy { since, .. } => since,
+            other => panic!("not busy: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_is_overdue_from_its_own_start_once() {
+        let settings = settings(Duration::from_secs(10));
+        let activity = Activity::new();
+        let overdue = || activity.request_overdue.load(Ordering::Relaxed);
+
+        activity.request_started();
+        let since = busy_since(&activity);
+        // Before its deadline the watchdog waits for it; the head clock,
+        // shorter and long run out, does not apply to a request.
+        let deadline = since + Duration::from_secs(10);
+        assert_eq!(
+            activity.check(since + Duration::from_secs(9), &settings),
+            Found::Until(deadline)
+        );
+        assert!(!overdue());
+        // At it, the request is overdue, found so once (the watchdog wakes
+        // the task once); the connection is not closed by the watchdog
+        // (the 408 answer closes it).
+        assert_eq!(activity.check(deadline, &settings), Found::Overdue);
+        assert!(overdue());
+        assert_eq!(
+            activity.check(deadline + Duration::from_secs(1), &settings),
+            Found::Nothing
+        );
+
+        // Answered, the connection is idle under the idle clock, and the
+        // next request has a clock of its own, not the last one's.
+        activity.request_finished();
+        let Phase::Idle(idle) = *activity.phase.lock() else {
+            panic!("answered: idle");
+        };
+        assert_eq!(
+            activity.check(idle, &settings),
+            Found::Until(idle + Duration::from_secs(60))
+        );
+        activity.request_started();
+        assert!(!overdue());
+        let next = busy_since(&activity);
+        assert!(next >= since);
+        assert_eq!(
+            activity.check(next, &settings),
+            Found::Until(next + Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn the_head_and_idle_clocks_close_the_connection() {
+        let settings = settings(Duration::from_secs(10));
+        let activity = Activity::new();
+        let Phase::Head { since, .. } = *activity.phase.lock() else {
+            panic!("a new connection waits for a head");
+        };
+        assert_eq!(
+            activity.check(since + Duration::from_secs(4), &settings),
+            Found::Until(since + Duration::from_secs(5))
+        );
+        assert_eq!(
+            activity.check(since + Duration::from_secs(5), &settings),
+            Found::Expired(Expired::Head)
+        );
+        activity.request_answered();
+        let Phase::Idle(since) = *activity.phase.lock() else {
+            panic!("answered at once: idle");
+        };
+        assert_eq!(
+            activity.check(since + Duration::from_secs(60), &settings),
+            Found::Expired(Expired::Idle)
+        );
+    }
 
     #[test]
     fn hyper_refusals_are_recognised_alone_and_after_an_answer() {
