@@ -123,7 +123,14 @@ pub async fn serve<H, R, W>(
         if outbox.pending_bytes() >= MAX_OUTBOX_BYTES {
             outbox.wait_below(MAX_OUTBOX_BYTES).await;
         }
+        // Biased, frames first: a frame already read is taken without
+        // polling the other two, which would each register this task to be
+        // woken (the shutdown token's waiter list, the timer) only to be
+        // dropped at once, for every frame. The others are still polled
+        // whenever no frame is ready, at the latest when tokio's cooperative
+        // budget makes the read yield.
         let frame = tokio::select! {
+            biased;
             frame = frames.next() => frame,
             _ = shutdown.cancelled() => break true,
             _ = idle_check.tick() => {
