@@ -37,8 +37,15 @@
 //! and a half times that after the last movement. A writer stuck on a peer
 //! that never reads is then stopped after the drain time rather than left
 //! waiting.
+//!
+//! A handler that panics (a bug) ends its connection: one that panics
+//! while the loop polls it unwinds the loop, and the outbox is closed on
+//! the way (see `CloseOnDrop`), so the socket closes and the client fails
+//! what it had in flight as possibly applied; one that panics in a task of
+//! its own makes the connection go away as on shutdown, answering the rest.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,6 +114,10 @@ pub async fn serve<H, R, W>(
             outbox.close();
         })
     };
+    let _close = CloseOnDrop(outbox.clone());
+    // This connection's own way to go away: a handler that panics in its
+    // task cancels it.
+    let shutdown = shutdown.child_token();
     let mut frames = FramedRead::new(read, FrameCodec::new(max_message_bytes));
     frames.read_buffer_mut().extend_from_slice(&read_buf);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -198,10 +209,20 @@ pub async fn serve<H, R, W>(
                             };
                             let outbox = outbox.clone();
                             let handler = handler.clone();
+                            let shutdown = shutdown.clone();
                             let id = frame.id;
                             tokio::spawn(async move {
-                                let answer = handling.await;
-                                outbox.push(id, handler.epoch(), |out| answer.encode(out));
+                                match AssertUnwindSafe(handling).catch_unwind().await {
+                                    Ok(answer) => {
+                                        outbox.push(id, handler.epoch(), |out| answer.encode(out));
+                                    }
+                                    Err(_) => {
+                                        tracing::error!(
+                                            "a peer request's handler panicked; closing its connection"
+                                        );
+                                        shutdown.cancel();
+                                    }
+                                }
                                 drop(permit);
                             });
                             continue;
@@ -236,6 +257,19 @@ pub async fn serve<H, R, W>(
     }
 }
 
+/// Closes the outbox however the serve loop ends, a handler that panics in
+/// it included (unwinding skips the loop's own close): the writer then ends
+/// and the socket closes, so the peer fails the requests in flight on it at
+/// once, instead of sending more to a connection nobody reads and waiting
+/// out each one's deadline.
+struct CloseOnDrop(Arc<Outbox>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::BytesMut;
@@ -253,6 +287,12 @@ mod tests {
     /// The key a request asks for when its answer waits a little, counting
     /// in [`STARTED`] when its handling starts.
     const COUNTED: &str = "counted";
+    /// The keys a request asks for when its handler should panic: at once,
+    /// on the first poll of an answer that may wait, or after that answer
+    /// has waited (in a task of its own).
+    const PANICS: &str = "panics";
+    const PANICS_LATER: &str = "panics-later";
+    const PANICS_AFTER_WAITING: &str = "panics-after-waiting";
     /// How many [`COUNTED`] requests have started being handled.
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -274,6 +314,16 @@ mod tests {
                 })),
                 Request::Fetch { key } if key == LATER_AT_ONCE => {
                     Reply::Later(Box::pin(async { Answer::Missing }))
+                }
+                Request::Fetch { key } if key == PANICS => panic!("a handler's bug"),
+                Request::Fetch { key } if key == PANICS_LATER => {
+                    Reply::Later(Box::pin(async { panic!("a handler's bug, later") }))
+                }
+                Request::Fetch { key } if key == PANICS_AFTER_WAITING => {
+                    Reply::Later(Box::pin(async {
+                        tokio::task::yield_now().await;
+                        panic!("a handler's bug, after waiting")
+                    }))
                 }
                 Request::Fetch { key } if key == COUNTED => Reply::Later(Box::pin(async {
                     STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -342,6 +392,33 @@ mod tests {
             ids.push(answer.id);
         }
         assert_eq!(ids, [1, 2, 3, 4]);
+    }
+
+    /// A handler that panics (a bug) ends its connection: the peer sees it
+    /// close, and fails what it had in flight on it, rather than wait out
+    /// each request's deadline on a connection nobody reads any more.
+    #[tokio::test]
+    async fn a_handler_that_panics_closes_its_connection() {
+        for key in [PANICS, PANICS_LATER, PANICS_AFTER_WAITING] {
+            let (mut conn, server) = connect_with(1 << 16);
+            let mut buf = BytesMut::new();
+            send_fetch(&mut conn, 1).await;
+            let answer = read_frame(&mut conn, &mut buf).await.expect("an answer");
+            assert_eq!(answer.id, 1);
+            send_fetch_of(&mut conn, 2, key).await;
+            // Nothing but, from a task's panic, the going-away notice that
+            // names the last request read; then the end.
+            let closed = async {
+                while let Some(frame) = read_frame(&mut conn, &mut buf).await {
+                    assert_eq!(frame.kind, frame::GOING_AWAY, "{key}: no answer");
+                    assert_eq!(frame.id, 2);
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), closed)
+                .await
+                .unwrap_or_else(|_| panic!("{key}: the connection was left open"));
+            let _ = server.await;
+        }
     }
 
     /// With [`MAX_IN_FLIGHT`] requests being handled, the next one that may
