@@ -80,6 +80,23 @@ pub fn kubectl_apply(cp: &ControlPlane, path: &Path) -> Result<String> {
     kubectl_ok(cp, &["apply", "-f", &path.display().to_string()])
 }
 
+/// Applies the CRD in `tests/fixtures/<file>` (a third party's, such as
+/// prometheus-operator's ServiceMonitor) and waits until `crd` (its
+/// `<plural>.<group>` name) is established, so objects of it can be created.
+pub fn apply_crd_fixture(cp: &ControlPlane, file: &str, crd: &str) -> Result<()> {
+    kubectl_apply(cp, &workspace_root().join("tests/fixtures").join(file))?;
+    kubectl_ok(
+        cp,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            &format!("crd/{crd}"),
+        ],
+    )?;
+    Ok(())
+}
+
 /// Runs kubectl and returns its stdout, or fails with its stderr.
 pub fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> Result<String> {
     let out = cp.kubectl(args)?;

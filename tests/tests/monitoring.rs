@@ -15,7 +15,8 @@ use anyhow::{Context, Result, ensure};
 use distrocache_operator::crd::DistroCache;
 use distrocache_tests::dashboards;
 use distrocache_tests::distrocache::{
-    self, CacheClient, apply_cache, installed, kubectl_ok, node_addresses, wait_ready, write_items,
+    self, CacheClient, apply_cache, apply_crd_fixture, installed, node_addresses, wait_ready,
+    write_items,
 };
 use distrocache_tests::prometheus::Prometheus;
 use distrocache_tests::{ControlPlane, TestNamespace, procs, wait};
@@ -66,18 +67,10 @@ async fn prometheus_scrapes_every_node_through_the_service_monitors_port() -> Re
     let cp = ControlPlane::shared().await?;
     let _logs = cp.logs_on_panic();
     let (_, kubelet) = installed().await?;
-    distrocache::kubectl_apply(
+    apply_crd_fixture(
         cp,
-        &distrocache::workspace_root().join("tests/fixtures/servicemonitor-crd.yaml"),
-    )?;
-    kubectl_ok(
-        cp,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/servicemonitors.monitoring.coreos.com",
-        ],
+        "servicemonitor-crd.yaml",
+        "servicemonitors.monitoring.coreos.com",
     )?;
 
     let ns = TestNamespace::create(cp, "monitoring")

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use distrocache_operator::crd::DistroCache;
 use distrocache_tests::distrocache::{
-    self, apply_cache, cache_yaml, condition, installed, kubectl_ok, wait_ready,
+    self, apply_cache, apply_crd_fixture, cache_yaml, condition, installed, kubectl_ok, wait_ready,
 };
 use distrocache_tests::{ControlPlane, Kubelet, TestNamespace, wait};
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -506,18 +506,10 @@ async fn a_service_monitor_appears_once_its_crd_exists() -> Result<()> {
     )
     .await?;
 
-    distrocache::kubectl_apply(
+    apply_crd_fixture(
         cp,
-        &distrocache::workspace_root().join("tests/fixtures/servicemonitor-crd.yaml"),
-    )?;
-    kubectl_ok(
-        cp,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/servicemonitors.monitoring.coreos.com",
-        ],
+        "servicemonitor-crd.yaml",
+        "servicemonitors.monitoring.coreos.com",
     )?;
     let resource = kube::api::ApiResource::from_gvk_with_plural(
         &kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),

@@ -13,10 +13,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use distrocache_operator::crd::DistroCache;
 use distrocache_tests::distrocache::{
-    self, CacheClient, apply_cache, condition, installed, kubectl_ok, node_addresses, wait_ready,
+    self, CacheClient, apply_cache, apply_crd_fixture, condition, installed, kubectl_ok,
+    node_addresses, wait_ready,
 };
 use distrocache_tests::tls::{HttpsClient, TestCa};
-use distrocache_tests::{ControlPlane, TestNamespace, wait};
+use distrocache_tests::{TestNamespace, wait};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, Secret};
 use kube::api::{
@@ -26,25 +27,6 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
 const READY: Duration = Duration::from_secs(180);
-
-fn apply_crd_fixture(cp: &ControlPlane, file: &str, crd: &str) -> Result<()> {
-    distrocache::kubectl_apply(
-        cp,
-        &distrocache::workspace_root()
-            .join("tests/fixtures")
-            .join(file),
-    )?;
-    kubectl_ok(
-        cp,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            &format!("crd/{crd}"),
-        ],
-    )?;
-    Ok(())
-}
 
 /// Creates a `kubernetes.io/tls` Secret with `data` (as cert-manager would).
 async fn create_tls_secret(
