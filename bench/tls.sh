@@ -93,6 +93,9 @@ stop_nodes
 echo "== 3. forwarded GET (rf 1, 2 nodes, peer port): plain peers vs mutual TLS" >&2
 forwarded() { # label [peer flags...]
   local label=$1; shift
+  # Called in `$(...)`, a subshell: the nodes it starts are its own, and
+  # the script's cleanup cannot see them, so it stops them however it ends.
+  trap stop_nodes EXIT
   python3 - "$work/ring.json" "$A" "$B" <<'PY'
 import json, sys
 path, a, b = sys.argv[1:]
