@@ -92,7 +92,7 @@ pub enum ReadFrom {
     /// primary among equals), as a least-request load balancer picks: a
     /// busy or slow owner's share moves to its copies. The default: in
     /// `bench/cluster.sh` (three nodes sharing one core) it served more GETs
-    /// than `Primary` in eighteen runs of twenty-eight, fewer in nine (the
+    /// than `Primary` in nineteen runs of twenty-nine, fewer in nine (the
     /// README has the figures).
     #[default]
     LeastBusy,
