@@ -404,7 +404,10 @@ enum Phase {
     /// router has not answered yet; hyper serves one at a time, but counting
     /// keeps the phase right whatever order it drops and starts them in),
     /// the latest since `since`. `request_timeout` applies, counted from
-    /// `since`: no request is cut off before its own deadline.
+    /// `since`: no request is cut off before its own deadline, and were
+    /// there two at once, the earlier would run to the later one's.
+    /// (hyper's HTTP/1 server never has two: it drops a request's future
+    /// before it calls the service for the next.)
     Busy { count: usize, since: Instant },
     /// Between requests, with no bytes read or written since this instant.
     /// `idle_timeout` applies.
@@ -423,7 +426,12 @@ enum Phase {
 /// That flag needs no waker: the requests' futures are polled by hyper
 /// inside the connection, in the connection's task, the watchdog's own,
 /// so the watchdog wakes its own task and the request answers 408 when
-/// hyper polls it next.
+/// hyper polls it next. (hyper 1.12's HTTP/1 dispatcher polls the request
+/// in flight on every poll of the connection while it has no answer bytes
+/// queued, which `writev(false)`, a flattened write buffer, ensures; the
+/// test `a_body_dripped_a_byte_at_a_time_gets_408` in `tests/hostile.rs`,
+/// whose second request's body never comes and so never wakes the task,
+/// fails if that changes.)
 #[derive(Debug)]
 struct Activity {
     phase: Mutex<Phase>,

@@ -138,8 +138,9 @@ pub async fn serve<H, R, W>(
         // polling the other two, which would each register this task to be
         // woken (the shutdown token's waiter list, the timer) only to be
         // dropped at once, for every frame. The others are still polled
-        // whenever no frame is ready, at the latest when tokio's cooperative
-        // budget makes the read yield.
+        // whenever no frame is ready: once the frames already buffered (in
+        // the codec, or in TLS) are taken, at the latest when tokio's
+        // cooperative budget makes a socket read yield.
         let frame = tokio::select! {
             biased;
             frame = frames.next() => frame,
@@ -258,10 +259,12 @@ pub async fn serve<H, R, W>(
 }
 
 /// Closes the outbox however the serve loop ends, a handler that panics in
-/// it included (unwinding skips the loop's own close): the writer then ends
-/// and the socket closes, so the peer fails the requests in flight on it at
-/// once, instead of sending more to a connection nobody reads and waiting
-/// out each one's deadline.
+/// it included (unwinding skips the loop's own close): the writer then
+/// writes what it holds and ends, closing the socket, so the peer fails the
+/// requests in flight on it, instead of sending more to a connection nobody
+/// reads and waiting out each one's deadline. (A writer blocked on a peer
+/// that does not read is not aborted on this path, as it is after the drain
+/// time on the others; it ends when TCP gives up on the peer.)
 struct CloseOnDrop(Arc<Outbox>);
 
 impl Drop for CloseOnDrop {
