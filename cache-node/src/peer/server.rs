@@ -53,7 +53,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
@@ -208,24 +208,14 @@ pub async fn serve<H, R, W>(
                             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                                 break false;
                             };
-                            let outbox = outbox.clone();
-                            let handler = handler.clone();
-                            let shutdown = shutdown.clone();
-                            let id = frame.id;
-                            tokio::spawn(async move {
-                                match AssertUnwindSafe(handling).catch_unwind().await {
-                                    Ok(answer) => {
-                                        outbox.push(id, handler.epoch(), |out| answer.encode(out));
-                                    }
-                                    Err(_) => {
-                                        tracing::error!(
-                                            "a peer request's handler panicked; closing its connection"
-                                        );
-                                        shutdown.cancel();
-                                    }
-                                }
-                                drop(permit);
-                            });
+                            tokio::spawn(answer_later(
+                                handling,
+                                frame.id,
+                                permit,
+                                outbox.clone(),
+                                handler.clone(),
+                                shutdown.clone(),
+                            ));
                             continue;
                         }
                     }
@@ -256,6 +246,29 @@ pub async fn serve<H, R, W>(
     {
         writer.abort();
     }
+}
+
+/// Answers request `id` once `handling` is done, holding its in-flight
+/// `permit` until then. A handler that panics makes the connection go away
+/// (`going_away`), as on shutdown.
+async fn answer_later<H: Handler>(
+    handling: Pin<Box<dyn Future<Output = Answer> + Send>>,
+    id: u64,
+    permit: OwnedSemaphorePermit,
+    outbox: Arc<Outbox>,
+    handler: Arc<H>,
+    going_away: CancellationToken,
+) {
+    match AssertUnwindSafe(handling).catch_unwind().await {
+        Ok(answer) => {
+            outbox.push(id, handler.epoch(), |out| answer.encode(out));
+        }
+        Err(_) => {
+            tracing::error!("a peer request's handler panicked; closing its connection");
+            going_away.cancel();
+        }
+    }
+    drop(permit);
 }
 
 /// Closes the outbox however the serve loop ends, a handler that panics in
@@ -420,7 +433,9 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), closed)
                 .await
                 .unwrap_or_else(|_| panic!("{key}: the connection was left open"));
-            let _ = server.await;
+            // A panic in the loop ends it; one in a task of its own does not.
+            let in_loop = key != PANICS_AFTER_WAITING;
+            assert_eq!(server.await.is_err(), in_loop, "{key}");
         }
     }
 
