@@ -14,6 +14,10 @@
 #     client's default; and, a diagnostic with no bar, to the primary),
 #     with the client's CPU per GET and the nodes' (no bar): how busy the
 #     client's core was says whether the client itself bounded req/s;
+#     and a diagnostic with no bar, what a client that routes as this one
+#     does reaches at wrk's cost per request: bar 2's wrk runs with each
+#     wrk sending only keys its node owns (GETs spread over the owners,
+#     SETs to the primary), against bar 2's one node;
 #     2 and 3 in $ROUNDS rounds, the one node and the cluster running side by
 #     side and measured back to back in each round; the bars are judged on
 #     the median of the rounds' ratios, and every round's ratio is printed
@@ -152,6 +156,38 @@ cluster=("${pids[@]:1}")
 wait_ready "http://$S:$PORT"; wait_ready "http://$A:$PORT"; wait_ready "http://$B:$PORT"; wait_ready "http://$C:$PORT"
 prefill $S "$SET_KEYS"
 prefill $A "$SET_KEYS"
+# For the diagnostic of what a ring-aware client can reach: wrk scripts that
+# send each request straight to an owner, as the client does. Each wrk picks
+# the keys of the node it is pointed at (`wrk.host`): for GETs, every key is
+# given to the one of its owners given fewest so far (a third each, as the
+# client's least-busy reads spread them); for SETs, the keys it is primary of.
+python3 - "$A" "$PORT" "$SET_KEYS" "$work" <<'PY'
+import http.client, json, sys
+ip, port, n, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+members = {}
+conn = http.client.HTTPConnection(ip, port)
+conn.request("GET", "/api/v1/cluster")
+for m in json.loads(conn.getresponse().read())["members"]:
+    members[m["id"]] = m["clientAddress"].rsplit(":", 1)[0]
+reads = {m: [] for m in members}
+writes = {m: [] for m in members}
+for i in range(1, n + 1):
+    conn.request("GET", f"/api/v1/cluster?key=bench:{i}")
+    owners = json.loads(conn.getresponse().read())["owners"]
+    reads[min(owners["owners"], key=lambda m: len(reads[m]))].append(i)
+    writes[owners["primary"]].append(i)
+def table(by_member):
+    return "{" + ", ".join(f'["{members[m]}"] = {{{",".join(map(str, keys))}}}' for m, keys in by_member.items()) + "}"
+value = "v" * 200
+with open(f"{work}/owner-get.lua", "w") as f:
+    f.write(f"math.randomseed(42)\nlocal by_host = {table(reads)}\nlocal keys = by_host[wrk.host]\n")
+    f.write('request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. keys[math.random(1, #keys)]) end\n')
+with open(f"{work}/owner-set.lua", "w") as f:
+    f.write(f"math.randomseed(7)\nlocal by_host = {table(writes)}\nlocal keys = by_host[wrk.host]\n")
+    f.write(f"local body = '{{\"value\":\"{value}\",\"ttl\":3600,\"tags\":[\"bench\"]}}'\n")
+    f.write('local headers = { ["Content-Type"] = "application/json" }\n')
+    f.write('request = function() return wrk.format("POST", "/api/v1/cache/bench:" .. keys[math.random(1, #keys)], headers, body) end\n')
+PY
 # The ring-aware client on the client core, with CPU_PIDS the nodes whose
 # CPU counts: "rps p99_ms nodes_us_per_request client_us_per_request" (the
 # client's CPU from `times` in the run's own subshell). A client busy all
@@ -180,12 +216,16 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "single_get $out" >> "$rounds"
   out=$(CPU_PIDS="${cluster[*]}" cpu_spread cluster-get "$work/get.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT")
   echo "cluster_get $out" >> "$rounds"
+  out=$(CPU_PIDS="${cluster[*]}" cpu_spread cluster-get-owner "$work/owner-get.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT")
+  echo "cluster_get_owner $out" >> "$rounds"
   out=$(CPU_PIDS="${single[*]}" cpu_spread single-set "$work/set.lua" "http://$S:$PORT" "http://$S:$PORT" "http://$S:$PORT")
   echo "single_set $out" >> "$rounds"
   sent=$(peer_requests $A $B $C)
   out=$(CPU_PIDS="${cluster[*]}" cpu_spread cluster-set "$work/set.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT")
   echo "cluster_set $out" >> "$rounds"
   echo "$(( $(peer_requests $A $B $C) - sent ))" >> "$work/peer.txt"
+  out=$(CPU_PIDS="${cluster[*]}" cpu_spread cluster-set-owner "$work/owner-set.lua" "http://$A:$PORT" "http://$B:$PORT" "http://$C:$PORT")
+  echo "cluster_set_owner $out" >> "$rounds"
   out=$(CPU_PIDS="${single[*]}" client_load get "http://$S:$PORT")
   echo "single_cget $out" >> "$rounds"
   out=$(CPU_PIDS="${cluster[*]}" client_load get "http://$A:$PORT")
@@ -239,6 +279,7 @@ print(f"servers on one core, load on another, {conns} connections, {duration} pe
 print(f"{'':36}{'req/s per round':>30}{'p99 ms':>10}")
 rows = [("2. GET, one node", "single_get"), ("   GET, 3 nodes rf 2", "cluster_get"),
         ("   SET, one node", "single_set"), ("   SET, 3 nodes rf 2", "cluster_set"),
+        ("   GET, wrk straight to an owner", "cluster_get_owner"), ("   SET, wrk straight to the primary", "cluster_set_owner"),
         ("3. GET via client, one node", "single_cget"), ("   GET via client, 3 nodes rf 2", "cluster_cget"),
         ("   same, reads to the primary", "cluster_cget_primary")]
 print(f"{'1. local GET (2 nodes, rf 1)':36}{lr:30.0f}{lp:10.3f}")
@@ -271,6 +312,8 @@ print(f"   the client's CPU per GET, one node / 3 nodes: {show(ratios('single_cg
       f" / {statistics.median(r['cluster_cget'][0] * r['cluster_cget'][3] / 1e6 for r in rounds):.0%} (medians)")
 print(f"   the nodes' CPU per GET, one node / 3 nodes: {show(ratios('single_cget', 'cluster_cget', 2))}")
 print(f"   diagnostic: reads to the primary (ReadFrom::Primary): GET {show(ratios('cluster_cget_primary', 'single_cget'))}")
+print(f"   diagnostic: wrk sending each request straight to an owner, against wrk and the one node:"
+      f" GET {show(ratios('cluster_get_owner', 'single_get'))}, SET to the primary {show(ratios('cluster_set_owner', 'single_set'))}")
 secs = p["lastSyncSeconds"]
 print(f"4. rebalancing: the joining node pulled {p['keysReceived']} keys in {secs:.2f}s = {p['keysReceived'] / secs:,.0f} keys/s")
 PY
