@@ -92,8 +92,8 @@ pub enum ReadFrom {
     /// primary among equals), as a least-request load balancer picks: a
     /// busy or slow owner's share moves to its copies. The default: in
     /// `bench/cluster.sh` (three nodes sharing one core) it served more GETs
-    /// than `Primary` in nineteen runs of twenty-nine, fewer in nine (the
-    /// README has the figures).
+    /// than `Primary` in twenty-two runs of thirty-two, fewer in nine
+    /// (`bench/HISTORY.md` has the figures).
     #[default]
     LeastBusy,
 }
