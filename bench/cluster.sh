@@ -105,13 +105,15 @@ cpu_spread() { # with CPU_PIDS, the nodes whose CPU counts
   echo "$rps $p99 $(us_per_request "$c0" "$c1" "$rps")"
 }
 
+# A SET's body, as the prefill writes it: a 200-byte value, an hour's ttl.
+SET_BODY='{"value":"'$(printf 'v%.0s' $(seq 1 200))'","ttl":3600,"tags":["bench"]}'
 cat > "$work/get.lua" <<LUA
 math.randomseed(42)
 request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS)) end
 LUA
 cat > "$work/set.lua" <<LUA
 math.randomseed(7)
-local body = '{"value":"$(printf 'v%.0s' $(seq 1 200))","ttl":3600,"tags":["bench"]}'
+local body = '$SET_BODY'
 local headers = { ["Content-Type"] = "application/json" }
 request = function() return wrk.format("POST", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS), headers, body) end
 LUA
@@ -161,9 +163,9 @@ prefill $A "$SET_KEYS"
 # the keys of the node it is pointed at (`wrk.host`): for GETs, every key is
 # given to the one of its owners given fewest so far (a third each, as the
 # client's least-busy reads spread them); for SETs, the keys it is primary of.
-python3 - "$A" "$PORT" "$SET_KEYS" "$work" <<'PY'
+python3 - "$A" "$PORT" "$SET_KEYS" "$work" "$SET_BODY" <<'PY'
 import http.client, json, sys
-ip, port, n, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ip, port, n, work, body = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 members = {}
 conn = http.client.HTTPConnection(ip, port)
 conn.request("GET", "/api/v1/cluster")
@@ -178,13 +180,12 @@ for i in range(1, n + 1):
     writes[owners["primary"]].append(i)
 def table(by_member):
     return "{" + ", ".join(f'["{members[m]}"] = {{{",".join(map(str, keys))}}}' for m, keys in by_member.items()) + "}"
-value = "v" * 200
 with open(f"{work}/owner-get.lua", "w") as f:
     f.write(f"math.randomseed(42)\nlocal by_host = {table(reads)}\nlocal keys = by_host[wrk.host]\n")
     f.write('request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. keys[math.random(1, #keys)]) end\n')
 with open(f"{work}/owner-set.lua", "w") as f:
     f.write(f"math.randomseed(7)\nlocal by_host = {table(writes)}\nlocal keys = by_host[wrk.host]\n")
-    f.write(f"local body = '{{\"value\":\"{value}\",\"ttl\":3600,\"tags\":[\"bench\"]}}'\n")
+    f.write(f"local body = '{body}'\n")
     f.write('local headers = { ["Content-Type"] = "application/json" }\n')
     f.write('request = function() return wrk.format("POST", "/api/v1/cache/bench:" .. keys[math.random(1, #keys)], headers, body) end\n')
 PY
