@@ -75,15 +75,17 @@ impl Pool {
     /// Sends `request` to `addr` on an idle connection or a new one, and
     /// returns the answer's head; the connection is handed back with it, to
     /// be returned with [`Pool::put`] once the body has been read.
+    /// `now` is the request's start, read once by the caller.
     pub async fn send(
         &self,
         addr: SocketAddr,
         request: Request<Full<Bytes>>,
+        now: Instant,
     ) -> Result<(Response<Incoming>, Sender), Failed> {
         let mut request = request;
         // An idle connection the node closed meanwhile is found out here,
         // before anything is written: the request then goes on a new one.
-        while let Some(mut conn) = self.take(addr) {
+        while let Some(mut conn) = self.take(addr, now) {
             if conn.ready().await.is_err() {
                 continue;
             }
@@ -106,12 +108,13 @@ impl Pool {
         }
     }
 
-    /// Keeps a connection whose last answer has been read in full.
-    pub fn put(&self, addr: SocketAddr, conn: Sender) {
+    /// Keeps a connection whose last answer has been read in full; `now`
+    /// is when its request started (its idle time counts from there: a
+    /// request's length early at most).
+    pub fn put(&self, addr: SocketAddr, conn: Sender, now: Instant) {
         if conn.is_closed() {
             return;
         }
-        let now = Instant::now();
         let mut nodes = self.nodes.lock();
         let index = match nodes.iter().position(|n| n.addr == addr) {
             Some(i) => i,
@@ -127,7 +130,7 @@ impl Pool {
         // The oldest are at the bottom of the stack.
         let stale = idle
             .iter()
-            .take_while(|i| now.duration_since(i.since) > IDLE_TIMEOUT)
+            .take_while(|i| now.saturating_duration_since(i.since) > IDLE_TIMEOUT)
             .count();
         idle.drain(..stale);
         if idle.len() < MAX_IDLE_PER_NODE {
@@ -136,11 +139,11 @@ impl Pool {
     }
 
     /// The most recently used idle connection to `addr` that is still open.
-    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+    fn take(&self, addr: SocketAddr, now: Instant) -> Option<Sender> {
         let mut nodes = self.nodes.lock();
         let node = nodes.iter_mut().find(|n| n.addr == addr)?;
         while let Some(Idle { conn, since }) = node.idle.pop() {
-            if !conn.is_closed() && since.elapsed() <= IDLE_TIMEOUT {
+            if !conn.is_closed() && now.saturating_duration_since(since) <= IDLE_TIMEOUT {
                 return Some(conn);
             }
         }

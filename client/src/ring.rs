@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use hyper::http::HeaderValue;
+
 use distrocache_membership::placement::{Owners, Placement};
 use distrocache_membership::{ClusterView, Member, MemberState, MembershipDoc, Mode};
 
@@ -15,6 +17,9 @@ pub struct Node {
     /// Where its client API listens.
     pub address: SocketAddr,
     pub state: MemberState,
+    /// `address` as a `Host` header, made once per ring rather than
+    /// formatted for every request.
+    pub(crate) host: HeaderValue,
 }
 
 /// The ring at one epoch.
@@ -28,6 +33,11 @@ pub struct Ring {
     /// `nodes`), for [`crate::ReadFrom::LeastBusy`]. Counted in the ring a
     /// request was planned with, so a refresh starts from zero.
     in_flight: Vec<AtomicUsize>,
+}
+
+/// `address` as the value of a request's `Host` header.
+pub(crate) fn host_header(address: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&address.to_string()).expect("a socket address is valid header text")
 }
 
 /// One request in flight to a node: counted while it lives.
@@ -49,6 +59,7 @@ impl Ring {
                 id: id.to_owned(),
                 address,
                 state: MemberState::Active,
+                host: host_header(address),
             }],
             placement: None,
             in_flight: vec![AtomicUsize::new(0)],
@@ -83,6 +94,7 @@ impl Ring {
                 id: m.id,
                 address,
                 state: m.state,
+                host: host_header(address),
             });
         }
         let doc = MembershipDoc {

@@ -105,7 +105,7 @@ async fn every_request_goes_straight_to_an_owner(c: &ProcCluster, client: &Clien
             .unwrap_or_else(|e| panic!("SET {key}: {e}"));
         let primary = c.primary_of(&key);
         assert_eq!(
-            answer.served_by.as_deref(),
+            answer.served_by(),
             Some(primary.as_str()),
             "{key} was written by another node than its primary"
         );
@@ -339,7 +339,7 @@ async fn a_client_with_an_old_ring_reaches_keys_whose_owner_left_through_another
     assert!(answer.status.is_success(), "{answer:?}");
     // Whichever member the client fell back to, the new primary wrote it.
     let owner = c.primary_of(&key(moved[0]));
-    assert_eq!(answer.served_by.as_deref(), Some(owner.as_str()));
+    assert_eq!(answer.served_by(), Some(owner.as_str()));
     assert_eq!(answer.epoch, Some(removed));
 
     // The answers' epoch brings both clients the ring without the node
