@@ -49,9 +49,9 @@ pub const EPOCH_HEADER: &str = "x-distrocache-epoch";
 /// The node that served an item request.
 pub const SERVED_BY_HEADER: &str = "x-distrocache-served-by";
 
-const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 // The answer's header names, parsed once: looking a header up by `&str`
-// parses and hashes the name on every answer.
+// parses and validates the name on every answer.
 const EPOCH: HeaderName = HeaderName::from_static(EPOCH_HEADER);
 const SERVED_BY: HeaderName = HeaderName::from_static(SERVED_BY_HEADER);
 
@@ -388,7 +388,7 @@ impl Client {
         path: String,
     ) -> Result<Answer, Error> {
         let uri = path_uri(path)?;
-        let epoch = self.ring().epoch;
+        let epoch = self.inner.ring.load().epoch;
         self.call(epoch, node, host_header(node), method, uri, Bytes::new())
             .await
             .map_err(|e| Error::Unreachable(format!("{node}: {e}")))
@@ -467,7 +467,7 @@ impl Client {
             }
         }
         // The ring may be out of date: learn it again for next time.
-        self.refresh_later(ring.epoch);
+        self.refresh_later(ring.epoch.saturating_add(1));
         Err(Error::Unreachable(last))
     }
 
@@ -484,17 +484,17 @@ impl Client {
         body: Bytes,
     ) -> Result<Answer, Failed> {
         let answer = self.inner.request(addr, host, method, uri, body).await?;
-        if answer.epoch.is_some_and(|e| e > seen) {
-            self.refresh_later(seen);
+        if let Some(newer) = answer.epoch.filter(|&e| e > seen) {
+            self.refresh_later(newer);
         }
         Ok(answer)
     }
 
-    /// Learns the ring again, in the background, unless a newer one than
-    /// epoch `seen` is held already or a refresh is under way.
-    fn refresh_later(&self, seen: u64) {
+    /// Learns the ring again, in the background, unless one at epoch
+    /// `want` or newer is held already or a refresh is under way.
+    fn refresh_later(&self, want: u64) {
         let current = self.inner.ring.load().epoch;
-        if current > seen || self.inner.refreshing.swap(true, Ordering::AcqRel) {
+        if current >= want || self.inner.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
         let client = self.clone();
@@ -541,13 +541,16 @@ impl Inner {
         if !self.any_down.load(Ordering::Acquire) {
             return plan;
         }
-        let down = self.down.lock();
-        if !down.is_empty() {
-            let now = Instant::now();
-            plan.sort_by_key(|&i| {
-                down.get(&ring.nodes[i].address)
-                    .is_some_and(|until| *until > now)
-            });
+        let mut down = self.down.lock();
+        // Nodes past their time leave the list, so that one which left the
+        // ring (or answers only through `Client::at`) does not keep every
+        // request on this path.
+        let now = Instant::now();
+        down.retain(|_, until| *until > now);
+        if down.is_empty() {
+            self.any_down.store(false, Ordering::Release);
+        } else {
+            plan.sort_by_key(|&i| down.contains_key(&ring.nodes[i].address));
         }
         plan
     }
@@ -592,29 +595,35 @@ impl Inner {
         let headers = request.headers_mut();
         headers.insert(header::HOST, host);
         if has_body {
-            headers.insert(header::CONTENT_TYPE, JSON);
+            headers.insert(header::CONTENT_TYPE, APPLICATION_JSON);
         }
         if let Some(token) = &self.token {
             headers.insert(header::AUTHORIZATION, token.clone());
         }
         // One clock read per request: the deadline, and the connection's
-        // idle time when it is taken and put back.
-        let now = Instant::now();
+        // idle time when it is taken and put back. Tokio's clock, which is
+        // the system's unless a test pauses it.
+        let started = tokio::time::Instant::now();
         let call = async {
-            let (response, conn) = self.pool.send(addr, request, now).await?;
+            let (response, conn) = self.pool.send(addr, request, started.into_std()).await?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_ANSWER_BYTES)
                 .collect()
                 .await
                 .map_err(|e| Failed::Lost(format!("answer broke off: {e}")))?
                 .to_bytes();
-            self.pool.put(addr, conn, now);
+            self.pool.put(addr, conn, started.into_std());
             Ok::<_, Failed>((parts, body))
         };
-        let deadline = tokio::time::Instant::from_std(now + self.timeout);
-        let (parts, body) = tokio::time::timeout_at(deadline, call)
-            .await
-            .map_err(|_| Failed::Lost(format!("no answer within {:?}", self.timeout)))??;
+        let answer = match started.checked_add(self.timeout) {
+            Some(deadline) => tokio::time::timeout_at(deadline, call)
+                .await
+                .map_err(|_| Failed::Lost(format!("no answer within {:?}", self.timeout)))?,
+            // A timeout too large to add waits for ever, as
+            // `tokio::time::timeout` has it.
+            None => call.await,
+        };
+        let (parts, body) = answer?;
         let epoch = parts
             .headers
             .get(EPOCH)
@@ -804,6 +813,38 @@ mod tests {
         assert_eq!(
             inner.plan(&ring, "k2", Access::Read).as_slice(),
             [primary, replica, other]
+        );
+        assert!(!inner.any_down.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_node_down_for_longer_than_it_is_held_leaves_the_list() {
+        let ring = ring();
+        let inner = inner(ReadFrom::LeastBusy);
+        let (primary, replica, other) = owners_of(&ring, "k2");
+        // Marked down long ago: as if it had left the ring since.
+        inner.down.lock().insert(
+            "127.0.0.1:9".parse().unwrap(),
+            Instant::now() - Duration::from_secs(1),
+        );
+        inner.any_down.store(true, Ordering::Release);
+        assert_eq!(
+            inner.plan(&ring, "k2", Access::Read).as_slice(),
+            [primary, replica, other]
+        );
+        assert!(inner.down.lock().is_empty());
+        assert!(!inner.any_down.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_path_that_is_no_uri_is_refused_before_anything_is_sent() {
+        assert!(matches!(
+            path_uri("/api/v1/cache/a b".into()),
+            Err(Error::Invalid(_))
+        ));
+        assert_eq!(
+            path_uri("/api/v1/cache/a%20b".into()).unwrap().path(),
+            "/api/v1/cache/a%20b"
         );
     }
 }

@@ -108,10 +108,10 @@ impl Pool {
         }
     }
 
-    /// Keeps a connection whose last answer has been read in full; `now`
-    /// is when its request started (its idle time counts from there: a
-    /// request's length early at most).
-    pub fn put(&self, addr: SocketAddr, conn: Sender, now: Instant) {
+    /// Keeps a connection whose last answer has been read in full;
+    /// `started` is when its request started (its idle time counts from
+    /// there: a request's length early at most).
+    pub fn put(&self, addr: SocketAddr, conn: Sender, started: Instant) {
         if conn.is_closed() {
             return;
         }
@@ -130,11 +130,15 @@ impl Pool {
         // The oldest are at the bottom of the stack.
         let stale = idle
             .iter()
-            .take_while(|i| now.saturating_duration_since(i.since) > IDLE_TIMEOUT)
+            .take_while(|i| started.saturating_duration_since(i.since) > IDLE_TIMEOUT)
             .count();
         idle.drain(..stale);
         if idle.len() < MAX_IDLE_PER_NODE {
-            idle.push(Idle { conn, since: now });
+            // Stamped no earlier than the one below it, so that the stack
+            // stays oldest first though requests end in another order than
+            // they started (and never later than now).
+            let since = idle.last().map_or(started, |top| top.since.max(started));
+            idle.push(Idle { conn, since });
         }
     }
 

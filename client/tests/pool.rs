@@ -1,5 +1,5 @@
 //! The client's keep-alive connections against real cache-node processes on
-//! loopback: connections are reused, one the node closed while it sat idle
+//! loopback: a client with no time limit is served, connections are reused, one the node closed while it sat idle
 //! is replaced without failing the request (a write included: it never left,
 //! so it is not "uncertain"), many requests at once each get their own
 //! answer, and a node that is gone is reported unreachable. Then, against
@@ -50,6 +50,20 @@ fn connections_to(port: u16) -> (usize, usize) {
         }
     }
     (established, time_wait)
+}
+
+#[tokio::test]
+async fn a_client_with_no_time_limit_is_served() {
+    let node = NodeProc::start(&[]);
+    // A limit too large to add to the clock: no deadline at all.
+    let client = Client::builder([node.addr.to_string()])
+        .timeout(Duration::MAX)
+        .connect()
+        .await
+        .expect("the client learns the ring");
+    client.set_raw("k", r#"{"value":1}"#.into()).await.unwrap();
+    let got = client.get("k").await.unwrap().unwrap();
+    assert_eq!(got.value, serde_json::json!(1));
 }
 
 #[tokio::test]
