@@ -1,11 +1,12 @@
 //! The client's keep-alive connections against real cache-node processes on
-//! loopback: a client with no time limit is served, connections are reused, one the node closed while it sat idle
-//! is replaced without failing the request (a write included: it never left,
-//! so it is not "uncertain"), many requests at once each get their own
-//! answer, and a node that is gone is reported unreachable. Then, against
-//! stand-ins for two members that script their answers: a write whose
-//! connection breaks after it was sent is uncertain. (Linux: the first test
-//! reads the kernel's TCP table.)
+//! loopback: a client with no time limit is served, connections are reused,
+//! one the node closed while it sat idle is replaced without failing the
+//! request (a write included: it never left, so it is not "uncertain"),
+//! many requests at once each get their own answer, and a node that is gone
+//! is reported unreachable. Then, against stand-ins for two members that
+//! script their answers: a write whose connection breaks after it was sent
+//! is uncertain. (Linux: the test of connection reuse reads the kernel's TCP
+//! table.)
 
 #[path = "../../cache-node/tests/node_proc/mod.rs"]
 mod node_proc;
