@@ -91,15 +91,23 @@ pub enum Dispatch {
 
 /// What serves requests: the API's dispatcher.
 pub trait Service: Clone + Send + Sync + 'static {
-    fn call(&self, request: Request<Incoming>, conn: &Conn) -> Dispatch;
+    /// What the service keeps for each connection, made when the connection
+    /// is accepted and dropped with it (the API: what the connection has
+    /// been told of the ring epoch).
+    type PerConnection: Default + Send + Sync + 'static;
+
+    fn call(&self, request: Request<Incoming>, conn: &Conn<Self::PerConnection>) -> Dispatch;
 }
 
-/// What a service may know of the connection a request came on.
-pub struct Conn {
+/// What a service may know of the connection a request came on, and what it
+/// keeps for it (`T`).
+pub struct Conn<T> {
     slot: Arc<OwnedSemaphorePermit>,
     /// The certificate the client presented in the TLS handshake (already
     /// verified against the listener's client CA), when it did.
     peer_certificate: Option<CertificateDer<'static>>,
+    /// Shared, so that an answer that takes a while can still reach it.
+    kept: Arc<T>,
 }
 
 /// A connection's place among the listener's `max_connections`: held by
@@ -107,13 +115,18 @@ pub struct Conn {
 /// connection counts as long as it lives.
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
-impl Conn {
+impl<T> Conn<T> {
     pub fn keep_slot(&self) -> ConnectionSlot {
         ConnectionSlot(self.slot.clone())
     }
 
     pub fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
         self.peer_certificate.as_ref()
+    }
+
+    /// What the service keeps for this connection.
+    pub fn kept(&self) -> &Arc<T> {
+        &self.kept
     }
 }
 
@@ -290,6 +303,7 @@ pub async fn serve<S: Service>(
                 conn: Conn {
                     slot: Arc::new(permit),
                     peer_certificate,
+                    kept: Arc::default(),
                 },
                 activity: activity.clone(),
                 request_timeout: settings.request_timeout,
@@ -791,9 +805,9 @@ fn error_answer(status: StatusCode, message: &str) -> Vec<u8> {
 
 /// The service as a connection's hyper service: marks the connection busy
 /// while a request is served, which starts its clock (kept by the watchdog).
-struct Tracked<S> {
+struct Tracked<S: Service> {
     inner: S,
-    conn: Conn,
+    conn: Conn<S::PerConnection>,
     activity: Arc<Activity>,
     request_timeout: Duration,
 }

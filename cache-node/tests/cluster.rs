@@ -1256,18 +1256,32 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
     }
 }
 
-/// Every answer of the API in cluster mode names the ring epoch the
-/// answering node holds, refusals included, so a ring-aware client learns
-/// of a new ring from whichever answer comes first.
+/// In cluster mode an answer names the ring epoch the answering node holds
+/// whenever that is news to the connection: any answer of the API (refusals
+/// included) on a new connection, the first after the node adopts another
+/// ring, and a reminder every `EPOCH_REMINDER_EVERY` answers; the answers
+/// in between leave it out. So a ring-aware client learns of a new ring from
+/// whichever answer comes first, and is reminded.
 #[tokio::test]
-async fn every_answer_carries_the_ring_epoch() {
+async fn an_answer_names_the_ring_epoch_whenever_it_is_news_to_the_connection() {
+    use cache_node::api::answer::EPOCH_REMINDER_EVERY;
+    use http_body_util::{BodyExt, Empty};
+    use hyper::http::{Request, header};
     use reqwest::Method;
+
     let mut c = ProcCluster::new(1, 1);
     c.set_ring(&[(0, Active)]);
     c.start(0);
     c.wait_settled(1, SETTLE).await;
     let epoch = c.set_ring(&[(0, Active)]);
     c.wait_settled(epoch, SETTLE).await;
+
+    // Every kind of answer, each the first on its connection.
+    let fresh = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let long_key = "k".repeat(600);
     let cases: &[(Method, &str, u16)] = &[
         (Method::PUT, "/api/v1/cache/here", 201),
@@ -1283,8 +1297,7 @@ async fn every_answer_carries_the_ring_epoch() {
         (Method::GET, "/internal/v1/connect", 426),
     ];
     for (method, path, status) in cases {
-        let resp = c
-            .client
+        let resp = fresh
             .request(method.clone(), c.url(0, path))
             .json(&json!({ "value": 1 }))
             .send()
@@ -1294,13 +1307,53 @@ async fn every_answer_carries_the_ring_epoch() {
         assert_eq!(epoch_of(&resp), Some(epoch), "{method} {path}");
     }
 
+    // One keep-alive connection, driven by hand so that every answer is
+    // known to come on it.
+    let stream = tokio::net::TcpStream::connect(c.nodes[0].addr)
+        .await
+        .unwrap();
+    let (mut conn, driver) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(driver);
+    let host = c.nodes[0].addr.to_string();
+    let mut next_epoch_named = async || {
+        let request = Request::get("/api/v1/cache/absent")
+            .header(header::HOST, &host)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), conn.send_request(request))
+            .await
+            .expect("an answer within 10 s")
+            .expect("an answer on the kept connection");
+        assert_eq!(answer.status(), 404);
+        let named = answer
+            .headers()
+            .get("x-distrocache-epoch")
+            .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+        answer.into_body().collect().await.unwrap();
+        named
+    };
+    assert_eq!(next_epoch_named().await, Some(epoch), "the first answer");
+    for n in 1..EPOCH_REMINDER_EVERY {
+        assert_eq!(next_epoch_named().await, None, "answer {n} after the first");
+    }
+    assert_eq!(next_epoch_named().await, Some(epoch), "the reminder");
+    assert_eq!(next_epoch_named().await, None, "the answer after it");
+    let newer = c.set_ring(&[(0, Active)]);
+    c.wait_settled(newer, SETTLE).await;
+    assert_eq!(
+        next_epoch_named().await,
+        Some(newer),
+        "the first answer after a new ring"
+    );
+    assert_eq!(next_epoch_named().await, None, "the answer after it");
+
     // A request without the client token, to a cluster that requires one.
     let mut authed = ProcCluster::new(1, 1).with_auth();
     let epoch = authed.start_members(1, SETTLE).await;
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
+    let resp = fresh
         .get(authed.url(0, "/api/v1/cache/here"))
         .send()
         .await

@@ -11,9 +11,12 @@
 //! requests in flight ([`ReadFrom`]; an owner that cannot serve a read
 //! itself forwards it, so a stale choice only costs the hop).
 //!
-//! Every answer carries the answering node's ring epoch
-//! (`x-distrocache-epoch`); one newer than the client's copy makes it fetch
-//! the ring again, in the background, once. When an owner cannot be
+//! An answer names the answering node's ring epoch (`x-distrocache-epoch`)
+//! whenever that is news to its connection: the connection's first answer,
+//! the first after the node adopts another ring, and every 64th. One newer
+//! than the client's copy makes it fetch the ring again, in the background,
+//! once; the reminders bring the epoch again if that fetch reached a node
+//! still on the older ring. When an owner cannot be
 //! reached, a read goes to the next owner and then to any member (which
 //! forwards it); a write goes elsewhere only if it certainly never reached
 //! the owner, so it is never applied twice.
@@ -44,7 +47,8 @@ use pool::{Failed, Pool};
 use ring::host_header;
 pub use ring::{Node, Ring};
 
-/// The answering node's ring epoch, on every answer of a cluster node.
+/// The answering node's ring epoch, on the answers of a cluster node for
+/// which it is news to the connection (see the module comment).
 pub const EPOCH_HEADER: &str = "x-distrocache-epoch";
 /// The node that served an item request.
 pub const SERVED_BY_HEADER: &str = "x-distrocache-served-by";
@@ -128,7 +132,8 @@ pub struct Answer {
     pub body: Bytes,
     /// The node the request was sent to.
     pub node: SocketAddr,
-    /// The ring epoch of the node that answered, in a cluster.
+    /// The ring epoch of the node that answered, in a cluster, when the
+    /// answer named it (news to the connection it came on).
     pub epoch: Option<u64>,
     /// `x-distrocache-served-by` as it came (kept as the header, not
     /// copied into a string on every answer).

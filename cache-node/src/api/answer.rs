@@ -3,9 +3,12 @@
 //! `{"error": "..."}`), plus the cluster views.
 //!
 //! Every item answer (`/api/v1/cache/...`) names the node that served it in
-//! `x-distrocache-served-by`, and in cluster mode every answer carries the
-//! answering node's ring epoch in `x-distrocache-epoch`, so a ring-aware
-//! client learns when to refresh its copy of the ring.
+//! `x-distrocache-served-by`. In cluster mode an answer names the answering
+//! node's ring epoch in `x-distrocache-epoch` whenever that is news to the
+//! connection ([`EpochTold`]), so a ring-aware client learns when to
+//! refresh its copy of the ring.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -30,8 +33,52 @@ const PROMETHEUS_TEXT: HeaderValue =
 pub struct Stamp<'a> {
     /// This node's id, as a header value.
     pub node: &'a HeaderValue,
-    /// The ring epoch held, in cluster mode.
+    /// The ring epoch this answer names: the one held, in cluster mode, when
+    /// it is news to the connection.
     pub epoch: Option<u64>,
+}
+
+/// How many answers a connection gets at most before one names the epoch
+/// again, though it has not changed: the reminder heals a client whose
+/// refresh reached a node still on the older ring (it learns the newer one
+/// again from a later answer), at a sixty-fourth of the cost of naming it on
+/// every answer.
+pub const EPOCH_REMINDER_EVERY: u32 = 64;
+
+/// What one client connection has been told of the ring epoch. An answer
+/// names the epoch on the connection's first answer, on the first after
+/// the node adopts another ring, and on every [`EPOCH_REMINDER_EVERY`]th
+/// besides; the others leave it out. A client that refreshes its ring when
+/// an answer names a newer epoch than its own learns of every change as
+/// soon as when every answer named it, and the header is not sent, parsed
+/// and looked up on all the answers in between: that was about 1% of a
+/// ring-aware client's CPU per GET, a cost only a cluster has
+/// (`bench/HISTORY.md`, session 46).
+#[derive(Debug, Default)]
+pub struct EpochTold {
+    /// The epoch last named.
+    epoch: AtomicU64,
+    /// Answers left before one names it again; 0 (a new connection's) means
+    /// the next one does.
+    quiet: AtomicU32,
+}
+
+impl EpochTold {
+    /// Whether the connection's next answer names `epoch`, noting it if so.
+    /// A connection's answers are made one at a time (HTTP/1.1), so these
+    /// loads and stores never race; the atomics only make the state
+    /// shareable with an answer that is made after an await.
+    pub fn names(&self, epoch: u64) -> bool {
+        let quiet = self.quiet.load(Ordering::Relaxed);
+        if quiet > 0 && self.epoch.load(Ordering::Relaxed) == epoch {
+            self.quiet.store(quiet - 1, Ordering::Relaxed);
+            return false;
+        }
+        self.epoch.store(epoch, Ordering::Relaxed);
+        self.quiet
+            .store(EPOCH_REMINDER_EVERY - 1, Ordering::Relaxed);
+        true
+    }
 }
 
 fn response(status: StatusCode, content_type: HeaderValue, body: impl Into<Bytes>) -> Response {
@@ -142,13 +189,43 @@ pub fn encode(outcome: Outcome, stamp: &Stamp<'_>) -> Response {
 }
 
 impl Stamp<'_> {
-    /// `answer` with the ring epoch held, in cluster mode: every answer of
-    /// the API carries it, refusals included, so a ring-aware client learns
-    /// of a new ring from whichever answer comes first.
+    /// `answer` naming the ring epoch, when this stamp does: any answer of
+    /// the API may, refusals included, so a ring-aware client learns of a
+    /// new ring from whichever answer comes first.
     pub fn epoch_on(&self, mut answer: Response) -> Response {
         if let Some(epoch) = self.epoch {
             answer.headers_mut().insert(EPOCH, HeaderValue::from(epoch));
         }
         answer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_told_the_epoch_first_on_change_and_as_a_reminder() {
+        let told = EpochTold::default();
+        assert!(told.names(7), "the first answer");
+        for n in 1..EPOCH_REMINDER_EVERY {
+            assert!(!told.names(7), "answer {n} after the first");
+        }
+        assert!(told.names(7), "the reminder");
+        assert!(!told.names(7), "the answer after the reminder");
+        assert!(told.names(8), "the first answer after a new ring");
+        assert!(!told.names(8));
+        // Any other epoch is news, an older one too.
+        assert!(told.names(5));
+        assert!(!told.names(5));
+    }
+
+    #[test]
+    fn the_first_answer_names_any_epoch_even_the_first_and_the_last() {
+        for epoch in [0, 1, u64::MAX] {
+            let told = EpochTold::default();
+            assert!(told.names(epoch), "epoch {epoch}");
+            assert!(!told.names(epoch), "epoch {epoch}");
+        }
     }
 }

@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::exec::{Execution, Executor, Failure, Limits, Operation, Outcome};
 use crate::http::{self, Conn, Dispatch, Response};
 use crate::peer::{self, PROTOCOL};
+use answer::EpochTold;
 use auth::Tokens;
 
 /// Which part of the HTTP surface a listener serves.
@@ -244,17 +245,20 @@ pub enum Parsed {
 }
 
 impl http::Service for Api {
-    fn call(&self, request: Request<Incoming>, conn: &Conn) -> Dispatch {
+    type PerConnection = EpochTold;
+
+    fn call(&self, request: Request<Incoming>, conn: &Conn<EpochTold>) -> Dispatch {
+        let told = conn.kept();
         let parsed = self.parse(request.method(), request.uri(), request.headers());
         match parsed {
-            Ok(Parsed::Op(op)) => self.inner.run(op),
-            Ok(Parsed::Write { key }) => self.inner.write(key, request),
+            Ok(Parsed::Op(op)) => self.inner.run(op, told),
+            Ok(Parsed::Write { key }) => self.inner.write(key, request, told),
             Ok(Parsed::PeerConnect) => Dispatch::Now(
                 self.inner
-                    .stamp()
+                    .stamp(told)
                     .epoch_on(self.inner.connect(request, conn)),
             ),
-            Err(refusal) => Dispatch::Now(self.inner.stamp().epoch_on(refusal.answer())),
+            Err(refusal) => Dispatch::Now(self.inner.stamp(told).epoch_on(refusal.answer())),
         }
     }
 }
@@ -290,7 +294,7 @@ impl Api {
             }
             Parsed::PeerConnect => Outcome::Failed(Failure::bad_request("not an upgrade")),
         };
-        answer::encode(outcome, &inner.stamp())
+        answer::encode(outcome, &inner.stamp(&EpochTold::default()))
     }
 }
 
@@ -398,20 +402,28 @@ impl Inner {
         Ok(key)
     }
 
-    fn stamp(&self) -> answer::Stamp<'_> {
+    /// The stamp of an answer on a connection that has been `told` what it
+    /// has of the ring epoch.
+    fn stamp(&self, told: &EpochTold) -> answer::Stamp<'_> {
         answer::Stamp {
             node: &self.node,
-            epoch: self.exec.cluster.as_ref().map(|c| c.epoch()),
+            epoch: self
+                .exec
+                .cluster
+                .as_ref()
+                .map(|c| c.epoch())
+                .filter(|&epoch| told.names(epoch)),
         }
     }
 
-    fn run(self: &Arc<Self>, op: Operation) -> Dispatch {
+    fn run(self: &Arc<Self>, op: Operation, told: &Arc<EpochTold>) -> Dispatch {
         match self.exec.execute(op) {
-            Execution::Now(outcome) => Dispatch::Now(answer::encode(outcome, &self.stamp())),
+            Execution::Now(outcome) => Dispatch::Now(answer::encode(outcome, &self.stamp(told))),
             Execution::Later(outcome) => {
                 let api = self.clone();
+                let told = told.clone();
                 Dispatch::Later(Box::pin(async move {
-                    answer::encode(outcome.await, &api.stamp())
+                    answer::encode(outcome.await, &api.stamp(&told))
                 }))
             }
         }
@@ -420,15 +432,21 @@ impl Inner {
     /// A write (POST or PUT): the body read within its limit and validated
     /// here, so bad input is refused by the node the client talks to and
     /// never travels; then executed.
-    fn write(self: &Arc<Self>, key: String, request: Request<Incoming>) -> Dispatch {
+    fn write(
+        self: &Arc<Self>,
+        key: String,
+        request: Request<Incoming>,
+        told: &Arc<EpochTold>,
+    ) -> Dispatch {
         let api = self.clone();
+        let told = told.clone();
         Dispatch::Later(Box::pin(async move {
             let (parts, body) = request.into_parts();
             let write = match read_body(body, api.limits.max_body_bytes).await {
                 Ok(body) => request::write(&parts.headers, body, &api.limits),
                 Err(f) => Err(f),
             };
-            answer::encode(api.set(key, write).await, &api.stamp())
+            answer::encode(api.set(key, write).await, &api.stamp(&told))
         }))
     }
 
@@ -446,7 +464,7 @@ impl Inner {
     /// opening a connection of the peer protocol. Answered 101, then served
     /// by the peer server for as long as the peer keeps it; it keeps its
     /// place among the listener's connections meanwhile.
-    fn connect(self: &Arc<Self>, request: Request<Incoming>, conn: &Conn) -> Response {
+    fn connect(self: &Arc<Self>, request: Request<Incoming>, conn: &Conn<EpochTold>) -> Response {
         let Some(endpoint) = self.peer.clone() else {
             return answer::failure(&Failure::not_found("no peer API on this listener"));
         };
