@@ -1265,7 +1265,7 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
 #[tokio::test]
 async fn an_answer_names_the_ring_epoch_whenever_it_is_news_to_the_connection() {
     use cache_node::api::answer::EPOCH_REMINDER_EVERY;
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::{BodyExt, Full};
     use hyper::http::{Request, header};
     use reqwest::Method;
 
@@ -1308,7 +1308,8 @@ async fn an_answer_names_the_ring_epoch_whenever_it_is_news_to_the_connection() 
     }
 
     // One keep-alive connection, driven by hand so that every answer is
-    // known to come on it.
+    // known to come on it. Its requests take turns: a read answered at once,
+    // a write answered once its body is read (later), and a refusal.
     let stream = tokio::net::TcpStream::connect(c.nodes[0].addr)
         .await
         .unwrap();
@@ -1318,16 +1319,35 @@ async fn an_answer_names_the_ring_epoch_whenever_it_is_news_to_the_connection() 
             .unwrap();
     tokio::spawn(driver);
     let host = c.nodes[0].addr.to_string();
+    let mut sent = 0;
     let mut next_epoch_named = async || {
-        let request = Request::get("/api/v1/cache/absent")
+        let (method, path, body, status) = match sent % 3 {
+            0 => (Method::GET, "/api/v1/cache/absent", "", &[404][..]),
+            1 => (
+                Method::PUT,
+                "/api/v1/cache/kept",
+                r#"{"value":1}"#,
+                &[201, 200][..],
+            ),
+            _ => (Method::PATCH, "/api/v1/cache/kept", "", &[405][..]),
+        };
+        sent += 1;
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(path)
             .header(header::HOST, &host)
-            .body(Empty::<bytes::Bytes>::new())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
             .unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(10), conn.send_request(request))
             .await
             .expect("an answer within 10 s")
             .expect("an answer on the kept connection");
-        assert_eq!(answer.status(), 404);
+        assert!(
+            status.contains(&answer.status().as_u16()),
+            "{method} {path}: {}",
+            answer.status()
+        );
         let named = answer
             .headers()
             .get("x-distrocache-epoch")

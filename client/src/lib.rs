@@ -13,10 +13,12 @@
 //!
 //! An answer names the answering node's ring epoch (`x-distrocache-epoch`)
 //! whenever that is news to its connection: the connection's first answer,
-//! the first after the node adopts another ring, and every 64th. One newer
-//! than the client's copy makes it fetch the ring again, in the background,
-//! once; the reminders bring the epoch again if that fetch reached a node
-//! still on the older ring. When an owner cannot be
+//! the first after the node adopts another ring, and at least every 64th.
+//! One newer than the client's copy makes it fetch the ring again, in the
+//! background, from that node first, until it holds a ring that new (a
+//! notice that comes meanwhile is kept, not dropped, since it may not come
+//! again for 63 answers); the reminders bring the epoch again if every try
+//! failed. When an owner cannot be
 //! reached, a read goes to the next owner and then to any member (which
 //! forwards it); a write goes elsewhere only if it certainly never reached
 //! the owner, so it is never applied twice.
@@ -30,7 +32,7 @@ mod ring;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -46,6 +48,11 @@ pub use hyper::http::{Method, StatusCode};
 use pool::{Failed, Pool};
 use ring::host_header;
 pub use ring::{Node, Ring};
+
+/// How many times a refresh asks before it gives up on an epoch an answer
+/// named, pausing [`REFRESH_PAUSE`] longer each time (1 s in all).
+const REFRESH_ATTEMPTS: u32 = 5;
+const REFRESH_PAUSE: Duration = Duration::from_millis(100);
 
 /// The answering node's ring epoch, on the answers of a cluster node for
 /// which it is news to the connection (see the module comment).
@@ -207,18 +214,13 @@ impl Builder {
             None => None,
         };
         let client = Client {
-            inner: Arc::new(Inner {
-                pool: Pool::default(),
+            inner: Arc::new(Inner::new(
                 seeds,
-                ring: ArcSwap::from_pointee(Ring::single("seed", first)),
+                first,
                 token,
-                read_from: self.read_from,
-                timeout: self.timeout,
-                refreshing: AtomicBool::new(false),
-                next: AtomicUsize::new(0),
-                down: Mutex::new(HashMap::new()),
-                any_down: AtomicBool::new(false),
-            }),
+                self.read_from,
+                self.timeout,
+            )),
         };
         client.refresh().await?;
         Ok(client)
@@ -240,6 +242,11 @@ struct Inner {
     read_from: ReadFrom,
     timeout: Duration,
     refreshing: AtomicBool,
+    /// The newest epoch an answer named: a refresh goes on until the ring
+    /// held is at least this new, so a notice that comes while a refresh is
+    /// under way is kept rather than dropped (a node names a new epoch to a
+    /// connection once, then only as a reminder every 64th answer).
+    wanted: AtomicU64,
     next: AtomicUsize,
     down: Mutex<HashMap<SocketAddr, Instant>>,
     /// Whether `down` may hold anything: read on every request, so that a
@@ -265,10 +272,29 @@ impl Client {
 
     /// Fetches the ring from a member (or a seed), and holds it.
     pub async fn refresh(&self) -> Result<(), Error> {
-        let ring = self.ring();
-        let mut asked: Vec<SocketAddr> = ring.nodes.iter().map(|n| n.address).collect();
-        asked.extend(self.inner.seeds.iter().copied());
-        let mut last = String::from("no address to ask");
+        self.refresh_from(None).await
+    }
+
+    /// [`Self::refresh`], asking `first` (a node that named a newer epoch,
+    /// so holds that ring) before the members and the seeds. Stops at the
+    /// first ring at least as new as any epoch an answer named; when no node
+    /// has one yet, keeps the newest it was given, even one older than the
+    /// ring held (a cache made again starts its epochs again).
+    async fn refresh_from(&self, first: Option<SocketAddr>) -> Result<(), Error> {
+        let held = self.ring();
+        let mut asked: Vec<SocketAddr> = first.into_iter().collect();
+        for addr in held
+            .nodes
+            .iter()
+            .map(|n| n.address)
+            .chain(self.inner.seeds.iter().copied())
+        {
+            if !asked.contains(&addr) {
+                asked.push(addr);
+            }
+        }
+        let mut newest: Option<Ring> = None;
+        let mut last = Error::Unreachable("no address to ask".into());
         for addr in asked {
             let answer = self
                 .inner
@@ -280,24 +306,54 @@ impl Client {
                     Bytes::new(),
                 )
                 .await;
-            match answer {
+            let ring = match answer {
                 Ok(a) if a.status == StatusCode::OK => {
-                    let view = serde_json::from_slice(&a.body)
-                        .map_err(|e| Error::BadAnswer(format!("{CLUSTER_PATH}: {e}")))?;
-                    let ring = Ring::from_view(view, addr).map_err(Error::BadAnswer)?;
-                    tracing::debug!(
-                        epoch = ring.epoch,
-                        nodes = ring.nodes.len(),
-                        "learned the ring"
-                    );
-                    self.inner.ring.store(Arc::new(ring));
+                    // The node may adopt a newer ring between reading the
+                    // view and stamping the answer.
+                    if let Some(epoch) = a.epoch {
+                        self.inner.wanted.fetch_max(epoch, Ordering::AcqRel);
+                    }
+                    serde_json::from_slice(&a.body)
+                        .map_err(|e| format!("{CLUSTER_PATH}: {e}"))
+                        .and_then(|view| Ring::from_view(view, addr))
+                        .map_err(|e| Error::BadAnswer(format!("{addr}: {e}")))
+                }
+                Ok(a) => Err(Error::Unreachable(format!(
+                    "{addr} answered {}: {}",
+                    a.status,
+                    error_message(&a.body)
+                ))),
+                Err(e) => Err(Error::Unreachable(e.to_string())),
+            };
+            match ring {
+                Ok(ring) if ring.epoch >= self.inner.wanted.load(Ordering::Acquire) => {
+                    self.learned(ring);
                     return Ok(());
                 }
-                Ok(a) => last = format!("{addr} answered {}: {}", a.status, error_message(&a.body)),
-                Err(e) => last = e.to_string(),
+                Ok(ring) => {
+                    if newest.as_ref().is_none_or(|n| ring.epoch > n.epoch) {
+                        newest = Some(ring);
+                    }
+                }
+                Err(e) => last = e,
             }
         }
-        Err(Error::Unreachable(last))
+        match newest {
+            Some(ring) => {
+                self.learned(ring);
+                Ok(())
+            }
+            None => Err(last),
+        }
+    }
+
+    fn learned(&self, ring: Ring) {
+        tracing::debug!(
+            epoch = ring.epoch,
+            nodes = ring.nodes.len(),
+            "learned the ring"
+        );
+        self.inner.ring.store(Arc::new(ring));
     }
 
     /// The item, or `None` when the key is absent or expired.
@@ -472,13 +528,13 @@ impl Client {
             }
         }
         // The ring may be out of date: learn it again for next time.
-        self.refresh_later(ring.epoch.saturating_add(1));
+        self.refresh_later(None);
         Err(Error::Unreachable(last))
     }
 
     /// One request to one node, sent with the ring at epoch `seen`; an
-    /// answer from a node holding a newer ring makes the client learn it
-    /// (in the background, once).
+    /// answer that names a newer ring makes the client learn it (in the
+    /// background).
     async fn call(
         &self,
         seen: u64,
@@ -490,29 +546,85 @@ impl Client {
     ) -> Result<Answer, Failed> {
         let answer = self.inner.request(addr, host, method, uri, body).await?;
         if let Some(newer) = answer.epoch.filter(|&e| e > seen) {
-            self.refresh_later(newer);
+            self.refresh_later(Some((newer, addr)));
         }
         Ok(answer)
     }
 
-    /// Learns the ring again, in the background, unless one at epoch
-    /// `want` or newer is held already or a refresh is under way.
-    fn refresh_later(&self, want: u64) {
-        let current = self.inner.ring.load().epoch;
-        if current >= want || self.inner.refreshing.swap(true, Ordering::AcqRel) {
+    /// Learns the ring again, in the background, one refresh at a time:
+    /// after an answer from `node` named epoch `named`, until a ring at least
+    /// that new is held (asking `node` first), in up to [`REFRESH_ATTEMPTS`]
+    /// attempts; with no notice, once. A notice that comes while a refresh
+    /// is under way raises what that refresh waits for.
+    fn refresh_later(&self, notice: Option<(u64, SocketAddr)>) {
+        if let Some((named, _)) = notice {
+            self.inner.wanted.fetch_max(named, Ordering::AcqRel);
+            if self.inner.ring.load().epoch >= named {
+                return;
+            }
+        }
+        if self.inner.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
         let client = self.clone();
+        let mut first = notice.map(|(_, node)| node);
         tokio::spawn(async move {
-            if let Err(e) = client.refresh().await {
-                tracing::debug!(error = %e, "could not refresh the ring");
+            let inner = &client.inner;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                if let Err(e) = client.refresh_from(first).await {
+                    tracing::debug!(error = %e, "could not refresh the ring");
+                }
+                let held = || inner.ring.load().epoch >= inner.wanted.load(Ordering::Acquire);
+                if held() {
+                    inner.refreshing.store(false, Ordering::Release);
+                    // A notice that came after the check found the flag set
+                    // and left its epoch to this task: take it up.
+                    if held() || inner.refreshing.swap(true, Ordering::AcqRel) {
+                        return;
+                    }
+                    (attempt, first) = (0, None);
+                    continue;
+                }
+                if attempt == REFRESH_ATTEMPTS {
+                    // No node serves that ring yet, or none answers: the
+                    // next answer that names it (a reminder at the latest)
+                    // asks again.
+                    inner.refreshing.store(false, Ordering::Release);
+                    return;
+                }
+                tokio::time::sleep(REFRESH_PAUSE * attempt).await;
             }
-            client.inner.refreshing.store(false, Ordering::Release);
         });
     }
 }
 
 impl Inner {
+    /// A client's state before it has learned the ring: the first seed
+    /// stands for it.
+    fn new(
+        seeds: Vec<SocketAddr>,
+        first: SocketAddr,
+        token: Option<HeaderValue>,
+        read_from: ReadFrom,
+        timeout: Duration,
+    ) -> Self {
+        Inner {
+            pool: Pool::default(),
+            seeds,
+            ring: ArcSwap::from_pointee(Ring::single("seed", first)),
+            token,
+            read_from,
+            timeout,
+            refreshing: AtomicBool::new(false),
+            wanted: AtomicU64::new(0),
+            next: AtomicUsize::new(0),
+            down: Mutex::new(HashMap::new()),
+            any_down: AtomicBool::new(false),
+        }
+    }
+
     /// The nodes to try (indices into `ring.nodes`), in order: the owners
     /// (primary first, or for reads the owner [`ReadFrom`] picks first),
     /// then every other member; recently unreachable nodes last.
@@ -699,18 +811,7 @@ mod tests {
 
     fn inner(read_from: ReadFrom) -> Inner {
         let seed: SocketAddr = "127.0.0.1:7001".parse().unwrap();
-        Inner {
-            pool: Pool::default(),
-            seeds: vec![seed],
-            ring: ArcSwap::from_pointee(Ring::single("seed", seed)),
-            token: None,
-            read_from,
-            timeout: Duration::from_secs(1),
-            refreshing: AtomicBool::new(false),
-            next: AtomicUsize::new(0),
-            down: Mutex::new(HashMap::new()),
-            any_down: AtomicBool::new(false),
-        }
+        Inner::new(vec![seed], seed, None, read_from, Duration::from_secs(1))
     }
 
     /// The key's owners (primary first) and the member that owns nothing.

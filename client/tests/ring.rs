@@ -340,6 +340,8 @@ async fn a_client_with_an_old_ring_reaches_keys_whose_owner_left_through_another
     // Whichever member the client fell back to, the new primary wrote it.
     let owner = c.primary_of(&key(moved[0]));
     assert_eq!(answer.served_by(), Some(owner.as_str()));
+    // The writer's first answer on that connection since the ring changed
+    // (its last request met the refused connection): it names the epoch.
     assert_eq!(answer.epoch, Some(removed));
 
     // The answers' epoch brings both clients the ring without the node
@@ -368,4 +370,64 @@ async fn a_client_with_an_old_ring_reaches_keys_whose_owner_left_through_another
         let got = reader.get(&key(i)).await.unwrap().unwrap();
         assert_eq!(got.value, serde_json::json!(expected), "{}", key(i));
     }
+}
+
+/// An answer that names a newer epoch sends the client to the node that
+/// gave it for the ring: the client learns that ring even while the other
+/// members (which it would otherwise ask first) still serve the older one,
+/// and needs no second answer to name it (a node names a new epoch to a
+/// connection once, and then only as a reminder every 64th answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_learns_a_newer_ring_from_the_node_that_named_it() {
+    let mut c = ProcCluster::new(3, 2);
+    let members = [(0, Active), (1, Active), (2, Active)];
+    // Each node reads a ring file of its own, so that one can be given the
+    // next ring before the others.
+    let first = c.set_ring(&members);
+    for i in 0..3 {
+        let file = c.private_membership_file(i);
+        cluster_support::write_atomically(&file, &c.doc(first, &members).to_json());
+        c.start_with_file(i, &file);
+    }
+    c.wait_settled(first, SETTLE).await;
+    let client = Client::builder([c.nodes[0].addr.to_string()])
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("the client learns the ring");
+    assert_eq!(client.ring().epoch, first);
+
+    // The node the client would ask last gets the next ring (the same
+    // members).
+    let named_by = client.ring().nodes.last().unwrap().address;
+    let told = c.nodes.iter().position(|n| n.addr == named_by).unwrap();
+    let newer = first + 1;
+    cluster_support::write_atomically(
+        &c.private_membership_file(told),
+        &c.doc(newer, &members).to_json(),
+    );
+    let deadline = Instant::now() + SETTLE;
+    while c.get_json(told, "/api/v1/cluster").await.1["epoch"] != newer {
+        assert!(
+            Instant::now() < deadline,
+            "node {told} never took epoch {newer}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let answer = client
+        .at(named_by, Method::GET, "/api/v1/stats".into())
+        .await
+        .expect("stats from the node with the newer ring");
+    assert_eq!(answer.epoch, Some(newer));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.ring().epoch < newer {
+        assert!(
+            Instant::now() < deadline,
+            "the client still holds epoch {} after an answer named {newer}",
+            client.ring().epoch
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(client.ring().epoch, newer);
 }

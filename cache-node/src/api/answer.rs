@@ -47,13 +47,13 @@ pub const EPOCH_REMINDER_EVERY: u32 = 64;
 
 /// What one client connection has been told of the ring epoch. An answer
 /// names the epoch on the connection's first answer, on the first after
-/// the node adopts another ring, and on every [`EPOCH_REMINDER_EVERY`]th
-/// besides; the others leave it out. A client that refreshes its ring when
-/// an answer names a newer epoch than its own learns of every change as
-/// soon as when every answer named it, and the header is not sent, parsed
-/// and looked up on all the answers in between: that was about 1% of a
-/// ring-aware client's CPU per GET, a cost only a cluster has
-/// (`bench/HISTORY.md`, session 46).
+/// the node adopts another ring, and on the [`EPOCH_REMINDER_EVERY`]th after
+/// the last that named it; the others leave it out. A client that refreshes
+/// its ring when an answer names a newer epoch than its own still learns of
+/// a change from the first answer after it on each connection, and the
+/// header is neither sent nor parsed on the answers in between: parsing it
+/// was about 1% of a ring-aware client's CPU per GET, a cost only a
+/// cluster has (`bench/HISTORY.md`, session 46).
 #[derive(Debug, Default)]
 pub struct EpochTold {
     /// The epoch last named.

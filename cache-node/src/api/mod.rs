@@ -255,10 +255,10 @@ impl http::Service for Api {
             Ok(Parsed::Write { key }) => self.inner.write(key, request, told),
             Ok(Parsed::PeerConnect) => Dispatch::Now(
                 self.inner
-                    .stamp(told)
+                    .stamp_answer(told)
                     .epoch_on(self.inner.connect(request, conn)),
             ),
-            Err(refusal) => Dispatch::Now(self.inner.stamp(told).epoch_on(refusal.answer())),
+            Err(refusal) => Dispatch::Now(self.inner.stamp_answer(told).epoch_on(refusal.answer())),
         }
     }
 }
@@ -277,7 +277,8 @@ impl Api {
         self.inner.parse(method, uri, headers)
     }
 
-    /// Executes an operation and encodes its outcome, as `call` does.
+    /// Executes an operation and encodes its outcome, as `call` does for a
+    /// connection's first answer.
     /// For the `key_path` fuzz target (the `test-util` feature).
     #[cfg(feature = "test-util")]
     pub async fn answer(&self, parsed: Parsed, headers: &HeaderMap, body: Bytes) -> Response {
@@ -294,7 +295,7 @@ impl Api {
             }
             Parsed::PeerConnect => Outcome::Failed(Failure::bad_request("not an upgrade")),
         };
-        answer::encode(outcome, &inner.stamp(&EpochTold::default()))
+        answer::encode(outcome, &inner.stamp_answer(&EpochTold::default()))
     }
 }
 
@@ -402,9 +403,10 @@ impl Inner {
         Ok(key)
     }
 
-    /// The stamp of an answer on a connection that has been `told` what it
-    /// has of the ring epoch.
-    fn stamp(&self, told: &EpochTold) -> answer::Stamp<'_> {
+    /// The stamp of the answer being made on a connection that has been
+    /// `told` what it has of the ring epoch. Called once per answer, as it
+    /// is made: it notes what the answer tells the connection.
+    fn stamp_answer(&self, told: &EpochTold) -> answer::Stamp<'_> {
         answer::Stamp {
             node: &self.node,
             epoch: self
@@ -418,12 +420,14 @@ impl Inner {
 
     fn run(self: &Arc<Self>, op: Operation, told: &Arc<EpochTold>) -> Dispatch {
         match self.exec.execute(op) {
-            Execution::Now(outcome) => Dispatch::Now(answer::encode(outcome, &self.stamp(told))),
+            Execution::Now(outcome) => {
+                Dispatch::Now(answer::encode(outcome, &self.stamp_answer(told)))
+            }
             Execution::Later(outcome) => {
                 let api = self.clone();
                 let told = told.clone();
                 Dispatch::Later(Box::pin(async move {
-                    answer::encode(outcome.await, &api.stamp(&told))
+                    answer::encode(outcome.await, &api.stamp_answer(&told))
                 }))
             }
         }
@@ -446,7 +450,7 @@ impl Inner {
                 Ok(body) => request::write(&parts.headers, body, &api.limits),
                 Err(f) => Err(f),
             };
-            answer::encode(api.set(key, write).await, &api.stamp(&told))
+            answer::encode(api.set(key, write).await, &api.stamp_answer(&told))
         }))
     }
 
