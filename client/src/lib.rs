@@ -110,7 +110,7 @@ pub enum ReadFrom {
     /// primary among equals), as a least-request load balancer picks: a
     /// busy or slow owner's share moves to its copies. The default: in
     /// `bench/cluster.sh` (three nodes sharing one core) it served more GETs
-    /// than `Primary` in twenty-five runs of thirty-five, fewer in nine
+    /// than `Primary` in twenty-eight runs of thirty-eight, fewer in nine
     /// (`bench/HISTORY.md` has the figures).
     #[default]
     LeastBusy,
