@@ -18,10 +18,9 @@
 //! background, from that node first, until it holds a ring that new (a
 //! notice that comes meanwhile is kept, not dropped, since it may not come
 //! again for 63 answers); the reminders bring the epoch again if every try
-//! failed. When an owner cannot be
-//! reached, a read goes to the next owner and then to any member (which
-//! forwards it); a write goes elsewhere only if it certainly never reached
-//! the owner, so it is never applied twice.
+//! failed. When an owner cannot be reached, a read goes to the next owner
+//! and then to any member (which forwards it); a write goes elsewhere only
+//! if it certainly never reached the owner, so it is never applied twice.
 //!
 //! Keep-alive connections per node (`pool.rs`), no redirects, no
 //! decompression: the requests are small and the answers are JSON.
