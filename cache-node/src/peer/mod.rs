@@ -40,7 +40,8 @@ pub const FEATURES_HEADER: &str = "x-distrocache-peer-features";
 pub const FEATURE_SET_KEEPER: &str = "set-keeper";
 /// The id of the node opening a peer connection.
 pub const FROM_HEADER: &str = "x-distrocache-from";
-/// On answers to clients: the ring epoch of the node that answered, so a
+/// On answers to clients, when it is news to the connection (see
+/// `api::answer::EpochTold`): the ring epoch of the node that answered, so a
 /// ring-aware client knows when to refresh its copy of the ring.
 pub const EPOCH_HEADER: &str = "x-distrocache-epoch";
 /// On answers to clients: the id of the node that served the request.
