@@ -34,6 +34,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use distrocache_membership::{MembershipDoc, NodeProgress};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::cluster::tombstones::TombstoneLog;
 use crate::exec::Write;
@@ -151,8 +152,17 @@ impl Records {
     }
 
     /// Every record, each checked; the first malformed one fails them all,
-    /// so a receiver never applies half of a bad batch.
-    pub fn decode(&self) -> Result<Vec<RecordRef<'_>>, DecodeError> {
+    /// so a receiver never applies half of a bad batch. Inline for one
+    /// record, what a write replicates and a forwarded write's answer holds.
+    pub fn decode(&self) -> Result<DecodedRecords<'_>, DecodeError> {
+        let mut out = DecodedRecords::new();
+        self.read_each(|record| out.push(record))?;
+        Ok(out)
+    }
+
+    /// Reads every record, handing each to `each`, and checks that the
+    /// bytes hold exactly `count` of them.
+    fn read_each<'a>(&'a self, mut each: impl FnMut(RecordRef<'a>)) -> Result<(), DecodeError> {
         // A count the bytes cannot hold is refused before allocating for it
         // (the fuzzer sent a count of billions in a 100-byte frame).
         if self.len() > self.bytes.len() / MIN_RECORD_BYTES {
@@ -163,18 +173,16 @@ impl Records {
             ));
         }
         let mut reader = Reader::new(&self.bytes);
-        let mut out = Vec::with_capacity(self.len());
         for _ in 0..self.count {
-            out.push(RecordRef::read(&mut reader)?);
+            each(RecordRef::read(&mut reader)?);
         }
-        reader.finish()?;
-        Ok(out)
+        reader.finish()
     }
 
     /// Records encoded elsewhere (a snapshot's block), checked whole.
     pub fn from_encoded(count: u32, bytes: Bytes) -> Result<Self, DecodeError> {
         let records = Self { count, bytes };
-        records.decode()?;
+        records.read_each(|_| {})?;
         Ok(records)
     }
 
@@ -188,9 +196,15 @@ impl Records {
         if self.count != 1 {
             return malformed(format!("{} records where one was due", self.count));
         }
-        Ok(self.decode()?.remove(0))
+        let mut reader = Reader::new(&self.bytes);
+        let record = RecordRef::read(&mut reader)?;
+        reader.finish()?;
+        Ok(record)
     }
 }
+
+/// Decoded records, borrowed from their bytes.
+pub type DecodedRecords<'a> = SmallVec<[RecordRef<'a>; 1]>;
 
 /// Records being encoded, from store items or from records received.
 #[derive(Debug, Default)]
@@ -232,7 +246,9 @@ impl RecordBatch {
 pub struct RecordRef<'a> {
     key: &'a str,
     value: &'a [u8],
-    tags: Vec<&'a str>,
+    /// Inline for up to two: a record is decoded on every replicated or
+    /// forwarded write, and most items have a tag or two.
+    tags: SmallVec<[&'a str; 2]>,
     meta: ItemMeta,
 }
 
@@ -249,7 +265,7 @@ impl<'a> RecordRef<'a> {
         if count > r.remaining() / 4 {
             return malformed(format!("{count} tags in {} bytes", r.remaining()));
         }
-        let mut tags = Vec::with_capacity(count);
+        let mut tags = SmallVec::with_capacity(count);
         for _ in 0..count {
             tags.push(r.str()?);
         }
@@ -969,7 +985,7 @@ impl<'a> Reader<'a> {
         let bytes = self.bytes_of(whole)?;
         let records = Records { count, bytes };
         // Checked here, so every `Records` a node holds decodes.
-        records.decode()?;
+        records.read_each(|_| {})?;
         Ok(records)
     }
 
@@ -1107,13 +1123,15 @@ mod tests {
         #[test]
         fn records_round_trip(items in proptest::collection::vec(item(), 0..8)) {
             let encoded = records(&items);
-            let decoded = encoded.decode().unwrap();
-            prop_assert_eq!(decoded.len(), items.len());
-            for (d, i) in decoded.iter().zip(&items) {
-                prop_assert_eq!(d.key(), i.key.as_str());
-                prop_assert_eq!(d.value(), &i.value[..]);
-                prop_assert_eq!(d.tags().collect::<Vec<_>>(), i.tags.iter().map(String::as_str).collect::<Vec<_>>());
-                prop_assert_eq!(d.meta(), i.meta);
+            {
+                let decoded = encoded.decode().unwrap();
+                prop_assert_eq!(decoded.len(), items.len());
+                for (d, i) in decoded.iter().zip(&items) {
+                    prop_assert_eq!(d.key(), i.key.as_str());
+                    prop_assert_eq!(d.value(), &i.value[..]);
+                    prop_assert_eq!(d.tags().collect::<Vec<_>>(), i.tags.iter().map(String::as_str).collect::<Vec<_>>());
+                    prop_assert_eq!(d.meta(), i.meta);
+                }
             }
             let request = Request::Replicate { source: Source::Repair, items: encoded.clone(), deletes: vec![Deletion { key: "gone".into(), at: 9 }] };
             prop_assert_eq!(round_trip_request(&request), request);
