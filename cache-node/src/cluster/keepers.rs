@@ -149,7 +149,7 @@ impl Cluster {
             }
         };
         if self.epoch() != epoch {
-            outcome += self.replicate(key, record, &[], None).await;
+            outcome += self.replicate(key, record.clone(), &[], None).await;
         }
         outcome
     }

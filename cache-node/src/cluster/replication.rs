@@ -7,10 +7,12 @@ use std::ops::ControlFlow;
 
 use futures_util::future::join_all;
 use serde::Serialize;
+use smallvec::SmallVec;
 
 use super::Cluster;
 use super::metrics::PeerOp;
 use super::ring::{Ring, RingMember};
+use super::routing::Replicas;
 use crate::peer::protocol::{
     Deletion, LocalInvalidation, NodeStats, RecordRef, Records, ReplicateOutcome, Source,
 };
@@ -141,20 +143,20 @@ impl Cluster {
     pub async fn replicate(
         &self,
         key: &str,
-        items: &Records,
+        items: Records,
         deletes: &[Deletion],
         keeper: Option<&str>,
     ) -> ReplicateOutcome {
         let request = Request::Replicate {
             source: Source::Write,
-            items: items.clone(),
+            // Moved, not cloned: the first clone of frozen bytes allocates.
+            items,
             deletes: deletes.to_vec(),
         };
         let mut total = ReplicateOutcome::default();
-        // Inline: a write has a replica or two, and this list is built for
-        // every one.
-        let mut handled: smallvec::SmallVec<[String; 4]> =
-            keeper.into_iter().map(str::to_owned).collect();
+        // The owners handled in earlier rounds. Filled only when the ring
+        // changes under the write, so the usual write copies no id.
+        let mut handled: Vec<String> = Vec::new();
         let mut hinted: Vec<String> = Vec::new();
         let mut hint = |id: &str| {
             if deletes.is_empty() {
@@ -167,11 +169,11 @@ impl Cluster {
             hinted.push(id.to_owned());
         };
         for round in 0.. {
-            let targets: Vec<RingMember> = self
-                .replicas(key)
-                .into_iter()
-                .filter(|m| !handled.contains(&m.id))
-                .collect();
+            let Some(rings) = self.ring.rings() else {
+                break;
+            };
+            let mut targets = self.replicas(&rings, key);
+            targets.retain(|m| Some(m.id.as_str()) != keeper && !handled.contains(&m.id));
             if targets.is_empty() {
                 break;
             }
@@ -187,14 +189,13 @@ impl Cluster {
             let calls = targets
                 .iter()
                 .map(|m| self.call(m, &request, None, expect::replicated));
-            let mut ring_changed = false;
-            for (target, result) in targets.iter().zip(join_all(calls).await) {
+            let mut answered = Replicas::new();
+            for (&target, result) in targets.iter().zip(join_calls(calls).await) {
                 if matches!(result, Err(PeerError::RingChanged { .. })) {
-                    ring_changed = true;
                     continue;
                 }
                 self.metrics.peer_call(PeerOp::Replicate, result.is_ok());
-                handled.push(target.id.clone());
+                answered.push(target);
                 match result {
                     Ok(outcome) => total += outcome,
                     Err(e) => {
@@ -203,9 +204,12 @@ impl Cluster {
                     }
                 }
             }
-            if !ring_changed {
+            if answered.len() == targets.len() {
                 break;
             }
+            // A replica holds a newer ring, now adopted here: send to the
+            // owners it adds.
+            handled.extend(answered.iter().map(|m| m.id.clone()));
         }
         self.leases.wait_out(&hinted).await;
         total
@@ -304,7 +308,7 @@ impl Cluster {
             key: key.to_owned(),
             at,
         }];
-        self.replicate(key, &Records::default(), &deletes, None)
+        self.replicate(key, Records::default(), &deletes, None)
             .await
             .deleted
             > 0
@@ -331,8 +335,11 @@ impl Cluster {
         };
         for _ in 0..3 {
             let mut replan = false;
-            for member in self.replicas(key) {
-                let answer = self.call(&member, &request, None, expect::item).await;
+            let Some(rings) = self.ring.rings() else {
+                break;
+            };
+            for member in self.replicas(&rings, key) {
+                let answer = self.call(member, &request, None, expect::item).await;
                 self.metrics.peer_call(PeerOp::Fetch, answer.is_ok());
                 let record = match answer {
                     Ok(Some(record)) => record,
@@ -558,6 +565,20 @@ impl Cluster {
         }
         (batch, cursor)
     }
+}
+
+/// Awaits `calls` together, their outputs in their order. A write at rf 2
+/// has one replica, whose call is awaited as it is: `join_all` allocates
+/// twice (its futures, their outputs), and this is on every write's path.
+async fn join_calls<F: Future>(
+    mut calls: impl ExactSizeIterator<Item = F>,
+) -> SmallVec<[F::Output; 2]> {
+    if calls.len() == 1
+        && let Some(only) = calls.next()
+    {
+        return smallvec::smallvec![only.await];
+    }
+    join_all(calls).await.into()
 }
 
 #[cfg(test)]

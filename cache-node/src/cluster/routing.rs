@@ -89,6 +89,10 @@ type Target<'a> = (&'a Arc<Ring>, MemberIdx);
 /// The candidates of one request, most owners being 2 or 3 per ring.
 type Plan<'a> = SmallVec<[Target<'a>; 6]>;
 
+/// The other owners of a key a write must reach: one or two in the usual
+/// ring (rf 2 or 3), twice that while data moves.
+pub(super) type Replicas<'a> = SmallVec<[&'a RingMember; 4]>;
+
 fn member<'a>(target: &Target<'a>) -> &'a RingMember {
     target.0.member(target.1)
 }
@@ -329,18 +333,15 @@ impl Cluster {
     }
 
     /// The other members a write or delete of `key` must reach: every owner
-    /// in the current ring and, while data moves, in the previous one.
-    pub(super) fn replicas(&self, key: &str) -> Vec<RingMember> {
-        let Some(rings) = self.ring.rings() else {
-            return Vec::new();
-        };
-        let Ok(plan) = self.plan(&rings, key, Access::Write) else {
-            return Vec::new();
+    /// in `rings`' current ring and, while data moves, in the previous one.
+    /// Borrowed from `rings`, not cloned: every write asks for them.
+    pub(super) fn replicas<'a>(&self, rings: &'a Rings, key: &str) -> Replicas<'a> {
+        let Ok(plan) = self.plan(rings, key, Access::Write) else {
+            return Replicas::new();
         };
         plan.iter()
             .map(member)
             .filter(|m| m.id != self.node_id)
-            .cloned()
             .collect()
     }
 }

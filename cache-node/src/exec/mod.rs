@@ -357,7 +357,7 @@ impl Executor {
         keeper: Option<&str>,
     ) -> ReplicateOutcome {
         match &self.cluster {
-            Some(cluster) => cluster.replicate(key, &record.freeze(), &[], keeper).await,
+            Some(cluster) => cluster.replicate(key, record.freeze(), &[], keeper).await,
             None => ReplicateOutcome::default(),
         }
     }
