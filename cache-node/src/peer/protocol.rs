@@ -155,16 +155,15 @@ impl Records {
     /// so a receiver never applies half of a bad batch. Inline for one
     /// record, what a write replicates and a forwarded write's answer holds.
     pub fn decode(&self) -> Result<DecodedRecords<'_>, DecodeError> {
-        let mut out = DecodedRecords::new();
+        self.check_count()?;
+        let mut out = DecodedRecords::with_capacity(self.len());
         self.read_each(|record| out.push(record))?;
         Ok(out)
     }
 
-    /// Reads every record, handing each to `each`, and checks that the
-    /// bytes hold exactly `count` of them.
-    fn read_each<'a>(&'a self, mut each: impl FnMut(RecordRef<'a>)) -> Result<(), DecodeError> {
-        // A count the bytes cannot hold is refused before allocating for it
-        // (the fuzzer sent a count of billions in a 100-byte frame).
+    /// Refuses a count the bytes cannot hold, before anything is allocated
+    /// for it (the fuzzer sent a count of billions in a 100-byte frame).
+    fn check_count(&self) -> Result<(), DecodeError> {
         if self.len() > self.bytes.len() / MIN_RECORD_BYTES {
             return malformed(format!(
                 "{} records in {} bytes",
@@ -172,6 +171,13 @@ impl Records {
                 self.bytes.len()
             ));
         }
+        Ok(())
+    }
+
+    /// Reads every record, handing each to `each`, and checks that the
+    /// bytes hold exactly `count` of them.
+    fn read_each<'a>(&'a self, mut each: impl FnMut(RecordRef<'a>)) -> Result<(), DecodeError> {
+        self.check_count()?;
         let mut reader = Reader::new(&self.bytes);
         for _ in 0..self.count {
             each(RecordRef::read(&mut reader)?);
