@@ -67,17 +67,8 @@ for ip in $S $A $B $C; do wait_ready "http://$ip:$PORT"; done
 python3 bench/prefill.py "http://$S:$PORT" "$SET_KEYS"
 python3 bench/prefill.py "http://$A:$PORT" "$SET_KEYS"
 
-SET_BODY='{"value":"'$(printf 'v%.0s' $(seq 1 200))'","ttl":3600,"tags":["bench"]}'
-cat > "$work/get.lua" <<LUA
-math.randomseed(42)
-request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS)) end
-LUA
-cat > "$work/set.lua" <<LUA
-math.randomseed(7)
-local body = '$SET_BODY'
-local headers = { ["Content-Type"] = "application/json" }
-request = function() return wrk.format("POST", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS), headers, body) end
-LUA
+source bench/wrk.sh  # wrk_scripts (the scripts run from the repository root)
+wrk_scripts "$SET_KEYS"  # $work/get.lua, $work/set.lua
 
 # One wrk per URL at once, each with its share of the connections; the
 # probes counted over the whole machine meanwhile (only the nodes run the

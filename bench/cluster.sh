@@ -105,18 +105,7 @@ cpu_spread() { # with CPU_PIDS, the nodes whose CPU counts
   echo "$rps $p99 $(us_per_request "$c0" "$c1" "$rps")"
 }
 
-# A SET's body, as the prefill writes it: a 200-byte value, an hour's ttl.
-SET_BODY='{"value":"'$(printf 'v%.0s' $(seq 1 200))'","ttl":3600,"tags":["bench"]}'
-cat > "$work/get.lua" <<LUA
-math.randomseed(42)
-request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS)) end
-LUA
-cat > "$work/set.lua" <<LUA
-math.randomseed(7)
-local body = '$SET_BODY'
-local headers = { ["Content-Type"] = "application/json" }
-request = function() return wrk.format("POST", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS), headers, body) end
-LUA
+wrk_scripts "$SET_KEYS"  # $work/get.lua, $work/set.lua, SET_BODY
 
 echo "== 1. forwarded vs local GET (rf 1, 2 nodes)" >&2
 ring 1 1 a=$A b=$B

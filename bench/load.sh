@@ -73,26 +73,15 @@ trap cleanup EXIT
 
 wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-value=$(printf 'v%.0s' $(seq 1 200))  # 200 bytes
+source bench/wrk.sh  # wrk_scripts, wrk_run, cpu_ticks, us_per_request (the scripts run from the repository root)
 
 # wrk scripts, all through request(): random keys, one fixed path, and SET
 # with the seed's body shape.
-cat > "$work/get.lua" <<LUA
-math.randomseed(42)
-request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $KEYS)) end
-LUA
-cat > "$work/set.lua" <<LUA
-math.randomseed(7)
-local body = '{"value":"$value","ttl":3600,"tags":["bench"]}'
-local headers = { ["Content-Type"] = "application/json" }
-request = function() return wrk.format("POST", "/api/v1/cache/bench:" .. math.random(1, $KEYS), headers, body) end
-LUA
+wrk_scripts "$KEYS"  # $work/get.lua, $work/set.lua
 fixed_lua() {  # a request() returning the same GET each time
   printf 'request = function() return wrk.format("GET", "%s") end\n' "$1" > "$work/fixed.lua"
   echo "$work/fixed.lua"
 }
-
-source bench/wrk.sh  # wrk_run, cpu_ticks, us_per_request (the scripts run from the repository root)
 
 echo "== cache-node" >&2
 taskset -c "$SERVER_CORE" "$NODE_BIN" --bind-address 127.0.0.1 --port $CACHE_PORT \

@@ -31,12 +31,9 @@ node=$!
 trap 'kill $node 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 wait_ready "http://$S:$PORT"
 python3 bench/prefill.py "http://$S:$PORT" "$SET_KEYS"
-cat > "$work/get.lua" <<LUA
-math.randomseed(42)
-request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $SET_KEYS)) end
-LUA
 
-source bench/wrk.sh  # wrk_run, generator_us (the scripts run from the repository root)
+source bench/wrk.sh  # wrk_scripts, wrk_run, generator_us (the scripts run from the repository root)
+wrk_scripts "$SET_KEYS"  # $work/get.lua
 CLIENT_CORE=1
 row() { # label rps times
   local us all user

@@ -62,12 +62,8 @@ node() { # ip [flags...]
 }
 prefill() { python3 bench/prefill.py "$1://$2:$PORT" "$3" --ca "$work/ca.crt" --no-tags; }  # scheme ip keys
 
-source bench/wrk.sh  # wrk_run (the scripts run from the repository root)
-
-cat > "$work/get.lua" <<LUA
-math.randomseed(42)
-request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $KEYS)) end
-LUA
+source bench/wrk.sh  # wrk_scripts, wrk_run (the scripts run from the repository root)
+wrk_scripts "$KEYS"  # $work/get.lua
 
 echo "== 1. GET, keep-alive, $CONNS connections: plain vs TLS" >&2
 node $P

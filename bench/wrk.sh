@@ -2,6 +2,7 @@
 #
 #   out=$(wrk_run LABEL WRK_ARGS...)          # prints "rps p99_ms"
 #   out=$(wrk_spread LABEL SCRIPT URL...)     # one wrk per URL at once; prints "rps p99_ms"
+#   wrk_scripts KEYS                          # writes $work/get.lua and $work/set.lua; sets SET_BODY
 #
 # wrk_run runs wrk on $CLIENT_CORE with one thread, $CONNS connections for
 # $DURATION, keeps its output in $work/wrk-LABEL.out, and fails (which stops
@@ -17,6 +18,25 @@
 # spreads clients over pods): one wrk per URL, all at once on $CLIENT_CORE,
 # each with its share of the connections; it prints the summed req/s and the
 # worst p99.
+# wrk_scripts writes the two loads every benchmark shares, both through
+# request(): GET and SET of random keys bench:1..KEYS (the keys
+# bench/prefill.py writes), a SET with the seed's body shape: a 200-byte
+# value, an hour's ttl, one tag. The seeds are fixed, so runs draw the same
+# keys. SET_BODY is that body, for scripts that write loads of their own.
+wrk_scripts() { # keys
+  SET_BODY='{"value":"'$(printf 'v%.0s' $(seq 1 200))'","ttl":3600,"tags":["bench"]}'
+  cat > "$work/get.lua" <<LUA
+math.randomseed(42)
+request = function() return wrk.format("GET", "/api/v1/cache/bench:" .. math.random(1, $1)) end
+LUA
+  cat > "$work/set.lua" <<LUA
+math.randomseed(7)
+local body = '$SET_BODY'
+local headers = { ["Content-Type"] = "application/json" }
+request = function() return wrk.format("POST", "/api/v1/cache/bench:" .. math.random(1, $1), headers, body) end
+LUA
+}
+
 wrk_figures() { # label file
   awk -v label="$1" '
     /^Requests\/sec:/ { rps = $2 }
