@@ -18,6 +18,7 @@
 # spreads clients over pods): one wrk per URL, all at once on $CLIENT_CORE,
 # each with its share of the connections; it prints the summed req/s and the
 # worst p99.
+#
 # wrk_scripts writes the two loads every benchmark shares, both through
 # request(): GET and SET of random keys bench:1..KEYS (the keys
 # bench/prefill.py writes), a SET with the seed's body shape: a 200-byte

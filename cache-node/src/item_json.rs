@@ -249,9 +249,9 @@ mod tests {
 
     #[test]
     fn an_item_is_written_within_the_room_reserved_for_it() {
-        // The longest timestamps (a full fraction), and the longest ttl and
-        // access count a u64 holds, each with the other parts at their
-        // longest where the two can meet.
+        // The longest timestamps (a full fraction), ttl and access count,
+        // as far as one item holds them together: a ttl of 20 digits needs
+        // a creation time of 0, whose timestamp is short.
         let full = 951_782_400_123_456_789; // 2000-02-29T00:00:00.123456789Z
         let items = [
             Item {
