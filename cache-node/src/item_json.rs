@@ -162,7 +162,7 @@ fn civil_from_days(days: u32) -> (u32, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ItemMeta;
+    use crate::store::{ItemMeta, StandInItem as Item};
     use chrono::{DateTime, SecondsFormat};
 
     fn format(at: UnixNanos) -> String {
@@ -224,29 +224,6 @@ mod tests {
         }
     }
 
-    /// An item with every part chosen by the test.
-    struct Item {
-        key: &'static str,
-        value: &'static [u8],
-        meta: ItemMeta,
-        tags: Vec<&'static str>,
-    }
-
-    impl ItemView for Item {
-        fn key(&self) -> &str {
-            self.key
-        }
-        fn value(&self) -> &[u8] {
-            self.value
-        }
-        fn meta(&self) -> ItemMeta {
-            self.meta
-        }
-        fn tags(&self) -> impl Iterator<Item = &str> {
-            self.tags.iter().copied()
-        }
-    }
-
     #[test]
     fn an_item_is_written_within_the_room_reserved_for_it() {
         // The longest timestamps (a full fraction), ttl and access count,
@@ -255,8 +232,8 @@ mod tests {
         let full = 951_782_400_123_456_789; // 2000-02-29T00:00:00.123456789Z
         let items = [
             Item {
-                key: "bench:1",
-                value: br#""v""#,
+                key: "bench:1".into(),
+                value: br#""v""#.to_vec(),
                 meta: ItemMeta {
                     created_at: full,
                     accessed_at: full,
@@ -266,15 +243,15 @@ mod tests {
                 tags: vec![],
             },
             Item {
-                key: "",
-                value: b"{}",
+                key: String::new(),
+                value: b"{}".to_vec(),
                 meta: ItemMeta {
                     created_at: 0,
                     accessed_at: u64::MAX,
                     expires_at: u64::MAX,
                     access_count: u64::MAX,
                 },
-                tags: vec!["a", "bench", ""],
+                tags: vec!["a".into(), "bench".into(), String::new()],
             },
         ];
         for item in &items {
@@ -292,10 +269,7 @@ mod tests {
         // The first item's parts beside its key, value and tags are all at
         // their longest but the ttl (zero here): the reserve is exact for it
         // once the ttl's 19 missing digits are added.
-        let first = &items[0];
-        let mut out = Vec::new();
-        write_item(&mut out, first);
-        assert_eq!(out.len() + 19, max_len(first));
+        assert_eq!(item_to_vec(&items[0]).len() + 19, max_len(&items[0]));
     }
 
     #[test]

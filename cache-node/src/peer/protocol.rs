@@ -1013,29 +1013,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A stand-in item, for encoding records without a store.
-    #[derive(Debug)]
-    struct Item {
-        key: String,
-        value: Vec<u8>,
-        tags: Vec<String>,
-        meta: ItemMeta,
-    }
-
-    impl ItemView for Item {
-        fn key(&self) -> &str {
-            &self.key
-        }
-        fn value(&self) -> &[u8] {
-            &self.value
-        }
-        fn meta(&self) -> ItemMeta {
-            self.meta
-        }
-        fn tags(&self) -> impl Iterator<Item = &str> {
-            self.tags.iter().map(String::as_str)
-        }
-    }
+    use crate::store::StandInItem as Item;
 
     fn item() -> impl Strategy<Value = Item> {
         (

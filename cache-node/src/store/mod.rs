@@ -178,6 +178,33 @@ pub trait ItemView {
     fn tags(&self) -> impl Iterator<Item = &str>;
 }
 
+/// An item with every part chosen by a test: for encoding items (as the
+/// seed's JSON, as peer records) without a store.
+#[cfg(test)]
+#[derive(Debug, Clone)]
+pub struct StandInItem {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub tags: Vec<String>,
+    pub meta: ItemMeta,
+}
+
+#[cfg(test)]
+impl ItemView for StandInItem {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn value(&self) -> &[u8] {
+        &self.value
+    }
+    fn meta(&self) -> ItemMeta {
+        self.meta
+    }
+    fn tags(&self) -> impl Iterator<Item = &str> {
+        self.tags.iter().map(String::as_str)
+    }
+}
+
 impl ItemView for ItemRef<'_> {
     fn key(&self) -> &str {
         ItemRef::key(self)
