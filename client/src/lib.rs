@@ -23,10 +23,13 @@
 //! if it certainly never reached the owner, so it is never applied twice.
 //!
 //! Keep-alive connections per node (`pool.rs`), no redirects, no
-//! decompression: the requests are small and the answers are JSON.
+//! decompression: the requests are small and the answers are JSON. Seeds
+//! given as `https://host:port` make every connection TLS (`tls.rs`: which
+//! CA is trusted, and which name every node's certificate must carry).
 
 mod pool;
 mod ring;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,6 +50,7 @@ pub use hyper::http::{Method, StatusCode};
 use pool::{Failed, Pool};
 use ring::host_header;
 pub use ring::{Node, Ring};
+use tls::Tls;
 
 /// How many times a refresh asks before it gives up on an epoch an answer
 /// named, pausing [`REFRESH_PAUSE`] longer each time (1 s in all).
@@ -167,6 +171,8 @@ pub struct Builder {
     token: Option<String>,
     read_from: ReadFrom,
     timeout: Duration,
+    ca_pem: Option<Vec<u8>>,
+    tls_server_name: Option<String>,
 }
 
 impl Builder {
@@ -187,15 +193,34 @@ impl Builder {
         self
     }
 
+    /// For `https://` seeds: trust the CA certificates of `pem` (PEM, e.g.
+    /// the `ca.crt` of the cache's TLS Secret) rather than the public roots.
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// For `https://` seeds: the name every node's certificate must carry
+    /// (a DNS name or an IP address); by default the first seed's host. The
+    /// nodes share one certificate naming the cache's Service, while the
+    /// client reaches each member at its own address (see `tls.rs`).
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
     /// Resolves the seeds and learns the ring from the first that answers.
     pub async fn connect(self) -> Result<Client, Error> {
         let mut seeds = Vec::new();
+        let mut schemes = Vec::new();
         for seed in &self.seeds {
-            let seed = seed
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_owned();
-            let addrs = tokio::net::lookup_host(&seed)
+            let seed = seed.trim_end_matches('/');
+            let (https, host_port) = match seed.strip_prefix("https://") {
+                Some(rest) => (true, rest),
+                None => (false, seed.strip_prefix("http://").unwrap_or(seed)),
+            };
+            schemes.push(https);
+            let addrs = tokio::net::lookup_host(host_port)
                 .await
                 .map_err(|e| Error::Invalid(format!("seed {seed:?}: {e}")))?;
             seeds.extend(addrs);
@@ -203,6 +228,25 @@ impl Builder {
         let first = *seeds
             .first()
             .ok_or_else(|| Error::Invalid("no seed address given".into()))?;
+        let tls = match (schemes.iter().all(|&s| s), schemes.iter().any(|&s| s)) {
+            (true, _) => {
+                let first_seed = self.seeds[0].trim_end_matches('/');
+                let default_name = tls::seed_host(&first_seed["https://".len()..]);
+                let name = self.tls_server_name.as_deref().unwrap_or(default_name);
+                Some(Tls::new(self.ca_pem.as_deref(), name).map_err(Error::Invalid)?)
+            }
+            (false, true) => {
+                return Err(Error::Invalid(
+                    "the seeds mix http:// and https://: a cache serves one or the other".into(),
+                ));
+            }
+            (false, false) if self.ca_pem.is_some() || self.tls_server_name.is_some() => {
+                return Err(Error::Invalid(
+                    "a CA or TLS server name was given but no seed is https://".into(),
+                ));
+            }
+            (false, false) => None,
+        };
         let token = match self.token {
             Some(t) => {
                 let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
@@ -219,6 +263,7 @@ impl Builder {
                 token,
                 self.read_from,
                 self.timeout,
+                tls,
             )),
         };
         client.refresh().await?;
@@ -261,6 +306,8 @@ impl Client {
             token: None,
             read_from: ReadFrom::default(),
             timeout: Duration::from_secs(10),
+            ca_pem: None,
+            tls_server_name: None,
         }
     }
 
@@ -608,9 +655,10 @@ impl Inner {
         token: Option<HeaderValue>,
         read_from: ReadFrom,
         timeout: Duration,
+        tls: Option<Tls>,
     ) -> Self {
         Inner {
-            pool: Pool::default(),
+            pool: Pool::new(tls),
             seeds,
             ring: ArcSwap::from_pointee(Ring::single("seed", first)),
             token,
@@ -810,7 +858,14 @@ mod tests {
 
     fn inner(read_from: ReadFrom) -> Inner {
         let seed: SocketAddr = "127.0.0.1:7001".parse().unwrap();
-        Inner::new(vec![seed], seed, None, read_from, Duration::from_secs(1))
+        Inner::new(
+            vec![seed],
+            seed,
+            None,
+            read_from,
+            Duration::from_secs(1),
+            None,
+        )
     }
 
     /// The key's owners (primary first) and the member that owns nothing.

@@ -11,7 +11,9 @@
 //! is small, and is all here: a stack of idle connections per node (the most
 //! recently used first, so a quiet period lets the rest time out), a bound
 //! on how many are kept, and telling a request that never left (safe to send
-//! elsewhere) from one that may have reached the node.
+//! elsewhere) from one that may have reached the node. With TLS
+//! (`tls.rs`), a new connection completes its handshake before it is used;
+//! a connection then carries requests the same way either way.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -24,13 +26,16 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper::http::Request;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+use crate::tls::Tls;
 
 /// How long a connection may wait unused before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most idle connections kept for one node.
 const MAX_IDLE_PER_NODE: usize = 1024;
-/// How long opening a connection may take.
+/// How long opening a connection may take (its TLS handshake included).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Sender = SendRequest<Full<Bytes>>;
@@ -54,10 +59,11 @@ impl std::fmt::Display for Failed {
 }
 
 /// Idle connections, per node.
-#[derive(Default)]
 pub struct Pool {
     /// A few nodes at most: a list scanned in place beats hashing the key.
     nodes: Mutex<Vec<NodeConns>>,
+    /// How new connections open TLS, when the nodes serve it.
+    tls: Option<Tls>,
 }
 
 /// One node's idle connections, a stack: the most recently used on top.
@@ -72,6 +78,13 @@ struct Idle {
 }
 
 impl Pool {
+    pub fn new(tls: Option<Tls>) -> Self {
+        Self {
+            nodes: Mutex::default(),
+            tls,
+        }
+    }
+
     /// Sends `request` to `addr` on an idle connection or a new one, and
     /// returns the answer's head; the connection is handed back with it, to
     /// be returned with [`Pool::put`] once the body has been read.
@@ -97,7 +110,10 @@ impl Pool {
                 },
             }
         }
-        let mut conn = connect(addr).await?;
+        // Boxed: opening a connection is rare, and its future (a TLS
+        // handshake's state included) would otherwise make every request's
+        // future larger.
+        let mut conn = Box::pin(connect(addr, self.tls.as_ref())).await?;
         conn.ready()
             .await
             .map_err(|e| Failed::NotSent(format!("connection to {addr} closed: {e}")))?;
@@ -155,16 +171,38 @@ impl Pool {
     }
 }
 
-/// A new connection to `addr`, its I/O driven by a task of its own (which
-/// ends when the connection closes or its last handle is dropped).
-async fn connect(addr: SocketAddr) -> Result<Sender, Failed> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+/// A new connection to `addr` (over TLS with `tls`), its I/O driven by a
+/// task of its own (which ends when the connection closes or its last
+/// handle is dropped).
+async fn connect(addr: SocketAddr, tls: Option<&Tls>) -> Result<Sender, Failed> {
+    let open = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| Failed::NotSent(format!("cannot connect to {addr}: {e}")))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| Failed::NotSent(format!("{addr}: {e}")))?;
+        match tls {
+            None => handshake(addr, stream).await,
+            Some(tls) => {
+                let stream = tls
+                    .handshake(stream)
+                    .await
+                    .map_err(|e| Failed::NotSent(format!("TLS with {addr}: {e}")))?;
+                handshake(addr, stream).await
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, open)
         .await
         .map_err(|_| Failed::NotSent(format!("connecting to {addr} timed out")))?
-        .map_err(|e| Failed::NotSent(format!("cannot connect to {addr}: {e}")))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| Failed::NotSent(format!("{addr}: {e}")))?;
+}
+
+/// HTTP/1.1 on an open stream, plain or TLS.
+async fn handshake<S>(addr: SocketAddr, stream: S) -> Result<Sender, Failed>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| Failed::NotSent(format!("{addr}: {e}")))?;
