@@ -78,6 +78,8 @@ pub struct ProcCluster {
     /// The peer CA and the members' certificate, when the peer API runs
     /// mutual TLS.
     pub peer_pki: Option<PeerPki>,
+    /// Whether the peer API has a port of its own ([`PEER_PORT`]).
+    own_peer_port: bool,
 }
 
 /// The peer API's PKI: a CA and one certificate for every member, valid for
@@ -91,6 +93,9 @@ pub struct PeerPki {
 /// The `--peer-tls-domain` of mTLS clusters: member `node-3`'s identity is
 /// `node-3.peers.test`.
 pub const PEER_DOMAIN: &str = "peers.test";
+/// The name the client API's certificate carries under
+/// [`ProcCluster::with_client_tls`].
+pub const CLIENT_TLS_NAME: &str = "cache.test";
 
 fn peer_client(token: Option<&str>) -> PeerClient {
     peer_client_as("test", token, None)
@@ -134,6 +139,7 @@ impl ProcCluster {
             peers: peer_client(None),
             data_dirs: false,
             peer_pki: None,
+            own_peer_port: false,
         }
     }
 
@@ -168,13 +174,7 @@ impl ProcCluster {
         use crate::tls_support::{TestCa, Validity};
         let ca = TestCa::new(&self.dir.path().join("peer-pki"), "peer-ca");
         let members = ca.issue("members", &[&format!("*.{PEER_DOMAIN}")], Validity::Current);
-        if self.client_token.is_none() {
-            for node in &mut self.nodes {
-                node.peer_addr.set_port(PEER_PORT);
-            }
-            self.flags
-                .extend(["--peer-port".into(), PEER_PORT.to_string()]);
-        }
+        self.peer_port_of_its_own();
         self.flags.extend([
             "--peer-tls-cert-file".into(),
             members.cert.display().to_string(),
@@ -220,16 +220,12 @@ impl ProcCluster {
         let peer = self.dir.path().join("peer-token");
         std::fs::write(&client, "client-secret-token\n").expect("token file");
         std::fs::write(&peer, "peer-secret-token\n").expect("token file");
-        for node in &mut self.nodes {
-            node.peer_addr.set_port(PEER_PORT);
-        }
+        self.peer_port_of_its_own();
         self.flags.extend([
             "--auth-token-file".into(),
             client.display().to_string(),
             "--peer-token-file".into(),
             peer.display().to_string(),
-            "--peer-port".into(),
-            PEER_PORT.to_string(),
         ]);
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(
@@ -246,6 +242,41 @@ impl ProcCluster {
         self.client_token = Some("client-secret-token".into());
         self.peers = peer_client(Some("peer-secret-token"));
         self
+    }
+
+    /// The client API over TLS, as a cache with `spec.tls` serves it: every
+    /// node presents one certificate naming [`CLIENT_TLS_NAME`] (as the nodes
+    /// of a cache share the certificate of its Service), issued by a CA
+    /// whose PEM file is returned; the peer API moves to its own port. The
+    /// helpers here that speak plain HTTP to the client API (readiness,
+    /// metrics, `get_json`) cannot reach such a cluster: ask through a TLS
+    /// client.
+    pub fn with_client_tls(mut self) -> (Self, PathBuf) {
+        use crate::tls_support::{TestCa, Validity};
+        let ca = TestCa::new(&self.dir.path().join("client-pki"), "client-ca");
+        let server = ca.issue("client-api", &[CLIENT_TLS_NAME], Validity::Current);
+        self.peer_port_of_its_own();
+        self.flags.extend([
+            "--tls-cert-file".into(),
+            server.cert.display().to_string(),
+            "--tls-key-file".into(),
+            server.key.display().to_string(),
+        ]);
+        (self, ca.ca_file)
+    }
+
+    /// Moves the peer API to [`PEER_PORT`], once: the client port is then
+    /// the clients' alone (tokens, TLS).
+    fn peer_port_of_its_own(&mut self) {
+        if self.own_peer_port {
+            return;
+        }
+        self.own_peer_port = true;
+        for node in &mut self.nodes {
+            node.peer_addr.set_port(PEER_PORT);
+        }
+        self.flags
+            .extend(["--peer-port".into(), PEER_PORT.to_string()]);
     }
 
     pub fn with_flags(mut self, flags: &[&str]) -> Self {
@@ -265,7 +296,7 @@ impl ProcCluster {
     pub fn add_slot(&mut self) -> usize {
         let i = self.nodes.len();
         let mut node = slot(self.block, i, self.dir.path());
-        if self.client_token.is_some() || self.peer_pki.is_some() {
+        if self.own_peer_port {
             node.peer_addr.set_port(PEER_PORT);
         }
         self.nodes.push(node);

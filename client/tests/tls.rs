@@ -1,0 +1,235 @@
+//! The ring-aware client against nodes that serve their client API over
+//! TLS (real cache-node processes on loopback): with `https://` seeds it
+//! trusts the CA it is given and checks every node's certificate against one
+//! name (by default the first seed's host); a node it cannot verify (no CA
+//! given, another CA, another name), plain HTTP against TLS and TLS against
+//! plain HTTP are each a clear error, never a hang; and against a 3-node
+//! cache whose nodes share a certificate naming the cache's Service, it
+//! learns every member from one seed and sends each write straight to the
+//! key's primary over TLS.
+
+#[path = "../../cache-node/tests/cluster_support/mod.rs"]
+mod cluster_support;
+#[path = "../../cache-node/tests/node_proc/mod.rs"]
+mod node_proc;
+#[path = "../../cache-node/tests/tls_support/mod.rs"]
+mod tls_support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cluster_support::{CLIENT_TLS_NAME, ProcCluster};
+use distrocache_client::{Client, Error, Method};
+use distrocache_membership::MemberState::Active;
+use node_proc::{Launch, NodeProc};
+use tls_support::{TestCa, Validity};
+
+/// Every wait here gives up (and fails the test) after this long.
+const DEADLINE: Duration = Duration::from_secs(30);
+const FORWARDS: &str = r#"distrocache_peer_requests_total{operation="forward"}"#;
+
+fn tls_node(cert: &tls_support::Issued) -> NodeProc {
+    Launch::new()
+        .arg("--tls-cert-file")
+        .arg(&cert.cert)
+        .arg("--tls-key-file")
+        .arg(&cert.key)
+        .spawn()
+}
+
+fn https(addr: SocketAddr) -> String {
+    format!("https://{addr}")
+}
+
+/// What connecting failed with; the test fails if it connected.
+async fn refused(builder: distrocache_client::Builder, why: &str) -> String {
+    match builder.connect().await {
+        Ok(_) => panic!("{why}: connected"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn a_client_trusts_the_ca_it_is_given_and_checks_every_node_against_one_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let server = ca.issue("server", &[CLIENT_TLS_NAME, "127.0.0.1"], Validity::Current);
+    let node = tls_node(&server);
+    let ca_pem = std::fs::read(&ca.ca_file).unwrap();
+
+    let client = Client::builder([https(node.addr)])
+        .ca_pem(ca_pem.clone())
+        .tls_server_name(CLIENT_TLS_NAME)
+        .connect()
+        .await
+        .expect("the client learns the ring over TLS");
+    let written = client
+        .set_raw(
+            "k",
+            Bytes::from_static(br#"{"value":{"a":1},"tags":["t"]}"#),
+        )
+        .await
+        .expect("a write over TLS");
+    assert_eq!(written.status, 201);
+    let item = client.get("k").await.unwrap().expect("the item");
+    assert_eq!(item.value, serde_json::json!({"a": 1}));
+    assert_eq!(item.tags, ["t"]);
+    assert_eq!(client.invalidate_tag("t").await.unwrap(), 1);
+    assert!(!client.delete("k").await.unwrap(), "invalidated already");
+
+    // By default every node is checked against the first seed's host: here
+    // an IP address, which the certificate names too.
+    let by_seed = Client::builder([https(node.addr)])
+        .ca_pem(ca_pem.clone())
+        .connect()
+        .await
+        .expect("the seed's host is the default name");
+    assert!(by_seed.get_raw("absent").await.unwrap().is_none());
+
+    // Refused, each with the reason, when the node cannot be verified.
+    let other = TestCa::new(&dir.path().join("other"), "other-ca");
+    let err = refused(
+        Client::builder([https(node.addr)]).tls_server_name(CLIENT_TLS_NAME),
+        "the public roots only",
+    )
+    .await;
+    assert!(
+        err.contains("TLS with") && err.contains("certificate"),
+        "{err}"
+    );
+    let err = refused(
+        Client::builder([https(node.addr)])
+            .ca_pem(std::fs::read(&other.ca_file).unwrap())
+            .tls_server_name(CLIENT_TLS_NAME),
+        "another CA",
+    )
+    .await;
+    assert!(err.contains("certificate"), "{err}");
+    let err = refused(
+        Client::builder([https(node.addr)])
+            .ca_pem(ca_pem.clone())
+            .tls_server_name("elsewhere.test"),
+        "another name",
+    )
+    .await;
+    assert!(err.contains("not valid for name"), "{err}");
+
+    // Plain HTTP to the TLS port is answered with the node's JSON error.
+    let err = refused(Client::builder([node.addr.to_string()]), "plain HTTP").await;
+    assert!(err.contains("400"), "{err}");
+
+    // TLS to a plain node fails in the handshake, not in a hang.
+    let plain = NodeProc::start(&[]);
+    let started = Instant::now();
+    let err = refused(
+        Client::builder([https(plain.addr)]).ca_pem(ca_pem.clone()),
+        "TLS to a plain node",
+    )
+    .await;
+    assert!(err.contains("TLS with"), "{err}");
+    assert!(started.elapsed() < DEADLINE, "took {:?}", started.elapsed());
+
+    // Settings that cannot mean anything are refused before any request.
+    let err = refused(
+        Client::builder([https(node.addr), plain.addr.to_string()]),
+        "mixed schemes",
+    )
+    .await;
+    assert!(err.contains("mix http:// and https://"), "{err}");
+    let err = refused(
+        Client::builder([plain.addr.to_string()]).ca_pem(ca_pem.clone()),
+        "a CA for a plain seed",
+    )
+    .await;
+    assert!(err.contains("no seed is https://"), "{err}");
+    let err = refused(
+        Client::builder([https(node.addr)]).ca_pem(b"not PEM".to_vec()),
+        "a CA file without certificates",
+    )
+    .await;
+    assert!(err.contains("no certificate"), "{err}");
+}
+
+/// The sum over the members of `series` in their `/metrics`, asked over TLS.
+async fn total(client: &Client, members: &[SocketAddr], series: &str) -> f64 {
+    let mut sum = 0.0;
+    for &addr in members {
+        let answer = client
+            .at(addr, Method::GET, "/metrics".into())
+            .await
+            .unwrap_or_else(|e| panic!("metrics of {addr}: {e}"));
+        assert_eq!(answer.status, 200, "metrics of {addr}");
+        let text = String::from_utf8(answer.body.to_vec()).unwrap();
+        sum += text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cache_is_reached_member_by_member_under_its_services_name() {
+    let (mut cluster, ca_file) = ProcCluster::new(3, 2).with_client_tls();
+    cluster.set_ring(&[(0, Active), (1, Active), (2, Active)]);
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    let members: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.addr).collect();
+    let client = Client::builder([https(members[0])])
+        .ca_pem(std::fs::read(&ca_file).unwrap())
+        .tls_server_name(CLIENT_TLS_NAME)
+        .connect()
+        .await
+        .expect("the client learns the ring from one seed over TLS");
+    let deadline = Instant::now() + DEADLINE;
+    while client.ring().nodes.len() < 3 {
+        assert!(Instant::now() < deadline, "the ring never named 3 members");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.refresh().await.expect("refresh over TLS");
+    }
+    let mut addresses: Vec<SocketAddr> = client.ring().nodes.iter().map(|n| n.address).collect();
+    addresses.sort();
+    let mut expected = members.clone();
+    expected.sort();
+    assert_eq!(addresses, expected, "every member at its own address");
+
+    let forwards_before = total(&client, &members, FORWARDS).await;
+    for i in 0..30 {
+        let key = format!("tls-key-{i}");
+        let body = Bytes::from(format!(r#"{{"value":{i}}}"#));
+        let answer = loop {
+            match client.set_raw(&key, body.clone()).await {
+                Ok(answer) => break answer,
+                // A member may still be taking its place in the ring.
+                Err(Error::Status { status, .. }) if status == 503 => {
+                    assert!(Instant::now() < deadline, "{key}: 503 until the deadline");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{key}: {e}"),
+            }
+        };
+        assert_eq!(
+            answer.served_by(),
+            Some(cluster.primary_of(&key).as_str()),
+            "{key}: served by its primary"
+        );
+    }
+    assert_eq!(
+        total(&client, &members, FORWARDS).await,
+        forwards_before,
+        "no write was forwarded: each went straight to its primary"
+    );
+    for i in 0..30 {
+        let key = format!("tls-key-{i}");
+        let read = client.get(&key).await.unwrap().expect("written");
+        assert_eq!(read.value, serde_json::json!(i), "{key}");
+    }
+}
