@@ -18,7 +18,8 @@ use clap::{Parser, Subcommand, ValueEnum};
         2: bad usage)."
 )]
 pub struct Cli {
-    /// A node's client address (host:port); repeat for more seeds.
+    /// A node's client address (host:port, or https://host:port for a
+    /// cache serving TLS); repeat for more seeds.
     #[arg(
         short,
         long = "server",
@@ -42,6 +43,18 @@ pub struct Cli {
     /// A file holding the bearer token (surrounding whitespace ignored).
     #[arg(long, global = true, env = "DISTROCACHE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) to trust for https:// servers, e.g. the
+    /// ca.crt of the cache's TLS Secret; by default the public roots.
+    #[arg(long, global = true, env = "DISTROCACHE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// The name every node's certificate must carry (https:// servers); by
+    /// default the first server's host. The nodes share one certificate
+    /// naming the cache's Service while the CLI reaches each at its own
+    /// address.
+    #[arg(long, global = true, env = "DISTROCACHE_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 
     /// How answers are printed.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]

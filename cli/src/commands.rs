@@ -21,6 +21,8 @@ use crate::{bench, table};
 pub const MAX_VALUE_BYTES: u64 = 64 << 20;
 /// Longest token file.
 const MAX_TOKEN_BYTES: u64 = 4096;
+/// Largest CA file (a bundle of a few hundred certificates fits).
+const MAX_CA_FILE_BYTES: u64 = 1 << 20;
 
 pub async fn run(cli: Cli) -> Result<()> {
     if let Command::Completions { shell } = cli.command {
@@ -107,17 +109,8 @@ pub fn token(cli: &Cli) -> Result<Option<String>> {
     let Some(path) = &cli.token_file else {
         return Ok(None);
     };
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("token file {}", path.display()))?
-        .len();
-    if len > MAX_TOKEN_BYTES {
-        bail!(
-            "token file {}: {len} bytes, at most {MAX_TOKEN_BYTES}",
-            path.display()
-        );
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("token file {}", path.display()))?;
+    let text = String::from_utf8(small_file(path, "token file", MAX_TOKEN_BYTES)?)
+        .with_context(|| format!("token file {}", path.display()))?;
     let token = text.trim();
     if token.is_empty() {
         bail!("token file {} is empty", path.display());
@@ -125,10 +118,28 @@ pub fn token(cli: &Cli) -> Result<Option<String>> {
     Ok(Some(token.to_owned()))
 }
 
+/// The whole of a file of settings (a token, CA certificates), refused when
+/// it is larger than `max` bytes rather than read into memory.
+fn small_file(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("{what} {}", path.display()))?
+        .len();
+    if len > max {
+        bail!("{what} {}: {len} bytes, at most {max}", path.display());
+    }
+    std::fs::read(path).with_context(|| format!("{what} {}", path.display()))
+}
+
 async fn connect(cli: &Cli) -> Result<Client> {
     let mut builder = Client::builder(cli.servers.iter().cloned()).timeout(cli.timeout);
     if let Some(token) = token(cli)? {
         builder = builder.token(token);
+    }
+    if let Some(path) = &cli.ca_file {
+        builder = builder.ca_pem(small_file(path, "CA file", MAX_CA_FILE_BYTES)?);
+    }
+    if let Some(name) = &cli.tls_server_name {
+        builder = builder.tls_server_name(name.clone());
     }
     builder
         .connect()

@@ -2,7 +2,9 @@
 //! a single node (every command, both output formats, values from an
 //! argument, a file and stdin, and bad input: unknown key, bad JSON, bad
 //! flags, an unreachable node), a node that requires a token (none, wrong,
-//! right, from a file), and a 3-node cluster with replication factor 2
+//! right, from a file), a node serving TLS (with its CA and the name its
+//! certificate carries; refused without them), and a 3-node cluster with
+//! replication factor 2
 //! (writes through one node read through another, stats and cluster views,
 //! tag invalidation across nodes, watch-rebalance while a 4th node joins,
 //! bench).
@@ -21,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use cluster_support::ProcCluster;
 use distrocache_membership::MemberState::{Active, Joining};
-use node_proc::NodeProc;
-use serde_json::Value;
+use node_proc::{Launch, NodeProc};
+use serde_json::{Value, json};
+use tls_support::{TestCa, Validity};
 
 const CLI: &str = env!("CARGO_BIN_EXE_distrocache");
 /// No CLI run may take longer than this.
@@ -79,6 +82,8 @@ fn cli(args: &[&str], stdin: Option<&str>) -> Run {
         .env_remove("DISTROCACHE_SERVER")
         .env_remove("DISTROCACHE_TOKEN")
         .env_remove("DISTROCACHE_TOKEN_FILE")
+        .env_remove("DISTROCACHE_CA_FILE")
+        .env_remove("DISTROCACHE_TLS_SERVER_NAME")
         .env("NO_PROXY", "*")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -322,6 +327,59 @@ fn tokens_from_the_flag_or_a_file_and_a_wrong_token_is_refused() {
         None,
     )
     .fails(2, "cannot be used with");
+}
+
+#[test]
+fn a_node_serving_tls_is_reached_with_its_ca_and_name_and_refused_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let cert = ca.issue("server", &["cache.test"], Validity::Current);
+    let node = Launch::new()
+        .arg("--tls-cert-file")
+        .arg(&cert.cert)
+        .arg("--tls-key-file")
+        .arg(&cert.key)
+        .spawn();
+    let server = format!("https://{}", node.addr);
+    let ca_file = ca.ca_file.display().to_string();
+    let tls = [
+        "-s",
+        &server,
+        "--ca-file",
+        &ca_file,
+        "--tls-server-name",
+        "cache.test",
+    ];
+    cli(&[&tls[..], &["set", "k", r#"{"a":1}"#]].concat(), None).succeeded();
+    let got = cli(&[&tls[..], &["-o", "json", "get", "k"]].concat(), None).succeeded();
+    assert_eq!(got.json()["value"], json!({"a": 1}));
+
+    // Without the CA (the public roots), or checking another name: one
+    // error line saying why.
+    cli(
+        &["-s", &server, "--tls-server-name", "cache.test", "get", "k"],
+        None,
+    )
+    .fails(1, "certificate");
+    cli(&["-s", &server, "--ca-file", &ca_file, "get", "k"], None).fails(1, "not valid for name");
+    // A CA file without certificates, and a CA for a plain server.
+    let bogus = dir.path().join("bogus.pem");
+    std::fs::write(&bogus, "not a certificate").unwrap();
+    let bogus = bogus.display().to_string();
+    cli(&["-s", &server, "--ca-file", &bogus, "get", "k"], None).fails(1, "no certificate");
+    let plain = NodeProc::start(&[]);
+    cli(
+        &[
+            "-s",
+            &plain.addr.to_string(),
+            "--ca-file",
+            &ca_file,
+            "get",
+            "k",
+        ],
+        None,
+    )
+    .fails(1, "no seed is https://");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
