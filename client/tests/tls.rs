@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cluster_support::{CLIENT_TLS_NAME, ProcCluster};
+use cluster_support::{CLIENT_TLS_NAME, ProcCluster, sample};
 use distrocache_client::{Client, Error, Method};
 use distrocache_membership::MemberState::Active;
 use node_proc::{Launch, NodeProc};
@@ -151,7 +151,8 @@ async fn a_client_trusts_the_ca_it_is_given_and_checks_every_node_against_one_na
     assert!(err.contains("no certificate"), "{err}");
 }
 
-/// The sum over the members of `series` in their `/metrics`, asked over TLS.
+/// The sum over the members of `series` in their `/metrics`, asked over TLS
+/// (every node shows its peer counters from its start).
 async fn total(client: &Client, members: &[SocketAddr], series: &str) -> f64 {
     let mut sum = 0.0;
     for &addr in members {
@@ -160,17 +161,8 @@ async fn total(client: &Client, members: &[SocketAddr], series: &str) -> f64 {
             .await
             .unwrap_or_else(|e| panic!("metrics of {addr}: {e}"));
         assert_eq!(answer.status, 200, "metrics of {addr}");
-        let text = String::from_utf8(answer.body.to_vec()).unwrap();
-        sum += text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0);
+        let text = String::from_utf8(answer.body.to_vec()).expect("metrics are text");
+        sum += sample(&text, series).unwrap_or_else(|| panic!("{addr} shows no {series}"));
     }
     sum
 }

@@ -90,6 +90,20 @@ pub struct PeerPki {
     pub members: crate::tls_support::Issued,
 }
 
+/// The value of `series` (an unlabelled or exactly labelled sample, e.g.
+/// `distrocache_peer_requests_total{operation="forward"}`) in a Prometheus
+/// exposition, if shown there. A value that is not a number fails the test.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let value = l.strip_prefix(series)?.strip_prefix(' ')?.trim();
+        Some(
+            value
+                .parse()
+                .unwrap_or_else(|e| panic!("{series}: {value:?}: {e}")),
+        )
+    })
+}
+
 /// The `--peer-tls-domain` of mTLS clusters: member `node-3`'s identity is
 /// `node-3.peers.test`.
 pub const PEER_DOMAIN: &str = "peers.test";
@@ -455,14 +469,7 @@ impl ProcCluster {
             .text()
             .await
             .unwrap_or_else(|e| panic!("scraping node {i}: {e}"));
-        text.lines().find_map(|l| {
-            let value = l.strip_prefix(series)?.strip_prefix(' ')?.trim();
-            Some(
-                value
-                    .parse()
-                    .unwrap_or_else(|e| panic!("{series} on node {i}: {value:?}: {e}")),
-            )
-        })
+        sample(&text, series)
     }
 
     /// The copy of `key` node `i` holds, as the item JSON, asked through the
