@@ -211,41 +211,45 @@ impl Builder {
 
     /// Resolves the seeds and learns the ring from the first that answers.
     pub async fn connect(self) -> Result<Client, Error> {
+        // (https, host:port) of each seed.
+        let parsed: Vec<(bool, &str)> = self
+            .seeds
+            .iter()
+            .map(|seed| {
+                let seed = seed.trim_end_matches('/');
+                match seed.strip_prefix("https://") {
+                    Some(host_port) => (true, host_port),
+                    None => (false, seed.strip_prefix("http://").unwrap_or(seed)),
+                }
+            })
+            .collect();
         let mut seeds = Vec::new();
-        let mut schemes = Vec::new();
-        for seed in &self.seeds {
-            let seed = seed.trim_end_matches('/');
-            let (https, host_port) = match seed.strip_prefix("https://") {
-                Some(rest) => (true, rest),
-                None => (false, seed.strip_prefix("http://").unwrap_or(seed)),
-            };
-            schemes.push(https);
+        for &(_, host_port) in &parsed {
             let addrs = tokio::net::lookup_host(host_port)
                 .await
-                .map_err(|e| Error::Invalid(format!("seed {seed:?}: {e}")))?;
+                .map_err(|e| Error::Invalid(format!("seed {host_port:?}: {e}")))?;
             seeds.extend(addrs);
         }
         let first = *seeds
             .first()
             .ok_or_else(|| Error::Invalid("no seed address given".into()))?;
-        let tls = match (schemes.iter().all(|&s| s), schemes.iter().any(|&s| s)) {
-            (true, _) => {
-                let first_seed = self.seeds[0].trim_end_matches('/');
-                let default_name = tls::seed_host(&first_seed["https://".len()..]);
-                let name = self.tls_server_name.as_deref().unwrap_or(default_name);
-                Some(Tls::new(self.ca_pem.as_deref(), name).map_err(Error::Invalid)?)
-            }
-            (false, true) => {
-                return Err(Error::Invalid(
-                    "the seeds mix http:// and https://: a cache serves one or the other".into(),
-                ));
-            }
-            (false, false) if self.ca_pem.is_some() || self.tls_server_name.is_some() => {
-                return Err(Error::Invalid(
-                    "a CA or TLS server name was given but no seed is https://".into(),
-                ));
-            }
-            (false, false) => None,
+        let https = parsed.iter().filter(|(https, _)| *https).count();
+        let tls = if https == parsed.len() {
+            let name = match &self.tls_server_name {
+                Some(name) => name.as_str(),
+                None => tls::seed_host(parsed[0].1),
+            };
+            Some(Tls::new(self.ca_pem.as_deref(), name).map_err(Error::Invalid)?)
+        } else if https > 0 {
+            return Err(Error::Invalid(
+                "the seeds mix http:// and https://: a cache serves one or the other".into(),
+            ));
+        } else if self.ca_pem.is_some() || self.tls_server_name.is_some() {
+            return Err(Error::Invalid(
+                "a CA or TLS server name was given but no seed is https://".into(),
+            ));
+        } else {
+            None
         };
         let token = match self.token {
             Some(t) => {
