@@ -223,16 +223,10 @@ impl Builder {
                 }
             })
             .collect();
-        let mut seeds = Vec::new();
-        for &(_, host_port) in &parsed {
-            let addrs = tokio::net::lookup_host(host_port)
-                .await
-                .map_err(|e| Error::Invalid(format!("seed {host_port:?}: {e}")))?;
-            seeds.extend(addrs);
+        if parsed.is_empty() {
+            return Err(Error::Invalid("no seed address given".into()));
         }
-        let first = *seeds
-            .first()
-            .ok_or_else(|| Error::Invalid("no seed address given".into()))?;
+        // Settings checked before any name is looked up.
         let https = parsed.iter().filter(|(https, _)| *https).count();
         let tls = if https == parsed.len() {
             let name = match &self.tls_server_name {
@@ -251,6 +245,16 @@ impl Builder {
         } else {
             None
         };
+        let mut seeds = Vec::new();
+        for &(_, host_port) in &parsed {
+            let addrs = tokio::net::lookup_host(host_port)
+                .await
+                .map_err(|e| Error::Invalid(format!("seed {host_port:?}: {e}")))?;
+            seeds.extend(addrs);
+        }
+        let first = *seeds
+            .first()
+            .ok_or_else(|| Error::Invalid("no seed address given".into()))?;
         let token = match self.token {
             Some(t) => {
                 let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
