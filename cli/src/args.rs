@@ -56,6 +56,25 @@ pub struct Cli {
     #[arg(long, global = true, env = "DISTROCACHE_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
 
+    /// The client certificate (PEM chain) to present to nodes that ask
+    /// for one (nodes started with --tls-client-ca-file), with --key-file.
+    #[arg(
+        long,
+        global = true,
+        env = "DISTROCACHE_CERT_FILE",
+        requires = "key_file"
+    )]
+    pub cert_file: Option<PathBuf>,
+
+    /// The private key (PEM) of --cert-file.
+    #[arg(
+        long,
+        global = true,
+        env = "DISTROCACHE_KEY_FILE",
+        requires = "cert_file"
+    )]
+    pub key_file: Option<PathBuf>,
+
     /// How answers are printed.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,

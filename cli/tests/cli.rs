@@ -382,6 +382,71 @@ fn a_node_serving_tls_is_reached_with_its_ca_and_name_and_refused_without() {
     .fails(1, "no seed is https://");
 }
 
+#[test]
+fn a_node_asking_for_client_certificates_is_reached_with_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let cert = ca.issue("server", &["cache.test"], Validity::Current);
+    let clients = TestCa::new(&dir.path().join("clients"), "clients-ca");
+    let app = clients.issue("app", &["app"], Validity::Current);
+    let node = Launch::new()
+        .arg("--tls-cert-file")
+        .arg(&cert.cert)
+        .arg("--tls-key-file")
+        .arg(&cert.key)
+        .arg("--tls-client-ca-file")
+        .arg(&clients.ca_file)
+        .spawn();
+    let server = format!("https://{}", node.addr);
+    let ca_file = ca.ca_file.display().to_string();
+    let tls = [
+        "-s",
+        &server,
+        "--ca-file",
+        &ca_file,
+        "--tls-server-name",
+        "cache.test",
+    ];
+    let (app_cert, app_key) = (
+        app.cert.display().to_string(),
+        app.key.display().to_string(),
+    );
+    let identity = ["--cert-file", &app_cert, "--key-file", &app_key];
+    cli(&[&tls[..], &identity, &["set", "k", "7"]].concat(), None).succeeded();
+    let got = cli(
+        &[&tls[..], &identity, &["-o", "json", "get", "k"]].concat(),
+        None,
+    )
+    .succeeded();
+    assert_eq!(got.json()["value"], json!(7));
+
+    // Without a certificate: one line saying what to pass.
+    cli(&[&tls[..], &["get", "k"]].concat(), None).fails(1, "pass --cert-file and --key-file");
+    // A certificate without its key is a usage error.
+    cli(
+        &[&tls[..], &["--cert-file", &app_cert, "get", "k"]].concat(),
+        None,
+    )
+    .fails(2, "--key-file");
+    // A key file that holds no key.
+    cli(
+        &[
+            &tls[..],
+            &[
+                "--cert-file",
+                &app_cert,
+                "--key-file",
+                &app_cert,
+                "get",
+                "k",
+            ],
+        ]
+        .concat(),
+        None,
+    )
+    .fails(1, "client key");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_through_the_cli() {
     let mut c = ProcCluster::new(3, 2);

@@ -25,7 +25,8 @@
 //! Keep-alive connections per node (`pool.rs`), no redirects, no
 //! decompression: the requests are small and the answers are JSON. Seeds
 //! given as `https://host:port` make every connection TLS (`tls.rs`: which
-//! CA is trusted, and which name every node's certificate must carry).
+//! CA is trusted, which name every node's certificate must carry, and the
+//! certificate the client presents to nodes that ask for one).
 
 mod pool;
 mod ring;
@@ -173,6 +174,8 @@ pub struct Builder {
     timeout: Duration,
     ca_pem: Option<Vec<u8>>,
     tls_server_name: Option<String>,
+    /// PEM certificate chain and PEM private key.
+    client_cert: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Builder {
@@ -209,6 +212,16 @@ impl Builder {
         self
     }
 
+    /// For `https://` seeds: the certificate this client presents to nodes
+    /// that ask for one (nodes started with `--tls-client-ca-file`): a PEM
+    /// certificate chain, the client's own first, and its PEM private key
+    /// (PKCS#8, PKCS#1 or SEC1), e.g. `tls.crt` and `tls.key` of a
+    /// cert-manager Secret.
+    pub fn client_cert_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
     /// Resolves the seeds and learns the ring from the first that answers.
     pub async fn connect(self) -> Result<Client, Error> {
         // (https, host:port) of each seed.
@@ -233,14 +246,22 @@ impl Builder {
                 Some(name) => name.as_str(),
                 None => tls::seed_host(parsed[0].1),
             };
-            Some(Tls::new(self.ca_pem.as_deref(), name).map_err(Error::Invalid)?)
+            let client_cert = self
+                .client_cert
+                .as_ref()
+                .map(|(cert, key)| (cert.as_slice(), key.as_slice()));
+            Some(Tls::new(self.ca_pem.as_deref(), name, client_cert).map_err(Error::Invalid)?)
         } else if https > 0 {
             return Err(Error::Invalid(
                 "the seeds mix http:// and https://: a cache serves one or the other".into(),
             ));
-        } else if self.ca_pem.is_some() || self.tls_server_name.is_some() {
+        } else if self.ca_pem.is_some()
+            || self.tls_server_name.is_some()
+            || self.client_cert.is_some()
+        {
             return Err(Error::Invalid(
-                "a CA or TLS server name was given but no seed is https://".into(),
+                "a CA, TLS server name or client certificate was given but no seed is https://"
+                    .into(),
             ));
         } else {
             None
@@ -316,6 +337,7 @@ impl Client {
             timeout: Duration::from_secs(10),
             ca_pem: None,
             tls_server_name: None,
+            client_cert: None,
         }
     }
 

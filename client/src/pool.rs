@@ -12,8 +12,10 @@
 //! recently used first, so a quiet period lets the rest time out), a bound
 //! on how many are kept, and telling a request that never left (safe to send
 //! elsewhere) from one that may have reached the node. With TLS
-//! (`tls.rs`), a new connection completes its handshake before it is used;
-//! a connection then carries requests the same way either way.
+//! (`tls.rs`), a new connection completes its handshake before it is used,
+//! and a node that refuses the client's certificate only once the first
+//! request is on its way has not read it; a connection then carries
+//! requests the same way either way.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -29,7 +31,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::tls::Tls;
+use crate::tls::{Refusal, Tls};
 
 /// How long a connection may wait unused before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -113,14 +115,26 @@ impl Pool {
         // Boxed: opening a connection is rare, and its future (a TLS
         // handshake's state included) would otherwise make every request's
         // future larger.
-        let mut conn = Box::pin(connect(addr, self.tls.as_ref())).await?;
-        conn.ready()
-            .await
-            .map_err(|e| Failed::NotSent(format!("connection to {addr} closed: {e}")))?;
+        let (mut conn, refusal) = Box::pin(connect(addr, self.tls.as_ref())).await?;
+        // A node that refused this client's TLS (its certificate, with TLS
+        // 1.3) never read the request, however hyper reports the failure.
+        let refused = |failed: Failed| match refusal.as_ref().and_then(Refusal::alert) {
+            Some(alert) => Failed::NotSent(format!(
+                "TLS with {addr}: the node refused the handshake: {alert:?}"
+            )),
+            None => failed,
+        };
+        if let Err(e) = conn.ready().await {
+            return Err(refused(Failed::NotSent(format!(
+                "connection to {addr} closed: {e}"
+            ))));
+        }
         match conn.try_send_request(request).await {
             Ok(response) => Ok((response, conn)),
-            Err(e) if e.message().is_some() => Err(Failed::NotSent(e.into_error().to_string())),
-            Err(e) => Err(Failed::Lost(e.into_error().to_string())),
+            Err(e) if e.message().is_some() => {
+                Err(refused(Failed::NotSent(e.into_error().to_string())))
+            }
+            Err(e) => Err(refused(Failed::Lost(e.into_error().to_string()))),
         }
     }
 
@@ -171,10 +185,11 @@ impl Pool {
     }
 }
 
-/// A new connection to `addr` (over TLS with `tls`), its I/O driven by a
-/// task of its own (which ends when the connection closes or its last
-/// handle is dropped).
-async fn connect(addr: SocketAddr, tls: Option<&Tls>) -> Result<Sender, Failed> {
+/// A new connection to `addr` (over TLS with `tls`, then with what keeps
+/// the alert the node may refuse it with), its I/O driven by a task of its
+/// own (which ends when the connection closes or its last handle is
+/// dropped).
+async fn connect(addr: SocketAddr, tls: Option<&Tls>) -> Result<(Sender, Option<Refusal>), Failed> {
     let open = async {
         let stream = TcpStream::connect(addr)
             .await
@@ -183,13 +198,13 @@ async fn connect(addr: SocketAddr, tls: Option<&Tls>) -> Result<Sender, Failed> 
             .set_nodelay(true)
             .map_err(|e| Failed::NotSent(format!("{addr}: {e}")))?;
         match tls {
-            None => handshake(addr, stream).await,
+            None => Ok((handshake(addr, stream).await?, None)),
             Some(tls) => {
-                let stream = tls
+                let (stream, refusal) = tls
                     .handshake(stream)
                     .await
                     .map_err(|e| Failed::NotSent(format!("TLS with {addr}: {e}")))?;
-                handshake(addr, stream).await
+                Ok((handshake(addr, stream).await?, Some(refusal)))
             }
         }
     };

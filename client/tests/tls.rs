@@ -6,7 +6,10 @@
 //! plain HTTP are each a clear error, never a hang; and against a 3-node
 //! cache whose nodes share a certificate naming the cache's Service, it
 //! learns every member from one seed and sends each write straight to the
-//! key's primary over TLS.
+//! key's primary over TLS. Against a node that asks for client certificates
+//! (mutual TLS) it presents the one it is given; a node that refuses it
+//! (none, another CA's, a CA rotated away) refuses every new connection,
+//! and a write on one is reported as never sent, and is not applied.
 
 #[path = "../../cache-node/tests/cluster_support/mod.rs"]
 mod cluster_support;
@@ -23,7 +26,7 @@ use cluster_support::{CLIENT_TLS_NAME, ProcCluster, sample};
 use distrocache_client::{Client, Error, Method};
 use distrocache_membership::MemberState::Active;
 use node_proc::{Launch, NodeProc};
-use tls_support::{TestCa, Validity};
+use tls_support::{Issued, TestCa, Validity, write_atomically};
 
 /// Every wait here gives up (and fails the test) after this long.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -149,6 +152,145 @@ async fn a_client_trusts_the_ca_it_is_given_and_checks_every_node_against_one_na
     )
     .await;
     assert!(err.contains("no certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn a_node_asking_for_client_certificates_takes_those_it_trusts_and_refuses_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let server = ca.issue("server", &[CLIENT_TLS_NAME], Validity::Current);
+    let clients = TestCa::new(&dir.path().join("clients"), "clients-ca");
+    let app = clients.issue("app", &["app"], Validity::Current);
+    let strangers = TestCa::new(&dir.path().join("strangers"), "strangers-ca");
+    let stranger = strangers.issue("stranger", &["stranger"], Validity::Current);
+    // The node's client CA, a file of its own so that it can be rotated.
+    let trusted = dir.path().join("trusted-clients.crt");
+    write_atomically(&trusted, &clients.ca_pem);
+    let node = Launch::new()
+        .arg("--tls-cert-file")
+        .arg(&server.cert)
+        .arg("--tls-key-file")
+        .arg(&server.key)
+        .arg("--tls-client-ca-file")
+        .arg(&trusted)
+        .arg("--credentials-poll-interval")
+        .arg("100ms")
+        .spawn();
+    let ca_pem = std::fs::read(&ca.ca_file).unwrap();
+    let read = |path: &std::path::Path| std::fs::read(path).unwrap();
+    let builder = |cert: Option<&Issued>| {
+        let builder = Client::builder([https(node.addr)])
+            .ca_pem(ca_pem.clone())
+            .tls_server_name(CLIENT_TLS_NAME);
+        match cert {
+            Some(c) => builder.client_cert_pem(read(&c.cert), read(&c.key)),
+            None => builder,
+        }
+    };
+
+    let client = builder(Some(&app))
+        .connect()
+        .await
+        .expect("a client with a certificate the node trusts");
+    let written = client
+        .set_raw("k", Bytes::from_static(br#"{"value":1}"#))
+        .await
+        .expect("a write with a client certificate");
+    assert_eq!(written.status, 201);
+    assert_eq!(client.get("k").await.unwrap().expect("the item").value, 1);
+
+    // Refused, each with the node's reason.
+    let err = refused(builder(None), "no client certificate").await;
+    assert!(
+        err.contains("the node refused the handshake: CertificateRequired"),
+        "{err}"
+    );
+    let err = refused(builder(Some(&stranger)), "another CA's certificate").await;
+    assert!(
+        err.contains("the node refused the handshake: UnknownCA"),
+        "{err}"
+    );
+    let err = refused(
+        builder(None).client_cert_pem(read(&app.cert), read(&stranger.key)),
+        "a certificate with another's key",
+    )
+    .await;
+    assert!(
+        err.contains("client certificate:") && err.contains("KeyMismatch"),
+        "{err}"
+    );
+    let err = refused(
+        builder(None).client_cert_pem(read(&app.cert), b"not a key".to_vec()),
+        "a key file without a key",
+    )
+    .await;
+    assert!(err.contains("client key"), "{err}");
+    let plain = NodeProc::start(&[]);
+    let err = refused(
+        Client::builder([plain.addr.to_string()]).client_cert_pem(read(&app.cert), read(&app.key)),
+        "a client certificate for a plain seed",
+    )
+    .await;
+    assert!(err.contains("no seed is https://"), "{err}");
+
+    // The node now trusts only the strangers' CA. Once it has re-read the
+    // file, the app's certificate opens no new connection.
+    write_atomically(&trusted, &strangers.ca_pem);
+    let started = Instant::now();
+    loop {
+        match builder(Some(&app)).connect().await {
+            Err(e) if e.to_string().contains("refused the handshake") => break,
+            other => {
+                assert!(
+                    started.elapsed() < DEADLINE,
+                    "the node still takes the rotated-out CA: {:?}",
+                    other.err()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // The client from before keeps its open connection (a rotation cuts
+    // none); writes beyond it need new connections, which the node refuses.
+    // Each of those is reported as never sent, never as "may have been
+    // applied", and none of them was applied.
+    let keys: Vec<String> = (0..8).map(|i| format!("w{i}")).collect();
+    let tasks: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (client, key) = (client.clone(), key.clone());
+            tokio::spawn(async move {
+                client
+                    .set_raw(&key, Bytes::from_static(br#"{"value":2}"#))
+                    .await
+            })
+        })
+        .collect();
+    let mut writes = Vec::new();
+    for task in tasks {
+        writes.push(task.await.expect("a write task"));
+    }
+    let reader = builder(Some(&stranger))
+        .connect()
+        .await
+        .expect("the newly trusted CA's certificate");
+    let mut refused_writes = 0;
+    for (key, written) in keys.iter().zip(writes) {
+        let stored = reader.get_raw(key).await.unwrap();
+        match written {
+            Ok(answer) => {
+                assert_eq!(answer.status, 201, "{key}");
+                assert!(stored.is_some(), "{key} was acknowledged but is absent");
+            }
+            Err(Error::Unreachable(why)) => {
+                assert!(why.contains("refused the handshake"), "{key}: {why}");
+                assert!(stored.is_none(), "{key} was refused but applied");
+                refused_writes += 1;
+            }
+            Err(e) => panic!("{key}: {e}"),
+        }
+    }
+    assert!(refused_writes > 0, "every write found an open connection");
 }
 
 /// The sum over the members of `series` in their `/metrics`, asked over TLS
