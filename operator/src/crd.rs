@@ -90,6 +90,14 @@ const BYTES_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?$";
          (self.tls.probePort != self.port && self.tls.probePort != self.peerPort)")
     .message("spec.tls.probePort must differ from spec.port and spec.peerPort")
     .field_path(".tls.probePort"))]
+#[x_kube(validation = Rule::new(
+        "!has(self.tls) || !has(self.tls.clientCaSecretName) || !has(self.monitoring) || \
+         !has(self.monitoring.serviceMonitor) || !has(self.monitoring.serviceMonitor.enabled) || \
+         !self.monitoring.serviceMonitor.enabled || \
+         has(self.monitoring.serviceMonitor.clientCertSecretName)")
+    .message("spec.monitoring.serviceMonitor.clientCertSecretName is needed with \
+              spec.tls.clientCaSecretName: the nodes refuse a Prometheus without a client certificate")
+    .field_path(".monitoring.serviceMonitor.clientCertSecretName"))]
 #[serde(rename_all = "camelCase")]
 pub struct DistroCacheSpec {
     /// Number of cache nodes. Scaling moves data before any pod is removed.
@@ -270,6 +278,10 @@ pub struct DistroCacheSpec {
     #[serde(default)]
     #[x_kube(validation = Rule::new("!has(self.secretName) || !has(self.certManager)")
         .message("spec.tls: set secretName or certManager, not both"))]
+    #[x_kube(validation = Rule::new(
+            "!has(self.clientCaSecretName) || has(self.secretName) || has(self.certManager)")
+        .message("spec.tls.clientCaSecretName needs TLS: set secretName or certManager")
+        .field_path(".clientCaSecretName"))]
     pub tls: TlsSpec,
 
     /// Backups to S3-compatible storage (issue 17): where the nodes upload
@@ -413,6 +425,16 @@ pub struct TlsSpec {
     /// the `TLSCertificates` condition says so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_manager: Option<CertManagerSpec>,
+    /// Mutual TLS on the client API: a Secret in the cache's namespace whose
+    /// `ca.crt` holds the CA certificates of the clients. Every client must
+    /// then present a certificate signed by one of them (the ring-aware
+    /// client's `client_cert_pem`, the CLI's `--cert-file`); the kubelet's
+    /// probes and the operator use the plain probe port. Re-read by the
+    /// nodes when the Secret changes. With a ServiceMonitor, set
+    /// `monitoring.serviceMonitor.clientCertSecretName` too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_ca_secret_name: Option<String>,
     /// Port of the nodes' plain-HTTP probe listener (health, readiness,
     /// metrics and rebalance progress only, never data), which the kubelet's
     /// probes, the preStop hook and the operator use while TLS is on.
@@ -426,6 +448,7 @@ impl Default for TlsSpec {
         Self {
             secret_name: None,
             cert_manager: None,
+            client_ca_secret_name: None,
             probe_port: default_probe_port(),
         }
     }
@@ -559,6 +582,12 @@ pub struct ServiceMonitorSpec {
     /// picks it up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
+    /// With `spec.tls.clientCaSecretName`: a `kubernetes.io/tls` Secret in
+    /// the cache's namespace (`tls.crt`, `tls.key`) whose certificate, signed
+    /// by that CA, Prometheus presents when it scrapes the nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_cert_secret_name: Option<String>,
 }
 
 /// What the operator observed, as of `observedGeneration`.

@@ -84,7 +84,16 @@ pub fn kubectl_apply(cp: &ControlPlane, path: &Path) -> Result<String> {
 /// prometheus-operator's ServiceMonitor) and waits until `crd` (its
 /// `<plural>.<group>` name) is established, so objects of it can be created.
 pub fn apply_crd_fixture(cp: &ControlPlane, file: &str, crd: &str) -> Result<()> {
-    kubectl_apply(cp, &workspace_root().join("tests/fixtures").join(file))?;
+    let path = workspace_root().join("tests/fixtures").join(file);
+    // Tests of one binary share its control plane and may apply the same
+    // fixture at once: kubectl's create then loses to the other's and says
+    // AlreadyExists. Applied again, it finds the CRD and patches it.
+    if let Err(e) = kubectl_apply(cp, &path) {
+        if !format!("{e:#}").contains("AlreadyExists") {
+            return Err(e);
+        }
+        kubectl_apply(cp, &path)?;
+    }
     kubectl_ok(
         cp,
         &[

@@ -3,7 +3,8 @@
 //! given DNS names with server and client usage, written as a
 //! `kubernetes.io/tls` Secret's keys), and a minimal HTTPS/1.1 client over
 //! tokio-rustls that verifies the nodes against that CA by a given name
-//! while connecting to their loopback pod IPs.
+//! while connecting to their loopback pod IPs, and presents a client
+//! certificate to nodes that ask for one.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -82,16 +83,45 @@ pub struct HttpsClient {
 
 impl HttpsClient {
     pub fn new(ca_pem: &str, server_name: &str) -> Result<HttpsClient> {
+        Self::build(ca_pem, server_name, None)
+    }
+
+    /// One that presents a client certificate: the `tls.crt` and `tls.key`
+    /// of [`TestCa::secret_data`].
+    pub fn with_client_cert(
+        ca_pem: &str,
+        server_name: &str,
+        cert: &BTreeMap<String, String>,
+    ) -> Result<HttpsClient> {
+        Self::build(ca_pem, server_name, Some(cert))
+    }
+
+    fn build(
+        ca_pem: &str,
+        server_name: &str,
+        client_cert: Option<&BTreeMap<String, String>>,
+    ) -> Result<HttpsClient> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             roots.add(cert.context("CA PEM")?)?;
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+        let mut config = match client_cert {
+            None => builder.with_no_client_auth(),
+            Some(data) => {
+                let pem = |key: &str| data.get(key).with_context(|| format!("no {key}"));
+                let chain = CertificateDer::pem_slice_iter(pem("tls.crt")?.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .context("client certificate PEM")?;
+                let key = PrivateKeyDer::from_pem_slice(pem("tls.key")?.as_bytes())
+                    .context("client key PEM")?;
+                builder.with_client_auth_cert(chain, key)?
+            }
+        };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(HttpsClient {
             config: Arc::new(config),

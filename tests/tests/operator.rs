@@ -245,6 +245,15 @@ async fn invalid_specs_are_rejected_or_reported() -> Result<()> {
             "spec.resources.requests must not exceed spec.resources.limits",
         ),
         ("  runAsUser: 0\n", "runAsUser"),
+        (
+            "  tls:\n    clientCaSecretName: clients\n",
+            "spec.tls.clientCaSecretName needs TLS",
+        ),
+        (
+            "  tls:\n    secretName: cert\n    clientCaSecretName: clients\n  \
+             monitoring:\n    serviceMonitor:\n      enabled: true\n",
+            "spec.monitoring.serviceMonitor.clientCertSecretName is needed",
+        ),
     ] {
         let out = cp.kubectl_with_stdin(["apply", "-f", "-"], &cache_yaml(n, "bad", spec))?;
         let stderr = String::from_utf8_lossy(&out.stderr);

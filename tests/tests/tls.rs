@@ -4,7 +4,9 @@
 //! place of cert-manager: with `spec.tls.secretName` the test creates the
 //! `kubernetes.io/tls` Secret; with `spec.tls.certManager` it applies
 //! cert-manager's Certificate CRD as a fixture (no cert-manager runs) and
-//! fills the Secrets the Certificates name.
+//! fills the Secrets the Certificates name. With `spec.tls.clientCaSecretName`
+//! the client API takes only clients whose certificate that CA signed, and a
+//! rotated CA takes effect without a restart.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -521,6 +523,194 @@ async fn cert_manager_certificates_wait_for_the_crd_then_fill_the_mounted_secret
 }
 
 /// Sets the auth Secret's two token files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_ca_lets_in_only_the_clients_it_signed_and_rotates_without_a_restart()
+-> Result<()> {
+    let (cp, kubelet) = installed().await?;
+    let _logs = cp.logs_on_panic();
+    apply_crd_fixture(
+        cp,
+        "servicemonitor-crd.yaml",
+        "servicemonitors.monitoring.coreos.com",
+    )?;
+    let ns = TestNamespace::create(cp, "tls-clients")
+        .await?
+        .with_kubelet(kubelet);
+    let n = ns.name();
+    let client = ns.client().await?;
+    let name = "guarded";
+
+    let ca = TestCa::new("distrocache-test-server-ca")?;
+    let mut names = client_names(name, n);
+    names.push(format!("*.{name}-peers.{n}.svc"));
+    create_tls_secret(&client, n, "guarded-cert", ca.secret_data(&names)?).await?;
+    // The clients' CA: a Secret with `ca.crt` (the CA's own cert-manager
+    // Secret would do), and a certificate it signed for Prometheus.
+    let clients = TestCa::new("distrocache-test-clients-ca")?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), n);
+    let ca_secret = |pem: &str| Secret {
+        metadata: kube::core::ObjectMeta {
+            name: Some("clients".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([("ca.crt".to_owned(), pem.to_owned())])),
+        ..Secret::default()
+    };
+    secrets
+        .create(&PostParams::default(), &ca_secret(&clients.ca_pem))
+        .await?;
+    create_tls_secret(
+        &client,
+        n,
+        "prom-client",
+        clients.secret_data(&["prometheus".to_owned()])?,
+    )
+    .await?;
+    apply_cache(
+        cp,
+        n,
+        name,
+        "  replicas: 2\n  replicationFactor: 1\n  podDisruptionBudget:\n    enabled: false\n  \
+         tls:\n    secretName: guarded-cert\n    clientCaSecretName: clients\n  \
+         monitoring:\n    serviceMonitor:\n      enabled: true\n      clientCertSecretName: prom-client\n",
+    )?;
+    // Ready: the kubelet's probes and the operator use the plain probe
+    // port, which asks for no certificate.
+    wait_ready(&client, n, name, 2, READY).await?;
+    let sts: StatefulSet = Api::namespaced(client.clone(), n).get(name).await?;
+    let env: BTreeMap<String, String> = node_container(&sts)
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    ensure!(
+        env.get("DISTROCACHE_TLS_CLIENT_CA_FILE")
+            .map(String::as_str)
+            == Some("/etc/distrocache/client-ca/ca.crt"),
+        "{env:?}"
+    );
+    // Prometheus scrapes with the certificate named.
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+        "servicemonitors",
+    );
+    let monitors: Api<DynamicObject> = Api::namespaced_with(client.clone(), n, &resource);
+    let sm = wait::until("the ServiceMonitor", Duration::from_secs(60), || {
+        let monitors = monitors.clone();
+        async move { Ok(monitors.get_opt(name).await?) }
+    })
+    .await?;
+    let tls = &sm.data["spec"]["endpoints"][0]["tlsConfig"];
+    ensure!(
+        tls["cert"] == json!({"secret": {"name": "prom-client", "key": "tls.crt"}})
+            && tls["keySecret"] == json!({"name": "prom-client", "key": "tls.key"}),
+        "{tls}"
+    );
+
+    // One key per node at least (replication factor 1: the rest are
+    // forwarded between the nodes over the peer API's mutual TLS).
+    let nodes: Vec<SocketAddr> = node_addresses(&client, n, name, 8080)
+        .await?
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
+    ensure!(nodes.len() == 2, "{nodes:?}");
+    let server_name = format!("{name}.{n}.svc");
+    let app = HttpsClient::with_client_cert(
+        &ca.ca_pem,
+        &server_name,
+        &clients.secret_data(&["app".to_owned()])?,
+    )?;
+    write_and_read_everywhere(&app, nodes[0], &nodes, 20).await?;
+
+    // Refused: no certificate, and one another CA signed.
+    let refusal = |https: HttpsClient, node: SocketAddr| async move {
+        match https
+            .request(node, "GET", "/api/v1/cache/tls:1", None, None)
+            .await
+        {
+            Ok(answer) => Err(anyhow::anyhow!("answered: {answer:?}")),
+            Err(e) => Ok(format!("{e:#}")),
+        }
+    };
+    let why = refusal(HttpsClient::new(&ca.ca_pem, &server_name)?, nodes[1]).await?;
+    ensure!(why.contains("CertificateRequired"), "no certificate: {why}");
+    let strangers = TestCa::new("distrocache-test-strangers-ca")?;
+    let stranger = HttpsClient::with_client_cert(
+        &ca.ca_pem,
+        &server_name,
+        &strangers.secret_data(&["app".to_owned()])?,
+    )?;
+    let why = refusal(stranger.clone(), nodes[1]).await?;
+    ensure!(why.contains("UnknownCA"), "another CA's certificate: {why}");
+
+    // Rotation: the Secret now holds the strangers' CA. Every node takes
+    // it without a restart: the strangers' certificate is served and the
+    // app's refused.
+    let before = pod_identities(&client, n, name).await?;
+    secrets
+        .patch(
+            "clients",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"ca.crt": strangers.ca_pem}})),
+        )
+        .await?;
+    wait::until("every node trusts the rotated clients' CA", READY, || {
+        let (app, stranger, nodes) = (app.clone(), stranger.clone(), nodes.clone());
+        async move {
+            for node in nodes {
+                if stranger
+                    .request(node, "GET", "/api/v1/cache/tls:0", None, None)
+                    .await
+                    .is_err()
+                    || app
+                        .request(node, "GET", "/api/v1/cache/tls:0", None, None)
+                        .await
+                        .is_ok()
+                {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        }
+    })
+    .await?;
+    read_everything(&stranger, &nodes, 20, "after the clients' CA rotated").await?;
+    let after = pod_identities(&client, n, name).await?;
+    ensure!(before == after, "pods changed: {before:?} -> {after:?}");
+    Ok(())
+}
+
+/// Each node pod of cache `name`: its name, uid and container restarts,
+/// sorted; equal before and after means no pod was replaced or restarted.
+async fn pod_identities(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<(String, String, i32)>> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!("app.kubernetes.io/instance={name},app.kubernetes.io/name=distrocache");
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await?;
+    let mut out: Vec<(String, String, i32)> = list
+        .items
+        .iter()
+        .map(|p| {
+            let restarts = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map(|c| c.iter().map(|c| c.restart_count).sum())
+                .unwrap_or(0);
+            (p.name_any(), p.uid().unwrap_or_default(), restarts)
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 async fn set_tokens(secrets: &Api<Secret>, name: &str, client: &str, peer: &str) -> Result<()> {
     secrets
         .patch(
@@ -608,32 +798,7 @@ async fn rotating_the_auth_secrets_tokens_under_traffic_restarts_nothing_and_fai
          secretName: rotated-tokens\n",
     )?;
     wait_ready(&client, n, name, 3, READY).await?;
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), n);
-    let selector = format!("app.kubernetes.io/instance={name},app.kubernetes.io/name=distrocache");
-    let identities = || {
-        let pods = pods.clone();
-        let selector = selector.clone();
-        async move {
-            let list = pods
-                .list(&kube::api::ListParams::default().labels(&selector))
-                .await?;
-            let mut out: Vec<(String, String, i32)> = list
-                .items
-                .iter()
-                .map(|p| {
-                    let restarts = p
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.container_statuses.as_ref())
-                        .map(|c| c.iter().map(|c| c.restart_count).sum())
-                        .unwrap_or(0);
-                    (p.name_any(), p.uid().unwrap_or_default(), restarts)
-                })
-                .collect();
-            out.sort();
-            anyhow::Ok(out)
-        }
-    };
+    let identities = || pod_identities(&client, n, name);
     let before = identities().await?;
     ensure!(before.len() == 3, "{before:?}");
     let nodes: Vec<SocketAddr> = node_addresses(&client, n, name, 8080)

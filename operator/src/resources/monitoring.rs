@@ -43,6 +43,11 @@ pub(crate) fn service_monitor(dc: &DistroCache) -> Option<DynamicObject> {
             "ca": {"secret": {"name": super::client_tls_secret_name(dc), "key": "ca.crt"}},
             "serverName": format!("{}.{}.svc", dc.name_any(), dc.namespace().unwrap_or_default()),
         });
+        // Nodes that ask for a client certificate get the one named.
+        if let Some(secret) = &spec.client_cert_secret_name {
+            endpoint["tlsConfig"]["cert"] = json!({"secret": {"name": secret, "key": "tls.crt"}});
+            endpoint["tlsConfig"]["keySecret"] = json!({"name": secret, "key": "tls.key"});
+        }
     }
     if let Some(interval) = &spec.interval {
         endpoint["interval"] = json!(interval);
@@ -108,8 +113,28 @@ mod tests {
         assert_eq!(endpoint["tlsConfig"]["ca"]["secret"]["name"], "orders-cert");
         assert_eq!(endpoint["tlsConfig"]["ca"]["secret"]["key"], "ca.crt");
         assert_eq!(endpoint["tlsConfig"]["serverName"], "orders.shop.svc");
+        assert!(endpoint["tlsConfig"].get("cert").is_none());
         let plain =
             service_monitor(&cache("{monitoring: {serviceMonitor: {enabled: true}}}")).unwrap();
         assert!(plain.data["spec"]["endpoints"][0].get("scheme").is_none());
+    }
+
+    #[test]
+    fn nodes_asking_for_client_certificates_get_prometheus_one() {
+        let sm = service_monitor(&cache(
+            "{monitoring: {serviceMonitor: {enabled: true, clientCertSecretName: prom-client}}, \
+              tls: {secretName: orders-cert, clientCaSecretName: clients}}",
+        ))
+        .unwrap();
+        let tls = &sm.data["spec"]["endpoints"][0]["tlsConfig"];
+        assert_eq!(
+            tls["cert"],
+            json!({"secret": {"name": "prom-client", "key": "tls.crt"}})
+        );
+        assert_eq!(
+            tls["keySecret"],
+            json!({"name": "prom-client", "key": "tls.key"})
+        );
+        assert_eq!(tls["ca"]["secret"]["name"], "orders-cert");
     }
 }

@@ -182,7 +182,7 @@ fn volume_mounts(dc: &DistroCache) -> Option<Vec<VolumeMount>> {
         mounts.push(auth_volume_mount());
     }
     if dc.spec.tls.enabled() {
-        mounts.extend(tls_volume_mounts());
+        mounts.extend(tls_volume_mounts(dc));
     }
     if dc.spec.persistence.enabled {
         mounts.push(VolumeMount {
@@ -849,6 +849,41 @@ mod tests {
                 ("/etc/distrocache/tls", Some(true)),
                 ("/etc/distrocache/peer-tls", Some(true)),
             ]
+        );
+        // No clients' CA unless one is named.
+        assert!(!env.contains_key("DISTROCACHE_TLS_CLIENT_CA_FILE"));
+    }
+
+    #[test]
+    fn a_clients_ca_is_mounted_and_named_to_the_nodes() {
+        let dc =
+            cache("{tls: {certManager: {issuerRef: {name: ca}}, clientCaSecretName: clients}}");
+        let sts = statefulset(&dc, 1, "img");
+        let env = env_map(&sts);
+        assert_eq!(
+            env["DISTROCACHE_TLS_CLIENT_CA_FILE"].value.as_deref(),
+            Some("/etc/distrocache/client-ca/ca.crt")
+        );
+        let pod = sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "client-ca")
+            .expect("the client-ca volume");
+        assert_eq!(
+            volume.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("clients")
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "client-ca")
+            .expect("the client-ca mount");
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/etc/distrocache/client-ca", Some(true))
         );
     }
 }

@@ -3,7 +3,8 @@
 //! (mounted read-only; the nodes re-read the files when the Secret changes,
 //! so a renewed certificate needs no restart), and, with
 //! `spec.tls.certManager`, the cert-manager Certificates that fill those
-//! Secrets. cert-manager's types are not in k8s-openapi (another project's
+//! Secrets; with `spec.tls.clientCaSecretName`, the clients' CA that makes
+//! the client API mutual TLS. cert-manager's types are not in k8s-openapi (another project's
 //! CRD), so the Certificates are dynamic objects, applied only when the
 //! `cert-manager.io` API is served.
 //!
@@ -25,6 +26,8 @@ pub const CERT_MANAGER_GROUP: &str = "cert-manager.io";
 pub const TLS_MOUNT: &str = "/etc/distrocache/tls";
 /// Where the peer certificate is mounted.
 pub const PEER_TLS_MOUNT: &str = "/etc/distrocache/peer-tls";
+/// Where the clients' CA is mounted (`spec.tls.clientCaSecretName`).
+pub const CLIENT_CA_MOUNT: &str = "/etc/distrocache/client-ca";
 
 pub fn certificate_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -72,26 +75,34 @@ pub fn tls_volumes(dc: &DistroCache) -> Vec<Volume> {
         }),
         ..Volume::default()
     };
-    vec![
+    let mut volumes = vec![
         volume("tls", client_tls_secret_name(dc)),
         volume("peer-tls", peer_tls_secret_name(dc)),
-    ]
+    ];
+    if let Some(secret) = &dc.spec.tls.client_ca_secret_name {
+        volumes.push(volume("client-ca", secret.clone()));
+    }
+    volumes
 }
 
-pub fn tls_volume_mounts() -> Vec<VolumeMount> {
+pub fn tls_volume_mounts(dc: &DistroCache) -> Vec<VolumeMount> {
     let mount = |name: &str, path: &str| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
         read_only: Some(true),
         ..VolumeMount::default()
     };
-    vec![mount("tls", TLS_MOUNT), mount("peer-tls", PEER_TLS_MOUNT)]
+    let mut mounts = vec![mount("tls", TLS_MOUNT), mount("peer-tls", PEER_TLS_MOUNT)];
+    if dc.spec.tls.client_ca_secret_name.is_some() {
+        mounts.push(mount("client-ca", CLIENT_CA_MOUNT));
+    }
+    mounts
 }
 
-/// The node environment of TLS: every file of both Secrets, the peer
-/// domain and the probe port.
+/// The node environment of TLS: every file of both Secrets (and of the
+/// clients' CA), the peer domain and the probe port.
 pub fn tls_env(dc: &DistroCache) -> Vec<(&'static str, String)> {
-    vec![
+    let mut env = vec![
         ("DISTROCACHE_TLS_CERT_FILE", format!("{TLS_MOUNT}/tls.crt")),
         ("DISTROCACHE_TLS_KEY_FILE", format!("{TLS_MOUNT}/tls.key")),
         (
@@ -108,7 +119,14 @@ pub fn tls_env(dc: &DistroCache) -> Vec<(&'static str, String)> {
         ),
         ("DISTROCACHE_PEER_TLS_DOMAIN", peer_domain(dc)),
         ("DISTROCACHE_PROBE_PORT", dc.spec.tls.probe_port.to_string()),
-    ]
+    ];
+    if dc.spec.tls.client_ca_secret_name.is_some() {
+        env.push((
+            "DISTROCACHE_TLS_CLIENT_CA_FILE",
+            format!("{CLIENT_CA_MOUNT}/ca.crt"),
+        ));
+    }
+    env
 }
 
 /// The cert-manager Certificates `spec.tls.certManager` asks for: the
