@@ -17,7 +17,7 @@ mod node_proc;
 mod tls_support;
 
 use std::io::Write;
-
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -329,17 +329,26 @@ fn tokens_from_the_flag_or_a_file_and_a_wrong_token_is_refused() {
     .fails(2, "cannot be used with");
 }
 
+/// A node serving its client API over TLS with a certificate of `ca` for
+/// `cache.test`, asking for client certificates of `client_ca` if given.
+fn tls_node(ca: &TestCa, client_ca: Option<&Path>) -> NodeProc {
+    let cert = ca.issue("server", &["cache.test"], Validity::Current);
+    let mut launch = Launch::new()
+        .arg("--tls-cert-file")
+        .arg(&cert.cert)
+        .arg("--tls-key-file")
+        .arg(&cert.key);
+    if let Some(client_ca) = client_ca {
+        launch = launch.arg("--tls-client-ca-file").arg(client_ca);
+    }
+    launch.spawn()
+}
+
 #[test]
 fn a_node_serving_tls_is_reached_with_its_ca_and_name_and_refused_without() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new(dir.path(), "ca");
-    let cert = ca.issue("server", &["cache.test"], Validity::Current);
-    let node = Launch::new()
-        .arg("--tls-cert-file")
-        .arg(&cert.cert)
-        .arg("--tls-key-file")
-        .arg(&cert.key)
-        .spawn();
+    let node = tls_node(&ca, None);
     let server = format!("https://{}", node.addr);
     let ca_file = ca.ca_file.display().to_string();
     let tls = [
@@ -386,17 +395,9 @@ fn a_node_serving_tls_is_reached_with_its_ca_and_name_and_refused_without() {
 fn a_node_asking_for_client_certificates_is_reached_with_one() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new(dir.path(), "ca");
-    let cert = ca.issue("server", &["cache.test"], Validity::Current);
     let clients = TestCa::new(&dir.path().join("clients"), "clients-ca");
     let app = clients.issue("app", &["app"], Validity::Current);
-    let node = Launch::new()
-        .arg("--tls-cert-file")
-        .arg(&cert.cert)
-        .arg("--tls-key-file")
-        .arg(&cert.key)
-        .arg("--tls-client-ca-file")
-        .arg(&clients.ca_file)
-        .spawn();
+    let node = tls_node(&ca, Some(&clients.ca_file));
     let server = format!("https://{}", node.addr);
     let ca_file = ca.ca_file.display().to_string();
     let tls = [

@@ -63,6 +63,30 @@ fn client_names(name: &str, ns: &str) -> Vec<String> {
     ]
 }
 
+/// A new CA, and from it the `kubernetes.io/tls` Secret `secret` in `ns`
+/// for cache `name`: the client Service's names and the peers' wildcard.
+async fn cache_tls_secret(client: &Client, ns: &str, name: &str, secret: &str) -> Result<TestCa> {
+    let ca = TestCa::new(&format!("distrocache-test-{name}-ca"))?;
+    let mut names = client_names(name, ns);
+    names.push(format!("*.{name}-peers.{ns}.svc"));
+    create_tls_secret(client, ns, secret, ca.secret_data(&names)?).await?;
+    Ok(ca)
+}
+
+/// The ServiceMonitor of cache `name`, once the operator has applied it.
+async fn service_monitor(client: &Client, ns: &str, name: &str) -> Result<DynamicObject> {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+        "servicemonitors",
+    );
+    let monitors: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+    wait::until("the ServiceMonitor", Duration::from_secs(60), || {
+        let monitors = monitors.clone();
+        async move { Ok(monitors.get_opt(name).await?) }
+    })
+    .await
+}
+
 /// Writes `keys` keys through `writer` over HTTPS, then reads every one
 /// back through every node. With a replication factor below the node
 /// count, the writer and each reader own only part of the keys, so the
@@ -149,10 +173,7 @@ async fn a_cache_with_a_tls_secret_serves_https_forwards_over_peer_mtls_and_prob
     let client = ns.client().await?;
     let name = "secure";
 
-    let ca = TestCa::new("distrocache-test-tls-ca")?;
-    let mut names = client_names(name, n);
-    names.push(format!("*.{name}-peers.{n}.svc"));
-    create_tls_secret(&client, n, "secure-cert", ca.secret_data(&names)?).await?;
+    let ca = cache_tls_secret(&client, n, name, "secure-cert").await?;
     apply_cache(
         cp,
         n,
@@ -261,16 +282,7 @@ async fn a_cache_with_a_tls_secret_serves_https_forwards_over_peer_mtls_and_prob
     }
 
     // The ServiceMonitor scrapes over HTTPS, verified against the Secret's CA.
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
-        "servicemonitors",
-    );
-    let monitors: Api<DynamicObject> = Api::namespaced_with(client.clone(), n, &resource);
-    let sm = wait::until("the ServiceMonitor", Duration::from_secs(60), || {
-        let monitors = monitors.clone();
-        async move { Ok(monitors.get_opt(name).await?) }
-    })
-    .await?;
+    let sm = service_monitor(&client, n, name).await?;
     let endpoint = &sm.data["spec"]["endpoints"][0];
     ensure!(endpoint["scheme"] == "https", "{endpoint}");
     ensure!(
@@ -522,7 +534,6 @@ async fn cert_manager_certificates_wait_for_the_crd_then_fill_the_mounted_secret
     Ok(())
 }
 
-/// Sets the auth Secret's two token files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_ca_lets_in_only_the_clients_it_signed_and_rotates_without_a_restart()
 -> Result<()> {
@@ -540,10 +551,7 @@ async fn a_clients_ca_lets_in_only_the_clients_it_signed_and_rotates_without_a_r
     let client = ns.client().await?;
     let name = "guarded";
 
-    let ca = TestCa::new("distrocache-test-server-ca")?;
-    let mut names = client_names(name, n);
-    names.push(format!("*.{name}-peers.{n}.svc"));
-    create_tls_secret(&client, n, "guarded-cert", ca.secret_data(&names)?).await?;
+    let ca = cache_tls_secret(&client, n, name, "guarded-cert").await?;
     // The clients' CA: a Secret with `ca.crt` (the CA's own cert-manager
     // Secret would do), and a certificate it signed for Prometheus.
     let clients = TestCa::new("distrocache-test-clients-ca")?;
@@ -591,16 +599,7 @@ async fn a_clients_ca_lets_in_only_the_clients_it_signed_and_rotates_without_a_r
         "{env:?}"
     );
     // Prometheus scrapes with the certificate named.
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
-        "servicemonitors",
-    );
-    let monitors: Api<DynamicObject> = Api::namespaced_with(client.clone(), n, &resource);
-    let sm = wait::until("the ServiceMonitor", Duration::from_secs(60), || {
-        let monitors = monitors.clone();
-        async move { Ok(monitors.get_opt(name).await?) }
-    })
-    .await?;
+    let sm = service_monitor(&client, n, name).await?;
     let tls = &sm.data["spec"]["endpoints"][0]["tlsConfig"];
     ensure!(
         tls["cert"] == json!({"secret": {"name": "prom-client", "key": "tls.crt"}})
@@ -711,6 +710,7 @@ async fn pod_identities(
     Ok(out)
 }
 
+/// Sets the auth Secret's two token files.
 async fn set_tokens(secrets: &Api<Secret>, name: &str, client: &str, peer: &str) -> Result<()> {
     secrets
         .patch(
