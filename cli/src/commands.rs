@@ -21,9 +21,8 @@ use crate::{bench, table};
 pub const MAX_VALUE_BYTES: u64 = 64 << 20;
 /// Longest token file.
 const MAX_TOKEN_BYTES: u64 = 4096;
-/// Largest CA, certificate or key file (a bundle of a few hundred
-/// certificates fits).
-const MAX_PEM_FILE_BYTES: u64 = 1 << 20;
+/// Largest CA file (a bundle of a few hundred certificates fits).
+const MAX_CA_FILE_BYTES: u64 = 1 << 20;
 
 pub async fn run(cli: Cli) -> Result<()> {
     if let Command::Completions { shell } = cli.command {
@@ -119,7 +118,7 @@ pub fn token(cli: &Cli) -> Result<Option<String>> {
     Ok(Some(token.to_owned()))
 }
 
-/// The whole of a file of settings (a token, certificates, a key), refused when
+/// The whole of a file of settings (a token, CA certificates), refused when
 /// it is larger than `max` bytes rather than read into memory.
 fn small_file(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
     let len = std::fs::metadata(path)
@@ -137,13 +136,10 @@ async fn connect(cli: &Cli) -> Result<Client> {
         builder = builder.token(token);
     }
     if let Some(path) = &cli.ca_file {
-        builder = builder.ca_pem(small_file(path, "CA file", MAX_PEM_FILE_BYTES)?);
+        builder = builder.ca_pem(small_file(path, "CA file", MAX_CA_FILE_BYTES)?);
     }
     if let (Some(cert), Some(key)) = (&cli.cert_file, &cli.key_file) {
-        builder = builder.client_cert_pem(
-            small_file(cert, "certificate file", MAX_PEM_FILE_BYTES)?,
-            small_file(key, "key file", MAX_PEM_FILE_BYTES)?,
-        );
+        builder = builder.client_cert_files(cert, key);
     }
     if let Some(name) = &cli.tls_server_name {
         builder = builder.tls_server_name(name.clone());

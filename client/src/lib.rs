@@ -34,6 +34,7 @@ mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -51,7 +52,7 @@ pub use hyper::http::{Method, StatusCode};
 use pool::{Failed, Pool};
 use ring::host_header;
 pub use ring::{Node, Ring};
-use tls::Tls;
+use tls::{ClientCert, Tls};
 
 /// How many times a refresh asks before it gives up on an epoch an answer
 /// named, pausing [`REFRESH_PAUSE`] longer each time (1 s in all).
@@ -174,8 +175,7 @@ pub struct Builder {
     timeout: Duration,
     ca_pem: Option<Vec<u8>>,
     tls_server_name: Option<String>,
-    /// PEM certificate chain and PEM private key.
-    client_cert: Option<(Vec<u8>, Vec<u8>)>,
+    client_cert: Option<ClientCert>,
 }
 
 impl Builder {
@@ -218,7 +218,18 @@ impl Builder {
     /// (PKCS#8, PKCS#1 or SEC1), e.g. `tls.crt` and `tls.key` of a
     /// cert-manager Secret.
     pub fn client_cert_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
-        self.client_cert = Some((cert.into(), key.into()));
+        self.client_cert = Some(ClientCert::Pem(cert.into(), key.into()));
+        self
+    }
+
+    /// As [`Builder::client_cert_pem`], read from files (`tls.crt` and
+    /// `tls.key` of a mounted Secret), and read again when they change: a
+    /// renewed certificate is presented from the next new connection on
+    /// (looked for at most once a second), without a restart. A pair that
+    /// does not make a certificate and its key (one file rewritten before
+    /// the other) is ignored until it does.
+    pub fn client_cert_files(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_cert = Some(ClientCert::Files(cert.into(), key.into()));
         self
     }
 
@@ -246,11 +257,10 @@ impl Builder {
                 Some(name) => name.as_str(),
                 None => tls::seed_host(parsed[0].1),
             };
-            let client_cert = self
-                .client_cert
-                .as_ref()
-                .map(|(cert, key)| (cert.as_slice(), key.as_slice()));
-            Some(Tls::new(self.ca_pem.as_deref(), name, client_cert).map_err(Error::Invalid)?)
+            Some(
+                Tls::new(self.ca_pem.as_deref(), name, self.client_cert.as_ref())
+                    .map_err(Error::Invalid)?,
+            )
         } else if https > 0 {
             return Err(Error::Invalid(
                 "the seeds mix http:// and https://: a cache serves one or the other".into(),

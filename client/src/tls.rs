@@ -18,7 +18,10 @@
 //!
 //! Mutual TLS: nodes started with `--tls-client-ca-file` ask every client
 //! for a certificate; [`crate::Builder::client_cert_pem`] gives the one this
-//! client presents. With TLS 1.3 such a node judges the client's
+//! client presents, or [`crate::Builder::client_cert_files`] the files it is
+//! read from, read again when they change ([`Identity`]), so a certificate
+//! renewed in a mounted Secret is presented without a restart. With TLS
+//! 1.3 such a node judges the client's
 //! certificate after the client has finished its side of the handshake, so
 //! a certificate it refuses (or none at all) shows up as an alert on the
 //! connection's first read rather than in the handshake. [`Watched`] keeps
@@ -27,13 +30,20 @@
 //! a bare "canceled" or a connection error.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{AlertDescription, ClientConfig, RootCertStore};
+use rustls::sign::CertifiedKey;
+use rustls::{AlertDescription, ClientConfig, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -49,12 +59,12 @@ pub(crate) struct Tls {
 impl Tls {
     /// Trusting the CA certificates of `ca_pem` (PEM), or the public roots
     /// when `None`; every node's certificate checked against `name` (a DNS
-    /// name or an IP address); presenting `client_cert` (a PEM certificate
-    /// chain and its PEM private key) to nodes that ask for one.
+    /// name or an IP address); presenting `client_cert` to nodes that ask
+    /// for one.
     pub(crate) fn new(
         ca_pem: Option<&[u8]>,
         name: &str,
-        client_cert: Option<(&[u8], &[u8])>,
+        client_cert: Option<&ClientCert>,
     ) -> Result<Self, String> {
         let roots = match ca_pem {
             Some(pem) => {
@@ -74,18 +84,15 @@ impl Tls {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
             },
         };
-        let builder =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS: {e}"))?
-                .with_root_certificates(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots);
         let mut config = match client_cert {
             None => builder.with_no_client_auth(),
-            Some((cert_pem, key_pem)) => {
-                let (chain, key) = client_identity(cert_pem, key_pem)?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("client certificate: {e}"))?
+            Some(cert) => {
+                builder.with_client_cert_resolver(Arc::new(Identity::new(cert, provider)?))
             }
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -182,11 +189,106 @@ fn alert_of(e: &io::Error) -> Option<AlertDescription> {
     }
 }
 
-/// The certificate chain and private key a client presents, from PEM.
-fn client_identity(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+/// Where the certificate a client presents comes from.
+#[derive(Clone, Debug)]
+pub(crate) enum ClientCert {
+    /// A PEM certificate chain and its PEM private key, given once.
+    Pem(Vec<u8>, Vec<u8>),
+    /// Files holding them, read again when they change.
+    Files(PathBuf, PathBuf),
+}
+
+/// How often, at most, [`ClientCert::Files`] are looked at again: when a
+/// new connection's handshake asks for the certificate and this long has
+/// passed since the last look.
+const RECHECK: Duration = Duration::from_secs(1);
+/// Largest certificate or key file read (a long chain fits many times).
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// The certificate this client presents, as rustls asks for it in each
+/// handshake. Files are re-read there rather than by a task of their own:
+/// a client has no background work otherwise, and two small reads at most
+/// once a second, only while new connections are opened, cost less than a
+/// timer. A pair that does not make a certificate and its key (a
+/// certificate written before its key, a half-written file) is ignored
+/// until the files change again: the last good one stays in use.
+#[derive(Debug)]
+struct Identity {
+    files: Option<(PathBuf, PathBuf)>,
+    provider: Arc<CryptoProvider>,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    key: Arc<CertifiedKey>,
+    /// The PEM it was made from, to tell whether the files changed.
+    pem: (Vec<u8>, Vec<u8>),
+    looked: Instant,
+}
+
+impl Identity {
+    fn new(cert: &ClientCert, provider: Arc<CryptoProvider>) -> Result<Self, String> {
+        let (pem, files) = match cert {
+            ClientCert::Pem(cert, key) => ((cert.clone(), key.clone()), None),
+            ClientCert::Files(cert, key) => {
+                (read_pair(cert, key)?, Some((cert.clone(), key.clone())))
+            }
+        };
+        let key = certified(&pem, &provider)?;
+        Ok(Self {
+            files,
+            provider,
+            held: Mutex::new(Held {
+                key: Arc::new(key),
+                pem,
+                looked: Instant::now(),
+            }),
+        })
+    }
+}
+
+impl ResolvesClientCert for Identity {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        let mut held = self.held.lock();
+        if let Some((cert, key)) = &self.files
+            && held.looked.elapsed() >= RECHECK
+        {
+            held.looked = Instant::now();
+            match read_pair(cert, key) {
+                Ok(pem) if pem != held.pem => match certified(&pem, &self.provider) {
+                    Ok(key) => {
+                        tracing::info!(cert = %cert.display(), "client certificate renewed");
+                        *held = Held {
+                            key: Arc::new(key),
+                            pem,
+                            looked: held.looked,
+                        };
+                    }
+                    Err(e) => {
+                        tracing::warn!(cert = %cert.display(), error = %e, "client certificate files changed but are not usable; keeping the last")
+                    }
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "client certificate files unreadable; keeping the last")
+                }
+            }
+        }
+        Some(held.key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A certificate chain and its private key, from PEM, checked to belong
+/// together.
+fn certified(
+    (cert_pem, key_pem): &(Vec<u8>, Vec<u8>),
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, String> {
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("client certificate: not PEM: {e}"))?;
@@ -195,7 +297,24 @@ fn client_identity(
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| format!("client key: no PEM private key: {e}"))?;
-    Ok((chain, key))
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| format!("client certificate: {e}"))
+}
+
+/// The contents of a certificate file and a key file, each bounded.
+fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let read = |path: &Path| -> Result<Vec<u8>, String> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        if len > MAX_FILE_BYTES {
+            return Err(format!(
+                "{}: {len} bytes, at most {MAX_FILE_BYTES}",
+                path.display()
+            ));
+        }
+        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    Ok((read(cert)?, read(key)?))
 }
 
 /// The host of a seed's `host:port` (`[v6]:port` too), the default server
@@ -229,24 +348,91 @@ mod tests {
         assert!(Tls::new(None, "10.0.0.7", None).is_ok());
     }
 
-    #[test]
-    fn a_client_certificate_needs_a_certificate_and_its_key() {
+    fn self_signed(name: &str) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["client".to_string()])
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
             .unwrap()
             .self_signed(&key)
             .unwrap();
-        let (cert, key) = (cert.pem(), key.serialize_pem());
-        let identity =
-            |c: &str, k: &str| Tls::new(None, "cache", Some((c.as_bytes(), k.as_bytes()))).err();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    #[test]
+    fn a_client_certificate_needs_a_certificate_and_its_key() {
+        let (cert, key) = self_signed("client");
+        let (_, other_key) = self_signed("other");
+        let identity = |c: &str, k: &str| {
+            let pem = ClientCert::Pem(c.as_bytes().to_vec(), k.as_bytes().to_vec());
+            Tls::new(None, "cache", Some(&pem)).err()
+        };
         assert_eq!(identity(&cert, &key), None);
         let err = identity("", &key).expect("no certificate");
         assert!(err.contains("client certificate: no certificate"), "{err}");
         let err = identity(&cert, "not a key").expect("no key");
         assert!(err.contains("client key"), "{err}");
-        // The certificate in place of its key.
         let err = identity(&cert, &cert).expect("a certificate is no key");
         assert!(err.contains("client key"), "{err}");
+        let err = identity(&cert, &other_key).expect("another's key");
+        assert!(err.contains("KeyMismatch"), "{err}");
+        let missing =
+            ClientCert::Files("/nonexistent/tls.crt".into(), "/nonexistent/tls.key".into());
+        let err = Tls::new(None, "cache", Some(&missing))
+            .err()
+            .expect("no files");
+        assert!(err.contains("/nonexistent/tls.crt"), "{err}");
+    }
+
+    #[test]
+    fn certificate_files_are_read_again_when_they_change_and_a_bad_pair_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let write = |(cert, key): &(String, String)| {
+            std::fs::write(&cert_file, cert).unwrap();
+            std::fs::write(&key_file, key).unwrap();
+        };
+        let first = self_signed("first");
+        write(&first);
+        let identity = Identity::new(
+            &ClientCert::Files(cert_file.clone(), key_file.clone()),
+            provider(),
+        )
+        .unwrap();
+        let presented = |identity: &Identity| identity.resolve(&[], &[]).unwrap().cert[0].to_vec();
+        let der = |(cert, _): &(String, String)| {
+            CertificateDer::from_pem_slice(cert.as_bytes())
+                .unwrap()
+                .to_vec()
+        };
+        assert_eq!(presented(&identity), der(&first));
+
+        // Renewed: presented once the recheck interval has passed.
+        let second = self_signed("second");
+        write(&second);
+        assert_eq!(presented(&identity), der(&first), "looked again too soon");
+        identity.held.lock().looked -= RECHECK;
+        assert_eq!(presented(&identity), der(&second));
+
+        // A certificate whose key is not there yet: the last good pair stays.
+        let third = self_signed("third");
+        std::fs::write(&cert_file, &third.0).unwrap();
+        identity.held.lock().looked -= RECHECK;
+        assert_eq!(presented(&identity), der(&second));
+        std::fs::write(&key_file, &third.1).unwrap();
+        identity.held.lock().looked -= RECHECK;
+        assert_eq!(presented(&identity), der(&third));
+
+        // Given as PEM: never read again.
+        let pem = Identity::new(
+            &ClientCert::Pem(first.0.clone().into(), first.1.clone().into()),
+            provider(),
+        )
+        .unwrap();
+        pem.held.lock().looked -= RECHECK;
+        assert_eq!(presented(&pem), der(&first));
     }
 
     #[test]

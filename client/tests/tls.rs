@@ -9,7 +9,8 @@
 //! key's primary over TLS. Against a node that asks for client certificates
 //! (mutual TLS) it presents the one it is given; a node that refuses it
 //! (none, another CA's, a CA rotated away) refuses every new connection,
-//! and a write on one is reported as never sent, and is not applied.
+//! and a write on one is reported as never sent, and is not applied; a
+//! client whose certificate files are renewed presents the new one.
 
 #[path = "../../cache-node/tests/cluster_support/mod.rs"]
 mod cluster_support;
@@ -192,6 +193,22 @@ async fn a_node_asking_for_client_certificates_takes_those_it_trusts_and_refuses
         .connect()
         .await
         .expect("a client with a certificate the node trusts");
+    // Another reads its certificate from files of its own (a mounted
+    // Secret's), which are renewed below.
+    let mine = Issued {
+        cert: dir.path().join("mine.crt"),
+        key: dir.path().join("mine.key"),
+    };
+    std::fs::copy(&app.cert, &mine.cert).unwrap();
+    std::fs::copy(&app.key, &mine.key).unwrap();
+    let by_files = Client::builder([https(node.addr)])
+        .ca_pem(ca_pem.clone())
+        .tls_server_name(CLIENT_TLS_NAME)
+        .client_cert_files(&mine.cert, &mine.key)
+        .connect()
+        .await
+        .expect("a client with its certificate in files");
+    assert!(by_files.get_raw("absent").await.unwrap().is_none());
     let written = client
         .set_raw("k", Bytes::from_static(br#"{"value":1}"#))
         .await
@@ -254,7 +271,37 @@ async fn a_node_asking_for_client_certificates_takes_those_it_trusts_and_refuses
     // none); writes beyond it need new connections, which the node refuses.
     // Each of those is reported as never sent, never as "may have been
     // applied", and none of them was applied.
-    let keys: Vec<String> = (0..8).map(|i| format!("w{i}")).collect();
+    let reader = builder(Some(&stranger))
+        .connect()
+        .await
+        .expect("the newly trusted CA's certificate");
+    let refused_writes = eight_writes(&client, "w", &reader).await;
+    assert!(refused_writes > 0, "every write found an open connection");
+
+    // The client with files: refused while they hold the app's certificate,
+    // then, once they hold one the strangers' CA signed (the key written
+    // first, then the certificate, as a careless renewal would), served on
+    // new connections without being built again.
+    assert!(eight_writes(&by_files, "f", &reader).await > 0);
+    strangers.issue_to(&mine, &["app"], Validity::Current);
+    let started = Instant::now();
+    let mut round = 0;
+    while eight_writes(&by_files, &format!("g{round}-"), &reader).await > 0 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the renewed certificate files were never presented"
+        );
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Eight writes at once through `client` (so that most need a new
+/// connection), each then checked through `reader`: acknowledged and
+/// stored, or refused by the node's TLS, reported as never sent, and not
+/// stored; anything else fails the test. Returns how many were refused.
+async fn eight_writes(client: &Client, prefix: &str, reader: &Client) -> usize {
+    let keys: Vec<String> = (0..8).map(|i| format!("{prefix}{i}")).collect();
     let tasks: Vec<_> = keys
         .iter()
         .map(|key| {
@@ -266,16 +313,9 @@ async fn a_node_asking_for_client_certificates_takes_those_it_trusts_and_refuses
             })
         })
         .collect();
-    let mut writes = Vec::new();
-    for task in tasks {
-        writes.push(task.await.expect("a write task"));
-    }
-    let reader = builder(Some(&stranger))
-        .connect()
-        .await
-        .expect("the newly trusted CA's certificate");
-    let mut refused_writes = 0;
-    for (key, written) in keys.iter().zip(writes) {
+    let mut refused = 0;
+    for (key, task) in keys.iter().zip(tasks) {
+        let written = task.await.expect("a write task");
         let stored = reader.get_raw(key).await.unwrap();
         match written {
             Ok(answer) => {
@@ -285,12 +325,12 @@ async fn a_node_asking_for_client_certificates_takes_those_it_trusts_and_refuses
             Err(Error::Unreachable(why)) => {
                 assert!(why.contains("refused the handshake"), "{key}: {why}");
                 assert!(stored.is_none(), "{key} was refused but applied");
-                refused_writes += 1;
+                refused += 1;
             }
             Err(e) => panic!("{key}: {e}"),
         }
     }
-    assert!(refused_writes > 0, "every write found an open connection");
+    refused
 }
 
 /// The sum over the members of `series` in their `/metrics`, asked over TLS

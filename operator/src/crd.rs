@@ -428,7 +428,7 @@ pub struct TlsSpec {
     /// Mutual TLS on the client API: a Secret in the cache's namespace whose
     /// `ca.crt` holds the CA certificates of the clients. Every client must
     /// then present a certificate signed by one of them (the ring-aware
-    /// client's `client_cert_pem`, the CLI's `--cert-file`); the kubelet's
+    /// client's `client_cert_files`, the CLI's `--cert-file`); the kubelet's
     /// probes and the operator use the plain probe port. Re-read by the
     /// nodes when the Secret changes. With a ServiceMonitor, set
     /// `monitoring.serviceMonitor.clientCertSecretName` too.
