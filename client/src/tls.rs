@@ -17,17 +17,17 @@
 //! as cert-manager's writes), or else the public roots (`webpki-roots`).
 //!
 //! Mutual TLS: nodes started with `--tls-client-ca-file` ask every client
-//! for a certificate; [`crate::Builder::client_cert_pem`] gives the one this
+//! for a certificate. [`crate::Builder::client_cert_pem`] gives the one this
 //! client presents, or [`crate::Builder::client_cert_files`] the files it is
 //! read from, read again when they change ([`Identity`]), so a certificate
-//! renewed in a mounted Secret is presented without a restart. With TLS
-//! 1.3 such a node judges the client's
-//! certificate after the client has finished its side of the handshake, so
-//! a certificate it refuses (or none at all) shows up as an alert on the
-//! connection's first read rather than in the handshake. [`Watched`] keeps
-//! that alert ([`Refusal`]) so that the pool can tell a request the node
-//! never read, and why, from one lost in flight: hyper reports the first as
-//! a bare "canceled" or a connection error.
+//! renewed in a mounted Secret is presented without a restart. With TLS 1.3
+//! such a node judges the client's certificate after the client has
+//! finished its side of the handshake, so a certificate it refuses (or none
+//! at all) shows up as an alert on the connection's first read rather than
+//! in the handshake. [`Watched`] keeps that alert ([`Refusal`]) so that the
+//! pool can tell a request the node never read, and why, from one lost in
+//! flight: hyper reports the first as a bare "canceled" or a connection
+//! error.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -37,7 +37,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -190,7 +189,7 @@ fn alert_of(e: &io::Error) -> Option<AlertDescription> {
 }
 
 /// Where the certificate a client presents comes from.
-#[derive(Clone, Debug)]
+/// (Not `Debug`: it may hold a private key.)
 pub(crate) enum ClientCert {
     /// A PEM certificate chain and its PEM private key, given once.
     Pem(Vec<u8>, Vec<u8>),
@@ -210,17 +209,27 @@ const MAX_FILE_BYTES: u64 = 1 << 20;
 /// a client has no background work otherwise, and two small reads at most
 /// once a second, only while new connections are opened, cost less than a
 /// timer. A pair that does not make a certificate and its key (a
-/// certificate written before its key, a half-written file) is ignored
-/// until the files change again: the last good one stays in use.
-#[derive(Debug)]
+/// certificate written before its key, a half-written file) is not used:
+/// the last good one stays in use, and the files are tried again at the
+/// next look.
 struct Identity {
     files: Option<(PathBuf, PathBuf)>,
     provider: Arc<CryptoProvider>,
     held: Mutex<Held>,
 }
 
-#[derive(Debug)]
+/// rustls asks resolvers to be `Debug`; this one names its files and never
+/// shows the key it holds.
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Held {
+    /// The certificate chain and the signing key presented.
     key: Arc<CertifiedKey>,
     /// The PEM it was made from, to tell whether the files changed.
     pem: (Vec<u8>, Vec<u8>),
