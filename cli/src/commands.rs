@@ -118,16 +118,19 @@ pub fn token(cli: &Cli) -> Result<Option<String>> {
     Ok(Some(token.to_owned()))
 }
 
-/// The whole of a file of settings (a token, CA certificates), refused when
-/// it is larger than `max` bytes rather than read into memory.
+/// The whole of a file of settings (a token, CA certificates), refused
+/// when it is larger than `max` bytes rather than read into memory: read
+/// through the limit, whatever size the file system reports (a FIFO or a
+/// device reports none).
 fn small_file(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("{what} {}", path.display()))?
-        .len();
-    if len > max {
-        bail!("{what} {}: {len} bytes, at most {max}", path.display());
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("{what} {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        bail!("{what} {}: more than {max} bytes", path.display());
     }
-    std::fs::read(path).with_context(|| format!("{what} {}", path.display()))
+    Ok(bytes)
 }
 
 async fn connect(cli: &Cli) -> Result<Client> {
@@ -163,11 +166,11 @@ fn explain(e: ClientError) -> anyhow::Error {
         ClientError::Unreachable(why) if why.contains("401 Unauthorized") => {
             anyhow!("the server refused the token ({why}); pass --token or --token-file")
         }
-        ClientError::Unreachable(why)
-            if why.contains("refused the handshake: CertificateRequired") =>
-        {
+        // The node's TLS refused this client's certificate, or its absence.
+        ClientError::Unreachable(why) if why.contains("refused the handshake") => {
             anyhow!(
-                "the server asks for a client certificate ({why}); pass --cert-file and --key-file"
+                "the server refused the TLS handshake ({why}); it asks for a client certificate \
+                 its CA signed: pass --cert-file and --key-file"
             )
         }
         other => anyhow!(other),

@@ -116,7 +116,8 @@ impl Tls {
     }
 }
 
-/// The alert a node's TLS ended a connection with, once one came.
+/// The alert a node's TLS refused this client's certificate with, once one
+/// came.
 #[derive(Clone, Default)]
 pub(crate) struct Refusal(Arc<OnceLock<AlertDescription>>);
 
@@ -126,7 +127,7 @@ impl Refusal {
     }
 }
 
-/// A TLS stream that notes in its [`Refusal`] the alert a read fails with.
+/// A TLS stream that notes in its [`Refusal`] the refusal a read fails with.
 pub(crate) struct Watched {
     stream: TlsStream<TcpStream>,
     refusal: Refusal,
@@ -179,11 +180,27 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// The alert in a TLS stream's read error, if it is one: tokio-rustls
+/// The alert in a TLS stream's read error when it is one a server refuses
+/// a client's certificate with (none, an untrusted, expired or revoked one,
+/// a signature that does not verify): the alerts a TLS 1.3 server can send
+/// once the client's side of the handshake is done and before it reads any
+/// request. Any other alert (an internal error, say) might follow an answer
+/// and so says nothing about whether the request was read. tokio-rustls
 /// reports rustls' errors inside an `io::Error`.
 fn alert_of(e: &io::Error) -> Option<AlertDescription> {
+    use AlertDescription::*;
     match e.get_ref()?.downcast_ref::<rustls::Error>()? {
-        rustls::Error::AlertReceived(alert) => Some(*alert),
+        rustls::Error::AlertReceived(
+            alert @ (CertificateRequired
+            | BadCertificate
+            | UnsupportedCertificate
+            | CertificateRevoked
+            | CertificateExpired
+            | CertificateUnknown
+            | UnknownCA
+            | AccessDenied
+            | DecryptError),
+        ) => Some(*alert),
         _ => None,
     }
 }
@@ -231,60 +248,80 @@ impl std::fmt::Debug for Identity {
 struct Held {
     /// The certificate chain and the signing key presented.
     key: Arc<CertifiedKey>,
-    /// The PEM it was made from, to tell whether the files changed.
-    pem: (Vec<u8>, Vec<u8>),
+    /// A digest of the files it was made from, to tell whether they
+    /// changed (none when given as PEM); the key's PEM is not kept.
+    digest: u64,
     looked: Instant,
 }
 
 impl Identity {
     fn new(cert: &ClientCert, provider: Arc<CryptoProvider>) -> Result<Self, String> {
-        let (pem, files) = match cert {
-            ClientCert::Pem(cert, key) => ((cert.clone(), key.clone()), None),
-            ClientCert::Files(cert, key) => {
-                (read_pair(cert, key)?, Some((cert.clone(), key.clone())))
+        let (key, digest, files) = match cert {
+            ClientCert::Pem(cert, key) => (certified(cert, key, &provider)?, 0, None),
+            ClientCert::Files(cert_file, key_file) => {
+                let (cert, key) = read_pair(cert_file, key_file)?;
+                let digest = digest(&cert, &key);
+                let files = Some((cert_file.clone(), key_file.clone()));
+                (certified(&cert, &key, &provider)?, digest, files)
             }
         };
-        let key = certified(&pem, &provider)?;
         Ok(Self {
             files,
             provider,
             held: Mutex::new(Held {
                 key: Arc::new(key),
-                pem,
+                digest,
                 looked: Instant::now(),
             }),
         })
+    }
+
+    /// Reads the files again and holds what they make, if they changed and
+    /// make a certificate and its key. The lock is not held while reading:
+    /// a slow file system delays this handshake alone.
+    fn reread(&self, cert_file: &Path, key_file: &Path) {
+        let (cert, key) = match read_pair(cert_file, key_file) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "client certificate files unreadable; keeping the last");
+                return;
+            }
+        };
+        let digest = digest(&cert, &key);
+        if self.held.lock().digest == digest {
+            return;
+        }
+        match certified(&cert, &key, &self.provider) {
+            Ok(key) => {
+                let mut held = self.held.lock();
+                held.key = Arc::new(key);
+                held.digest = digest;
+                tracing::info!(cert = %cert_file.display(), "client certificate renewed");
+            }
+            Err(e) => tracing::warn!(
+                cert = %cert_file.display(), error = %e,
+                "client certificate files changed but are not usable; keeping the last"
+            ),
+        }
     }
 }
 
 impl ResolvesClientCert for Identity {
     fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        let mut held = self.held.lock();
-        if let Some((cert, key)) = &self.files
-            && held.looked.elapsed() >= RECHECK
-        {
-            held.looked = Instant::now();
-            match read_pair(cert, key) {
-                Ok(pem) if pem != held.pem => match certified(&pem, &self.provider) {
-                    Ok(key) => {
-                        tracing::info!(cert = %cert.display(), "client certificate renewed");
-                        *held = Held {
-                            key: Arc::new(key),
-                            pem,
-                            looked: held.looked,
-                        };
-                    }
-                    Err(e) => {
-                        tracing::warn!(cert = %cert.display(), error = %e, "client certificate files changed but are not usable; keeping the last")
-                    }
-                },
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "client certificate files unreadable; keeping the last")
+        if let Some((cert, key)) = &self.files {
+            let due = {
+                let mut held = self.held.lock();
+                let due = held.looked.elapsed() >= RECHECK;
+                if due {
+                    held.looked = Instant::now();
                 }
+                due
+            };
+            if due {
+                self.reread(cert, key);
             }
         }
-        Some(held.key.clone())
+        Some(self.held.lock().key.clone())
     }
 
     fn has_certs(&self) -> bool {
@@ -292,10 +329,19 @@ impl ResolvesClientCert for Identity {
     }
 }
 
+/// A digest of a certificate file's and a key file's contents.
+fn digest(cert: &[u8], key: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (cert, key).hash(&mut hasher);
+    hasher.finish()
+}
+
 /// A certificate chain and its private key, from PEM, checked to belong
 /// together.
 fn certified(
-    (cert_pem, key_pem): &(Vec<u8>, Vec<u8>),
+    cert_pem: &[u8],
+    key_pem: &[u8],
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, String> {
     let chain = CertificateDer::pem_slice_iter(cert_pem)
@@ -309,19 +355,23 @@ fn certified(
     CertifiedKey::from_der(chain, key, provider).map_err(|e| format!("client certificate: {e}"))
 }
 
-/// The contents of a certificate file and a key file, each bounded.
+/// The contents of a certificate file and a key file, each bounded: read
+/// through a limit rather than trusting the size the file system reports
+/// (a file that grows meanwhile, a FIFO or a device that reports none).
 fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), String> {
     let read = |path: &Path| -> Result<Vec<u8>, String> {
-        let len = std::fs::metadata(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .len();
-        if len > MAX_FILE_BYTES {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
             return Err(format!(
-                "{}: {len} bytes, at most {MAX_FILE_BYTES}",
+                "{}: more than {MAX_FILE_BYTES} bytes",
                 path.display()
             ));
         }
-        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+        Ok(bytes)
     };
     Ok((read(cert)?, read(key)?))
 }
@@ -421,8 +471,10 @@ mod tests {
         // Renewed: presented once the recheck interval has passed.
         let second = self_signed("second");
         write(&second);
+        // Looked at just now (in the future, for a slow test machine).
+        identity.held.lock().looked = Instant::now() + Duration::from_secs(3600);
         assert_eq!(presented(&identity), der(&first), "looked again too soon");
-        identity.held.lock().looked -= RECHECK;
+        identity.held.lock().looked = Instant::now() - RECHECK;
         assert_eq!(presented(&identity), der(&second));
 
         // A certificate whose key is not there yet: the last good pair stays.
@@ -451,6 +503,10 @@ mod tests {
         assert_eq!(alert_of(&io), Some(AlertDescription::CertificateRequired));
         let other = io::Error::new(io::ErrorKind::InvalidData, rustls::Error::DecryptError);
         assert_eq!(alert_of(&other), None);
+        // An alert that may follow an answer is not a refusal.
+        let internal = rustls::Error::AlertReceived(AlertDescription::InternalError);
+        let internal = io::Error::new(io::ErrorKind::InvalidData, internal);
+        assert_eq!(alert_of(&internal), None);
         assert_eq!(
             alert_of(&io::Error::from(io::ErrorKind::ConnectionReset)),
             None

@@ -801,6 +801,26 @@ impl DistroCacheSpec {
                 self.pod_disruption_budget.max_unavailable, self.replication_factor
             ));
         }
+        // The CRD's CEL rules say the same; checked here too, because a
+        // clients' CA ignored would leave a cache open that its owner
+        // believes closed (an older CRD installed, a `null` CEL takes for
+        // a value).
+        if self.tls.client_ca_secret_name.is_some() {
+            if !self.tls.enabled() {
+                return Err(
+                    "spec.tls.clientCaSecretName needs TLS: set secretName or certManager".into(),
+                );
+            }
+            let monitor = &self.monitoring.service_monitor;
+            if monitor.enabled && monitor.client_cert_secret_name.is_none() {
+                return Err(
+                    "spec.monitoring.serviceMonitor.clientCertSecretName is needed with \
+                     spec.tls.clientCaSecretName: the nodes refuse a Prometheus without a \
+                     client certificate"
+                        .into(),
+                );
+            }
+        }
         // What goes into the pod template verbatim: the API server would
         // refuse the StatefulSet, and every reconcile with it.
         if let Some(labels) = &self.pod_labels {
@@ -871,6 +891,18 @@ mod tests {
             s.validate().is_ok(),
             "a single replica needs no PDB headroom"
         );
+        s = spec("{tls: {clientCaSecretName: clients}}");
+        assert!(s.validate().unwrap_err().contains("needs TLS"));
+        s = spec(
+            "{tls: {secretName: c, clientCaSecretName: clients}, \
+              monitoring: {serviceMonitor: {enabled: true}}}",
+        );
+        assert!(s.validate().unwrap_err().contains("clientCertSecretName"));
+        s = spec(
+            "{tls: {secretName: c, clientCaSecretName: clients}, \
+              monitoring: {serviceMonitor: {enabled: true, clientCertSecretName: prom}}}",
+        );
+        assert_eq!(s.validate(), Ok(()));
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! TLS of a cache with `spec.tls` (issue 15): which Secrets hold the client
 //! API's certificate and the peers' certificate, where the nodes find them
 //! (mounted read-only; the nodes re-read the files when the Secret changes,
-//! so a renewed certificate needs no restart), and, with
-//! `spec.tls.certManager`, the cert-manager Certificates that fill those
-//! Secrets; with `spec.tls.clientCaSecretName`, the clients' CA that makes
-//! the client API mutual TLS. cert-manager's types are not in k8s-openapi (another project's
-//! CRD), so the Certificates are dynamic objects, applied only when the
-//! `cert-manager.io` API is served.
+//! so a renewed certificate needs no restart), with
+//! `spec.tls.clientCaSecretName` the clients' CA that makes the client API
+//! mutual TLS, and, with `spec.tls.certManager`, the cert-manager
+//! Certificates that fill those Secrets. cert-manager's types are not in
+//! k8s-openapi (another project's CRD), so the Certificates are dynamic
+//! objects, applied only when the `cert-manager.io` API is served.
 //!
 //! Identity of a member: its pod's DNS name under the headless Service,
 //! `<pod>.<name>-peers.<namespace>.svc`; the peer certificate carries the
