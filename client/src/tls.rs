@@ -249,7 +249,7 @@ struct Held {
     /// The certificate chain and the signing key presented.
     key: Arc<CertifiedKey>,
     /// A digest of the files it was made from, to tell whether they
-    /// changed (none when given as PEM); the key's PEM is not kept.
+    /// changed (unused when given as PEM); the key's PEM is not kept.
     digest: u64,
     looked: Instant,
 }
