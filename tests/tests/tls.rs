@@ -693,19 +693,26 @@ async fn pod_identities(
     let list = pods
         .list(&kube::api::ListParams::default().labels(&selector))
         .await?;
-    let mut out: Vec<(String, String, i32)> = list
+    // A pod without a uid or container statuses cannot be compared: an
+    // error, not a blank that would match another blank.
+    let mut out = list
         .items
         .iter()
         .map(|p| {
+            let uid = p
+                .uid()
+                .with_context(|| format!("pod {} has no uid", p.name_any()))?;
             let restarts = p
                 .status
                 .as_ref()
                 .and_then(|s| s.container_statuses.as_ref())
-                .map(|c| c.iter().map(|c| c.restart_count).sum())
-                .unwrap_or(0);
-            (p.name_any(), p.uid().unwrap_or_default(), restarts)
+                .with_context(|| format!("pod {} has no container statuses", p.name_any()))?
+                .iter()
+                .map(|c| c.restart_count)
+                .sum();
+            Ok((p.name_any(), uid, restarts))
         })
-        .collect();
+        .collect::<Result<Vec<(String, String, i32)>>>()?;
     out.sort();
     Ok(out)
 }
