@@ -1156,8 +1156,10 @@ impl cache_node::store::ItemView for Planted<'_> {
 /// and node-1's copy stays the replaced value. No read through node-1 may
 /// return that value: node-1 holds no read lease while a hint for it is
 /// pending (it asks node-0, which refuses), so it sends its reads to the
-/// primary. Once the relay is restored, the repair lands and node-1 serves
-/// reads itself again, of the new value.
+/// primary. That holds too while node-0's repairs are on their way and get
+/// no answer (the relay then holds what it is sent): a repair not yet
+/// acknowledged has repaired nothing. Once the relay is restored, the
+/// repair lands and node-1 serves reads itself again, of the new value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
     let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
@@ -1198,6 +1200,9 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
         written.status().is_success(),
         "answered with a replica cut off"
     );
+    // node-0's repairs now reach the relay and wait there for their time
+    // limit (a second), while node-1's lease requests reach node-0.
+    relay.black_hole().await;
     // From the moment the write is acknowledged, for longer than a lease
     // and its renewals: node-1 would have served its stale copy by now if
     // it still held a lease, or could get one.
@@ -1253,6 +1258,59 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
             "node-1 never served its own copy again"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A write a replica missed, whose item is gone from the primary by the
+/// time the repair runs (it expired): the replica must not keep the value
+/// that write replaced. The repair deletes the replica's older copy, and a
+/// read through the replica misses, as one through the primary does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_write_that_expired_before_its_repair_still_removes_the_replaced_value() {
+    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
+    let relay = c.relay_peer_traffic(1).await;
+    let (c, key) = every_node_an_owner(c, "expired").await;
+    let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
+    let put = |value: &'static str, ttl: u64| {
+        c.client
+            .put(url(0))
+            .json(&json!({ "value": value, "ttl": ttl }))
+            .send()
+    };
+    assert!(put("old", 3600).await.unwrap().status().is_success());
+    assert_eq!(
+        c.held(1, &key).await.expect("replicated")["value"],
+        "old",
+        "node-1 holds the first value"
+    );
+
+    relay.cut().await;
+    let written = put("new", 1).await.unwrap();
+    assert!(written.status().is_success(), "{}", written.status());
+    assert_eq!(c.held(1, &key).await.unwrap()["value"], "old", "missed");
+    // The new value expires on node-0 before node-1 can be repaired.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.held(0, &key).await.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new value never expired on node-0"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    relay.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while c.held(1, &key).await.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-1 kept the value the missed write replaced: {:?}",
+            c.held(1, &key).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in [0, 1] {
+        let resp = c.client.get(url(i)).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "a read through node-{i}");
     }
 }
 

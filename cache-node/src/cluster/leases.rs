@@ -279,7 +279,7 @@ mod tests {
             &[("a", MemberState::Active), ("b", MemberState::Active)],
         ));
         assert!(cluster.grant_lease("b"));
-        cluster.hints.write("b", "k");
+        cluster.hints.write("b", "k", 1);
         assert!(!cluster.grant_lease("b"), "a hint pending");
     }
 

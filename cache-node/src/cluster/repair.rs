@@ -39,8 +39,12 @@ const REPAIR_BATCH: usize = 500;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyHint {
-    /// Send the item as held now.
-    Write,
+    /// Send the item as held now. The version the missed write stored (its
+    /// `created_at`): if the item is no longer held here when the repair
+    /// runs (expired, evicted, or handed off after a ring change), the
+    /// peer's copies older than it are deleted instead, since they are
+    /// versions an acknowledged write replaced.
+    Write(UnixNanos),
     /// Delete the key unless written after `at`.
     Delete(UnixNanos),
 }
@@ -54,10 +58,19 @@ struct PeerHints {
     tags: HashMap<String, UnixNanos>,
     /// Write hints were dropped: send the peer everything it owns.
     resync: bool,
+    /// Hints taken out for a repair that has not answered yet. They count
+    /// as pending: until the peer acknowledges them it is still behind, and
+    /// must not be granted a read lease.
+    in_flight: usize,
 }
 
 impl PeerHints {
+    /// Hints not yet delivered: queued or on their way.
     fn len(&self) -> usize {
+        self.keys.len() + self.tags.len() + self.in_flight
+    }
+
+    fn queued(&self) -> usize {
         self.keys.len() + self.tags.len()
     }
 }
@@ -70,8 +83,9 @@ pub struct Hints {
 }
 
 impl Hints {
-    pub(super) fn write(&self, peer: &str, key: &str) {
-        self.add_key(peer, key, KeyHint::Write);
+    /// `peer` missed the write of `key` that stored version `created_at`.
+    pub(super) fn write(&self, peer: &str, key: &str, created_at: UnixNanos) {
+        self.add_key(peer, key, KeyHint::Write(created_at));
     }
 
     pub(super) fn delete(&self, peer: &str, key: &str, at: UnixNanos) {
@@ -83,7 +97,7 @@ impl Hints {
     pub(super) fn invalidate(&self, peer: &str, tag: &str, at: UnixNanos) {
         let mut peers = self.peers.lock();
         let hints = peers.entry(peer.to_owned()).or_default();
-        if hints.len() >= MAX_HINTS_PER_PEER
+        if hints.queued() >= MAX_HINTS_PER_PEER
             && !hints.tags.contains_key(tag)
             && Self::make_room(peer, hints)
         {
@@ -114,9 +128,9 @@ impl Hints {
     fn add_key(&self, peer: &str, key: &str, hint: KeyHint) {
         let mut peers = self.peers.lock();
         let hints = peers.entry(peer.to_owned()).or_default();
-        if hints.len() >= MAX_HINTS_PER_PEER && !hints.keys.contains_key(key) {
+        if hints.queued() >= MAX_HINTS_PER_PEER && !hints.keys.contains_key(key) {
             match hint {
-                KeyHint::Write => {
+                KeyHint::Write(_) => {
                     // The resync will send the item anyway.
                     hints.resync = true;
                     self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -139,7 +153,7 @@ impl Hints {
         let Some(victim) = hints
             .keys
             .iter()
-            .find(|(_, h)| **h == KeyHint::Write)
+            .find(|(_, h)| matches!(h, KeyHint::Write(_)))
             .map(|(k, _)| k.clone())
         else {
             return false;
@@ -172,31 +186,45 @@ impl Hints {
         self.peers.lock().entry(peer.to_owned()).or_default().resync = true;
     }
 
-    /// Takes up to `n` key hints and every tag hint for `peer`.
+    /// Takes up to `n` key hints and every tag hint for `peer`, to be sent;
+    /// they stay counted as pending until [`Self::delivered`] or
+    /// [`Self::restore`].
     fn take(&self, peer: &str, n: usize) -> Taken {
         let mut peers = self.peers.lock();
         let Some(hints) = peers.get_mut(peer) else {
             return (Vec::new(), Vec::new());
         };
         let keys: Vec<String> = hints.keys.keys().take(n).cloned().collect();
-        let keys = keys
+        let keys: Vec<_> = keys
             .into_iter()
             .map(|k| {
                 let hint = hints.keys.remove(&k).expect("just listed");
                 (k, hint)
             })
             .collect();
-        let tags = hints.tags.drain().collect();
-        if hints.len() == 0 && !hints.resync {
-            peers.remove(peer);
-        }
+        let tags: Vec<_> = hints.tags.drain().collect();
+        hints.in_flight += keys.len() + tags.len();
         (keys, tags)
     }
 
-    /// Puts back hints that could not be delivered (newer hints win).
+    /// `peer` acknowledged `n` hints taken for it.
+    fn delivered(&self, peer: &str, n: usize) {
+        let mut peers = self.peers.lock();
+        let Some(hints) = peers.get_mut(peer) else {
+            return;
+        };
+        hints.in_flight = hints.in_flight.saturating_sub(n);
+        if hints.len() == 0 && !hints.resync {
+            peers.remove(peer);
+        }
+    }
+
+    /// Puts back hints taken for `peer` that were not delivered (newer
+    /// hints win).
     fn restore(&self, peer: &str, keys: Vec<(String, KeyHint)>, tags: Vec<(String, UnixNanos)>) {
         let mut peers = self.peers.lock();
         let hints = peers.entry(peer.to_owned()).or_default();
+        hints.in_flight = hints.in_flight.saturating_sub(keys.len() + tags.len());
         for (k, h) in keys {
             hints.keys.entry(k).or_insert(h);
         }
@@ -275,8 +303,16 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
                 break;
             }
             match hint {
-                KeyHint::Write => {
-                    cluster.store.peek(key, |item| records.push(&item));
+                KeyHint::Write(version) => {
+                    let held = cluster.store.peek(key, |item| records.push(&item));
+                    if held.is_none() {
+                        // Gone from here since: the peer must not keep
+                        // serving what that write replaced.
+                        deletes.push(Deletion {
+                            key: key.clone(),
+                            at: version.saturating_sub(1),
+                        });
+                    }
                 }
                 KeyHint::Delete(at) => deletes.push(Deletion {
                     key: key.clone(),
@@ -314,6 +350,7 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
             cluster.hints.restore(peer, keys, tags);
             return;
         }
+        cluster.hints.delivered(peer, keys.len() + tags.len());
         tracing::info!(
             peer,
             keys = keys.len(),
@@ -357,27 +394,59 @@ mod tests {
     #[test]
     fn hints_collapse_per_key_and_restore_keeps_newer() {
         let h = Hints::default();
-        h.write("b", "k1");
-        h.write("b", "k1");
+        h.write("b", "k1", 1);
+        h.write("b", "k1", 2);
         h.delete("b", "k2", 5);
         h.invalidate("b", "red", 9);
         assert_eq!(h.pending(), 3);
         let (keys, tags) = h.take("b", 10);
         assert_eq!(keys.len(), 2);
         assert_eq!(tags, vec![("red".to_string(), 9)]);
-        assert_eq!(h.pending(), 0);
+        let k1 = keys.iter().find(|(k, _)| k == "k1").unwrap();
+        assert_eq!(k1.1, KeyHint::Write(2), "the later write's version");
         h.delete("b", "k1", 7); // newer than the write being put back
         h.restore("b", keys, tags);
+        assert_eq!(h.pending(), 3);
         let (keys, _) = h.take("b", 10);
         let k1 = keys.iter().find(|(k, _)| k == "k1").unwrap();
         assert_eq!(k1.1, KeyHint::Delete(7));
+    }
+
+    /// A repair on its way has not repaired anything yet: the peer stays
+    /// behind (no read lease) until it acknowledges, and a failed repair
+    /// leaves the hints as they were.
+    #[test]
+    fn hints_taken_for_a_repair_stay_pending_until_delivered() {
+        let h = Hints::default();
+        h.write("b", "k1", 1);
+        h.invalidate("b", "red", 9);
+        let (keys, tags) = h.take("b", 10);
+        assert_eq!((keys.len(), tags.len()), (1, 1));
+        assert!(h.has_pending("b"), "taken, not yet delivered");
+        assert_eq!(h.pending(), 2);
+        assert_eq!(h.take("b", 10), (Vec::new(), Vec::new()), "taken once");
+
+        h.restore("b", keys, tags);
+        assert!(h.has_pending("b"));
+        assert_eq!(h.pending(), 2);
+
+        let (keys, tags) = h.take("b", 10);
+        h.write("b", "k2", 3); // written while the repair is on its way
+        h.delivered("b", keys.len() + tags.len());
+        assert!(h.has_pending("b"), "the later write still waits");
+        assert_eq!(h.pending(), 1);
+        let (keys, tags) = h.take("b", 10);
+        h.delivered("b", keys.len() + tags.len());
+        assert!(!h.has_pending("b"));
+        assert_eq!(h.pending(), 0);
+        assert!(h.peers_with_hints().is_empty());
     }
 
     #[test]
     fn hints_are_capped_per_peer_and_an_overflow_asks_for_a_resync() {
         let h = Hints::default();
         for i in 0..MAX_HINTS_PER_PEER + 10 {
-            h.write("b", &format!("k{i}"));
+            h.write("b", &format!("k{i}"), 1);
         }
         assert_eq!(h.pending(), MAX_HINTS_PER_PEER);
         assert_eq!(h.take_dropped(), 10);
@@ -389,7 +458,7 @@ mod tests {
     fn a_full_queue_keeps_deletes_and_invalidations_over_writes() {
         let h = Hints::default();
         for i in 0..MAX_HINTS_PER_PEER {
-            h.write("b", &format!("k{i}"));
+            h.write("b", &format!("k{i}"), 1);
         }
         h.delete("b", "gone", 3);
         h.invalidate("b", "red", 4);

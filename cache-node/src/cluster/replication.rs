@@ -160,7 +160,15 @@ impl Cluster {
         let mut hinted: Vec<String> = Vec::new();
         let mut hint = |id: &str| {
             if deletes.is_empty() {
-                self.hints.write(id, key);
+                // The version the write stores, read from its record only
+                // when a replica missed it.
+                let version = match &request {
+                    Request::Replicate { items, .. } => {
+                        items.single().map_or(0, |r| r.meta().created_at)
+                    }
+                    _ => 0,
+                };
+                self.hints.write(id, key, version);
             } else {
                 for d in deletes {
                     self.hints.delete(id, &d.key, d.at);

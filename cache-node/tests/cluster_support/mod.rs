@@ -722,13 +722,23 @@ fn slot(block: u8, i: usize, dir: &Path) -> ProcNode {
 /// test cuts and restores: while cut, every relayed connection is closed
 /// and new ones are closed as soon as they are accepted, so what the other
 /// members send that node is lost (the node itself keeps running, and its
-/// own requests to them, which do not pass here, still arrive).
+/// own requests to them, which do not pass here, still arrive). A relay
+/// made a black hole closes what it relays too, but then accepts new
+/// connections and holds them without a word: a request sent that node
+/// waits for its time limit, as one does when packets are lost.
 pub struct PeerRelay {
     pub addr: SocketAddr,
-    open: tokio::sync::watch::Sender<bool>,
+    gate: tokio::sync::watch::Sender<Gate>,
     /// Connections being relayed now.
     relaying: Arc<std::sync::atomic::AtomicUsize>,
     accepting: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Open,
+    Cut,
+    BlackHole,
 }
 
 impl PeerRelay {
@@ -737,15 +747,29 @@ impl PeerRelay {
             .await
             .unwrap_or_else(|e| panic!("relay on {bind}: {e}"));
         let addr = listener.local_addr().expect("relay address");
-        let (open, _) = tokio::sync::watch::channel(true);
+        let (gate, _) = tokio::sync::watch::channel(Gate::Open);
         let relaying = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let gate = open.subscribe();
+        let watch = gate.subscribe();
         let count = relaying.clone();
         let accepting = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut gate = gate.clone();
-                if !*gate.borrow() {
-                    continue; // closed on drop
+                let mut watch = watch.clone();
+                let now = *watch.borrow();
+                match now {
+                    Gate::Cut => continue, // closed on drop
+                    Gate::BlackHole => {
+                        // Held, what comes read and dropped, until the gate
+                        // changes (or the peer gives up).
+                        tokio::spawn(async move {
+                            let mut sink = tokio::io::sink();
+                            tokio::select! {
+                                _ = watch.wait_for(|g| *g != Gate::BlackHole) => {}
+                                _ = tokio::io::copy(&mut inbound, &mut sink) => {}
+                            }
+                        });
+                        continue;
+                    }
+                    Gate::Open => {}
                 }
                 // Counted before the cut can be checked again, uncounted
                 // once both sockets are closed.
@@ -755,7 +779,7 @@ impl PeerRelay {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                         tokio::select! {
                             biased;
-                            _ = gate.wait_for(|open| !open) => {}
+                            _ = watch.wait_for(|g| *g != Gate::Open) => {}
                             _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         }
                     }
@@ -766,7 +790,7 @@ impl PeerRelay {
         });
         Self {
             addr,
-            open,
+            gate,
             relaying,
             accepting,
         }
@@ -776,7 +800,17 @@ impl PeerRelay {
     /// [`Self::restore`]; returns once none is relayed any more, so nothing
     /// sent after it passes.
     pub async fn cut(&self) {
-        self.open.send_replace(false);
+        self.close(Gate::Cut).await;
+    }
+
+    /// Closes every relayed connection, and holds every new one unanswered
+    /// until [`Self::restore`]; returns once none is relayed any more.
+    pub async fn black_hole(&self) {
+        self.close(Gate::BlackHole).await;
+    }
+
+    async fn close(&self, gate: Gate) {
+        self.gate.send_replace(gate);
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.relaying.load(Ordering::SeqCst) > 0 {
             assert!(
@@ -788,13 +822,13 @@ impl PeerRelay {
     }
 
     pub fn restore(&self) {
-        self.open.send_replace(true);
+        self.gate.send_replace(Gate::Open);
     }
 }
 
 impl Drop for PeerRelay {
     fn drop(&mut self) {
-        self.open.send_replace(false);
+        self.gate.send_replace(Gate::Cut);
         self.accepting.abort();
     }
 }
