@@ -22,12 +22,17 @@
 //! and then to any member (which forwards it); a write goes elsewhere only
 //! if it certainly never reached the owner, so it is never applied twice.
 //!
-//! Keep-alive connections per node (`pool.rs`), no redirects, no
-//! decompression: the requests are small and the answers are JSON. Seeds
+//! Keep-alive connections per node (`pool.rs`), each carrying one request
+//! at a time in the requesting task (`conn.rs`, HTTP/1.1 written by hand,
+//! which says why), no redirects, no decompression: the requests are small
+//! and the answers are JSON. A request that may have run and got no answer
+//! is never sent again elsewhere unless it is a read (a write or a tag
+//! invalidation is [`Error::Uncertain`]). Seeds
 //! given as `https://host:port` make every connection TLS (`tls.rs`: which
 //! CA is trusted, which name every node's certificate must carry, and the
 //! certificate the client presents to nodes that ask for one).
 
+mod conn;
 mod pool;
 mod ring;
 mod tls;
@@ -42,13 +47,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use distrocache_membership::{CLUSTER_PATH, MemberState};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::http::{HeaderName, HeaderValue, Request, Uri, header};
+use http::{HeaderValue, Uri};
 use parking_lot::Mutex;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
-pub use hyper::http::{Method, StatusCode};
+pub use http::{Method, StatusCode};
 use pool::{Failed, Pool};
 use ring::host_header;
 pub use ring::{Node, Ring};
@@ -64,12 +68,6 @@ const REFRESH_PAUSE: Duration = Duration::from_millis(100);
 pub const EPOCH_HEADER: &str = "x-distrocache-epoch";
 /// The node that served an item request.
 pub const SERVED_BY_HEADER: &str = "x-distrocache-served-by";
-
-const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
-// The answer's header names, parsed once: looking a header up by `&str`
-// parses and validates the name on every answer.
-const EPOCH: HeaderName = HeaderName::from_static(EPOCH_HEADER);
-const SERVED_BY: HeaderName = HeaderName::from_static(SERVED_BY_HEADER);
 
 /// Largest answer read.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
@@ -413,7 +411,7 @@ impl Client {
             };
             match ring {
                 Ok(ring) if ring.epoch >= self.inner.wanted.load(Ordering::Acquire) => {
-                    self.learned(ring);
+                    self.learned(&held, ring);
                     return Ok(());
                 }
                 Ok(ring) => {
@@ -426,20 +424,37 @@ impl Client {
         }
         match newest {
             Some(ring) => {
-                self.learned(ring);
+                self.learned(&held, ring);
                 Ok(())
             }
             None => Err(last),
         }
     }
 
-    fn learned(&self, ring: Ring) {
+    /// Holds `ring`, fetched while `held` was the ring held, unless another
+    /// refresh stored a newer one meanwhile (two may run at once: the
+    /// background one and [`Self::refresh`]).
+    fn learned(&self, held: &Arc<Ring>, ring: Ring) {
         tracing::debug!(
             epoch = ring.epoch,
             nodes = ring.nodes.len(),
             "learned the ring"
         );
-        self.inner.ring.store(Arc::new(ring));
+        let ring = Arc::new(ring);
+        let before = self.inner.ring.rcu(|current| {
+            if Arc::ptr_eq(current, held) || ring.epoch >= current.epoch {
+                ring.clone()
+            } else {
+                current.clone()
+            }
+        });
+        if Arc::ptr_eq(&before, held) || ring.epoch >= before.epoch {
+            // Connections kept for nodes no longer in the ring are closed.
+            let seeds = &self.inner.seeds;
+            self.inner.pool.retain(|addr| {
+                seeds.contains(&addr) || ring.nodes.iter().any(|n| n.address == addr)
+            });
+        }
     }
 
     /// The item, or `None` when the key is absent or expired.
@@ -536,15 +551,20 @@ impl Client {
     ) -> Result<Answer, Error> {
         let uri = path_uri(path)?;
         let epoch = self.inner.ring.load().epoch;
+        let writes = changes_state(&method);
         self.call(epoch, node, host_header(node), method, uri, Bytes::new())
             .await
-            .map_err(|e| Error::Unreachable(format!("{node}: {e}")))
+            .map_err(|e| match e {
+                Failed::Lost(reason) if writes => Error::Uncertain { node, reason },
+                e => Error::Unreachable(format!("{node}: {e}")),
+            })
     }
 
     /// A request on no key in particular (stats, views): any node will do.
     pub async fn any_node(&self, method: Method, path: String) -> Result<Answer, Error> {
         let uri = path_uri(path)?;
         let ring = self.ring();
+        let writes = changes_state(&method);
         let mut last = String::from("no node");
         for node in &ring.nodes {
             match self
@@ -559,7 +579,15 @@ impl Client {
                 .await
             {
                 Ok(answer) => return Ok(answer),
-                Err(e) => last = e.to_string(),
+                // A tag invalidation that may have run is not run again
+                // elsewhere: it would count (and delete) anew.
+                Err(Failed::Lost(reason)) if writes => {
+                    return Err(Error::Uncertain {
+                        node: node.address,
+                        reason,
+                    });
+                }
+                Err(e) => last = format!("{}: {e}", node.address),
             }
         }
         Err(Error::Unreachable(last))
@@ -778,12 +806,6 @@ impl Inner {
 
     /// One request to `addr` (`host` its `Host` header), its answer read in
     /// full within the client's timeout.
-    ///
-    /// Built field by field rather than with `Request::builder()`, which
-    /// moves its whole unfinished request through every step, with the
-    /// node's `Host` made once per ring and the clock read once: that
-    /// copying, a `Host` formatted per request and three clock reads each
-    /// showed in a profile of the `load` example.
     async fn request(
         &self,
         addr: SocketAddr,
@@ -792,54 +814,38 @@ impl Inner {
         uri: Uri,
         body: Bytes,
     ) -> Result<Answer, Failed> {
-        let has_body = !body.is_empty();
-        let mut request = Request::new(Full::new(body));
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        let headers = request.headers_mut();
-        headers.insert(header::HOST, host);
-        if has_body {
-            headers.insert(header::CONTENT_TYPE, APPLICATION_JSON);
-        }
-        if let Some(token) = &self.token {
-            headers.insert(header::AUTHORIZATION, token.clone());
-        }
+        let head = conn::Head {
+            method: &method,
+            path: uri.path_and_query().map_or("/", |p| p.as_str()),
+            host: &host,
+            token: self.token.as_ref(),
+            body: &body,
+        };
         // One clock read per request: the deadline, and the connection's
         // idle time when it is taken and put back. Tokio's clock, which is
-        // the system's unless a test pauses it.
+        // the system's unless a test pauses it. A timeout too large to add
+        // waits for ever, as `tokio::time::timeout` has it.
         let started = tokio::time::Instant::now();
-        let call = async {
-            let (response, conn) = self.pool.send(addr, request, started.into_std()).await?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| Failed::Lost(format!("answer broke off: {e}")))?
-                .to_bytes();
-            self.pool.put(addr, conn, started.into_std());
-            Ok::<_, Failed>((parts, body))
-        };
-        let answer = match started.checked_add(self.timeout) {
-            Some(deadline) => tokio::time::timeout_at(deadline, call)
-                .await
-                .map_err(|_| Failed::Lost(format!("no answer within {:?}", self.timeout)))?,
-            // A timeout too large to add waits for ever, as
-            // `tokio::time::timeout` has it.
-            None => call.await,
-        };
-        let (parts, body) = answer?;
-        let epoch = parts
-            .headers
-            .get(EPOCH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let deadline = started.checked_add(self.timeout);
+        let (answer, conn) = self
+            .pool
+            .send(addr, &head, MAX_ANSWER_BYTES, started, deadline)
+            .await?;
+        self.pool.put(addr, conn, started.into_std());
         Ok(Answer {
-            status: parts.status,
-            body,
+            status: answer.status,
+            body: answer.body,
             node: addr,
-            epoch,
-            served_by: parts.headers.get(SERVED_BY).cloned(),
+            epoch: answer.epoch,
+            served_by: answer.served_by,
         })
     }
+}
+
+/// Whether a request with `method` may change what the cache holds: one
+/// that may have run is never sent again elsewhere.
+fn changes_state(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD)
 }
 
 /// A request path as a URI, parsed once for every node a request tries.
@@ -873,13 +879,18 @@ mod tests {
 
     /// Three active members, replication factor 2.
     fn ring() -> Ring {
+        Ring::from_view(view(), "127.0.0.1:7001".parse().unwrap()).unwrap()
+    }
+
+    /// A node's view of [`ring`].
+    fn view() -> ClusterView {
         let member = |id: &str, port: u16| MemberView {
             id: id.into(),
             address: Some(format!("127.0.0.1:{port}")),
             client_address: None,
             state: MemberState::Active,
         };
-        let view = ClusterView {
+        ClusterView {
             node_id: "a".into(),
             mode: Mode::Cluster,
             epoch: 3,
@@ -892,8 +903,40 @@ mod tests {
             ready: true,
             read_lease: true,
             owners: None,
-        };
-        Ring::from_view(view, "127.0.0.1:7001".parse().unwrap()).unwrap()
+        }
+    }
+
+    /// A view with nothing to route by, or with what no node sends, is not
+    /// taken for a ring: a refresh then asks the next node.
+    #[test]
+    fn a_view_without_a_ring_or_with_an_invalid_one_is_refused() {
+        let asked: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let mut empty = view();
+        empty.members.clear();
+        empty.epoch = 0;
+        let e = Ring::from_view(empty, asked).err().unwrap();
+        assert!(e.contains("no ring yet"), "{e}");
+
+        let mut huge = view();
+        huge.hashing = Some(distrocache_membership::Hashing::Consistent {
+            virtual_nodes: u32::MAX,
+        });
+        let e = Ring::from_view(huge, asked).err().unwrap();
+        assert!(e.contains("virtualNodes"), "{e}");
+
+        let mut none = view();
+        none.replication_factor = Some(0);
+        let e = Ring::from_view(none, asked).err().unwrap();
+        assert!(e.contains("replicationFactor"), "{e}");
+    }
+
+    #[test]
+    fn only_reads_may_be_sent_again_after_an_unanswered_try() {
+        assert!(!changes_state(&Method::GET));
+        assert!(!changes_state(&Method::HEAD));
+        for method in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+            assert!(changes_state(&method), "{method}");
+        }
     }
 
     fn inner(read_from: ReadFrom) -> Inner {

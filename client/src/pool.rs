@@ -2,35 +2,29 @@
 //! node, taken for one request at a time and put back once its answer has
 //! been read.
 //!
-//! Written on hyper's connection API rather than `hyper_util`'s pooled
-//! client because the client is a benchmark's load generator as much as a
-//! library, and the pooled client cost more than the cache node it drives:
-//! about 20 µs of CPU per request (a task spawned per request to return the
-//! connection, a SipHash map keyed by scheme and authority, a URI parsed per
-//! request), against the node's 9. What it did that a ring-aware client needs
-//! is small, and is all here: a stack of idle connections per node (the most
-//! recently used first, so a quiet period lets the rest time out), a bound
-//! on how many are kept, and telling a request that never left (safe to send
-//! elsewhere) from one that may have reached the node. With TLS
-//! (`tls.rs`), a new connection completes its handshake before it is used,
-//! and a node that refuses the client's certificate only once the first
-//! request is on its way has not read it; a connection then carries
-//! requests the same way either way.
+//! Not `hyper_util`'s pooled client: the client is a benchmark's load
+//! generator as much as a library, and that pool cost more than the cache
+//! node it drives (about 20 µs of CPU per request: a task spawned per
+//! request to return the connection, a SipHash map keyed by scheme and
+//! authority, a URI parsed per request, against the node's 9). What a
+//! ring-aware client needs of a pool is small, and is all here: a stack of
+//! idle connections per node (the most recently used first, so a quiet
+//! period lets the rest time out), a bound on how many are kept, and
+//! telling a request that never left (safe to send elsewhere) from one that
+//! may have reached the node. With TLS (`tls.rs`), a new connection
+//! completes its handshake before it is used, and a node that refuses the
+//! client's certificate only once the first request is on its way has not
+//! read it; a connection then carries requests the same way either way
+//! (`conn.rs`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::Response;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::http::Request;
-use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant as TokioInstant;
 
+use crate::conn::{Answer, Conn, Head, Stream};
 use crate::tls::{Refusal, Tls};
 
 /// How long a connection may wait unused before it is closed.
@@ -39,8 +33,6 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_IDLE_PER_NODE: usize = 1024;
 /// How long opening a connection may take (its TLS handshake included).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-type Sender = SendRequest<Full<Bytes>>;
 
 /// Why a request got no answer.
 #[derive(Debug)]
@@ -75,7 +67,7 @@ struct NodeConns {
 }
 
 struct Idle {
-    conn: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -87,62 +79,62 @@ impl Pool {
         }
     }
 
-    /// Sends `request` to `addr` on an idle connection or a new one, and
-    /// returns the answer's head; the connection is handed back with it, to
-    /// be returned with [`Pool::put`] once the body has been read.
-    /// `now` is the request's start, read once by the caller.
+    /// Sends a request to `addr` on an idle connection or a new one, and
+    /// reads its answer (a body of `max_body` bytes at most) by `deadline`
+    /// (none: no limit); the connection is handed back with it, to be
+    /// returned with [`Pool::put`]. `started` is the request's start, read
+    /// once by the caller.
+    ///
+    /// The deadline counts from `started` to the whole answer. A request
+    /// still waiting for its connection to open when it passes never left
+    /// ([`Failed::NotSent`]); one written is [`Failed::Lost`].
     pub async fn send(
         &self,
         addr: SocketAddr,
-        request: Request<Full<Bytes>>,
-        now: Instant,
-    ) -> Result<(Response<Incoming>, Sender), Failed> {
-        let mut request = request;
+        head: &Head<'_>,
+        max_body: usize,
+        started: TokioInstant,
+        deadline: Option<TokioInstant>,
+    ) -> Result<(Answer, Conn), Failed> {
         // An idle connection the node closed meanwhile is found out here,
-        // before anything is written: the request then goes on a new one.
-        while let Some(mut conn) = self.take(addr, now) {
-            if conn.ready().await.is_err() {
-                continue;
-            }
-            match conn.try_send_request(request).await {
-                Ok(response) => return Ok((response, conn)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => request = unsent,
-                    None => return Err(Failed::Lost(e.into_error().to_string())),
-                },
+        // before anything is written: the request then goes on another.
+        while let Some(mut conn) = self.take(addr, started.into_std()) {
+            match by(deadline, started, conn.send(head, max_body)).await {
+                Ok(answer) => return Ok((answer, conn)),
+                // Closed as the request was written: another may do.
+                Err(Failed::NotSent(_)) => continue,
+                Err(lost) => return Err(lost),
             }
         }
+        let open_by = match deadline {
+            Some(d) => d.min(started + CONNECT_TIMEOUT),
+            None => started + CONNECT_TIMEOUT,
+        };
         // Boxed: opening a connection is rare, and its future (a TLS
         // handshake's state included) would otherwise make every request's
         // future larger.
-        let (mut conn, refusal) = Box::pin(connect(addr, self.tls.as_ref())).await?;
-        // A node that refused this client's TLS (its certificate, with TLS
-        // 1.3) never read the request, however hyper reports the failure.
-        let refused = |failed: Failed| match refusal.as_ref().and_then(Refusal::alert) {
-            Some(alert) => Failed::NotSent(format!(
-                "TLS with {addr}: the node refused the handshake: {alert:?}"
-            )),
-            None => failed,
-        };
-        if let Err(e) = conn.ready().await {
-            return Err(refused(Failed::NotSent(format!(
-                "connection to {addr} closed: {e}"
-            ))));
-        }
-        match conn.try_send_request(request).await {
-            Ok(response) => Ok((response, conn)),
-            Err(e) if e.message().is_some() => {
-                Err(refused(Failed::NotSent(e.into_error().to_string())))
-            }
-            Err(e) => Err(refused(Failed::Lost(e.into_error().to_string()))),
+        let opened =
+            tokio::time::timeout_at(open_by, Box::pin(connect(addr, self.tls.as_ref()))).await;
+        let (mut conn, refusal) =
+            opened.map_err(|_| Failed::NotSent(format!("connecting to {addr} timed out")))??;
+        match by(deadline, started, conn.send(head, max_body)).await {
+            Ok(answer) => Ok((answer, conn)),
+            // A node that refused this client's TLS (its certificate, with
+            // TLS 1.3) never read the request, however the failure shows.
+            Err(failed) => match refusal.as_ref().and_then(Refusal::alert) {
+                Some(alert) => Err(Failed::NotSent(format!(
+                    "TLS with {addr}: the node refused the handshake: {alert:?}"
+                ))),
+                None => Err(failed),
+            },
         }
     }
 
     /// Keeps a connection whose last answer has been read in full;
     /// `started` is when its request started (its idle time counts from
     /// there: a request's length early at most).
-    pub fn put(&self, addr: SocketAddr, conn: Sender, started: Instant) {
-        if conn.is_closed() {
+    pub fn put(&self, addr: SocketAddr, conn: Conn, started: Instant) {
+        if !conn.may_keep() {
             return;
         }
         let mut nodes = self.nodes.lock();
@@ -172,12 +164,18 @@ impl Pool {
         }
     }
 
+    /// Closes the idle connections of every node `keep` does not keep (one
+    /// that left the ring).
+    pub fn retain(&self, keep: impl Fn(SocketAddr) -> bool) {
+        self.nodes.lock().retain(|n| keep(n.addr));
+    }
+
     /// The most recently used idle connection to `addr` that is still open.
-    fn take(&self, addr: SocketAddr, now: Instant) -> Option<Sender> {
+    fn take(&self, addr: SocketAddr, now: Instant) -> Option<Conn> {
         let mut nodes = self.nodes.lock();
         let node = nodes.iter_mut().find(|n| n.addr == addr)?;
-        while let Some(Idle { conn, since }) = node.idle.pop() {
-            if !conn.is_closed() && now.saturating_duration_since(since) <= IDLE_TIMEOUT {
+        while let Some(Idle { mut conn, since }) = node.idle.pop() {
+            if now.saturating_duration_since(since) <= IDLE_TIMEOUT && conn.is_reusable() {
                 return Some(conn);
             }
         }
@@ -185,46 +183,43 @@ impl Pool {
     }
 }
 
-/// A new connection to `addr` (over TLS with `tls`, then with what keeps
-/// the alert the node may refuse it with), its I/O driven by a task of its
-/// own (which ends when the connection closes or its last handle is
-/// dropped).
-async fn connect(addr: SocketAddr, tls: Option<&Tls>) -> Result<(Sender, Option<Refusal>), Failed> {
-    let open = async {
-        let stream = TcpStream::connect(addr)
+/// `request` given until `deadline` (none: no limit), which `started`
+/// counts from.
+async fn by<T>(
+    deadline: Option<TokioInstant>,
+    started: TokioInstant,
+    request: impl Future<Output = Result<T, Failed>>,
+) -> Result<T, Failed> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, request)
             .await
-            .map_err(|e| Failed::NotSent(format!("cannot connect to {addr}: {e}")))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| Failed::NotSent(format!("{addr}: {e}")))?;
-        match tls {
-            None => Ok((handshake(addr, stream).await?, None)),
-            Some(tls) => {
-                let (stream, refusal) = tls
-                    .handshake(stream)
-                    .await
-                    .map_err(|e| Failed::NotSent(format!("TLS with {addr}: {e}")))?;
-                Ok((handshake(addr, stream).await?, Some(refusal)))
-            }
-        }
-    };
-    tokio::time::timeout(CONNECT_TIMEOUT, open)
-        .await
-        .map_err(|_| Failed::NotSent(format!("connecting to {addr} timed out")))?
+            .unwrap_or_else(|_| {
+                Err(Failed::Lost(format!(
+                    "no answer within {:?}",
+                    deadline.saturating_duration_since(started)
+                )))
+            }),
+        None => request.await,
+    }
 }
 
-/// HTTP/1.1 on an open stream, plain or TLS.
-async fn handshake<S>(addr: SocketAddr, stream: S) -> Result<Sender, Failed>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+/// A new connection to `addr`, over TLS with `tls` (then with what keeps
+/// the alert the node may refuse it with).
+async fn connect(addr: SocketAddr, tls: Option<&Tls>) -> Result<(Conn, Option<Refusal>), Failed> {
+    let stream = TcpStream::connect(addr)
         .await
+        .map_err(|e| Failed::NotSent(format!("cannot connect to {addr}: {e}")))?;
+    stream
+        .set_nodelay(true)
         .map_err(|e| Failed::NotSent(format!("{addr}: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(%addr, error = %e, "connection closed");
+    match tls {
+        None => Ok((Conn::new(Stream::Plain(stream)), None)),
+        Some(tls) => {
+            let (stream, refusal) = tls
+                .handshake(stream)
+                .await
+                .map_err(|e| Failed::NotSent(format!("TLS with {addr}: {e}")))?;
+            Ok((Conn::new(Stream::Tls(Box::new(stream))), Some(refusal)))
         }
-    });
-    Ok(sender)
+    }
 }

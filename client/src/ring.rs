@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use hyper::http::HeaderValue;
+use http::HeaderValue;
 
 use distrocache_membership::placement::{Owners, Placement};
 use distrocache_membership::{ClusterView, Member, MemberState, MembershipDoc, Mode};
@@ -73,6 +73,10 @@ impl Ring {
             let id = view.members.first().map_or("node", |m| m.id.as_str());
             return Ok(Self::single(id, asked));
         }
+        if view.members.is_empty() {
+            // A cluster node before its first ring: nothing to route by.
+            return Err("the node holds no ring yet".into());
+        }
         let mut nodes = Vec::with_capacity(view.members.len());
         let mut members = Vec::with_capacity(view.members.len());
         for m in view.members {
@@ -103,6 +107,10 @@ impl Ring {
             hashing: view.hashing.unwrap_or_default(),
             members,
         };
+        // Bounds the placement's size (virtual nodes, members) before it
+        // is built: the view is a node's answer, not a trusted input.
+        doc.validate()
+            .map_err(|e| format!("an invalid ring: {e}"))?;
         Ok(Self {
             epoch: view.epoch,
             in_flight: nodes.iter().map(|_| AtomicUsize::new(0)).collect(),

@@ -26,8 +26,8 @@
 //! at all) shows up as an alert on the connection's first read rather than
 //! in the handshake. [`Watched`] keeps that alert ([`Refusal`]) so that the
 //! pool can tell a request the node never read, and why, from one lost in
-//! flight: hyper reports the first as a bare "canceled" or a connection
-//! error.
+//! flight: without it, the first looks like a connection that closed
+//! before its answer.
 
 use std::io;
 use std::path::{Path, PathBuf};

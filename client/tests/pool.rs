@@ -232,35 +232,126 @@ async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String>
     }
 }
 
-/// A write whose connection breaks after it was sent may have been applied:
-/// the client says so (`Error::Uncertain`) and does not send it to another
-/// node, where it could be applied a second time. A read in the same
-/// situation goes on to the key's other owner.
-#[tokio::test]
-async fn a_write_cut_off_after_it_was_sent_is_uncertain_and_not_sent_again() {
-    let (listener_a, a) = FakeNode::start().await;
-    let (listener_b, b) = FakeNode::start().await;
-    let member = |id: &str, node: &FakeNode| MemberView {
-        id: id.into(),
-        address: None,
-        client_address: Some(node.addr.to_string()),
-        state: MemberState::Active,
-    };
+/// A cluster member's view of a ring of `members` (id, client address) at
+/// `epoch`, replication factor 2, as JSON.
+fn view_of(epoch: u64, members: &[(&str, SocketAddr)]) -> String {
     let view = ClusterView {
         node_id: "a".into(),
         mode: Mode::Cluster,
-        epoch: 1,
+        epoch,
         replication_factor: Some(2),
         hashing: None,
         member_state: Some(MemberState::Active),
-        members: vec![member("a", &a), member("b", &b)],
+        members: members
+            .iter()
+            .map(|(id, addr)| MemberView {
+                id: (*id).into(),
+                address: None,
+                client_address: Some(addr.to_string()),
+                state: MemberState::Active,
+            })
+            .collect(),
         previous_epoch: None,
         settled: true,
         ready: true,
         read_lease: true,
         owners: None,
     };
-    let view = serde_json::to_string(&view).unwrap();
+    serde_json::to_string(&view).unwrap()
+}
+
+/// A seed that is a cluster node without a ring yet (it lists no member)
+/// is not taken for the ring: the client asks the next seed.
+#[tokio::test]
+async fn a_seed_without_a_ring_yet_is_passed_over_for_one_with_a_ring() {
+    let (listener_a, a) = FakeNode::start().await;
+    let (listener_b, b) = FakeNode::start().await;
+    a.serve(listener_a, false, view_of(0, &[]));
+    b.serve(
+        listener_b,
+        false,
+        view_of(4, &[("a", a.addr), ("b", b.addr)]),
+    );
+    let client = Client::builder([a.addr.to_string(), b.addr.to_string()])
+        .connect()
+        .await
+        .expect("the second seed has a ring");
+    assert_eq!(client.ring().epoch, 4);
+    assert_eq!(client.ring().nodes.len(), 2);
+
+    // With no seed holding a ring, there is nothing to route by.
+    let (listener_c, c) = FakeNode::start().await;
+    c.serve(listener_c, false, view_of(0, &[]));
+    match Client::builder([c.addr.to_string()]).connect().await {
+        Err(Error::BadAnswer(e)) => assert!(e.contains("no ring yet"), "{e}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a client with an empty ring"),
+    }
+}
+
+/// A node that takes no new connection (its accept queue full, so the
+/// kernel drops the handshake): a write whose connection never opened
+/// within the client's time limit never left, so it goes to another node
+/// rather than failing as "may have been applied".
+#[tokio::test]
+async fn a_write_whose_connection_never_opened_in_time_goes_elsewhere() {
+    // A listener that never accepts, its queue filled.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let silent = socket.listen(1).unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(silent_addr))
+            .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(silent_addr))
+            .await
+            .is_err(),
+        "the queue is full: a connection no longer opens"
+    );
+
+    let (listener_b, b) = FakeNode::start().await;
+    b.serve(
+        listener_b,
+        false,
+        view_of(1, &[("a", silent_addr), ("b", b.addr)]),
+    );
+    let client = Client::builder([b.addr.to_string()])
+        .timeout(Duration::from_millis(700))
+        .connect()
+        .await
+        .expect("the client learns the ring");
+    let ring = client.ring();
+    let key = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| ring.nodes[ring.owners(k)[0]].id == "a")
+        .expect("a is the primary of some key");
+    client
+        .set_raw(&key, r#"{"value":1}"#.into())
+        .await
+        .expect("the write goes to b");
+    assert_eq!(
+        *b.seen.lock(),
+        [format!("put /api/v1/cache/{key} http/1.1")]
+    );
+    drop(fillers);
+}
+
+/// A write whose connection breaks after it was sent may have been applied:
+/// the client says so (`Error::Uncertain`) and does not send it to another
+/// node, where it could be applied a second time; nor a tag invalidation. A
+/// read in the same situation goes on to the key's other owner.
+#[tokio::test]
+async fn a_write_cut_off_after_it_was_sent_is_uncertain_and_not_sent_again() {
+    let (listener_a, a) = FakeNode::start().await;
+    let (listener_b, b) = FakeNode::start().await;
+    let view = view_of(1, &[("a", a.addr), ("b", b.addr)]);
     a.serve(listener_a, true, view.clone());
     b.serve(listener_b, false, view);
     let client = Client::builder([a.addr.to_string()])
@@ -290,9 +381,23 @@ async fn a_write_cut_off_after_it_was_sent_is_uncertain_and_not_sent_again() {
         b.seen.lock()
     );
 
+    // A tag invalidation is not sent to another node after one that may
+    // have run it hung up: it would run again there.
+    match client.invalidate_tag("red").await {
+        Err(Error::Uncertain { node, .. }) => assert_eq!(node, a.addr),
+        other => panic!("an invalidation cut off after it was sent: {other:?}"),
+    }
+    assert_eq!(a.seen.lock().len(), 2);
+    assert_eq!(a.seen.lock()[1], "post /api/v1/invalidate/tag/red http/1.1");
+    assert!(
+        b.seen.lock().is_empty(),
+        "the invalidation went on to b: {:?}",
+        b.seen.lock()
+    );
+
     let got = client.get(&key).await.unwrap().expect("b answers");
     assert_eq!(got.value, serde_json::json!("from the other owner"));
-    assert_eq!(a.seen.lock().len(), 2, "the read went to the primary first");
+    assert_eq!(a.seen.lock().len(), 3, "the read went to the primary first");
     assert_eq!(
         *b.seen.lock(),
         [format!("get /api/v1/cache/{key} http/1.1")]
