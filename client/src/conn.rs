@@ -13,9 +13,11 @@
 //! with one (or read to the connection's end), `Connection: close`, and
 //! bounds on the head and the body.
 
+use std::future::Future;
 use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderValue, Method, StatusCode};
@@ -31,6 +33,11 @@ const MAX_HEAD_BYTES: usize = 64 << 10;
 const MAX_HEADERS: usize = 32;
 /// What a read asks the socket for at least.
 const READ_CHUNK: usize = 8 << 10;
+/// Largest buffer a connection keeps between requests.
+const KEPT_BUFFER_BYTES: usize = 64 << 10;
+/// How long an answer that came before the request was written in full
+/// is waited for, once the write failed.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(200);
 
 /// A connection's byte stream: plain TCP, or TLS that keeps the alert a
 /// node refuses the client's certificate with. An enum rather than a boxed
@@ -103,18 +110,20 @@ impl Conn {
     /// kept, and an idle read finds nothing (the node closing
     /// it, or bytes no request asked for, mean it cannot). The read is a
     /// poll that returns at once: with no news from the socket, tokio does
-    /// not even make a system call.
+    /// not even make a system call. It is polled outside tokio's budget: a
+    /// task whose budget ran out would otherwise be told "pending" without
+    /// the socket being looked at.
     pub(crate) fn is_reusable(&mut self) -> bool {
         if !self.may_keep() {
             return false;
         }
-        let mut cx = Context::from_waker(Waker::noop());
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
-        matches!(
-            Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf),
-            Poll::Pending
-        )
+        let stream = &mut self.stream;
+        let read = std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_read(cx, &mut buf));
+        let mut read = std::pin::pin!(tokio::task::unconstrained(read));
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(read.as_mut().poll(&mut cx), Poll::Pending)
     }
 
     /// Sends one request and reads its answer in full, the body at most
@@ -134,15 +143,29 @@ impl Conn {
         };
         if let Err(e) = written {
             self.closing = true;
+            // A node may answer before it has read the whole request (a
+            // body over its limit: 413) and close: its answer, if it came,
+            // is the request's outcome. Otherwise the request is incomplete
+            // on the node's side, which acts only on a whole one.
+            if let Ok(Ok(answer)) =
+                tokio::time::timeout(EARLY_ANSWER_WAIT, self.read_answer(max_body)).await
+            {
+                return Ok(answer);
+            }
             return Err(Failed::NotSent(format!("writing the request: {e}")));
         }
-        match self.read_answer(max_body).await {
-            Ok(answer) => Ok(answer),
-            Err(e) => {
-                self.closing = true;
-                Err(Failed::Lost(e))
-            }
+        let answer = self.read_answer(max_body).await;
+        // A large request or answer does not stay with the connection.
+        if self.read.capacity() > KEPT_BUFFER_BYTES {
+            self.read = BytesMut::with_capacity(READ_CHUNK);
         }
+        if self.write.capacity() > KEPT_BUFFER_BYTES {
+            self.write = Vec::new();
+        }
+        answer.map_err(|e| {
+            self.closing = true;
+            Failed::Lost(e)
+        })
     }
 
     fn encode(&mut self, head: &Head<'_>) {
@@ -241,9 +264,14 @@ impl Conn {
             Err(e) => return Err(format!("a malformed answer: {e}")),
         };
         let code = response.code.unwrap_or(0);
+        if code == 101 {
+            // The client asks for no upgrade.
+            return Err("an unexpected 101 answer".into());
+        }
         if code < 200 {
-            // The client sends no `Expect` and asks for no upgrade.
-            return Err(format!("an unexpected {code} answer"));
+            // An informational answer (100, 103): the real one follows.
+            self.read.advance(head_len);
+            return self.parse_head(max_body);
         }
         let status =
             StatusCode::from_u16(code).map_err(|_| format!("an answer with status {code}"))?;
@@ -261,7 +289,9 @@ impl Conn {
             if name.eq_ignore_ascii_case("content-length") {
                 let n = std::str::from_utf8(h.value)
                     .ok()
-                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<usize>().ok())
                     .ok_or("an answer with an invalid content-length")?;
                 if length.is_some_and(|l| l != n) {
                     return Err("an answer with two content-lengths".into());
@@ -272,7 +302,10 @@ impl Conn {
                 // re-encode the answer (no proxy, no compression).
                 return Err("an answer with a transfer-encoding".into());
             } else if name.eq_ignore_ascii_case("connection") {
-                if h.value.eq_ignore_ascii_case(b"close") {
+                if h.value
+                    .split(|&b| b == b',')
+                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+                {
                     self.closing = true;
                 }
             } else if name.eq_ignore_ascii_case(crate::EPOCH_HEADER) {
@@ -546,6 +579,20 @@ mod tests {
         assert_eq!(&got.unwrap().body[..], b"x");
         assert!(!conn.may_keep());
 
+        // `close` among other tokens; an informational answer first.
+        let (mut conn, mut node) = pair().await;
+        let (got, ()) = tokio::join!(conn.send(&head, LIMIT), async {
+            read_request(&mut node, 0).await;
+            node.write_all(
+                b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\ncontent-length: 1\r\n\r\ny",
+            )
+            .await
+            .unwrap();
+        });
+        assert_eq!(&got.unwrap().body[..], b"y");
+        assert!(!conn.may_keep());
+
         // No length: the body runs to the connection's end.
         let (mut conn, mut node) = pair().await;
         let (got, ()) = tokio::join!(conn.send(&head, LIMIT), async {
@@ -588,6 +635,41 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// A node that refuses a body over its limit answers before reading it
+    /// all and closes: that answer is the request's outcome, not a failure
+    /// to send it.
+    #[tokio::test]
+    async fn an_answer_that_comes_before_the_request_was_written_is_returned() {
+        let (mut conn, mut node) = pair().await;
+        let host = HeaderValue::from_static("n1:8080");
+        let body = vec![b'v'; 16 << 20];
+        let head = Head {
+            method: &Method::PUT,
+            path: "/api/v1/cache/big",
+            host: &host,
+            token: None,
+            body: &body,
+        };
+        let (got, ()) = tokio::join!(conn.send(&head, LIMIT), async {
+            let mut byte = [0u8; 1];
+            let mut got = Vec::new();
+            while !got.ends_with(b"\r\n\r\n") {
+                node.read_exact(&mut byte).await.unwrap();
+                got.push(byte[0]);
+            }
+            let refusal = r#"{"error":"body over 2097152 bytes"}"#;
+            let answer = format!(
+                "HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{refusal}",
+                refusal.len()
+            );
+            node.write_all(answer.as_bytes()).await.unwrap();
+            drop(node);
+        });
+        let got = got.expect("the node's answer");
+        assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(!conn.may_keep());
     }
 
     /// Every bad answer is an error of a request that may have been acted
@@ -640,9 +722,19 @@ mod tests {
                 "two content-lengths",
             ),
             (
-                "informational",
+                "an upgrade",
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec(),
+                "unexpected 101",
+            ),
+            (
+                "a signed length",
+                b"HTTP/1.1 200 OK\r\ncontent-length: +1\r\n\r\nx".to_vec(),
+                "invalid content-length",
+            ),
+            (
+                "only an informational answer",
                 b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(),
-                "unexpected 100",
+                "before an answer",
             ),
             ("head too long", long_head.into_bytes(), "head over"),
         ];

@@ -54,10 +54,41 @@ impl std::fmt::Display for Failed {
 
 /// Idle connections, per node.
 pub struct Pool {
-    /// A few nodes at most: a list scanned in place beats hashing the key.
-    nodes: Mutex<Vec<NodeConns>>,
+    idle: Mutex<IdleConns>,
     /// How new connections open TLS, when the nodes serve it.
     tls: Option<Tls>,
+}
+
+/// Idle connections by node.
+struct IdleConns {
+    /// A few nodes at most: a list scanned in place beats hashing the key.
+    nodes: Vec<NodeConns>,
+    /// When every node's stale connections are closed next (a node that
+    /// gets no more requests does not keep its connections for ever).
+    next_sweep: Option<Instant>,
+}
+
+impl IdleConns {
+    fn sweep(&mut self, now: Instant) {
+        if self.next_sweep.is_some_and(|at| now < at) {
+            return;
+        }
+        self.next_sweep = Some(now + IDLE_TIMEOUT);
+        for node in &mut self.nodes {
+            drop_stale(&mut node.idle, now);
+        }
+        self.nodes.retain(|n| !n.idle.is_empty());
+    }
+}
+
+/// Closes the connections of a node's stack idle for longer than
+/// [`IDLE_TIMEOUT`] at `now` (the oldest are at the bottom).
+fn drop_stale(idle: &mut Vec<Idle>, now: Instant) {
+    let stale = idle
+        .iter()
+        .take_while(|i| now.saturating_duration_since(i.since) > IDLE_TIMEOUT)
+        .count();
+    idle.drain(..stale);
 }
 
 /// One node's idle connections, a stack: the most recently used on top.
@@ -74,7 +105,10 @@ struct Idle {
 impl Pool {
     pub fn new(tls: Option<Tls>) -> Self {
         Self {
-            nodes: Mutex::default(),
+            idle: Mutex::new(IdleConns {
+                nodes: Vec::new(),
+                next_sweep: None,
+            }),
             tls,
         }
     }
@@ -137,7 +171,9 @@ impl Pool {
         if !conn.may_keep() {
             return;
         }
-        let mut nodes = self.nodes.lock();
+        let mut idle_conns = self.idle.lock();
+        idle_conns.sweep(started);
+        let nodes = &mut idle_conns.nodes;
         let index = match nodes.iter().position(|n| n.addr == addr) {
             Some(i) => i,
             None => {
@@ -149,12 +185,7 @@ impl Pool {
             }
         };
         let idle = &mut nodes[index].idle;
-        // The oldest are at the bottom of the stack.
-        let stale = idle
-            .iter()
-            .take_while(|i| started.saturating_duration_since(i.since) > IDLE_TIMEOUT)
-            .count();
-        idle.drain(..stale);
+        drop_stale(idle, started);
         if idle.len() < MAX_IDLE_PER_NODE {
             // Stamped no earlier than the one below it, so that the stack
             // stays oldest first though requests end in another order than
@@ -167,13 +198,13 @@ impl Pool {
     /// Closes the idle connections of every node `keep` does not keep (one
     /// that left the ring).
     pub fn retain(&self, keep: impl Fn(SocketAddr) -> bool) {
-        self.nodes.lock().retain(|n| keep(n.addr));
+        self.idle.lock().nodes.retain(|n| keep(n.addr));
     }
 
     /// The most recently used idle connection to `addr` that is still open.
     fn take(&self, addr: SocketAddr, now: Instant) -> Option<Conn> {
-        let mut nodes = self.nodes.lock();
-        let node = nodes.iter_mut().find(|n| n.addr == addr)?;
+        let mut idle_conns = self.idle.lock();
+        let node = idle_conns.nodes.iter_mut().find(|n| n.addr == addr)?;
         while let Some(Idle { mut conn, since }) = node.idle.pop() {
             if now.saturating_duration_since(since) <= IDLE_TIMEOUT && conn.is_reusable() {
                 return Some(conn);
