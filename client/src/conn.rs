@@ -71,12 +71,20 @@ pub(crate) struct Answer {
 
 pub(crate) struct Conn {
     stream: Stream,
-    /// Bytes read and not yet taken: between requests, none.
-    read: BytesMut,
+    /// What the node sent, and the answer read out of it.
+    inbox: Inbox,
     /// The request being written, its buffer kept for the next one.
     write: Vec<u8>,
+}
+
+/// The answer read out of the bytes a connection receives: the half of the
+/// connection that does no I/O, so that any bytes can be tried on it.
+struct Inbox {
+    /// Bytes read and not yet taken: between requests, none.
+    read: BytesMut,
     /// The node said it closes the connection after this answer (or it
-    /// answered HTTP/1.0, or the answer ran to the connection's end).
+    /// answered HTTP/1.0, or the answer ran to the connection's end), or
+    /// the connection failed.
     closing: bool,
     /// The request was a HEAD: its answer has no body, whatever its head says.
     head_only: bool,
@@ -93,17 +101,19 @@ impl Conn {
     pub(crate) fn new(stream: Stream) -> Self {
         Self {
             stream,
-            read: BytesMut::with_capacity(READ_CHUNK),
+            inbox: Inbox {
+                read: BytesMut::with_capacity(READ_CHUNK),
+                closing: false,
+                head_only: false,
+            },
             write: Vec::with_capacity(512),
-            closing: false,
-            head_only: false,
         }
     }
 
     /// Whether the connection may be kept once its answer has been read: the
     /// node did not say it closes it, and nothing came after the answer.
     pub(crate) fn may_keep(&self) -> bool {
-        !self.closing && self.read.is_empty()
+        !self.inbox.closing && self.inbox.read.is_empty()
     }
 
     /// Whether an idle connection can carry another request: it may be
@@ -142,7 +152,7 @@ impl Conn {
             Err(e) => Err(e),
         };
         if let Err(e) = written {
-            self.closing = true;
+            self.inbox.closing = true;
             // A node may answer before it has read the whole request (a
             // body over its limit: 413) and close: its answer, if it came,
             // is the request's outcome. Otherwise the request is incomplete
@@ -156,20 +166,20 @@ impl Conn {
         }
         let answer = self.read_answer(max_body).await;
         // A large request or answer does not stay with the connection.
-        if self.read.capacity() > KEPT_BUFFER_BYTES {
-            self.read = BytesMut::with_capacity(READ_CHUNK);
+        if self.inbox.read.capacity() > KEPT_BUFFER_BYTES {
+            self.inbox.read = BytesMut::with_capacity(READ_CHUNK);
         }
         if self.write.capacity() > KEPT_BUFFER_BYTES {
             self.write = Vec::new();
         }
         answer.map_err(|e| {
-            self.closing = true;
+            self.inbox.closing = true;
             Failed::Lost(e)
         })
     }
 
     fn encode(&mut self, head: &Head<'_>) {
-        self.head_only = head.method == Method::HEAD;
+        self.inbox.head_only = head.method == Method::HEAD;
         let w = &mut self.write;
         w.clear();
         w.extend_from_slice(head.method.as_str().as_bytes());
@@ -196,21 +206,23 @@ impl Conn {
 
     async fn read_answer(&mut self, max_body: usize) -> Result<Answer, String> {
         loop {
-            if let Some(answer) = self.parse(max_body)? {
+            if let Some(answer) = self.inbox.parse(max_body)? {
                 return Ok(answer);
             }
-            self.read.reserve(READ_CHUNK);
+            self.inbox.read.reserve(READ_CHUNK);
             let n = self
                 .stream
-                .read_buf(&mut self.read)
+                .read_buf(&mut self.inbox.read)
                 .await
                 .map_err(|e| format!("reading the answer: {e}"))?;
             if n == 0 {
-                return self.at_end(max_body);
+                return self.inbox.at_end(max_body);
             }
         }
     }
+}
 
+impl Inbox {
     /// The answer in `self.read` once it is whole (its bytes taken), or
     /// `None` while more must be read.
     fn parse(&mut self, max_body: usize) -> Result<Option<Answer>, String> {
@@ -250,29 +262,36 @@ impl Conn {
         }
     }
 
+    /// The length of the whole informational answer at the start of
+    /// `self.read`, if that is what is there. The client asks for no
+    /// upgrade: a 101 is refused.
+    fn informational_head(&self) -> Result<Option<usize>, String> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        let Some(n) = parse_into(&self.read, &mut response)? else {
+            return Ok(None);
+        };
+        match response.code.unwrap_or(0) {
+            101 => Err("an unexpected 101 answer".into()),
+            code if code < 200 => Ok(Some(n)),
+            _ => Ok(None),
+        }
+    }
+
     /// The answer's head, once it is whole: its length, what the client
     /// keeps of it, and how its body ends.
     fn parse_head(&mut self, max_body: usize) -> Result<Option<(usize, Fields, BodyEnd)>, String> {
+        // Informational answers (100, 103) before the real one are skipped.
+        while let Some(informational) = self.informational_head()? {
+            self.read.advance(informational);
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut headers);
-        let head_len = match response.parse(&self.read) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) if self.read.len() > MAX_HEAD_BYTES => {
-                return Err(format!("an answer's head over {MAX_HEAD_BYTES} bytes"));
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(format!("a malformed answer: {e}")),
+        let head_len = match parse_into(&self.read, &mut response)? {
+            Some(n) => n,
+            None => return Ok(None),
         };
         let code = response.code.unwrap_or(0);
-        if code == 101 {
-            // The client asks for no upgrade.
-            return Err("an unexpected 101 answer".into());
-        }
-        if code < 200 {
-            // An informational answer (100, 103): the real one follows.
-            self.read.advance(head_len);
-            return self.parse_head(max_body);
-        }
         let status =
             StatusCode::from_u16(code).map_err(|_| format!("an answer with status {code}"))?;
         let mut fields = Fields {
@@ -333,6 +352,22 @@ impl Conn {
             }
         };
         Ok(Some((head_len, fields, end)))
+    }
+}
+
+/// The head at the start of `read` parsed into `response`: its length once
+/// it is whole, `None` while more must be read.
+fn parse_into<'b>(
+    read: &'b [u8],
+    response: &mut httparse::Response<'_, 'b>,
+) -> Result<Option<usize>, String> {
+    match response.parse(read) {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) if read.len() > MAX_HEAD_BYTES => {
+            Err(format!("an answer's head over {MAX_HEAD_BYTES} bytes"))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(format!("a malformed answer: {e}")),
     }
 }
 
@@ -670,6 +705,91 @@ mod tests {
         let got = got.expect("the node's answer");
         assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert!(!conn.may_keep());
+    }
+
+    fn inbox() -> Inbox {
+        Inbox {
+            read: BytesMut::new(),
+            closing: false,
+            head_only: false,
+        }
+    }
+
+    /// Feeds `pieces` to an inbox as reads would, then the connection's
+    /// end: the answer, or the error, and whether the connection may be
+    /// kept.
+    fn read_pieces(pieces: &[&[u8]], limit: usize) -> (Result<Answer, String>, bool) {
+        let mut inbox = inbox();
+        for piece in pieces {
+            inbox.read.extend_from_slice(piece);
+            match inbox.parse(limit) {
+                Ok(Some(answer)) => {
+                    let keep = !inbox.closing && inbox.read.is_empty();
+                    return (Ok(answer), keep);
+                }
+                Ok(None) => {}
+                Err(e) => return (Err(e), false),
+            }
+        }
+        (inbox.at_end(limit), false)
+    }
+
+    proptest::proptest! {
+        /// Whatever a node sends, in whatever pieces: no panic, an answer
+        /// within the limit or an error.
+        #[test]
+        fn any_bytes_give_an_answer_within_the_limit_or_an_error(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..4096),
+            cut in 0usize..4096,
+            limit in 0usize..2048,
+        ) {
+            let cut = cut.min(bytes.len());
+            let (got, _) = read_pieces(&[&bytes[..cut], &bytes[cut..]], limit);
+            if let Ok(answer) = got {
+                proptest::prop_assert!(answer.body.len() <= limit);
+            }
+        }
+
+        /// A well-formed answer, split anywhere, reads back as it was sent,
+        /// and leaves the connection fit for the next one.
+        #[test]
+        fn an_answer_split_anywhere_reads_back_whole(
+            code in 200u16..600,
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..1024),
+            epoch in proptest::option::of(proptest::num::u64::ANY),
+            informational in proptest::bool::ANY,
+            cut in 0usize..2048,
+        ) {
+            proptest::prop_assume!(code != 204 && code != 304);
+            let mut sent = Vec::new();
+            if informational {
+                sent.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            let _ = write!(sent, "HTTP/1.1 {code} X\r\ncontent-length: {}\r\n", body.len());
+            if let Some(epoch) = epoch {
+                let _ = write!(sent, "x-distrocache-epoch: {epoch}\r\n");
+            }
+            sent.extend_from_slice(b"\r\n");
+            sent.extend_from_slice(&body);
+            let cut = cut.min(sent.len());
+            let (got, keep) = read_pieces(&[&sent[..cut], &sent[cut..]], 1024);
+            let got = got.unwrap();
+            proptest::prop_assert_eq!(got.status.as_u16(), code);
+            proptest::prop_assert_eq!(&got.body[..], &body[..]);
+            proptest::prop_assert_eq!(got.epoch, epoch);
+            proptest::prop_assert!(keep);
+        }
+    }
+
+    /// Informational answers one after another are skipped in a loop, not
+    /// by recursion: a node cannot exhaust the stack with them.
+    #[test]
+    fn many_informational_answers_are_skipped() {
+        let mut sent = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(100_000);
+        sent.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nz");
+        let (got, keep) = read_pieces(&[&sent], 16);
+        assert_eq!(&got.unwrap().body[..], b"z");
+        assert!(keep);
     }
 
     /// Every bad answer is an error of a request that may have been acted
