@@ -266,6 +266,11 @@ impl Inbox {
     /// `self.read`, if that is what is there. The client asks for no
     /// upgrade: a 101 is refused.
     fn informational_head(&self) -> Result<Option<usize>, String> {
+        // "HTTP/1.1 1xx": the status's first digit, looked at before a
+        // second parse of every answer's head.
+        if self.read.get(9) != Some(&b'1') {
+            return Ok(None);
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut headers);
         let Some(n) = parse_into(&self.read, &mut response)? else {
