@@ -608,53 +608,48 @@ mod tests {
             token: None,
             body: b"",
         };
-        // `Connection: close`.
-        let (mut conn, mut node) = pair().await;
-        let (got, ()) = tokio::join!(conn.send(&head, LIMIT), async {
-            read_request(&mut node, 0).await;
-            node.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx")
-                .await
-                .unwrap();
-        });
-        assert_eq!(&got.unwrap().body[..], b"x");
-        assert!(!conn.may_keep());
-
-        // `close` among other tokens; an informational answer first.
-        let (mut conn, mut node) = pair().await;
-        let (got, ()) = tokio::join!(conn.send(&head, LIMIT), async {
-            read_request(&mut node, 0).await;
-            node.write_all(
+        // What the node sends, whether it then closes, and the body read.
+        let cases: [(&str, &[u8], bool, &[u8]); 4] = [
+            (
+                "`Connection: close`",
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx",
+                false,
+                b"x",
+            ),
+            (
+                "`close` among other tokens, an informational answer first",
                 b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n\
                   HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\ncontent-length: 1\r\n\r\ny",
-            )
-            .await
-            .unwrap();
-        });
-        assert_eq!(&got.unwrap().body[..], b"y");
-        assert!(!conn.may_keep());
-
-        // No length: the body runs to the connection's end.
-        let (mut conn, mut node) = pair().await;
-        let (got, ()) = tokio::join!(conn.send(&head, LIMIT), async {
-            read_request(&mut node, 0).await;
-            node.write_all(b"HTTP/1.1 200 OK\r\n\r\nall of it")
-                .await
-                .unwrap();
-            drop(node);
-        });
-        assert_eq!(&got.unwrap().body[..], b"all of it");
-        assert!(!conn.may_keep());
-
-        // Bytes after the answer that no request asked for.
-        let (mut conn, mut node) = pair().await;
-        let (got, ()) = tokio::join!(conn.send(&head, LIMIT), async {
-            read_request(&mut node, 0).await;
-            node.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxHTTP/1.1")
-                .await
-                .unwrap();
-        });
-        assert_eq!(&got.unwrap().body[..], b"x");
-        assert!(!conn.may_keep());
+                false,
+                b"y",
+            ),
+            (
+                "no length: the body runs to the connection's end",
+                b"HTTP/1.1 200 OK\r\n\r\nall of it",
+                true,
+                b"all of it",
+            ),
+            (
+                "bytes after the answer that no request asked for",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxHTTP/1.1",
+                false,
+                b"x",
+            ),
+        ];
+        for (what, answer, then_close, body) in cases {
+            let (mut conn, mut node) = pair().await;
+            // The node's side is held until the answer has been read.
+            let (got, _node) = tokio::join!(conn.send(&head, LIMIT), async {
+                read_request(&mut node, 0).await;
+                node.write_all(answer).await.unwrap();
+                if then_close {
+                    node.shutdown().await.unwrap();
+                }
+                node
+            });
+            assert_eq!(&got.unwrap().body[..], body, "{what}");
+            assert!(!conn.may_keep(), "{what}");
+        }
 
         // An idle connection the node closed is found out before it is used.
         let (mut conn, mut node) = pair().await;

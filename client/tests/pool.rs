@@ -260,6 +260,15 @@ fn view_of(epoch: u64, members: &[(&str, SocketAddr)]) -> String {
     serde_json::to_string(&view).unwrap()
 }
 
+/// A key whose primary, in the ring `client` holds, is the member `id`.
+fn key_with_primary(client: &Client, id: &str) -> String {
+    let ring = client.ring();
+    (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| ring.nodes[ring.owners(k)[0]].id == id)
+        .unwrap_or_else(|| panic!("{id} is the primary of no key"))
+}
+
 /// A seed that is a cluster node without a ring yet (it lists no member)
 /// is not taken for the ring: the client asks the next seed.
 #[tokio::test]
@@ -327,11 +336,7 @@ async fn a_write_whose_connection_never_opened_in_time_goes_elsewhere() {
         .connect()
         .await
         .expect("the client learns the ring");
-    let ring = client.ring();
-    let key = (0..1000)
-        .map(|i| format!("k{i}"))
-        .find(|k| ring.nodes[ring.owners(k)[0]].id == "a")
-        .expect("a is the primary of some key");
+    let key = key_with_primary(&client, "a");
     client
         .set_raw(&key, r#"{"value":1}"#.into())
         .await
@@ -361,11 +366,7 @@ async fn a_write_cut_off_after_it_was_sent_is_uncertain_and_not_sent_again() {
         .await
         .expect("the client learns the ring");
     // A key whose primary is `a`, the node that hangs up.
-    let ring = client.ring();
-    let key = (0..1000)
-        .map(|i| format!("k{i}"))
-        .find(|k| ring.nodes[ring.owners(k)[0]].id == "a")
-        .expect("a is the primary of some key");
+    let key = key_with_primary(&client, "a");
 
     match client.set_raw(&key, r#"{"value":1}"#.into()).await {
         Err(Error::Uncertain { node, .. }) => assert_eq!(node, a.addr),
