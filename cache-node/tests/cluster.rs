@@ -1314,6 +1314,155 @@ async fn a_missed_write_that_expired_before_its_repair_still_removes_the_replace
     }
 }
 
+/// The value a read of `key` through node `i` returns, and the node that
+/// served it.
+async fn read_via(c: &ProcCluster, i: usize, key: &str) -> (Value, String) {
+    let resp = c
+        .client
+        .get(c.url(i, &format!("/api/v1/cache/{key}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "a read of {key} through node-{i}");
+    let by = resp.headers()["x-distrocache-served-by"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let item: Value = resp.json().await.unwrap();
+    (item["value"].clone(), by)
+}
+
+/// Reads `key` through node `i` for longer than a lease and its renewals,
+/// asserting every read returns `value`.
+async fn always_reads(c: &ProcCluster, i: usize, key: &str, value: &str, what: &str) {
+    let until = std::time::Instant::now() + LEASE + RENEW_EVERY * 4;
+    let mut reads = 0;
+    while std::time::Instant::now() < until {
+        let (read, by) = read_via(c, i, key).await;
+        assert_eq!(
+            read, value,
+            "{what}: a read through node-{i} (served by {by})"
+        );
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reads > 0);
+}
+
+/// A replica that missed a write (its primary could not reach it) and then
+/// becomes the key's primary, because the old primary leaves the ring, must
+/// not serve the value that write replaced: the primary of a new ring has
+/// not coordinated the key's earlier writes, so it serves its own copy only
+/// once it holds a read lease from every member (none holds a hint for it),
+/// and until then asks the key's other owners for anything newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_a_write_and_becomes_primary_serves_the_write() {
+    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
+    let relay = c.relay_peer_traffic(1).await;
+    let (mut c, key) = every_node_an_owner(c, "promoted").await;
+    let put = |value: &'static str| {
+        c.client
+            .put(c.url(0, &format!("/api/v1/cache/{key}")))
+            .json(&json!({ "value": value }))
+            .send()
+    };
+    assert!(put("old").await.unwrap().status().is_success());
+    assert_eq!(c.held(1, &key).await.expect("replicated")["value"], "old");
+
+    relay.cut().await;
+    let written = put("new").await.unwrap();
+    assert!(written.status().is_success(), "{}", written.status());
+    // node-0's repairs and handoff now wait at the relay for their time
+    // limit: node-1 stays behind.
+    relay.black_hole().await;
+    let epoch = c.set_ring(&[(0, Leaving), (1, Active)]);
+    let deadline = std::time::Instant::now() + SETTLE;
+    while c.get_json(1, "/api/v1/cluster").await.1["epoch"] != epoch {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-1 never adopted epoch {epoch}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.primary_of(&key), "node-1");
+    assert_eq!(c.held(1, &key).await.unwrap()["value"], "old", "behind");
+    always_reads(&c, 1, &key, "new", "the new primary, behind").await;
+
+    relay.restore();
+    c.wait_handoff(0, SETTLE).await;
+    let epoch = c.set_ring(&[(1, Active)]);
+    c.kill(0);
+    c.wait_settled(epoch, SETTLE).await;
+    assert_eq!(c.held(1, &key).await.unwrap()["value"], "new", "handed off");
+    assert_eq!(read_via(&c, 1, &key).await, ("new".into(), "node-1".into()));
+}
+
+/// A write whose primary could not be reached goes to the next owner, which
+/// coordinates it and hints the primary. The primary, reachable again for
+/// clients but not yet repaired, must not serve the value that write
+/// replaced (it holds no read lease while a member holds a hint for it), nor
+/// keep a delete's victim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_missed_a_write_made_through_a_replica_serves_the_write() {
+    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
+    let relay = c.relay_peer_traffic(0).await;
+    let (c, key) = every_node_an_owner(c, "failover").await;
+    let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
+    let put = |i, value: &'static str| c.client.put(url(i)).json(&json!({ "value": value })).send();
+    assert!(put(0, "old").await.unwrap().status().is_success());
+    // node-0 serves its own copy, holding its lease.
+    let deadline = std::time::Instant::now() + SETTLE;
+    while c.metric(0, "distrocache_read_lease_valid").await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-0 never held a lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(read_via(&c, 0, &key).await, ("old".into(), "node-0".into()));
+
+    relay.cut().await;
+    let written = put(1, "new").await.unwrap();
+    assert!(written.status().is_success(), "{}", written.status());
+    relay.black_hole().await;
+    assert_eq!(c.held(0, &key).await.unwrap()["value"], "old", "behind");
+    always_reads(&c, 0, &key, "new", "the primary, behind on a write").await;
+
+    // A delete node-0 missed as well: its old copy is not served either.
+    relay.cut().await;
+    let resp = c.client.delete(url(1)).send().await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    relay.black_hole().await;
+    assert_eq!(
+        c.held(0, &key).await.unwrap()["value"],
+        "new",
+        "node-0 holds the write it was told of, and missed the delete"
+    );
+    let until = std::time::Instant::now() + LEASE + RENEW_EVERY * 4;
+    while std::time::Instant::now() < until {
+        let resp = c.client.get(url(0)).send().await.unwrap();
+        assert_eq!(
+            resp.status(),
+            404,
+            "a read through node-0 after a delete it missed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    relay.restore();
+    let deadline = std::time::Instant::now() + SETTLE;
+    while c.metric(0, "distrocache_read_lease_valid").await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-0 was never repaired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(c.held(0, &key).await.is_none(), "repaired");
+    let resp = c.client.get(url(0)).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
 /// In cluster mode an answer names the ring epoch the answering node holds
 /// whenever that is news to the connection: any answer of the API (refusals
 /// included) on a new connection, the first after the node adopts another

@@ -537,7 +537,7 @@ impl Inner {
         headers.insert(header::UPGRADE, HeaderValue::from_static(PROTOCOL));
         headers.insert(
             peer::FEATURES_HEADER,
-            HeaderValue::from_static(peer::FEATURE_SET_KEEPER),
+            HeaderValue::from_static(peer::FEATURES),
         );
         switching
     }

@@ -18,10 +18,11 @@ pub enum PeerOp {
     Repair,
     Fetch,
     Lease,
+    Reconcile,
 }
 
 impl PeerOp {
-    const ALL: [PeerOp; 8] = [
+    const ALL: [PeerOp; 9] = [
         PeerOp::Forward,
         PeerOp::Replicate,
         PeerOp::Push,
@@ -30,6 +31,7 @@ impl PeerOp {
         PeerOp::Repair,
         PeerOp::Fetch,
         PeerOp::Lease,
+        PeerOp::Reconcile,
     ];
 
     pub(super) fn label(self) -> &'static str {
@@ -42,6 +44,7 @@ impl PeerOp {
             PeerOp::Repair => "repair",
             PeerOp::Fetch => "fetch",
             PeerOp::Lease => "lease",
+            PeerOp::Reconcile => "reconcile",
         }
     }
 }

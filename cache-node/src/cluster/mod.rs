@@ -44,6 +44,7 @@ pub mod membership;
 pub mod metrics;
 pub mod pace;
 pub mod rebalance;
+pub mod reconcile;
 pub mod repair;
 pub mod replication;
 pub mod restore;
@@ -201,21 +202,6 @@ impl Cluster {
         );
         self.metrics.observe_ring(&ring);
         true
-    }
-
-    /// Whether a read that misses here should ask other owners: data is still
-    /// moving (a previous ring is kept) or this node has not finished pulling
-    /// its keys.
-    pub(crate) fn is_moving(&self) -> bool {
-        self.ring
-            .load()
-            .as_ref()
-            .is_none_or(|rings| self.is_moving_in(rings))
-    }
-
-    /// [`Self::is_moving`], for the rings of a snapshot already loaded.
-    fn is_moving_in(&self, rings: &Rings) -> bool {
-        rings.previous.is_some() || !self.progress.pulled()
     }
 
     /// Sends `request` to `member` with this node's epoch and takes its

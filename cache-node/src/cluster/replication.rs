@@ -1,7 +1,6 @@
 //! Keeping the owners of a key alike: replicating a coordinator's writes and
-//! deletes to the other owners, applying what peers send, recovering a key
-//! that is still on its way during a move, and the fan-outs that reach
-//! every member (tag invalidation, stats, copies of a key).
+//! deletes to the other owners, applying what peers send, and the fan-outs
+//! that reach every member (tag invalidation, stats, copies of a key).
 
 use std::ops::ControlFlow;
 
@@ -320,55 +319,6 @@ impl Cluster {
             .await
             .deleted
             > 0
-    }
-
-    /// After a local miss while data is moving: asks the key's other owners
-    /// (current and previous) for it and stores it here if one has it.
-    /// Returns whether the key is held here now. That is checked in the
-    /// store, not taken from whether this call wrote it: while a pull runs,
-    /// the pull may store the same version between the miss and this call's
-    /// write (which then finds it stale), and the key is there all the same.
-    /// A ring change met on the way (moves come with them) means asking the
-    /// new ring's owners, not giving up.
-    pub async fn recover(&self, key: &str) -> bool {
-        let held = || self.store.peek(key, |_| ()).is_some();
-        if !self.is_moving() {
-            return false;
-        }
-        if held() {
-            return true;
-        }
-        let request = Request::Fetch {
-            key: key.to_owned(),
-        };
-        for _ in 0..3 {
-            let mut replan = false;
-            let Some(rings) = self.ring.rings() else {
-                break;
-            };
-            for member in self.replicas(&rings, key) {
-                let answer = self.call(member, &request, None, expect::item).await;
-                self.metrics.peer_call(PeerOp::Fetch, answer.is_ok());
-                let record = match answer {
-                    Ok(Some(record)) => record,
-                    Err(PeerError::RingChanged { .. }) => {
-                        replan = true;
-                        break;
-                    }
-                    _ => continue,
-                };
-                if let Ok(record) = record.single() {
-                    self.apply_records(std::slice::from_ref(&record));
-                }
-                if held() {
-                    return true;
-                }
-            }
-            if !replan {
-                break;
-            }
-        }
-        held()
     }
 
     /// Removes the tag's items here, counting those this node is the primary of.

@@ -1,11 +1,12 @@
 //! Which member serves a client request on a key, and forwarding it there.
 //!
-//! * Reads: the key's *read primary* (its first active owner) serves it,
-//!   asking the other owners on a miss while data moves. Another owner
-//!   serves it too, from its own copy, while it holds read leases (see
-//!   `leases`): it then holds every acknowledged write of the key. Anyone
-//!   else forwards it, to the read primary first and then to the other
-//!   owners if that one cannot be reached.
+//! * Reads: the key's *read primary* (its first active owner) serves it:
+//!   from its own copy while it holds read leases (see `leases`: it then
+//!   holds every acknowledged write of the key), otherwise after asking the
+//!   other owners for anything newer (see `reconcile`). Another owner serves
+//!   it too, from its own copy, while it holds read leases. Anyone else
+//!   forwards it, to the read primary first and then to the other owners if
+//!   that one cannot be reached.
 //! * Writes and deletes: the key's primary coordinates them (applies, then
 //!   replicates to the other owners before answering); anyone else
 //!   forwards them there. A write goes to the next owner only when the
@@ -41,9 +42,12 @@ pub enum Access {
 /// Where a read is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadRoute {
-    /// Here, as the key's read primary. `recover`: data is moving, so a
-    /// miss must ask the other owners before it is believed.
-    Primary { recover: bool },
+    /// Here, as the key's read primary. `reconcile`: this node holds no
+    /// read lease, so it may have missed writes of the key (a ring change
+    /// made it the primary, or a write went to another owner while it could
+    /// not be reached, or data moves): it asks the other owners for anything
+    /// newer first (see `reconcile`).
+    Primary { reconcile: bool },
     /// Here, as a replica holding read leases, if the key is held; a miss
     /// is forwarded (the replica may have evicted what the primary keeps).
     Replica,
@@ -109,7 +113,7 @@ pub struct PeerHealth {
 const DOWN_FOR: Duration = Duration::from_secs(2);
 
 impl PeerHealth {
-    fn mark_down(&self, id: &str) {
+    pub(super) fn mark_down(&self, id: &str) {
         let until = Instant::now() + DOWN_FOR;
         let mut down = self.down_until.lock();
         down.retain(|(d, _)| d != id);
@@ -117,7 +121,7 @@ impl PeerHealth {
         self.any.store(true, Ordering::Release);
     }
 
-    fn mark_up(&self, id: &str) {
+    pub(super) fn mark_up(&self, id: &str) {
         if !self.any.load(Ordering::Acquire) {
             return;
         }
@@ -126,7 +130,7 @@ impl PeerHealth {
         self.any.store(!down.is_empty(), Ordering::Release);
     }
 
-    fn is_down(&self, id: &str) -> bool {
+    pub(super) fn is_down(&self, id: &str) -> bool {
         if !self.any.load(Ordering::Acquire) {
             return false;
         }
@@ -199,7 +203,7 @@ impl Cluster {
         };
         if member(&plan[0]).id == self.node_id {
             return ReadRoute::Primary {
-                recover: self.is_moving_in(rings),
+                reconcile: !self.holds_read_lease_in(rings),
             };
         }
         // The plan holds the current ring's owners (a member of it named by
@@ -438,10 +442,10 @@ mod tests {
         assert!(joining_owned > 0 && added > 0 && already_in > 0);
     }
 
-    /// A replica serves a read itself only while it is active and holds a
-    /// lease for the epoch of the rings the read was planned in, and no data
-    /// moves; a primary always serves, and while data moves its misses
-    /// recover.
+    /// An owner serves a read from its own copy as it is only while it is
+    /// active and holds a lease for the epoch of the rings the read was
+    /// planned in, and no data moves. Without, a replica forwards it and a
+    /// primary serves it after reconciling its copy with the other owners'.
     #[tokio::test]
     async fn a_replica_serves_reads_only_under_a_lease_for_the_planned_epoch() {
         use MemberState::{Active, Joining};
@@ -459,8 +463,13 @@ mod tests {
             cluster.leases.drop_held();
             if owners[0] == "a" {
                 primary += 1;
-                assert_eq!(route(&settled, &key), ReadRoute::Primary { recover: false });
-                assert_eq!(route(&moving, &key), ReadRoute::Primary { recover: true });
+                let primary_route = |reconcile| ReadRoute::Primary { reconcile };
+                assert_eq!(route(&settled, &key), primary_route(true), "no lease");
+                cluster.leases.hold_as_granted(2);
+                assert_eq!(route(&settled, &key), primary_route(true), "another epoch");
+                cluster.leases.hold_as_granted(3);
+                assert_eq!(route(&settled, &key), primary_route(false));
+                assert_eq!(route(&moving, &key), primary_route(true), "data moves");
             } else if owners.contains(&"a".to_owned()) {
                 replica += 1;
                 assert_eq!(route(&settled, &key), ReadRoute::Forward, "no lease");

@@ -195,19 +195,19 @@ impl Executor {
     }
 
     /// A client's read: served here when this node may (see
-    /// `cluster::routing`), from the store without waiting on anything;
-    /// otherwise by the owner it is forwarded to.
+    /// `cluster::routing`), from the store without waiting on anything
+    /// when this node holds every acknowledged write of the key; otherwise
+    /// by the owner it is forwarded to.
     fn get(self: &Arc<Self>, key: String) -> Execution {
         let route = match &self.cluster {
-            None => ReadRoute::Primary { recover: false },
+            None => ReadRoute::Primary { reconcile: false },
             Some(cluster) => cluster.read_route(&key),
         };
         match route {
-            ReadRoute::Primary { recover } => match self.read_json(&key) {
-                Some(json) => Execution::Now(Self::found(json, ServedBy::Here)),
-                None if !recover => Execution::Now(Self::missing(key, ServedBy::Here)),
-                None => self.later(move |ex| async move { ex.read_after_miss(key).await }),
-            },
+            ReadRoute::Primary { reconcile: false } => Execution::Now(self.read_here(key)),
+            ReadRoute::Primary { reconcile: true } => {
+                self.later(move |ex| async move { ex.read_reconciled(key).await })
+            }
             ReadRoute::Replica => match self.read_json(&key) {
                 Some(json) => Execution::Now(Self::found(json, ServedBy::Here)),
                 // A replica's miss is not believed: it may have evicted what
@@ -218,35 +218,39 @@ impl Executor {
         }
     }
 
-    /// A read that missed here while data moves: the key may still be on
-    /// its way, so the other owners are asked first.
-    async fn read_after_miss(&self, key: String) -> Outcome {
-        if let Some(cluster) = &self.cluster
-            && cluster.recover(&key).await
-            && let Some(json) = self.read_json(&key)
-        {
-            return Self::found(json, ServedBy::Here);
+    /// A read served from this node's copy as it is.
+    fn read_here(&self, key: String) -> Outcome {
+        match self.read_json(&key) {
+            Some(json) => Self::found(json, ServedBy::Here),
+            None => Self::missing(key, ServedBy::Here),
         }
-        Self::missing(key, ServedBy::Here)
+    }
+
+    /// A read served here by a node that may have missed writes of the key
+    /// (it holds no read lease): the other owners are asked for anything
+    /// newer first (see `cluster::reconcile`).
+    async fn read_reconciled(&self, key: String) -> Outcome {
+        if let Some(cluster) = &self.cluster {
+            cluster.reconcile(&key).await;
+        }
+        self.read_here(key)
     }
 
     async fn forward_get(&self, key: String) -> Outcome {
-        // Only a cluster forwards; boxed like the miss below, so the future
-        // of every forward does not hold one of `read_after_miss`.
         let Some(cluster) = &self.cluster else {
-            return Box::pin(self.read_after_miss(key)).await;
+            return self.read_here(key);
         };
         let request = || Request::Get { key: key.clone() };
         let routed = cluster
             .route(&key, Access::Read, request, expect::item)
             .await;
         match routed {
-            Ok(Routed::Local) => match self.read_json(&key) {
-                Some(json) => Self::found(json, ServedBy::Here),
-                // Boxed: a miss on the owner while data moves is rare, and
-                // its future would otherwise be part of every forward's.
-                None => Box::pin(self.read_after_miss(key)).await,
-            },
+            // This node's turn in the plan (the owners before it could not
+            // serve): its copy, as for a primary.
+            Ok(Routed::Local) if cluster.serves_own_copies() => self.read_here(key),
+            // Boxed: rare, and its future would otherwise be part of every
+            // forward's.
+            Ok(Routed::Local) => Box::pin(self.read_reconciled(key)).await,
             Ok(Routed::Remote {
                 served_by,
                 answer: Some(record),

@@ -13,7 +13,7 @@ use hyper::http::StatusCode;
 
 use super::{Executor, Failure};
 use crate::cluster::Cluster;
-use crate::peer::protocol::{Answer, Deletion, RecordBatch, RecordRef, Records, Request};
+use crate::peer::protocol::{Answer, Deletion, Newer, RecordBatch, RecordRef, Records, Request};
 use crate::peer::server::{Handler, Reply};
 use crate::store::ItemView;
 
@@ -91,6 +91,26 @@ impl Handler for Executor {
                     None => Answer::Missing,
                 })
             }
+            Request::Newer { key, held } => {
+                let checked = self.limits.check_key(&key).and_then(|()| {
+                    held.as_ref().map_or(Ok(()), |h| {
+                        self.limits.check_tags(h.tags.iter().map(String::as_str))
+                    })
+                });
+                if let Err(f) = checked {
+                    return Reply::Now(refused(f));
+                }
+                Reply::Now(
+                    match cluster.newer_than(&key, held.as_ref(), |item| record_of(item)) {
+                        Newer::Copy(record) => Answer::Item {
+                            created: false,
+                            record,
+                        },
+                        Newer::Deleted => Answer::Deleted,
+                        Newer::Nothing => Answer::Missing,
+                    },
+                )
+            }
             Request::InvalidateTag { tag } => Reply::Now(match self.limits.check_tag(&tag) {
                 Ok(()) => Answer::Invalidated(cluster.invalidate_locally(&tag)),
                 Err(f) => refused(f),
@@ -120,31 +140,30 @@ impl Handler for Executor {
 
 impl Executor {
     /// A read forwarded here as to the key's owner: served from the store,
-    /// asking the other owners on a miss while data moves.
+    /// after asking the other owners for anything newer when this node may
+    /// have missed writes (see `cluster::reconcile`).
     fn serve_get(self: Arc<Self>, cluster: Arc<Cluster>, key: String) -> Reply {
         if let Err(f) = self.limits.check_key(&key) {
             return Reply::Now(refused(f));
         }
-        if let Some(record) = self.read_record(&key) {
-            return Reply::Now(Answer::Item {
-                created: false,
-                record,
-            });
-        }
-        if !cluster.is_moving() {
-            return Reply::Now(Answer::Missing);
+        if cluster.serves_own_copies() {
+            return Reply::Now(self.read_answer(&key));
         }
         Reply::Later(Box::pin(async move {
-            if cluster.recover(&key).await
-                && let Some(record) = self.read_record(&key)
-            {
-                return Answer::Item {
-                    created: false,
-                    record,
-                };
-            }
-            Answer::Missing
+            cluster.reconcile(&key).await;
+            self.read_answer(&key)
         }))
+    }
+
+    /// The answer to a read of `key` from the store.
+    fn read_answer(&self, key: &str) -> Answer {
+        match self.read_record(key) {
+            Some(record) => Answer::Item {
+                created: false,
+                record,
+            },
+            None => Answer::Missing,
+        }
     }
 
     /// The key as a record, read from the store (counted as a hit or miss).

@@ -47,8 +47,12 @@ use distrocache_membership::{MembershipDoc, NodeProgress};
 
 use super::frame::{self, Frame, FrameCodec};
 use super::outbox::Outbox;
-use super::protocol::{Answer, LocalInvalidation, NodeStats, Records, ReplicateOutcome, Request};
-use super::{CONNECT_PATH, FEATURE_SET_KEEPER, FEATURES_HEADER, FROM_HEADER, PROTOCOL};
+use super::protocol::{
+    Answer, Features, LocalInvalidation, Newer, NodeStats, Records, ReplicateOutcome, Request,
+};
+use super::{
+    CONNECT_PATH, FEATURE_NEWER, FEATURE_SET_KEEPER, FEATURES_HEADER, FROM_HEADER, PROTOCOL,
+};
 use crate::reload::Reloadable;
 use crate::tls::PeerTls;
 use crate::tokens::{TokenFile, TokenSet};
@@ -150,29 +154,22 @@ struct Connection {
     busy: Notify,
 }
 
-/// What a peer takes beyond the protocol's first version, from the
-/// `FEATURES_HEADER` of its `101` answer (absent from nodes that predate it).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Features {
-    /// `Set` requests naming a keeper.
-    set_keeper: bool,
-}
-
-impl Features {
-    fn from_header(value: Option<&HeaderValue>) -> Self {
-        let listed = value
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim);
-        let mut features = Features::default();
-        for feature in listed {
-            if feature == FEATURE_SET_KEEPER {
-                features.set_keeper = true;
-            }
+/// What the peer that sent `value` as its `FEATURES_HEADER` takes.
+fn features_of(value: Option<&HeaderValue>) -> Features {
+    let listed = value
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim);
+    let mut features = Features::default();
+    for feature in listed {
+        match feature {
+            FEATURE_SET_KEEPER => features.set_keeper = true,
+            FEATURE_NEWER => features.newer = true,
+            _ => {}
         }
-        features
     }
+    features
 }
 
 type Waiter = oneshot::Sender<Result<Frame, PeerError>>;
@@ -223,11 +220,8 @@ impl Connection {
             .acquire()
             .await
             .map_err(|_| refused("connection closed"))?;
-        // A peer that predates keepers gets the request it can read.
-        let downgraded = match self.features.set_keeper {
-            true => None,
-            false => request.without_keeper(),
-        };
+        // A peer of an older version gets the request it can read.
+        let downgraded = request.downgraded_for(self.features);
         let request = downgraded.as_ref().unwrap_or(request);
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
@@ -721,7 +715,7 @@ impl PeerClient {
                 message: error_message(&body),
             });
         }
-        let features = Features::from_header(response.headers().get(FEATURES_HEADER));
+        let features = features_of(response.headers().get(FEATURES_HEADER));
         let upgraded = hyper::upgrade::on(response)
             .await
             .map_err(|e| refused(error_chain(&e)))?;
@@ -807,6 +801,16 @@ pub mod expect {
         match a {
             Answer::Item { record, .. } => Ok(Some(record)),
             Answer::Missing => Ok(None),
+            other => Err(other),
+        }
+    }
+
+    /// `Newer` (or the `Fetch` it is downgraded to for an older peer).
+    pub fn newer(a: Answer) -> Result<Newer, Answer> {
+        match a {
+            Answer::Item { record, .. } => Ok(Newer::Copy(record)),
+            Answer::Deleted => Ok(Newer::Deleted),
+            Answer::Missing => Ok(Newer::Nothing),
             other => Err(other),
         }
     }
@@ -1191,9 +1195,9 @@ mod tests {
         assert_eq!((answered, refused), (3, 3));
     }
 
-    /// The `Set` a peer receives, sent naming a keeper to a peer that says
-    /// it takes `features` (if anything).
-    async fn set_as_received(features: Option<&'static str>) -> Request {
+    /// What a peer that says it takes `features` (if anything) receives
+    /// when sent `request`.
+    async fn as_received(request: Request, features: Option<&'static str>) -> Request {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (received, taken) = std::sync::mpsc::channel();
@@ -1202,6 +1206,14 @@ mod tests {
                 .send(Request::decode(frames[0].kind, &frames[0].body).unwrap())
                 .unwrap();
         }));
+        // The fake peer closes without answering: the error is expected.
+        let _ = client().send(addr, 1, &request, None).await;
+        peer.await.unwrap();
+        taken.recv().unwrap()
+    }
+
+    /// A `Set` naming a keeper, as a peer taking `features` receives it.
+    async fn set_as_received(features: Option<&'static str>) -> Request {
         let request = Request::Set {
             key: "k".into(),
             write: crate::exec::Write {
@@ -1211,15 +1223,9 @@ mod tests {
             },
             keeper: Some("node-1".into()),
         };
-        // The fake peer closes without answering: the error is expected.
-        let _ = client().send(addr, 1, &request, None).await;
-        peer.await.unwrap();
-        taken.recv().unwrap()
+        as_received(request, features).await
     }
 
-    /// A keeper is named only to a peer that said it takes one; a node that
-    /// predates keepers (a rolling upgrade) gets the plain `Set` it reads,
-    /// and replicates to the sender as it always did.
     #[tokio::test]
     async fn a_keeper_is_named_only_to_a_peer_that_takes_one() {
         let Request::Set { keeper, .. } = set_as_received(None).await else {
@@ -1231,5 +1237,29 @@ mod tests {
             panic!("a set");
         };
         assert_eq!(keeper.as_deref(), Some("node-1"));
+    }
+
+    /// `Newer` goes only to a peer that said it takes it; a node that
+    /// predates it gets a `Fetch` for the key, whose answer (its copy or
+    /// none) is one `Newer` may get.
+    #[tokio::test]
+    async fn newer_is_asked_only_of_a_peer_that_takes_it() {
+        use crate::peer::protocol::HeldCopy;
+        let newer = Request::Newer {
+            key: "k".into(),
+            held: Some(HeldCopy {
+                version: 5,
+                tags: vec!["red".into()],
+            }),
+        };
+        assert_eq!(
+            as_received(newer.clone(), Some("set-keeper")).await,
+            Request::Fetch { key: "k".into() },
+            "sent to a peer that predates it"
+        );
+        assert_eq!(
+            as_received(newer.clone(), Some(crate::peer::FEATURES)).await,
+            newer
+        );
     }
 }

@@ -38,6 +38,10 @@ pub const PROTOCOL: &str = "distrocache-peer/1";
 pub const FEATURES_HEADER: &str = "x-distrocache-peer-features";
 /// The feature of taking a `Set` that names a keeper (see `Request::Set`).
 pub const FEATURE_SET_KEEPER: &str = "set-keeper";
+/// The feature of taking `Newer` (see `Request::Newer`).
+pub const FEATURE_NEWER: &str = "newer";
+/// Every feature this node takes, as its `101` answer lists them.
+pub const FEATURES: &str = "set-keeper, newer";
 /// The id of the node opening a peer connection.
 pub const FROM_HEADER: &str = "x-distrocache-from";
 /// On answers to clients, when it is news to the connection (see

@@ -9,7 +9,8 @@
 //! | `Get`, `Set`, `Delete` | a node forwarding a client's request to the key's owner (a `Set` may name the sender as its *keeper*: see `Request::Set`) | `Item`, `Missing`, `Deleted`, `Refused` |
 //! | `Replicate` | a coordinator (writes and deletes), the rebalancer (pushes), repair | `Replicated` |
 //! | `Pull` | a node loading the keys it owns | `Page` |
-//! | `Fetch` | a node recovering a key mid-move; the copies view | `Item`, `Missing` |
+//! | `Fetch` | the copies view | `Item`, `Missing` |
+//! | `Newer` | a node that may have missed writes of a key, before it serves a read of it (see `cluster::reconcile`) | `Item`, `Deleted`, `Missing` |
 //! | `InvalidateTag` | the node fanning out a tag invalidation | `Invalidated` |
 //! | `Progress`, `Stats` | settling, the cluster views | `Progress`, `Stats` |
 //! | `GetRing`, `PutRing` | nodes reconciling rings of different epochs | `Ring`, `RingAdopted` |
@@ -59,6 +60,37 @@ pub enum Source {
     Rebalance,
     /// A hinted write or delete, or a resync, from the repair queue.
     Repair,
+}
+
+/// What a peer takes beyond the protocol's first version: the
+/// `peer::FEATURES_HEADER` of its `101` answer (absent from nodes that
+/// predate it), so nodes of different versions only send each other what
+/// both read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `Set` requests naming a keeper (`peer::FEATURE_SET_KEEPER`).
+    pub set_keeper: bool,
+    /// `Newer` requests (`peer::FEATURE_NEWER`).
+    pub newer: bool,
+}
+
+/// The version (its coordinator's write time) and tags of the copy of a key
+/// a node holds: what it asks its peers to compare with (`Request::Newer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldCopy {
+    pub version: UnixNanos,
+    pub tags: Vec<String>,
+}
+
+/// What a peer knows newer than a copy: the answer to `Request::Newer`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Newer {
+    /// The peer's copy, newer than the one asked about (or the only one).
+    Copy(Records),
+    /// The copy asked about was deleted or invalidated since it was written.
+    Deleted,
+    /// Nothing newer.
+    Nothing,
 }
 
 /// A delete to apply on another owner: remove the key unless it was written
@@ -372,6 +404,16 @@ pub enum Request {
     Fetch {
         key: String,
     },
+    /// Anything newer known here than the sender's copy of `key` (`held`:
+    /// its version and tags; `None`: it holds none): the copy held here if
+    /// that is newer (`Item`), or that the sender's copy was deleted or
+    /// invalidated since it was written (`Deleted`); otherwise `Missing`.
+    /// Sent only to peers that said they take it (see
+    /// `peer::FEATURE_NEWER`); others are sent a `Fetch`.
+    Newer {
+        key: String,
+        held: Option<HeldCopy>,
+    },
     /// Remove the tag's items held here.
     InvalidateTag {
         tag: String,
@@ -461,6 +503,7 @@ const TOMBSTONES: u8 = 13;
 /// `Set` with a keeper: a kind of its own, so a node that predates keepers
 /// refuses it rather than reading it as a plain `Set`.
 const SET_KEPT: u8 = 14;
+const NEWER: u8 = 15;
 
 const A_ITEM: u8 = 128;
 const A_MISSING: u8 = 129;
@@ -494,21 +537,29 @@ impl Request {
         )
     }
 
-    /// This request as a peer that predates keepers must get it: a `Set`
-    /// without its keeper, which the coordinator then replicates to like
-    /// any other owner (the keeper's own apply of the answer finds that
-    /// version held and changes nothing). `None`: nothing to change.
-    pub(super) fn without_keeper(&self) -> Option<Request> {
+    /// This request as a peer that takes only `features` must get it.
+    /// `None`: as it is.
+    /// - A `Set` naming a keeper, to a peer that predates keepers: without
+    ///   its keeper. The coordinator then replicates to it like any other
+    ///   owner (the keeper's own apply of the answer finds that version held
+    ///   and changes nothing).
+    /// - `Newer`, to a peer that predates it: a `Fetch`, whose answer
+    ///   (`Item`, `Missing`) is one `Newer` may get. An older copy fetched is
+    ///   not applied over a newer one; a delete is not learned.
+    pub(super) fn downgraded_for(&self, features: Features) -> Option<Request> {
         match self {
             Request::Set {
                 key,
                 write,
                 keeper: Some(_),
-            } => Some(Request::Set {
+            } if !features.set_keeper => Some(Request::Set {
                 key: key.clone(),
                 write: write.clone(),
                 keeper: None,
             }),
+            Request::Newer { key, .. } if !features.newer => {
+                Some(Request::Fetch { key: key.clone() })
+            }
             _ => None,
         }
     }
@@ -535,6 +586,7 @@ impl Request {
             Request::Replicate { .. } => "replicate",
             Request::Pull { .. } => "pull",
             Request::Fetch { .. } => "fetch",
+            Request::Newer { .. } => "newer",
             Request::InvalidateTag { .. } => "invalidate_tag",
             Request::Progress => "progress",
             Request::Stats => "stats",
@@ -600,6 +652,18 @@ impl Request {
             Request::Fetch { key } => {
                 put_str(out, key);
                 FETCH
+            }
+            Request::Newer { key, held } => {
+                put_str(out, key);
+                match held {
+                    None => out.put_u8(0),
+                    Some(held) => {
+                        out.put_u8(1);
+                        out.put_u64(held.version);
+                        put_strs(out, &held.tags);
+                    }
+                }
+                NEWER
             }
             Request::InvalidateTag { tag } => {
                 put_str(out, tag);
@@ -677,6 +741,18 @@ impl Request {
                 limit: r.u32()?,
             },
             FETCH => Request::Fetch { key: r.string()? },
+            NEWER => {
+                let key = r.string()?;
+                let held = match r.u8()? {
+                    0 => None,
+                    1 => Some(HeldCopy {
+                        version: r.u64()?,
+                        tags: r.strings()?,
+                    }),
+                    n => return malformed(format!("unknown held-copy flag {n}")),
+                };
+                Request::Newer { key, held }
+            }
             INVALIDATE_TAG => Request::InvalidateTag { tag: r.string()? },
             PROGRESS => Request::Progress,
             STATS => Request::Stats,
@@ -1233,6 +1309,17 @@ mod tests {
                 limit: 1000,
             },
             Request::Fetch { key: "ü".into() },
+            Request::Newer {
+                key: "k".into(),
+                held: None,
+            },
+            Request::Newer {
+                key: "k".into(),
+                held: Some(HeldCopy {
+                    version: 7,
+                    tags: vec!["red".into(), "blue".into()],
+                }),
+            },
             Request::InvalidateTag { tag: "red".into() },
             Request::Progress,
             Request::Stats,
