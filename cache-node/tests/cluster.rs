@@ -1332,8 +1332,9 @@ async fn read_via(c: &ProcCluster, i: usize, key: &str) -> (Value, String) {
     (item["value"].clone(), by)
 }
 
-/// Reads `key` through node `i` for longer than a lease and its renewals,
-/// asserting every read returns `value`.
+/// Reads `key` through node `i`, the key's primary, for longer than a lease
+/// and its renewals, asserting every read returns `value` and is served
+/// there.
 async fn always_reads(c: &ProcCluster, i: usize, key: &str, value: &str, what: &str) {
     let until = std::time::Instant::now() + LEASE + RENEW_EVERY * 4;
     let mut reads = 0;
@@ -1343,6 +1344,7 @@ async fn always_reads(c: &ProcCluster, i: usize, key: &str, value: &str, what: &
             read, value,
             "{what}: a read through node-{i} (served by {by})"
         );
+        assert_eq!(by, format!("node-{i}"), "{what}: served by the primary");
         reads += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

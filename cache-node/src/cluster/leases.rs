@@ -65,6 +65,10 @@ pub struct Leases {
     /// Until this instant every member counts as holding a lease from this
     /// node (one it may have granted before it restarted).
     granted_before_start: Instant,
+    /// The members that refused this node a lease at its last renewal: they
+    /// hold hints for it (writes, deletes or tag invalidations it missed),
+    /// so a read it serves without a lease asks them too (see `reconcile`).
+    refused_by: Mutex<Vec<String>>,
 }
 
 impl Default for Leases {
@@ -76,6 +80,7 @@ impl Default for Leases {
             held_epoch: AtomicU64::new(0),
             granted: Mutex::new(HashMap::new()),
             granted_before_start: origin + LEASE,
+            refused_by: Mutex::new(Vec::new()),
         }
     }
 }
@@ -110,6 +115,11 @@ impl Leases {
     /// Ends the leases this node holds (the ring changed).
     pub(super) fn drop_held(&self) {
         self.held_until.store(0, Ordering::Release);
+    }
+
+    /// The members that refused this node a lease at its last renewal.
+    pub(super) fn refused_by(&self) -> Vec<String> {
+        self.refused_by.lock().clone()
     }
 
     /// Grants `member` a lease if `allowed` says it may have one, checked
@@ -184,6 +194,7 @@ impl Cluster {
             && self.is_ready()
             && self.ring.is_settled();
         if !eligible {
+            self.leases.refused_by.lock().clear();
             self.leases.drop_held();
             self.metrics.read_lease.set(0);
             return;
@@ -208,11 +219,16 @@ impl Cluster {
         }))
         .await;
         let mut all = true;
-        for answer in answers {
+        let mut refused_by = Vec::new();
+        for (member, answer) in others.iter().zip(answers) {
             let granted = matches!(answer, Ok(true));
             self.metrics.peer_call(PeerOp::Lease, answer.is_ok());
+            if matches!(answer, Ok(false)) {
+                refused_by.push(member.id.clone());
+            }
             all &= granted;
         }
+        *self.leases.refused_by.lock() = refused_by;
         if all && self.ring.epoch() == epoch && self.ring.is_settled() {
             self.leases.hold(epoch, asked);
             self.metrics.read_lease.set(1);

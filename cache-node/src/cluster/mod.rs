@@ -204,6 +204,12 @@ impl Cluster {
         true
     }
 
+    /// Whether data is moving as this node sees it in `rings`: a previous
+    /// ring is kept, or this node has not finished pulling its keys.
+    fn is_moving_in(&self, rings: &Rings) -> bool {
+        rings.previous.is_some() || !self.progress.pulled()
+    }
+
     /// Sends `request` to `member` with this node's epoch and takes its
     /// answer with `expect`, reconciling rings on a mismatch: a peer with an
     /// older ring is sent ours and the request sent again; a peer with a

@@ -1,6 +1,6 @@
 //! Reads served from a copy that may be behind: before a node serves a read
-//! from its own copy without holding a read lease, it asks the key's other
-//! owners for anything newer.
+//! from its own copy without holding a read lease, it asks the members that
+//! may know better for anything newer.
 //!
 //! A copy may miss acknowledged writes. A coordinator that cannot reach an
 //! owner answers its client anyway and hints that owner (see `repair`), and
@@ -12,25 +12,43 @@
 //!   which coordinates it and hints the primary.
 //!
 //! So the node asks the key's other owners (current and, while data moves,
-//! previous) what they know that is newer than its copy, and applies it
-//! before it reads: a newer copy is stored (the newest version wins), a
-//! delete or tag invalidation made since its copy was written removes it.
-//! An owner that recently failed to answer is not asked, and one that does
-//! not answer adds nothing: then the node serves what it has (availability
-//! over freshness, as when a key's primary cannot be reached).
+//! previous), and the members that refused it a lease (they hold hints for
+//! it: a tag invalidation's may live on a member that owns nothing of the
+//! key), what they know that is newer than its copy, and applies it before
+//! it reads: a newer copy is stored (the newest version wins), a delete or
+//! tag invalidation made since its copy was written removes it. A member
+//! that recently failed to answer is not asked, and one that does not answer
+//! within [`RECONCILE_TIMEOUT`] adds nothing: then the node serves what it
+//! has (availability over freshness, as when a key's primary cannot be
+//! reached). Except for a key missing here while data moves: every owner is
+//! asked, with the whole peer timeout, so a key on its way is never missed.
+//!
+//! What a peer knows comes from its store and its tombstones (see
+//! `tombstones`: remembered for 10 minutes, with their number capped), not
+//! from its hints: a hint is repaired within seconds of its replica
+//! answering again, long before its tombstone goes.
 //!
 //! This costs a peer round trip per read while the node holds no lease: for
 //! about half a second after a ring change settles, while data moves, and
 //! while any member is down. A settled cluster with every member up serves
 //! every read from the copy of the owner that receives it.
 
+use std::time::Duration;
+
 use futures_util::future::join_all;
 
 use super::Cluster;
 use super::metrics::PeerOp;
+use super::ring::RingMember;
 use crate::peer::protocol::{Deletion, HeldCopy, Newer, Records};
 use crate::peer::{Request, expect};
 use crate::store::ItemRef;
+
+/// How long an owner has to say what it holds newer than a copy held here,
+/// once its connection is open (opening one takes up to
+/// `--peer-connect-timeout`): a read waits for the slowest owner it asks,
+/// so a silent owner must not hold it for a whole `--peer-timeout`.
+pub const RECONCILE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Cluster {
     /// Whether this node may serve reads from its own copies as they are:
@@ -40,9 +58,10 @@ impl Cluster {
         self.holds_read_lease()
     }
 
-    /// Brings this node's copy of `key` up to what its other reachable
-    /// owners know (see the module's comment). Returns once every owner
-    /// asked has answered or failed.
+    /// Brings this node's copy of `key` up to what the members that may
+    /// know better can say (see the module's comment): the key's other
+    /// owners and the members that refused this node a lease. Returns once
+    /// every member asked has answered or failed.
     pub async fn reconcile(&self, key: &str) {
         let Some(rings) = self.ring.rings() else {
             return;
@@ -51,56 +70,83 @@ impl Cluster {
             version: item.created_at(),
             tags: item.tags().map(str::to_owned).collect(),
         });
-        let owners: Vec<_> = self
-            .replicas(&rings, key)
-            .into_iter()
-            .filter(|m| !self.health.is_down(&m.id))
-            .collect();
-        if owners.is_empty() {
+        let mut asked: Vec<&RingMember> = self.replicas(&rings, key).to_vec();
+        for id in self.leases.refused_by() {
+            let member = rings
+                .both()
+                .find_map(|ring| ring.index_of(&id).map(|i| ring.member(i)));
+            if let Some(m) = member
+                && m.id != self.node_id
+                && !asked.iter().any(|a| a.id == m.id)
+            {
+                asked.push(m);
+            }
+        }
+        // A key missing here while data moves may be held only by an owner
+        // of the previous ring, so then every one is asked, even one that
+        // failed to answer lately, and given the whole peer timeout: a read
+        // never misses a key on its way. Otherwise those are passed over
+        // (reads do not wait for them again), and the others given
+        // `RECONCILE_TIMEOUT`: what is held here is served if they are slow.
+        let on_its_way = held.is_none() && self.is_moving_in(&rings);
+        if !on_its_way {
+            asked.retain(|m| !self.health.is_down(&m.id));
+        }
+        if asked.is_empty() {
             return;
         }
+        let timeout = (!on_its_way).then_some(RECONCILE_TIMEOUT);
         let request = Request::Newer {
             key: key.to_owned(),
-            held: held.clone(),
+            held,
         };
-        let asked = owners
+        let answers = asked
             .iter()
-            .map(|m| self.call(m, &request, None, expect::newer));
-        for (member, answer) in owners.iter().zip(join_all(asked).await) {
+            .map(|m| self.call(m, &request, timeout, expect::newer));
+        for (member, answer) in asked.iter().zip(join_all(answers).await) {
             self.metrics.peer_call(PeerOp::Reconcile, answer.is_ok());
             match answer {
-                Ok(Newer::Copy(record)) => {
+                Ok(newer) => {
                     self.health.mark_up(&member.id);
-                    if let Ok(record) = record.single() {
-                        self.apply_records(std::slice::from_ref(&record));
-                    }
+                    self.absorb(key, newer);
                 }
-                Ok(Newer::Deleted) => {
-                    self.health.mark_up(&member.id);
-                    if let Some(held) = &held {
-                        // Whatever copy is at least as old as the one asked
-                        // about is dead; a write made here since stays.
-                        self.apply_deletes(&[Deletion {
-                            key: key.to_owned(),
-                            at: held.version,
-                        }]);
-                    }
-                }
-                Ok(Newer::Nothing) => self.health.mark_up(&member.id),
                 Err(e) => {
                     if e.is_unavailable() {
                         self.health.mark_down(&member.id);
                     }
-                    tracing::debug!(peer = %member.id, error = %e, "an owner could not say what it holds newer");
+                    tracing::debug!(peer = %member.id, error = %e, "a member could not say what it holds newer");
                 }
             }
         }
     }
 
+    /// Applies to this node's copy of `key` what a peer knows newer. In any
+    /// order, several peers' answers leave the newest copy that no delete
+    /// or invalidation made dead: a copy applies only over an older one and
+    /// not over a tombstone, a delete removes only what is at least as old.
+    fn absorb(&self, key: &str, newer: Newer) {
+        match newer {
+            Newer::Copy(record) => {
+                if let Ok(record) = record.single() {
+                    self.apply_records(std::slice::from_ref(&record));
+                }
+            }
+            Newer::Deleted { at } => {
+                self.apply_deletes(&[Deletion {
+                    key: key.to_owned(),
+                    at,
+                }]);
+            }
+            Newer::Nothing => {}
+        }
+    }
+
     /// What this node knows newer than a peer's copy `held` of `key` (the
     /// answer to its `Newer`): this node's copy if newer (`record` reads
-    /// it), or that the peer's copy was deleted or invalidated since it was
-    /// written.
+    /// it); else, if the key was deleted after the peer's copy was written
+    /// (or the peer holds none), the delete's time; else, if one of the
+    /// copy's tags was invalidated since, the copy's own version (a copy
+    /// written later without that tag is not dead).
     pub fn newer_than(
         &self,
         key: &str,
@@ -114,10 +160,19 @@ impl Cluster {
                     .then(|| record(&item))
             })
             .flatten();
-        match (newer, held) {
-            (Some(copy), _) => Newer::Copy(copy),
-            (None, Some(h)) if self.tombstones.buries(key, h.version, &h.tags) => Newer::Deleted,
-            (None, _) => Newer::Nothing,
+        if let Some(copy) = newer {
+            return Newer::Copy(copy);
+        }
+        let deleted = self.tombstones.deleted_at(key);
+        match held {
+            None => deleted.map_or(Newer::Nothing, |at| Newer::Deleted { at }),
+            Some(h) => match deleted {
+                Some(at) if at >= h.version => Newer::Deleted { at },
+                _ if self.tombstones.buries(key, h.version, &h.tags) => {
+                    Newer::Deleted { at: h.version }
+                }
+                _ => Newer::Nothing,
+            },
         }
     }
 }
@@ -125,18 +180,25 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
+
+    use distrocache_membership::MemberState;
 
     use super::*;
-    use crate::cluster::testing;
+    use crate::cluster::testing::{self, Version};
+    use crate::peer::protocol::RecordBatch;
     use crate::store::{ItemView, Store, StoreConfig};
 
-    fn node() -> (Arc<Store>, Arc<Cluster>) {
-        let store = Arc::new(Store::with_config(StoreConfig {
+    fn store() -> Arc<Store> {
+        Arc::new(Store::with_config(StoreConfig {
             max_items: 100,
             default_ttl: Duration::from_secs(3600),
             ..StoreConfig::default()
-        }));
+        }))
+    }
+
+    fn node() -> (Arc<Store>, Arc<Cluster>) {
+        let store = store();
         let cluster = testing::two_members(store.clone(), 100, 1 << 20);
         (store, cluster)
     }
@@ -148,56 +210,113 @@ mod tests {
         }
     }
 
+    fn answer(c: &Cluster, key: &str, held: Option<&HeldCopy>) -> String {
+        let record = |item: &ItemRef<'_>| {
+            let mut batch = RecordBatch::default();
+            batch.push(item);
+            batch.freeze()
+        };
+        match c.newer_than(key, held, record) {
+            Newer::Copy(record) => format!("copy {}", record.single().unwrap().meta().created_at),
+            Newer::Deleted { at } => format!("deleted {at}"),
+            Newer::Nothing => "nothing".into(),
+        }
+    }
+
     /// What a node answers a peer asking about its copy: its own copy only
-    /// if newer (or the peer has none), that the peer's copy is dead if a
-    /// delete or an invalidation of one of its tags came after it, and
-    /// otherwise nothing.
+    /// if newer (or the peer has none); that the key was deleted at a time
+    /// if that came after the peer's copy (or the peer has none); that the
+    /// peer's copy is dead if one of its tags was invalidated after it was
+    /// written (at the copy's own version: a later write without the tag
+    /// lives); otherwise nothing.
     #[test]
     fn a_peer_is_told_only_what_is_newer_than_its_copy() {
         let (store, c) = node();
-        let answer = |key: &str, held: Option<&HeldCopy>| match c.newer_than(key, held, |item| {
-            let mut batch = crate::peer::protocol::RecordBatch::default();
-            batch.push(item);
-            batch.freeze()
-        }) {
-            Newer::Copy(record) => format!("copy {}", record.single().unwrap().meta().created_at),
-            Newer::Deleted => "deleted".into(),
-            Newer::Nothing => "nothing".into(),
-        };
-        assert_eq!(answer("k", None), "nothing", "no copy here");
+        assert_eq!(answer(&c, "k", None), "nothing", "no copy here");
         store.set("k", b"1", &["red"], None, |_| ()).unwrap();
         let here = store.peek("k", |item| item.created_at()).unwrap();
+        let newer = format!("copy {here}");
+        assert_eq!(answer(&c, "k", None), newer, "the peer has none");
+        assert_eq!(answer(&c, "k", Some(&held(here - 1, &[]))), newer);
         assert_eq!(
-            answer("k", None),
-            format!("copy {here}"),
-            "the peer has none"
+            answer(&c, "k", Some(&held(here, &[]))),
+            "nothing",
+            "the same"
         );
         assert_eq!(
-            answer("k", Some(&held(here - 1, &[]))),
-            format!("copy {here}")
+            answer(&c, "k", Some(&held(here + 1, &[]))),
+            "nothing",
+            "older"
         );
-        assert_eq!(answer("k", Some(&held(here, &[]))), "nothing", "the same");
-        assert_eq!(answer("k", Some(&held(here + 1, &[]))), "nothing", "older");
 
         // Deleted here after the peer's copy was written, and not before.
         c.tombstones.deleted("gone", 100);
-        assert_eq!(answer("gone", Some(&held(99, &[]))), "deleted");
-        assert_eq!(answer("gone", Some(&held(100, &[]))), "deleted");
-        assert_eq!(answer("gone", Some(&held(101, &[]))), "nothing");
-        assert_eq!(answer("gone", None), "nothing");
+        assert_eq!(answer(&c, "gone", Some(&held(99, &[]))), "deleted 100");
+        assert_eq!(answer(&c, "gone", Some(&held(100, &[]))), "deleted 100");
+        assert_eq!(answer(&c, "gone", Some(&held(101, &[]))), "nothing");
+        assert_eq!(answer(&c, "gone", None), "deleted 100", "the peer has none");
         // One of its tags invalidated after it was written.
         c.tombstones.invalidated("blue", 100);
         assert_eq!(
-            answer("other", Some(&held(99, &["red", "blue"]))),
-            "deleted"
+            answer(&c, "other", Some(&held(99, &["red", "blue"]))),
+            "deleted 99"
         );
-        assert_eq!(answer("other", Some(&held(99, &["red"]))), "nothing");
-        assert_eq!(answer("other", Some(&held(101, &["blue"]))), "nothing");
+        assert_eq!(answer(&c, "other", Some(&held(99, &["red"]))), "nothing");
+        assert_eq!(answer(&c, "other", Some(&held(101, &["blue"]))), "nothing");
     }
 
-    /// Asking owners that cannot be reached adds nothing and loses nothing:
-    /// the copy stays as it was, and the owner is not asked again while it
-    /// counts as down (the next read does not wait for it).
+    /// One owner's answer in [`owners_answers_in_either_order_leave_the_newest_live_copy`]:
+    /// a copy at a version, or a delete at a time (after this node's own
+    /// copy, version 10).
+    #[derive(Debug, Clone, Copy)]
+    enum Told {
+        Copy(u64),
+        Deleted(u64),
+    }
+
+    /// Several owners' answers, applied in either order, leave the newest
+    /// copy no delete made dead: a copy one owner has, deleted later
+    /// through another, is gone; a copy written after a delete stays; an
+    /// invalidation of the copy asked about (a delete at its version) does
+    /// not remove a later one.
+    #[test]
+    fn owners_answers_in_either_order_leave_the_newest_live_copy() {
+        use Told::{Copy, Deleted};
+        let cases = [
+            (vec![Copy(20), Deleted(25)], None),
+            (vec![Copy(30), Deleted(25)], Some(30)),
+            (vec![Copy(20), Deleted(10)], Some(20)),
+            (vec![Copy(20), Copy(30)], Some(30)),
+            (vec![Deleted(25)], None),
+        ];
+        for (answers, left) in cases {
+            for reversed in [false, true] {
+                let (store, c) = node();
+                let now = store.now();
+                let copy = |version| Newer::Copy(Version::at(now + version, b"\"v\"").records());
+                c.absorb("k", copy(10));
+                let mut order = answers.clone();
+                if reversed {
+                    order.reverse();
+                }
+                for told in order {
+                    c.absorb(
+                        "k",
+                        match told {
+                            Copy(version) => copy(version),
+                            Deleted(at) => Newer::Deleted { at: now + at },
+                        },
+                    );
+                }
+                let kept = store.peek("k", |item| item.created_at() - now);
+                assert_eq!(kept, left, "{answers:?}, reversed: {reversed}");
+            }
+        }
+    }
+
+    /// Members that refuse the connection add nothing and lose nothing: the
+    /// copy stays as it was, and they are not asked again while they count
+    /// as down (the next read does not wait for them).
     #[tokio::test]
     async fn owners_that_cannot_be_reached_leave_the_copy_as_it_is() {
         let (store, c) = node();
@@ -218,5 +337,60 @@ mod tests {
         c.reconcile("k").await;
         assert_eq!(asked(), 1, "b not asked again while down");
         assert_eq!(store.peek("k", |item| item.created_at()), before);
+    }
+
+    /// A key missing here while data moves (this node has not pulled its
+    /// keys yet) may be on its way: every owner is asked, even one that
+    /// failed to answer lately. A key held here, or a miss once the keys
+    /// are pulled, passes over such an owner.
+    #[tokio::test]
+    async fn a_key_that_may_be_on_its_way_is_asked_of_every_owner() {
+        let (store, c) = node();
+        let asked = || {
+            c.metrics
+                .peer_requests
+                .with_label_values(&["reconcile"])
+                .get()
+        };
+        c.health.mark_down("b");
+        c.reconcile("missing").await;
+        assert_eq!(asked(), 1, "not pulled yet: b asked although down");
+        store
+            .set("k", b"1", &[] as &[String], None, |_| ())
+            .unwrap();
+        c.health.mark_down("b");
+        c.reconcile("k").await;
+        assert_eq!(asked(), 1, "held here: b passed over");
+        c.progress.mark_pulled();
+        c.reconcile("missing").await;
+        assert_eq!(asked(), 1, "pulled, nothing moves: b passed over");
+    }
+
+    /// An owner that takes the connection and never answers holds a read of
+    /// a key held here for [`RECONCILE_TIMEOUT`], not for the peer timeout
+    /// (a minute here), and is then passed over.
+    #[tokio::test]
+    async fn a_silent_owner_holds_a_read_only_for_the_reconcile_timeout() {
+        let (silent, _) = crate::peer::testing::fake_peer_for_each(|mut socket| async move {
+            let mut sink = tokio::io::sink();
+            let _ = tokio::io::copy(&mut socket, &mut sink).await;
+        })
+        .await;
+        let mut doc =
+            testing::membership(1, &[("a", MemberState::Active), ("b", MemberState::Active)]);
+        doc.members[1].address = silent.to_string();
+        let store = store();
+        store
+            .set("k", b"1", &[] as &[String], None, |_| ())
+            .unwrap();
+        let c = testing::node_a(store, 100, 1 << 20, Duration::from_secs(60), doc);
+        let started = Instant::now();
+        c.reconcile("k").await;
+        let took = started.elapsed();
+        assert!(
+            took >= RECONCILE_TIMEOUT && took < Duration::from_secs(30),
+            "took {took:?}"
+        );
+        assert!(c.health.is_down("b"), "timed out");
     }
 }

@@ -544,53 +544,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use crate::cluster::testing;
-    use crate::peer::protocol::{RecordBatch, Records};
-    use crate::store::{ItemMeta, ItemView, Store, StoreConfig};
-
-    /// A version of key `k` a peer sends.
-    struct Version {
-        value: Vec<u8>,
-        created_at: u64,
-        expires_at: u64,
-    }
-
-    impl Version {
-        /// Written at `created_at`, for an hour.
-        fn at(created_at: u64, value: &[u8]) -> Self {
-            Self {
-                value: value.to_vec(),
-                created_at,
-                expires_at: created_at + 3_600_000_000_000,
-            }
-        }
-
-        fn records(&self) -> Records {
-            let mut batch = RecordBatch::default();
-            batch.push(self);
-            batch.freeze()
-        }
-    }
-
-    impl ItemView for Version {
-        fn key(&self) -> &str {
-            "k"
-        }
-        fn value(&self) -> &[u8] {
-            &self.value
-        }
-        fn meta(&self) -> ItemMeta {
-            ItemMeta {
-                created_at: self.created_at,
-                accessed_at: self.created_at,
-                expires_at: self.expires_at,
-                access_count: 0,
-            }
-        }
-        fn tags(&self) -> impl Iterator<Item = &str> {
-            std::iter::empty()
-        }
-    }
+    use crate::cluster::testing::{self, Version};
+    use crate::store::{Store, StoreConfig};
 
     /// A version of a key this node cannot store (too large for its byte
     /// budget) takes an older copy held here with it: reads then go to the

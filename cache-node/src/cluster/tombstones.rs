@@ -120,6 +120,11 @@ impl Tombstones {
         self.tags.lock().insert(tag, at, MAX_TAGS);
     }
 
+    /// When `key` was last deleted, if that is remembered.
+    pub(super) fn deleted_at(&self, key: &str) -> Option<UnixNanos> {
+        self.deletes.lock().get(key)
+    }
+
     /// Whether a copy of `key` written at `created_at` and carrying `tags` was
     /// deleted or invalidated since.
     pub(super) fn buries(

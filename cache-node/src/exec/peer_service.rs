@@ -106,7 +106,7 @@ impl Handler for Executor {
                             created: false,
                             record,
                         },
-                        Newer::Deleted => Answer::Deleted,
+                        Newer::Deleted { at } => Answer::DeletedAt { at },
                         Newer::Nothing => Answer::Missing,
                     },
                 )

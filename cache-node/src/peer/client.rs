@@ -809,7 +809,7 @@ pub mod expect {
     pub fn newer(a: Answer) -> Result<Newer, Answer> {
         match a {
             Answer::Item { record, .. } => Ok(Newer::Copy(record)),
-            Answer::Deleted => Ok(Newer::Deleted),
+            Answer::DeletedAt { at } => Ok(Newer::Deleted { at }),
             Answer::Missing => Ok(Newer::Nothing),
             other => Err(other),
         }

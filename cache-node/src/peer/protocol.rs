@@ -87,8 +87,10 @@ pub struct HeldCopy {
 pub enum Newer {
     /// The peer's copy, newer than the one asked about (or the only one).
     Copy(Records),
-    /// The copy asked about was deleted or invalidated since it was written.
-    Deleted,
+    /// Every copy of the key written at or before `at` is dead: the copy
+    /// asked about was deleted or one of its tags invalidated since it was
+    /// written, or (none asked about) the key was deleted at `at`.
+    Deleted { at: UnixNanos },
     /// Nothing newer.
     Nothing,
 }
@@ -407,7 +409,8 @@ pub enum Request {
     /// Anything newer known here than the sender's copy of `key` (`held`:
     /// its version and tags; `None`: it holds none): the copy held here if
     /// that is newer (`Item`), or that the sender's copy was deleted or
-    /// invalidated since it was written (`Deleted`); otherwise `Missing`.
+    /// invalidated since it was written, or the key deleted (`DeletedAt`);
+    /// otherwise `Missing`.
     /// Sent only to peers that said they take it (see
     /// `peer::FEATURE_NEWER`); others are sent a `Fetch`.
     Newer {
@@ -467,6 +470,12 @@ pub enum Answer {
     },
     /// What is remembered, or `None` when it is more than one answer holds.
     Tombstones(Option<TombstoneLog>),
+    /// To a `Newer`: the copy asked about is dead, and so is any copy of the
+    /// key written at or before `at` (a delete's time, or the copy's own
+    /// version when one of its tags was invalidated).
+    DeletedAt {
+        at: UnixNanos,
+    },
     /// The request was refused or failed, with the HTTP status it stands for.
     Refused {
         status: u16,
@@ -519,6 +528,7 @@ const A_LEASE: u8 = 138;
 const A_REFUSED: u8 = 139;
 const A_MISDIRECTED: u8 = 140;
 const A_TOMBSTONES: u8 = 141;
+const A_DELETED_AT: u8 = 142;
 
 impl Request {
     /// Whether the receiver must hold the sender's ring epoch to act on it:
@@ -783,6 +793,10 @@ impl Answer {
             }
             Answer::Missing => A_MISSING,
             Answer::Deleted => A_DELETED,
+            Answer::DeletedAt { at } => {
+                out.put_u64(*at);
+                A_DELETED_AT
+            }
             Answer::Replicated(o) => {
                 for n in [o.applied, o.replaced, o.stale, o.refused, o.deleted] {
                     out.put_u64(n);
@@ -887,6 +901,7 @@ impl Answer {
                 message: r.string()?,
             },
             A_MISDIRECTED => Answer::Misdirected,
+            A_DELETED_AT => Answer::DeletedAt { at: r.u64()? },
             A_TOMBSTONES => Answer::Tombstones(if r.flag()? {
                 Some(read_tombstone_log(&mut r)?)
             } else {
@@ -1400,6 +1415,7 @@ mod tests {
             },
             Answer::Lease { granted: true },
             Answer::Tombstones(None),
+            Answer::DeletedAt { at: 12 },
             Answer::Tombstones(Some(TombstoneLog {
                 forgotten_before: 7,
                 deletes: vec![("k".into(), 9)],
