@@ -1465,6 +1465,62 @@ async fn a_primary_that_missed_a_write_made_through_a_replica_serves_the_write()
     assert_eq!(resp.status(), 404);
 }
 
+/// A tag invalidation made through a member that owns nothing of a key,
+/// while neither owner of the key could be reached from it: the
+/// invalidating member answers (naming them unreachable) and keeps the
+/// hints, and neither owner knows. The key's primary must not serve the
+/// invalidated item: it holds no read lease (the invalidating member
+/// refuses it one), so it asks that member too before it serves a read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_both_owners_missed_is_not_served() {
+    let mut c = ProcCluster::new(3, 2).with_flags(SHORT_PEER_TIMEOUTS);
+    let relays = [c.relay_peer_traffic(0).await, c.relay_peer_traffic(1).await];
+    c.start_members(3, SETTLE).await;
+    let key = (0..)
+        .map(|i| format!("tagged-{i}"))
+        .find(|k| c.owners_of(k) == ["node-0", "node-1"])
+        .expect("some key");
+    let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
+    let resp = c
+        .client
+        .put(url(0))
+        .json(&json!({ "value": "v", "tags": ["gone"] }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    assert_eq!(c.held(1, &key).await.expect("replicated")["value"], "v");
+
+    for relay in &relays {
+        relay.cut().await;
+    }
+    let resp = c
+        .client
+        .post(c.url(2, "/api/v1/invalidate/tag/gone"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["unreachable"], json!(["node-0", "node-1"]), "{body}");
+    for relay in &relays {
+        relay.black_hole().await;
+    }
+    assert!(c.held(0, &key).await.is_some(), "node-0 missed it");
+    assert!(c.held(1, &key).await.is_some(), "node-1 missed it");
+    let until = std::time::Instant::now() + LEASE + RENEW_EVERY * 4;
+    while std::time::Instant::now() < until {
+        let resp = c.client.get(url(0)).send().await.unwrap();
+        assert_eq!(
+            resp.status(),
+            404,
+            "a read of an item whose tag was invalidated, through its primary"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(c.held(0, &key).await.is_none(), "node-0 learned of it");
+}
+
 /// In cluster mode an answer names the ring epoch the answering node holds
 /// whenever that is news to the connection: any answer of the API (refusals
 /// included) on a new connection, the first after the node adopts another
