@@ -65,9 +65,11 @@ pub struct Leases {
     /// Until this instant every member counts as holding a lease from this
     /// node (one it may have granted before it restarted).
     granted_before_start: Instant,
-    /// The members that refused this node a lease at its last renewal: they
-    /// hold hints for it (writes, deletes or tag invalidations it missed),
-    /// so a read it serves without a lease asks them too (see `reconcile`).
+    /// The members that did not grant this node a lease at its last
+    /// renewal (refused, or did not answer in time): they may hold hints for
+    /// it (writes, deletes or tag invalidations it missed), so a read it
+    /// serves without a lease asks them too (see `reconcile`). Kept while
+    /// the node does not renew (data moving): hints do not go with epochs.
     refused_by: Mutex<Vec<String>>,
 }
 
@@ -117,7 +119,8 @@ impl Leases {
         self.held_until.store(0, Ordering::Release);
     }
 
-    /// The members that refused this node a lease at its last renewal.
+    /// The members that did not grant this node a lease at its last
+    /// renewal.
     pub(super) fn refused_by(&self) -> Vec<String> {
         self.refused_by.lock().clone()
     }
@@ -194,7 +197,6 @@ impl Cluster {
             && self.is_ready()
             && self.ring.is_settled();
         if !eligible {
-            self.leases.refused_by.lock().clear();
             self.leases.drop_held();
             self.metrics.read_lease.set(0);
             return;
@@ -223,7 +225,7 @@ impl Cluster {
         for (member, answer) in others.iter().zip(answers) {
             let granted = matches!(answer, Ok(true));
             self.metrics.peer_call(PeerOp::Lease, answer.is_ok());
-            if matches!(answer, Ok(false)) {
+            if !granted {
                 refused_by.push(member.id.clone());
             }
             all &= granted;

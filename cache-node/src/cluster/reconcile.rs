@@ -23,10 +23,11 @@
 //! reached). Except for a key missing here while data moves: every owner is
 //! asked, with the whole peer timeout, so a key on its way is never missed.
 //!
-//! What a peer knows comes from its store and its tombstones (see
-//! `tombstones`: remembered for 10 minutes, with their number capped), not
-//! from its hints: a hint is repaired within seconds of its replica
-//! answering again, long before its tombstone goes.
+//! What a peer knows comes from its store, its tombstones (see
+//! `tombstones`: remembered for 10 minutes, with their number capped) and
+//! the hints it holds for the asker (queued or on their way): those say what
+//! the asker missed even once the item is gone from the peer (expired,
+//! evicted, handed off) and its tombstone forgotten.
 //!
 //! This costs a peer round trip per read while the node holds no lease: for
 //! about half a second after a ring change settles, while data moves, and
@@ -98,6 +99,7 @@ impl Cluster {
         let timeout = (!on_its_way).then_some(RECONCILE_TIMEOUT);
         let request = Request::Newer {
             key: key.to_owned(),
+            node: self.node_id.clone(),
             held,
         };
         let answers = asked
@@ -141,15 +143,18 @@ impl Cluster {
         }
     }
 
-    /// What this node knows newer than a peer's copy `held` of `key` (the
-    /// answer to its `Newer`): this node's copy if newer (`record` reads
-    /// it); else, if the key was deleted after the peer's copy was written
-    /// (or the peer holds none), the delete's time; else, if one of the
-    /// copy's tags was invalidated since, the copy's own version (a copy
-    /// written later without that tag is not dead).
+    /// What this node knows newer than the copy `held` of `key` that
+    /// member `asker` holds (the answer to its `Newer`): this node's copy
+    /// if newer (`record` reads it). Else, if the key was deleted after the
+    /// asker's copy was written (or it holds none), or the asker missed a
+    /// write or delete of it here (a hint), the time at or before which its
+    /// copies are dead. Else, if one of the copy's tags was invalidated
+    /// since (a tombstone, or a hint for the asker), the copy's own version
+    /// (a copy written later without that tag lives).
     pub fn newer_than(
         &self,
         key: &str,
+        asker: &str,
         held: Option<&HeldCopy>,
         record: impl FnOnce(&ItemRef<'_>) -> Records,
     ) -> Newer {
@@ -163,12 +168,20 @@ impl Cluster {
         if let Some(copy) = newer {
             return Newer::Copy(copy);
         }
-        let deleted = self.tombstones.deleted_at(key);
+        // The item may be gone from here since (expired, evicted, handed
+        // off), and a tombstone forgotten: the hints still say what the
+        // asker missed.
+        let dead_until = self
+            .tombstones
+            .deleted_at(key)
+            .max(self.hints.missed_key(asker, key));
         match held {
-            None => deleted.map_or(Newer::Nothing, |at| Newer::Deleted { at }),
-            Some(h) => match deleted {
+            None => dead_until.map_or(Newer::Nothing, |at| Newer::Deleted { at }),
+            Some(h) => match dead_until {
                 Some(at) if at >= h.version => Newer::Deleted { at },
-                _ if self.tombstones.buries(key, h.version, &h.tags) => {
+                _ if self.tombstones.buries(key, h.version, &h.tags)
+                    || self.hints.missed_tag(asker, &h.tags, h.version) =>
+                {
                     Newer::Deleted { at: h.version }
                 }
                 _ => Newer::Nothing,
@@ -216,7 +229,7 @@ mod tests {
             batch.push(item);
             batch.freeze()
         };
-        match c.newer_than(key, held, record) {
+        match c.newer_than(key, "b", held, record) {
             Newer::Copy(record) => format!("copy {}", record.single().unwrap().meta().created_at),
             Newer::Deleted { at } => format!("deleted {at}"),
             Newer::Nothing => "nothing".into(),
@@ -263,6 +276,31 @@ mod tests {
         );
         assert_eq!(answer(&c, "other", Some(&held(99, &["red"]))), "nothing");
         assert_eq!(answer(&c, "other", Some(&held(101, &["blue"]))), "nothing");
+    }
+
+    /// What the asker missed here is told even once the item is gone from
+    /// here and no tombstone says so: a missed write kills the asker's
+    /// copies older than its version, a missed delete those at or before
+    /// it, a missed invalidation of one of its copy's tags that copy. Only
+    /// the asker's own hints count.
+    #[test]
+    fn what_the_asker_missed_is_told_from_the_hints() {
+        let (_, c) = node();
+        c.hints.write("b", "written", 100);
+        c.hints.delete("b", "deleted", 100);
+        c.hints.invalidate("b", "red", 100);
+        assert_eq!(answer(&c, "written", Some(&held(50, &[]))), "deleted 99");
+        assert_eq!(answer(&c, "written", Some(&held(100, &[]))), "nothing");
+        assert_eq!(answer(&c, "written", None), "deleted 99");
+        assert_eq!(answer(&c, "deleted", Some(&held(100, &[]))), "deleted 100");
+        assert_eq!(answer(&c, "other", Some(&held(50, &["red"]))), "deleted 50");
+        assert_eq!(answer(&c, "other", Some(&held(101, &["red"]))), "nothing");
+        c.hints.write("z", "only-z", 100);
+        assert_eq!(
+            answer(&c, "only-z", Some(&held(50, &[]))),
+            "nothing",
+            "another member's hint"
+        );
     }
 
     /// One owner's answer in [`owners_answers_in_either_order_leave_the_newest_live_copy`]:

@@ -60,14 +60,16 @@ struct PeerHints {
     resync: bool,
     /// Hints taken out for a repair that has not answered yet. They count
     /// as pending: until the peer acknowledges them it is still behind, and
-    /// must not be granted a read lease.
-    in_flight: usize,
+    /// must not be granted a read lease, and what it missed must still be
+    /// told when it asks (see `reconcile`).
+    sent_keys: HashMap<String, KeyHint>,
+    sent_tags: HashMap<String, UnixNanos>,
 }
 
 impl PeerHints {
     /// Hints not yet delivered: queued or on their way.
     fn len(&self) -> usize {
-        self.keys.len() + self.tags.len() + self.in_flight
+        self.queued() + self.sent_keys.len() + self.sent_tags.len()
     }
 
     fn queued(&self) -> usize {
@@ -113,6 +115,37 @@ impl Hints {
             .lock()
             .get(peer)
             .is_some_and(|h| h.len() > 0 || h.resync)
+    }
+
+    /// Until when `peer`'s copies of `key` are dead by what it missed here
+    /// (queued or on its way): copies written before a missed write's
+    /// version (it replaced them), or at or before a missed delete.
+    pub(super) fn missed_key(&self, peer: &str, key: &str) -> Option<UnixNanos> {
+        let peers = self.peers.lock();
+        let hints = peers.get(peer)?;
+        [hints.keys.get(key), hints.sent_keys.get(key)]
+            .into_iter()
+            .flatten()
+            .map(|hint| match *hint {
+                KeyHint::Write(version) => version.saturating_sub(1),
+                KeyHint::Delete(at) => at,
+            })
+            .max()
+    }
+
+    /// Whether `peer` missed an invalidation of one of `tags` made at or
+    /// after `version` (so its copy of that version, carrying them, is
+    /// dead).
+    pub(super) fn missed_tag(&self, peer: &str, tags: &[String], version: UnixNanos) -> bool {
+        let peers = self.peers.lock();
+        peers.get(peer).is_some_and(|hints| {
+            tags.iter().any(|t| {
+                [hints.tags.get(t), hints.sent_tags.get(t)]
+                    .into_iter()
+                    .flatten()
+                    .any(|&at| at >= version)
+            })
+        })
     }
 
     /// Hints waiting, over every peer.
@@ -187,7 +220,7 @@ impl Hints {
     }
 
     /// Takes up to `n` key hints and every tag hint for `peer`, to be sent;
-    /// they stay counted as pending until [`Self::delivered`] or
+    /// they stay pending (and known) until [`Self::delivered`] or
     /// [`Self::restore`].
     fn take(&self, peer: &str, n: usize) -> Taken {
         let mut peers = self.peers.lock();
@@ -203,17 +236,23 @@ impl Hints {
             })
             .collect();
         let tags: Vec<_> = hints.tags.drain().collect();
-        hints.in_flight += keys.len() + tags.len();
+        hints.sent_keys.extend(keys.iter().cloned());
+        hints.sent_tags.extend(tags.iter().cloned());
         (keys, tags)
     }
 
-    /// `peer` acknowledged `n` hints taken for it.
-    fn delivered(&self, peer: &str, n: usize) {
+    /// `peer` acknowledged the hints taken for it.
+    fn delivered(&self, peer: &str, keys: &[(String, KeyHint)], tags: &[(String, UnixNanos)]) {
         let mut peers = self.peers.lock();
         let Some(hints) = peers.get_mut(peer) else {
             return;
         };
-        hints.in_flight = hints.in_flight.saturating_sub(n);
+        for (k, _) in keys {
+            hints.sent_keys.remove(k);
+        }
+        for (t, _) in tags {
+            hints.sent_tags.remove(t);
+        }
         if hints.len() == 0 && !hints.resync {
             peers.remove(peer);
         }
@@ -224,11 +263,12 @@ impl Hints {
     fn restore(&self, peer: &str, keys: Vec<(String, KeyHint)>, tags: Vec<(String, UnixNanos)>) {
         let mut peers = self.peers.lock();
         let hints = peers.entry(peer.to_owned()).or_default();
-        hints.in_flight = hints.in_flight.saturating_sub(keys.len() + tags.len());
         for (k, h) in keys {
+            hints.sent_keys.remove(&k);
             hints.keys.entry(k).or_insert(h);
         }
         for (t, at) in tags {
+            hints.sent_tags.remove(&t);
             hints.tags.entry(t).or_insert(at);
         }
     }
@@ -350,7 +390,7 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
             cluster.hints.restore(peer, keys, tags);
             return;
         }
-        cluster.hints.delivered(peer, keys.len() + tags.len());
+        cluster.hints.delivered(peer, &keys, &tags);
         tracing::info!(
             peer,
             keys = keys.len(),
@@ -432,14 +472,44 @@ mod tests {
 
         let (keys, tags) = h.take("b", 10);
         h.write("b", "k2", 3); // written while the repair is on its way
-        h.delivered("b", keys.len() + tags.len());
+        h.delivered("b", &keys, &tags);
         assert!(h.has_pending("b"), "the later write still waits");
         assert_eq!(h.pending(), 1);
         let (keys, tags) = h.take("b", 10);
-        h.delivered("b", keys.len() + tags.len());
+        h.delivered("b", &keys, &tags);
         assert!(!h.has_pending("b"));
         assert_eq!(h.pending(), 0);
         assert!(h.peers_with_hints().is_empty());
+    }
+
+    /// What a peer missed is known while its hints are queued and while
+    /// they are on their way, and forgotten once delivered: a missed write
+    /// kills the copies older than its version, a missed delete those at
+    /// or before it, a missed invalidation the copies of its tag made at
+    /// or before it.
+    #[test]
+    fn what_a_peer_missed_is_known_until_it_is_delivered() {
+        let h = Hints::default();
+        assert_eq!(h.missed_key("b", "k"), None);
+        h.write("b", "k", 10);
+        h.delete("b", "gone", 20);
+        h.invalidate("b", "red", 30);
+        let tags = |t: &[&str]| t.iter().map(|&t| t.to_owned()).collect::<Vec<_>>();
+        for on_its_way in [false, true] {
+            let taken = on_its_way.then(|| h.take("b", 10));
+            assert_eq!(h.missed_key("b", "k"), Some(9), "on its way: {on_its_way}");
+            assert_eq!(h.missed_key("b", "gone"), Some(20));
+            assert_eq!(h.missed_key("b", "other"), None);
+            assert_eq!(h.missed_key("c", "k"), None, "another peer's");
+            assert!(h.missed_tag("b", &tags(&["blue", "red"]), 30));
+            assert!(!h.missed_tag("b", &tags(&["red"]), 31), "written after");
+            assert!(!h.missed_tag("b", &tags(&["blue"]), 1));
+            if let Some((keys, tags)) = taken {
+                h.delivered("b", &keys, &tags);
+            }
+        }
+        assert_eq!(h.missed_key("b", "k"), None, "delivered");
+        assert!(!h.missed_tag("b", &tags(&["red"]), 0));
     }
 
     #[test]

@@ -91,25 +91,24 @@ impl Handler for Executor {
                     None => Answer::Missing,
                 })
             }
-            Request::Newer { key, held } => {
-                let checked = self.limits.check_key(&key).and_then(|()| {
-                    held.as_ref().map_or(Ok(()), |h| {
-                        self.limits.check_tags(h.tags.iter().map(String::as_str))
-                    })
-                });
-                if let Err(f) = checked {
+            Request::Newer { key, node, held } => {
+                // The held copy's tags are only compared, never stored, and
+                // their number is bounded by the message size: checked
+                // against this node's tag limits, a copy written under
+                // another node's (a rollout of new limits) could never be
+                // reconciled.
+                if let Err(f) = self.limits.check_key(&key) {
                     return Reply::Now(refused(f));
                 }
-                Reply::Now(
-                    match cluster.newer_than(&key, held.as_ref(), |item| record_of(item)) {
-                        Newer::Copy(record) => Answer::Item {
-                            created: false,
-                            record,
-                        },
-                        Newer::Deleted { at } => Answer::DeletedAt { at },
-                        Newer::Nothing => Answer::Missing,
+                let newer = cluster.newer_than(&key, &node, held.as_ref(), |item| record_of(item));
+                Reply::Now(match newer {
+                    Newer::Copy(record) => Answer::Item {
+                        created: false,
+                        record,
                     },
-                )
+                    Newer::Deleted { at } => Answer::DeletedAt { at },
+                    Newer::Nothing => Answer::Missing,
+                })
             }
             Request::InvalidateTag { tag } => Reply::Now(match self.limits.check_tag(&tag) {
                 Ok(()) => Answer::Invalidated(cluster.invalidate_locally(&tag)),

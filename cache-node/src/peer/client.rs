@@ -1247,6 +1247,7 @@ mod tests {
         use crate::peer::protocol::HeldCopy;
         let newer = Request::Newer {
             key: "k".into(),
+            node: "node-1".into(),
             held: Some(HeldCopy {
                 version: 5,
                 tags: vec!["red".into()],

@@ -10,7 +10,7 @@
 //! | `Replicate` | a coordinator (writes and deletes), the rebalancer (pushes), repair | `Replicated` |
 //! | `Pull` | a node loading the keys it owns | `Page` |
 //! | `Fetch` | the copies view | `Item`, `Missing` |
-//! | `Newer` | a node that may have missed writes of a key, before it serves a read of it (see `cluster::reconcile`) | `Item`, `Deleted`, `Missing` |
+//! | `Newer` | a node that may have missed writes of a key, before it serves a read of it (see `cluster::reconcile`) | `Item`, `DeletedAt`, `Missing` |
 //! | `InvalidateTag` | the node fanning out a tag invalidation | `Invalidated` |
 //! | `Progress`, `Stats` | settling, the cluster views | `Progress`, `Stats` |
 //! | `GetRing`, `PutRing` | nodes reconciling rings of different epochs | `Ring`, `RingAdopted` |
@@ -406,15 +406,16 @@ pub enum Request {
     Fetch {
         key: String,
     },
-    /// Anything newer known here than the sender's copy of `key` (`held`:
-    /// its version and tags; `None`: it holds none): the copy held here if
-    /// that is newer (`Item`), or that the sender's copy was deleted or
-    /// invalidated since it was written, or the key deleted (`DeletedAt`);
-    /// otherwise `Missing`.
+    /// Anything newer known here than the copy of `key` that `node` (the
+    /// sender) holds (`held`: its version and tags; `None`: it holds none):
+    /// the copy held here if that is newer (`Item`), or that the sender's
+    /// copy was deleted or invalidated since it was written, or the key
+    /// deleted, or a write of it missed (`DeletedAt`); otherwise `Missing`.
     /// Sent only to peers that said they take it (see
     /// `peer::FEATURE_NEWER`); others are sent a `Fetch`.
     Newer {
         key: String,
+        node: String,
         held: Option<HeldCopy>,
     },
     /// Remove the tag's items held here.
@@ -663,8 +664,9 @@ impl Request {
                 put_str(out, key);
                 FETCH
             }
-            Request::Newer { key, held } => {
+            Request::Newer { key, node, held } => {
                 put_str(out, key);
+                put_str(out, node);
                 match held {
                     None => out.put_u8(0),
                     Some(held) => {
@@ -753,6 +755,7 @@ impl Request {
             FETCH => Request::Fetch { key: r.string()? },
             NEWER => {
                 let key = r.string()?;
+                let node = r.string()?;
                 let held = match r.u8()? {
                     0 => None,
                     1 => Some(HeldCopy {
@@ -761,7 +764,7 @@ impl Request {
                     }),
                     n => return malformed(format!("unknown held-copy flag {n}")),
                 };
-                Request::Newer { key, held }
+                Request::Newer { key, node, held }
             }
             INVALIDATE_TAG => Request::InvalidateTag { tag: r.string()? },
             PROGRESS => Request::Progress,
@@ -1326,10 +1329,12 @@ mod tests {
             Request::Fetch { key: "ü".into() },
             Request::Newer {
                 key: "k".into(),
+                node: "b".into(),
                 held: None,
             },
             Request::Newer {
                 key: "k".into(),
+                node: "b".into(),
                 held: Some(HeldCopy {
                     version: 7,
                     tags: vec!["red".into(), "blue".into()],
