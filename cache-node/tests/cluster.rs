@@ -1460,9 +1460,52 @@ async fn a_primary_that_missed_a_write_made_through_a_replica_serves_the_write()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(c.held(0, &key).await.is_none(), "repaired");
+    assert!(
+        c.held(0, &key).await.is_none(),
+        "node-0 holds a lease again, and not the deleted key"
+    );
     let resp = c.client.get(url(0)).send().await.unwrap();
     assert_eq!(resp.status(), 404);
+}
+
+/// A write the primary missed (made through the next owner while it could
+/// not be reached) that has expired before the primary reads the key: no
+/// member holds the new value or a tombstone any more, but the owner that
+/// took the write still holds its hint, so the primary learns that its copy
+/// was replaced and does not serve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_write_that_expired_is_not_served_by_the_primary_that_missed_it() {
+    let mut c = ProcCluster::new(2, 2).with_flags(SHORT_PEER_TIMEOUTS);
+    let relay = c.relay_peer_traffic(0).await;
+    let (c, key) = every_node_an_owner(c, "expired-missed").await;
+    let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
+    let put = |i, value: &'static str, ttl: u64| {
+        c.client
+            .put(url(i))
+            .json(&json!({ "value": value, "ttl": ttl }))
+            .send()
+    };
+    assert!(put(0, "old", 3600).await.unwrap().status().is_success());
+    relay.cut().await;
+    let written = put(1, "new", 1).await.unwrap();
+    assert!(written.status().is_success(), "{}", written.status());
+    relay.black_hole().await;
+    let deadline = std::time::Instant::now() + SETTLE;
+    while c.held(1, &key).await.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new value never expired on node-1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.held(0, &key).await.unwrap()["value"], "old", "missed");
+    let resp = c.client.get(url(0)).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        404,
+        "a read through the primary of a value an acknowledged write replaced"
+    );
+    assert!(c.held(0, &key).await.is_none(), "the replaced copy is gone");
 }
 
 /// A tag invalidation made through a member that owns nothing of a key,
