@@ -1351,6 +1351,18 @@ async fn always_reads(c: &ProcCluster, i: usize, key: &str, value: &str, what: &
     assert!(reads > 0);
 }
 
+/// Reads `key` through node `i` for as long as [`always_reads`] does,
+/// asserting every read misses.
+async fn always_misses(c: &ProcCluster, i: usize, key: &str, what: &str) {
+    let until = std::time::Instant::now() + LEASE + RENEW_EVERY * 4;
+    while std::time::Instant::now() < until {
+        let url = c.url(i, &format!("/api/v1/cache/{key}"));
+        let resp = c.client.get(url).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A replica that missed a write (its primary could not reach it) and then
 /// becomes the key's primary, because the old primary leaves the ring, must
 /// not serve the value that write replaced: the primary of a new ring has
@@ -1440,16 +1452,13 @@ async fn a_primary_that_missed_a_write_made_through_a_replica_serves_the_write()
         "new",
         "node-0 holds the write it was told of, and missed the delete"
     );
-    let until = std::time::Instant::now() + LEASE + RENEW_EVERY * 4;
-    while std::time::Instant::now() < until {
-        let resp = c.client.get(url(0)).send().await.unwrap();
-        assert_eq!(
-            resp.status(),
-            404,
-            "a read through node-0 after a delete it missed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    always_misses(
+        &c,
+        0,
+        &key,
+        "a read through node-0 after a delete it missed",
+    )
+    .await;
 
     relay.restore();
     let deadline = std::time::Instant::now() + SETTLE;
@@ -1551,16 +1560,13 @@ async fn an_invalidation_both_owners_missed_is_not_served() {
     }
     assert!(c.held(0, &key).await.is_some(), "node-0 missed it");
     assert!(c.held(1, &key).await.is_some(), "node-1 missed it");
-    let until = std::time::Instant::now() + LEASE + RENEW_EVERY * 4;
-    while std::time::Instant::now() < until {
-        let resp = c.client.get(url(0)).send().await.unwrap();
-        assert_eq!(
-            resp.status(),
-            404,
-            "a read of an item whose tag was invalidated, through its primary"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    always_misses(
+        &c,
+        0,
+        &key,
+        "an item whose tag was invalidated, through its primary",
+    )
+    .await;
     assert!(c.held(0, &key).await.is_none(), "node-0 learned of it");
 }
 
