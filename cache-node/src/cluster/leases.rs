@@ -225,7 +225,10 @@ impl Cluster {
         for (member, answer) in others.iter().zip(answers) {
             let granted = matches!(answer, Ok(true));
             self.metrics.peer_call(PeerOp::Lease, answer.is_ok());
-            if !granted {
+            // Refused, or no answer: it may hold hints for this node. A
+            // misdirected answer (it holds another ring, mid-change) says
+            // nothing either way; every member is asked again next time.
+            if matches!(&answer, Ok(false)) || answer.as_ref().is_err_and(|e| e.is_unavailable()) {
                 refused_by.push(member.id.clone());
             }
             all &= granted;

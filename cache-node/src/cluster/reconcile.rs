@@ -71,27 +71,30 @@ impl Cluster {
             version: item.created_at(),
             tags: item.tags().map(str::to_owned).collect(),
         });
+        // A key missing here while data moves may be held only by an owner
+        // of the previous ring, so then every owner is asked, even one that
+        // failed to answer lately, and given the whole peer timeout: a read
+        // never misses a key on its way. Otherwise those are passed over
+        // (reads do not wait for them again), and the others given
+        // `RECONCILE_TIMEOUT`: what is held here is served if they are slow.
+        let on_its_way = held.is_none() && self.is_moving_in(&rings);
         let mut asked: Vec<&RingMember> = self.replicas(&rings, key).to_vec();
+        if !on_its_way {
+            asked.retain(|m| !self.health.is_down(&m.id));
+        }
+        // Members that did not grant a lease and own nothing of the key can
+        // only know of a tag invalidation: never waited for when down.
         for id in self.leases.refused_by() {
             let member = rings
                 .both()
                 .find_map(|ring| ring.index_of(&id).map(|i| ring.member(i)));
             if let Some(m) = member
                 && m.id != self.node_id
+                && !self.health.is_down(&m.id)
                 && !asked.iter().any(|a| a.id == m.id)
             {
                 asked.push(m);
             }
-        }
-        // A key missing here while data moves may be held only by an owner
-        // of the previous ring, so then every one is asked, even one that
-        // failed to answer lately, and given the whole peer timeout: a read
-        // never misses a key on its way. Otherwise those are passed over
-        // (reads do not wait for them again), and the others given
-        // `RECONCILE_TIMEOUT`: what is held here is served if they are slow.
-        let on_its_way = held.is_none() && self.is_moving_in(&rings);
-        if !on_its_way {
-            asked.retain(|m| !self.health.is_down(&m.id));
         }
         if asked.is_empty() {
             return;
@@ -158,23 +161,21 @@ impl Cluster {
         held: Option<&HeldCopy>,
         record: impl FnOnce(&ItemRef<'_>) -> Records,
     ) -> Newer {
-        let newer = self
-            .store
-            .peek(key, |item| {
-                held.is_none_or(|h| item.created_at() > h.version)
-                    .then(|| record(&item))
-            })
-            .flatten();
-        if let Some(copy) = newer {
+        let here = self.store.peek(key, |item| {
+            held.is_none_or(|h| item.created_at() > h.version)
+                .then(|| record(&item))
+        });
+        if let Some(Some(copy)) = here {
             return Newer::Copy(copy);
         }
         // The item may be gone from here since (expired, evicted, handed
         // off), and a tombstone forgotten: the hints still say what the
-        // asker missed.
-        let dead_until = self
-            .tombstones
-            .deleted_at(key)
-            .max(self.hints.missed_key(asker, key));
+        // asker missed. A missed write counts only then: with a copy held
+        // here, not newer than the asker's, the asker's is as new as what
+        // this node knows (a later write, even one stamped by a clock
+        // behind this one's, replaced the hinted one).
+        let missed = self.hints.missed_key(asker, key, here.is_none());
+        let dead_until = self.tombstones.deleted_at(key).max(missed);
         match held {
             None => dead_until.map_or(Newer::Nothing, |at| Newer::Deleted { at }),
             Some(h) => match dead_until {
@@ -285,7 +286,7 @@ mod tests {
     /// the asker's own hints count.
     #[test]
     fn what_the_asker_missed_is_told_from_the_hints() {
-        let (_, c) = node();
+        let (store, c) = node();
         c.hints.write("b", "written", 100);
         c.hints.delete("b", "deleted", 100);
         c.hints.invalidate("b", "red", 100);
@@ -295,6 +296,14 @@ mod tests {
         assert_eq!(answer(&c, "deleted", Some(&held(100, &[]))), "deleted 100");
         assert_eq!(answer(&c, "other", Some(&held(50, &["red"]))), "deleted 50");
         assert_eq!(answer(&c, "other", Some(&held(101, &["red"]))), "nothing");
+        // A copy held here, not newer than the asker's: a later write (even
+        // one stamped by a clock behind) replaced the hinted one.
+        c.hints.write("b", "held", 100);
+        store
+            .set("held", b"1", &[] as &[String], None, |_| ())
+            .unwrap();
+        let here = store.peek("held", |item| item.created_at()).unwrap();
+        assert_eq!(answer(&c, "held", Some(&held(here, &[]))), "nothing");
         c.hints.write("z", "only-z", 100);
         assert_eq!(
             answer(&c, "only-z", Some(&held(50, &[]))),

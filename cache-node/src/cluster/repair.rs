@@ -58,6 +58,8 @@ struct PeerHints {
     tags: HashMap<String, UnixNanos>,
     /// Write hints were dropped: send the peer everything it owns.
     resync: bool,
+    /// A resync is on its way: the peer is behind until it lands.
+    resyncing: bool,
     /// Hints taken out for a repair that has not answered yet. They count
     /// as pending: until the peer acknowledges them it is still behind, and
     /// must not be granted a read lease, and what it missed must still be
@@ -114,21 +116,22 @@ impl Hints {
         self.peers
             .lock()
             .get(peer)
-            .is_some_and(|h| h.len() > 0 || h.resync)
+            .is_some_and(|h| h.len() > 0 || h.resync || h.resyncing)
     }
 
     /// Until when `peer`'s copies of `key` are dead by what it missed here
-    /// (queued or on its way): copies written before a missed write's
-    /// version (it replaced them), or at or before a missed delete.
-    pub(super) fn missed_key(&self, peer: &str, key: &str) -> Option<UnixNanos> {
+    /// (queued or on its way): copies at or before a missed delete, and,
+    /// if `writes` (the item is no longer held here), copies written before
+    /// a missed write's version (it replaced them).
+    pub(super) fn missed_key(&self, peer: &str, key: &str, writes: bool) -> Option<UnixNanos> {
         let peers = self.peers.lock();
         let hints = peers.get(peer)?;
         [hints.keys.get(key), hints.sent_keys.get(key)]
             .into_iter()
             .flatten()
-            .map(|hint| match *hint {
-                KeyHint::Write(version) => version.saturating_sub(1),
-                KeyHint::Delete(at) => at,
+            .filter_map(|hint| match *hint {
+                KeyHint::Write(version) => writes.then(|| version.saturating_sub(1)),
+                KeyHint::Delete(at) => Some(at),
             })
             .max()
     }
@@ -202,21 +205,30 @@ impl Hints {
         true
     }
 
-    /// Clears and returns whether `peer` is marked for a resync.
+    /// Whether `peer` is marked for a resync; if so, the resync is on its
+    /// way (still pending) until [`Self::resynced`].
     fn take_resync(&self, peer: &str) -> bool {
         let mut peers = self.peers.lock();
         let Some(hints) = peers.get_mut(peer) else {
             return false;
         };
         let resync = std::mem::take(&mut hints.resync);
-        if hints.len() == 0 {
+        hints.resyncing |= resync;
+        if hints.len() == 0 && !hints.resyncing {
             peers.remove(peer);
         }
         resync
     }
 
-    fn mark_resync(&self, peer: &str) {
-        self.peers.lock().entry(peer.to_owned()).or_default().resync = true;
+    /// The resync taken for `peer` landed (`ok`) or must be tried again.
+    fn resynced(&self, peer: &str, ok: bool) {
+        let mut peers = self.peers.lock();
+        let hints = peers.entry(peer.to_owned()).or_default();
+        hints.resyncing = false;
+        hints.resync |= !ok;
+        if hints.len() == 0 && !hints.resync {
+            peers.remove(peer);
+        }
     }
 
     /// Takes up to `n` key hints and every tag hint for `peer`, to be sent;
@@ -253,7 +265,7 @@ impl Hints {
         for (t, _) in tags {
             hints.sent_tags.remove(t);
         }
-        if hints.len() == 0 && !hints.resync {
+        if hints.len() == 0 && !hints.resync && !hints.resyncing {
             peers.remove(peer);
         }
     }
@@ -322,9 +334,10 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
         };
         let member = ring.member(idx).clone();
         if cluster.hints.take_resync(peer) {
-            if let Err(e) = resync(cluster, &ring, idx).await {
+            let done = resync(cluster, &ring, idx).await;
+            cluster.hints.resynced(peer, done.is_ok());
+            if let Err(e) = done {
                 tracing::debug!(peer, error = %e, "resync failed; retrying later");
-                cluster.hints.mark_resync(peer);
                 return;
             }
             tracing::info!(peer, "resynced a replica whose repair queue overflowed");
@@ -490,17 +503,22 @@ mod tests {
     #[test]
     fn what_a_peer_missed_is_known_until_it_is_delivered() {
         let h = Hints::default();
-        assert_eq!(h.missed_key("b", "k"), None);
+        assert_eq!(h.missed_key("b", "k", true), None);
         h.write("b", "k", 10);
         h.delete("b", "gone", 20);
         h.invalidate("b", "red", 30);
         let tags = |t: &[&str]| t.iter().map(|&t| t.to_owned()).collect::<Vec<_>>();
         for on_its_way in [false, true] {
             let taken = on_its_way.then(|| h.take("b", 10));
-            assert_eq!(h.missed_key("b", "k"), Some(9), "on its way: {on_its_way}");
-            assert_eq!(h.missed_key("b", "gone"), Some(20));
-            assert_eq!(h.missed_key("b", "other"), None);
-            assert_eq!(h.missed_key("c", "k"), None, "another peer's");
+            assert_eq!(
+                h.missed_key("b", "k", true),
+                Some(9),
+                "on its way: {on_its_way}"
+            );
+            assert_eq!(h.missed_key("b", "k", false), None, "held here");
+            assert_eq!(h.missed_key("b", "gone", false), Some(20));
+            assert_eq!(h.missed_key("b", "other", true), None);
+            assert_eq!(h.missed_key("c", "k", true), None, "another peer's");
             assert!(h.missed_tag("b", &tags(&["blue", "red"]), 30));
             assert!(!h.missed_tag("b", &tags(&["red"]), 31), "written after");
             assert!(!h.missed_tag("b", &tags(&["blue"]), 1));
@@ -508,7 +526,7 @@ mod tests {
                 h.delivered("b", &keys, &tags);
             }
         }
-        assert_eq!(h.missed_key("b", "k"), None, "delivered");
+        assert_eq!(h.missed_key("b", "k", true), None, "delivered");
         assert!(!h.missed_tag("b", &tags(&["red"]), 0));
     }
 
@@ -522,6 +540,16 @@ mod tests {
         assert_eq!(h.take_dropped(), 10);
         assert!(h.take_resync("b"), "dropped writes are covered by a resync");
         assert!(!h.take_resync("b"), "once");
+        // The resync on its way: still behind, even with no hint left.
+        let (keys, tags) = h.take("b", MAX_HINTS_PER_PEER);
+        h.delivered("b", &keys, &tags);
+        assert!(h.has_pending("b"), "resyncing");
+        h.resynced("b", false);
+        assert!(h.has_pending("b"), "failed: due again");
+        assert!(h.take_resync("b"));
+        h.resynced("b", true);
+        assert!(!h.has_pending("b"), "resynced");
+        assert!(h.peers_with_hints().is_empty());
     }
 
     #[test]
