@@ -61,8 +61,8 @@ impl Cluster {
 
     /// Brings this node's copy of `key` up to what the members that may
     /// know better can say (see the module's comment): the key's other
-    /// owners and the members that refused this node a lease. Returns once
-    /// every member asked has answered or failed.
+    /// owners and the members that did not grant this node a lease. Returns
+    /// once every member asked has answered or failed.
     pub async fn reconcile(&self, key: &str) {
         let Some(rings) = self.ring.rings() else {
             return;
@@ -150,8 +150,9 @@ impl Cluster {
     /// member `asker` holds (the answer to its `Newer`): this node's copy
     /// if newer (`record` reads it). Else, if the key was deleted after the
     /// asker's copy was written (or it holds none), or the asker missed a
-    /// write or delete of it here (a hint), the time at or before which its
-    /// copies are dead. Else, if one of the copy's tags was invalidated
+    /// delete of it here, or a write whose item is gone from here since
+    /// (hints), the time at or before which its copies are dead. Else, if
+    /// one of the copy's tags was invalidated
     /// since (a tombstone, or a hint for the asker), the copy's own version
     /// (a copy written later without that tag lives).
     pub fn newer_than(
