@@ -81,6 +81,9 @@ impl Worker {
             self.status_retry_at = None;
             self.write_status().await;
         }
+        // Forgotten before the API forgets it, so whoever sees the pod gone
+        // from the API no longer finds its process listed here.
+        self.ctx.forget_pod(&self.namespace, &self.name, &self.uid);
         self.delete_now().await;
     }
 
