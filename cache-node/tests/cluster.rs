@@ -325,14 +325,7 @@ async fn three_nodes_serve_any_key_from_any_node_and_invalidate_everywhere_scena
     );
 
     // Tag invalidation through one node reaches every node.
-    let resp = c
-        .client
-        .post(c.url(1, "/api/v1/invalidate/tag/even"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body: Value = resp.json().await.unwrap();
+    let body = c.invalidate_tag(1, "even").await;
     assert_eq!(body["tag"], "even");
     assert_eq!(
         body["invalidated"],
@@ -1167,22 +1160,11 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
     let (c, key) = every_node_an_owner(c, "behind").await;
     let url = |i| c.url(i, &format!("/api/v1/cache/{key}"));
     let put = |i, value: &'static str| c.client.put(url(i)).json(&json!({ "value": value })).send();
-    // A read through node-1: the value, and who served it.
-    let read_via_1 = || async {
-        let resp = c.client.get(url(1)).send().await.unwrap();
-        assert_eq!(resp.status(), 200, "a read through node-1");
-        let by = resp.headers()["x-distrocache-served-by"]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        let item: Value = resp.json().await.unwrap();
-        (item["value"].clone(), by)
-    };
     assert!(put(0, "old").await.unwrap().status().is_success());
     // Both copies hold "old", and node-1 serves it itself once its lease is held.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let (value, by) = read_via_1().await;
+        let (value, by) = read_via(&c, 1, &key).await;
         assert_eq!(value, "old");
         if by == "node-1" {
             break;
@@ -1209,7 +1191,7 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
     let until = std::time::Instant::now() + LEASE + RENEW_EVERY * 4;
     let mut reads = 0;
     while std::time::Instant::now() < until {
-        let (value, by) = read_via_1().await;
+        let (value, by) = read_via(&c, 1, &key).await;
         assert_eq!(
             value, "new",
             "a read through the replica returned the value an acknowledged write replaced"
@@ -1241,7 +1223,7 @@ async fn a_replica_behind_on_hinted_writes_is_not_read_until_repaired() {
     relay.restore();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let (value, by) = read_via_1().await;
+        let (value, by) = read_via(&c, 1, &key).await;
         assert_eq!(value, "new");
         if by == "node-1" {
             // Serving its own copy again: it was granted a lease, which the
@@ -1546,14 +1528,7 @@ async fn an_invalidation_both_owners_missed_is_not_served() {
     for relay in &relays {
         relay.cut().await;
     }
-    let resp = c
-        .client
-        .post(c.url(2, "/api/v1/invalidate/tag/gone"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body: Value = resp.json().await.unwrap();
+    let body = c.invalidate_tag(2, "gone").await;
     assert_eq!(body["unreachable"], json!(["node-0", "node-1"]), "{body}");
     for relay in &relays {
         relay.black_hole().await;

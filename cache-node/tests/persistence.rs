@@ -68,16 +68,6 @@ async fn delete(c: &ProcCluster, via: usize, range: std::ops::Range<usize>) {
     .await;
 }
 
-async fn invalidate(c: &ProcCluster, via: usize, tag: &str) {
-    let resp = c
-        .client
-        .post(c.url(via, &format!("/api/v1/invalidate/tag/{tag}")))
-        .send()
-        .await
-        .expect("invalidate");
-    assert_eq!(resp.status().as_u16(), 200);
-}
-
 /// Checks, through every running node's client API, that exactly the keys
 /// in `live` of `0..n` are readable, each with its value, tags and TTL.
 async fn assert_exactly(c: &ProcCluster, n: usize, live: &HashSet<usize>, what: &str) {
@@ -160,7 +150,7 @@ async fn a_whole_cluster_restart_brings_every_item_back_and_deletes_stay_deleted
     let (mut c, epoch) = started(3, &[]).await;
     write(&c, 0, 0..N).await;
     delete(&c, 1, 0..300).await;
-    invalidate(&c, 2, "odd").await;
+    c.invalidate_tag(2, "odd").await;
     let live: HashSet<usize> = (300..N).filter(|i| i.is_multiple_of(2)).collect();
     assert_exactly(&c, N, &live, "before the restart").await;
 
@@ -216,7 +206,7 @@ async fn deletes_made_while_a_node_was_down_do_not_come_back_with_its_snapshot()
     write(&c, 0, 0..N).await;
     c.stop(0);
     delete(&c, 1, 0..200).await;
-    invalidate(&c, 1, "odd").await;
+    c.invalidate_tag(1, "odd").await;
     // Rewritten after the invalidation: must survive it.
     write(&c, 1, 1001..1003).await;
     c.stop(1);
@@ -409,7 +399,7 @@ async fn a_backup_restores_into_a_new_cluster_of_another_size() {
     .collect::<Vec<()>>()
     .await;
     delete(&c, 1, 0..300).await;
-    invalidate(&c, 2, "odd").await;
+    c.invalidate_tag(2, "odd").await;
     let live: HashSet<usize> = (300..N).filter(|i| i.is_multiple_of(2)).collect();
 
     let uploaded = backup(&c, "nightly-1").await;

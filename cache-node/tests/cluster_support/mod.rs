@@ -472,6 +472,19 @@ impl ProcCluster {
         sample(&text, series)
     }
 
+    /// Invalidates `tag` through node `i`'s client API, asserting the
+    /// answer is a 200, and returns its body.
+    pub async fn invalidate_tag(&self, i: usize, tag: &str) -> Value {
+        let resp = self
+            .client
+            .post(self.url(i, &format!("/api/v1/invalidate/tag/{tag}")))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("invalidating {tag} through node {i}: {e}"));
+        assert_eq!(resp.status(), 200, "invalidating {tag} through node {i}");
+        resp.json().await.expect("a JSON answer")
+    }
+
     /// The copy of `key` node `i` holds, as the item JSON, asked through the
     /// peer protocol without touching it (reads through the client API may
     /// be served by another owner).
