@@ -146,7 +146,7 @@ impl ClusterMetrics {
             .expect("valid metric"),
             pending_repairs: IntGauge::new(
                 "distrocache_replication_pending_repairs",
-                "Writes waiting to be repaired on a replica that could not be reached",
+                "Keys and tags that members which could not be reached missed (writes, deletes, invalidations), summed over the members, waiting to be repaired",
             )
             .expect("valid metric"),
             read_lease: IntGauge::new(

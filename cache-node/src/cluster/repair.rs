@@ -69,9 +69,24 @@ struct PeerHints {
 }
 
 impl PeerHints {
-    /// Hints not yet delivered: queued or on their way.
+    /// Keys and tags the peer is behind on, their hints queued or on their
+    /// way: one hinted again while its earlier hint is on its way counts
+    /// once.
     fn len(&self) -> usize {
-        self.queued() + self.sent_keys.len() + self.sent_tags.len()
+        let sent_keys = self
+            .sent_keys
+            .keys()
+            .filter(|k| !self.keys.contains_key(*k));
+        let sent_tags = self
+            .sent_tags
+            .keys()
+            .filter(|t| !self.tags.contains_key(*t));
+        self.queued() + sent_keys.count() + sent_tags.count()
+    }
+
+    /// Whether every hint has been delivered.
+    fn is_empty(&self) -> bool {
+        self.queued() == 0 && self.sent_keys.is_empty() && self.sent_tags.is_empty()
     }
 
     fn queued(&self) -> usize {
@@ -116,7 +131,7 @@ impl Hints {
         self.peers
             .lock()
             .get(peer)
-            .is_some_and(|h| h.len() > 0 || h.resync || h.resyncing)
+            .is_some_and(|h| !h.is_empty() || h.resync || h.resyncing)
     }
 
     /// Until when `peer`'s copies of `key` are dead by what it missed here
@@ -214,7 +229,7 @@ impl Hints {
         };
         let resync = std::mem::take(&mut hints.resync);
         hints.resyncing |= resync;
-        if hints.len() == 0 && !hints.resyncing {
+        if hints.is_empty() && !hints.resyncing {
             peers.remove(peer);
         }
         resync
@@ -226,7 +241,7 @@ impl Hints {
         let hints = peers.entry(peer.to_owned()).or_default();
         hints.resyncing = false;
         hints.resync |= !ok;
-        if hints.len() == 0 && !hints.resync {
+        if hints.is_empty() && !hints.resync {
             peers.remove(peer);
         }
     }
@@ -265,7 +280,7 @@ impl Hints {
         for (t, _) in tags {
             hints.sent_tags.remove(t);
         }
-        if hints.len() == 0 && !hints.resync && !hints.resyncing {
+        if hints.is_empty() && !hints.resync && !hints.resyncing {
             peers.remove(peer);
         }
     }
@@ -493,6 +508,30 @@ mod tests {
         assert!(!h.has_pending("b"));
         assert_eq!(h.pending(), 0);
         assert!(h.peers_with_hints().is_empty());
+    }
+
+    /// A key or tag hinted again while its earlier hint is on its way is
+    /// one the peer is behind on, not two.
+    #[test]
+    fn a_key_hinted_again_while_its_repair_is_on_its_way_counts_once() {
+        let h = Hints::default();
+        h.write("b", "k", 1);
+        h.invalidate("b", "red", 2);
+        let (keys, tags) = h.take("b", 10);
+        h.write("b", "k", 3);
+        h.invalidate("b", "red", 4);
+        assert_eq!(h.pending(), 2);
+        h.delivered("b", &keys, &tags);
+        assert_eq!(h.pending(), 2, "the later hints still wait");
+        assert!(h.has_pending("b"));
+        let (keys, tags) = h.take("b", 10);
+        assert_eq!(
+            (keys, tags),
+            (
+                vec![("k".to_string(), KeyHint::Write(3))],
+                vec![("red".to_string(), 4)]
+            )
+        );
     }
 
     /// What a peer missed is known while its hints are queued and while
