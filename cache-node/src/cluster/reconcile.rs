@@ -48,7 +48,8 @@ use crate::store::ItemRef;
 /// How long an owner has to say what it holds newer than a copy held here,
 /// once its connection is open (opening one takes up to
 /// `--peer-connect-timeout`): a read waits for the slowest owner it asks,
-/// so a silent owner must not hold it for a whole `--peer-timeout`.
+/// so a silent owner must not hold it for a whole `--peer-timeout` (which
+/// bounds it where it is shorter).
 pub const RECONCILE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Cluster {
@@ -76,7 +77,8 @@ impl Cluster {
         // failed to answer lately, and given the whole peer timeout: a read
         // never misses a key on its way. Otherwise those are passed over
         // (reads do not wait for them again), and the others given
-        // `RECONCILE_TIMEOUT`: what is held here is served if they are slow.
+        // `RECONCILE_TIMEOUT` (the peer timeout if shorter): what is held
+        // here is served if they are slow.
         let on_its_way = held.is_none() && self.is_moving_in(&rings);
         let mut asked: Vec<&RingMember> = self.replicas(&rings, key).to_vec();
         if !on_its_way {
@@ -99,7 +101,8 @@ impl Cluster {
         if asked.is_empty() {
             return;
         }
-        let timeout = (!on_its_way).then_some(RECONCILE_TIMEOUT);
+        let timeout =
+            (!on_its_way).then(|| RECONCILE_TIMEOUT.min(self.settings.peer.request_timeout));
         let request = Request::Newer {
             key: key.to_owned(),
             node: self.node_id.clone(),
@@ -416,7 +419,8 @@ mod tests {
 
     /// An owner that takes the connection and never answers holds a read of
     /// a key held here for [`RECONCILE_TIMEOUT`], not for the peer timeout
-    /// (a minute here), and is then passed over.
+    /// (a minute), or for the peer timeout where that is shorter, and is
+    /// then passed over.
     #[tokio::test]
     async fn a_silent_owner_holds_a_read_only_for_the_reconcile_timeout() {
         let (silent, _) = crate::peer::testing::fake_peer_for_each(|mut socket| async move {
@@ -424,21 +428,33 @@ mod tests {
             let _ = tokio::io::copy(&mut socket, &mut sink).await;
         })
         .await;
-        let mut doc =
-            testing::membership(1, &[("a", MemberState::Active), ("b", MemberState::Active)]);
-        doc.members[1].address = silent.to_string();
-        let store = store();
-        store
-            .set("k", b"1", &[] as &[String], None, |_| ())
-            .unwrap();
-        let c = testing::node_a(store, 100, 1 << 20, Duration::from_secs(60), doc);
-        let started = Instant::now();
-        c.reconcile("k").await;
-        let took = started.elapsed();
-        assert!(
-            took >= RECONCILE_TIMEOUT && took < Duration::from_secs(30),
-            "took {took:?}"
-        );
-        assert!(c.health.is_down("b"), "timed out");
+        let peer_timeouts = [
+            (
+                Duration::from_secs(60),
+                RECONCILE_TIMEOUT..Duration::from_secs(30),
+            ),
+            (
+                Duration::from_millis(100),
+                Duration::from_millis(100)..RECONCILE_TIMEOUT,
+            ),
+        ];
+        for (peer_timeout, expected) in peer_timeouts {
+            let mut doc =
+                testing::membership(1, &[("a", MemberState::Active), ("b", MemberState::Active)]);
+            doc.members[1].address = silent.to_string();
+            let store = store();
+            store
+                .set("k", b"1", &[] as &[String], None, |_| ())
+                .unwrap();
+            let c = testing::node_a(store, 100, 1 << 20, peer_timeout, doc);
+            let started = Instant::now();
+            c.reconcile("k").await;
+            let took = started.elapsed();
+            assert!(
+                expected.contains(&took),
+                "peer timeout {peer_timeout:?}: took {took:?}"
+            );
+            assert!(c.health.is_down("b"), "timed out");
+        }
     }
 }
