@@ -159,8 +159,13 @@ impl Outbox {
                 }
             };
             if batch.is_empty() {
+                // Before it waits: a writer that buffers (TLS: rustls takes
+                // a whole write as sent and keeps what the socket had no
+                // room for) would keep the end of the last batch until the
+                // next frame came, while its request or answer waited for
+                // it. A no-op on plain TCP.
+                out.flush().await?;
                 if closed {
-                    out.flush().await?;
                     return Ok(());
                 }
                 self.wake.notified().await;
@@ -228,6 +233,77 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// A writer that buffers as TLS does (tokio-rustls): a write is taken
+    /// whole, but only `room` bytes of it reach the wire, and the rest only
+    /// when the writer is flushed.
+    #[derive(Clone)]
+    struct Buffering {
+        room: usize,
+        held: Arc<parking_lot::Mutex<(Vec<u8>, Vec<u8>)>>,
+    }
+
+    impl Buffering {
+        fn on_the_wire(&self) -> usize {
+            self.held.lock().1.len()
+        }
+    }
+
+    impl AsyncWrite for Buffering {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut held = self.held.lock();
+            let (pending, wire) = &mut *held;
+            pending.extend_from_slice(buf);
+            let n = pending.len().min(self.room);
+            wire.extend(pending.drain(..n));
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let mut held = self.held.lock();
+            let (pending, wire) = &mut *held;
+            wire.append(pending);
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Over a writer that buffers (TLS), the end of a batch is flushed
+    /// before the writer waits for more frames: it does not sit there until
+    /// the next frame comes, which on a quiet connection is never.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_batch_is_flushed_in_full_before_the_writer_waits() {
+        let outbox = Arc::new(Outbox::default());
+        let out = Buffering {
+            room: 4,
+            held: Default::default(),
+        };
+        let writer = tokio::spawn({
+            let outbox = outbox.clone();
+            let mut out = out.clone();
+            async move { outbox.write_to(&mut out, || {}).await }
+        });
+        push(&outbox, 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while outbox.batches_written() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the frame was never written"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The writer is back waiting for frames (it never gets another).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!writer.is_finished());
+        assert_eq!(out.on_the_wire(), FRAME, "the frame's end was held back");
+        outbox.close();
+        writer.await.unwrap().unwrap();
     }
 
     const BODY: &[u8] = b"0123456789";
