@@ -40,7 +40,7 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 use tokio_util::codec::FramedRead;
 
 use distrocache_membership::{MembershipDoc, NodeProgress};
@@ -64,8 +64,12 @@ pub const IDLE_CLOSE: Duration = Duration::from_secs(15);
 const SWEEP: Duration = Duration::from_millis(20);
 /// A deadline beyond any timeout given (a year).
 const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
-/// Most requests in flight on one connection; further callers wait.
+/// Most requests in flight on one connection; further callers wait (within
+/// their time limit).
 const MAX_IN_FLIGHT: usize = 4096;
+/// Most bytes of requests waiting to be written on one connection; further
+/// callers wait (within their time limit).
+const MAX_OUTBOX_BYTES: usize = 16 * 1024 * 1024;
 /// Largest error body read from a refused upgrade.
 const MAX_REFUSAL_BYTES: usize = 4096;
 
@@ -148,7 +152,12 @@ struct Connection {
     /// Every id up to this one has been handed to the socket.
     taken_through: AtomicU64,
     calls: Mutex<Calls>,
-    in_flight: Semaphore,
+    /// A permit per call in the peer's hands: held by the call's entry in
+    /// `calls`, so it is given back when the entry goes (answered, past
+    /// its deadline, or the connection failed), not when its caller stops
+    /// waiting, which would let calls that no one waits for any more pile
+    /// up without bound.
+    in_flight: Arc<Semaphore>,
     last_used: Mutex<Instant>,
     /// Wakes the housekeeping when the first call of a quiet spell is sent.
     busy: Notify,
@@ -177,6 +186,7 @@ type Waiter = oneshot::Sender<Result<Frame, PeerError>>;
 /// A call waiting for its answer.
 struct Pending {
     waiter: Waiter,
+    _permit: OwnedSemaphorePermit,
     /// When it fails with [`PeerError::Timeout`] if no answer came.
     deadline: Instant,
     timeout: Duration,
@@ -215,39 +225,67 @@ impl Connection {
             addr: self.addr,
             reason: reason.to_owned(),
         };
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|_| refused("connection closed"))?;
+        let now = Instant::now();
+        // A timeout too large to add waits for ever (as
+        // `tokio::time::timeout` does).
+        let deadline = now.checked_add(timeout).unwrap_or(now + FOREVER);
+        // The call's time limit covers its wait for room too: a call that
+        // finds the connection full waits no longer than it would for an
+        // answer, and never left, so it may go elsewhere. Only then is a
+        // timer armed; the usual call takes its permit at once.
+        let mut permit = match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(TryAcquireError::Closed) => return Err(refused("connection closed")),
+            Err(TryAcquireError::NoPermits) => Some(
+                tokio::time::timeout_at(deadline.into(), self.in_flight.clone().acquire_owned())
+                    .await
+                    .map_err(|_| refused("too many requests in flight on the connection"))?
+                    .map_err(|_| refused("connection closed"))?,
+            ),
+        };
         // A peer of an older version gets the request it can read.
         let downgraded = request.downgraded_for(self.features);
         let request = downgraded.as_ref().unwrap_or(request);
         let (tx, rx) = oneshot::channel();
-        let now = Instant::now();
-        let first = self
-            .outbox
-            .with(|buf| {
-                let mut calls = self.calls.lock();
-                if calls.closed.is_some() || calls.going_away.is_some() {
-                    return None;
-                }
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                frame::encode(buf, id, epoch, |body| request.encode(body));
-                let first = calls.pending.is_empty();
-                calls.pending.insert(
-                    id,
-                    Pending {
-                        waiter: tx,
-                        // A timeout too large to add waits for ever
-                        // (as `tokio::time::timeout` does).
-                        deadline: now.checked_add(timeout).unwrap_or(now + FOREVER),
-                        timeout,
-                    },
-                );
-                Some(first)
-            })
-            .ok_or_else(|| refused("connection closing"))?;
+        let mut waiter = Some(tx);
+        let first = loop {
+            let queued = self
+                .outbox
+                .with(|buf| {
+                    // The frames of calls that no one waits for any more
+                    // still leave: what waits here is bounded in bytes too.
+                    if buf.len() >= MAX_OUTBOX_BYTES {
+                        return Some(None);
+                    }
+                    let mut calls = self.calls.lock();
+                    if calls.closed.is_some() || calls.going_away.is_some() {
+                        return None;
+                    }
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    frame::encode(buf, id, epoch, |body| request.encode(body));
+                    let first = calls.pending.is_empty();
+                    calls.pending.insert(
+                        id,
+                        Pending {
+                            waiter: waiter.take()?,
+                            _permit: permit.take()?,
+                            deadline,
+                            timeout,
+                        },
+                    );
+                    Some(Some(first))
+                })
+                .ok_or_else(|| refused("connection closing"))?;
+            match queued {
+                Some(first) => break first,
+                None => tokio::time::timeout_at(
+                    deadline.into(),
+                    self.outbox.wait_below(MAX_OUTBOX_BYTES),
+                )
+                .await
+                .map_err(|_| refused("the peer is not reading its requests"))?,
+            }
+        };
         *self.last_used.lock() = now;
         if first {
             self.busy.notify_one();
@@ -544,11 +582,17 @@ impl PeerClient {
         timeout: Duration,
     ) -> Result<Frame, PeerError> {
         // A request that never left a connection that was closing (idle,
-        // or the peer going away) goes out once more on a new one.
+        // or the peer going away) goes out once more on a new one; not one
+        // refused by a connection still open (it found it full for as long
+        // as its time limit).
         for attempt in 0..2 {
             let conn = self.connection(addr).await?;
             match conn.call(epoch, request, timeout).await {
-                Err(PeerError::Refused { .. }) if attempt == 0 => continue,
+                Err(PeerError::Refused { .. })
+                    if attempt == 0 && (!conn.is_usable() || conn.outbox.is_closed()) =>
+                {
+                    continue;
+                }
                 result => return result,
             }
         }
@@ -652,7 +696,7 @@ impl PeerClient {
             next_id: AtomicU64::new(1),
             taken_through: AtomicU64::new(0),
             calls: Mutex::new(Calls::default()),
-            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             last_used: Mutex::new(Instant::now()),
             busy: Notify::new(),
         });
@@ -1160,6 +1204,98 @@ mod tests {
         );
         let _ = release.send(());
         peer.await.unwrap();
+    }
+
+    /// Calls that no one waits for any more (their callers gave up) keep
+    /// their place on the connection until the peer answers them or their
+    /// deadline passes, so the peer never has more than [`MAX_IN_FLIGHT`]
+    /// of its requests in hand; and a call that finds no place waits no
+    /// longer than its own time limit, failing as never sent.
+    #[tokio::test]
+    async fn abandoned_calls_keep_their_place_and_a_call_waits_for_one_within_its_limit() {
+        use futures_util::FutureExt;
+
+        let (addr, _) = fake_peer_for_each(|mut socket| async move {
+            let mut buf = BytesMut::new();
+            while read_frame(&mut socket, &mut buf).await.is_some() {}
+        })
+        .await;
+        let client = PeerClient::new(
+            "test",
+            PeerSettings {
+                connect_timeout: Duration::from_secs(2),
+                request_timeout: Duration::from_secs(60),
+                max_message_bytes: 1 << 20,
+            },
+            None,
+        );
+        let conn = client.connection(addr).await.unwrap();
+        // Each call is sent (or finds no place) on its first poll, and then
+        // its caller drops it. (Unconstrained: tokio's cooperative budget
+        // would otherwise hold back every call past the 128th.)
+        tokio::task::unconstrained(async {
+            for i in 0..2 * MAX_IN_FLIGHT {
+                let key = format!("k{i}");
+                assert!(Box::pin(client.fetch(addr, &key)).now_or_never().is_none());
+            }
+        })
+        .await;
+        assert_eq!(conn.calls.lock().pending.len(), MAX_IN_FLIGHT);
+
+        let limit = Duration::from_millis(200);
+        let started = Instant::now();
+        let late = Request::Fetch { key: "late".into() };
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.send(addr, 0, &late, Some(limit)),
+        )
+        .await
+        .expect("a call waits for a place no longer than its limit");
+        match result {
+            Err(e @ PeerError::Refused { .. }) => assert!(!e.may_have_acted()),
+            other => panic!("a call that found no place: {other:?}"),
+        }
+        assert!(started.elapsed() >= limit, "{:?}", started.elapsed());
+        assert_eq!(conn.calls.lock().pending.len(), MAX_IN_FLIGHT);
+    }
+
+    /// Against a peer that stops reading, what waits to be written stays
+    /// within [`MAX_OUTBOX_BYTES`] (and a frame): a call that finds no room
+    /// waits no longer than its time limit, failing as never sent.
+    #[tokio::test]
+    async fn requests_wait_for_a_peer_that_stops_reading_within_a_byte_bound() {
+        let (addr, _) = fake_peer_for_each(|socket| async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(socket);
+        })
+        .await;
+        let client = PeerClient::new(
+            "test",
+            PeerSettings {
+                connect_timeout: Duration::from_secs(2),
+                request_timeout: Duration::from_millis(300),
+                max_message_bytes: 4 << 20,
+            },
+            None,
+        );
+        let conn = client.connection(addr).await.unwrap();
+        let big = Request::Fetch {
+            key: "k".repeat(1 << 20),
+        };
+        let calls = (0..64).map(|_| client.send(addr, 0, &big, None));
+        let results = tokio::time::timeout(Duration::from_secs(20), join_all(calls))
+            .await
+            .expect("every call ends within its limit");
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(e @ PeerError::Refused { .. }) if !e.may_have_acted()))
+            .count();
+        assert!(refused > 0, "no call waited for room: {results:?}");
+        assert!(
+            conn.outbox.pending_bytes() <= MAX_OUTBOX_BYTES + (1 << 20) + 1024,
+            "{} bytes waiting",
+            conn.outbox.pending_bytes()
+        );
     }
 
     /// A peer going away answers what it read up to the request it names;
