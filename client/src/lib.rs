@@ -51,9 +51,10 @@ use http::{HeaderValue, Uri};
 use parking_lot::Mutex;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant as TokioInstant;
 
 pub use http::{Method, StatusCode};
-use pool::{Failed, Pool};
+use pool::{Failed, Limits, Pool};
 use ring::host_header;
 pub use ring::{Node, Ring};
 use tls::{ClientCert, Tls};
@@ -188,7 +189,10 @@ impl Builder {
         self
     }
 
-    /// How long one request may take (default 10 s).
+    /// How long one request may take (default 10 s), every node it tries
+    /// included: a node that another may follow (a read's next owner, or
+    /// any node for a write that never left) is given half of what is
+    /// left, so that one that does not answer leaves time for the next.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -274,13 +278,13 @@ impl Builder {
         } else {
             None
         };
-        let mut seeds = Vec::new();
-        for &(_, host_port) in &parsed {
-            let addrs = tokio::net::lookup_host(host_port)
+        let hosts: Vec<&str> = parsed.iter().map(|&(_, host_port)| host_port).collect();
+        let seeds = resolve_seeds(&hosts, |host_port| async move {
+            tokio::net::lookup_host(host_port)
                 .await
-                .map_err(|e| Error::Invalid(format!("seed {host_port:?}: {e}")))?;
-            seeds.extend(addrs);
-        }
+                .map(|addrs| addrs.collect())
+        })
+        .await?;
         let first = *seeds
             .first()
             .ok_or_else(|| Error::Invalid("no seed address given".into()))?;
@@ -306,6 +310,36 @@ impl Builder {
         client.refresh().await?;
         Ok(client)
     }
+}
+
+/// The addresses of the seeds that resolve (`lookup`: the system's
+/// resolver). A seed that does not is passed over, as one that does not
+/// answer is: it may name a pod that is not published yet. An error when
+/// none resolves ([`Error::Unreachable`], with every seed's error), or at
+/// once when a seed is not `host:port` at all ([`Error::Invalid`]).
+async fn resolve_seeds<'a, F, Fut>(hosts: &[&'a str], lookup: F) -> Result<Vec<SocketAddr>, Error>
+where
+    F: Fn(&'a str) -> Fut,
+    Fut: Future<Output = std::io::Result<Vec<SocketAddr>>>,
+{
+    let mut addrs = Vec::new();
+    let mut failures = Vec::new();
+    for &host_port in hosts {
+        match lookup(host_port).await {
+            Ok(found) if found.is_empty() => {
+                failures.push(format!("seed {host_port:?}: no address"))
+            }
+            Ok(found) => addrs.extend(found),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                return Err(Error::Invalid(format!("seed {host_port:?}: {e}")));
+            }
+            Err(e) => failures.push(format!("seed {host_port:?}: {e}")),
+        }
+    }
+    if addrs.is_empty() {
+        return Err(Error::Unreachable(failures.join("; ")));
+    }
+    Ok(addrs)
 }
 
 /// A ring-aware client; cheap to clone (clones share the ring and the
@@ -379,7 +413,9 @@ impl Client {
         }
         let mut newest: Option<Ring> = None;
         let mut last = Error::Unreachable("no address to ask".into());
-        for addr in asked {
+        let deadline = Deadline::after(self.inner.timeout);
+        let count = asked.len();
+        for (n, addr) in asked.into_iter().enumerate() {
             let answer = self
                 .inner
                 .request(
@@ -388,6 +424,7 @@ impl Client {
                     Method::GET,
                     Uri::from_static(CLUSTER_PATH),
                     Bytes::new(),
+                    deadline.try_of(n + 1 < count),
                 )
                 .await;
             let ring = match answer {
@@ -552,12 +589,21 @@ impl Client {
         let uri = path_uri(path)?;
         let epoch = self.inner.ring.load().epoch;
         let writes = changes_state(&method);
-        self.call(epoch, node, host_header(node), method, uri, Bytes::new())
-            .await
-            .map_err(|e| match e {
-                Failed::Lost(reason) if writes => Error::Uncertain { node, reason },
-                e => Error::Unreachable(format!("{node}: {e}")),
-            })
+        let only = Deadline::after(self.inner.timeout).try_of(false);
+        self.call(
+            epoch,
+            node,
+            host_header(node),
+            method,
+            uri,
+            Bytes::new(),
+            only,
+        )
+        .await
+        .map_err(|e| match e {
+            Failed::Lost(reason) if writes => Error::Uncertain { node, reason },
+            e => Error::Unreachable(format!("{node}: {e}")),
+        })
     }
 
     /// A request on no key in particular (stats, views): any node will do.
@@ -566,7 +612,8 @@ impl Client {
         let ring = self.ring();
         let writes = changes_state(&method);
         let mut last = String::from("no node");
-        for node in &ring.nodes {
+        let deadline = Deadline::after(self.inner.timeout);
+        for (n, node) in ring.nodes.iter().enumerate() {
             match self
                 .call(
                     ring.epoch,
@@ -575,6 +622,7 @@ impl Client {
                     method.clone(),
                     uri.clone(),
                     Bytes::new(),
+                    deadline.try_of(n + 1 < ring.nodes.len()),
                 )
                 .await
             {
@@ -611,7 +659,8 @@ impl Client {
         let ring = self.ring();
         let plan = self.inner.plan(&ring, key, access);
         let mut last = String::from("no node");
-        for i in plan {
+        let deadline = Deadline::after(self.inner.timeout);
+        for (n, &i) in plan.iter().enumerate() {
             let node = &ring.nodes[i];
             let addr = node.address;
             let _in_flight = ring.count_request(i);
@@ -624,6 +673,7 @@ impl Client {
                     method.clone(),
                     uri.clone(),
                     body.clone(),
+                    deadline.try_of(n + 1 < plan.len()),
                 )
                 .await
             {
@@ -646,9 +696,10 @@ impl Client {
         Err(Error::Unreachable(last))
     }
 
-    /// One request to one node, sent with the ring at epoch `seen`; an
-    /// answer that names a newer ring makes the client learn it (in the
-    /// background).
+    /// One request to one node, sent with the ring at epoch `seen`, as the
+    /// try `this` of its request; an answer that names a newer ring makes
+    /// the client learn it (in the background).
+    #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
         seen: u64,
@@ -657,8 +708,12 @@ impl Client {
         method: Method,
         uri: Uri,
         body: Bytes,
+        this: Try,
     ) -> Result<Answer, Failed> {
-        let answer = self.inner.request(addr, host, method, uri, body).await?;
+        let answer = self
+            .inner
+            .request(addr, host, method, uri, body, this)
+            .await?;
         if let Some(newer) = answer.epoch.filter(|&e| e > seen) {
             self.refresh_later(Some((newer, addr)));
         }
@@ -677,9 +732,9 @@ impl Client {
                 return;
             }
         }
-        if self.inner.refreshing.swap(true, Ordering::AcqRel) {
+        let Some(mut turn) = RefreshTurn::take(&self.inner) else {
             return;
-        }
+        };
         let client = self.clone();
         let mut first = notice.map(|(_, node)| node);
         tokio::spawn(async move {
@@ -692,25 +747,45 @@ impl Client {
                 }
                 let held = || inner.ring.load().epoch >= inner.wanted.load(Ordering::Acquire);
                 if held() {
-                    inner.refreshing.store(false, Ordering::Release);
-                    // A notice that came after the check found the flag set
-                    // and left its epoch to this task: take it up.
-                    if held() || inner.refreshing.swap(true, Ordering::AcqRel) {
+                    drop(turn);
+                    // A notice that came after the check found the turn
+                    // taken and left its epoch to this task: take it up.
+                    if held() {
                         return;
                     }
-                    (attempt, first) = (0, None);
+                    let Some(again) = RefreshTurn::take(inner) else {
+                        return;
+                    };
+                    (turn, attempt, first) = (again, 0, None);
                     continue;
                 }
                 if attempt == REFRESH_ATTEMPTS {
                     // No node serves that ring yet, or none answers: the
                     // next answer that names it (a reminder at the latest)
                     // asks again.
-                    inner.refreshing.store(false, Ordering::Release);
                     return;
                 }
                 tokio::time::sleep(REFRESH_PAUSE * attempt).await;
             }
         });
+    }
+}
+
+/// The one background refresh's turn (`Inner::refreshing` set), given
+/// back when dropped: when its task ends, and also when the task is
+/// dropped unfinished (its runtime shut down), which would otherwise leave
+/// the client never refreshing its ring again.
+struct RefreshTurn(Arc<Inner>);
+
+impl RefreshTurn {
+    fn take(inner: &Arc<Inner>) -> Option<Self> {
+        (!inner.refreshing.swap(true, Ordering::AcqRel)).then(|| RefreshTurn(inner.clone()))
+    }
+}
+
+impl Drop for RefreshTurn {
+    fn drop(&mut self) {
+        self.0.refreshing.store(false, Ordering::Release);
     }
 }
 
@@ -805,7 +880,7 @@ impl Inner {
     }
 
     /// One request to `addr` (`host` its `Host` header), its answer read in
-    /// full within the client's timeout.
+    /// full within what the try `this` may spend.
     async fn request(
         &self,
         addr: SocketAddr,
@@ -813,6 +888,7 @@ impl Inner {
         method: Method,
         uri: Uri,
         body: Bytes,
+        this: Try,
     ) -> Result<Answer, Failed> {
         let head = conn::Head {
             method: &method,
@@ -821,15 +897,14 @@ impl Inner {
             token: self.token.as_ref(),
             body: &body,
         };
-        // One clock read per request: the deadline, and the connection's
-        // idle time when it is taken and put back. Tokio's clock, which is
-        // the system's unless a test pauses it. A timeout too large to add
-        // waits for ever, as `tokio::time::timeout` has it.
-        let started = tokio::time::Instant::now();
-        let deadline = started.checked_add(self.timeout);
+        // One clock read per try: its limits, and the connection's idle
+        // time when it is taken and put back. Tokio's clock, which is the
+        // system's unless a test pauses it.
+        let started = TokioInstant::now();
+        let limits = this.limits(started, changes_state(&method));
         let (answer, conn) = self
             .pool
-            .send(addr, &head, MAX_ANSWER_BYTES, started, deadline)
+            .send(addr, &head, MAX_ANSWER_BYTES, started, limits)
             .await?;
         self.pool.put(addr, conn, started.into_std());
         Ok(Answer {
@@ -839,6 +914,56 @@ impl Inner {
             epoch: answer.epoch,
             served_by: answer.served_by,
         })
+    }
+}
+
+/// When a request must be done by: the client's timeout is how long one
+/// request may take, every node it tries included. `None`: no limit (a
+/// timeout too large to add to the clock waits for ever, as
+/// `tokio::time::timeout` has it).
+#[derive(Debug, Clone, Copy)]
+struct Deadline(Option<TokioInstant>);
+
+impl Deadline {
+    fn after(timeout: Duration) -> Self {
+        Deadline(TokioInstant::now().checked_add(timeout))
+    }
+
+    /// One try of the request: `fallback` when another node may take the
+    /// request if this one fails.
+    fn try_of(self, fallback: bool) -> Try {
+        Try {
+            deadline: self,
+            fallback,
+        }
+    }
+}
+
+/// One try of a request at one node.
+#[derive(Debug, Clone, Copy)]
+struct Try {
+    deadline: Deadline,
+    fallback: bool,
+}
+
+impl Try {
+    /// What the try started at `now` may spend. The last node a request
+    /// tries has all that is left. One that another node may follow has
+    /// half of it to open its connection, so that a node that takes no
+    /// connection leaves the next one time to answer; and for a read (which
+    /// may go elsewhere after it was sent), half of it for the answer too.
+    /// A write that was sent goes nowhere else (it may have been applied),
+    /// so it waits for its answer until the deadline.
+    fn limits(self, now: TokioInstant, changes_state: bool) -> Limits {
+        let Deadline(until) = self.deadline;
+        let share = match until {
+            Some(until) if self.fallback => Some(now + until.saturating_duration_since(now) / 2),
+            until => until,
+        };
+        Limits {
+            open_by: share,
+            answer_by: if changes_state { until } else { share },
+        }
     }
 }
 
@@ -908,6 +1033,69 @@ mod tests {
 
     /// A view with nothing to route by, or with what no node sends, is not
     /// taken for a ring: a refresh then asks the next node.
+    /// Seeds that do not resolve are passed over for those that do; with
+    /// none resolving, every seed's error is said; one that is not
+    /// `host:port` at all is refused at once.
+    #[tokio::test]
+    async fn seeds_that_do_not_resolve_are_passed_over() {
+        let lookup = |host_port: &str| {
+            let result = match host_port {
+                "up:1" => Ok(vec!["127.0.0.1:1".parse().unwrap()]),
+                "empty:1" => Ok(vec![]),
+                "no-port" => Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "invalid socket address",
+                )),
+                _ => Err(std::io::Error::other("Name or service not known")),
+            };
+            std::future::ready(result)
+        };
+        let addrs = resolve_seeds(&["down:1", "empty:1", "up:1"], lookup)
+            .await
+            .unwrap();
+        assert_eq!(addrs, ["127.0.0.1:1".parse::<SocketAddr>().unwrap()]);
+        match resolve_seeds(&["down:1", "empty:1"], lookup).await {
+            Err(Error::Unreachable(e)) => {
+                assert!(e.contains("down:1") && e.contains("empty:1"), "{e}");
+            }
+            other => panic!("no seed resolves: {other:?}"),
+        }
+        match resolve_seeds(&["up:1", "no-port"], lookup).await {
+            Err(Error::Invalid(e)) => assert!(e.contains("no-port"), "{e}"),
+            other => panic!("a seed that is not host:port: {other:?}"),
+        }
+    }
+
+    /// A background refresh dropped before it ran (its runtime shut down)
+    /// gives its turn back: the client goes on learning rings, where it
+    /// used to stay on the one it held for good.
+    #[test]
+    fn a_refresh_dropped_unfinished_gives_its_turn_back() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let client = Client {
+            inner: Arc::new(Inner::new(
+                vec![addr],
+                addr,
+                None,
+                ReadFrom::default(),
+                Duration::from_secs(1),
+                None,
+            )),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Spawned, and the runtime ends before it is ever polled.
+        runtime.block_on(async { client.refresh_later(None) });
+        assert!(client.inner.refreshing.load(Ordering::Acquire));
+        drop(runtime);
+        assert!(
+            !client.inner.refreshing.load(Ordering::Acquire),
+            "the dropped refresh kept its turn: no refresh would start again"
+        );
+    }
+
     #[test]
     fn a_view_without_a_ring_or_with_an_invalid_one_is_refused() {
         let asked: SocketAddr = "127.0.0.1:7001".parse().unwrap();

@@ -52,6 +52,16 @@ impl std::fmt::Display for Failed {
     }
 }
 
+/// How long one request at one node may take (`None`: no limit).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// For a new connection to open (its TLS handshake included); at most
+    /// [`CONNECT_TIMEOUT`] after the request started in any case.
+    pub open_by: Option<TokioInstant>,
+    /// For the whole answer.
+    pub answer_by: Option<TokioInstant>,
+}
+
 /// Idle connections, per node.
 pub struct Pool {
     idle: Mutex<IdleConns>,
@@ -114,22 +124,23 @@ impl Pool {
     }
 
     /// Sends a request to `addr` on an idle connection or a new one, and
-    /// reads its answer (a body of `max_body` bytes at most) by `deadline`
-    /// (none: no limit); the connection is handed back with it, to be
-    /// returned with [`Pool::put`]. `started` is the request's start, read
-    /// once by the caller.
+    /// reads its answer (a body of `max_body` bytes at most) within
+    /// `limits`; the connection is handed back with it, to be returned with
+    /// [`Pool::put`]. `started` is the request's start, read once by the
+    /// caller.
     ///
-    /// The deadline counts from `started` to the whole answer. A request
-    /// still waiting for its connection to open when it passes never left
-    /// ([`Failed::NotSent`]); one written is [`Failed::Lost`].
+    /// A request still waiting for its connection to open at `open_by`
+    /// never left ([`Failed::NotSent`]); one written and not answered by
+    /// `answer_by` is [`Failed::Lost`].
     pub async fn send(
         &self,
         addr: SocketAddr,
         head: &Head<'_>,
         max_body: usize,
         started: TokioInstant,
-        deadline: Option<TokioInstant>,
+        limits: Limits,
     ) -> Result<(Answer, Conn), Failed> {
+        let deadline = limits.answer_by;
         // An idle connection the node closed meanwhile is found out here,
         // before anything is written: the request then goes on another.
         while let Some(mut conn) = self.take(addr, started.into_std()) {
@@ -140,7 +151,7 @@ impl Pool {
                 Err(lost) => return Err(lost),
             }
         }
-        let open_by = match deadline {
+        let open_by = match limits.open_by {
             Some(d) => d.min(started + CONNECT_TIMEOUT),
             None => started + CONNECT_TIMEOUT,
         };

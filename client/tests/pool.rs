@@ -151,11 +151,21 @@ async fn a_node_that_is_gone_is_unreachable_and_a_write_to_it_never_left() {
 
 /// A stand-in for a cluster member on loopback: it answers `view` to a
 /// request for the ring, records the request line of every other request,
-/// and then either hangs up without answering (`hang_up`) or answers with
-/// an item.
+/// and then does with it what its [`Items`] say.
 struct FakeNode {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<String>>>,
+}
+
+/// What a [`FakeNode`] does with a request other than for the ring.
+#[derive(Clone, Copy, PartialEq)]
+enum Items {
+    /// Answers with an item.
+    Answer,
+    /// Hangs up without answering.
+    HangUp,
+    /// Keeps the connection open and never answers.
+    Silent,
 }
 
 impl FakeNode {
@@ -168,7 +178,7 @@ impl FakeNode {
         (listener, Self { addr, seen })
     }
 
-    fn serve(&self, listener: TcpListener, hang_up: bool, view: String) {
+    fn serve(&self, listener: TcpListener, items: Items, view: String) {
         let seen = self.seen.clone();
         tokio::spawn(async move {
             loop {
@@ -182,8 +192,10 @@ impl FakeNode {
                             view.clone()
                         } else {
                             seen.lock().push(line);
-                            if hang_up {
-                                return;
+                            match items {
+                                Items::Answer => {}
+                                Items::HangUp => return,
+                                Items::Silent => std::future::pending().await,
                             }
                             r#"{"key":"k","value":"from the other owner","ttl":0,"created_at":"2026-01-01T00:00:00Z","accessed_at":"2026-01-01T00:00:00Z","access_count":1,"tags":[]}"#.to_owned()
                         };
@@ -275,10 +287,10 @@ fn key_with_primary(client: &Client, id: &str) -> String {
 async fn a_seed_without_a_ring_yet_is_passed_over_for_one_with_a_ring() {
     let (listener_a, a) = FakeNode::start().await;
     let (listener_b, b) = FakeNode::start().await;
-    a.serve(listener_a, false, view_of(0, &[]));
+    a.serve(listener_a, Items::Answer, view_of(0, &[]));
     b.serve(
         listener_b,
-        false,
+        Items::Answer,
         view_of(4, &[("a", a.addr), ("b", b.addr)]),
     );
     let client = Client::builder([a.addr.to_string(), b.addr.to_string()])
@@ -290,7 +302,7 @@ async fn a_seed_without_a_ring_yet_is_passed_over_for_one_with_a_ring() {
 
     // With no seed holding a ring, there is nothing to route by.
     let (listener_c, c) = FakeNode::start().await;
-    c.serve(listener_c, false, view_of(0, &[]));
+    c.serve(listener_c, Items::Answer, view_of(0, &[]));
     match Client::builder([c.addr.to_string()]).connect().await {
         Err(Error::BadAnswer(e)) => assert!(e.contains("no ring yet"), "{e}"),
         Err(e) => panic!("{e}"),
@@ -328,7 +340,7 @@ async fn a_write_whose_connection_never_opened_in_time_goes_elsewhere() {
     let (listener_b, b) = FakeNode::start().await;
     b.serve(
         listener_b,
-        false,
+        Items::Answer,
         view_of(1, &[("a", silent_addr), ("b", b.addr)]),
     );
     let client = Client::builder([b.addr.to_string()])
@@ -357,8 +369,8 @@ async fn a_write_cut_off_after_it_was_sent_is_uncertain_and_not_sent_again() {
     let (listener_a, a) = FakeNode::start().await;
     let (listener_b, b) = FakeNode::start().await;
     let view = view_of(1, &[("a", a.addr), ("b", b.addr)]);
-    a.serve(listener_a, true, view.clone());
-    b.serve(listener_b, false, view);
+    a.serve(listener_a, Items::HangUp, view.clone());
+    b.serve(listener_b, Items::Answer, view);
     let client = Client::builder([a.addr.to_string()])
         .read_from(ReadFrom::Primary)
         .timeout(Duration::from_secs(10))
@@ -402,5 +414,85 @@ async fn a_write_cut_off_after_it_was_sent_is_uncertain_and_not_sent_again() {
     assert_eq!(
         *b.seen.lock(),
         [format!("get /api/v1/cache/{key} http/1.1")]
+    );
+}
+
+/// The client's time limit is how long one request may take, every node it
+/// tries included. A read whose owner takes it and never answers goes on
+/// to the next owner after half of the limit, so the read is served within
+/// it; and a read no node answers fails once the limit has passed, not
+/// after a limit for each node it tried.
+#[tokio::test]
+async fn the_time_limit_bounds_a_request_over_every_node_it_tries() {
+    let (listener_a, a) = FakeNode::start().await;
+    let (listener_b, b) = FakeNode::start().await;
+    let (listener_c, c) = FakeNode::start().await;
+    let view = view_of(1, &[("a", a.addr), ("b", b.addr), ("c", c.addr)]);
+    a.serve(listener_a, Items::Silent, view.clone());
+    b.serve(listener_b, Items::Answer, view.clone());
+    c.serve(listener_c, Items::Silent, view);
+    let limit = Duration::from_millis(800);
+    let client = Client::builder([b.addr.to_string()])
+        .read_from(ReadFrom::Primary)
+        .timeout(limit)
+        .connect()
+        .await
+        .expect("the client learns the ring");
+
+    // Owned by a (silent) and b: b serves it once a has had half the limit.
+    let ring = client.ring();
+    let key = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            let owners: Vec<&str> = ring
+                .owners(k)
+                .iter()
+                .map(|&i| ring.nodes[i].id.as_str())
+                .collect();
+            owners == ["a", "b"]
+        })
+        .expect("a key owned by a, then b");
+    let started = tokio::time::Instant::now();
+    let got = client.get(&key).await.unwrap().expect("b answers");
+    assert_eq!(got.value, serde_json::json!("from the other owner"));
+    let took = started.elapsed();
+    assert!(
+        took >= limit / 2,
+        "a was given {took:?}, not half the limit"
+    );
+    assert!(
+        took < limit,
+        "the read took {took:?}, past its {limit:?} limit"
+    );
+
+    // With no node answering, a read fails once the limit has passed.
+    let mut silent = Vec::new();
+    for id in ["x", "y", "z"] {
+        let (listener, node) = FakeNode::start().await;
+        silent.push((id, listener, node));
+    }
+    let members: Vec<(&str, SocketAddr)> = silent.iter().map(|(id, _, n)| (*id, n.addr)).collect();
+    let view = view_of(1, &members);
+    let mut seeds = Vec::new();
+    for (_, listener, node) in silent {
+        node.serve(listener, Items::Silent, view.clone());
+        seeds.push(node.addr.to_string());
+    }
+    let client = Client::builder(seeds)
+        .timeout(limit)
+        .connect()
+        .await
+        .expect("the client learns the ring");
+    let started = tokio::time::Instant::now();
+    match client.get("k").await {
+        Err(Error::Unreachable(_)) => {}
+        other => panic!("a read no node answered in time: {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(took >= limit, "failed after {took:?}, before its limit");
+    // One limit and the timers' slack; a limit per node tried is 3x.
+    assert!(
+        took < limit * 3 / 2,
+        "failed after {took:?}: the limit was {limit:?}"
     );
 }
