@@ -62,8 +62,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub replication_factor: u32,
 
-    /// Number of store shards (rounded up to a power of two); 0 picks one from
-    /// the core count.
+    /// Number of store shards (rounded up to a power of two, and raised so
+    /// that a shard holds at most about 4 million items at --max-size); 0
+    /// picks one from the core count.
     #[arg(long, env = "DISTROCACHE_SHARDS", default_value_t = 0)]
     pub shards: usize,
 
@@ -79,8 +80,8 @@ pub struct Config {
     #[arg(long, env = "DISTROCACHE_MAX_BODY_BYTES", default_value = "2MiB", value_parser = parse_bytes)]
     pub max_body_bytes: u64,
 
-    /// Most tags on one item (more: 400).
-    #[arg(long, env = "DISTROCACHE_MAX_TAGS", default_value_t = 32)]
+    /// Most tags on one item (more: 400); at most 255, what the store holds.
+    #[arg(long, env = "DISTROCACHE_MAX_TAGS", default_value_t = 32, value_parser = parse_max_tags)]
     pub max_tags: usize,
 
     /// Longest tag, in bytes (longer: 400).
@@ -466,6 +467,16 @@ fn parse_header_bytes(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
+/// The store keeps an item's tag count in a byte: a higher limit would let
+/// through writes the store then refuses.
+fn parse_max_tags(s: &str) -> Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if n > crate::store::MAX_TAGS {
+        return Err(format!("{n} is above {}", crate::store::MAX_TAGS));
+    }
+    Ok(n)
+}
+
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     if let Ok(n) = s.parse::<u64>() {
@@ -490,6 +501,17 @@ mod tests {
         assert_eq!(c.cleanup_interval, Duration::from_secs(60));
         assert_eq!(c.replication_factor, 2);
         assert_eq!(c.limits(), Limits::default());
+    }
+
+    /// A tag limit the store cannot hold is refused at start, not met later
+    /// as a write refused although the limit lets it through.
+    #[test]
+    fn the_tag_limit_stays_within_what_the_store_holds() {
+        let parse = |n: &str| Config::try_parse_from(["cache-node", "--max-tags", n]);
+        assert_eq!(parse("255").unwrap().max_tags, 255);
+        assert_eq!(parse("0").unwrap().max_tags, 0);
+        let refused = parse("256").err().expect("256 tags refused").to_string();
+        assert!(refused.contains("256 is above 255"), "{refused}");
     }
 
     #[test]

@@ -314,7 +314,9 @@ impl Store {
     pub fn new(config: StoreConfig, clock: Arc<dyn Clock>) -> Self {
         let shards = match config.shards {
             0 => default_shard_count(config.max_items),
-            n => n.next_power_of_two(),
+            // Never so few that a shard's slots run out before the store is
+            // full (a shard then refused every new key).
+            n => n.next_power_of_two().max(shards_for_index(config.max_items)),
         }
         // A scan cursor holds the shard's index in 16 bits.
         .min(1 << 16);
@@ -879,10 +881,14 @@ fn default_shard_count(max_items: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let for_cores = (cores * 4).next_power_of_two().max(64);
     let for_capacity = (max_items / 128).max(1).next_power_of_two();
-    // And at least enough that a shard averages no more than 4 million
-    // items, a quarter of what its index can address (see `index`).
-    let for_index = (max_items >> 22).max(1).next_power_of_two();
-    for_cores.min(for_capacity).max(for_index)
+    for_cores.min(for_capacity).max(shards_for_index(max_items))
+}
+
+/// The fewest shards that leave a shard no more than 4 million items on
+/// average at capacity, a quarter of what its index can address (see
+/// `index`), whatever the shard count asked for.
+fn shards_for_index(max_items: usize) -> usize {
+    (max_items >> 22).max(1).next_power_of_two()
 }
 
 #[cfg(test)]

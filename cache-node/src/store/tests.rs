@@ -1140,3 +1140,15 @@ fn a_scan_or_a_retain_across_a_compaction_misses_nothing() {
     assert_eq!(store.len(), 1999);
     store.assert_consistent();
 }
+
+/// A shard count given by hand is raised, if need be, so that no shard's
+/// index runs out of slots before the store is full (past 16.7 million items
+/// a shard refused every new key).
+#[test]
+fn a_shard_count_given_by_hand_still_leaves_each_shard_within_its_index() {
+    // 20 million items: 1 shard would need more slots than an index holds
+    // (16.7 million); 4 hold 5 million each on average.
+    assert_eq!(store(20_000_000, 0, 1).0.shard_count(), 4);
+    assert_eq!(store(20_000_000, 0, 64).0.shard_count(), 64);
+    assert_eq!(store(1_000, 0, 1).0.shard_count(), 1);
+}
