@@ -510,7 +510,7 @@ mod tests {
         let parse = |n: &str| Config::try_parse_from(["cache-node", "--max-tags", n]);
         assert_eq!(parse("255").unwrap().max_tags, 255);
         assert_eq!(parse("0").unwrap().max_tags, 0);
-        let refused = parse("256").err().expect("256 tags refused").to_string();
+        let refused = parse("256").expect_err("256 tags refused").to_string();
         assert!(refused.contains("256 is above 255"), "{refused}");
     }
 

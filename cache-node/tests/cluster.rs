@@ -1393,6 +1393,51 @@ async fn a_replica_that_missed_a_write_and_becomes_primary_serves_the_write() {
     assert_eq!(read_via(&c, 1, &key).await, ("new".into(), "node-1".into()));
 }
 
+/// A read is counted once in the cluster's stats, a hit or a miss, though
+/// a replica that finds nothing asks the primary: the replica's own miss is
+/// not its answer, so it does not count (it counted, and the cluster's
+/// misses were two for one read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_through_a_replica_counts_once_in_the_cluster_stats() {
+    let (c, key) = every_node_an_owner(ProcCluster::new(2, 2), "counted").await;
+    let deadline = std::time::Instant::now() + SETTLE;
+    while c.metric(1, "distrocache_read_lease_valid").await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-1 never held a lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let totals = || async {
+        let (status, stats) = c.get_json(0, "/api/v1/cluster/stats").await;
+        assert_eq!(status, 200, "{stats}");
+        assert_eq!(stats["unreachable"], json!([]), "{stats}");
+        let count = |name: &str| stats["totals"][name].as_u64().expect(name);
+        (count("hits"), count("misses"))
+    };
+    let url = c.url(1, &format!("/api/v1/cache/{key}"));
+
+    let before = totals().await;
+    let resp = c.client.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(totals().await, (before.0, before.1 + 1), "one miss");
+
+    let resp = c
+        .client
+        .put(&url)
+        .json(&json!({ "value": "here" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let before = totals().await;
+    assert_eq!(
+        read_via(&c, 1, &key).await,
+        ("here".into(), "node-1".into())
+    );
+    assert_eq!(totals().await, (before.0 + 1, before.1), "one hit");
+}
+
 /// A write whose primary could not be reached goes to the next owner, which
 /// coordinates it and hints the primary. The primary, reachable again for
 /// clients but not yet repaired, must not serve the value that write

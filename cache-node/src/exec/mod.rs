@@ -42,7 +42,7 @@ use crate::item_json;
 use crate::metrics::{Metrics, Op};
 use crate::peer::protocol::{NodeStats, RecordBatch, Records, ReplicateOutcome};
 use crate::peer::{Request, expect};
-use crate::store::{ItemRef, Store, StoreError};
+use crate::store::{ItemRef, Miss, Store, StoreError};
 
 /// An operation's outcome, now or later.
 pub enum Execution {
@@ -175,9 +175,14 @@ impl Executor {
 
     /// The item as the seed's JSON, read from this node's store (counted as
     /// a hit or a miss).
-    fn read_json(&self, key: &str) -> Option<Vec<u8>> {
+    fn read_json(&self, key: &str, miss: Miss) -> Option<Vec<u8>> {
         let started = Instant::now();
-        let json = self.store.get(key, |item| item_json::item_to_vec(&item));
+        let json = match miss {
+            Miss::Counted => self.store.get(key, |item| item_json::item_to_vec(&item)),
+            Miss::NotCounted => self
+                .store
+                .get_or_ask(key, |item| item_json::item_to_vec(&item)),
+        };
         self.metrics.observe(Op::Get, started.elapsed());
         json
     }
@@ -208,10 +213,10 @@ impl Executor {
             ReadRoute::Primary { reconcile: true } => {
                 self.later(move |ex| async move { ex.read_reconciled(key).await })
             }
-            ReadRoute::Replica => match self.read_json(&key) {
+            // A replica's miss is not believed (it may have evicted what the
+            // primary still holds), nor counted: the primary counts the read.
+            ReadRoute::Replica => match self.read_json(&key, Miss::NotCounted) {
                 Some(json) => Execution::Now(Self::found(json, ServedBy::Here)),
-                // A replica's miss is not believed: it may have evicted what
-                // the primary still holds.
                 None => self.later(move |ex| async move { ex.forward_get(key).await }),
             },
             ReadRoute::Forward => self.later(move |ex| async move { ex.forward_get(key).await }),
@@ -220,7 +225,7 @@ impl Executor {
 
     /// A read served from this node's copy as it is.
     fn read_here(&self, key: String) -> Outcome {
-        match self.read_json(&key) {
+        match self.read_json(&key, Miss::Counted) {
             Some(json) => Self::found(json, ServedBy::Here),
             None => Self::missing(key, ServedBy::Here),
         }

@@ -50,7 +50,7 @@ use parking_lot::Mutex;
 #[cfg(any(test, feature = "test-util"))]
 pub use clock::ManualClock;
 pub use clock::{Clock, SystemClock, UnixNanos};
-pub use shard::{ITEM_OVERHEAD, ShardCounters, TAG_LIST_OVERHEAD, TAG_OVERHEAD, item_cost};
+pub use shard::{ITEM_OVERHEAD, Miss, ShardCounters, TAG_LIST_OVERHEAD, TAG_OVERHEAD, item_cost};
 
 pub use item::{MAX_KEY_BYTES, MAX_TAGS};
 
@@ -316,7 +316,9 @@ impl Store {
             0 => default_shard_count(config.max_items),
             // Never so few that a shard's slots run out before the store is
             // full (a shard then refused every new key).
-            n => n.next_power_of_two().max(shards_for_index(config.max_items)),
+            n => n
+                .next_power_of_two()
+                .max(shards_for_index(config.max_items)),
         }
         // A scan cursor holds the shard's index in 16 bits.
         .min(1 << 16);
@@ -369,11 +371,22 @@ impl Store {
     /// Reads an item as a client would: counts a hit or miss, updates its access
     /// metadata and LRU position, and hands it to `f` while it is locked.
     pub fn get<R>(&self, key: &str, f: impl FnOnce(ItemRef<'_>) -> R) -> Option<R> {
+        self.read(key, Miss::Counted, f)
+    }
+
+    /// [`Self::get`] for a read whose miss is not its answer, so is not
+    /// counted: a replica's, which then asks the key's primary, where the
+    /// read counts (a hit or a miss there, once per client read).
+    pub fn get_or_ask<R>(&self, key: &str, f: impl FnOnce(ItemRef<'_>) -> R) -> Option<R> {
+        self.read(key, Miss::NotCounted, f)
+    }
+
+    fn read<R>(&self, key: &str, miss: Miss, f: impl FnOnce(ItemRef<'_>) -> R) -> Option<R> {
         let now = self.clock.now();
         let (idx, hash) = self.locate(key);
         let mut shard = self.shards[idx].lock();
         let before = (shard.len(), shard.bytes());
-        let found = shard.get(hash, key.as_bytes(), now);
+        let found = shard.get(hash, key.as_bytes(), now, miss);
         self.account(before, (shard.len(), shard.bytes()));
         found.map(|slot| f(shard.item(slot)))
     }

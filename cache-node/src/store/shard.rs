@@ -127,6 +127,14 @@ impl LinkStore for Slab {
     }
 }
 
+/// Whether a read that finds nothing counts as a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    Counted,
+    /// Not the read's answer: it goes on to another node, which counts it.
+    NotCounted,
+}
+
 /// Operation counters of one shard, summed by the store for stats and metrics.
 /// Kept per shard, under the shard's lock, so a hit costs no shared atomic.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -258,17 +266,19 @@ impl<S: BuildHasher> Shard<S> {
         (self.header(slot).expires_at > now).then_some(slot)
     }
 
-    /// Looks a key up as a client read: counts a hit or a miss, expires the item
-    /// if its time has passed, and otherwise marks it most recently used.
-    pub fn get(&mut self, hash: u64, key: &[u8], now: UnixNanos) -> Option<SlotId> {
+    /// Looks a key up as a client read: counts a hit or (as `miss` says) a
+    /// miss, expires the item if its time has passed, and otherwise marks it
+    /// most recently used.
+    pub fn get(&mut self, hash: u64, key: &[u8], now: UnixNanos, miss: Miss) -> Option<SlotId> {
+        let missed = u64::from(miss == Miss::Counted);
         let Some(slot) = self.find(hash, key) else {
-            self.counters.misses += 1;
+            self.counters.misses += missed;
             return None;
         };
         if self.header(slot).expires_at <= now {
             self.remove_slot(slot);
             self.counters.expirations += 1;
-            self.counters.misses += 1;
+            self.counters.misses += missed;
             return None;
         }
         self.counters.hits += 1;
