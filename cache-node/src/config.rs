@@ -90,9 +90,11 @@ pub struct Config {
 
     /// Deepest nesting of JSON objects and arrays in a write body, the body's
     /// own object counting as level 1 (deeper: 400). Checked in the same pass
-    /// that reads the body; at most 128.
+    /// that reads the body; at most 127, so that an item's answer (its value
+    /// one level further in) stays within what JSON readers take (serde_json
+    /// reads 127 levels).
     #[arg(long, env = "DISTROCACHE_MAX_JSON_DEPTH", default_value_t = 32,
-          value_parser = clap::value_parser!(u16).range(2..=128))]
+          value_parser = clap::value_parser!(u16).range(2..=127))]
     pub max_json_depth: u16,
 
     /// Largest request head (request line plus headers), in bytes (larger:
@@ -526,14 +528,14 @@ mod tests {
         let c = Config::try_parse_from([
             "cache-node",
             "--max-json-depth",
-            "128",
+            "127",
             "--max-header-bytes",
             "8KiB",
             "--idle-timeout",
             "500ms",
         ])
         .unwrap();
-        assert_eq!(c.limits().max_json_depth, 128);
+        assert_eq!(c.limits().max_json_depth, 127);
         assert_eq!(c.max_header_bytes, 8192);
         assert_eq!(c.idle_timeout, Duration::from_millis(500));
     }
@@ -564,7 +566,7 @@ mod tests {
             &["cache-node", "--port", "70000"],
             &["cache-node", "--replication-factor", "0"],
             &["cache-node", "--max-json-depth", "1"],
-            &["cache-node", "--max-json-depth", "129"],
+            &["cache-node", "--max-json-depth", "128"],
             &["cache-node", "--max-header-bytes", "512"],
             &["cache-node", "--max-header-bytes", "1MiB"],
             &["cache-node", "--max-headers", "0"],

@@ -22,6 +22,15 @@ use std::fmt;
 
 use smallvec::SmallVec;
 
+/// The code unit of the four hex digits at `at`, if they are four hex digits.
+fn hex_unit(bytes: &[u8], at: usize) -> Option<u16> {
+    let hex = bytes.get(at..at + 4)?;
+    if !hex.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+}
+
 /// Why a text is refused, at which byte offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JsonError {
@@ -187,11 +196,30 @@ impl<'a> Scanner<'a> {
                             self.at += 1;
                         }
                         Some(b'u') => {
-                            let hex = bytes.get(self.at + 1..self.at + 5);
-                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                            let Some(unit) = hex_unit(bytes, self.at + 1) else {
                                 return Err(self.syntax("invalid \\u escape"));
-                            }
+                            };
                             self.at += 5;
+                            // A surrogate must come as a pair (high, then
+                            // low): alone it is no character, and a reader
+                            // decoding the text (serde_json, Go's) fails on
+                            // it, so the value could be stored but never
+                            // read back.
+                            match unit {
+                                0xD800..=0xDBFF => {
+                                    let low = (bytes.get(self.at..self.at + 2) == Some(b"\\u"))
+                                        .then(|| hex_unit(bytes, self.at + 2))
+                                        .flatten();
+                                    if !low.is_some_and(|l| (0xDC00..=0xDFFF).contains(&l)) {
+                                        return Err(self.syntax("lone surrogate in \\u escape"));
+                                    }
+                                    self.at += 6;
+                                }
+                                0xDC00..=0xDFFF => {
+                                    return Err(self.syntax("lone surrogate in \\u escape"));
+                                }
+                                _ => {}
+                            }
                         }
                         Some(_) => return Err(self.syntax("invalid escape")),
                         None => return Err(self.syntax("EOF while parsing a string")),
@@ -239,7 +267,19 @@ impl<'a> Scanner<'a> {
             }
             self.at += n;
         }
-        Ok(&self.text[start..self.at])
+        let text = &self.text[start..self.at];
+        // Past the range of a double, readers fail on it (serde_json's
+        // "number out of range", Go's too): a value could be stored but
+        // never read back. Only a long number or one with an exponent can
+        // be (the largest double has 309 digits), so the usual one is not
+        // parsed.
+        if (text.len() > 300 || text.bytes().any(|b| matches!(b, b'e' | b'E')))
+            && !text.parse::<f64>().is_ok_and(f64::is_finite)
+        {
+            self.at = start;
+            return Err(self.syntax("number out of range"));
+        }
+        Ok(text)
     }
 
     fn literal(&mut self, word: &'static str) -> Result<(), JsonError> {
@@ -424,10 +464,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// serde_json's verdict, the reference (`IgnoredAny` has no nesting
-    /// limit; the texts compared nest a few levels).
+    /// serde_json's verdict when it reads the text into values, the
+    /// reference: a number out of a double's range or a lone surrogate is
+    /// refused, as a client reading the value back would (skipping it as
+    /// `IgnoredAny` takes both). Its nesting limit (128) is past what the
+    /// texts compared nest.
     fn serde_accepts(text: &str) -> bool {
-        serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+        serde_json::from_str::<serde_json::Value>(text).is_ok()
     }
 
     #[test]
@@ -448,6 +491,15 @@ mod tests {
             "\"\"",
             "\"a\\\"b\"",
             "\"\\u00e9\\ud83d\\ude00\"",
+            "\"\\ud800\"",
+            "\"\\udc00\"",
+            "\"\\ud800\\u0041\"",
+            "\"\\ud800x\"",
+            "\"\\ude00\\ud83d\"",
+            "1e400",
+            "-1.5E+309",
+            "1e-400",
+            "1.7976931348623157e308",
             "\"\\x\"",
             "\"\\u12\"",
             "\"tab\there\"",
@@ -520,13 +572,15 @@ mod tests {
 
     #[test]
     fn strings_keep_their_text_and_decode_their_escapes() {
-        let mut s = Scanner::new(r#""plain" "a\u0062c" "\ud800""#, 8);
+        let mut s = Scanner::new(r#""plain" "a\u0062c" "\ud83d\ude00" "\ud800""#, 8);
         let plain = s.string().unwrap();
         assert_eq!(plain.decode().unwrap(), "plain");
         assert!(matches!(plain.decode().unwrap(), Cow::Borrowed(_)));
         let escaped = s.string().unwrap();
         assert_eq!(escaped.decode().unwrap(), "abc");
-        assert!(s.string().unwrap().decode().is_err(), "a lone surrogate");
+        assert_eq!(s.string().unwrap().decode().unwrap(), "😀");
+        // A lone surrogate is no character: refused as the text is read.
+        assert!(s.string().is_err(), "a lone surrogate");
     }
 
     #[test]
