@@ -18,8 +18,10 @@
 //! Bounds: frames above the message limit end the connection (nothing past
 //! a bad length can be trusted); at most [`MAX_IN_FLIGHT`] requests are
 //! being handled at once and at most [`MAX_OUTBOX_BYTES`] of answers wait
-//! to be written, after which the connection stops reading, which slows
-//! the sender instead of growing this node's memory.
+//! to be written (and the answers of the requests already being handled),
+//! after which the connection stops reading, which slows the sender
+//! instead of growing this node's memory; still within its idle close and
+//! shutdown.
 //!
 //! Shutdown: the server stops reading, sends a `GOING_AWAY` frame naming
 //! the last request it read, answers everything up to it (within the drain
@@ -131,9 +133,11 @@ pub async fn serve<H, R, W>(
         tokio::time::interval_at(tokio::time::Instant::now() + IDLE_CLOSE / 2, IDLE_CLOSE / 2);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let going_away = loop {
-        if outbox.pending_bytes() >= MAX_OUTBOX_BYTES {
-            outbox.wait_below(MAX_OUTBOX_BYTES).await;
-        }
+        // With too many answers waiting to be written, no frame is read
+        // until some are: the peer is slowed down instead of this node's
+        // memory growing. The wait is one of the branches below, so a peer
+        // that stopped reading still meets the idle close and shutdown.
+        let full = outbox.pending_bytes() >= MAX_OUTBOX_BYTES;
         // Biased, frames first: a frame already read is taken without
         // polling the other two, which would each register this task to be
         // woken (the shutdown token's waiter list, the timer) only to be
@@ -143,7 +147,8 @@ pub async fn serve<H, R, W>(
         // cooperative budget makes a socket read yield.
         let frame = tokio::select! {
             biased;
-            frame = frames.next() => frame,
+            frame = frames.next(), if !full => frame,
+            () = outbox.wait_below(MAX_OUTBOX_BYTES), if full => continue,
             _ = shutdown.cancelled() => break true,
             _ = idle_check.tick() => {
                 let moved = (frames_read, frames.read_buffer().len(), outbox.batches_written());
@@ -309,6 +314,8 @@ mod tests {
     const PANICS: &str = "panics";
     const PANICS_LATER: &str = "panics-later";
     const PANICS_AFTER_WAITING: &str = "panics-after-waiting";
+    /// The key a request asks for when its answer should be a MiB.
+    const BIG: &str = "big";
     /// How many [`COUNTED`] requests have started being handled.
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -330,6 +337,9 @@ mod tests {
                 })),
                 Request::Fetch { key } if key == LATER_AT_ONCE => {
                     Reply::Later(Box::pin(async { Answer::Missing }))
+                }
+                Request::Fetch { key } if key == BIG => {
+                    Reply::Now(Answer::refused(500, "x".repeat(1 << 20)))
                 }
                 Request::Fetch { key } if key == PANICS => panic!("a handler's bug"),
                 Request::Fetch { key } if key == PANICS_LATER => {
@@ -550,6 +560,27 @@ mod tests {
         let second = read_frame(&mut conn, &mut buf).await.expect("open");
         assert_eq!((second.kind == frame::GOING_AWAY, second.id), (false, 1));
         assert!(asked.elapsed() >= IDLE_CLOSE * 2);
+    }
+
+    /// A peer that stops reading while its answers pass the outbox's bound
+    /// (the server then reads no more of its requests) still loses the
+    /// connection at the idle close: the wait for room does not keep the
+    /// server from its checks.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_past_the_outbox_bound_loses_the_connection() {
+        let (mut conn, server) = connect_with(1024);
+        let mut requests = BytesMut::new();
+        let answers = MAX_OUTBOX_BYTES / (1 << 20) + 4;
+        for id in 1..=answers as u64 {
+            frame::encode(&mut requests, id, 1, |body| {
+                Request::Fetch { key: BIG.into() }.encode(body)
+            });
+        }
+        conn.write_all(&requests).await.unwrap();
+        tokio::time::timeout(IDLE_CLOSE * 3, server)
+            .await
+            .expect("the server gave up the connection")
+            .unwrap();
     }
 
     /// A peer that stops reading (its answers fill the pipe, so the
