@@ -535,10 +535,16 @@ impl PeerClient {
     /// The member ids at the peer addresses (the ring's members): with
     /// mutual TLS, the name each peer's certificate must carry.
     pub fn learn_names<'a>(&self, members: impl IntoIterator<Item = (SocketAddr, &'a str)>) {
-        let names = members
+        let names: FastMap<SocketAddr, Arc<str>> = members
             .into_iter()
             .map(|(addr, id)| (addr, Arc::from(id)))
             .collect();
+        // The slots of addresses no member has any more (a pod that came
+        // back at another address) go once their connection has ended, with
+        // its buffers; a connection still open ends at its idle close.
+        self.slots
+            .write()
+            .retain(|addr, slot| names.contains_key(addr) || slot.usable().is_some());
         *self.names.write() = names;
     }
 
@@ -1295,6 +1301,45 @@ mod tests {
             conn.outbox.pending_bytes() <= MAX_OUTBOX_BYTES + (1 << 20) + 1024,
             "{} bytes waiting",
             conn.outbox.pending_bytes()
+        );
+    }
+
+    /// The slot of an address that left the ring goes at the next ring
+    /// change once its connection has ended (pods come back at other
+    /// addresses: every old one kept a dead connection and its buffers);
+    /// one whose connection is still open stays until it ends.
+    #[tokio::test]
+    async fn the_slot_of_an_address_that_left_goes_once_its_connection_ended() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (release, held) = oneshot::channel::<()>();
+        let peer = tokio::spawn(fake_peer_until(
+            listener,
+            None,
+            1,
+            |frames, out| answer_item(out, &frames[0]),
+            async {
+                let _ = held.await;
+            },
+        ));
+        let client = client();
+        client.fetch(addr, "k").await.unwrap().expect("answered");
+        client.learn_names([]);
+        assert!(
+            client.slots.read().contains_key(&addr),
+            "a slot whose connection is open stays"
+        );
+        let _ = release.send(());
+        peer.await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.slot(addr).usable().is_some() {
+            assert!(Instant::now() < deadline, "the connection never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        client.learn_names([]);
+        assert!(
+            client.slots.read().is_empty(),
+            "the dead connection's slot went"
         );
     }
 
