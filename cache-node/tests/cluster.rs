@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 const KEYS: usize = 10_000;
 const SETTLE: Duration = Duration::from_secs(60);
+const LEASE_VALID: &str = "distrocache_read_lease_valid";
 
 fn key(i: usize) -> String {
     // Characters that need escaping in a path, to keep that honest too.
@@ -1400,14 +1401,8 @@ async fn a_replica_that_missed_a_write_and_becomes_primary_serves_the_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_through_a_replica_counts_once_in_the_cluster_stats() {
     let (c, key) = every_node_an_owner(ProcCluster::new(2, 2), "counted").await;
-    let deadline = std::time::Instant::now() + SETTLE;
-    while c.metric(1, "distrocache_read_lease_valid").await != Some(1.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node-1 never held a lease"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait_node_metric(1, LEASE_VALID, 1.0, SETTLE, "node-1 never held a lease")
+        .await;
     let totals = || async {
         let (status, stats) = c.get_json(0, "/api/v1/cluster/stats").await;
         assert_eq!(status, 200, "{stats}");
@@ -1452,14 +1447,8 @@ async fn a_primary_that_missed_a_write_made_through_a_replica_serves_the_write()
     let put = |i, value: &'static str| c.client.put(url(i)).json(&json!({ "value": value })).send();
     assert!(put(0, "old").await.unwrap().status().is_success());
     // node-0 serves its own copy, holding its lease.
-    let deadline = std::time::Instant::now() + SETTLE;
-    while c.metric(0, "distrocache_read_lease_valid").await != Some(1.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node-0 never held a lease"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait_node_metric(0, LEASE_VALID, 1.0, SETTLE, "node-0 never held a lease")
+        .await;
     assert_eq!(read_via(&c, 0, &key).await, ("old".into(), "node-0".into()));
 
     relay.cut().await;
@@ -1488,14 +1477,8 @@ async fn a_primary_that_missed_a_write_made_through_a_replica_serves_the_write()
     .await;
 
     relay.restore();
-    let deadline = std::time::Instant::now() + SETTLE;
-    while c.metric(0, "distrocache_read_lease_valid").await != Some(1.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node-0 was never repaired"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait_node_metric(0, LEASE_VALID, 1.0, SETTLE, "node-0 was never repaired")
+        .await;
     assert!(
         c.held(0, &key).await.is_none(),
         "node-0 holds a lease again, and not the deleted key"

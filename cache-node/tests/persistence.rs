@@ -315,14 +315,14 @@ async fn a_killed_single_node_comes_back_from_its_periodic_snapshot() {
         .with_flags(&["--snapshot-interval", "200ms"]);
     let epoch = c.start_members(1, SETTLE).await;
     write(&c, 0, 0..N).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.metric(0, "distrocache_snapshot_last_write_items").await != Some(N as f64) {
-        assert!(
-            Instant::now() < deadline,
-            "no periodic snapshot with every item"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.wait_node_metric(
+        0,
+        "distrocache_snapshot_last_write_items",
+        N as f64,
+        Duration::from_secs(30),
+        "no periodic snapshot with every item",
+    )
+    .await;
     c.kill(0);
     c.start(0);
     c.wait_settled(epoch, SETTLE).await;

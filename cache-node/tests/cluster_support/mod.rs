@@ -642,6 +642,23 @@ impl ProcCluster {
         }
     }
 
+    /// Waits until node `i` shows `series` at `value` in its `/metrics`;
+    /// fails saying `what` did not happen.
+    pub async fn wait_node_metric(
+        &self,
+        i: usize,
+        series: &str,
+        value: f64,
+        within: Duration,
+        what: &str,
+    ) {
+        let deadline = Instant::now() + within;
+        while self.metric(i, series).await != Some(value) {
+            assert!(Instant::now() < deadline, "{what} within {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until every running node shows `series` at `value` in its
     /// `/metrics`.
     pub async fn wait_metric(&self, series: &str, value: f64, within: Duration) {
