@@ -1031,8 +1031,6 @@ mod tests {
         }
     }
 
-    /// A view with nothing to route by, or with what no node sends, is not
-    /// taken for a ring: a refresh then asks the next node.
     /// Seeds that do not resolve are passed over for those that do; with
     /// none resolving, every seed's error is said; one that is not
     /// `host:port` at all is refused at once.
@@ -1096,6 +1094,8 @@ mod tests {
         );
     }
 
+    /// A view with nothing to route by, or with what no node sends, is not
+    /// taken for a ring: a refresh then asks the next node.
     #[test]
     fn a_view_without_a_ring_or_with_an_invalid_one_is_refused() {
         let asked: SocketAddr = "127.0.0.1:7001".parse().unwrap();

@@ -261,14 +261,17 @@ impl Connection {
                     if calls.closed.is_some() || calls.going_away.is_some() {
                         return None;
                     }
+                    // Taken once, on the pass that sends (every other pass
+                    // ends the loop or appends nothing).
+                    let (waiter, permit) = (waiter.take()?, permit.take()?);
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     frame::encode(buf, id, epoch, |body| request.encode(body));
                     let first = calls.pending.is_empty();
                     calls.pending.insert(
                         id,
                         Pending {
-                            waiter: waiter.take()?,
-                            _permit: permit.take()?,
+                            waiter,
+                            _permit: permit,
                             deadline,
                             timeout,
                         },
