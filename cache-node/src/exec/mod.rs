@@ -177,12 +177,9 @@ impl Executor {
     /// a hit or a miss).
     fn read_json(&self, key: &str, miss: Miss) -> Option<Vec<u8>> {
         let started = Instant::now();
-        let json = match miss {
-            Miss::Counted => self.store.get(key, |item| item_json::item_to_vec(&item)),
-            Miss::NotCounted => self
-                .store
-                .get_or_ask(key, |item| item_json::item_to_vec(&item)),
-        };
+        let json = self
+            .store
+            .get_with(key, miss, |item| item_json::item_to_vec(&item));
         self.metrics.observe(Op::Get, started.elapsed());
         json
     }

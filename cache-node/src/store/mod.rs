@@ -371,17 +371,18 @@ impl Store {
     /// Reads an item as a client would: counts a hit or miss, updates its access
     /// metadata and LRU position, and hands it to `f` while it is locked.
     pub fn get<R>(&self, key: &str, f: impl FnOnce(ItemRef<'_>) -> R) -> Option<R> {
-        self.read(key, Miss::Counted, f)
+        self.get_with(key, Miss::Counted, f)
     }
 
-    /// [`Self::get`] for a read whose miss is not its answer, so is not
-    /// counted: a replica's, which then asks the key's primary, where the
-    /// read counts (a hit or a miss there, once per client read).
-    pub fn get_or_ask<R>(&self, key: &str, f: impl FnOnce(ItemRef<'_>) -> R) -> Option<R> {
-        self.read(key, Miss::NotCounted, f)
-    }
-
-    fn read<R>(&self, key: &str, miss: Miss, f: impl FnOnce(ItemRef<'_>) -> R) -> Option<R> {
+    /// [`Self::get`], counting a miss as `miss` says: not for a read whose
+    /// miss is not its answer (a replica's, which then asks the key's
+    /// primary, where the read counts, once per client read).
+    pub fn get_with<R>(
+        &self,
+        key: &str,
+        miss: Miss,
+        f: impl FnOnce(ItemRef<'_>) -> R,
+    ) -> Option<R> {
         let now = self.clock.now();
         let (idx, hash) = self.locate(key);
         let mut shard = self.shards[idx].lock();
