@@ -360,7 +360,8 @@ struct Inner {
     /// The newest epoch an answer named: a refresh goes on until the ring
     /// held is at least this new, so a notice that comes while a refresh is
     /// under way is kept rather than dropped (a node names a new epoch to a
-    /// connection once, then only as a reminder every 64th answer).
+    /// connection once, then only as a reminder every 64th answer). Lowered
+    /// when every node gave an older ring: the epoch was an earlier cache's.
     wanted: AtomicU64,
     next: AtomicUsize,
     down: Mutex<HashMap<SocketAddr, Instant>>,
@@ -397,9 +398,16 @@ impl Client {
     /// so holds that ring) before the members and the seeds. Stops at the
     /// first ring at least as new as any epoch an answer named; when no node
     /// has one yet, keeps the newest it was given, even one older than the
-    /// ring held (a cache made again starts its epochs again).
+    /// ring held (a cache made again starts its epochs again). When every
+    /// node asked gave its ring and none was that new, no node holds the
+    /// epoch named: it was an earlier cache's, and what the client waits
+    /// for comes down to the newest ring it was given, so that later
+    /// refreshes stop at the first node that holds the ring they want
+    /// instead of asking every node [`REFRESH_ATTEMPTS`] times.
     async fn refresh_from(&self, first: Option<SocketAddr>) -> Result<(), Error> {
         let held = self.ring();
+        let wanted = self.inner.wanted.load(Ordering::Acquire);
+        let mut every_node_answered = true;
         let mut asked: Vec<SocketAddr> = first.into_iter().collect();
         for addr in held
             .nodes
@@ -456,11 +464,23 @@ impl Client {
                         newest = Some(ring);
                     }
                 }
-                Err(e) => last = e,
+                Err(e) => {
+                    every_node_answered = false;
+                    last = e;
+                }
             }
         }
         match newest {
             Some(ring) => {
+                if every_node_answered {
+                    // Unless a notice raised it meanwhile: that one is news.
+                    let _ = self.inner.wanted.compare_exchange(
+                        wanted,
+                        ring.epoch,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
                 self.learned(&held, ring);
                 Ok(())
             }

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use distrocache_client::{Client, Error, ReadFrom};
+use distrocache_client::{Client, Error, Method, ReadFrom};
 use distrocache_membership::{ClusterView, MemberState, MemberView, Mode};
 use node_proc::NodeProc;
 use parking_lot::Mutex;
@@ -149,12 +149,24 @@ async fn a_node_that_is_gone_is_unreachable_and_a_write_to_it_never_left() {
     }
 }
 
-/// A stand-in for a cluster member on loopback: it answers `view` to a
-/// request for the ring, records the request line of every other request,
-/// and then does with it what its [`Items`] say.
+/// A stand-in for a cluster member on loopback: it answers its ring view to
+/// a request for the ring (counting those), records the request line of
+/// every other request, and then does with it what its [`Items`] say.
 struct FakeNode {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<String>>>,
+    ring: Arc<Mutex<FakeRing>>,
+}
+
+/// What a [`FakeNode`] answers for the ring, and the epoch it names on
+/// every answer once it has adopted one ([`FakeNode::adopt`]; a real node
+/// names it only where it is news to the connection, see the client's
+/// module comment: naming it on every answer asks more of the client).
+#[derive(Default)]
+struct FakeRing {
+    view: String,
+    names: Option<u64>,
+    asked: usize,
 }
 
 /// What a [`FakeNode`] does with a request other than for the ring.
@@ -174,22 +186,24 @@ impl FakeNode {
     async fn start() -> (TcpListener, Self) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let seen = Default::default();
-        (listener, Self { addr, seen })
+        let (seen, ring) = Default::default();
+        (listener, Self { addr, seen, ring })
     }
 
     fn serve(&self, listener: TcpListener, items: Items, view: String) {
-        let seen = self.seen.clone();
+        self.ring.lock().view = view;
+        let (seen, ring) = (self.seen.clone(), self.ring.clone());
         tokio::spawn(async move {
             loop {
                 let (mut conn, _) = listener.accept().await.unwrap();
-                let seen = seen.clone();
-                let view = view.clone();
+                let (seen, ring) = (seen.clone(), ring.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     while let Some(line) = read_request(&mut conn, &mut buf).await {
                         let body = if line.starts_with("get /api/v1/cluster ") {
-                            view.clone()
+                            let mut ring = ring.lock();
+                            ring.asked += 1;
+                            ring.view.clone()
                         } else {
                             seen.lock().push(line);
                             match items {
@@ -199,8 +213,11 @@ impl FakeNode {
                             }
                             r#"{"key":"k","value":"from the other owner","ttl":0,"created_at":"2026-01-01T00:00:00Z","accessed_at":"2026-01-01T00:00:00Z","access_count":1,"tags":[]}"#.to_owned()
                         };
+                        let epoch = ring.lock().names.map_or(String::new(), |e| {
+                            format!("{}: {e}\r\n", distrocache_client::EPOCH_HEADER)
+                        });
                         let answer = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{epoch}content-length: {}\r\n\r\n{body}",
                             body.len()
                         );
                         if conn.write_all(answer.as_bytes()).await.is_err() {
@@ -210,6 +227,19 @@ impl FakeNode {
                 });
             }
         });
+    }
+
+    /// From now on, answers `view` (a ring at `epoch`) for the ring and
+    /// names `epoch` on every answer.
+    fn adopt(&self, epoch: u64, view: String) {
+        let mut ring = self.ring.lock();
+        ring.view = view;
+        ring.names = Some(epoch);
+    }
+
+    /// How many requests for the ring it has answered.
+    fn ring_requests(&self) -> usize {
+        self.ring.lock().asked
     }
 }
 
@@ -494,5 +524,63 @@ async fn the_time_limit_bounds_a_request_over_every_node_it_tries() {
     assert!(
         took < limit * 3 / 2,
         "failed after {took:?}: the limit was {limit:?}"
+    );
+}
+
+/// A cache made again starts its epochs again, below the one the client
+/// last saw named. Once every node has given its ring and none was that
+/// new, the client stops waiting for that epoch: a later epoch one answer
+/// names is then learned from the node that named it, in one request,
+/// rather than by asking every node again, attempt after attempt.
+#[tokio::test]
+async fn a_cache_made_again_with_lower_epochs_is_followed_from_the_node_that_names_one() {
+    let (listener_a, a) = FakeNode::start().await;
+    let (listener_b, b) = FakeNode::start().await;
+    let members = [("a", a.addr), ("b", b.addr)];
+    a.serve(listener_a, Items::Answer, String::new());
+    b.serve(listener_b, Items::Answer, String::new());
+    for node in [&a, &b] {
+        node.adopt(50, view_of(50, &members));
+    }
+    let client = Client::builder([a.addr.to_string()])
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("the client learns the ring");
+    assert_eq!(client.ring().epoch, 50);
+
+    // The cache is made again: its members are at epoch 1. A refresh asks
+    // both, and takes the newest ring they have.
+    for node in [&a, &b] {
+        node.adopt(1, view_of(1, &members));
+    }
+    client.refresh().await.expect("both nodes answer");
+    assert_eq!(client.ring().epoch, 1);
+
+    // Epoch 2: an answer names it, and the node that named it has it.
+    for node in [&a, &b] {
+        node.adopt(2, view_of(2, &members));
+    }
+    let before = a.ring_requests() + b.ring_requests();
+    let answer = client
+        .at(a.addr, Method::GET, "/api/v1/cache/k".into())
+        .await
+        .expect("a answers");
+    assert_eq!(answer.epoch, Some(2));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while client.ring().epoch < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client never learned epoch 2"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A refresh still waiting for epoch 50 would go on asking both nodes
+    // for 1 s (five attempts, 100 ms more apart each time): wait past that.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        a.ring_requests() + b.ring_requests() - before,
+        1,
+        "requests for the ring after epoch 2 was named"
     );
 }
