@@ -423,15 +423,14 @@ impl Client {
         let mut last = Error::Unreachable("no address to ask".into());
         let deadline = Deadline::after(self.inner.timeout);
         let count = asked.len();
+        let view = Request::new(Method::GET, Uri::from_static(CLUSTER_PATH), Bytes::new());
         for (n, addr) in asked.into_iter().enumerate() {
             let answer = self
                 .inner
                 .request(
                     addr,
-                    host_header(addr),
-                    Method::GET,
-                    Uri::from_static(CLUSTER_PATH),
-                    Bytes::new(),
+                    &host_header(addr),
+                    &view,
                     deadline.try_of(n + 1 < count),
                 )
                 .await;
@@ -606,44 +605,29 @@ impl Client {
         method: Method,
         path: String,
     ) -> Result<Answer, Error> {
-        let uri = path_uri(path)?;
+        let request = Request::new(method, path_uri(path)?, Bytes::new());
+        let writes = changes_state(&request.method);
         let epoch = self.inner.ring.load().epoch;
-        let writes = changes_state(&method);
         let only = Deadline::after(self.inner.timeout).try_of(false);
-        self.call(
-            epoch,
-            node,
-            host_header(node),
-            method,
-            uri,
-            Bytes::new(),
-            only,
-        )
-        .await
-        .map_err(|e| match e {
-            Failed::Lost(reason) if writes => Error::Uncertain { node, reason },
-            e => Error::Unreachable(format!("{node}: {e}")),
-        })
+        self.call(epoch, node, &host_header(node), &request, only)
+            .await
+            .map_err(|e| match e {
+                Failed::Lost(reason) if writes => Error::Uncertain { node, reason },
+                e => Error::Unreachable(format!("{node}: {e}")),
+            })
     }
 
     /// A request on no key in particular (stats, views): any node will do.
     pub async fn any_node(&self, method: Method, path: String) -> Result<Answer, Error> {
-        let uri = path_uri(path)?;
+        let request = Request::new(method, path_uri(path)?, Bytes::new());
         let ring = self.ring();
-        let writes = changes_state(&method);
+        let writes = changes_state(&request.method);
         let mut last = String::from("no node");
         let deadline = Deadline::after(self.inner.timeout);
         for (n, node) in ring.nodes.iter().enumerate() {
+            let this = deadline.try_of(n + 1 < ring.nodes.len());
             match self
-                .call(
-                    ring.epoch,
-                    node.address,
-                    node.host.clone(),
-                    method.clone(),
-                    uri.clone(),
-                    Bytes::new(),
-                    deadline.try_of(n + 1 < ring.nodes.len()),
-                )
+                .call(ring.epoch, node.address, &node.host, &request, this)
                 .await
             {
                 Ok(answer) => return Ok(answer),
@@ -676,6 +660,7 @@ impl Client {
             "/api/v1/cache/{}",
             utf8_percent_encode(key, SEGMENT)
         ))?;
+        let request = Request::new(method, uri, body);
         let ring = self.ring();
         let plan = self.inner.plan(&ring, key, access);
         let mut last = String::from("no node");
@@ -684,17 +669,9 @@ impl Client {
             let node = &ring.nodes[i];
             let addr = node.address;
             let _in_flight = ring.count_request(i);
-            let host = node.host.clone();
+            let this = deadline.try_of(n + 1 < plan.len());
             match self
-                .call(
-                    ring.epoch,
-                    addr,
-                    host,
-                    method.clone(),
-                    uri.clone(),
-                    body.clone(),
-                    deadline.try_of(n + 1 < plan.len()),
-                )
+                .call(ring.epoch, addr, &node.host, &request, this)
                 .await
             {
                 Ok(answer) => {
@@ -716,24 +693,18 @@ impl Client {
         Err(Error::Unreachable(last))
     }
 
-    /// One request to one node, sent with the ring at epoch `seen`, as the
+    /// `request` to one node, sent with the ring at epoch `seen`, as the
     /// try `this` of its request; an answer that names a newer ring makes
     /// the client learn it (in the background).
-    #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
         seen: u64,
         addr: SocketAddr,
-        host: HeaderValue,
-        method: Method,
-        uri: Uri,
-        body: Bytes,
+        host: &HeaderValue,
+        request: &Request,
         this: Try,
     ) -> Result<Answer, Failed> {
-        let answer = self
-            .inner
-            .request(addr, host, method, uri, body, this)
-            .await?;
+        let answer = self.inner.request(addr, host, request, this).await?;
         if let Some(newer) = answer.epoch.filter(|&e| e > seen) {
             self.refresh_later(Some((newer, addr)));
         }
@@ -899,29 +870,27 @@ impl Inner {
         }
     }
 
-    /// One request to `addr` (`host` its `Host` header), its answer read in
+    /// `request` to `addr` (`host` its `Host` header), its answer read in
     /// full within what the try `this` may spend.
     async fn request(
         &self,
         addr: SocketAddr,
-        host: HeaderValue,
-        method: Method,
-        uri: Uri,
-        body: Bytes,
+        host: &HeaderValue,
+        request: &Request,
         this: Try,
     ) -> Result<Answer, Failed> {
         let head = conn::Head {
-            method: &method,
-            path: uri.path_and_query().map_or("/", |p| p.as_str()),
-            host: &host,
+            method: &request.method,
+            path: request.uri.path_and_query().map_or("/", |p| p.as_str()),
+            host,
             token: self.token.as_ref(),
-            body: &body,
+            body: &request.body,
         };
         // One clock read per try: its limits, and the connection's idle
         // time when it is taken and put back. Tokio's clock, which is the
         // system's unless a test pauses it.
         let started = TokioInstant::now();
-        let limits = this.limits(started, changes_state(&method));
+        let limits = this.limits(started, changes_state(&request.method));
         let (answer, conn) = self
             .pool
             .send(addr, &head, MAX_ANSWER_BYTES, started, limits)
@@ -934,6 +903,19 @@ impl Inner {
             epoch: answer.epoch,
             served_by: answer.served_by,
         })
+    }
+}
+
+/// A request as it is sent to each node it tries.
+struct Request {
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+}
+
+impl Request {
+    fn new(method: Method, uri: Uri, body: Bytes) -> Self {
+        Self { method, uri, body }
     }
 }
 
