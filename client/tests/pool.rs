@@ -3,10 +3,13 @@
 //! one the node closed while it sat idle is replaced without failing the
 //! request (a write included: it never left, so it is not "uncertain"),
 //! many requests at once each get their own answer, and a node that is gone
-//! is reported unreachable. Then, against stand-ins for two members that
-//! script their answers: a write whose connection breaks after it was sent
-//! is uncertain. (Linux: the test of connection reuse reads the kernel's TCP
-//! table.)
+//! is reported unreachable. Then, against stand-ins for members that
+//! script their answers: a seed without a ring is passed over, a write
+//! whose connection never opened goes elsewhere, one whose connection
+//! breaks after it was sent is uncertain, one time limit bounds a request
+//! over every node it tries, and a cache made again with lower epochs is
+//! followed without asking every node over and over. (Linux: the test of
+//! connection reuse reads the kernel's TCP table.)
 
 #[path = "../../cache-node/tests/node_proc/mod.rs"]
 mod node_proc;
