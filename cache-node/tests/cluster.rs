@@ -1053,20 +1053,14 @@ async fn a_node_never_acts_on_a_stale_ring() {
         key: "stale-write",
         value: b"1",
     });
-    let stale = cache_node::peer::Request::Replicate {
-        source: cache_node::peer::protocol::Source::Write,
-        items: batch.freeze(),
-        deletes: Vec::new(),
-    };
+    let stale = cache_node::peer::Call::replicate(
+        cache_node::peer::protocol::Source::Write,
+        batch.freeze(),
+        Vec::new(),
+    );
     let refused = c
         .peers
-        .ask(
-            c.nodes[0].peer_addr,
-            1,
-            &stale,
-            None,
-            cache_node::peer::expect::replicated,
-        )
+        .ask(c.nodes[0].peer_addr, 1, &stale, None)
         .await
         .unwrap_err();
     assert!(
@@ -2181,8 +2175,8 @@ async fn the_cluster_views_say_who_holds_a_key_and_each_nodes_capacity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_requests_meet_the_limits_and_an_owners_refusal_reaches_the_client() {
     use cache_node::exec::Write;
-    use cache_node::peer::protocol::{RecordBatch, Source};
-    use cache_node::peer::{PeerError, Request, expect};
+    use cache_node::peer::protocol::{Answer, RecordBatch, Source};
+    use cache_node::peer::{Call, Request};
 
     let mut c = ProcCluster::new(2, 1);
     let epoch = c.set_ring(&[(0, Active), (1, Active)]);
@@ -2335,22 +2329,17 @@ async fn peer_requests_meet_the_limits_and_an_owners_refusal_reaches_the_client(
         ),
     ];
     for (request, status, says) in &refusals {
-        // Any answer but a refusal is taken as unexpected (`Err`).
-        let refused = c
-            .peers
-            .ask(at, epoch, request, None, Err::<(), _>)
-            .await
-            .unwrap_err();
-        match refused {
-            PeerError::Status {
+        // The answer as it came: anything but a refusal fails the test.
+        let reply = c.peers.send(at, epoch, request, None).await.unwrap();
+        match reply.answer {
+            Answer::Refused {
                 status: got,
                 message,
-                ..
             } => {
-                assert_eq!(got.as_u16(), *status, "{request:?}");
+                assert_eq!(got, *status, "{request:?}");
                 assert!(message.starts_with(says), "{request:?}: {message}");
             }
-            other => panic!("{request:?}: {other}"),
+            other => panic!("{request:?}: {other:?}"),
         }
     }
     assert!(c.held(1, &key).await.is_none(), "a refused set was applied");
@@ -2378,13 +2367,8 @@ async fn peer_requests_meet_the_limits_and_an_owners_refusal_reaches_the_client(
         .ask(
             at,
             epoch,
-            &Request::Replicate {
-                source: Source::Write,
-                items: batch.freeze(),
-                deletes: Vec::new(),
-            },
+            &Call::replicate(Source::Write, batch.freeze(), Vec::new()),
             None,
-            expect::replicated,
         )
         .await
         .unwrap();

@@ -42,7 +42,7 @@ use super::Cluster;
 use super::metrics::PeerOp;
 use super::pace::retry_policy;
 use crate::peer::protocol::{Records, ReplicateOutcome};
-use crate::peer::{PeerError, Request, expect};
+use crate::peer::{Call, PeerError};
 
 /// Most writes this node keeps a copy of at once.
 pub(crate) const MAX_KEEPING: usize = 4096;
@@ -161,12 +161,12 @@ impl Cluster {
     /// write, which is logged.
     pub(crate) async fn resync_kept(self: Arc<Self>, resyncing: Resyncing, coordinator: String) {
         let key = resyncing.key.clone();
-        let request = Request::Fetch { key: key.clone() };
+        let call = Call::fetch(key.clone());
         let fetched = (|| async {
             let Some(member) = self.member_by_id(&coordinator) else {
                 return Ok(());
             };
-            let answer = self.call(&member, &request, None, expect::item).await;
+            let answer = self.call(&member, &call, None).await;
             self.metrics.peer_call(PeerOp::Fetch, answer.is_ok());
             if let Some(record) = answer? {
                 let record = record.single().map_err(|e| PeerError::BadAnswer {

@@ -44,7 +44,7 @@ use tokio::sync::watch;
 use super::Cluster;
 use super::metrics::PeerOp;
 use super::ring_state::Rings;
-use crate::peer::{Request, expect};
+use crate::peer::Call;
 
 /// How long a lease lasts.
 pub const LEASE: Duration = Duration::from_secs(2);
@@ -207,18 +207,12 @@ impl Cluster {
             .iter()
             .filter(|m| m.id != self.node_id)
             .collect();
-        let request = Request::Lease {
-            node: self.node_id.clone(),
-        };
-        let answers = join_all(others.iter().map(|m| {
-            self.peers.ask(
-                m.address,
-                epoch,
-                &request,
-                Some(RENEW_TIMEOUT),
-                expect::lease,
-            )
-        }))
+        let call = Call::lease(self.node_id.clone());
+        let answers = join_all(
+            others
+                .iter()
+                .map(|m| self.peers.ask(m.address, epoch, &call, Some(RENEW_TIMEOUT))),
+        )
         .await;
         let mut all = true;
         let mut refused_by = Vec::new();

@@ -64,7 +64,7 @@ use distrocache_membership::{MemberState, MembershipDoc};
 use hyper::http::StatusCode;
 use tokio::sync::watch;
 
-use crate::peer::{Expect, PeerClient, PeerError, PeerSettings, Request};
+use crate::peer::{Call, PeerClient, PeerError, PeerSettings};
 use crate::store::Store;
 use leases::Leases;
 use metrics::ClusterMetrics;
@@ -210,22 +210,21 @@ impl Cluster {
         rings.previous.is_some() || !self.progress.pulled()
     }
 
-    /// Sends `request` to `member` with this node's epoch and takes its
-    /// answer with `expect`, reconciling rings on a mismatch: a peer with an
+    /// Sends `call` to `member` with this node's epoch and takes the
+    /// answer it is due, reconciling rings on a mismatch: a peer with an
     /// older ring is sent ours and the request sent again; a peer with a
     /// newer one is asked for it, which is adopted, and the caller gets
     /// [`PeerError::RingChanged`] so it plans again.
     async fn call<T>(
         &self,
         member: &RingMember,
-        request: &Request,
+        call: &Call<T>,
         timeout: Option<Duration>,
-        expect: Expect<T>,
     ) -> Result<T, PeerError> {
         let addr = member.address;
         for _ in 0..3 {
             let epoch = self.epoch();
-            match self.peers.ask(addr, epoch, request, timeout, expect).await {
+            match self.peers.ask(addr, epoch, call, timeout).await {
                 // The ring exchanges below are rare: boxed, so their futures
                 // are not part of every call's.
                 Err(PeerError::Misdirected { theirs, .. }) if theirs > epoch => {
@@ -258,8 +257,7 @@ impl Cluster {
         &self,
         member: &RingMember,
         epoch: u64,
-        request: &Request,
-        expect: Expect<T>,
+        call: &Call<T>,
     ) -> Result<T, PeerError> {
         let attempt = || async {
             if self.epoch() != epoch {
@@ -267,7 +265,7 @@ impl Cluster {
                     addr: member.address,
                 });
             }
-            self.call(member, request, None, expect).await
+            self.call(member, call, None).await
         };
         attempt
             .retry(retry_policy())

@@ -3,7 +3,7 @@
 //! pauses:
 //!
 //! * [`retry_policy`]: one peer call that must get through (a data move's
-//!   batch, a repair), retried for a bounded time while the member cannot
+//!   batch, a restore's request for a member's tombstones), retried for a bounded time while the member cannot
 //!   be reached, then given up for now (its caller tries again later);
 //! * [`UntilDone`]: work a node never gives up on, because it stays not
 //!   ready until it succeeds (moving its data when the ring changes,
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-/// How long a peer operation that must get through (a data move, a repair)
+/// How long a peer operation that must get through (a data move, a restore)
 /// keeps retrying an unreachable member before giving up for now.
 pub const PEER_RETRY_DEADLINE: Duration = Duration::from_secs(15);
 

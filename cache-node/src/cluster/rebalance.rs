@@ -35,7 +35,7 @@ use super::metrics::PeerOp;
 use super::pace::UntilDone;
 use super::ring::{MemberIdx, Ring, RingMember};
 use crate::peer::protocol::{RecordBatch, Records, Source};
-use crate::peer::{Expect, PeerError, Request, expect};
+use crate::peer::{Call, PeerError};
 
 /// Slots a pull answer may look at per request, as a multiple of its item
 /// limit: bounds the time one pull request holds the answering node's CPU
@@ -307,13 +307,8 @@ async fn pull_from(
     let mut epochs = cluster.subscribe();
     let mut pace = UntilDone::new();
     loop {
-        let request = Request::Pull {
-            node: node.clone(),
-            cursor,
-            limit,
-        };
-        let page =
-            call_with_retry(cluster, ring, member, PeerOp::Pull, &request, expect::page).await;
+        let call = Call::pull(node.clone(), cursor, limit);
+        let page = call_with_retry(cluster, ring, member, PeerOp::Pull, &call).await;
         let (items, next) = match page {
             Ok(page) => page,
             Err(Abort::RingChanged) => return Err(Abort::RingChanged),
@@ -432,21 +427,9 @@ async fn send_batch(
         return Ok(0);
     }
     let count = batch.len() as u64;
-    let request = Request::Replicate {
-        source: Source::Rebalance,
-        items: batch.freeze(),
-        deletes: Vec::new(),
-    };
+    let call = Call::replicate(Source::Rebalance, batch.freeze(), Vec::new());
     let member = ring.member(target);
-    call_with_retry(
-        cluster,
-        ring,
-        member,
-        PeerOp::Push,
-        &request,
-        expect::replicated,
-    )
-    .await?;
+    call_with_retry(cluster, ring, member, PeerOp::Push, &call).await?;
     cluster
         .progress
         .keys_sent
@@ -455,7 +438,7 @@ async fn send_batch(
     Ok(count)
 }
 
-/// Sends `request` to `member` with the one retry policy while it cannot
+/// Sends `call` to `member` with the one retry policy while it cannot
 /// be reached (see [`Cluster::call_with_retry`]); gives up at once when the
 /// ring changes, since the data movement must then be planned again.
 async fn call_with_retry<T>(
@@ -463,12 +446,9 @@ async fn call_with_retry<T>(
     ring: &Ring,
     member: &RingMember,
     op: PeerOp,
-    request: &Request,
-    expect: Expect<T>,
+    call: &Call<T>,
 ) -> Result<T, Abort> {
-    let result = cluster
-        .call_with_retry(member, ring.epoch(), request, expect)
-        .await;
+    let result = cluster.call_with_retry(member, ring.epoch(), call).await;
     cluster.metrics.peer_call(op, result.is_ok());
     match result {
         Ok(answer) => Ok(answer),

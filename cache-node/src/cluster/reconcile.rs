@@ -41,8 +41,8 @@ use futures_util::future::join_all;
 use super::Cluster;
 use super::metrics::PeerOp;
 use super::ring::RingMember;
+use crate::peer::Call;
 use crate::peer::protocol::{Deletion, HeldCopy, Newer, Records};
-use crate::peer::{Request, expect};
 use crate::store::ItemRef;
 
 /// How long an owner has to say what it holds newer than a copy held here,
@@ -103,14 +103,8 @@ impl Cluster {
         }
         let timeout =
             (!on_its_way).then(|| RECONCILE_TIMEOUT.min(self.settings.peer.request_timeout));
-        let request = Request::Newer {
-            key: key.to_owned(),
-            node: self.node_id.clone(),
-            held,
-        };
-        let answers = asked
-            .iter()
-            .map(|m| self.call(m, &request, timeout, expect::newer));
+        let call = Call::newer(key.to_owned(), self.node_id.clone(), held);
+        let answers = asked.iter().map(|m| self.call(m, &call, timeout));
         for (member, answer) in asked.iter().zip(join_all(answers).await) {
             self.metrics.peer_call(PeerOp::Reconcile, answer.is_ok());
             match answer {

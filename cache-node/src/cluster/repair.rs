@@ -28,7 +28,7 @@ use super::Cluster;
 use super::metrics::PeerOp;
 use super::ring::{MemberIdx, Ring};
 use crate::peer::protocol::{Deletion, RecordBatch, Source};
-use crate::peer::{PeerError, Request, expect};
+use crate::peer::{Call, PeerError};
 use crate::store::UnixNanos;
 
 pub const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
@@ -392,14 +392,8 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
         cluster.hints.restore(peer, later, Vec::new());
         let mut delivered = true;
         if !records.is_empty() || !deletes.is_empty() {
-            let request = Request::Replicate {
-                source: Source::Repair,
-                items: records.freeze(),
-                deletes,
-            };
-            let result = cluster
-                .call(&member, &request, None, expect::replicated)
-                .await;
+            let call = Call::replicate(Source::Repair, records.freeze(), deletes);
+            let result = cluster.call(&member, &call, None).await;
             delivered = result.is_ok();
             cluster.metrics.peer_call(PeerOp::Repair, delivered);
         }
@@ -407,10 +401,8 @@ async fn repair_peer(cluster: &Cluster, peer: &str) {
             if !delivered {
                 break;
             }
-            let request = Request::InvalidateTag { tag: tag.clone() };
-            let result = cluster
-                .call(&member, &request, None, expect::invalidated)
-                .await;
+            let call = Call::invalidate_tag(tag.clone());
+            let result = cluster.call(&member, &call, None).await;
             cluster.metrics.peer_call(PeerOp::Repair, result.is_ok());
             delivered &= result.is_ok();
         }
@@ -440,15 +432,9 @@ async fn resync(cluster: &Cluster, ring: &Ring, target: MemberIdx) -> Result<(),
         if batch.is_empty() {
             continue;
         }
-        let request = Request::Replicate {
-            source: Source::Repair,
-            items: batch.freeze(),
-            deletes: Vec::new(),
-        };
+        let call = Call::replicate(Source::Repair, batch.freeze(), Vec::new());
         // No retry here: the repair task comes back every interval.
-        let result = cluster
-            .call(member, &request, None, expect::replicated)
-            .await;
+        let result = cluster.call(member, &call, None).await;
         cluster.metrics.peer_call(PeerOp::Repair, result.is_ok());
         result?;
     }

@@ -15,7 +15,7 @@ use super::routing::Replicas;
 use crate::peer::protocol::{
     Deletion, LocalInvalidation, NodeStats, RecordRef, Records, ReplicateOutcome, Source,
 };
-use crate::peer::{PeerError, Request, expect};
+use crate::peer::{Call, PeerError, Request};
 use crate::store::{Applied, ItemView, UnixNanos};
 
 /// A tag invalidation, as the client sees it: the seed's `tag` and
@@ -146,12 +146,9 @@ impl Cluster {
         deletes: &[Deletion],
         keeper: Option<&str>,
     ) -> ReplicateOutcome {
-        let request = Request::Replicate {
-            source: Source::Write,
-            // Moved, not cloned: the first clone of frozen bytes allocates.
-            items,
-            deletes: deletes.to_vec(),
-        };
+        // The items moved, not cloned: the first clone of frozen bytes
+        // allocates.
+        let call = Call::replicate(Source::Write, items, deletes.to_vec());
         let mut total = ReplicateOutcome::default();
         // The owners handled in earlier rounds. Filled only when the ring
         // changes under the write, so the usual write copies no id.
@@ -161,7 +158,7 @@ impl Cluster {
             if deletes.is_empty() {
                 // The version the write stores, read from its record only
                 // when a replica missed it.
-                let version = match &request {
+                let version = match call.request() {
                     Request::Replicate { items, .. } => {
                         items.single().map_or(0, |r| r.meta().created_at)
                     }
@@ -193,9 +190,7 @@ impl Cluster {
                 }
                 break;
             }
-            let calls = targets
-                .iter()
-                .map(|m| self.call(m, &request, None, expect::replicated));
+            let calls = targets.iter().map(|m| self.call(m, &call, None));
             let mut answered = Replicas::new();
             for (&target, result) in targets.iter().zip(join_calls(calls).await) {
                 if matches!(result, Err(PeerError::RingChanged { .. })) {
@@ -344,12 +339,8 @@ impl Cluster {
         let at = self.store.now();
         let local = self.invalidate_locally(tag);
         let others = self.other_members();
-        let request = Request::InvalidateTag {
-            tag: tag.to_owned(),
-        };
-        let calls = others
-            .iter()
-            .map(|m| self.call(m, &request, None, expect::invalidated));
+        let call = Call::invalidate_tag(tag.to_owned());
+        let calls = others.iter().map(|m| self.call(m, &call, None));
         let (mut removed, mut primary) = (local.removed, local.primary);
         let mut unreachable = Vec::new();
         for (member, result) in others.iter().zip(join_all(calls).await) {

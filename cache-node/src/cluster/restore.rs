@@ -50,7 +50,7 @@ use super::pace::UntilDone;
 use super::ring::{MemberIdx, Ring, RingMember};
 use super::tombstones::TombstoneLog;
 use crate::backup::{BackupError, Backups};
-use crate::peer::{PeerError, Request, expect};
+use crate::peer::{Call, PeerError};
 use crate::store::UnixNanos;
 
 /// Deletes are asked for from this long before the snapshot was taken, so
@@ -296,13 +296,11 @@ impl Cluster {
         member: &RingMember,
         since: UnixNanos,
     ) -> Result<Option<TombstoneLog>, Interrupted> {
-        let request = Request::Tombstones { since };
+        let call = Call::tombstones(since);
         let mut epochs = self.subscribe();
         let mut pace = UntilDone::new();
         loop {
-            let result = self
-                .call_with_retry(member, ring.epoch(), &request, expect::tombstones)
-                .await;
+            let result = self.call_with_retry(member, ring.epoch(), &call).await;
             self.metrics.peer_call(PeerOp::Pull, result.is_ok());
             match result {
                 Ok(log) => return Ok(log),

@@ -28,7 +28,7 @@ use super::leases::LEASE;
 use super::metrics::PeerOp;
 use super::ring::{MemberIdx, Ring, RingMember};
 use super::ring_state::Rings;
-use crate::peer::{Expect, PeerError, Request};
+use crate::peer::{Call, PeerError};
 
 /// What a client request on one key needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,21 +234,20 @@ impl Cluster {
     }
 
     /// Sends a client request on `key` to the member that should serve it,
-    /// reading its answer with `expect`: `Local` when that is this node,
+    /// taking the answer its call is due: `Local` when that is this node,
     /// otherwise the answer of the first owner that could be reached, in
     /// plan order. An owner's refusal of a client error (4xx) is the
     /// answer; a server error or no answer sends a read to the next owner,
     /// and a write too if the owner certainly never received it.
     ///
-    /// `request` builds the peer request, and runs only if one is sent
-    /// (once, whichever owners are tried): a request served here costs no
-    /// copy of its key, value and tags.
+    /// `call` builds the peer call, and runs only if one is sent (once,
+    /// whichever owners are tried): a request served here costs no copy of
+    /// its key, value and tags.
     pub async fn route<T>(
         &self,
         key: &str,
         access: Access,
-        request: impl Fn() -> Request,
-        expect: Expect<T>,
+        call: impl Fn() -> Call<T>,
     ) -> Result<Routed<T>, RouteError> {
         // The owner of a write replicates it before answering: the forward
         // waits for that too.
@@ -269,8 +268,8 @@ impl Cluster {
                 if member.id == self.node_id {
                     return Ok(Routed::Local);
                 }
-                let request = built.get_or_insert_with(&request);
-                match self.call(member, request, timeout, expect).await {
+                let call = built.get_or_insert_with(&call);
+                match self.call(member, call, timeout).await {
                     Ok(answer) => {
                         self.health.mark_up(&member.id);
                         self.metrics.peer_call(PeerOp::Forward, true);
@@ -521,7 +520,6 @@ mod tests {
 
         use bytes::Bytes;
 
-        use crate::peer::expect;
         use crate::peer::testing::{fake_peer_for_each, read_frame};
         use MemberState::Active;
 
@@ -551,19 +549,13 @@ mod tests {
             .map(|i| format!("key:{i}"))
             .find(|k| plan_ids(&cluster, &rings, k, Access::Write)[0] == "b")
             .expect("b is the primary of some key");
-        let set = Request::Set {
-            key: key.clone(),
-            write: crate::exec::Write {
-                value: Bytes::from_static(b"1"),
-                ttl: None,
-                tags: Vec::new(),
-            },
-            keeper: None,
+        let write = crate::exec::Write {
+            value: Bytes::from_static(b"1"),
+            ttl: None,
+            tags: Vec::new(),
         };
-        match cluster
-            .route(&key, Access::Write, || set.clone(), expect::written)
-            .await
-        {
+        let set = Call::set(key.clone(), write, None);
+        match cluster.route(&key, Access::Write, || set.clone()).await {
             Err(RouteError::Uncertain { owner, .. }) => assert_eq!(owner, "b"),
             Err(e) => panic!("a write b took without answering: {e}"),
             Ok(_) => panic!("a write b took without answering was served"),
@@ -573,10 +565,8 @@ mod tests {
         // "b" failed, so it is tried last for a while: forget that, so that
         // each request below goes to "b" first.
         cluster.health.mark_up("b");
-        let get = Request::Get { key: key.clone() };
-        let read = cluster
-            .route(&key, Access::Read, || get.clone(), expect::item)
-            .await;
+        let get = Call::get(key.clone());
+        let read = cluster.route(&key, Access::Read, || get.clone()).await;
         assert!(matches!(read, Ok(Routed::Local)), "{read:?}");
         assert_eq!(received.load(Ordering::SeqCst), 2, "b got the read first");
 
@@ -586,9 +576,7 @@ mod tests {
         doc.epoch = 3;
         cluster.adopt(doc);
         cluster.health.mark_up("b");
-        let write = cluster
-            .route(&key, Access::Write, || set.clone(), expect::written)
-            .await;
+        let write = cluster.route(&key, Access::Write, || set.clone()).await;
         assert!(matches!(write, Ok(Routed::Local)), "{write:?}");
         assert!(cluster.health.is_down("b"), "b was tried first");
     }

@@ -40,8 +40,8 @@ use crate::cluster::replication::TagInvalidation;
 use crate::cluster::routing::{Access, ReadRoute, RouteError, Routed};
 use crate::item_json;
 use crate::metrics::{Metrics, Op};
+use crate::peer::Call;
 use crate::peer::protocol::{NodeStats, RecordBatch, Records, ReplicateOutcome};
-use crate::peer::{Request, expect};
 use crate::store::{ItemRef, Miss, Store, StoreError};
 
 /// An operation's outcome, now or later.
@@ -242,10 +242,8 @@ impl Executor {
         let Some(cluster) = &self.cluster else {
             return self.read_here(key);
         };
-        let request = || Request::Get { key: key.clone() };
-        let routed = cluster
-            .route(&key, Access::Read, request, expect::item)
-            .await;
+        let call = || Call::get(key.clone());
+        let routed = cluster.route(&key, Access::Read, call).await;
         match routed {
             // This node's turn in the plan (the owners before it could not
             // serve): its copy, as for a primary.
@@ -283,14 +281,11 @@ impl Executor {
     async fn route_set(&self, key: &str, write: &Write, keeps: bool) -> Outcome {
         if let Some(cluster) = &self.cluster {
             let epoch = cluster.epoch();
-            let request = || Request::Set {
-                key: key.to_owned(),
-                write: write.clone(),
-                keeper: keeps.then(|| cluster.node_id().to_owned()),
+            let call = || {
+                let keeper = keeps.then(|| cluster.node_id().to_owned());
+                Call::set(key.to_owned(), write.clone(), keeper)
             };
-            let routed = cluster
-                .route(key, Access::Write, request, expect::written)
-                .await;
+            let routed = cluster.route(key, Access::Write, call).await;
             match routed {
                 Ok(Routed::Local) => {}
                 Ok(Routed::Remote {
@@ -405,12 +400,8 @@ impl Executor {
         let mut served_by = ServedBy::Here;
         let deleted = match &self.cluster {
             Some(cluster) => {
-                let request = || Request::Delete {
-                    key: key.to_owned(),
-                };
-                let routed = cluster
-                    .route(key, Access::Write, request, expect::deleted)
-                    .await;
+                let call = || Call::delete(key.to_owned());
+                let routed = cluster.route(key, Access::Write, call).await;
                 match routed {
                     Ok(Routed::Local) => self.coordinate_delete(key).await,
                     Ok(Routed::Remote {

@@ -1,5 +1,6 @@
-//! The peer client: one multiplexed connection to each peer, and a method
-//! per operation of the protocol.
+//! The peer client: one multiplexed connection to each peer, asked a
+//! [`Call`] (one constructor per operation of the protocol, in `call.rs`)
+//! and answering with what that call is due.
 //!
 //! A connection carries any number of requests at once. Each request gets
 //! an id, its frame joins the connection's [`Outbox`] (so requests made
@@ -45,11 +46,10 @@ use tokio_util::codec::FramedRead;
 
 use distrocache_membership::{MembershipDoc, NodeProgress};
 
+use super::call::Call;
 use super::frame::{self, Frame, FrameCodec};
 use super::outbox::Outbox;
-use super::protocol::{
-    Answer, Features, LocalInvalidation, Newer, NodeStats, Records, ReplicateOutcome, Request,
-};
+use super::protocol::{Answer, Features, NodeStats, Records, Request};
 use super::{
     CONNECT_PATH, FEATURE_NEWER, FEATURE_SET_KEEPER, FEATURES_HEADER, FROM_HEADER, PROTOCOL,
 };
@@ -778,17 +778,17 @@ impl PeerClient {
         Ok((parts.io.into_inner(), parts.read_buf, features))
     }
 
-    /// Sends `request` and hands its answer to `expect`, which takes the
-    /// answer the request is due (see [`expect`]); a refusal, a different
-    /// epoch and any other answer are errors.
+    /// Sends `call`'s request and takes the answer it is due (see
+    /// [`Call`]); a refusal, a different epoch and any other answer are
+    /// errors.
     pub async fn ask<T>(
         &self,
         addr: SocketAddr,
         epoch: u64,
-        request: &Request,
+        call: &Call<T>,
         timeout: Option<Duration>,
-        expect: Expect<T>,
     ) -> Result<T, PeerError> {
+        let request = call.request();
         let reply = self.send(addr, epoch, request, timeout).await?;
         match reply.answer {
             Answer::Misdirected => Err(PeerError::Misdirected {
@@ -800,7 +800,7 @@ impl PeerClient {
                 status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 message,
             }),
-            answer => expect(answer).map_err(|other| PeerError::BadAnswer {
+            answer => call.take(answer).map_err(|other| PeerError::BadAnswer {
                 addr,
                 reason: format!("{} answered with {other:?}", request.name()),
             }),
@@ -809,10 +809,7 @@ impl PeerClient {
 
     /// The copy of `key` the peer holds, untouched (any epoch will do).
     pub async fn fetch(&self, addr: SocketAddr, key: &str) -> Result<Option<Records>, PeerError> {
-        let request = Request::Fetch {
-            key: key.to_owned(),
-        };
-        self.ask(addr, 0, &request, None, expect::item).await
+        self.ask(addr, 0, &Call::fetch(key.to_owned()), None).await
     }
 
     pub async fn progress(
@@ -820,136 +817,21 @@ impl PeerClient {
         addr: SocketAddr,
         timeout: Option<Duration>,
     ) -> Result<NodeProgress, PeerError> {
-        self.ask(addr, 0, &Request::Progress, timeout, expect::progress)
-            .await
+        self.ask(addr, 0, &Call::progress(), timeout).await
     }
 
     pub async fn stats(&self, addr: SocketAddr) -> Result<NodeStats, PeerError> {
-        self.ask(addr, 0, &Request::Stats, None, expect::stats)
-            .await
+        self.ask(addr, 0, &Call::stats(), None).await
     }
 
     pub async fn ring(&self, addr: SocketAddr) -> Result<MembershipDoc, PeerError> {
-        self.ask(addr, 0, &Request::GetRing, None, expect::ring)
-            .await
+        self.ask(addr, 0, &Call::ring(), None).await
     }
 
     /// Offers the peer a ring; whether it adopted it.
     pub async fn put_ring(&self, addr: SocketAddr, doc: &MembershipDoc) -> Result<bool, PeerError> {
-        let request = Request::PutRing { doc: doc.clone() };
-        self.ask(addr, doc.epoch, &request, None, expect::ring_adopted)
+        self.ask(addr, doc.epoch, &Call::put_ring(doc.clone()), None)
             .await
-    }
-}
-
-/// Takes the answer a request is due, or gives back what came instead.
-pub type Expect<T> = fn(Answer) -> Result<T, Answer>;
-
-/// The answers each request is due, as [`Expect`] functions.
-pub mod expect {
-    use super::*;
-
-    /// `Get`, `Fetch`: the item held, or `None`.
-    pub fn item(a: Answer) -> Result<Option<Records>, Answer> {
-        match a {
-            Answer::Item { record, .. } => Ok(Some(record)),
-            Answer::Missing => Ok(None),
-            other => Err(other),
-        }
-    }
-
-    /// `Newer` (or the `Fetch` it is downgraded to for an older peer).
-    pub fn newer(a: Answer) -> Result<Newer, Answer> {
-        match a {
-            Answer::Item { record, .. } => Ok(Newer::Copy(record)),
-            Answer::DeletedAt { at } => Ok(Newer::Deleted { at }),
-            Answer::Missing => Ok(Newer::Nothing),
-            other => Err(other),
-        }
-    }
-
-    /// `Set`: whether the key was created, and the item as stored.
-    pub fn written(a: Answer) -> Result<(bool, Records), Answer> {
-        match a {
-            Answer::Item { created, record } => Ok((created, record)),
-            other => Err(other),
-        }
-    }
-
-    /// `Delete`: whether any owner held the key.
-    pub fn deleted(a: Answer) -> Result<bool, Answer> {
-        match a {
-            Answer::Deleted => Ok(true),
-            Answer::Missing => Ok(false),
-            other => Err(other),
-        }
-    }
-
-    pub fn replicated(a: Answer) -> Result<ReplicateOutcome, Answer> {
-        match a {
-            Answer::Replicated(outcome) => Ok(outcome),
-            other => Err(other),
-        }
-    }
-
-    /// `Pull`: a page, and where to continue (`None`: done).
-    pub fn page(a: Answer) -> Result<(Records, Option<u64>), Answer> {
-        match a {
-            Answer::Page { items, next } => Ok((items, next)),
-            other => Err(other),
-        }
-    }
-
-    pub fn invalidated(a: Answer) -> Result<LocalInvalidation, Answer> {
-        match a {
-            Answer::Invalidated(local) => Ok(local),
-            other => Err(other),
-        }
-    }
-
-    pub fn progress(a: Answer) -> Result<NodeProgress, Answer> {
-        match a {
-            Answer::Progress(p) => Ok(*p),
-            other => Err(other),
-        }
-    }
-
-    pub fn stats(a: Answer) -> Result<NodeStats, Answer> {
-        match a {
-            Answer::Stats(s) => Ok(*s),
-            other => Err(other),
-        }
-    }
-
-    pub fn ring(a: Answer) -> Result<MembershipDoc, Answer> {
-        match a {
-            Answer::Ring(doc) => Ok(*doc),
-            other => Err(other),
-        }
-    }
-
-    pub fn ring_adopted(a: Answer) -> Result<bool, Answer> {
-        match a {
-            Answer::RingAdopted { adopted, .. } => Ok(adopted),
-            other => Err(other),
-        }
-    }
-
-    pub fn lease(a: Answer) -> Result<bool, Answer> {
-        match a {
-            Answer::Lease { granted } => Ok(granted),
-            other => Err(other),
-        }
-    }
-
-    /// `Tombstones`: what the peer remembers, `None` when too much.
-    pub fn tombstones(
-        a: Answer,
-    ) -> Result<Option<crate::cluster::tombstones::TombstoneLog>, Answer> {
-        match a {
-            Answer::Tombstones(log) => Ok(log),
-            other => Err(other),
-        }
     }
 }
 

@@ -4,8 +4,10 @@
 //!   encoding;
 //! * [`frame`]: how messages are cut out of a connection's bytes;
 //! * [`outbox`]: the sending half of a connection, where frames coalesce;
-//! * [`client`]: the [`PeerClient`], one multiplexed connection per peer and
-//!   a method per operation;
+//! * [`call`]: every operation as a [`Call`], its request paired with the
+//!   answer it is due by one constructor per operation;
+//! * [`client`]: the [`PeerClient`], one multiplexed connection per peer,
+//!   asked a [`Call`] and answering with what that call is due;
 //! * [`server`]: serving one connection for the node's [`Handler`].
 //!
 //! A connection starts as HTTP/1.1 on the peer API's listener (the client
@@ -16,6 +18,7 @@
 //! sides speak frames. Clients of the cache never see any of this: the
 //! client API stays plain HTTP/1.1.
 
+pub mod call;
 pub mod client;
 pub mod frame;
 pub mod outbox;
@@ -24,7 +27,8 @@ pub mod server;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use client::{Expect, PeerClient, PeerError, PeerSettings, expect};
+pub use call::Call;
+pub use client::{PeerClient, PeerError, PeerSettings};
 pub use protocol::Request;
 
 /// The path a peer connection is opened on.
