@@ -6,7 +6,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use distrocache_membership::{CONFIGMAP_KEY, MAX_DOC_BYTES, MembershipDoc};
 use futures_util::StreamExt;
@@ -15,6 +14,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 
 use super::Cluster;
+use super::pace::UntilDone;
 
 /// Where the membership comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,13 +89,17 @@ async fn watch_configmap(
     name: String,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Without a client this node never learns its ring: never given up, at
+    // the pace of the cluster's other work that is never given up.
+    let mut pace = UntilDone::new();
     let client = loop {
         match kube::Client::try_default().await {
             Ok(client) => break client,
             Err(e) => {
-                tracing::error!(error = %e, "cannot build a Kubernetes client; retrying");
+                let pause = pace.next_pause();
+                tracing::error!(error = %e, retry_in = ?pause, "cannot build a Kubernetes client; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = stop.changed() => return,
                 }
             }

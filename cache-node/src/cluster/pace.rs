@@ -1,14 +1,16 @@
-//! How long peer work waits between attempts, in two paces, both backon's
-//! exponential backoff, so that no loop in the cluster doubles its own
-//! pauses:
+//! How long cluster work waits between attempts, in two paces, both
+//! backon's exponential backoff, so that no loop in the cluster doubles its
+//! own pauses:
 //!
 //! * [`retry_policy`]: one peer call that must get through (a data move's
-//!   batch, a restore's request for a member's tombstones), retried for a bounded time while the member cannot
-//!   be reached, then given up for now (its caller tries again later);
+//!   batch, a restore's request for a member's tombstones), retried for a
+//!   bounded time while the member cannot be reached, then given up for now
+//!   (its caller tries again later);
 //! * [`UntilDone`]: work a node never gives up on, because it stays not
 //!   ready until it succeeds (moving its data when the ring changes,
-//!   restoring from a backup or from its members): the pause between whole
-//!   attempts, each of which may itself make calls under [`retry_policy`].
+//!   restoring from a backup or from its members, making the Kubernetes
+//!   client that watches its ring): the pause between whole attempts, each
+//!   of which may itself make calls under [`retry_policy`].
 
 use std::time::Duration;
 
