@@ -3,9 +3,11 @@
 //! own pauses:
 //!
 //! * [`retry_policy`]: one peer call that must get through (a data move's
-//!   batch, a restore's request for a member's tombstones), retried for a
-//!   bounded time while the member cannot be reached, then given up for now
-//!   (its caller tries again later);
+//!   batch, a restore's request for a member's tombstones, and, with
+//!   shorter pauses and its own deadline, an owner's fetch of a write it
+//!   may have missed, see `keepers`), retried for a bounded time while the
+//!   member cannot be reached, then given up for now (its caller tries
+//!   again later);
 //! * [`UntilDone`]: work a node never gives up on, because it stays not
 //!   ready until it succeeds (moving its data when the ring changes,
 //!   restoring from a backup or from its members, making the Kubernetes
@@ -17,7 +19,8 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 /// How long a peer operation that must get through (a data move, a restore)
-/// keeps retrying an unreachable member before giving up for now.
+/// keeps retrying an unreachable member before giving up for now (unless
+/// its caller sets a deadline of its own).
 pub const PEER_RETRY_DEADLINE: Duration = Duration::from_secs(15);
 
 /// The one retry policy of peer operations that must get through: backoff

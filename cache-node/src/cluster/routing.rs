@@ -240,14 +240,14 @@ impl Cluster {
     /// answer; a server error or no answer sends a read to the next owner,
     /// and a write too if the owner certainly never received it.
     ///
-    /// `call` builds the peer call, and runs only if one is sent (once,
+    /// `make_call` builds the peer call, and runs only if one is sent (once,
     /// whichever owners are tried): a request served here costs no copy of
     /// its key, value and tags.
     pub async fn route<T>(
         &self,
         key: &str,
         access: Access,
-        call: impl Fn() -> Call<T>,
+        make_call: impl Fn() -> Call<T>,
     ) -> Result<Routed<T>, RouteError> {
         // The owner of a write replicates it before answering: the forward
         // waits for that too.
@@ -268,7 +268,7 @@ impl Cluster {
                 if member.id == self.node_id {
                     return Ok(Routed::Local);
                 }
-                let call = built.get_or_insert_with(&call);
+                let call = built.get_or_insert_with(&make_call);
                 match self.call(member, call, timeout).await {
                     Ok(answer) => {
                         self.health.mark_up(&member.id);

@@ -242,8 +242,8 @@ impl Executor {
         let Some(cluster) = &self.cluster else {
             return self.read_here(key);
         };
-        let call = || Call::get(key.clone());
-        let routed = cluster.route(&key, Access::Read, call).await;
+        let make_call = || Call::get(key.clone());
+        let routed = cluster.route(&key, Access::Read, make_call).await;
         match routed {
             // This node's turn in the plan (the owners before it could not
             // serve): its copy, as for a primary.
@@ -281,11 +281,11 @@ impl Executor {
     async fn route_set(&self, key: &str, write: &Write, keeps: bool) -> Outcome {
         if let Some(cluster) = &self.cluster {
             let epoch = cluster.epoch();
-            let call = || {
+            let make_call = || {
                 let keeper = keeps.then(|| cluster.node_id().to_owned());
                 Call::set(key.to_owned(), write.clone(), keeper)
             };
-            let routed = cluster.route(key, Access::Write, call).await;
+            let routed = cluster.route(key, Access::Write, make_call).await;
             match routed {
                 Ok(Routed::Local) => {}
                 Ok(Routed::Remote {
@@ -400,8 +400,8 @@ impl Executor {
         let mut served_by = ServedBy::Here;
         let deleted = match &self.cluster {
             Some(cluster) => {
-                let call = || Call::delete(key.to_owned());
-                let routed = cluster.route(key, Access::Write, call).await;
+                let make_call = || Call::delete(key.to_owned());
+                let routed = cluster.route(key, Access::Write, make_call).await;
                 match routed {
                     Ok(Routed::Local) => self.coordinate_delete(key).await,
                     Ok(Routed::Remote {

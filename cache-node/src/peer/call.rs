@@ -1,14 +1,12 @@
 //! Every peer operation as a [`Call`]: the request a node sends and the
 //! answer it is due, made together by one constructor per operation.
 //!
-//! A request and the answer it expects used to travel apart (a `Request`
-//! beside an `expect::...` function, picked by each caller), so a caller
-//! could pair a `Set` with a delete's answer and it still compiled, only to
-//! fail as a "bad answer" at run time. Here the pairing is made once, where
-//! the operation is defined: `Call::set(..)` is a `Call<(bool, Records)>`,
-//! and [`crate::peer::PeerClient::ask`] (and the cluster's routing and
-//! retries, which take a `Call`) return that `T`. The request stays the one
-//! typed [`Request`] that the frame codec encodes.
+//! The pairing is made once, where the operation is defined, so a caller
+//! cannot send one operation and read its answer as another's:
+//! `Call::set(..)` is a `Call<(bool, Records)>`, and
+//! [`crate::peer::PeerClient::ask`] (and the cluster's routing and retries,
+//! which take a `Call`) return that `T`. The request stays the one typed
+//! [`Request`] that the frame codec encodes.
 
 use distrocache_membership::{MembershipDoc, NodeProgress};
 
@@ -41,7 +39,7 @@ impl<T> Clone for Call<T> {
 
 impl<T> std::fmt::Debug for Call<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.request.fmt(f)
+        f.debug_tuple("Call").field(&self.request).finish()
     }
 }
 
@@ -51,9 +49,9 @@ impl<T> Call<T> {
         &self.request
     }
 
-    /// The answer as what the call is due, or the answer itself when it is
+    /// Reads `answer` as what the call is due, or gives it back when it is
     /// another (a refusal and a different epoch are the caller's to tell).
-    pub fn take(&self, answer: Answer) -> Result<T, Answer> {
+    pub fn read(&self, answer: Answer) -> Result<T, Answer> {
         (self.expect)(answer)
     }
 }
@@ -259,37 +257,71 @@ fn item(a: Answer) -> Result<Option<Records>, Answer> {
 mod tests {
     use super::*;
 
-    /// Each call takes the answer it is due and gives back any other, so a
+    fn record() -> Records {
+        let mut batch = crate::peer::protocol::RecordBatch::default();
+        batch.push(&crate::store::StandInItem {
+            key: "k".into(),
+            value: b"1".to_vec(),
+            tags: Vec::new(),
+            meta: crate::store::ItemMeta {
+                created_at: 1,
+                accessed_at: 1,
+                expires_at: 0,
+                access_count: 0,
+            },
+        });
+        batch.freeze()
+    }
+
+    /// Each call reads the answer it is due and gives back any other, so a
     /// peer that answers out of turn is told apart from one that answered.
     #[test]
-    fn a_call_takes_its_own_answer_and_gives_back_another() {
-        let record = Records::default();
+    fn a_call_reads_its_own_answer_and_gives_back_another() {
+        let record = record();
+        let found = Answer::Item {
+            created: true,
+            record: record.clone(),
+        };
+
         let get = Call::get("k".into());
-        assert_eq!(get.take(Answer::Missing), Ok(None));
-        assert_eq!(
-            get.take(Answer::Item {
-                created: false,
-                record: record.clone()
-            }),
-            Ok(Some(record.clone()))
+        assert!(matches!(get.request(), Request::Get { key } if key == "k"));
+        assert_eq!(get.read(Answer::Missing), Ok(None));
+        assert_eq!(get.read(found.clone()), Ok(Some(record.clone())));
+        assert_eq!(get.read(Answer::Deleted), Err(Answer::Deleted));
+
+        let set = Call::set(
+            "k".into(),
+            crate::exec::Write {
+                value: bytes::Bytes::from_static(b"1"),
+                ttl: None,
+                tags: Vec::new(),
+            },
+            Some("b".into()),
         );
-        assert_eq!(get.take(Answer::Deleted), Err(Answer::Deleted));
+        assert!(matches!(set.request(), Request::Set { keeper: Some(k), .. } if k == "b"));
+        assert_eq!(set.read(found.clone()), Ok((true, record.clone())));
+        assert_eq!(set.read(Answer::Missing), Err(Answer::Missing));
 
         let delete = Call::delete("k".into());
-        assert_eq!(delete.take(Answer::Deleted), Ok(true));
-        assert_eq!(delete.take(Answer::Missing), Ok(false));
-        let item = Answer::Item {
-            created: true,
-            record,
-        };
-        assert_eq!(delete.take(item.clone()), Err(item.clone()));
+        assert_eq!(delete.read(Answer::Deleted), Ok(true));
+        assert_eq!(delete.read(Answer::Missing), Ok(false));
+        assert_eq!(delete.read(found.clone()), Err(found.clone()));
+
+        let newer = Call::newer("k".into(), "a".into(), None);
+        assert_eq!(newer.read(found.clone()), Ok(Newer::Copy(record)));
+        assert_eq!(
+            newer.read(Answer::DeletedAt { at: 7 }),
+            Ok(Newer::Deleted { at: 7 })
+        );
+        assert_eq!(newer.read(Answer::Missing), Ok(Newer::Nothing));
+        assert_eq!(newer.read(Answer::Deleted), Err(Answer::Deleted));
 
         let lease = Call::lease("a".into());
-        assert_eq!(lease.take(Answer::Lease { granted: true }), Ok(true));
-        assert_eq!(lease.take(item.clone()), Err(item));
+        assert_eq!(lease.read(Answer::Lease { granted: true }), Ok(true));
+        assert_eq!(lease.read(found.clone()), Err(found));
 
         let progress = Call::progress();
-        assert_eq!(progress.take(Answer::Missing), Err(Answer::Missing));
+        assert_eq!(progress.read(Answer::Missing), Err(Answer::Missing));
         assert!(matches!(progress.request(), Request::Progress));
     }
 }

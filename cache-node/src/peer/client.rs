@@ -800,7 +800,7 @@ impl PeerClient {
                 status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 message,
             }),
-            answer => call.take(answer).map_err(|other| PeerError::BadAnswer {
+            answer => call.read(answer).map_err(|other| PeerError::BadAnswer {
                 addr,
                 reason: format!("{} answered with {other:?}", request.name()),
             }),
